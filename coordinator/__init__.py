@@ -1,0 +1,1 @@
+"""The silofed coordinator: gRPC service, round lifecycle, aggregation, round log, operator CLI."""

@@ -1,0 +1,1 @@
+"""The silofed silo agent: dials the coordinator, trains locally, sends masked updates."""
