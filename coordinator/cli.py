@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from coordinator import cmd_pki, cmd_serve
+from coordinator import cmd_pki, cmd_rounds, cmd_serve
 
-COMMAND_MODULES = (cmd_serve, cmd_pki)
+COMMAND_MODULES = (cmd_serve, cmd_pki, cmd_rounds)
 
 
 def build_parser() -> argparse.ArgumentParser:
