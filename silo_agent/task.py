@@ -1,0 +1,110 @@
+"""The task API a silo runs: what a task object provides, and how a config spec names one.
+
+Rule: a task is plain PyTorch behind four methods; the agent never looks inside a model or the
+data. A spec is ``"package.module:attribute"`` (e.g. ``examples.hospital.task:TASK``); loading it
+imports the module and checks the object has the four methods, or raises `TaskLoadError` naming
+the spec and what failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+REQUIRED_METHODS = ("build_model", "load_data", "train", "evaluate")
+
+
+class TaskLoadError(Exception):
+    """A task spec could not be resolved to a usable task object."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What local training reports: the example count (the FedAvg weight) and metrics."""
+
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_examples, bool) or not isinstance(self.num_examples, int):
+            raise TypeError(f"num_examples must be an int, got {type(self.num_examples).__name__}")
+        if self.num_examples <= 0:
+            raise ValueError(f"num_examples must be > 0, got {self.num_examples}")
+        for key, value in self.metrics.items():
+            if not isinstance(key, str) or not math.isfinite(float(value)):
+                raise ValueError(f"metric {key!r} must be a finite number, got {value!r}")
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A federated task. `train` updates the model in place; `evaluate` uses the local split."""
+
+    name: str
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def load_data(self, options: Mapping[str, Any]) -> Any: ...
+
+    def train(
+        self, model: torch.nn.Module, data: Any, params: Mapping[str, Any]
+    ) -> TrainResult: ...
+
+    def evaluate(self, model: torch.nn.Module, data: Any) -> dict[str, float]: ...
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split ``"package.module:attribute"``; raises TaskLoadError on any other shape."""
+    module, sep, attribute = spec.partition(":")
+    if (
+        not sep
+        or not module
+        or not attribute
+        or ":" in attribute
+        or not all(part.isidentifier() for part in module.split("."))
+        or not all(part.isidentifier() for part in attribute.split("."))
+    ):
+        raise TaskLoadError(
+            f"task spec {spec!r} is not of the form 'package.module:attribute' "
+            "(e.g. 'examples.hospital.task:TASK'); fix [task] spec in the config"
+        )
+    return module, attribute
+
+
+def resolve(spec: str) -> object:
+    """Import the module of `spec` and return the named attribute (dotted paths allowed)."""
+    module_name, attribute = parse_spec(spec)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise TaskLoadError(
+            f"task spec {spec!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    obj: object = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise TaskLoadError(
+                f"task spec {spec!r}: module {module_name!r} has no attribute {attribute!r}"
+            ) from exc
+    return obj
+
+
+def load_task(spec: str) -> Task:
+    """Resolve `spec` to a task object with name, build_model, load_data, train and evaluate."""
+    obj = resolve(spec)
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(obj, m, None))]
+    if not isinstance(getattr(obj, "name", None), str):
+        missing.insert(0, "name (a str)")
+    if missing:
+        raise TaskLoadError(
+            f"task spec {spec!r}: {type(obj).__name__} object is not a task; "
+            f"it lacks {', '.join(missing)}"
+        )
+    assert isinstance(obj, Task)  # guaranteed by the checks above; narrows the type for mypy
+    return obj
