@@ -1,10 +1,69 @@
-"""Placeholder: registers no command yet."""
+"""`silofed-coordinator serve`: run the coordinator from its TOML configuration.
+
+Rule: argument parsing and logging setup only; the work is `coordinator.serve.serve`.
+Configuration errors and task-loading errors end the process with exit code 2 and one line
+naming the file and key (or the task spec) to fix.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from pathlib import Path
 from typing import Any
+
+from coordinator.config import ConfigError, load_coordinator_config
+
+log = logging.getLogger("silofed.coordinator")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    del sub
+    p = sub.add_parser("serve", help="serve the federation and run its rounds")
+    p.add_argument("--config", required=True, type=Path, help="coordinator TOML file")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="keep the streams open after the last round instead of exiting",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="override [rounds] count")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=run)
+
+
+def setup_logging(level: str) -> None:
+    """Plain timestamped lines (the demo and tests read them); rich only on a terminal."""
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        try:
+            from rich.logging import RichHandler
+
+            handler = RichHandler(show_path=False)
+            logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
+            return
+        except ImportError:
+            pass
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    from dataclasses import replace
+
+    from coordinator.serve import serve
+    from coordinator.task import TaskLoadError
+
+    try:
+        config = load_coordinator_config(args.config)
+        if args.rounds is not None:
+            if args.rounds <= 0:
+                raise ConfigError("--rounds must be > 0")
+            config = replace(config, rounds=replace(config.rounds, count=args.rounds))
+        return serve(config, keep_serving=args.keep_serving)
+    except (ConfigError, TaskLoadError) as exc:
+        log.error("%s", exc)
+        return 2

@@ -1,10 +1,78 @@
-"""Placeholder: registers no command yet."""
+"""`silofed-silo run`: join the federation and train on local data until told to stop.
+
+Rule: argument parsing, logging setup and signal wiring only; the loop is `SiloRunner`.
+Exit codes: 0 done (federation finished or --rounds reached), 2 bad configuration or task,
+3 refused (our own certificate check or the coordinator's), 130 stopped by a signal.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import logging
+import signal
+import sys
+from pathlib import Path
 from typing import Any
+
+from silo_agent.config import ConfigError, load_silo_config
+
+log = logging.getLogger("silofed.silo")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    del sub
+    p = sub.add_parser("run", help="connect to the coordinator and take part in rounds")
+    p.add_argument("--config", required=True, type=Path, help="silo TOML file")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="stop after taking part in N completed rounds"
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=run)
+
+
+def setup_logging(level: str) -> None:
+    """Plain timestamped lines by default; rich only when attached to a terminal."""
+    if sys.stderr.isatty():
+        try:
+            from rich.logging import RichHandler
+
+            logging.basicConfig(
+                level=level, format="%(message)s", handlers=[RichHandler(show_path=False)]
+            )
+            return
+        except ImportError:
+            pass
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    from silo_agent.runner import EXIT_REFUSED, PreflightError, SiloRunner, preflight
+    from silo_agent.task import TaskLoadError, load_task
+
+    try:
+        config = load_silo_config(args.config)
+        if args.rounds is not None and args.rounds <= 0:
+            raise ConfigError("--rounds must be > 0")
+        silo_id = preflight(config, now=dt.datetime.now(dt.UTC))
+        task = load_task(config.task_spec)
+        data = task.load_data(config.task_options)
+    except (ConfigError, TaskLoadError) as exc:
+        log.error("%s", exc)
+        return 2
+    except PreflightError as exc:
+        log.error("%s", exc)
+        return EXIT_REFUSED
+    runner = SiloRunner(config, task, data, silo_id, max_rounds=args.rounds)
+
+    def on_signal(signum: int, frame: object) -> None:
+        del frame
+        log.info("received signal %d: stopping", signum)
+        runner.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("silo %s starting; coordinator %s", silo_id, config.address)
+    return runner.run()

@@ -1,0 +1,737 @@
+"""The coordinator at run time: admits silos, drives rounds, checkpoints and records them.
+
+Rule: this module owns the I/O around the pure pieces. `Hub` keeps the connected silos and
+feeds the current round's `RoundMachine` (rounds.py) and aggregation protocol
+(aggregation.py) under ONE lock; `Hub.run_rounds` is the single round-driver thread that
+starts rounds, ticks deadlines with the real clock, and writes the round log and checkpoints.
+The servicer (servicer.py) pumps each silo's stream in and out of the hub.
+
+Resuming: at start, rounds left running by a crash are marked interrupted and the global model
+comes from the round log's latest checkpoint, so a restarted coordinator continues until the
+log holds `[rounds] count` completed rounds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from coordinator import pki
+from coordinator.aggregation import AggregationError, AggregationProtocol, make_aggregation
+from coordinator.checkpoints import (
+    CheckpointCorrupt,
+    CheckpointStore,
+    sha256_hex,
+    state_from_bytes,
+    state_to_bytes,
+)
+from coordinator.config import CoordinatorConfig
+from coordinator.roundlog import RoundLog
+from coordinator.rounds import (
+    OFFER_PHASE,
+    Dropped,
+    Event,
+    Phase,
+    PhaseEnded,
+    RoundId,
+    RoundMachine,
+    Stage,
+)
+from coordinator.servicer import Refused
+from protos import federation_pb2 as pb
+from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
+from secagg.identity import (
+    CertificateRejected,
+    CertProblem,
+    Roster,
+    check_certificate,
+    load_pem_certificate,
+)
+
+log = logging.getLogger("silofed.coordinator")
+
+FEDERATION_FINISHED = "FEDERATION_FINISHED"
+TICK_S = 0.05
+
+# Which refusals are "who you are is not allowed" vs "we cannot tell who you are".
+_CODE_FOR = {
+    CertProblem.NOT_FROM_FEDERATION_CA: grpc.StatusCode.UNAUTHENTICATED,
+    CertProblem.NO_URI_SAN: grpc.StatusCode.UNAUTHENTICATED,
+    CertProblem.WRONG_KEY_TYPE: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Blob:
+    """A payload queued for a silo; expanded into header + chunks only as the stream sends it."""
+
+    round_id: int
+    kind: pb.BlobKind.ValueType
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivered:
+    """Marker: everything queued before it has been handed to the silo's stream."""
+
+    round_id: int
+
+
+_Item = pb.CoordinatorMessage | _Blob | _Delivered | None
+
+
+@dataclass(eq=False)
+class Session:
+    """One admitted silo stream. The hub mutates it only under its lock."""
+
+    silo_id: str
+    connected_since: float
+    cert_not_after: float
+    on_delivered: Callable[[Session, int], None]
+    queue: queue.Queue[_Item] = field(default_factory=queue.Queue)
+    closed: bool = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    round_bytes_in: int = 0
+    round_bytes_out: int = 0
+    report: pb.TrainReport | None = None
+    upload: Reassembler | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def send(self, item: _Item) -> None:
+        self.queue.put(item)
+
+    def next_messages(self, timeout_s: float) -> list[pb.CoordinatorMessage] | None:
+        """The next message(s) to send; [] when idle for `timeout_s`; None once closed."""
+        try:
+            item = self.queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return []
+        if item is None:
+            return None
+        if isinstance(item, _Delivered):
+            self.on_delivered(self, item.round_id)
+            return []
+        if isinstance(item, _Blob):
+            out = list(_blob_messages(item))
+            self._count_out(sum(len(m.blob_chunk.data) for m in out))
+            return out
+        self._count_out(item.ByteSize())
+        return [item]
+
+    def _count_out(self, n: int) -> None:
+        self.bytes_out += n
+        self.round_bytes_out += n
+
+
+def _blob_messages(blob: _Blob) -> list[pb.CoordinatorMessage]:
+    meta = describe(blob.data)
+    header = pb.BlobHeader(
+        round_id=blob.round_id,
+        kind=blob.kind,
+        total_bytes=meta.total_bytes,
+        sha256=meta.sha256,
+        chunk_count=meta.chunk_count,
+    )
+    out = [pb.CoordinatorMessage(blob_header=header)]
+    for index, data in enumerate(split(blob.data)):
+        chunk = pb.BlobChunk(round_id=blob.round_id, kind=blob.kind, index=index, data=data)
+        out.append(pb.CoordinatorMessage(blob_chunk=chunk))
+    return out
+
+
+class _FileWatch:
+    """Rereads a file when its mtime or size changes (roster, revocation list)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[float, int] | None = None
+
+    def changed(self) -> bool:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime, st.st_size)
+        except FileNotFoundError:
+            stamp = (0.0, -1)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        return True
+
+
+class Hub:
+    """Connected silos + the round in progress, behind one lock."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        model_factory: Callable[[], torch.nn.Module],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.sessions: dict[str, Session] = {}
+        self.ca_cert = load_pem_certificate(config.tls.ca_cert.read_bytes())
+        self._roster_watch = _FileWatch(config.tls.roster)
+        self._revoked_watch = _FileWatch(config.tls.revoked)
+        self.roster = Roster.from_json(config.tls.roster.read_text())
+        self.revoked: frozenset[int] = frozenset()
+        self._refresh_trust()
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.roundlog = RoundLog(config.state_dir / "rounds.sqlite")
+        self.checkpoints = CheckpointStore(config.state_dir / "checkpoints")
+        self.global_state = self._resume(model_factory)
+        self.machine: RoundMachine | None = None
+        self.aggregation: AggregationProtocol | None = None
+        self.phase_started = 0.0
+        self.stopping = threading.Event()
+        self._model_bytes = b""
+
+    # ---- trust -----------------------------------------------------------------------------
+
+    def _refresh_trust(self) -> None:
+        """Reload roster and revocations when their files change: no restart needed."""
+        if self._roster_watch.changed():
+            self.roster = Roster.from_json(self.config.tls.roster.read_text())
+            log.info(
+                "roster loaded: version %d, %d silos", self.roster.version, len(self.roster.entries)
+            )
+        if self._revoked_watch.changed():
+            self.revoked = pki.load_revoked_serials(self.config.tls.revoked)
+            log.info("revocation list loaded: %d revoked serials", len(self.revoked))
+
+    def admit(self, cert_pem: bytes | None, hello: pb.Hello) -> Session:
+        """Check the TLS peer and its hello. Raises Refused with an operator-readable detail."""
+        if cert_pem is None:
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no client certificate was presented; configure the silo's [tls] cert and key",
+            )
+        cert = load_pem_certificate(cert_pem)
+        with self.lock:
+            self._refresh_trust()
+            try:
+                silo_id = check_certificate(
+                    cert,
+                    self.ca_cert,
+                    now=dt.datetime.now(dt.UTC),
+                    roster=self.roster,
+                    revoked_serials=tuple(self.revoked),
+                )
+            except CertificateRejected as exc:
+                code = _CODE_FOR.get(exc.problem, grpc.StatusCode.PERMISSION_DENIED)
+                raise Refused(
+                    code, f"{exc}; ask the coordinator operator to (re)enroll this silo"
+                ) from exc
+            if hello.silo_id and hello.silo_id != silo_id:
+                raise Refused(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"hello claims silo id {hello.silo_id} but the certificate is {silo_id}; "
+                    "a silo may only speak for itself",
+                )
+            old = self.sessions.get(silo_id)
+            if old is not None:
+                log.info("%s reconnected; closing its previous stream", silo_id)
+                self._close(old, "replaced by a new connection")
+            session = Session(
+                silo_id=silo_id,
+                connected_since=self.clock(),
+                cert_not_after=cert.not_valid_after_utc.timestamp(),
+                on_delivered=self._delivered,
+            )
+            self.sessions[silo_id] = session
+            log.info("silo connected: %s (%d connected)", silo_id, len(self.sessions))
+            self.changed.notify_all()
+            return session
+
+    def welcome(self, session: Session) -> pb.Welcome:
+        return pb.Welcome(
+            federation_id=self.config.federation_id,
+            silo_id=session.silo_id,
+            heartbeat_interval_ms=int(self.config.deadlines.heartbeat_s * 1000),
+        )
+
+    # ---- stream events ---------------------------------------------------------------------
+
+    def on_disconnect(self, session: Session, why: str) -> None:
+        with self.lock:
+            if self.sessions.get(session.silo_id) is session:
+                del self.sessions[session.silo_id]
+                log.info("silo disconnected: %s (%s)", session.silo_id, why)
+            if not session.closed:
+                self._close(session, why)
+            if self.machine is not None:
+                self._apply(self.machine.disconnected(session.silo_id, self.clock()))
+
+    def _close(self, session: Session, why: str) -> None:
+        session.closed = True
+        session.send(None)
+        if self.machine is not None:
+            self._apply(self.machine.disconnected(session.silo_id, self.clock()))
+        del why
+
+    def _delivered(self, session: Session, round_id: int) -> None:
+        with self.lock:
+            if self.machine is not None:
+                _, events = self.machine.done(session.silo_id, round_id, OFFER_PHASE, self.clock())
+                self._apply(events)
+
+    def on_message(self, session: Session, message: pb.SiloMessage) -> None:
+        kind = message.WhichOneof("kind")
+        size = message.ByteSize()
+        with self.lock:
+            session.bytes_in += size
+            session.round_bytes_in += size
+            if kind == "heartbeat":
+                return
+            if kind == "hello":
+                self._reject(session, "hello sent twice on one stream")
+            elif kind == "train_report":
+                self._on_report(session, message.train_report)
+            elif kind == "blob_header":
+                self._on_blob_header(session, message.blob_header)
+            elif kind == "blob_chunk":
+                self._on_chunk(session, message.blob_chunk)
+            elif kind == "abort":
+                log.warning(
+                    "%s aborted round %d: %s %s",
+                    session.silo_id,
+                    message.abort.round_id,
+                    message.abort.reason,
+                    message.abort.detail,
+                )
+                if self.machine is not None:
+                    self._apply(
+                        self.machine.failed(
+                            session.silo_id, f"silo aborted: {message.abort.reason}", self.clock()
+                        )
+                    )
+            else:
+                self._reject(session, f"unexpected message {kind!r}")
+
+    def _reject(self, session: Session, detail: str) -> None:
+        log.warning("%s: %s", session.silo_id, detail)
+        if self.machine is not None:
+            self._apply(self.machine.failed(session.silo_id, detail, self.clock()))
+
+    def _current_phase(self, session: Session, round_id: int) -> bool:
+        m = self.machine
+        return m is not None and m.expects(session.silo_id, round_id, "train")
+
+    def _on_report(self, session: Session, report: pb.TrainReport) -> None:
+        if not self._current_phase(session, report.round_id):
+            log.info(
+                "ignoring late or stray report from %s for round %d",
+                session.silo_id,
+                report.round_id,
+            )
+            return
+        session.report = report
+        session.upload = None
+
+    def _on_blob_header(self, session: Session, header: pb.BlobHeader) -> None:
+        report = session.report
+        if report is None or not self._current_phase(session, header.round_id):
+            log.info("ignoring blob from %s for round %d", session.silo_id, header.round_id)
+            session.upload = None
+            return
+        if header.kind != pb.PLAINTEXT_UPDATE or header.sha256 != report.update_sha256:
+            self._reject(session, "update blob does not match its train report")
+            return
+        try:
+            meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+            limit = 2 * len(self._model_bytes) + (1 << 20)
+            session.upload = Reassembler(meta, max_total_bytes=limit)
+        except ChunkError as exc:
+            self._reject(session, f"bad update header: {exc}")
+
+    def _on_chunk(self, session: Session, chunk: pb.BlobChunk) -> None:
+        upload = session.upload
+        if upload is None:
+            return  # a blob we decided to ignore
+        try:
+            upload.add(chunk.index, chunk.data)
+            if not upload.complete:
+                return
+            data = upload.finish()
+        except ChunkError as exc:
+            session.upload = None
+            self._reject(session, f"bad update chunk: {exc}")
+            return
+        session.upload = None
+        self._on_update(session, chunk.round_id, data)
+
+    def _on_update(self, session: Session, round_id: int, data: bytes) -> None:
+        m, agg, report = self.machine, self.aggregation, session.report
+        if m is None or agg is None or report is None or not self._current_phase(session, round_id):
+            return
+        try:
+            update = state_from_bytes(data)
+            agg.contribute(session.silo_id, int(report.num_examples), update)
+        except (AggregationError, CheckpointCorrupt) as exc:
+            self._reject(session, f"update refused: {exc}")
+            return
+        session.metrics = dict(report.metrics)
+        _, events = m.done(session.silo_id, round_id, "train", self.clock())
+        self._apply(events)
+
+    # ---- the round driver ------------------------------------------------------------------
+
+    def _apply(self, events: Sequence[Event]) -> None:
+        """Record what the machine decided (called under the lock)."""
+        m = self.machine
+        if m is None:
+            return
+        for event in events:
+            if isinstance(event, Dropped):
+                log.warning(
+                    "round %d: %s dropped in phase %s (%s: %s)",
+                    m.round_id,
+                    event.silo_id,
+                    event.phase,
+                    event.reason.value,
+                    event.detail,
+                )
+                self.roundlog.record_dropout(
+                    m.round_id, event.silo_id, phase=event.phase, reason=event.reason.value
+                )
+                s = self.sessions.get(event.silo_id)
+                if s is not None and not s.closed:
+                    s.send(
+                        pb.CoordinatorMessage(
+                            abort=pb.AbortNotice(
+                                round_id=m.round_id, reason=event.reason.value, detail=event.detail
+                            )
+                        )
+                    )
+            elif isinstance(event, PhaseEnded):
+                self.roundlog.record_phase(
+                    m.round_id, event.phase, started_at=event.started_at, ended_at=event.ended_at
+                )
+                log.info(
+                    "round %d: phase %s ended with %d silos",
+                    m.round_id,
+                    event.phase,
+                    len(event.survivors),
+                )
+        self.changed.notify_all()
+
+    def completed_rounds(self) -> int:
+        return sum(1 for r in self.roundlog.rounds() if r.status.value == "completed")
+
+    def wait_for_silos(self, n: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while len(self.sessions) < n and not self.stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(min(left, 0.5))
+            return len(self.sessions) >= n
+
+    def run_rounds(self) -> bool:
+        """Run rounds until the log holds `[rounds] count` completed ones. False if stopped early."""
+        cfg = self.config.rounds
+        while not self.stopping.is_set():
+            done = self.completed_rounds()
+            if done >= cfg.count:
+                log.info("federation finished: %d completed rounds in the log", done)
+                return True
+            if not self.wait_for_silos(cfg.min_silos, cfg.start_timeout_s):
+                log.error(
+                    "gave up: fewer than %d silos connected within %.0f s ([rounds] start_timeout_s)",
+                    cfg.min_silos,
+                    cfg.start_timeout_s,
+                )
+                return False
+            self.run_one_round(done)
+        return False
+
+    def run_one_round(self, completed_before: int) -> None:
+        cfg, deadlines = self.config.rounds, self.config.deadlines
+        round_id = RoundId(self.roundlog.last_round_id() + 1)
+        aggregation = make_aggregation(cfg.aggregation)
+        phases = [Phase(OFFER_PHASE, deadlines.offer_s)] + [
+            Phase(p.name, float(getattr(deadlines, p.deadline_key))) for p in aggregation.phases
+        ]
+        model_bytes = state_to_bytes(self.global_state)
+        self._model_bytes = model_bytes
+        model_sha = hashlib.sha256(model_bytes).digest()
+        round_config = json.dumps(
+            {"train": dict(self.config.train), "aggregation": cfg.aggregation}, sort_keys=True
+        ).encode()
+        with self.lock:
+            self._refresh_trust()
+            invited = sorted(self.sessions)[: cfg.silos_per_round or None]
+            now = self.clock()
+            self.roundlog.start_round(
+                round_id,
+                started_at=now,
+                aggregation=cfg.aggregation,
+                config_digest=hashlib.sha256(round_config).hexdigest(),
+                model_in_sha256=model_sha.hex(),
+                invited=invited,
+            )
+            self.roundlog.record_participants(round_id, "invited", invited)
+            log.info(
+                "round %d (%d/%d): offering the model to %d silos: %s",
+                round_id,
+                completed_before + 1,
+                cfg.count,
+                len(invited),
+                ", ".join(invited),
+            )
+            self.machine = RoundMachine(round_id, phases, cfg.min_silos)
+            self.aggregation = aggregation
+            aggregation.begin(self.global_state)
+            offer = pb.RoundOffer(
+                round_id=round_id,
+                aggregation=cfg.aggregation,
+                config=round_config,
+                model_sha256=model_sha,
+                model_bytes=len(model_bytes),
+            )
+            for silo_id in invited:
+                s = self.sessions[silo_id]
+                s.round_bytes_in = s.round_bytes_out = 0
+                s.report, s.upload, s.metrics = None, None, {}
+                s.send(pb.CoordinatorMessage(round_offer=offer))
+                s.send(_Blob(round_id, pb.GLOBAL_MODEL, model_bytes))
+                s.send(_Delivered(round_id))
+            self._apply(self.machine.start(invited, now))
+            while not self.machine.over and not self.stopping.is_set():
+                self.changed.wait(TICK_S)
+                self._apply(self.machine.tick(self.clock()))
+            machine = self.machine
+            self._apply(machine.cancel("the coordinator is stopping"))
+        self._finish(round_id, machine, aggregation, invited)
+
+    def _finish(
+        self,
+        round_id: RoundId,
+        machine: RoundMachine,
+        aggregation: AggregationProtocol,
+        invited: Sequence[str],
+    ) -> None:
+        now = self.clock()
+        if machine.stage is Stage.READY:
+            result = aggregation.finish()
+            data = state_to_bytes(result.new_state)
+            ckpt = self.checkpoints.save_bytes(round_id, data)
+            with self.lock:
+                survivors = list(result.contributors)
+                metrics = {s: self.sessions[s].metrics for s in survivors if s in self.sessions}
+                global_metrics = _mean_eval(metrics.values())
+                self._record_stats(round_id, invited)
+                self.roundlog.record_participants(round_id, "finished", survivors)
+                self.roundlog.finish_round(
+                    round_id,
+                    status="completed",
+                    ended_at=now,
+                    model_out_sha256=ckpt.sha256,
+                    checkpoint_path=str(ckpt.path),
+                    checkpoint_sha256=ckpt.sha256,
+                    weight_sum=result.weight_sum,
+                    global_metrics=global_metrics,
+                )
+                self.global_state = result.new_state
+                self.machine, self.aggregation = None, None
+                shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(global_metrics.items()))
+                log.info(
+                    "round %d completed: %d silos, weight %g, model %s %s",
+                    round_id,
+                    len(survivors),
+                    result.weight_sum,
+                    ckpt.sha256[:12],
+                    shown,
+                )
+                self._broadcast_result(
+                    pb.RoundResult(
+                        round_id=round_id,
+                        status="completed",
+                        new_model_sha256=bytes.fromhex(ckpt.sha256),
+                        survivors=survivors,
+                    ),
+                    invited,
+                )
+        else:
+            reason = machine.abort_reason or "aborted"
+            with self.lock:
+                self._record_stats(round_id, invited)
+                self.roundlog.finish_round(
+                    round_id, status="aborted", ended_at=now, abort_reason=reason
+                )
+                self.machine, self.aggregation = None, None
+                log.warning("round %d aborted: %s", round_id, reason)
+                self._broadcast_result(
+                    pb.RoundResult(round_id=round_id, status="aborted", abort_reason=reason),
+                    invited,
+                )
+
+    def _record_stats(self, round_id: int, invited: Sequence[str]) -> None:
+        for silo_id in invited:
+            s = self.sessions.get(silo_id)
+            if s is None:
+                continue
+            self.roundlog.record_silo_stats(
+                round_id,
+                silo_id,
+                bytes_in=s.round_bytes_in,
+                bytes_out=s.round_bytes_out,
+                metrics=s.metrics,
+            )
+
+    def _broadcast_result(self, result: pb.RoundResult, invited: Sequence[str]) -> None:
+        for silo_id in invited:
+            s = self.sessions.get(silo_id)
+            if s is not None and not s.closed:
+                s.send(pb.CoordinatorMessage(round_result=result))
+
+    def finish_federation(self) -> None:
+        """Tell every silo the federation is done and close their streams."""
+        with self.lock:
+            for s in list(self.sessions.values()):
+                s.send(
+                    pb.CoordinatorMessage(
+                        abort=pb.AbortNotice(
+                            reason=FEDERATION_FINISHED,
+                            detail="the federation finished all its rounds",
+                        )
+                    )
+                )
+                s.closed = True
+                s.send(None)
+
+    def status(self) -> pb.StatusReply:
+        with self.lock:
+            m = self.machine
+            return pb.StatusReply(
+                federation_id=self.config.federation_id,
+                silos=[
+                    pb.SiloStatus(
+                        silo_id=s.silo_id,
+                        connected_since_unix=s.connected_since,
+                        cert_not_after_unix=s.cert_not_after,
+                        bytes_in=s.bytes_in,
+                        bytes_out=s.bytes_out,
+                    )
+                    for s in self.sessions.values()
+                ],
+                current_round=m.round_id if m is not None else 0,
+                phase=m.phase.name if m is not None else "",
+                phase_started_unix=m.phase_started_at if m is not None else 0.0,
+                rounds_completed=self.completed_rounds(),
+            )
+
+    # ---- resume ----------------------------------------------------------------------------
+
+    def _resume(self, model_factory: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
+        interrupted = self.roundlog.mark_interrupted(ended_at=self.clock())
+        if interrupted:
+            log.warning(
+                "rounds %s were interrupted by a previous stop; marked as such", interrupted
+            )
+        latest = self.roundlog.latest_checkpoint()
+        if latest is None:
+            state = {k: v.detach().clone() for k, v in model_factory().state_dict().items()}
+            ckpt = self.checkpoints.save(0, state)
+            self.roundlog.record_checkpoint(0, ckpt.path, ckpt.sha256)
+            log.info("initial model saved as round 0 checkpoint %s", ckpt.sha256[:12])
+            return state_from_bytes(state_to_bytes(state))
+        state = self.checkpoints.load(Path(latest.path), latest.sha256)
+        log.info(
+            "resuming from the checkpoint of round %d (%s)", latest.round_id, latest.sha256[:12]
+        )
+        return state
+
+
+def _mean_eval(per_silo: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Global metric = unweighted mean over silos of each `eval_*` metric they reported."""
+    sums: dict[str, list[float]] = {}
+    for metrics in per_silo:
+        for key, value in metrics.items():
+            if key.startswith("eval_"):
+                sums.setdefault(key, []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+__all__ = ["FEDERATION_FINISHED", "Hub", "Session", "sha256_hex"]
+
+
+def write_port_file(state_dir: Path, port: int) -> Path:
+    """Write the bound port atomically, so a reader never sees a half-written number."""
+    path = state_dir / "coordinator.port"
+    tmp = path.with_suffix(".port.tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)
+    return path
+
+
+def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
+    """Run the coordinator until its rounds are done (or forever with `keep_serving`).
+
+    Returns the process exit code: 0 when the log holds `[rounds] count` completed rounds.
+    Stops cleanly on SIGTERM/SIGINT (exit code 130 for the signal).
+    """
+    import signal
+
+    from coordinator.server import start_server
+    from coordinator.servicer import FederationServicer
+    from coordinator.task import load_model_factory
+
+    hub = Hub(config, model_factory=load_model_factory(config.task_spec))
+    servicer = FederationServicer(hub, idle_heartbeat_s=config.deadlines.heartbeat_s)
+    running = start_server(
+        servicer,
+        listen=config.listen,
+        ca_cert=config.tls.ca_cert,
+        cert=config.tls.cert,
+        key=config.tls.key,
+    )
+    interrupted = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        del frame
+        log.info("received signal %d: stopping", signum)
+        interrupted.set()
+        hub.stopping.set()
+        with hub.lock:
+            hub.changed.notify_all()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    port_file = write_port_file(config.state_dir, running.port)
+    log.info(
+        "coordinator for federation %s listening on %s (port %d written to %s); aggregation %s",
+        config.federation_id,
+        config.listen,
+        running.port,
+        port_file,
+        config.rounds.aggregation,
+    )
+    try:
+        ok = hub.run_rounds()
+        if ok and keep_serving:
+            log.info("all rounds done; --keep-serving: streams stay open until a signal")
+            hub.stopping.wait()
+    finally:
+        hub.finish_federation()
+        running.stop()
+        hub.roundlog.close()
+    if interrupted.is_set():
+        return 130 if not ok else 0
+    return 0 if ok else 1

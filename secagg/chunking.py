@@ -1,0 +1,113 @@
+"""Large payloads as a header plus ordered chunks of at most 1 MiB, checked by SHA-256.
+
+Rule: pure bytes in, bytes out. Nothing here knows about gRPC, files or the protocol that
+carries the blob; both roles use it to cut a payload for the stream and to reassemble one.
+A reassembled blob is only handed out after its size and SHA-256 match the header, so nothing
+downstream ever sees unchecked bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+MAX_CHUNK_BYTES = 1 << 20
+
+
+class ChunkError(ValueError):
+    """A blob header or chunk is inconsistent; str() names what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobMeta:
+    """What a BlobHeader announces: total size, SHA-256 over all bytes, number of chunks."""
+
+    total_bytes: int
+    sha256: bytes
+    chunk_count: int
+
+    def __post_init__(self) -> None:
+        if self.total_bytes < 0:
+            raise ChunkError("blob total_bytes is negative")
+        if len(self.sha256) != 32:
+            raise ChunkError("blob sha256 must be 32 bytes")
+        if self.chunk_count != chunk_count_for(self.total_bytes):
+            raise ChunkError(
+                f"blob of {self.total_bytes} bytes needs {chunk_count_for(self.total_bytes)} "
+                f"chunks of at most {MAX_CHUNK_BYTES} bytes, header says {self.chunk_count}"
+            )
+
+
+def chunk_count_for(total_bytes: int, chunk_bytes: int = MAX_CHUNK_BYTES) -> int:
+    """Number of chunks for a payload; an empty payload still travels as one empty chunk."""
+    return max(1, -(-total_bytes // chunk_bytes))
+
+
+def describe(data: bytes) -> BlobMeta:
+    """The header fields for `data`."""
+    return BlobMeta(len(data), hashlib.sha256(data).digest(), chunk_count_for(len(data)))
+
+
+def split(data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
+    """Yield `data` in order as chunks of at most `chunk_bytes` (copies made lazily)."""
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ChunkError(f"chunk size must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+    view = memoryview(data)
+    if not data:
+        yield b""
+        return
+    for start in range(0, len(data), chunk_bytes):
+        yield bytes(view[start : start + chunk_bytes])
+
+
+class Reassembler:
+    """Collects the chunks of one blob; refuses gaps, reordering, oversize and a bad hash."""
+
+    def __init__(self, meta: BlobMeta, *, max_total_bytes: int) -> None:
+        if meta.total_bytes > max_total_bytes:
+            raise ChunkError(
+                f"blob of {meta.total_bytes} bytes exceeds the limit of {max_total_bytes} bytes"
+            )
+        self.meta = meta
+        self._parts: list[bytes] = []
+        self._received = 0
+        self._hash = hashlib.sha256()
+
+    @property
+    def next_index(self) -> int:
+        return len(self._parts)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._parts) == self.meta.chunk_count
+
+    def add(self, index: int, data: bytes) -> None:
+        """Append chunk `index`. Raises ChunkError when it is out of order or too big."""
+        if self.complete:
+            raise ChunkError(f"chunk {index} arrived after the blob was complete")
+        if index != self.next_index:
+            raise ChunkError(f"chunk {index} arrived out of order; expected {self.next_index}")
+        if len(data) > MAX_CHUNK_BYTES:
+            raise ChunkError(f"chunk {index} has {len(data)} bytes, more than {MAX_CHUNK_BYTES}")
+        if self._received + len(data) > self.meta.total_bytes:
+            raise ChunkError(f"chunk {index} overruns the announced {self.meta.total_bytes} bytes")
+        self._parts.append(data)
+        self._received += len(data)
+        self._hash.update(data)
+
+    def finish(self) -> bytes:
+        """The checked payload. Raises ChunkError if incomplete, short, or the hash differs."""
+        if not self.complete:
+            raise ChunkError(
+                f"blob incomplete: {self.next_index} of {self.meta.chunk_count} chunks received"
+            )
+        if self._received != self.meta.total_bytes:
+            raise ChunkError(
+                f"blob has {self._received} bytes, header announced {self.meta.total_bytes}"
+            )
+        if self._hash.digest() != self.meta.sha256:
+            raise ChunkError("blob SHA-256 does not match its header")
+        data = b"".join(self._parts)
+        self._parts = []
+        return data

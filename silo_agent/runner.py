@@ -1,0 +1,311 @@
+"""The silo agent's main loop: dial out, take rounds, train and evaluate locally, upload.
+
+Rule: the runner knows rounds and tasks, never grpc (that is `connection.py`). It checks its
+own certificate against the pinned CA and roster before dialing, so an expired, foreign or
+unlisted certificate is reported here with its precise cause instead of as an opaque TLS error.
+It reconnects with exponential backoff and full jitter; it stops on `stop`, after `max_rounds`
+completed rounds, or when the coordinator says the federation finished.
+
+Per round it reports `eval_*` = its evaluation, on its local held-out data, of the global model
+it RECEIVED this round, and `train_*` from local training. The update is `trained - received`.
+Each upload is appended to `<state_dir>/ledger.jsonl` so the silo operator can check what left
+the site.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from protos import federation_pb2 as pb
+from secagg.chunking import BlobMeta, ChunkError, Reassembler
+from secagg.identity import (
+    CertificateRejected,
+    Roster,
+    check_certificate,
+    load_pem_certificate,
+    silo_id_for,
+)
+from silo_agent.backoff import Backoff
+from silo_agent.config import SiloConfig
+from silo_agent.connection import Link, LinkError, OutBlob, TlsMaterial
+from silo_agent.task import Task
+
+log = logging.getLogger("silofed.silo")
+
+AGENT_VERSION = "silofed-silo/0.1"
+FEDERATION_FINISHED = "FEDERATION_FINISHED"
+
+EXIT_OK = 0
+EXIT_REFUSED = 3  # the coordinator or our own pre-flight check refused this identity
+EXIT_STOPPED = 130
+
+
+class PreflightError(Exception):
+    """This silo's own certificate cannot work; str() names the cause and the fix."""
+
+
+def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Canonical safetensors bytes (sorted names, contiguous CPU copies, no metadata)."""
+    tensors = {k: state[k].detach().to("cpu").contiguous().clone() for k in sorted(state)}
+    data: bytes = st_save(tensors)
+    return data
+
+
+def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    loaded: dict[str, torch.Tensor] = st_load(bytes(data))
+    return loaded
+
+
+def preflight(config: SiloConfig, *, now: dt.datetime) -> str:
+    """Check our certificate against the pinned CA and roster; return our silo id.
+
+    Raises PreflightError with the precise cause (expired, not from the federation CA, not on
+    the pinned roster, wrong silo) before anything is sent over the network.
+    """
+    cert = load_pem_certificate(config.tls.cert.read_bytes())
+    ca = load_pem_certificate(config.tls.ca_cert.read_bytes())
+    roster = Roster.from_json(config.tls.roster.read_text())
+    expected = config.silo_id
+    if expected is None and config.name is not None:
+        expected = silo_id_for(roster.federation_id, config.name)
+    try:
+        return check_certificate(cert, ca, now=now, roster=roster, expected_silo_id=expected)
+    except CertificateRejected as exc:
+        raise PreflightError(
+            f"refusing to dial: this silo's {config.tls.cert} — {exc}. "
+            "Re-enroll the silo (silofed-silo enroll) or fix [tls] in "
+            f"{config.source}."
+        ) from exc
+
+
+def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
+    return {(k if k.startswith(prefix) else prefix + k): float(v) for k, v in metrics.items()}
+
+
+@dataclass
+class _RoundState:
+    offer: pb.RoundOffer | None = None
+    download: Reassembler | None = None
+
+
+@dataclass
+class SiloRunner:
+    config: SiloConfig
+    task: Task
+    data: Any
+    silo_id: str
+    max_rounds: int | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    rng: Callable[[], float] = random.random
+    clock: Callable[[], float] = time.time
+    rounds_done: int = 0
+    _link: Link | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def request_stop(self) -> None:
+        """Stop from another thread (signal handler): closes the stream so reading returns."""
+        self.stop.set()
+        with self._lock:
+            if self._link is not None:
+                self._link.close()
+
+    def run(self) -> int:
+        backoff = Backoff(self.config.reconnect.initial_s, self.config.reconnect.max_s, self.rng)
+        tls = TlsMaterial(
+            ca_pem=self.config.tls.ca_cert.read_bytes(),
+            cert_pem=self.config.tls.cert.read_bytes(),
+            key_pem=self.config.tls.key.read_bytes(),
+        )
+        roster = Roster.from_json(self.config.tls.roster.read_text())
+        hello = pb.Hello(
+            silo_id=self.silo_id, agent_version=AGENT_VERSION, roster_digest=roster.digest()
+        )
+        while not self.stop.is_set():
+            link = Link(self.config.address, tls, server_name=self.config.server_name)
+            with self._lock:
+                self._link = link
+            try:
+                finished = self._session(link.open(hello), link, backoff)
+                if finished:
+                    return EXIT_OK
+                log.warning("coordinator closed the stream")
+            except LinkError as exc:
+                if self.stop.is_set():
+                    break
+                if exc.fatal:
+                    log.error("coordinator refused this silo (%s): %s", exc.code, exc.detail)
+                    return EXIT_REFUSED
+                log.warning("connection to %s failed: %s", self.config.address, exc)
+            finally:
+                with self._lock:
+                    self._link = None
+                link.close()
+            if self.stop.is_set():
+                break
+            delay = backoff.next_delay()
+            log.info("reconnecting in %.2f s (attempt %d)", delay, backoff.attempt)
+            self.stop.wait(delay)
+        log.info("stopped after %d completed rounds", self.rounds_done)
+        return EXIT_STOPPED
+
+    def _session(
+        self, messages: Iterator[pb.CoordinatorMessage], link: Link, backoff: Backoff
+    ) -> bool:
+        """Handle one stream. True when done for good (finished or round limit reached)."""
+        state = _RoundState()
+        for message in messages:
+            kind = message.WhichOneof("kind")
+            if kind == "welcome":
+                backoff.reset()
+                log.info(
+                    "connected to federation %s as %s",
+                    message.welcome.federation_id,
+                    message.welcome.silo_id,
+                )
+            elif kind == "round_offer":
+                state.offer, state.download = message.round_offer, None
+                log.info(
+                    "round %d offered (%s, model %d bytes)",
+                    state.offer.round_id,
+                    state.offer.aggregation,
+                    state.offer.model_bytes,
+                )
+            elif kind == "blob_header":
+                self._on_header(state, message.blob_header)
+            elif kind == "blob_chunk":
+                data = self._on_chunk(state, message.blob_chunk)
+                if data is not None and state.offer is not None:
+                    self._train_and_upload(link, state.offer, data)
+            elif kind == "round_result":
+                if self._on_result(message.round_result):
+                    return True
+            elif kind == "abort":
+                notice = message.abort
+                if notice.reason == FEDERATION_FINISHED:
+                    log.info("the coordinator says the federation finished")
+                    return True
+                log.warning(
+                    "round %d aborted by the coordinator: %s (%s)",
+                    notice.round_id,
+                    notice.reason,
+                    notice.detail,
+                )
+        return False
+
+    def _on_header(self, state: _RoundState, header: pb.BlobHeader) -> None:
+        offer = state.offer
+        if offer is None or header.round_id != offer.round_id or header.kind != pb.GLOBAL_MODEL:
+            log.warning("ignoring an unexpected blob for round %d", header.round_id)
+            state.download = None
+            return
+        if header.sha256 != offer.model_sha256:
+            log.warning("model blob hash differs from the round offer; ignoring the round")
+            state.download = None
+            return
+        try:
+            meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+            state.download = Reassembler(meta, max_total_bytes=offer.model_bytes)
+        except ChunkError as exc:
+            log.warning("bad model header: %s", exc)
+            state.download = None
+
+    def _on_chunk(self, state: _RoundState, chunk: pb.BlobChunk) -> bytes | None:
+        download = state.download
+        if download is None:
+            return None
+        try:
+            download.add(chunk.index, chunk.data)
+            if not download.complete:
+                return None
+            data = download.finish()
+        except ChunkError as exc:
+            log.warning("model download failed: %s", exc)
+            state.download = None
+            return None
+        state.download = None
+        return data
+
+    def _train_and_upload(self, link: Link, offer: pb.RoundOffer, model_bytes: bytes) -> None:
+        round_id = offer.round_id
+        received = state_from_bytes(model_bytes)
+        params: Mapping[str, Any] = json.loads(offer.config or b"{}").get("train", {})
+        model = self.task.build_model()
+        model.load_state_dict(received)
+        started = time.monotonic()
+        evaluated = _prefixed(self.task.evaluate(model, self.data), "eval_")
+        result = self.task.train(model, self.data, params)
+        trained = model.state_dict()
+        delta = {k: trained[k].detach() - received[k] for k in received}
+        update = state_to_bytes(delta)
+        digest = hashlib.sha256(update).digest()
+        metrics = {**evaluated, **_prefixed(result.metrics, "train_")}
+        link.send(
+            pb.SiloMessage(
+                train_report=pb.TrainReport(
+                    round_id=round_id,
+                    num_examples=result.num_examples,
+                    metrics=metrics,
+                    update_sha256=digest,
+                )
+            )
+        )
+        link.send(OutBlob(round_id, pb.PLAINTEXT_UPDATE, update))
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        log.info(
+            "round %d: trained on %d examples in %.2f s; %s; uploading %d bytes",
+            round_id,
+            result.num_examples,
+            time.monotonic() - started,
+            shown,
+            len(update),
+        )
+        self._ledger(round_id, offer, digest, len(update), result.num_examples)
+
+    def _ledger(
+        self, round_id: int, offer: pb.RoundOffer, digest: bytes, size: int, n: int
+    ) -> None:
+        # What left the site, so the operator can compare it with the coordinator's log.
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        entry = {
+            "round_id": round_id,
+            "at": self.clock(),
+            "aggregation": offer.aggregation,
+            "model_in_sha256": offer.model_sha256.hex(),
+            "update_sha256": digest.hex(),
+            "update_bytes": size,
+            "num_examples": n,
+        }
+        with (self.config.state_dir / "ledger.jsonl").open("a") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def _on_result(self, result: pb.RoundResult) -> bool:
+        if result.status == "completed":
+            took_part = self.silo_id in result.survivors
+            if took_part:
+                self.rounds_done += 1
+            log.info(
+                "round %d completed with %d silos (%s); new model %s",
+                result.round_id,
+                len(result.survivors),
+                "included us" if took_part else "without us",
+                result.new_model_sha256.hex()[:12],
+            )
+        else:
+            log.warning("round %d aborted: %s", result.round_id, result.abort_reason)
+        if self.max_rounds is not None and self.rounds_done >= self.max_rounds:
+            log.info("reached --rounds %d; stopping", self.max_rounds)
+            return True
+        return False
