@@ -36,6 +36,7 @@ class RoundsConfig:
     aggregation: str
     silos_per_round: int | None = None
     start_timeout_s: float = 120.0
+    start_silos: int | None = None  # silos to wait for before the first round (default min_silos)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +175,10 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
         aggregation=aggregation,
         silos_per_round=per_round,
         start_timeout_s=r.positive("rounds", "start_timeout_s", float, 120.0),
+        start_silos=r.positive("rounds", "start_silos", int, None),
     )
+    if rounds.start_silos is not None and rounds.start_silos < min_silos:
+        raise r.fail("[rounds] start_silos", f"must be >= min_silos ({min_silos})")
     deadlines = Deadlines(
         offer_s=r.positive("deadlines", "offer_s", float, 60.0),
         train_s=r.positive("deadlines", "train_s", float, 300.0),

@@ -27,7 +27,6 @@ from pathlib import Path
 import grpc
 import torch
 
-from coordinator import pki
 from coordinator.aggregation import AggregationError, AggregationProtocol, make_aggregation
 from coordinator.checkpoints import (
     CheckpointCorrupt,
@@ -200,6 +199,7 @@ class Hub:
         self.phase_started = 0.0
         self.stopping = threading.Event()
         self._model_bytes = b""
+        self._ran_any = False
 
     # ---- trust -----------------------------------------------------------------------------
 
@@ -211,7 +211,7 @@ class Hub:
                 "roster loaded: version %d, %d silos", self.roster.version, len(self.roster.entries)
             )
         if self._revoked_watch.changed():
-            self.revoked = pki.load_revoked_serials(self.config.tls.revoked)
+            self.revoked = _load_revoked(self.config.tls.revoked)
             log.info("revocation list loaded: %d revoked serials", len(self.revoked))
 
     def admit(self, cert_pem: bytes | None, hello: pb.Hello) -> Session:
@@ -451,14 +451,17 @@ class Hub:
             if done >= cfg.count:
                 log.info("federation finished: %d completed rounds in the log", done)
                 return True
-            if not self.wait_for_silos(cfg.min_silos, cfg.start_timeout_s):
+            first = not self._ran_any  # the first round of this process, also after a restart
+            need = (cfg.start_silos or cfg.min_silos) if first else cfg.min_silos
+            if not self.wait_for_silos(need, cfg.start_timeout_s):
                 log.error(
                     "gave up: fewer than %d silos connected within %.0f s ([rounds] start_timeout_s)",
-                    cfg.min_silos,
+                    need,
                     cfg.start_timeout_s,
                 )
                 return False
             self.run_one_round(done)
+            self._ran_any = True
         return False
 
     def run_one_round(self, completed_before: int) -> None:
@@ -657,6 +660,17 @@ class Hub:
             "resuming from the checkpoint of round %d (%s)", latest.round_id, latest.sha256[:12]
         )
         return state
+
+
+def _load_revoked(path: Path) -> frozenset[int]:
+    try:
+        from coordinator.pki import load_revoked_serials
+    except ImportError:  # until the PKI module lands: same file format, read directly
+        if not path.exists():
+            return frozenset()
+        entries = json.loads(path.read_text()).get("revoked", [])
+        return frozenset(int(e["serial"], 16) for e in entries)
+    return load_revoked_serials(path)
 
 
 def _mean_eval(per_silo: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -246,7 +246,7 @@ class SiloRunner:
         model.load_state_dict(received)
         started = time.monotonic()
         evaluated = _prefixed(self.task.evaluate(model, self.data), "eval_")
-        result = self.task.train(model, self.data, params)
+        result = self.task.train(model, self.data, {**params, "round": round_id})
         trained = model.state_dict()
         delta = {k: trained[k].detach() - received[k] for k in received}
         update = state_to_bytes(delta)

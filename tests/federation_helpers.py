@@ -1,0 +1,525 @@
+"""Start a real federation for tests: certificates, TOML configs, processes, logs, clean stop.
+
+Rule: everything a test starts is tracked here and stopped in `finally` by PID (SIGTERM, then
+SIGKILL after a grace period); every wait is bounded in time. Processes run the real console
+entry points (`python -m coordinator serve`, `python -m silo_agent run`) with PYTHONPATH set to
+the repository root, and write their logs to files the test can read and print on failure.
+
+Certificates come from `coordinator.pki.provision_dev` when it exists; `issue_silo_cert` makes
+the deliberately bad ones (expired, foreign CA, not on the roster) with `cryptography` directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from secagg.identity import Roster, silo_id_for, spki_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+UTC = dt.UTC
+
+
+# ---- certificates ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiloFiles:
+    name: str
+    dir: Path
+    key: Path
+    cert: Path
+    ca_cert: Path
+    roster: Path
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Paths of a provisioned federation (the layout of the PKI contract)."""
+
+    root: Path
+    federation_id: str
+    ca_cert: Path
+    ca_key: Path
+    coordinator_cert: Path
+    coordinator_key: Path
+    roster: Path
+    revoked: Path
+    silos: dict[str, SiloFiles] = field(default_factory=dict)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+def make_ca(directory: Path, federation_id: str, now: dt.datetime) -> tuple[Path, Path]:
+    """A self-signed P-256 CA in `directory` (ca.pem, ca.key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{federation_id} test CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(directory / "ca.key", key)
+    return directory / "ca.pem", directory / "ca.key"
+
+
+def issue_silo_cert(
+    ca_cert: Path,
+    ca_key: Path,
+    out_dir: Path,
+    *,
+    federation_id: str,
+    name: str,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> SiloFiles:
+    """A silo key + certificate signed by the given CA (validity as asked, even in the past)."""
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(silo_id_for(federation_id, name))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(_load_key(ca_key), hashes.SHA256())
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_key(out_dir / "silo.key", key)
+    (out_dir / "silo.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out_dir / "ca.pem").write_bytes(ca_cert.read_bytes())
+    return SiloFiles(
+        name,
+        out_dir,
+        out_dir / "silo.key",
+        out_dir / "silo.pem",
+        out_dir / "ca.pem",
+        out_dir / "roster.json",
+    )
+
+
+def _issue_server_cert(
+    ca_cert: Path, ca_key: Path, out_dir: Path, fed: str, now: dt.datetime
+) -> tuple[Path, Path]:
+    import ipaddress
+
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "coordinator")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.UniformResourceIdentifier(f"spiffe://{fed}/coordinator"),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(_load_key(ca_key), hashes.SHA256())
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_key(out_dir / "coordinator.key", key)
+    (out_dir / "coordinator.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out_dir / "coordinator.pem", out_dir / "coordinator.key"
+
+
+def provision(root: Path, federation_id: str, names: Sequence[str]) -> Federation:
+    """A dev federation under `root`: via `coordinator.pki.provision_dev` when available."""
+    now = dt.datetime.now(UTC)
+    try:
+        from coordinator.pki import provision_dev
+    except ImportError:
+        provision_dev = None
+    if provision_dev is not None:
+        dev = provision_dev(root, federation_id, list(names), now=now)
+        return Federation(
+            root=root,
+            federation_id=federation_id,
+            ca_cert=dev.ca_cert,
+            ca_key=dev.ca_key,
+            coordinator_cert=dev.coordinator_cert,
+            coordinator_key=dev.coordinator_key,
+            roster=dev.roster,
+            revoked=dev.revoked,
+            silos={
+                n: SiloFiles(n, p.dir, p.key, p.cert, p.ca_cert, p.roster)
+                for n, p in dev.silos.items()
+            },
+        )
+    ca_cert, ca_key = make_ca(root / "ca", federation_id, now)
+    cc, ck = _issue_server_cert(ca_cert, ca_key, root / "coordinator", federation_id, now)
+    silos = {}
+    roster = Roster(federation_id, 0, {})
+    for n in names:
+        s = issue_silo_cert(
+            ca_cert,
+            ca_key,
+            root / "silos" / n,
+            federation_id=federation_id,
+            name=n,
+            not_before=now - dt.timedelta(hours=1),
+            not_after=now + dt.timedelta(days=30),
+        )
+        cert = x509.load_pem_x509_certificate(s.cert.read_bytes())
+        roster = roster.with_silo(silo_id_for(federation_id, n), spki_sha256(cert))
+        silos[n] = s
+    (root / "roster.json").write_text(roster.to_json())
+    for s in silos.values():
+        s.roster.write_text(roster.to_json())
+    return Federation(
+        root,
+        federation_id,
+        ca_cert,
+        ca_key,
+        cc,
+        ck,
+        root / "roster.json",
+        root / "revoked.json",
+        silos,
+    )
+
+
+def add_to_roster(fed: Federation, silo: SiloFiles) -> None:
+    """Pin `silo` in the coordinator's roster and the silo's copy."""
+    roster = Roster.from_json(fed.roster.read_text())
+    cert = x509.load_pem_x509_certificate(silo.cert.read_bytes())
+    roster = roster.with_silo(silo_id_for(fed.federation_id, silo.name), spki_sha256(cert))
+    fed.roster.write_text(roster.to_json())
+    silo.roster.write_text(roster.to_json())
+
+
+def revoke(fed: Federation, silo: SiloFiles) -> None:
+    """Append `silo`'s certificate serial to revoked.json (the PKI contract's format)."""
+    cert = x509.load_pem_x509_certificate(silo.cert.read_bytes())
+    data: dict[str, Any] = {"revoked": []}
+    if fed.revoked.exists():
+        data = json.loads(fed.revoked.read_text())
+    data["revoked"].append(
+        {
+            "serial": f"{cert.serial_number:x}",
+            "silo_id": silo_id_for(fed.federation_id, silo.name),
+            "revoked_at": dt.datetime.now(UTC).isoformat(),
+            "reason": "test",
+        }
+    )
+    fed.revoked.write_text(json.dumps(data))
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def to_toml(tables: Mapping[str, Mapping[str, Any]]) -> str:
+    """A flat TOML writer for our configs (tables of scalars)."""
+    lines: list[str] = []
+    for table, values in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_coordinator_config(
+    path: Path,
+    fed: Federation,
+    *,
+    state_dir: Path,
+    task_spec: str,
+    rounds: int,
+    min_silos: int,
+    offer_s: float = 30.0,
+    train_s: float = 60.0,
+    train: Mapping[str, Any] | None = None,
+    start_timeout_s: float = 60.0,
+    heartbeat_s: float = 2.0,
+) -> Path:
+    tables: dict[str, Mapping[str, Any]] = {
+        "federation": {"id": fed.federation_id, "state_dir": state_dir},
+        "server": {"listen": "127.0.0.1:0"},
+        "tls": {
+            "ca_cert": fed.ca_cert,
+            "cert": fed.coordinator_cert,
+            "key": fed.coordinator_key,
+            "roster": fed.roster,
+            "revoked": fed.revoked,
+        },
+        "task": {"spec": task_spec},
+        "rounds": {
+            "count": rounds,
+            "min_silos": min_silos,
+            "aggregation": "plaintext",
+            "start_timeout_s": start_timeout_s,
+        },
+        "deadlines": {"offer_s": offer_s, "train_s": train_s, "heartbeat_s": heartbeat_s},
+        "train": dict(train or {}),
+    }
+    path.write_text(to_toml(tables))
+    return path
+
+
+def write_silo_config(
+    path: Path,
+    silo: SiloFiles,
+    *,
+    port: int,
+    task_spec: str,
+    options: Mapping[str, Any] | None = None,
+    state_dir: Path | None = None,
+) -> Path:
+    tables: dict[str, Mapping[str, Any]] = {
+        "silo": {"name": silo.name, "state_dir": state_dir or silo.dir / "state"},
+        "coordinator": {"address": f"127.0.0.1:{port}", "server_name": "localhost"},
+        "tls": {"ca_cert": silo.ca_cert, "cert": silo.cert, "key": silo.key, "roster": silo.roster},
+        "task": {"spec": task_spec},
+        "task.options": dict(options or {}),
+        "reconnect": {"initial_s": 0.2, "max_s": 2.0},
+    }
+    path.write_text(to_toml(tables))
+    return path
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait(self, timeout_s: float) -> int:
+        return self.popen.wait(timeout=timeout_s)
+
+    def wait_for_log(self, pattern: str, timeout_s: float) -> re.Match[str]:
+        """Wait until the log matches `pattern`. Raises AssertionError with the log on timeout."""
+        deadline = time.monotonic() + timeout_s
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            m = rx.search(self.log())
+            if m:
+                return m
+            if self.popen.poll() is not None:
+                m = rx.search(self.log())
+                if m:
+                    return m
+                raise AssertionError(
+                    f"{self.name} exited ({self.popen.returncode}) before logging {pattern!r}:\n"
+                    + self.log()[-4000:]
+                )
+            time.sleep(0.1)
+        raise AssertionError(
+            f"{self.name} did not log {pattern!r} in {timeout_s}s:\n" + self.log()[-4000:]
+        )
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    # grpc core logs TLS handshake failures at this level: the operator's cause line
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    env.update(extra or {})
+    return env
+
+
+class Processes:
+    """Starts processes and guarantees they are stopped (by PID) when the block exits."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("ab") as fh:
+            popen = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO,
+                env=child_env(env),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def coordinator(self, config: Path, *extra: str) -> Proc:
+        return self.start(
+            "coordinator", ["-m", "coordinator", "serve", "--config", str(config), *extra]
+        )
+
+    def silo(self, name: str, config: Path, *extra: str) -> Proc:
+        return self.start(
+            f"silo-{name}", ["-m", "silo_agent", "run", "--config", str(config), *extra]
+        )
+
+    def stop(self, proc: Proc, grace_s: float = 10.0) -> int:
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(timeout=10)
+        return proc.popen.returncode
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} =====\n{p.log()[-3000:]}" for p in self.procs)
+
+
+@contextmanager
+def processes(log_dir: Path) -> Iterator[Processes]:
+    procs = Processes(log_dir)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def wait_for_port(state_dir: Path, coordinator: Proc, timeout_s: float = 60.0) -> int:
+    """The port the coordinator bound (from state_dir/coordinator.port)."""
+    path = state_dir / "coordinator.port"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            text = path.read_text().strip()
+            if text:
+                return int(text)
+        if coordinator.popen.poll() is not None:
+            raise AssertionError(
+                "coordinator exited before listening:\n" + coordinator.log()[-4000:]
+            )
+        time.sleep(0.05)
+    raise AssertionError("coordinator did not write its port:\n" + coordinator.log()[-4000:])
+
+
+# ---- a task that records what it sent (for exactness over the real transport) -----------------
+
+
+class RecordingTask:
+    """A tiny linear model whose training adds a seeded perturbation and saves the update sent.
+
+    Options: `silo_index`, `num_examples`, `record_dir`. Each round's delta is written to
+    `<record_dir>/round-<r>.pt` so a test can recompute the average independently.
+    """
+
+    name = "recording"
+
+    def build_model(self) -> torch.nn.Module:
+        gen = torch.Generator().manual_seed(5)
+        model = torch.nn.Linear(6, 3)
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(3, 6, generator=gen))
+            model.bias.copy_(torch.randn(3, generator=gen))
+        return model
+
+    def load_data(self, options: Mapping[str, Any]) -> Any:
+        return dict(options)
+
+    def train(self, model: torch.nn.Module, data: Any, params: Mapping[str, Any]) -> Any:
+        from silo_agent.task import TrainResult
+
+        round_id = int(params.get("round", 0))
+        gen = torch.Generator().manual_seed(1000 * int(data["silo_index"]) + round_id)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        delta = {k: model.state_dict()[k] - before[k] for k in before}
+        record = Path(data["record_dir"])
+        record.mkdir(parents=True, exist_ok=True)
+        torch.save(delta, record / f"round-{round_id}.pt")
+        if float(params.get("sleep_s", 0)):
+            time.sleep(float(params["sleep_s"]))
+        return TrainResult(int(data["num_examples"]), {"loss": 1.0 / (round_id + 1)})
+
+    def evaluate(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
+        return {"score": float(data["silo_index"])}
+
+
+RECORDING_TASK = RecordingTask()
+RECORDING_SPEC = "tests.federation_helpers:RECORDING_TASK"
