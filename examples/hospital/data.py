@@ -21,6 +21,7 @@ different input space. log1p tames the heavy tails of the area and standard-erro
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,7 @@ def _to_split(x: npt.NDArray[np.float64], y: npt.NDArray[np.int64]) -> Split:
     return Split(x=torch.from_numpy(transform(x)), y=torch.from_numpy(y.astype(np.int64)))
 
 
+@functools.cache  # read-only arrays: every caller indexes, none mutates
 def _pool() -> tuple[
     npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]
 ]:
@@ -100,6 +102,8 @@ def _pool() -> tuple[
     x_pool, x_test, y_pool, y_test = train_test_split(
         x, y, test_size=HELDOUT_FRACTION, stratify=y, random_state=SPLIT_SEED
     )
+    for array in (x_pool, y_pool, x_test, y_test):
+        array.flags.writeable = False
     return x_pool, y_pool, x_test, y_test
 
 

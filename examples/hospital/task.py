@@ -48,7 +48,10 @@ class TrainParamsError(ValueError):
 def build_classifier() -> nn.Module:
     """30 inputs -> 16 ReLU -> 2 logits, with the same initial weights every time."""
     generator = torch.Generator().manual_seed(MODEL_SEED)
-    model = nn.Sequential(nn.Linear(NUM_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 2))
+    # nn.Linear initialises itself from the global RNG; fork it so building a model never
+    # shifts anyone else's random stream (the weights are then overwritten from `generator`).
+    with torch.random.fork_rng(devices=[]):
+        model = nn.Sequential(nn.Linear(NUM_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 2))
     with torch.no_grad():
         for module in model:
             if isinstance(module, nn.Linear):
