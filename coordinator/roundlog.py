@@ -27,6 +27,7 @@ from typing import Any
 from secagg.identity import SiloId
 
 SCHEMA_VERSION = 1
+LOG_FILENAME = "rounds.sqlite"  # the round log's name inside the coordinator's state_dir
 PHASE_SETS = ("invited", "U1", "U2", "U3", "U4", "U5", "finished")
 
 _SCHEMA = """
