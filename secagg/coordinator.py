@@ -1,0 +1,519 @@
+"""The coordinator's side of one secure-aggregation round (SECAGG.md §5) as a state machine.
+
+Rule: the coordinator relays and sums, it never trusts a silo: each message is accepted only
+from the authenticated peer it names, only in its phase, and only if every check of §5 holds;
+anything else is ignored and recorded in `rejected` (a misbehaving silo cannot abort the round
+for the others). A phase closes when every expected silo has answered or the driver reports
+its deadline (`deadline_passed`); a participant set below the threshold aborts (ABORT-C).
+Masked vectors are added into ONE accumulator as they arrive, so memory is O(L) for any n.
+
+Driver use::
+
+    rnd = CoordinatorRound(config, trust, now=now)
+    sends = rnd.handle(peer_silo_id, message_bytes, now=now)   # -> [(silo_id, bytes)]
+    sends = rnd.add_masked_vector(peer_silo_id, header_bytes, vector)
+    sends = rnd.deadline_passed(now)                           # close the current phase
+    rnd.result  -> RoundOutcome once phase is DONE;  rnd.announce(new_model_sha256) -> M10s
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from secagg import encoding, shamir
+from secagg.config import GraphKind, RoundConfig
+from secagg.dp import DpReport, ddg_report
+from secagg.errors import AbortReason, BadKey, DecryptionFailed, MalformedMessage
+from secagg.graph import neighbours
+from secagg.identity import SiloId
+from secagg.messages import (
+    AbortNotice,
+    Advertise,
+    Consistency,
+    ConsistencySet,
+    KeyList,
+    MaskedHeader,
+    RoundResult,
+    ShareKeys,
+    SharesForYou,
+    SignedEnvelope,
+    SurvivorList,
+    UnmaskShares,
+    decode_as,
+    decode_message,
+    encode_message,
+)
+from secagg.primitives import (
+    add_mask,
+    agree,
+    commit_b,
+    k_pair,
+    k_self,
+    raw_public,
+    ring_dtype,
+    sha256_array,
+)
+from secagg.transcript import consistency_digest, session_id
+from secagg.trust import Trust, verify_signer
+
+Send = tuple[SiloId, bytes]
+MAX_RECONSTRUCTION_TRIES = 9  # the first t-subset plus up to 8 others (step 5.6)
+
+
+class Phase(enum.Enum):
+    ADVERTISE = "advertise"
+    SHARE_KEYS = "share_keys"
+    MASKED = "masked"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class RoundOutcome:
+    """The aggregate ḡ (float64, length d), weight sum W, survivors U3, and the ring sum z."""
+
+    aggregate: np.ndarray
+    weight_sum: int
+    survivors: tuple[SiloId, ...]
+    ring_sum: np.ndarray
+    dp_report: DpReport | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    silo_id: str
+    phase: Phase
+    why: str
+
+
+@dataclass(slots=True)
+class _Silo:
+    silo_id: SiloId
+    envelope: bytes
+    c_pk: bytes
+    s_pk: bytes
+    commit_b: bytes = b""
+    cts: dict[int, bytes] = field(default_factory=dict)
+    consistency: bytes = b""
+
+
+class CoordinatorRound:
+    """One round, from collecting M1 to the decoded aggregate. Not thread-safe."""
+
+    def __init__(
+        self,
+        config: RoundConfig,
+        trust: Trust,
+        *,
+        now: dt.datetime,
+        dp_rounds_before: int = 0,
+        dp_delta: float = 1e-6,
+    ) -> None:
+        self.config = config
+        self.config_bytes = config.encode()
+        self.config_digest = config.digest()
+        self.trust = trust
+        self.started = now
+        self.phase = Phase.ADVERTISE
+        self.abort_reason: AbortReason | None = None
+        self.rejected: list[Rejection] = []
+        self.inconsistent_share_senders: set[SiloId] = set()
+        self.session_id = b""
+        self.participants: dict[str, tuple[SiloId, ...]] = {}
+        self.dropouts: dict[SiloId, Phase] = {}
+        self.result: RoundOutcome | None = None
+        self._dp_rounds_before, self._dp_delta = dp_rounds_before, dp_delta
+        self._adverts: dict[SiloId, _Silo] = {}
+        self._excluded: set[SiloId] = set()
+        self._silos: dict[int, _Silo] = {}
+        self._index: dict[SiloId, int] = {}
+        self._nbrs: dict[int, frozenset[int]] = {}
+        self._u2: tuple[int, ...] = ()
+        self._u3: list[int] = []
+        self._u4: list[int] = []
+        self._digest = b""
+        self._acc: np.ndarray | None = None
+        self._b_shares: dict[int, dict[int, bytes]] = {}
+        self._s_shares: dict[int, dict[int, bytes]] = {}
+        self._unmask_from: set[int] = set()
+
+    # --- public API --------------------------------------------------------------------------
+
+    def offer(self) -> list[Send]:
+        """M0 payload for every invited silo: the config bytes (the driver adds the model)."""
+        return [(SiloId(s), self.config_bytes) for s in self.config.invited]
+
+    def handle(self, silo_id: str, data: bytes, *, now: dt.datetime) -> list[Send]:
+        """One message from the authenticated peer `silo_id`; returns what to send to whom."""
+        sid = SiloId(silo_id)
+        if self.phase in (Phase.DONE, Phase.ABORTED):
+            return self._reject(sid, "round is over")
+        try:
+            msg = decode_message(data)
+        except MalformedMessage as exc:
+            return self._reject(sid, f"undecodable: {exc}")
+        if isinstance(msg, AbortNotice):
+            self._drop(sid, f"silo aborted: {msg.reason.name}")
+            return []
+        try:
+            if self.phase is Phase.ADVERTISE and isinstance(msg, SignedEnvelope):
+                return self._on_advertise(sid, msg, data, now)
+            if self.phase is Phase.SHARE_KEYS and isinstance(msg, SignedEnvelope):
+                return self._on_share_keys(sid, msg, now)
+            if self.phase is Phase.CONSISTENCY and isinstance(msg, SignedEnvelope):
+                return self._on_consistency(sid, msg, data, now)
+            if self.phase is Phase.UNMASK and isinstance(msg, UnmaskShares):
+                return self._on_unmask(sid, msg)
+        except (MalformedMessage, DecryptionFailed) as exc:
+            return self._reject(sid, f"invalid message: {exc}")
+        return self._reject(sid, f"{type(msg).__name__} not expected in {self.phase.value}")
+
+    def add_masked_vector(self, silo_id: str, header: bytes, vector: np.ndarray) -> list[Send]:
+        """A complete masked upload (step 3.8): checked, then added into the accumulator."""
+        sid = SiloId(silo_id)
+        cfg = self.config
+        if self.phase is not Phase.MASKED:
+            return self._reject(sid, "masked vector outside the masked phase")
+        try:
+            h = decode_as(header, MaskedHeader)
+        except MalformedMessage as exc:
+            return self._reject(sid, f"bad masked header: {exc}")
+        idx = self._index.get(sid)
+        if idx is None or idx not in self._u2 or idx in self._u3:
+            return self._reject(sid, "not in U2 or already uploaded")
+        if (h.session_id, h.index, h.length, h.ring_bits) != (
+            self.session_id,
+            idx,
+            cfg.length,
+            cfg.ring_bits,
+        ):
+            return self._reject(sid, "masked header fields do not match the session")
+        if vector.dtype != ring_dtype(cfg.ring_bits) or vector.shape != (cfg.length,):
+            return self._reject(sid, "masked vector has the wrong dtype or length")
+        if sha256_array(vector) != h.vector_sha256:
+            return self._reject(sid, "masked vector hash mismatch")
+        assert self._acc is not None
+        np.add(self._acc, vector, out=self._acc)
+        self._u3.append(idx)
+        if set(self._u3) == set(self._u2):
+            return self._close_masked()
+        return []
+
+    def deadline_passed(self, now: dt.datetime) -> list[Send]:
+        """The driver's deadline for the current phase passed: close it with who answered."""
+        if self.phase is Phase.ADVERTISE:
+            return self._close_advertise()
+        if self.phase is Phase.SHARE_KEYS:
+            return self._close_share_keys()
+        if self.phase is Phase.MASKED:
+            return self._close_masked()
+        if self.phase is Phase.CONSISTENCY:
+            return self._close_consistency()
+        if self.phase is Phase.UNMASK:
+            return self._abort(AbortReason.TIMEOUT, self._silos)
+        return []
+
+    def announce(self, new_model_sha256: bytes) -> list[Send]:
+        """M10 for every silo in U1, once the driver has built the new model."""
+        if self.result is None:
+            raise RuntimeError("no result to announce")
+        dp = self.result.dp_report.encode() if self.result.dp_report else b""
+        msg = encode_message(
+            RoundResult(
+                self.session_id,
+                self.config.round_id,
+                tuple(sorted(self._u3)),
+                self.result.weight_sum,
+                new_model_sha256,
+                dp,
+            )
+        )
+        return [(s.silo_id, msg) for _, s in sorted(self._silos.items())]
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _reject(self, sid: SiloId, why: str) -> list[Send]:
+        self.rejected.append(Rejection(sid, self.phase, why))
+        return []
+
+    def _drop(self, sid: SiloId, why: str) -> None:
+        self.dropouts.setdefault(sid, self.phase)
+        self.rejected.append(Rejection(sid, self.phase, why))
+
+    def _abort(self, reason: AbortReason, to: Mapping[int, _Silo]) -> list[Send]:
+        self.phase = Phase.ABORTED
+        self.abort_reason = reason
+        self._acc = None
+        self._b_shares.clear()
+        self._s_shares.clear()
+        notice = encode_message(AbortNotice(self.session_id, reason))
+        return [(s.silo_id, notice) for _, s in sorted(to.items())]
+
+    def _threshold_ok(self, count: int) -> bool:
+        return count >= max(3, self.config.threshold)
+
+    def _share_threshold(self) -> int:
+        cfg = self.config
+        if cfg.graph is GraphKind.HARARY and cfg.graph_k < len(self._silos) - 1:
+            return cfg.graph_t_k
+        return cfg.threshold
+
+    # --- phase 1 -----------------------------------------------------------------------------
+
+    def _on_advertise(
+        self, sid: SiloId, env: SignedEnvelope, raw: bytes, now: dt.datetime
+    ) -> list[Send]:
+        ad = decode_as(env.payload, Advertise)
+        verify_signer(env, sid, b"advertise", self.trust, now)
+        if ad.silo_id != sid or sid not in self.config.invited:
+            return self._reject(sid, "Advertise names another or an uninvited silo")
+        if ad.config_digest != self.config_digest or ad.round_id != self.config.round_id:
+            return self._reject(sid, "Advertise for another round or config")
+        if len(ad.c_pk) != 32 or len(ad.s_pk) != 32:
+            return self._reject(sid, "public keys must be 32 bytes")
+        prev = self._adverts.get(sid)
+        if prev is not None:
+            if prev.envelope != raw:
+                self._excluded.add(sid)
+                return self._reject(sid, "two different Advertise messages")
+            return []
+        self._adverts[sid] = _Silo(sid, raw, ad.c_pk, ad.s_pk)
+        if len(self._adverts) == len(self.config.invited):
+            return self._close_advertise()
+        return []
+
+    def _close_advertise(self) -> list[Send]:
+        ads = {s: a for s, a in self._adverts.items() if s not in self._excluded}
+        seen: dict[bytes, list[SiloId]] = {}
+        for s, a in ads.items():
+            for k in {a.c_pk, a.s_pk}:
+                seen.setdefault(k, []).append(s)
+            if a.c_pk == a.s_pk:
+                self._excluded.add(s)
+        for holders in seen.values():
+            if len(holders) > 1:
+                self._excluded.update(holders)
+        ids = sorted((s for s in ads if s not in self._excluded), key=lambda s: s.encode())
+        for invited in self.config.invited:
+            if invited not in ids:
+                self.dropouts.setdefault(SiloId(invited), Phase.ADVERTISE)
+        self._silos = {i + 1: ads[s] for i, s in enumerate(ids)}
+        self._index = {s: i + 1 for i, s in enumerate(ids)}
+        self.participants["U1"] = tuple(ids)
+        if len(ids) < max(3, self.config.threshold):
+            return self._abort(AbortReason.THRESHOLD_VIOLATION, self._silos)
+        self.session_id = session_id(
+            self.config_digest, [(a.silo_id, a.c_pk, a.s_pk) for a in self._silos.values()]
+        )
+        harary = self.config.graph_k if self.config.graph is GraphKind.HARARY else None
+        self._nbrs = neighbours(len(ids), self.session_id, harary)
+        msg = encode_message(
+            KeyList(
+                self.config_digest,
+                self.config.round_id,
+                tuple(self._silos[i].envelope for i in sorted(self._silos)),
+            )
+        )
+        self.phase = Phase.SHARE_KEYS
+        return [(s.silo_id, msg) for _, s in sorted(self._silos.items())]
+
+    # --- phase 2 -----------------------------------------------------------------------------
+
+    def _on_share_keys(self, sid: SiloId, env: SignedEnvelope, now: dt.datetime) -> list[Send]:
+        idx = self._index.get(sid)
+        if idx is None:
+            return self._reject(sid, "not in U1")
+        verify_signer(env, sid, b"sharekeys", self.trust, now)
+        sk = decode_as(env.payload, ShareKeys)
+        silo = self._silos[idx]
+        if sk.index != idx or sk.session_id != self.session_id or silo.commit_b:
+            return self._reject(sid, "ShareKeys index/session wrong or repeated")
+        if [v for v, _ in sk.cts] != sorted(self._nbrs[idx]):
+            return self._reject(sid, "ciphertexts do not address exactly N(u)")
+        silo.commit_b = sk.commit_b
+        silo.cts = dict(sk.cts)
+        if all(s.commit_b for s in self._silos.values()):
+            return self._close_share_keys()
+        return []
+
+    def _close_share_keys(self) -> list[Send]:
+        u2 = tuple(i for i, s in sorted(self._silos.items()) if s.commit_b)
+        self._mark_dropped(set(self._silos) - set(u2))
+        self._u2 = u2
+        self.participants["U2"] = tuple(self._silos[i].silo_id for i in u2)
+        if len(u2) < self.config.threshold:
+            return self._abort(AbortReason.THRESHOLD_VIOLATION, self._silos)
+        self._acc = np.zeros(self.config.length, dtype=ring_dtype(self.config.ring_bits))
+        self.phase = Phase.MASKED
+        out = []
+        for u in u2:
+            cts = tuple((v, self._silos[v].cts[u]) for v in u2 if v in self._nbrs[u])
+            out.append(
+                (self._silos[u].silo_id, encode_message(SharesForYou(self.session_id, u2, cts)))
+            )
+        return out
+
+    def _mark_dropped(self, indices: set[int]) -> None:
+        for i in indices:
+            self.dropouts.setdefault(self._silos[i].silo_id, self.phase)
+
+    # --- phase 3/4 ---------------------------------------------------------------------------
+
+    def _close_masked(self) -> list[Send]:
+        u3 = sorted(self._u3)
+        self._u3 = u3
+        self._mark_dropped(set(self._u2) - set(u3))
+        self.participants["U3"] = tuple(self._silos[i].silo_id for i in u3)
+        if not self._threshold_ok(len(u3)):
+            return self._abort(AbortReason.THRESHOLD_VIOLATION, {i: self._silos[i] for i in u3})
+        self._digest = consistency_digest(
+            self.session_id, self.config_digest, self.config.model_sha256, self._u2, u3
+        )
+        msg = encode_message(SurvivorList(self.session_id, self._u2, tuple(u3)))
+        self.phase = Phase.CONSISTENCY
+        return [(self._silos[i].silo_id, msg) for i in u3]
+
+    def _on_consistency(
+        self, sid: SiloId, env: SignedEnvelope, raw: bytes, now: dt.datetime
+    ) -> list[Send]:
+        idx = self._index.get(sid)
+        if idx is None or idx not in self._u3 or self._silos[idx].consistency:
+            return self._reject(sid, "not in U3 or repeated")
+        verify_signer(env, sid, b"consistency", self.trust, now)
+        c = decode_as(env.payload, Consistency)
+        if (c.session_id, c.index, c.digest) != (self.session_id, idx, self._digest):
+            return self._reject(sid, "consistency digest or index mismatch")
+        self._silos[idx].consistency = raw
+        self._u4.append(idx)
+        if len(self._u4) == len(self._u3):
+            return self._close_consistency()
+        return []
+
+    def _close_consistency(self) -> list[Send]:
+        u4 = sorted(self._u4)
+        self.participants["U4"] = tuple(self._silos[i].silo_id for i in u4)
+        if len(u4) < self.config.threshold:
+            return self._abort(AbortReason.THRESHOLD_VIOLATION, {i: self._silos[i] for i in u4})
+        msg = encode_message(
+            ConsistencySet(self.session_id, tuple(self._silos[i].consistency for i in u4))
+        )
+        self.phase = Phase.UNMASK
+        return [(self._silos[i].silo_id, msg) for i in u4]
+
+    # --- phase 5 -----------------------------------------------------------------------------
+
+    def _on_unmask(self, sid: SiloId, m: UnmaskShares) -> list[Send]:
+        idx = self._index.get(sid)
+        if idx is None or idx not in self._u4 or idx in self._unmask_from:
+            return self._reject(sid, "not in U4 or repeated")
+        if m.session_id != self.session_id or m.index != idx:
+            return self._reject(sid, "UnmaskShares for another session or index")
+        b_ids, s_ids = [v for v, _ in m.b_shares], [v for v, _ in m.s_shares]
+        u3 = set(self._u3)
+        dropped = set(self._u2) - u3
+        near = self._nbrs[idx] | {idx}
+        if set(b_ids) & set(s_ids):
+            return self._reject(sid, "a silo listed in both share lists")
+        if (
+            len(set(b_ids)) != len(b_ids)
+            or len(set(s_ids)) != len(s_ids)
+            or not set(b_ids) <= (u3 & near)
+            or not set(s_ids) <= (dropped & self._nbrs[idx])
+        ):
+            return self._reject(sid, "shares for silos outside the neighbourhood or wrong set")
+        self._unmask_from.add(idx)
+        for v, share in m.b_shares:
+            self._b_shares.setdefault(v, {})[idx] = share
+        for v, share in m.s_shares:
+            self._s_shares.setdefault(v, {})[idx] = share
+        t = self._share_threshold()
+        enough = all(len(self._b_shares.get(v, {})) >= t for v in u3) and all(
+            len(self._s_shares.get(v, {})) >= t for v in dropped
+        )
+        return self._finish() if enough else []
+
+    def _reconstruct(self, shares: dict[int, bytes], check: object, v: int) -> bytes | None:
+        t = self._share_threshold()
+        for subset in itertools.islice(
+            itertools.combinations(sorted(shares), t), MAX_RECONSTRUCTION_TRIES
+        ):
+            try:
+                secret = shamir.reconstruct({x: shares[x] for x in subset})
+            except ValueError:
+                continue
+            if check == "b" and commit_b(self.session_id, v, secret) == self._silos[v].commit_b:
+                return secret
+            if check == "s":
+                key = X25519PrivateKey.from_private_bytes(secret)
+                if raw_public(key) == self._silos[v].s_pk:
+                    return secret
+        return None
+
+    def _finish(self) -> list[Send]:
+        cfg = self.config
+        acc = self._acc
+        assert acc is not None
+        u3 = self._u3
+        dropped = sorted(set(self._u2) - set(u3))
+        b_secrets: dict[int, bytes] = {}
+        s_secrets: dict[int, bytes] = {}
+        for v in u3:
+            got = self._reconstruct(self._b_shares[v], "b", v)
+            if got is None:
+                return self._fail_reconstruction(v)
+            b_secrets[v] = got
+        for v in dropped:
+            got = self._reconstruct(self._s_shares[v], "s", v)
+            if got is None:
+                return self._fail_reconstruction(v)
+            s_secrets[v] = got
+        for v in u3:
+            add_mask(acc, k_self(b_secrets[v], self.session_id, v), -1)
+        try:
+            for v in dropped:
+                sk = X25519PrivateKey.from_private_bytes(s_secrets[v])
+                for u in sorted(set(u3) & self._nbrs[v]):
+                    key = k_pair(agree(sk, self._silos[u].s_pk), self.session_id, u, v)
+                    add_mask(acc, key, -1 if u < v else 1)  # remove sgn(u,v)·PRG
+        except BadKey:
+            return self._abort(AbortReason.BAD_KEY, self._silos)
+        signed = encoding.to_signed(acc)
+        w = int(signed[0])
+        if not 1 <= w <= len(u3) * cfg.weight_scale or (
+            cfg.weighting.name == "UNIFORM" and w != len(u3) * cfg.weight_scale
+        ):
+            return self._abort(AbortReason.OVERFLOW_RULE, self._silos)
+        g, _ = encoding.decode(acc, cfg.scale, cfg.weight_scale)
+        report = None
+        if cfg.dp is not None:
+            report = ddg_report(
+                cfg.dp.noise_multiplier,
+                cfg.dp.noise_divisor,
+                len(u3),
+                cfg.n_colluders,
+                cfg.d,
+                cfg.scale,
+                cfg.clip_l2,
+                self._dp_rounds_before + 1,
+                self._dp_delta,
+            )
+        self.result = RoundOutcome(g, w, tuple(self._silos[i].silo_id for i in u3), signed, report)
+        self._acc = None
+        self._b_shares.clear()
+        self._s_shares.clear()
+        self.phase = Phase.DONE
+        return []
+
+    def _fail_reconstruction(self, v: int) -> list[Send]:
+        shares = {**self._b_shares.get(v, {}), **self._s_shares.get(v, {})}
+        self.inconsistent_share_senders.update(self._silos[i].silo_id for i in shares)
+        return self._abort(AbortReason.CONSISTENCY_FAILED, self._silos)

@@ -1,0 +1,263 @@
+"""The protocol messages M1-M10 and AbortNotice (SECAGG.md §5) as frozen dataclasses, each with
+a canonical binary form.
+
+Rule: a message on the wire is MAGIC ‖ u8(kind) ‖ fields (codec.py); `decode_message` returns
+exactly one dataclass or raises `MalformedMessage`. Signed payloads (Advertise, ShareKeys,
+Consistency) travel inside a SignedEnvelope whose `payload` bytes are verified before they are
+parsed. RoundOffer (M0) is carried by the driver: it passes the config bytes and model hash.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TypeVar
+
+from secagg.codec import Reader, Writer
+from secagg.errors import AbortReason, MalformedMessage
+
+MAGIC = b"SA1"
+
+
+class Kind(enum.IntEnum):
+    ENVELOPE = 1
+    ADVERTISE = 2
+    KEY_LIST = 3
+    SHARE_KEYS = 4
+    SHARES_FOR_YOU = 5
+    MASKED_HEADER = 6
+    SURVIVOR_LIST = 7
+    CONSISTENCY = 8
+    CONSISTENCY_SET = 9
+    UNMASK_SHARES = 10
+    ROUND_RESULT = 11
+    ABORT = 12
+
+
+def _indexed(w: Writer, items: tuple[tuple[int, bytes], ...]) -> None:
+    w.u32(len(items))
+    for idx, data in items:
+        w.u32(idx).blob(data)
+
+
+def _read_indexed(r: Reader) -> tuple[tuple[int, bytes], ...]:
+    return tuple((r.u32(), r.blob()) for _ in range(r.count()))
+
+
+def _ints(w: Writer, items: tuple[int, ...]) -> None:
+    w.u32(len(items))
+    for i in items:
+        w.u32(i)
+
+
+def _read_ints(r: Reader) -> tuple[int, ...]:
+    return tuple(r.u32() for _ in range(r.count()))
+
+
+@dataclass(frozen=True, slots=True)
+class SignedEnvelope:
+    payload: bytes
+    signature: bytes
+    cert_chain: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Advertise:
+    config_digest: bytes
+    round_id: int
+    silo_id: str
+    c_pk: bytes
+    s_pk: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyList:
+    config_digest: bytes
+    round_id: int
+    entries: tuple[bytes, ...]  # encoded SignedEnvelope(Advertise), sorted by silo id
+
+
+@dataclass(frozen=True, slots=True)
+class ShareKeys:
+    session_id: bytes
+    index: int
+    commit_b: bytes
+    cts: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SharesForYou:
+    session_id: bytes
+    u2: tuple[int, ...]
+    cts: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedHeader:
+    session_id: bytes
+    index: int
+    length: int
+    ring_bits: int
+    vector_sha256: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SurvivorList:
+    session_id: bytes
+    u2: tuple[int, ...]
+    u3: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Consistency:
+    session_id: bytes
+    index: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencySet:
+    session_id: bytes
+    sigs: tuple[bytes, ...]  # encoded SignedEnvelope(Consistency)
+
+
+@dataclass(frozen=True, slots=True)
+class UnmaskShares:
+    session_id: bytes
+    index: int
+    b_shares: tuple[tuple[int, bytes], ...]
+    s_shares: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    session_id: bytes
+    round_id: int
+    u3: tuple[int, ...]
+    weight_sum: int
+    new_model_sha256: bytes
+    dp_report: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AbortNotice:
+    session_id: bytes
+    reason: AbortReason
+
+
+Message = (
+    SignedEnvelope
+    | Advertise
+    | KeyList
+    | ShareKeys
+    | SharesForYou
+    | MaskedHeader
+    | SurvivorList
+    | Consistency
+    | ConsistencySet
+    | UnmaskShares
+    | RoundResult
+    | AbortNotice
+)
+
+
+def encode_message(m: Message) -> bytes:
+    w = Writer()
+    w.fixed(MAGIC, 3)
+    match m:
+        case SignedEnvelope():
+            w.u8(Kind.ENVELOPE).blob(m.payload).blob(m.signature).u32(len(m.cert_chain))
+            for c in m.cert_chain:
+                w.blob(c)
+        case Advertise():
+            w.u8(Kind.ADVERTISE).fixed(m.config_digest, 32).u64(m.round_id).text(m.silo_id)
+            w.blob(m.c_pk).blob(m.s_pk)
+        case KeyList():
+            w.u8(Kind.KEY_LIST).fixed(m.config_digest, 32).u64(m.round_id).u32(len(m.entries))
+            for e in m.entries:
+                w.blob(e)
+        case ShareKeys():
+            w.u8(Kind.SHARE_KEYS).fixed(m.session_id, 32).u32(m.index).fixed(m.commit_b, 32)
+            _indexed(w, m.cts)
+        case SharesForYou():
+            w.u8(Kind.SHARES_FOR_YOU).fixed(m.session_id, 32)
+            _ints(w, m.u2)
+            _indexed(w, m.cts)
+        case MaskedHeader():
+            w.u8(Kind.MASKED_HEADER).fixed(m.session_id, 32).u32(m.index).u64(m.length)
+            w.u8(m.ring_bits).fixed(m.vector_sha256, 32)
+        case SurvivorList():
+            w.u8(Kind.SURVIVOR_LIST).fixed(m.session_id, 32)
+            _ints(w, m.u2)
+            _ints(w, m.u3)
+        case Consistency():
+            w.u8(Kind.CONSISTENCY).fixed(m.session_id, 32).u32(m.index).fixed(m.digest, 32)
+        case ConsistencySet():
+            w.u8(Kind.CONSISTENCY_SET).fixed(m.session_id, 32).u32(len(m.sigs))
+            for s in m.sigs:
+                w.blob(s)
+        case UnmaskShares():
+            w.u8(Kind.UNMASK_SHARES).fixed(m.session_id, 32).u32(m.index)
+            _indexed(w, m.b_shares)
+            _indexed(w, m.s_shares)
+        case RoundResult():
+            w.u8(Kind.ROUND_RESULT).fixed(m.session_id, 32).u64(m.round_id)
+            _ints(w, m.u3)
+            w.u64(m.weight_sum).fixed(m.new_model_sha256, 32).blob(m.dp_report)
+        case AbortNotice():
+            w.u8(Kind.ABORT).blob(m.session_id).u8(m.reason)
+    return w.bytes()
+
+
+def decode_message(data: bytes) -> Message:
+    """Parse one message; raises MalformedMessage for anything not canonical."""
+    r = Reader(data)
+    if r.fixed(3) != MAGIC:
+        raise MalformedMessage("not a secagg/v1 message")
+    kind = r.u8()
+    m: Message
+    try:
+        k = Kind(kind)
+    except ValueError as exc:
+        raise MalformedMessage(f"unknown message kind {kind}") from exc
+    if k is Kind.ENVELOPE:
+        m = SignedEnvelope(r.blob(), r.blob(), tuple(r.blob() for _ in range(r.count())))
+    elif k is Kind.ADVERTISE:
+        m = Advertise(r.fixed(32), r.u64(), r.text(), r.blob(), r.blob())
+    elif k is Kind.KEY_LIST:
+        m = KeyList(r.fixed(32), r.u64(), tuple(r.blob() for _ in range(r.count())))
+    elif k is Kind.SHARE_KEYS:
+        m = ShareKeys(r.fixed(32), r.u32(), r.fixed(32), _read_indexed(r))
+    elif k is Kind.SHARES_FOR_YOU:
+        m = SharesForYou(r.fixed(32), _read_ints(r), _read_indexed(r))
+    elif k is Kind.MASKED_HEADER:
+        m = MaskedHeader(r.fixed(32), r.u32(), r.u64(), r.u8(), r.fixed(32))
+    elif k is Kind.SURVIVOR_LIST:
+        m = SurvivorList(r.fixed(32), _read_ints(r), _read_ints(r))
+    elif k is Kind.CONSISTENCY:
+        m = Consistency(r.fixed(32), r.u32(), r.fixed(32))
+    elif k is Kind.CONSISTENCY_SET:
+        m = ConsistencySet(r.fixed(32), tuple(r.blob() for _ in range(r.count())))
+    elif k is Kind.UNMASK_SHARES:
+        m = UnmaskShares(r.fixed(32), r.u32(), _read_indexed(r), _read_indexed(r))
+    elif k is Kind.ROUND_RESULT:
+        m = RoundResult(r.fixed(32), r.u64(), _read_ints(r), r.u64(), r.fixed(32), r.blob())
+    else:
+        sid = r.blob()
+        try:
+            m = AbortNotice(sid, AbortReason(r.u8()))
+        except ValueError as exc:
+            raise MalformedMessage("unknown abort reason") from exc
+    r.end()
+    return m
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def decode_as(data: bytes, cls: type[_M]) -> _M:
+    """decode_message, insisting on one class."""
+    m = decode_message(data)
+    if not isinstance(m, cls):
+        raise MalformedMessage(f"expected {cls.__name__}, got {type(m).__name__}")
+    return m

@@ -1,0 +1,631 @@
+"""The silo's side of one secure-aggregation session (SECAGG.md §5, §7.1) as a state machine.
+
+Rule: one transition table (`_TABLE`) decides which message each stage accepts; anything else
+aborts (fail closed). Every check of §5 raises `ProtocolAbort` with its reason; the session then
+moves to ABORTED, erases its secrets and offers `abort_notice` bytes for the driver to send. No
+I/O: the driver passes bytes in, sends the bytes returned, and persists the `JournalEntry`
+values handed to `journal` *before* sending whatever the call returns.
+
+Driver use::
+
+    s = SiloSession(identity, trust, policy, random_bytes=os.urandom, rng=gen, journal=persist)
+    m1 = s.handle_offer(config_bytes, sha256(model_bytes), now=now)        # -> send m1
+    for reply in s.handle(m2_bytes, now=now): send(reply)                  # M2 -> [M3]
+    s.handle(m4_bytes, now=now)                                            # M4 -> []
+    s.precompute_masks()                                                   # optional, any time
+    upload = s.submit_update(delta_f32, num_examples)                      # -> header + vector
+    s.handle(m6_bytes, now=now) -> [M7];  s.handle(m8_bytes, now=now) -> [M9]
+    s.handle(m10_bytes, now=now) -> []  (s.result holds the RoundResult)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from secagg import encoding, shamir
+from secagg.config import PROTOCOL, GraphKind, RoundConfig, Weighting, minimum_threshold
+from secagg.dp import sample_discrete_gaussian
+from secagg.errors import (
+    AbortReason,
+    BadKey,
+    DecryptionFailed,
+    MalformedMessage,
+    ProtocolAbort,
+    SecAggError,
+)
+from secagg.graph import neighbours
+from secagg.messages import (
+    AbortNotice,
+    Advertise,
+    Consistency,
+    ConsistencySet,
+    KeyList,
+    MaskedHeader,
+    Message,
+    RoundResult,
+    ShareKeys,
+    SharesForYou,
+    SignedEnvelope,
+    SurvivorList,
+    UnmaskShares,
+    decode_as,
+    decode_message,
+    encode_message,
+)
+from secagg.primitives import (
+    RandomBytes,
+    add_mask,
+    agree,
+    commit_b,
+    k_enc,
+    k_pair,
+    k_self,
+    new_x25519,
+    open_sealed,
+    raw_private,
+    raw_public,
+    ring_dtype,
+    seal,
+    sha256_array,
+    u32,
+)
+from secagg.transcript import consistency_digest, session_id
+from secagg.trust import SiloIdentity, Trust, verify_signer
+
+_T = TypeVar("_T")
+
+SIG_ADVERTISE, SIG_SHAREKEYS, SIG_CONSISTENCY = b"advertise", b"sharekeys", b"consistency"
+
+
+class SiloStage(enum.Enum):
+    IDLE = "idle"
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    KEYS_RECEIVED = "keys_received"
+    MASKED_SENT = "masked_sent"
+    SIGNED = "signed"
+    UNMASKED = "unmasked"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+TERMINAL = frozenset({SiloStage.COMPLETED, SiloStage.ABORTED})
+
+
+class UsageError(SecAggError):
+    """The driver called a method the session's stage does not allow (no state change)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubmissionRecord:
+    """One masked input sent for a model hash; `survivors` (silo ids of U3) once known."""
+
+    model_sha256: bytes
+    round_id: int
+    session_id: bytes
+    survivors: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundAccepted:
+    """Persist `last_round_id = round_id` (step 0.2)."""
+
+    round_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedInputRecorded:
+    """Append to the submission log before the masked vector leaves (step 3.7)."""
+
+    record: SubmissionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class SurvivorsRecorded:
+    """Update the submission-log record of `session_id` with its U3 (step 4.3)."""
+
+    record: SubmissionRecord
+
+
+JournalEntry = RoundAccepted | MaskedInputRecorded | SurvivorsRecorded
+
+
+@dataclass(frozen=True, slots=True)
+class SiloPolicy:
+    """Local policy and persisted state (SECAGG.md §3.3), passed in by the driver."""
+
+    last_round_id: int
+    t_floor: int = 3
+    n_colluders_max: int | None = None
+    accepted_ring_bits: frozenset[int] = frozenset({32, 64})
+    min_noise_multiplier: float = 0.0
+    max_masked_inputs_per_model: int = 1
+    submission_log: Mapping[bytes, tuple[SubmissionRecord, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.t_floor < 3:
+            raise ValueError("t_floor must be >= 3 (the hard floor)")
+
+
+@dataclass(frozen=True, slots=True)
+class MaskedUpload:
+    """M5: the header bytes to send first, then the ring vector (chunk it for the stream)."""
+
+    header: bytes
+    vector: np.ndarray
+
+
+@dataclass(slots=True)
+class _Peer:
+    silo_id: str
+    c_pk: bytes
+    s_pk: bytes
+
+
+def _abort(reason: AbortReason, detail: str) -> ProtocolAbort:
+    return ProtocolAbort(reason, detail)
+
+
+class SiloSession:
+    """One silo in one round. Not thread-safe: the driver serialises calls."""
+
+    def __init__(
+        self,
+        identity: SiloIdentity,
+        trust: Trust,
+        policy: SiloPolicy,
+        *,
+        random_bytes: RandomBytes,
+        rng: np.random.Generator,
+        journal: Callable[[JournalEntry], None] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.trust = trust
+        self.policy = policy
+        self._random = random_bytes
+        self._rng = rng
+        self._journal = journal or (lambda entry: None)
+        self.stage = SiloStage.IDLE
+        self.abort_reason: AbortReason | None = None
+        self.abort_notice: bytes | None = None
+        self.result: RoundResult | None = None
+        self.config: RoundConfig | None = None
+        self.config_digest = b""
+        self.session_id = b""
+        self.index = 0
+        self.u1: dict[int, _Peer] = {}
+        self.u2: tuple[int, ...] = ()
+        self.u3: tuple[int, ...] = ()
+        self.digest_signed: bytes | None = None
+        self._m1 = b""
+        self._c_sk: X25519PrivateKey | None = None
+        self._s_sk: X25519PrivateKey | None = None
+        self._b_u: bytes | None = None
+        self._nbrs: dict[int, frozenset[int]] = {}
+        self._enc_keys: dict[int, tuple[bytes, bytes]] = {}  # v -> (k_enc(u,v), k_enc(v,u))
+        self._pair_keys: dict[int, bytes] = {}
+        self._own_shares: tuple[bytes, bytes] = (b"", b"")
+        self._shares: dict[int, tuple[bytes, bytes]] = {}  # v -> (share_s(v), share_b(v))
+        self._mask_set: tuple[int, ...] = ()
+        self._pairwise: np.ndarray | None = None
+        self._record: SubmissionRecord | None = None
+
+    # --- public API --------------------------------------------------------------------------
+
+    def handle_offer(self, config_bytes: bytes, model_sha256: bytes, *, now: dt.datetime) -> bytes:
+        """Phase 0 checks (0.1-0.7) and M1. Returns the encoded SignedEnvelope(Advertise)."""
+        if self.stage is not SiloStage.IDLE:
+            raise UsageError("handle_offer is only allowed once, on a new session")
+        return self._guard(lambda: self._offer(config_bytes, model_sha256))
+
+    def handle(self, data: bytes, *, now: dt.datetime) -> list[bytes]:
+        """Process one coordinator message; returns the encoded replies to send (maybe none)."""
+        if self.stage is SiloStage.ABORTED:
+            return []  # an aborted session answers nothing (SECAGG.md §6)
+        return self._guard(lambda: self._dispatch(data, now))
+
+    def precompute_masks(self) -> None:
+        """Σ sgn·PRG(k_pair) over M(u), ahead of training (allowed once M4 is handled)."""
+        if self.stage is not SiloStage.KEYS_RECEIVED or self.config is None:
+            raise UsageError("pairwise masks need the M4 shares first")
+        acc = np.zeros(self.config.length, dtype=ring_dtype(self.config.ring_bits))
+        self._add_pairwise(acc)
+        self._pairwise = acc
+
+    def submit_update(self, delta: np.ndarray, num_examples: int) -> MaskedUpload:
+        """Encode, mask and log the update (steps 3.5-3.7); returns M5 header and vector."""
+        cfg = self.config
+        if self.stage is not SiloStage.KEYS_RECEIVED or cfg is None or self._b_u is None:
+            raise UsageError("submit_update needs a session that has handled M4")
+        if delta.dtype != np.float32 or delta.ndim != 1 or delta.shape[0] != cfg.d:
+            raise ValueError(f"update must be a flat float32 array of {cfg.d} elements")
+        if not np.all(np.isfinite(delta)):
+            raise ValueError("update contains NaN or infinity")
+        return self._guard(lambda: self._mask(cfg, delta, num_examples))
+
+    # --- machinery ---------------------------------------------------------------------------
+
+    def _guard(self, step: Callable[[], _T]) -> _T:
+        try:
+            return step()
+        except ProtocolAbort as exc:
+            self._enter_abort(exc.reason)
+            raise
+        except (MalformedMessage, DecryptionFailed, BadKey) as exc:
+            reason = AbortReason.INTERNAL
+            if isinstance(exc, MalformedMessage):
+                reason = AbortReason.SET_INCONSISTENT
+            self._enter_abort(reason)
+            raise ProtocolAbort(reason, str(exc)) from exc
+
+    def _enter_abort(self, reason: AbortReason) -> None:
+        self.stage = SiloStage.ABORTED
+        self.abort_reason = reason
+        self.abort_notice = encode_message(AbortNotice(self.session_id, reason))
+        self._erase()
+
+    def _erase(self) -> None:
+        self._c_sk = self._s_sk = None
+        self._b_u = None
+        self._shares.clear()
+        self._own_shares = (b"", b"")
+        self._enc_keys.clear()
+        self._pair_keys.clear()
+        self._pairwise = None
+
+    def _dispatch(self, data: bytes, now: dt.datetime) -> list[bytes]:
+        try:
+            msg = decode_message(data)
+        except MalformedMessage as exc:
+            raise _abort(AbortReason.INTERNAL, f"undecodable message: {exc}") from exc
+        if isinstance(msg, AbortNotice):
+            if self.stage in TERMINAL:
+                return []
+            self._enter_abort(msg.reason)
+            self.abort_notice = None  # the coordinator already knows
+            return []
+        key = (self.stage, type(msg))
+        handler = _TABLE.get(key)
+        if handler is None:
+            if self.stage is SiloStage.UNMASKED and isinstance(msg, ConsistencySet):
+                raise _abort(AbortReason.ALREADY_UNMASKED, "second unmask request")
+            raise _abort(AbortReason.REPLAY, f"{type(msg).__name__} in stage {self.stage.value}")
+        return handler(self, msg, now)
+
+    # --- phase 0/1 ---------------------------------------------------------------------------
+
+    def _offer(self, config_bytes: bytes, model_sha256: bytes) -> bytes:
+        try:
+            cfg = RoundConfig.decode(config_bytes)
+        except MalformedMessage as exc:
+            raise _abort(AbortReason.CONFIG_REJECTED, str(exc)) from exc
+        pol, roster = self.policy, self.trust.roster
+        if cfg.protocol != PROTOCOL:
+            raise _abort(AbortReason.CONFIG_REJECTED, "unknown protocol")
+        if (cfg.federation_id, cfg.roster_version, cfg.roster_digest) != (
+            roster.federation_id,
+            roster.version,
+            roster.digest(),
+        ):
+            raise _abort(AbortReason.ROSTER_MISMATCH, "federation or roster differs from pinned")
+        if cfg.round_id <= pol.last_round_id:
+            raise _abort(AbortReason.STALE_ROUND, f"round {cfg.round_id} <= {pol.last_round_id}")
+        self._journal(RoundAccepted(cfg.round_id))
+        if self.identity.silo_id not in cfg.invited:
+            raise _abort(AbortReason.ROSTER_MISMATCH, "this silo is not invited")
+        if any(sid not in roster.entries for sid in cfg.invited):
+            raise _abort(AbortReason.ROSTER_MISMATCH, "invited silo not on the pinned roster")
+        if cfg.ring_bits not in pol.accepted_ring_bits:
+            raise _abort(AbortReason.CONFIG_REJECTED, "ring width not accepted by policy")
+        if not self._overflow_ok(cfg, len(cfg.invited)):
+            raise _abort(AbortReason.OVERFLOW_RULE, "sum of invited inputs could wrap")
+        t = cfg.threshold
+        if t > len(cfg.invited) or t < max(3, pol.t_floor):
+            raise _abort(AbortReason.THRESHOLD_VIOLATION, f"threshold {t} out of range")
+        if pol.n_colluders_max is not None and cfg.n_colluders > pol.n_colluders_max:
+            raise _abort(AbortReason.CONFIG_REJECTED, "n_colluders above policy")
+        if cfg.dp is None and pol.min_noise_multiplier > 0:
+            raise _abort(AbortReason.CONFIG_REJECTED, "policy requires DP noise")
+        if cfg.dp is not None and (
+            cfg.dp.noise_divisor > t - cfg.n_colluders
+            or cfg.dp.noise_multiplier < pol.min_noise_multiplier
+        ):
+            raise _abort(AbortReason.CONFIG_REJECTED, "DP parameters below policy")
+        if model_sha256 != cfg.model_sha256:
+            raise _abort(AbortReason.MODEL_HASH_MISMATCH, "model bytes do not match the config")
+        earlier = pol.submission_log.get(cfg.model_sha256, ())
+        if len(earlier) >= pol.max_masked_inputs_per_model:
+            raise _abort(AbortReason.REPLAY, "masked input already sent for this model")
+        self.config, self.config_digest = cfg, cfg.digest()
+        self._c_sk, self._s_sk = new_x25519(self._random), new_x25519(self._random)
+        adv = Advertise(
+            self.config_digest,
+            cfg.round_id,
+            self.identity.silo_id,
+            raw_public(self._c_sk),
+            raw_public(self._s_sk),
+        )
+        env = self.identity.seal(SIG_ADVERTISE, encode_message(adv))
+        self._m1 = encode_message(env)
+        self.stage = SiloStage.ADVERTISED
+        return self._m1
+
+    def _overflow_ok(self, cfg: RoundConfig, n: int) -> bool:
+        z, n_h = (cfg.dp.noise_multiplier, cfg.dp.noise_divisor) if cfg.dp else (0.0, 1)
+        return encoding.overflow_ok(
+            n, cfg.scale, cfg.clip_l2, cfg.weight_scale, cfg.ring_bits, z, n_h
+        )
+
+    # --- phase 1 -> 2 ------------------------------------------------------------------------
+
+    def _on_key_list(self, msg: Message, now: dt.datetime) -> list[bytes]:
+        assert isinstance(msg, KeyList) and self.config is not None
+        cfg = self.config
+        if msg.config_digest != self.config_digest or msg.round_id != cfg.round_id:
+            raise _abort(AbortReason.REPLAY, "KeyList for another round or config")
+        ads: list[Advertise] = []
+        for raw in msg.entries:
+            env = _envelope(raw)
+            ad = _parse_payload(env.payload, Advertise)
+            try:
+                verify_signer(env, ad.silo_id, SIG_ADVERTISE, self.trust, now)
+            except DecryptionFailed as exc:
+                raise _abort(AbortReason.SIGNATURE_INVALID, "bad Advertise signature") from exc
+            if ad.config_digest != self.config_digest or ad.round_id != cfg.round_id:
+                raise _abort(AbortReason.REPLAY, "Advertise for another round or config")
+            if ad.silo_id not in cfg.invited:
+                raise _abort(AbortReason.ROSTER_MISMATCH, "Advertise from an uninvited silo")
+            ads.append(ad)
+        ids = [a.silo_id for a in ads]
+        if ids != sorted(set(ids), key=lambda s: s.encode()):
+            raise _abort(AbortReason.SET_INCONSISTENT, "KeyList not sorted or has duplicates")
+        if self._m1 not in msg.entries:
+            raise _abort(AbortReason.SET_INCONSISTENT, "own Advertise missing or altered")
+        keys = [k for a in ads for k in (a.c_pk, a.s_pk)]
+        if any(len(k) != 32 for k in keys):
+            raise _abort(AbortReason.BAD_KEY, "public key is not 32 bytes")
+        if len(set(keys)) != len(keys):
+            raise _abort(AbortReason.DUPLICATE_KEYS, "public keys are not pairwise distinct")
+        n = len(ads)
+        t_min = minimum_threshold(n, cfg.n_colluders, self.policy.t_floor)
+        if cfg.threshold < t_min or cfg.threshold > n:
+            raise _abort(AbortReason.THRESHOLD_VIOLATION, f"t={cfg.threshold} for n={n}")
+        if not self._overflow_ok(cfg, n):
+            raise _abort(AbortReason.OVERFLOW_RULE, f"sum of {n} inputs could wrap")
+        self.session_id = session_id(self.config_digest, [(a.silo_id, a.c_pk, a.s_pk) for a in ads])
+        self.u1 = {i + 1: _Peer(a.silo_id, a.c_pk, a.s_pk) for i, a in enumerate(ads)}
+        self.index = ids.index(self.identity.silo_id) + 1
+        harary = cfg.graph_k if cfg.graph is GraphKind.HARARY else None
+        self._nbrs = neighbours(n, self.session_id, harary)
+        assert self._c_sk is not None and self._s_sk is not None
+        me = self.index
+        try:
+            for v in sorted(self._nbrs[me]):
+                peer = self.u1[v]
+                shared_c = agree(self._c_sk, peer.c_pk)
+                shared_s = agree(self._s_sk, peer.s_pk)
+                self._enc_keys[v] = (
+                    k_enc(shared_c, self.session_id, me, v),
+                    k_enc(shared_c, self.session_id, v, me),
+                )
+                self._pair_keys[v] = k_pair(shared_s, self.session_id, me, v)
+        except BadKey as exc:
+            raise _abort(AbortReason.BAD_KEY, "key agreement failed") from exc
+        self._b_u = self._random(32)
+        recipients = sorted(self._nbrs[me] | {me})
+        t_share = self._share_threshold()
+        s_shares = shamir.split(raw_private(self._s_sk), t_share, recipients, self._random)
+        b_shares = shamir.split(self._b_u, t_share, recipients, self._random)
+        self._own_shares = (s_shares[me], b_shares[me])
+        cts = []
+        for v in sorted(self._nbrs[me]):
+            pt = u32(me) + u32(v) + s_shares[v] + b_shares[v]
+            aad = self.session_id + u32(me) + u32(v) + b"ShareKeys"
+            cts.append((v, seal(self._enc_keys[v][0], pt, aad, self._random)))
+        sk = ShareKeys(self.session_id, me, commit_b(self.session_id, me, self._b_u), tuple(cts))
+        env = self.identity.seal(SIG_SHAREKEYS, encode_message(sk))
+        self.stage = SiloStage.SHARED
+        return [encode_message(env)]
+
+    def _share_threshold(self) -> int:
+        cfg = self.config
+        assert cfg is not None
+        if cfg.graph is GraphKind.HARARY and cfg.graph_k < len(self.u1) - 1:
+            return cfg.graph_t_k
+        return cfg.threshold
+
+    # --- phase 2 -> 3 ------------------------------------------------------------------------
+
+    def _on_shares(self, msg: Message, now: dt.datetime) -> list[bytes]:
+        assert isinstance(msg, SharesForYou) and self.config is not None
+        self._check_session(msg.session_id)
+        me, u2 = self.index, msg.u2
+        if list(u2) != sorted(set(u2)) or not set(u2) <= set(self.u1) or me not in u2:
+            raise _abort(AbortReason.SET_INCONSISTENT, "U2 is not an ordered subset of U1 with me")
+        if len(u2) < self.config.threshold:
+            raise _abort(AbortReason.THRESHOLD_VIOLATION, f"|U2|={len(u2)} below t")
+        if len(set(u2) & (self._nbrs[me] | {me})) < self._share_threshold():
+            raise _abort(AbortReason.THRESHOLD_VIOLATION, "too few neighbours in U2")
+        expected = sorted(set(u2) & self._nbrs[me])
+        if [v for v, _ in msg.cts] != expected:
+            raise _abort(AbortReason.SET_INCONSISTENT, "ciphertexts do not match U2 ∩ N(u)")
+        for v, ct in msg.cts:
+            aad = self.session_id + u32(v) + u32(me) + b"ShareKeys"
+            try:
+                pt = open_sealed(self._enc_keys[v][1], ct, aad)
+            except DecryptionFailed as exc:
+                raise _abort(AbortReason.DECRYPT_FAILED, "share ciphertext") from exc
+            if len(pt) != 74 or pt[:8] != u32(v) + u32(me):
+                raise _abort(AbortReason.DECRYPT_FAILED, "share plaintext")
+            s_share, b_share = pt[8:41], pt[41:74]
+            try:
+                shamir.share_value(s_share)
+                shamir.share_value(b_share)
+            except ValueError as exc:
+                raise _abort(AbortReason.DECRYPT_FAILED, "share out of field") from exc
+            self._shares[v] = (s_share, b_share)
+        self.u2 = tuple(u2)
+        self._mask_set = tuple(expected)
+        self.stage = SiloStage.KEYS_RECEIVED
+        return []
+
+    def _add_pairwise(self, acc: np.ndarray) -> None:
+        me = self.index
+        for v in self._mask_set:
+            add_mask(acc, self._pair_keys[v], 1 if me < v else -1)
+
+    def _mask(self, cfg: RoundConfig, delta: np.ndarray, num_examples: int) -> MaskedUpload:
+        assert self._b_u is not None
+        factor_clip = encoding.clip_factor(delta, cfg.clip_l2)
+        q_w = encoding.quantised_weight(
+            num_examples,
+            cfg.weighting is Weighting.EXAMPLES,
+            cfg.weight_max,
+            cfg.weight_scale,
+            self._rng,
+        )
+        noise = None
+        if cfg.dp is not None:
+            sigma = (
+                cfg.dp.noise_multiplier * cfg.clip_l2 * cfg.scale / math.sqrt(cfg.dp.noise_divisor)
+            )
+            noise = sample_discrete_gaussian(sigma, cfg.d, self._rng)
+        y = np.empty(cfg.length, dtype=ring_dtype(cfg.ring_bits))
+        factor = cfg.scale * (q_w / cfg.weight_scale) * factor_clip
+        encoding.encode_into(y, delta, q_w, factor, self._rng, noise)
+        add_mask(y, k_self(self._b_u, self.session_id, self.index), 1)
+        if self._pairwise is not None:
+            np.add(y, self._pairwise, out=y)
+            self._pairwise = None
+        else:
+            self._add_pairwise(y)
+        header = MaskedHeader(
+            self.session_id, self.index, cfg.length, cfg.ring_bits, sha256_array(y)
+        )
+        self._record = SubmissionRecord(cfg.model_sha256, cfg.round_id, self.session_id)
+        self._journal(MaskedInputRecorded(self._record))  # before the vector leaves (3.7)
+        self.stage = SiloStage.MASKED_SENT
+        return MaskedUpload(encode_message(header), y)
+
+    # --- phase 4 -----------------------------------------------------------------------------
+
+    def _check_session(self, sid: bytes) -> None:
+        if sid != self.session_id:
+            raise _abort(AbortReason.REPLAY, "message for another session")
+
+    def _on_survivors(self, msg: Message, now: dt.datetime) -> list[bytes]:
+        assert isinstance(msg, SurvivorList) and self.config is not None
+        cfg = self.config
+        self._check_session(msg.session_id)
+        u3 = msg.u3
+        if tuple(msg.u2) != self.u2:
+            raise _abort(AbortReason.SET_INCONSISTENT, "U2 differs from the one in M4")
+        if list(u3) != sorted(set(u3)) or not set(u3) <= set(self.u2):
+            raise _abort(AbortReason.SET_INCONSISTENT, "U3 is not an ordered subset of U2")
+        if self.index not in u3:
+            raise _abort(AbortReason.SET_INCONSISTENT, "this silo is not in U3")
+        if len(u3) < max(3, cfg.threshold, self.policy.t_floor):
+            raise _abort(AbortReason.THRESHOLD_VIOLATION, f"|U3|={len(u3)} below threshold")
+        t_share = self._share_threshold()
+        for v in self.u2:
+            if len(set(u3) & (self._nbrs[v] | {v})) < t_share:
+                raise _abort(AbortReason.THRESHOLD_VIOLATION, "a neighbourhood lacks survivors")
+        digest = consistency_digest(
+            self.session_id, self.config_digest, cfg.model_sha256, self.u2, u3
+        )
+        survivors = frozenset(self.u1[v].silo_id for v in u3)
+        for earlier in self.policy.submission_log.get(cfg.model_sha256, ()):
+            if earlier.survivors is not None and earlier.survivors != survivors:
+                raise _abort(AbortReason.CONSISTENCY_FAILED, "retry with a different U3")
+        assert self._record is not None
+        self._journal(
+            SurvivorsRecorded(
+                SubmissionRecord(
+                    self._record.model_sha256, self._record.round_id, self.session_id, survivors
+                )
+            )
+        )
+        self.u3 = tuple(u3)
+        self.digest_signed = digest
+        payload = encode_message(Consistency(self.session_id, self.index, digest))
+        self.stage = SiloStage.SIGNED
+        return [encode_message(self.identity.seal(SIG_CONSISTENCY, payload))]
+
+    # --- phase 5 -----------------------------------------------------------------------------
+
+    def _on_consistency_set(self, msg: Message, now: dt.datetime) -> list[bytes]:
+        assert isinstance(msg, ConsistencySet) and self.config is not None
+        self._check_session(msg.session_id)
+        signers: set[int] = set()
+        for raw in msg.sigs:
+            env = _envelope(raw)
+            c = _parse_payload(env.payload, Consistency)
+            if c.index not in self.u3 or c.index in signers:
+                raise _abort(AbortReason.CONSISTENCY_FAILED, "signer outside U3 or repeated")
+            try:
+                verify_signer(env, self.u1[c.index].silo_id, SIG_CONSISTENCY, self.trust, now)
+            except DecryptionFailed as exc:
+                raise _abort(AbortReason.SIGNATURE_INVALID, "bad Consistency signature") from exc
+            if c.session_id != self.session_id or c.digest != self.digest_signed:
+                raise _abort(AbortReason.CONSISTENCY_FAILED, "a silo signed a different D")
+            signers.add(c.index)
+        if len(signers) < self.config.threshold:
+            raise _abort(AbortReason.THRESHOLD_VIOLATION, f"only {len(signers)} consistency sigs")
+        me, u3 = self.index, set(self.u3)
+        own = {me: self._own_shares}
+        held = {**self._shares, **own}
+        b_list = tuple((v, held[v][1]) for v in sorted(u3 & (self._nbrs[me] | {me})))
+        s_list = tuple((v, held[v][0]) for v in sorted((set(self.u2) - u3) & self._nbrs[me]))
+        if {v for v, _ in b_list} & {v for v, _ in s_list}:
+            raise _abort(AbortReason.INTERNAL, "a silo in both share lists")  # cannot happen
+        out = encode_message(UnmaskShares(self.session_id, me, b_list, s_list))
+        self.stage = SiloStage.UNMASKED
+        self._erase()
+        return [out]
+
+    def _on_result(self, msg: Message, now: dt.datetime) -> list[bytes]:
+        assert isinstance(msg, RoundResult) and self.config is not None
+        self._check_session(msg.session_id)
+        self.result = msg
+        self.stage = SiloStage.COMPLETED
+        self._erase()
+        return []
+
+
+_P = TypeVar("_P", Advertise, Consistency)
+
+
+def _parse_payload(payload: bytes, cls: type[_P]) -> _P:
+    try:
+        return decode_as(payload, cls)
+    except MalformedMessage as exc:
+        raise _abort(AbortReason.SIGNATURE_INVALID, "signed payload does not decode") from exc
+
+
+def _envelope(raw: bytes) -> SignedEnvelope:
+    try:
+        return decode_as(raw, SignedEnvelope)
+    except MalformedMessage as exc:
+        raise _abort(AbortReason.SIGNATURE_INVALID, "envelope does not decode") from exc
+
+
+_Handler = Callable[[SiloSession, Message, dt.datetime], list[bytes]]
+_TABLE: dict[tuple[SiloStage, type], _Handler] = {
+    (SiloStage.ADVERTISED, KeyList): SiloSession._on_key_list,
+    (SiloStage.SHARED, SharesForYou): SiloSession._on_shares,
+    (SiloStage.MASKED_SENT, SurvivorList): SiloSession._on_survivors,
+    (SiloStage.SIGNED, ConsistencySet): SiloSession._on_consistency_set,
+    (SiloStage.UNMASKED, RoundResult): SiloSession._on_result,
+    (SiloStage.SIGNED, RoundResult): SiloSession._on_result,
+    (SiloStage.MASKED_SENT, RoundResult): SiloSession._on_result,
+    (SiloStage.KEYS_RECEIVED, RoundResult): SiloSession._on_result,
+    (SiloStage.SHARED, RoundResult): SiloSession._on_result,
+}

@@ -1,0 +1,144 @@
+"""In-memory round: N SiloSessions and one CoordinatorRound as plain objects, joined by a fake
+link. Also the reference of the message flow for the drivers' authors:
+
+    coordinator.handle(M1) -> M2 to all U1 -> silo.handle(M2) -> M3 -> coordinator -> M4 ...
+    silo.submit_update() -> coordinator.add_masked_vector() -> M6 -> M7 -> M8 -> M9 -> result
+
+`drop_at[silo_id] = phase` makes that silo go silent instead of sending its message of that
+phase ("advertise", "share_keys", "masked", "consistency", "unmask"); the harness then plays
+the driver's deadline by calling `deadline_passed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from secagg.config import RoundConfig, TensorSpec
+from secagg.coordinator import CoordinatorRound, Phase
+from secagg.errors import ProtocolAbort
+from secagg.messages import SharesForYou, decode_message
+from secagg.silo import JournalEntry, SiloPolicy, SiloSession, SiloStage
+from tests.secagg.pki import NOW, Federation
+
+PHASES = ("advertise", "share_keys", "masked", "consistency", "unmask")
+MODEL = b"global model bytes"
+MODEL_SHA = hashlib.sha256(MODEL).digest()
+
+
+def make_config(fed: Federation, n: int, d: int, **over: object) -> RoundConfig:
+    invited = tuple(sorted((s.silo_id for s in fed.silos[:n]), key=lambda s: s.encode()))
+    n_c = (n - 1) // 3
+    fields: dict[str, object] = dict(
+        federation_id=fed.roster.federation_id,
+        roster_version=fed.roster.version,
+        roster_digest=fed.roster.digest(),
+        round_id=7,
+        invited=invited,
+        model_version=1,
+        model_sha256=MODEL_SHA,
+        layout=(TensorSpec("w", (d,)),),
+        scale=2.0**16,
+        clip_l2=1e3,
+        threshold=max(3, (n + n_c) // 2 + 1),
+        n_colluders=n_c,
+    )
+    fields.update(over)
+    return RoundConfig(**fields)  # type: ignore[arg-type]
+
+
+@dataclass
+class Round:
+    fed: Federation
+    config: RoundConfig
+    inputs: dict[str, np.ndarray]
+    drop_at: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+    journal: dict[str, list[JournalEntry]] = field(default_factory=dict)
+    aborts: dict[str, ProtocolAbort] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.coordinator = CoordinatorRound(self.config, self.fed.trust, now=NOW)
+        self.sessions: dict[str, SiloSession] = {}
+        by_id = {s.silo_id: s for s in self.fed.silos}
+        for k, sid in enumerate(self.config.invited):
+            log: list[JournalEntry] = []
+            self.journal[sid] = log
+            self.sessions[sid] = SiloSession(
+                by_id[sid],
+                self.fed.trust,
+                SiloPolicy(last_round_id=0),
+                random_bytes=os.urandom,
+                rng=np.random.Generator(np.random.PCG64DXSM(self.seed * 1000 + k)),
+                journal=log.append,
+            )
+        self.dead: set[str] = set()
+
+    def _silent(self, sid: str, phase: str) -> bool:
+        if sid in self.dead:
+            return True
+        at = self.drop_at.get(sid)
+        if at is not None and PHASES.index(phase) >= PHASES.index(at):
+            self.dead.add(sid)
+            return True
+        return False
+
+    def run(self, max_steps: int = 10_000) -> CoordinatorRound:
+        rnd = self.coordinator
+        queue: deque[tuple[str, bytes]] = deque()
+        for sid, s in self.sessions.items():
+            if self._silent(sid, "advertise"):
+                continue
+            queue.extend(
+                self._to_coord(sid, [s.handle_offer(self.config.encode(), MODEL_SHA, now=NOW)])
+            )
+        for _ in range(max_steps):
+            if rnd.phase in (Phase.DONE, Phase.ABORTED):
+                # deliver the final notices, nothing is expected back
+                for sid, data in queue:
+                    self._deliver(sid, data)
+                return rnd
+            if not queue:
+                queue.extend(rnd.deadline_passed(NOW))
+                continue
+            sid, data = queue.popleft()
+            queue.extend(self._deliver(sid, data))
+        raise AssertionError("round did not finish within the step bound")
+
+    def _to_coord(self, sid: str, replies: list[bytes]) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        for r in replies:
+            out.extend(self.coordinator.handle(sid, r, now=NOW))
+        return out
+
+    def _deliver(self, sid: str, data: bytes) -> list[tuple[str, bytes]]:
+        if sid in self.dead:
+            return []
+        s = self.sessions[sid]
+        phase_of_reply = {
+            SiloStage.ADVERTISED: "share_keys",
+            SiloStage.MASKED_SENT: "consistency",
+            SiloStage.SIGNED: "unmask",
+        }.get(s.stage)
+        if phase_of_reply and self._silent(sid, phase_of_reply):
+            return []
+        try:
+            replies = s.handle(data, now=NOW)
+        except ProtocolAbort as exc:
+            self.aborts[sid] = exc
+            return []
+        out = self._to_coord(sid, replies)
+        if isinstance(decode_message(data), SharesForYou) and not self._silent(sid, "masked"):
+            upload = s.submit_update(self.inputs[sid], 1)
+            out.extend(self.coordinator.add_masked_vector(sid, upload.header, upload.vector))
+        return out
+
+
+def exact_inputs(config: RoundConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs on the grid 1/S with small integers, so encoding is exact and checkable."""
+    ints = {sid: rng.integers(-(2**12), 2**12, size=config.d) for sid in config.invited}
+    return {sid: (v / config.scale).astype(np.float32) for sid, v in ints.items()}

@@ -1,0 +1,22 @@
+"""A full round of N silos and a coordinator in memory, with and without dropouts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from secagg.coordinator import Phase
+from tests.secagg.harness import Round, exact_inputs, make_config
+from tests.secagg.pki import federation
+
+
+def test_full_round_no_dropout_decodes_mean() -> None:
+    fed = federation()
+    cfg = make_config(fed, 5, 1000)
+    inputs = exact_inputs(cfg, np.random.default_rng(1))
+    r = Round(fed, cfg, inputs)
+    rnd = r.run()
+    assert rnd.phase is Phase.DONE, (rnd.abort_reason, rnd.rejected)
+    assert rnd.result is not None
+    expected = np.mean([inputs[s].astype(np.float64) for s in cfg.invited], axis=0)
+    np.testing.assert_allclose(rnd.result.aggregate, expected, atol=1e-9)
+    assert rnd.result.weight_sum == 5 * cfg.weight_scale
