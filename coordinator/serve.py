@@ -61,6 +61,7 @@ from secagg.identity import (
 log = logging.getLogger("silofed.coordinator")
 
 FEDERATION_FINISHED = "FEDERATION_FINISHED"
+COORDINATOR_STOPPING = "COORDINATOR_STOPPING"
 TICK_S = 0.05
 
 # Which refusals are "who you are is not allowed" vs "we cannot tell who you are".
@@ -604,18 +605,17 @@ class Hub:
             if s is not None and not s.closed:
                 s.send(pb.CoordinatorMessage(round_result=result))
 
-    def finish_federation(self) -> None:
-        """Tell every silo the federation is done and close their streams."""
+    def close_all(self, *, finished: bool) -> None:
+        """Close every silo stream. With `finished`, tell the silos the federation is over so
+        they exit; otherwise (the coordinator is stopping) they reconnect with backoff."""
+        reason, detail = (
+            (FEDERATION_FINISHED, "the federation finished all its rounds")
+            if finished
+            else (COORDINATOR_STOPPING, "the coordinator is stopping; reconnect later")
+        )
         with self.lock:
             for s in list(self.sessions.values()):
-                s.send(
-                    pb.CoordinatorMessage(
-                        abort=pb.AbortNotice(
-                            reason=FEDERATION_FINISHED,
-                            detail="the federation finished all its rounds",
-                        )
-                    )
-                )
+                s.send(pb.CoordinatorMessage(abort=pb.AbortNotice(reason=reason, detail=detail)))
                 s.closed = True
                 s.send(None)
 
@@ -737,13 +737,14 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
         port_file,
         config.rounds.aggregation,
     )
+    ok = False
     try:
         ok = hub.run_rounds()
         if ok and keep_serving:
             log.info("all rounds done; --keep-serving: streams stay open until a signal")
             hub.stopping.wait()
     finally:
-        hub.finish_federation()
+        hub.close_all(finished=ok)
         running.stop()
         hub.roundlog.close()
     if interrupted.is_set():

@@ -301,10 +301,12 @@ def write_coordinator_config(
     train: Mapping[str, Any] | None = None,
     start_timeout_s: float = 60.0,
     heartbeat_s: float = 2.0,
+    start_silos: int | None = None,
+    listen: str = "127.0.0.1:0",
 ) -> Path:
     tables: dict[str, Mapping[str, Any]] = {
         "federation": {"id": fed.federation_id, "state_dir": state_dir},
-        "server": {"listen": "127.0.0.1:0"},
+        "server": {"listen": listen},
         "tls": {
             "ca_cert": fed.ca_cert,
             "cert": fed.coordinator_cert,
@@ -318,6 +320,7 @@ def write_coordinator_config(
             "min_silos": min_silos,
             "aggregation": "plaintext",
             "start_timeout_s": start_timeout_s,
+            "start_silos": start_silos or min_silos,
         },
         "deadlines": {"offer_s": offer_s, "train_s": train_s, "heartbeat_s": heartbeat_s},
         "train": dict(train or {}),
