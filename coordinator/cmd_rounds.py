@@ -30,7 +30,9 @@ from coordinator.roundlog import (
     RoundSummary,
 )
 
-DEFAULT_METRIC = "accuracy"
+# Silo agents report their evaluation of the received global model as `eval_*`; tasks name
+# their metrics freely, so `rounds list` picks the first of these the log holds.
+PREFERRED_METRICS = ("eval_accuracy", "accuracy")
 CSV_FIELDS = ("round", "scope", "subject", "field", "value")
 
 
@@ -59,8 +61,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = verbs.add_parser("list", parents=[common], help="one row per round")
     p.add_argument(
         "--metric",
-        default=DEFAULT_METRIC,
-        help=f"metric shown as global / worst silo (default {DEFAULT_METRIC})",
+        help="metric shown as global / worst silo (default: eval_accuracy, else accuracy, "
+        "else the first metric in the log)",
     )
     p.set_defaults(func=_run(cmd_list))
 
@@ -177,8 +179,23 @@ def list_rows(summaries: Sequence[RoundSummary], metric: str) -> list[dict[str, 
     return rows
 
 
+def default_metric(summaries: Sequence[RoundSummary]) -> str:
+    """The metric `rounds list` shows when none is asked for."""
+    names: set[str] = set()
+    for s in summaries:
+        names.update(s.global_metrics)
+        for m in s.silo_metrics.values():
+            names.update(m)
+    for preferred in PREFERRED_METRICS:
+        if preferred in names:
+            return preferred
+    return min(names) if names else PREFERRED_METRICS[-1]
+
+
 def cmd_list(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
-    rows = list_rows(log.rounds(), args.metric)
+    summaries = log.rounds()
+    metric: str = args.metric or default_metric(summaries)
+    rows = list_rows(summaries, metric)
     if args.json:
         out.write(_dumps({"log": str(log.path), "rounds": rows}) + "\n")
         return 0
@@ -189,8 +206,8 @@ def cmd_list(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
     table = Table(title=f"rounds in {log.path}")
     for header in ("#", "status", "started (UTC)", "duration", "invited", "finished", "dropped"):
         table.add_column(header, justify="right" if header not in ("status",) else "left")
-    table.add_column(f"global {args.metric}", justify="right")
-    table.add_column(f"worst silo {args.metric}", justify="left")
+    table.add_column(f"global {metric}", justify="right")
+    table.add_column(f"worst silo {metric}", justify="left")
     for r in rows:
         worst = (
             "-" if r["worst_silo"] is None else f"{_num(r['worst_silo_value'])} ({r['worst_silo']})"

@@ -268,3 +268,24 @@ def test_console_script_wiring(state_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows: list[dict[str, Any]] = json.loads(proc.stdout)["rounds"]
     assert len(rows) == 3
+
+
+def test_list_defaults_to_the_agents_eval_accuracy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with RoundLog(tmp_path / LOG_FILENAME) as log:
+        log.start_round(
+            1, started_at=0, aggregation="x", config_digest="c", model_in_sha256="m", invited=[A, B]
+        )
+        for silo, acc in ((A, 0.6), (B, 0.4)):
+            log.record_silo_stats(
+                1, silo, bytes_in=1, bytes_out=1, metrics={"eval_accuracy": acc, "train_loss": 2.0}
+            )
+        log.finish_round(
+            1, status="completed", ended_at=1, global_metrics={"eval_accuracy": 0.5, "aaa": 9.0}
+        )
+    code, out, _ = run(["rounds", "list", "--state-dir", str(tmp_path), "--json"], capsys)
+    row = json.loads(out)["rounds"][0]
+    assert (row["metric"], row["global"], row["worst_silo"]) == ("eval_accuracy", 0.5, B)
+    code, out, _ = run(["rounds", "list", "--state-dir", str(tmp_path)], capsys)
+    assert "global eval_accuracy" in out
