@@ -111,8 +111,10 @@ class CheckpointStore:
     def load_bytes(self, path: Path, expected_sha256: str) -> bytes:
         """Read and verify a checkpoint's bytes without parsing them."""
         path = Path(path)
-        if not path.is_absolute() and not path.exists():
-            path = self.directory / path
+        if not path.exists() and (self.directory / path.name).exists():
+            # The log may hold a path from before the state directory was moved or restored
+            # elsewhere; the file name is the round's, and the hash check below still applies.
+            path = self.directory / path.name
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -137,3 +137,14 @@ def test_checkpoint_name_rejects_negative_round() -> None:
     assert checkpoint_name(0) == "round-000000.safetensors"
     with pytest.raises(ValueError):
         checkpoint_name(-1)
+
+
+def test_load_finds_checkpoint_after_the_state_dir_moved(tmp_path: Path) -> None:
+    old = CheckpointStore(tmp_path / "old")
+    ckpt = old.save(2, sample_state())
+    moved = tmp_path / "new"
+    (tmp_path / "old").rename(moved)
+    assert not ckpt.path.exists()
+    assert_same_state(CheckpointStore(moved).load(ckpt.path, ckpt.sha256), sample_state())
+    with pytest.raises(CheckpointCorrupt):
+        CheckpointStore(tmp_path / "elsewhere").load(ckpt.path, ckpt.sha256)

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from coordinator.roundlog import (
     RoundNotFound,
     RoundStatus,
 )
+from secagg.identity import SiloId
 
 ROOT = Path(__file__).resolve().parent.parent
 INVITED = ["spiffe://demo/silo/a", "spiffe://demo/silo/b", "spiffe://demo/silo/c"]
@@ -118,7 +120,7 @@ def test_round_detail_holds_everything_recorded(log: RoundLog) -> None:
         (1, 3, 2, 1),
         (2, 3, 0, 0),
     ]
-    assert summaries[0].silo_metrics[INVITED[0]]["accuracy"] == 0.8
+    assert summaries[0].silo_metrics[SiloId(INVITED[0])]["accuracy"] == 0.8
     assert log.last_round_id() == 2
 
 
@@ -163,7 +165,7 @@ def test_metrics_are_sorted_json_and_non_finite_becomes_null(log: RoundLog) -> N
 
 def test_finished_round_is_never_modified(log: RoundLog) -> None:
     run_round(log, 1, t0=0.0)
-    writes = [
+    writes: list[Callable[[], None]] = [
         lambda: log.record_phase(1, "late", started_at=9, ended_at=10),
         lambda: log.record_participants(1, "U3", INVITED),
         lambda: log.record_dropout(1, INVITED[0], phase="late", reason="x"),
