@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,6 @@ import numpy as np
 from secagg.config import RoundConfig, TensorSpec
 from secagg.coordinator import CoordinatorRound, Phase
 from secagg.errors import ProtocolAbort
-from secagg.messages import SharesForYou, decode_message
 from secagg.silo import JournalEntry, SiloPolicy, SiloSession, SiloStage
 from tests.secagg.pki import NOW, Federation
 
@@ -60,6 +60,9 @@ class Round:
     seed: int = 0
     journal: dict[str, list[JournalEntry]] = field(default_factory=dict)
     aborts: dict[str, ProtocolAbort] = field(default_factory=dict)
+    # coordinator -> silo messages pass through tamper(recipient, bytes) -> bytes (adversary)
+    tamper: Callable[[str, bytes], bytes] | None = None
+    policies: dict[str, SiloPolicy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.coordinator = CoordinatorRound(self.config, self.fed.trust, now=NOW)
@@ -71,7 +74,7 @@ class Round:
             self.sessions[sid] = SiloSession(
                 by_id[sid],
                 self.fed.trust,
-                SiloPolicy(last_round_id=0),
+                self.policies.get(sid, SiloPolicy(last_round_id=0)),
                 random_bytes=os.urandom,
                 rng=np.random.Generator(np.random.PCG64DXSM(self.seed * 1000 + k)),
                 journal=log.append,
@@ -98,7 +101,9 @@ class Round:
             )
         for _ in range(max_steps):
             if rnd.phase in (Phase.DONE, Phase.ABORTED):
-                # deliver the final notices, nothing is expected back
+                # deliver the final notices and results, nothing is expected back
+                if rnd.phase is Phase.DONE:
+                    queue.extend(rnd.announce(hashlib.sha256(b"next model").digest()))
                 for sid, data in queue:
                     self._deliver(sid, data)
                 return rnd
@@ -119,6 +124,8 @@ class Round:
         if sid in self.dead:
             return []
         s = self.sessions[sid]
+        if self.tamper is not None:
+            data = self.tamper(sid, data)
         phase_of_reply = {
             SiloStage.ADVERTISED: "share_keys",
             SiloStage.MASKED_SENT: "consistency",
@@ -132,7 +139,7 @@ class Round:
             self.aborts[sid] = exc
             return []
         out = self._to_coord(sid, replies)
-        if isinstance(decode_message(data), SharesForYou) and not self._silent(sid, "masked"):
+        if s.stage is SiloStage.KEYS_RECEIVED and not self._silent(sid, "masked"):
             upload = s.submit_update(self.inputs[sid], 1)
             out.extend(self.coordinator.add_masked_vector(sid, upload.header, upload.vector))
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from secagg.coordinator import Phase
+from secagg.silo import SiloStage
 from tests.secagg.harness import Round, exact_inputs, make_config
 from tests.secagg.pki import federation
 
@@ -20,3 +21,8 @@ def test_full_round_no_dropout_decodes_mean() -> None:
     expected = np.mean([inputs[s].astype(np.float64) for s in cfg.invited], axis=0)
     np.testing.assert_allclose(rnd.result.aggregate, expected, atol=1e-9)
     assert rnd.result.weight_sum == 5 * cfg.weight_scale
+    for sid, session in r.sessions.items():
+        assert session.stage is SiloStage.COMPLETED, sid
+        assert session.result is not None and session.result.weight_sum == 5 * cfg.weight_scale
+        kinds = [type(e).__name__ for e in r.journal[sid]]
+        assert kinds == ["RoundAccepted", "MaskedInputRecorded", "SurvivorsRecorded"]

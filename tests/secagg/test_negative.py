@@ -1,0 +1,402 @@
+"""One negative test per silo check of SECAGG.md §5 (§10.3): each ends in ABORT-S with the
+stated reason, the session in ABORTED with its secrets erased and an AbortNotice to send."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from secagg.config import DdgNoise
+from secagg.errors import AbortReason, ProtocolAbort
+from secagg.messages import (
+    Advertise,
+    AbortNotice,
+    Consistency,
+    ConsistencySet,
+    KeyList,
+    Message,
+    SharesForYou,
+    SignedEnvelope,
+    SurvivorList,
+    decode_as,
+    decode_message,
+    encode_message,
+)
+from secagg.silo import SiloPolicy, SiloSession, SiloStage, SubmissionRecord
+from secagg.trust import SiloIdentity
+from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config
+from tests.secagg.pki import NOW, federation
+
+N, D = 5, 64
+
+
+def _session(policy: SiloPolicy | None = None, k: int = 0) -> SiloSession:
+    fed = federation()
+    return SiloSession(
+        fed.silos[k],
+        fed.trust,
+        policy or SiloPolicy(last_round_id=0),
+        random_bytes=os.urandom,
+        rng=np.random.default_rng(0),
+    )
+
+
+def _offer_abort(
+    reason: AbortReason, policy: SiloPolicy | None = None, model: bytes = MODEL_SHA, **over: object
+) -> None:
+    cfg = make_config(federation(), N, D, **over)
+    s = _session(policy)
+    with pytest.raises(ProtocolAbort) as exc:
+        s.handle_offer(cfg.encode(), model, now=NOW)
+    assert exc.value.reason is reason
+    assert s.stage is SiloStage.ABORTED and s._c_sk is None
+    assert s.abort_notice is not None
+    notice = decode_message(s.abort_notice)
+    assert isinstance(notice, AbortNotice) and notice.reason is reason
+
+
+# --- phase 0 ---------------------------------------------------------------------------------
+
+
+def test_0_1_roster_mismatch() -> None:
+    _offer_abort(AbortReason.ROSTER_MISMATCH, roster_version=2)
+
+
+def test_0_2_stale_round() -> None:
+    _offer_abort(AbortReason.STALE_ROUND, SiloPolicy(last_round_id=7), round_id=7)
+
+
+def test_0_3_not_invited() -> None:
+    fed = federation()
+    invited = tuple(sorted(s.silo_id for s in fed.silos[1:6]))
+    _offer_abort(AbortReason.ROSTER_MISMATCH, invited=invited)
+
+
+def test_0_3_invited_silo_not_on_roster() -> None:
+    fed = federation()
+    invited = tuple(sorted([*(s.silo_id for s in fed.silos[:4]), fed.outsider.silo_id]))
+    _offer_abort(AbortReason.ROSTER_MISMATCH, invited=invited)
+
+
+def test_0_4_ring_width_refused_by_policy() -> None:
+    _offer_abort(
+        AbortReason.CONFIG_REJECTED, SiloPolicy(0, accepted_ring_bits=frozenset({32})), ring_bits=64
+    )
+
+
+def test_0_4_overflow_violating_config() -> None:
+    _offer_abort(AbortReason.OVERFLOW_RULE, scale=2.0**25, clip_l2=100.0)
+
+
+def test_0_5_threshold_below_hard_floor() -> None:
+    _offer_abort(AbortReason.THRESHOLD_VIOLATION, threshold=2)
+
+
+def test_0_5_colluders_above_policy() -> None:
+    _offer_abort(AbortReason.CONFIG_REJECTED, SiloPolicy(0, n_colluders_max=0), n_colluders=1)
+
+
+def test_0_5_dp_divisor_above_honest_bound() -> None:
+    _offer_abort(AbortReason.CONFIG_REJECTED, dp=DdgNoise(1.0, 4), scale=2.0**8, clip_l2=1.0)
+
+
+def test_0_6_model_hash_mismatch() -> None:
+    _offer_abort(AbortReason.MODEL_HASH_MISMATCH, model=bytes(32))
+
+
+def test_0_7_second_masked_input_for_same_model() -> None:
+    log = {MODEL_SHA: (SubmissionRecord(MODEL_SHA, 3, b"x" * 32),)}
+    _offer_abort(AbortReason.REPLAY, SiloPolicy(0, submission_log=log))
+
+
+def test_malformed_config_is_rejected() -> None:
+    s = _session()
+    with pytest.raises(ProtocolAbort) as exc:
+        s.handle_offer(b"\x01garbage", MODEL_SHA, now=NOW)
+    assert exc.value.reason is AbortReason.CONFIG_REJECTED
+
+
+# --- tampering with coordinator messages -----------------------------------------------------
+
+Edit = Callable[[Message], Message]
+
+
+def _run_tampered(
+    kind: type, edit: Edit, target_k: int = 0, n: int = N, **over: object
+) -> tuple[Round, str]:
+    fed = federation()
+    cfg = make_config(fed, n, D, **over)
+    target = cfg.invited[target_k]
+
+    def tamper(sid: str, data: bytes) -> bytes:
+        msg = decode_message(data)
+        if sid == target and isinstance(msg, kind):
+            return encode_message(edit(msg))
+        return data
+
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)), tamper=tamper)
+    r.run()
+    return r, target
+
+
+def _expect(kind: type, edit: Edit, reason: AbortReason, **kw: object) -> Round:
+    r, target = _run_tampered(kind, edit, **kw)
+    assert target in r.aborts, f"no abort; stage {r.sessions[target].stage}"
+    assert r.aborts[target].reason is reason
+    s = r.sessions[target]
+    assert s.stage is SiloStage.ABORTED and s._b_u is None and not s._shares
+    return r
+
+
+def _forge(identity: SiloIdentity, ad: Advertise) -> bytes:
+    return encode_message(identity.seal(b"advertise", encode_message(ad)))
+
+
+def _advert(raw: bytes) -> Advertise:
+    return decode_as(decode_as(raw, SignedEnvelope).payload, Advertise)
+
+
+def test_2_1_substituted_key_signed_by_non_roster_cert() -> None:
+    outsider = federation().outsider
+
+    def edit(m: Message) -> Message:
+        assert isinstance(m, KeyList)
+        ad = _advert(m.entries[1])
+        fake = SiloIdentity(ad.silo_id, outsider.signing_key, outsider.cert_chain_der)  # type: ignore[arg-type]
+        forged = _forge(fake, dataclasses.replace(ad, s_pk=os.urandom(32)))
+        return dataclasses.replace(m, entries=(m.entries[0], forged, *m.entries[2:]))
+
+    _expect(KeyList, edit, AbortReason.SIGNATURE_INVALID)
+
+
+def test_2_1_replayed_key_list_from_earlier_round() -> None:
+    fed = federation()
+    old = make_config(fed, N, D, round_id=3)
+    r_old = Round(fed, old, exact_inputs(old, np.random.default_rng(0)))
+    captured: list[bytes] = []
+    r_old.tamper = lambda sid, data: captured.append(data) or data  # type: ignore[func-returns-value]
+    r_old.run()
+    old_m2 = next(d for d in captured if isinstance(decode_message(d), KeyList))
+    _expect(KeyList, lambda m: decode_message(old_m2), AbortReason.REPLAY)
+
+
+def test_2_2_own_entry_altered() -> None:
+    fed = federation()
+
+    def edit(m: Message) -> Message:
+        assert isinstance(m, KeyList)
+        ad = _advert(m.entries[0])
+        forged = _forge(fed.silos[0], dataclasses.replace(ad, c_pk=os.urandom(32)))
+        return dataclasses.replace(m, entries=(forged, *m.entries[1:]))
+
+    _expect(KeyList, edit, AbortReason.SET_INCONSISTENT)
+
+
+def test_2_2_entries_not_sorted() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, KeyList)
+        return dataclasses.replace(m, entries=tuple(reversed(m.entries)))
+
+    _expect(KeyList, edit, AbortReason.SET_INCONSISTENT)
+
+
+def test_2_3_duplicate_keys_from_key_copy() -> None:
+    fed = federation()
+
+    def edit(m: Message) -> Message:
+        assert isinstance(m, KeyList)
+        mine, other = _advert(m.entries[0]), _advert(m.entries[1])
+        # a colluding silo advertises a copy of the target's mask key
+        copy = _forge(fed.silos[1], dataclasses.replace(other, s_pk=mine.s_pk))
+        return dataclasses.replace(m, entries=(m.entries[0], copy, *m.entries[2:]))
+
+    _expect(KeyList, edit, AbortReason.DUPLICATE_KEYS)
+
+
+def test_2_7_low_order_x25519_key() -> None:
+    fed = federation()
+
+    def edit(m: Message) -> Message:
+        assert isinstance(m, KeyList)
+        other = _advert(m.entries[1])
+        bad = _forge(fed.silos[1], dataclasses.replace(other, c_pk=bytes(32)))
+        return dataclasses.replace(m, entries=(m.entries[0], bad, *m.entries[2:]))
+
+    _expect(KeyList, edit, AbortReason.BAD_KEY)
+
+
+def test_2_4_too_few_silos_for_threshold() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, KeyList)
+        return dataclasses.replace(m, entries=m.entries[:3])  # n = 3 < t = 4
+
+    _expect(KeyList, edit, AbortReason.THRESHOLD_VIOLATION, n=6)
+
+
+def test_3_1_u2_below_threshold() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SharesForYou)
+        return dataclasses.replace(m, u2=m.u2[:2], cts=m.cts[:1])
+
+    _expect(SharesForYou, edit, AbortReason.THRESHOLD_VIOLATION)
+
+
+def test_3_1_u2_not_subset_of_u1() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SharesForYou)
+        return dataclasses.replace(m, u2=(*m.u2, 99))
+
+    _expect(SharesForYou, edit, AbortReason.SET_INCONSISTENT)
+
+
+def test_3_2_missing_ciphertext() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SharesForYou)
+        return dataclasses.replace(m, cts=m.cts[1:])
+
+    _expect(SharesForYou, edit, AbortReason.SET_INCONSISTENT)
+
+
+def test_3_3_tampered_ciphertext() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SharesForYou)
+        v, ct = m.cts[0]
+        bad = ct[:-1] + bytes([ct[-1] ^ 1])
+        return dataclasses.replace(m, cts=((v, bad), *m.cts[1:]))
+
+    _expect(SharesForYou, edit, AbortReason.DECRYPT_FAILED)
+
+
+def test_3_3_ciphertext_moved_to_another_sender() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SharesForYou)
+        (v1, c1), (v2, c2) = m.cts[0], m.cts[1]
+        return dataclasses.replace(m, cts=((v1, c2), (v2, c1), *m.cts[2:]))
+
+    _expect(SharesForYou, edit, AbortReason.DECRYPT_FAILED)
+
+
+def test_4_1_u3_not_subset_of_u2() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SurvivorList)
+        return dataclasses.replace(m, u2=m.u2[1:], u3=m.u3)
+
+    _expect(SurvivorList, edit, AbortReason.SET_INCONSISTENT)
+
+
+def test_4_1_u3_has_outsider_index() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SurvivorList)
+        return dataclasses.replace(m, u3=(*m.u3, 42))
+
+    _expect(SurvivorList, edit, AbortReason.SET_INCONSISTENT)
+
+
+def test_4_1_only_two_survivors() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SurvivorList)
+        return dataclasses.replace(m, u3=m.u3[:2])
+
+    _expect(SurvivorList, edit, AbortReason.THRESHOLD_VIOLATION, threshold=3, n=4)
+
+
+def test_4_3_retry_with_different_survivors() -> None:
+    fed = federation()
+    cfg = make_config(fed, N, D)
+    target = cfg.invited[0]
+    earlier = SubmissionRecord(MODEL_SHA, 2, b"y" * 32, frozenset(cfg.invited[:3]))
+    policy = SiloPolicy(0, max_masked_inputs_per_model=2, submission_log={MODEL_SHA: (earlier,)})
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)), policies={target: policy})
+    r.run()
+    assert r.aborts[target].reason is AbortReason.CONSISTENCY_FAILED
+
+
+def test_5_1_different_digest_in_one_signature() -> None:
+    fed = federation()
+
+    def edit(m: Message) -> Message:
+        assert isinstance(m, ConsistencySet)
+        env = decode_as(m.sigs[1], SignedEnvelope)
+        c = decode_as(env.payload, Consistency)
+        signer = next(s for s in fed.silos if s.cert_chain_der == env.cert_chain)
+        other = signer.seal(
+            b"consistency", encode_message(dataclasses.replace(c, digest=bytes(32)))
+        )
+        return dataclasses.replace(m, sigs=(m.sigs[0], encode_message(other), *m.sigs[2:]))
+
+    _expect(ConsistencySet, edit, AbortReason.CONSISTENCY_FAILED)
+
+
+def test_5_1_forged_consistency_signature() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, ConsistencySet)
+        env = decode_as(m.sigs[1], SignedEnvelope)
+        bad = dataclasses.replace(env, signature=env.signature[:-2] + b"\x00\x00")
+        return dataclasses.replace(m, sigs=(m.sigs[0], encode_message(bad), *m.sigs[2:]))
+
+    _expect(ConsistencySet, edit, AbortReason.SIGNATURE_INVALID)
+
+
+def test_5_1_too_few_signatures() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, ConsistencySet)
+        return dataclasses.replace(m, sigs=m.sigs[:2])
+
+    _expect(ConsistencySet, edit, AbortReason.THRESHOLD_VIOLATION)
+
+
+def test_5_1_repeated_signer() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, ConsistencySet)
+        return dataclasses.replace(m, sigs=(m.sigs[0], *m.sigs[:-1]))
+
+    _expect(ConsistencySet, edit, AbortReason.CONSISTENCY_FAILED)
+
+
+def test_5_2_second_unmask_request() -> None:
+    fed = federation()
+    cfg = make_config(fed, N, D)
+    target = cfg.invited[0]
+    seen: list[bytes] = []
+
+    def tamper(sid: str, data: bytes) -> bytes:
+        if sid == target and isinstance(decode_message(data), ConsistencySet):
+            seen.append(data)
+        return data
+
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)), tamper=tamper)
+    r.run()
+    s = r.sessions[target]
+    assert seen and s.stage is SiloStage.COMPLETED
+    s.stage = SiloStage.UNMASKED  # as if M10 never came; the coordinator asks again
+    with pytest.raises(ProtocolAbort) as exc:
+        s.handle(seen[0], now=NOW)
+    assert exc.value.reason is AbortReason.ALREADY_UNMASKED
+
+
+def test_message_out_of_order_is_replay() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SharesForYou)
+        return SurvivorList(m.session_id, m.u2, m.u2)
+
+    _expect(SharesForYou, edit, AbortReason.REPLAY)
+
+
+def test_message_for_another_session_is_replay() -> None:
+    def edit(m: Message) -> Message:
+        assert isinstance(m, SurvivorList)
+        return dataclasses.replace(m, session_id=bytes(32))
+
+    _expect(SurvivorList, edit, AbortReason.REPLAY)
+
+
+def test_aborted_session_answers_nothing() -> None:
+    s = _session()
+    cfg = make_config(federation(), N, D)
+    with pytest.raises(ProtocolAbort):
+        s.handle_offer(cfg.encode(), bytes(32), now=NOW)
+    assert s.handle(encode_message(KeyList(cfg.digest(), 7, ())), now=NOW) == []
