@@ -80,6 +80,8 @@ class Round:
                 journal=log.append,
             )
         self.dead: set[str] = set()
+        self.pending: list[tuple[str, bytes]] = []
+        self.uploads: dict[str, np.ndarray] = {}
 
     def _silent(self, sid: str, phase: str) -> bool:
         if sid in self.dead:
@@ -90,7 +92,9 @@ class Round:
             return True
         return False
 
-    def run(self, max_steps: int = 10_000) -> CoordinatorRound:
+    def run(self, max_steps: int = 10_000, stop_at: Phase | None = None) -> CoordinatorRound:
+        """Play the round to its end (or until the coordinator reaches `stop_at`; the sends
+        not yet delivered are then left in `self.pending`)."""
         rnd = self.coordinator
         queue: deque[tuple[str, bytes]] = deque()
         for sid, s in self.sessions.items():
@@ -100,6 +104,9 @@ class Round:
                 self._to_coord(sid, [s.handle_offer(self.config.encode(), MODEL_SHA, now=NOW)])
             )
         for _ in range(max_steps):
+            if stop_at is not None and rnd.phase is stop_at:
+                self.pending = list(queue)
+                return rnd
             if rnd.phase in (Phase.DONE, Phase.ABORTED):
                 # deliver the final notices and results, nothing is expected back
                 if rnd.phase is Phase.DONE:
@@ -141,6 +148,7 @@ class Round:
         out = self._to_coord(sid, replies)
         if s.stage is SiloStage.KEYS_RECEIVED and not self._silent(sid, "masked"):
             upload = s.submit_update(self.inputs[sid], 1)
+            self.uploads[sid] = upload.vector
             out.extend(self.coordinator.add_masked_vector(sid, upload.header, upload.vector))
         return out
 

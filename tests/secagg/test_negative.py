@@ -13,8 +13,8 @@ import pytest
 from secagg.config import DdgNoise
 from secagg.errors import AbortReason, ProtocolAbort
 from secagg.messages import (
-    Advertise,
     AbortNotice,
+    Advertise,
     Consistency,
     ConsistencySet,
     KeyList,
