@@ -79,12 +79,14 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class RoundOutcome:
-    """The aggregate ḡ (float64, length d), weight sum W, survivors U3, and the ring sum z."""
+    """The aggregate ḡ (length d; float32 for b = 32, float64 for b = 64, decoded in place in
+    the accumulator's memory), weight sum W, survivors U3, and the signed ring sum z (a copy,
+    only when the round was built with keep_ring_sum=True)."""
 
     aggregate: np.ndarray
     weight_sum: int
     survivors: tuple[SiloId, ...]
-    ring_sum: np.ndarray
+    ring_sum: np.ndarray | None
     dp_report: DpReport | None
 
 
@@ -117,6 +119,7 @@ class CoordinatorRound:
         now: dt.datetime,
         dp_rounds_before: int = 0,
         dp_delta: float = 1e-6,
+        keep_ring_sum: bool = False,
     ) -> None:
         self.config = config
         self.config_bytes = config.encode()
@@ -132,6 +135,7 @@ class CoordinatorRound:
         self.dropouts: dict[SiloId, Phase] = {}
         self.result: RoundOutcome | None = None
         self._dp_rounds_before, self._dp_delta = dp_rounds_before, dp_delta
+        self._keep_ring_sum = keep_ring_sum
         self._adverts: dict[SiloId, _Silo] = {}
         self._excluded: set[SiloId] = set()
         self._silos: dict[int, _Silo] = {}
@@ -487,6 +491,7 @@ class CoordinatorRound:
         except BadKey:
             return self._abort(AbortReason.BAD_KEY, self._silos)
         signed = encoding.to_signed(acc)
+        ring_sum = signed.copy() if self._keep_ring_sum else None
         w = int(signed[0])
         if not 1 <= w <= len(u3) * cfg.weight_scale or (
             cfg.weighting.name == "UNIFORM" and w != len(u3) * cfg.weight_scale
@@ -506,7 +511,9 @@ class CoordinatorRound:
                 self._dp_rounds_before + 1,
                 self._dp_delta,
             )
-        self.result = RoundOutcome(g, w, tuple(self._silos[i].silo_id for i in u3), signed, report)
+        self.result = RoundOutcome(
+            g, w, tuple(self._silos[i].silo_id for i in u3), ring_sum, report
+        )
         self._acc = None
         self._b_shares.clear()
         self._s_shares.clear()

@@ -56,10 +56,12 @@ def recommended_scale(
 
 
 def clip_factor(delta: np.ndarray, clip_l2: float) -> float:
-    """min(1, C/‖Δ‖₂) with the norm accumulated in float64."""
+    """min(1, C/‖Δ‖₂) with the norm accumulated in float64 (one reused chunk buffer)."""
+    buf = np.empty(SR_CHUNK, dtype=np.float64)
     sq = 0.0
-    for start in range(0, delta.shape[0], SR_CHUNK * 16):
-        part = delta[start : start + SR_CHUNK * 16].astype(np.float64)
+    for start in range(0, delta.shape[0], SR_CHUNK):
+        part = buf[: min(SR_CHUNK, delta.shape[0] - start)]
+        np.copyto(part, delta[start : start + part.shape[0]])
         sq += float(np.dot(part, part))
     norm = math.sqrt(sq)
     return 1.0 if norm <= clip_l2 else clip_l2 / norm
@@ -88,33 +90,46 @@ def encode_into(
     factor: float,
     rng: np.random.Generator,
     noise: np.ndarray | None = None,
+    *,
+    accumulate: bool = False,
 ) -> None:
-    """out[0] = q_w; out[1:] = SR(factor·Δ) (+ noise) mod 2^b, in chunks, without big temporaries.
+    """out[0] = q_w; out[1:] = SR(factor·Δ) (+ noise) mod 2^b; with `accumulate`, add instead.
 
     `factor` = S·ŵ·clip; `noise` (int64, length d) is the optional discrete Gaussian noise.
+    Works chunk by chunk through reused buffers: large fresh allocations cost page faults.
     """
     d = delta.shape[0]
     if out.shape[0] != d + 1:
         raise ValueError(f"output must hold d + 1 = {d + 1} elements, got {out.shape[0]}")
-    udt = out.dtype
-    sdt = np.int32 if udt.itemsize == 4 else np.int64
-    out[0] = np.array(q_w, dtype=np.int64).astype(sdt).view(udt)
+    signed = to_signed(out)
+    w = np.array([q_w], dtype=np.int64)
+    if accumulate:
+        np.add(signed[:1], w, out=signed[:1], casting="unsafe")
+    else:
+        np.copyto(signed[:1], w, casting="unsafe")
     y = np.empty(SR_CHUNK, dtype=np.float64)
     u = np.empty(SR_CHUNK, dtype=np.float64)
     fl = np.empty(SR_CHUNK, dtype=np.float64)
-    body = out[1:]
+    up = np.empty(SR_CHUNK, dtype=np.bool_)
+    q = np.empty(SR_CHUNK, dtype=np.int64)
+    body = signed[1:]
     for start in range(0, d, SR_CHUNK):
         n = min(SR_CHUNK, d - start)
-        yv, uv, fv = y[:n], u[:n], fl[:n]
+        yv, uv, fv, upv, qv = y[:n], u[:n], fl[:n], up[:n], q[:n]
         np.multiply(delta[start : start + n], factor, out=yv, dtype=np.float64)
         np.floor(yv, out=fv)
         np.subtract(yv, fv, out=yv)  # fractional part in [0, 1)
         rng.random(out=uv)
-        np.add(fv, np.less(uv, yv), out=fv)  # round up with probability = fraction
-        q = fv.astype(np.int64)
+        np.less(uv, yv, out=upv)  # round up with probability = fraction
+        np.add(fv, upv, out=fv)
+        np.copyto(qv, fv, casting="unsafe")
         if noise is not None:
-            q += noise[start : start + n]
-        body[start : start + n] = q.astype(sdt).view(udt)
+            np.add(qv, noise[start : start + n], out=qv)
+        dest = body[start : start + n]
+        if accumulate:
+            np.add(dest, qv, out=dest, casting="unsafe")  # wraps mod 2^b
+        else:
+            np.copyto(dest, qv, casting="unsafe")
 
 
 def to_signed(ring: np.ndarray) -> np.ndarray:
@@ -123,14 +138,24 @@ def to_signed(ring: np.ndarray) -> np.ndarray:
 
 
 def decode(z: np.ndarray, scale: float, weight_scale: int) -> tuple[np.ndarray, int]:
-    """(ḡ as float64 of length d, W) from the unmasked sum z: ḡ_j = (z_j/S)/(W/S_w)."""
+    """(ḡ, W) from the unmasked sum z: ḡ_j = (z_j/S)/(W/S_w), W = z_0 as signed int.
+
+    Decodes IN PLACE: z's memory is reused for ḡ (float32 for b = 32, float64 for b = 64), so
+    no second model-sized array is allocated; z is destroyed.
+    """
     signed = to_signed(z)
     weight_sum = int(signed[0])
     if weight_sum < 1:
         raise ValueError("weight sum must be >= 1")
-    g = signed[1:].astype(np.float64)
-    g *= weight_scale / (scale * weight_sum)
-    return g, weight_sum
+    fdt = np.float32 if z.dtype.itemsize == 4 else np.float64
+    g = z.view(fdt)
+    factor = weight_scale / (scale * weight_sum)
+    buf = np.empty(SR_CHUNK, dtype=np.float64)
+    for start in range(0, z.shape[0], SR_CHUNK):
+        part = buf[: min(SR_CHUNK, z.shape[0] - start)]
+        np.multiply(signed[start : start + part.shape[0]], factor, out=part)  # read first
+        np.copyto(g[start : start + part.shape[0]], part, casting="same_kind")
+    return g[1:], weight_sum
 
 
 def empty_ring(length: int, ring_bits: int) -> np.ndarray:

@@ -215,7 +215,8 @@ class SiloSession:
         self._own_shares: tuple[bytes, bytes] = (b"", b"")
         self._shares: dict[int, tuple[bytes, bytes]] = {}  # v -> (share_s(v), share_b(v))
         self._mask_set: tuple[int, ...] = ()
-        self._pairwise: np.ndarray | None = None
+        self._vector: np.ndarray | None = None
+        self._precomputed = False
         self._record: SubmissionRecord | None = None
 
     # --- public API --------------------------------------------------------------------------
@@ -234,11 +235,11 @@ class SiloSession:
 
     def precompute_masks(self) -> None:
         """Σ sgn·PRG(k_pair) over M(u), ahead of training (allowed once M4 is handled)."""
-        if self.stage is not SiloStage.KEYS_RECEIVED or self.config is None:
+        if self.stage is not SiloStage.KEYS_RECEIVED or self._vector is None:
             raise UsageError("pairwise masks need the M4 shares first")
-        acc = np.zeros(self.config.length, dtype=ring_dtype(self.config.ring_bits))
-        self._add_pairwise(acc)
-        self._pairwise = acc
+        if not self._precomputed:
+            self._add_pairwise(self._vector)
+            self._precomputed = True
 
     def submit_update(self, delta: np.ndarray, num_examples: int) -> MaskedUpload:
         """Encode, mask and log the update (steps 3.5-3.7); returns M5 header and vector."""
@@ -279,7 +280,7 @@ class SiloSession:
         self._own_shares = (b"", b"")
         self._enc_keys.clear()
         self._pair_keys.clear()
-        self._pairwise = None
+        self._vector = None
 
     def _dispatch(self, data: bytes, now: dt.datetime) -> list[bytes]:
         try:
@@ -474,6 +475,10 @@ class SiloSession:
             self._shares[v] = (s_share, b_share)
         self.u2 = tuple(u2)
         self._mask_set = tuple(expected)
+        # The masked vector's memory is claimed and touched now, while the model trains:
+        # first-touch page faults of a model-sized array would otherwise hit submit_update.
+        self._vector = np.empty(self.config.length, dtype=ring_dtype(self.config.ring_bits))
+        self._vector.fill(0)
         self.stage = SiloStage.KEYS_RECEIVED
         return []
 
@@ -498,15 +503,14 @@ class SiloSession:
                 cfg.dp.noise_multiplier * cfg.clip_l2 * cfg.scale / math.sqrt(cfg.dp.noise_divisor)
             )
             noise = sample_discrete_gaussian(sigma, cfg.d, self._rng)
-        y = np.empty(cfg.length, dtype=ring_dtype(cfg.ring_bits))
+        y = self._vector
+        assert y is not None
         factor = cfg.scale * (q_w / cfg.weight_scale) * factor_clip
-        encoding.encode_into(y, delta, q_w, factor, self._rng, noise)
+        encoding.encode_into(y, delta, q_w, factor, self._rng, noise, accumulate=self._precomputed)
         add_mask(y, k_self(self._b_u, self.session_id, self.index), 1)
-        if self._pairwise is not None:
-            np.add(y, self._pairwise, out=y)
-            self._pairwise = None
-        else:
+        if not self._precomputed:
             self._add_pairwise(y)
+        self._vector = None  # handed to the driver; the session keeps no copy
         header = MaskedHeader(
             self.session_id, self.index, cfg.length, cfg.ring_bits, sha256_array(y)
         )

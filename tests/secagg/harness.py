@@ -63,9 +63,12 @@ class Round:
     # coordinator -> silo messages pass through tamper(recipient, bytes) -> bytes (adversary)
     tamper: Callable[[str, bytes], bytes] | None = None
     policies: dict[str, SiloPolicy] = field(default_factory=dict)
+    keep_ring_sum: bool = True  # tests check the exact ring sum; benchmarks turn it off
 
     def __post_init__(self) -> None:
-        self.coordinator = CoordinatorRound(self.config, self.fed.trust, now=NOW)
+        self.coordinator = CoordinatorRound(
+            self.config, self.fed.trust, now=NOW, keep_ring_sum=self.keep_ring_sum
+        )
         self.sessions: dict[str, SiloSession] = {}
         by_id = {s.silo_id: s for s in self.fed.silos}
         for k, sid in enumerate(self.config.invited):
