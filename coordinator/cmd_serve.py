@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,12 @@ from typing import Any
 from coordinator.config import ConfigError, load_coordinator_config
 
 log = logging.getLogger("silofed.coordinator")
+
+# TLS refusals (a foreign CA, an expired certificate, a plain-TCP client) happen inside grpc
+# core before any Python code runs; grpc logs their cause ("Handshake failed ... certificate has
+# expired") only at INFO verbosity, and reads the setting once, when grpc is first loaded. An
+# operator's explicit GRPC_VERBOSITY wins.
+os.environ.setdefault("GRPC_VERBOSITY", "INFO")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

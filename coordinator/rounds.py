@@ -7,9 +7,10 @@ Messages for another round, from silos not expected in the current phase, or aft
 dropped, are refused (`accepted=False`) so the driver ignores their payloads.
 
 A round runs the phases `offer` (the model reaches the silo) and then the aggregation
-protocol's own phases. A phase ends when every silo still in it has finished it, or at its
-deadline; silos that have not finished by then drop out for the round with that phase as the
-reason. Whenever fewer than `min_silos` remain, the round aborts and nothing is aggregated.
+protocol's own phases. Each silo goes through them in order, and may run ahead of the round (a
+fast silo can finish training while a slow one still downloads). The round's phase ends when
+every silo still in it has finished it, or at its deadline; silos that have not finished by
+then drop out for the round with that phase as the reason. Whenever fewer than `min_silos` remain, the round aborts and nothing is aggregated.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class RoundMachine:
     phase_index: int = 0
     phase_started_at: float = 0.0
     active: list[str] = field(default_factory=list)
-    finished_phase: set[str] = field(default_factory=set)
+    progress: dict[str, int] = field(default_factory=dict)  # phases each silo has finished
     dropped: dict[str, Dropped] = field(default_factory=dict)
     abort_reason: str | None = None
 
@@ -118,30 +119,45 @@ class RoundMachine:
             raise RoundError(f"round {self.round_id} already started")
         self.stage = Stage.RUNNING
         self.active = list(dict.fromkeys(invited))
+        self.progress = dict.fromkeys(self.active, 0)
         self.phase_index = 0
         self.phase_started_at = now
         if len(self.active) < self.min_silos:
             return self._abort(f"only {len(self.active)} silos invited, need {self.min_silos}")
         return []
 
+    def _phase_index(self, phase: str) -> int | None:
+        for index, candidate in enumerate(self.phases):
+            if candidate.name == phase:
+                return index
+        return None
+
     def expects(self, silo_id: str, round_id: int, phase: str) -> bool:
-        """Whether a message from `silo_id` for (`round_id`, `phase`) belongs here and now."""
+        """Whether a message from `silo_id` for (`round_id`, `phase`) belongs here and now:
+        the silo is still in the round and `phase` is the next one it has to finish."""
         return (
             self.stage is Stage.RUNNING
             and round_id == self.round_id
-            and phase == self.phase.name
             and silo_id in self.active
-            and silo_id not in self.finished_phase
+            and self._phase_index(phase) == self.progress[silo_id]
         )
 
     def done(self, silo_id: str, round_id: int, phase: str, now: float) -> tuple[bool, list[Event]]:
         """`silo_id` finished `phase`. Returns (accepted, events); late or stray = not accepted."""
         if not self.expects(silo_id, round_id, phase):
             return False, []
-        self.finished_phase.add(silo_id)
-        if self.finished_phase >= set(self.active):
-            return True, self._end_phase(now)
-        return True, []
+        self.progress[silo_id] += 1
+        return True, self._advance(now)
+
+    def _behind(self) -> list[str]:
+        return [s for s in self.active if self.progress[s] <= self.phase_index]
+
+    def _advance(self, now: float) -> list[Event]:
+        """End every phase that all remaining silos have finished."""
+        events: list[Event] = []
+        while self.stage is Stage.RUNNING and not self._behind():
+            events += self._end_phase(now)
+        return events
 
     def failed(self, silo_id: str, detail: str, now: float) -> list[Event]:
         """`silo_id` sent something invalid for this round: it drops out."""
@@ -156,18 +172,18 @@ class RoundMachine:
             return []
         events: list[Event] = []
         phase = self.phase.name
-        for silo_id in [s for s in self.active if s not in self.finished_phase]:
+        for silo_id in self._behind():
             self.active.remove(silo_id)
             drop = Dropped(silo_id, phase, DropReason.TIMEOUT, f"missed the {phase} deadline")
             self.dropped[silo_id] = drop
             events.append(drop)
-        return events + self._end_phase(now)
+        events += self._end_phase(now)
+        return events + self._advance(now)
 
     def _drop(self, silo_id: str, reason: DropReason, detail: str, now: float) -> list[Event]:
         if self.stage is not Stage.RUNNING or silo_id not in self.active:
             return []
         self.active.remove(silo_id)
-        self.finished_phase.discard(silo_id)
         drop = Dropped(silo_id, self.phase.name, reason, detail)
         self.dropped[silo_id] = drop
         events: list[Event] = [drop]
@@ -176,9 +192,7 @@ class RoundMachine:
                 f"only {len(self.active)} silos left in phase {self.phase.name}, "
                 f"need {self.min_silos}"
             )
-        if self.finished_phase >= set(self.active):
-            events += self._end_phase(now)
-        return events
+        return events + self._advance(now)
 
     def _end_phase(self, now: float) -> list[Event]:
         survivors = tuple(self.active)
@@ -193,7 +207,6 @@ class RoundMachine:
             return events + [RoundReady(survivors)]
         self.phase_index += 1
         self.phase_started_at = now
-        self.finished_phase = set()
         return events
 
     def cancel(self, reason: str) -> list[Event]:

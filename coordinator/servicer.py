@@ -81,6 +81,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         except Refused as refusal:
             log.warning("refused connection from %s: %s", peer, refusal)
             context.abort(refusal.code, str(refusal))
+        # Fires however the RPC ends (client cancel, broken connection, server stop): the
+        # reader thread or the generator may be blocked and never notice on their own.
+        context.add_callback(lambda: self._hub.on_disconnect(session, "stream ended"))
         yield pb.CoordinatorMessage(welcome=self._hub.welcome(session))
         done = threading.Event()
         reader = threading.Thread(

@@ -397,8 +397,9 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
     )
     env["PYTHONUNBUFFERED"] = "1"
-    # grpc core logs TLS handshake failures at this level: the operator's cause line
-    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    # `serve` turns grpc's verbosity to INFO itself (handshake failures name their cause there);
+    # an inherited setting would override that.
+    env.pop("GRPC_VERBOSITY", None)
     env.update(extra or {})
     return env
 

@@ -116,3 +116,26 @@ def test_disconnect_of_a_silo_that_already_dropped_is_ignored() -> None:
     m.tick(110.0)  # nobody finished the offer: all dropped -> abort
     assert m.stage is Stage.ABORTED
     assert m.disconnected("a", 111.0) == []
+
+
+def test_fast_silo_may_finish_training_before_the_offer_phase_ends() -> None:
+    m = machine()
+    assert m.done("a", 7, "offer", 101.0)[0]
+    assert m.done("a", 7, "train", 102.0) == (True, [])  # ran ahead: accepted, phase stays
+    assert m.phase.name == "offer"
+    m.done("b", 7, "offer", 103.0)
+    ok, events = m.done("c", 7, "offer", 104.0)
+    assert ok and [type(e) for e in events] == [PhaseEnded]
+    m.done("b", 7, "train", 105.0)
+    ok, events = m.done("c", 7, "train", 106.0)
+    assert events[-1] == RoundReady(SILOS)
+
+
+def test_offer_deadline_then_train_already_done_by_all_survivors_ends_both_phases() -> None:
+    m = machine()
+    for s in ("a", "b"):
+        m.done(s, 7, "offer", 101.0)
+        m.done(s, 7, "train", 102.0)
+    events = m.tick(110.0)
+    assert [type(e) for e in events] == [Dropped, PhaseEnded, PhaseEnded, RoundReady]
+    assert m.stage is Stage.READY
