@@ -22,9 +22,9 @@ from examples.hospital.data import (
     silo_data,
     transform,
 )
-from examples.hospital.task import TASK, TrainParamsError
+from examples.hospital.task import DEFAULT_PARAMS, TASK, TrainParamsError
 
-PARAMS: Mapping[str, Any] = {"epochs": 2, "lr": 0.05, "batch_size": 16, "seed": 0}
+PARAMS: Mapping[str, Any] = {k: v for k, v in DEFAULT_PARAMS.items() if k != "round"}
 ROUNDS = 10
 SILOS = 3
 
@@ -78,6 +78,14 @@ def test_load_data_options_are_checked() -> None:
         TASK.load_data({"silo_index": 3, "num_silos": 3})
 
 
+def test_training_restores_torch_thread_count() -> None:
+    before = torch.get_num_threads()
+    data = TASK.load_data({"silo_index": 0})
+    TASK.train(TASK.build_model(), data, {"epochs": 1})
+    TASK.evaluate(TASK.build_model(), data)
+    assert torch.get_num_threads() == before
+
+
 def test_model_is_deterministic_and_leaves_global_rng_alone() -> None:
     before = torch.get_rng_state()
     a, b = TASK.build_model().state_dict(), TASK.build_model().state_dict()
@@ -126,15 +134,17 @@ def fedavg(rounds: int, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return global_state
 
 
-def test_fedavg_reaches_target_and_matches_centralized() -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fedavg_reaches_target_and_matches_centralized(seed: int) -> None:
+    params = {**PARAMS, "seed": seed}
     initial = baselines.heldout_accuracy(TASK.build_model().state_dict())
-    federated = baselines.heldout_accuracy(fedavg(ROUNDS, PARAMS))
-    central = baselines.centralized_accuracy(ROUNDS, PARAMS, SILOS)
-    singles = baselines.single_silo_accuracies(ROUNDS, PARAMS, SILOS)
+    federated = baselines.heldout_accuracy(fedavg(ROUNDS, params))
+    central = baselines.centralized_accuracy(ROUNDS, params, SILOS)
+    singles = baselines.single_silo_accuracies(ROUNDS, params, SILOS)
     print(f"initial {initial:.3f} federated {federated:.3f} central {central:.3f} {singles}")
     assert initial < 0.9  # the target is reached by training, not by the initial weights
     assert federated >= 0.92
     assert abs(federated - central) <= 0.03
-    assert baselines.best_single_silo_accuracy(ROUNDS, PARAMS, SILOS) == max(singles)
-    line = baselines.summary_line(federated, ROUNDS, PARAMS, SILOS)
+    assert baselines.best_single_silo_accuracy(ROUNDS, params, SILOS) == max(singles)
+    line = baselines.summary_line(federated, ROUNDS, params, SILOS)
     assert line.startswith(f"federated accuracy: {federated:.3f} (centralized: {central:.3f}")
