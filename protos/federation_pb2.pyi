@@ -300,7 +300,7 @@ class RoundOffer(_message.Message):
     MODEL_BYTES_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     aggregation: _builtins.str
-    """"secagg" or the insecure baseline "plaintext-insecure" """
+    """"plaintext" (updates in the clear; insecure baseline) or, later, "secagg" """
     config: _builtins.bytes
     """round configuration (encoding defined by the aggregation)"""
     model_sha256: _builtins.bytes

@@ -1,0 +1,186 @@
+"""TOML configuration: valid files load; every bad key is refused naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.config import ConfigError as CoordinatorConfigError
+from coordinator.config import load_coordinator_config
+from silo_agent.config import ConfigError as SiloConfigError
+from silo_agent.config import load_silo_config
+
+
+def _files(tmp: Path) -> dict[str, Path]:
+    names = ["ca.pem", "c.pem", "c.key", "roster.json", "s.pem", "s.key"]
+    for name in names:
+        (tmp / name).write_text("x")
+    return {n: tmp / n for n in names}
+
+
+COORD = """
+[federation]
+id = "fed"
+state_dir = "state"
+[server]
+listen = "127.0.0.1:0"
+[tls]
+ca_cert = "ca.pem"
+cert = "c.pem"
+key = "c.key"
+roster = "roster.json"
+revoked = "revoked.json"
+[task]
+spec = "examples.hospital.task:TASK"
+[rounds]
+count = 3
+min_silos = 2
+aggregation = "plaintext"
+[deadlines]
+offer_s = 5
+train_s = 7.5
+[train]
+epochs = 2
+lr = 0.1
+"""
+
+SILO = """
+[silo]
+name = "a"
+state_dir = "silo-state"
+[coordinator]
+address = "127.0.0.1:5000"
+server_name = "localhost"
+[tls]
+ca_cert = "ca.pem"
+cert = "s.pem"
+key = "s.key"
+roster = "roster.json"
+[task]
+spec = "examples.hospital.task:TASK"
+[task.options]
+silo_index = 1
+[reconnect]
+initial_s = 0.1
+max_s = 4
+"""
+
+
+def test_coordinator_config_loads_and_resolves_paths(tmp_path: Path) -> None:
+    _files(tmp_path)
+    path = tmp_path / "c.toml"
+    path.write_text(COORD)
+    cfg = load_coordinator_config(path)
+    assert cfg.federation_id == "fed"
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.tls.revoked == tmp_path / "revoked.json"
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 0)
+    assert cfg.rounds.count == 3 and cfg.rounds.aggregation == "plaintext"
+    assert cfg.deadlines.offer_s == 5.0 and cfg.deadlines.train_s == 7.5
+    assert dict(cfg.train) == {"epochs": 2, "lr": 0.1}
+
+
+def test_silo_config_loads(tmp_path: Path) -> None:
+    _files(tmp_path)
+    path = tmp_path / "s.toml"
+    path.write_text(SILO)
+    cfg = load_silo_config(path)
+    assert cfg.name == "a" and cfg.address == "127.0.0.1:5000"
+    assert dict(cfg.task_options) == {"silo_index": 1}
+    assert cfg.reconnect.initial_s == 0.1 and cfg.reconnect.max_s == 4.0
+    assert cfg.tls.key == tmp_path / "s.key"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("count = 3", 'count = "3"', r"\[rounds\] count must be int, got str"),
+        ("count = 3", "count = 0", r"\[rounds\] count must be > 0"),
+        (
+            'aggregation = "plaintext"',
+            'aggregation = "fedavg"',
+            r"\[rounds\] aggregation must be one of",
+        ),
+        ('listen = "127.0.0.1:0"', 'listen = "localhost"', r"\[server\] listen must be host:port"),
+        (
+            'cert = "c.pem"',
+            'cert = "missing.pem"',
+            r"\[tls\] cert names .*missing.pem, which does not exist",
+        ),
+        (
+            'spec = "examples.hospital.task:TASK"',
+            'spec = "nocolon"',
+            r"\[task\] spec must look like",
+        ),
+        ('id = "fed"', 'id = "a/b"', r"\[federation\] id must be a non-empty name"),
+        ("train_s = 7.5", "train_s = -1", r"\[deadlines\] train_s must be > 0"),
+        ("[train]", "[trian]", r"\[trian\] is not a known table"),
+        (
+            "min_silos = 2",
+            "min_silos = 2\nsilos_per_round = 1",
+            r"\[rounds\] silos_per_round must be >= min_silos",
+        ),
+        ('[server]\nlisten = "127.0.0.1:0"', "", r"\[server\] table is missing"),
+    ],
+)
+def test_coordinator_errors_name_file_and_key(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    _files(tmp_path)
+    path = tmp_path / "c.toml"
+    assert old in COORD
+    path.write_text(COORD.replace(old, new))
+    with pytest.raises(CoordinatorConfigError, match=message) as info:
+        load_coordinator_config(path)
+    assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('name = "a"', "", r"\[silo\] name is missing"),
+        ('name = "a"', 'id = "a"', r"\[silo\] id must be a spiffe:// URI"),
+        (
+            'address = "127.0.0.1:5000"',
+            'address = "127.0.0.1:0"',
+            r"needs the coordinator's real port",
+        ),
+        ("initial_s = 0.1", "initial_s = 9", r"\[reconnect\] initial_s must be <= max_s"),
+        ('roster = "roster.json"', 'roster = ""', r"\[tls\] roster is empty"),
+        ("silo_index = 1", "silo_index = 1\n[extra]", r"\[extra\] is not a known table"),
+    ],
+)
+def test_silo_errors_name_file_and_key(tmp_path: Path, old: str, new: str, message: str) -> None:
+    _files(tmp_path)
+    path = tmp_path / "s.toml"
+    assert old in SILO
+    path.write_text(SILO.replace(old, new))
+    with pytest.raises(SiloConfigError, match=message) as info:
+        load_silo_config(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_missing_and_unparsable_files(tmp_path: Path) -> None:
+    with pytest.raises(CoordinatorConfigError, match="configuration file not found"):
+        load_coordinator_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nid=")
+    with pytest.raises(SiloConfigError, match="not valid TOML"):
+        load_silo_config(bad)
+
+
+def test_reconnect_backoff_is_exponential_with_full_jitter_and_capped() -> None:
+    from silo_agent.backoff import Backoff
+
+    draws = iter([1.0 - 1e-9, 0.5, 1.0 - 1e-9, 1.0 - 1e-9, 1.0 - 1e-9, 0.0])
+    b = Backoff(initial_s=0.5, max_s=3.0, rng=lambda: next(draws))
+    delays = [b.next_delay() for _ in range(6)]
+    ceilings = [0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+    assert all(0.0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    assert delays[0] == pytest.approx(0.5) and delays[1] == pytest.approx(0.5)
+    assert delays[3] == pytest.approx(3.0) and delays[5] == 0.0
+    b.reset()
+    assert b.ceiling() == 0.5
+    with pytest.raises(ValueError):
+        Backoff(initial_s=2.0, max_s=1.0, rng=lambda: 0.0)
