@@ -439,7 +439,7 @@ class RoundLog:
         aggregation: str,
         config_digest: str,
         model_in_sha256: str,
-        invited: Sequence[str],
+        invited: Iterable[str],
         rollback_of: int | None = None,
     ) -> None:
         """Open round `round_id` (status running) and record its invited set.

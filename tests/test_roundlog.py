@@ -8,10 +8,13 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator.roundlog import (
     PHASE_SETS,
@@ -327,3 +330,79 @@ def test_log_survives_a_crashing_writer_and_a_restart(tmp_path: Path) -> None:
     assert latest is not None and (latest.round_id, latest.sha256) == (5, "h5")
     assert final.round_detail(6).phases[0].phase == "train"
     assert final.round_detail(6).abort_reason == "coordinator stopped while the round was running"
+
+
+silo_names = st.sampled_from([f"spiffe://fed/silo/s{i}" for i in range(6)])
+metric_values = st.floats(allow_nan=True, allow_infinity=True, width=64)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    invited=st.sets(silo_names, min_size=1),
+    u1=st.sets(silo_names),
+    stats=st.dictionaries(
+        silo_names,
+        st.tuples(
+            st.integers(0, 2**40),
+            st.integers(0, 2**40),
+            st.dictionaries(st.text(min_size=1, max_size=8), metric_values, max_size=3),
+        ),
+        max_size=4,
+    ),
+    weight=st.floats(min_value=0, max_value=1e12),
+)
+def test_what_is_written_is_what_is_read(
+    tmp_path_factory: pytest.TempPathFactory,
+    invited: set[str],
+    u1: set[str],
+    stats: dict[str, tuple[int, int, dict[str, float]]],
+    weight: float,
+) -> None:
+    path = tmp_path_factory.mktemp("prop") / "rounds.sqlite"
+    with RoundLog(path) as log:
+        log.start_round(
+            1,
+            started_at=0,
+            aggregation="a",
+            config_digest="c",
+            model_in_sha256="m",
+            invited=invited,
+        )
+        log.record_participants(1, "U1", u1)
+        for silo, (b_in, b_out, metrics) in stats.items():
+            log.record_silo_stats(1, silo, bytes_in=b_in, bytes_out=b_out, metrics=metrics)
+        log.finish_round(1, status="completed", ended_at=1, weight_sum=weight)
+    with RoundLog.open_readonly(path) as reader:
+        d = reader.round_detail(1)
+        json.dumps(reader.export(), allow_nan=False)  # always valid JSON
+    assert set(d.participants["invited"]) == invited
+    assert set(d.participants.get("U1", ())) == u1
+    assert d.weight_sum == weight
+    assert {s.silo_id for s in d.silos} == set(stats)
+    for s in d.silos:
+        b_in, b_out, metrics = stats[s.silo_id]
+        assert (s.bytes_in, s.bytes_out) == (b_in, b_out)
+        assert set(s.metrics) == set(metrics)
+        for key, value in metrics.items():
+            got = s.metrics[key]
+            assert got == value if math.isfinite(value) else math.isnan(got)
+
+
+def test_concurrent_writers_in_one_process_do_not_interleave(log: RoundLog) -> None:
+    log.start_round(
+        1, started_at=0, aggregation="a", config_digest="c", model_in_sha256="m", invited=INVITED
+    )
+
+    def report(i: int) -> None:
+        silo = f"spiffe://demo/silo/t{i}"
+        log.record_silo_stats(1, silo, bytes_in=i, bytes_out=i, metrics={"k": float(i)})
+        log.record_phase(1, f"p{i}", started_at=i, ended_at=i + 1)
+
+    threads = [threading.Thread(target=report, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    d = log.round_detail(1)
+    assert sorted(s.bytes_in for s in d.silos) == list(range(16))
+    assert len({p.phase for p in d.phases}) == 16
