@@ -1,7 +1,8 @@
 """Secure-aggregation micro-benchmark (issue 3, acceptance 4): n = 10, d = 10^7 by default.
 
-Prints one `key: value` line per figure (medians of --runs runs):
-  silo_encode_mask_s                the silo's submit_update (clip, SR, self + 9 pairwise masks,
+Prints one `key: value` line per figure (medians over --runs runs; the silo figures over every
+silo of every run):
+  silo_encode_mask_s                one silo's submit_update (clip, SR, self + 9 pairwise masks,
                                     vector hash) with no precomputation
   silo_encode_mask_precomputed_s    the same when precompute_masks() ran during training
   coordinator_unmask_s              reconstruct + remove 10 self masks + decode, no dropout
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from secagg import primitives  # noqa: E402
 from secagg.coordinator import Phase  # noqa: E402
 from secagg.encoding import recommended_scale  # noqa: E402
+from secagg.silo import MaskedUpload, SiloSession  # noqa: E402
 from tests.secagg.harness import Round, make_config  # noqa: E402
 from tests.secagg.pki import federation  # noqa: E402
 
@@ -34,20 +36,10 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def bench_round(n: int, d: int, drop: bool, precompute: bool) -> tuple[float, float]:
-    """(silo submit_update seconds for one silo, coordinator unmask seconds)."""
-    fed = federation()
-    cfg = make_config(fed, n, d, scale=recommended_scale(n, 1e4, 32), clip_l2=1e4)
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal(d).astype(np.float32)
-    inputs = {sid: base for sid in cfg.invited}
-    drop_at = {cfg.invited[-1]: "masked"} if drop else {}
-    r = Round(fed, cfg, inputs, drop_at=drop_at, keep_ring_sum=False)
-    timings: list[float] = []
-    original = r.sessions[cfg.invited[0]].submit_update
-    session = r.sessions[cfg.invited[0]]
+def _wrap(session: SiloSession, timings: list[float], precompute: bool) -> None:
+    original = session.submit_update
 
-    def timed(delta: np.ndarray, num_examples: int):  # type: ignore[no-untyped-def]
+    def timed(delta: np.ndarray, num_examples: int) -> MaskedUpload:
         if precompute:
             session.precompute_masks()
         t0 = time.perf_counter()
@@ -56,6 +48,20 @@ def bench_round(n: int, d: int, drop: bool, precompute: bool) -> tuple[float, fl
         return out
 
     session.submit_update = timed  # type: ignore[method-assign]
+
+
+def bench_round(n: int, d: int, drop: bool, precompute: bool) -> tuple[list[float], float]:
+    """(every silo's submit_update seconds, coordinator unmask seconds)."""
+    fed = federation()
+    cfg = make_config(fed, n, d, scale=recommended_scale(n, 1e4, 32), clip_l2=1e4)
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(d).astype(np.float32)
+    inputs = {sid: base for sid in cfg.invited}
+    drop_at = {cfg.invited[-1]: "masked"} if drop else {}
+    r = Round(fed, cfg, inputs, drop_at=drop_at, keep_ring_sum=False)
+    timings: list[float] = []
+    for session in r.sessions.values():
+        _wrap(session, timings, precompute)
     rnd = r.run(stop_at=Phase.UNMASK)
     pending = list(r.pending)
     replies = []
@@ -66,7 +72,7 @@ def bench_round(n: int, d: int, drop: bool, precompute: bool) -> tuple[float, fl
         rnd.handle(dest, data, now=_now())
     unmask = time.perf_counter() - t0
     assert rnd.phase is Phase.DONE and rnd.result is not None
-    return timings[0], unmask
+    return timings, unmask
 
 
 def _now():  # type: ignore[no-untyped-def]
@@ -93,10 +99,10 @@ def main() -> int:
     silo, silo_pre, unmask, unmask_drop = [], [], [], []
     for _ in range(args.runs):
         s, u = bench_round(args.n, args.d, drop=False, precompute=False)
-        silo.append(s)
+        silo.extend(s)
         unmask.append(u)
         s, _u = bench_round(args.n, args.d, drop=False, precompute=True)
-        silo_pre.append(s)
+        silo_pre.extend(s)
         _s, u = bench_round(args.n, args.d, drop=True, precompute=False)
         unmask_drop.append(u)
     gbps = [bench_mask(args.d) for _ in range(args.runs)]

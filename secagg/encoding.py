@@ -112,24 +112,28 @@ def encode_into(
     fl = np.empty(SR_CHUNK, dtype=np.float64)
     up = np.empty(SR_CHUNK, dtype=np.bool_)
     q = np.empty(SR_CHUNK, dtype=np.int64)
+    qs = np.empty(SR_CHUNK, dtype=signed.dtype)
     body = signed[1:]
     for start in range(0, d, SR_CHUNK):
         n = min(SR_CHUNK, d - start)
-        yv, uv, fv, upv, qv = y[:n], u[:n], fl[:n], up[:n], q[:n]
+        yv, uv, fv, upv, qv, qsv = y[:n], u[:n], fl[:n], up[:n], q[:n], qs[:n]
         np.multiply(delta[start : start + n], factor, out=yv, dtype=np.float64)
         np.floor(yv, out=fv)
         np.subtract(yv, fv, out=yv)  # fractional part in [0, 1)
         rng.random(out=uv)
         np.less(uv, yv, out=upv)  # round up with probability = fraction
         np.add(fv, upv, out=fv)
-        np.copyto(qv, fv, casting="unsafe")
         if noise is not None:
+            np.copyto(qv, fv, casting="unsafe")
             np.add(qv, noise[start : start + n], out=qv)
+            np.copyto(qsv, qv, casting="unsafe")  # within int_b by the no-overflow rule
+        else:
+            np.copyto(qsv, fv, casting="unsafe")  # |q| <= S·C + 1 < 2^(b-1) by the rule
         dest = body[start : start + n]
         if accumulate:
-            np.add(dest, qv, out=dest, casting="unsafe")  # wraps mod 2^b
+            np.add(dest, qsv, out=dest)  # same dtype: wraps mod 2^b
         else:
-            np.copyto(dest, qv, casting="unsafe")
+            dest[...] = qsv
 
 
 def to_signed(ring: np.ndarray) -> np.ndarray:
