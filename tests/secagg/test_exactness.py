@@ -71,3 +71,24 @@ def test_stochastic_rounding_within_bound_of_float_mean() -> None:
     err = np.abs(rnd.result.aggregate - mean)
     assert err.max() < 1.0 / cfg.scale  # each input moves < 1/S; the mean of 4 moves < 1/S
     assert err.max() > 0  # rounding did happen (values are off-grid)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_sparse_harary_graph_round_is_exact(drop: bool) -> None:
+    from secagg.config import GraphKind
+
+    fed = federation()
+    cfg = make_config(fed, 10, 300, graph=GraphKind.HARARY, graph_k=6, graph_t_k=4, round_id=60)
+    inputs = exact_inputs(cfg, np.random.default_rng(11))
+    drop_at = {cfg.invited[3]: "masked"} if drop else {}
+    r = Round(fed, cfg, inputs, drop_at=drop_at)
+    rnd = r.run()
+    assert rnd.phase is Phase.DONE, (rnd.abort_reason, rnd.rejected[:3], r.aborts)
+    assert rnd.result is not None and rnd.result.ring_sum is not None
+    survivors = [s for s in cfg.invited if s not in drop_at]
+    expected = sum(np.rint(inputs[s] * cfg.scale).astype(np.int64) for s in survivors)
+    assert np.array_equal(rnd.result.ring_sum[1:].astype(np.int64), expected)
+    # each silo shared keys with its 6 ring neighbours only
+    some = r.sessions[cfg.invited[0]]
+    assert some.result is not None
+    assert all(len(v) == 6 for v in some._nbrs.values())
