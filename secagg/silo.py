@@ -233,6 +233,17 @@ class SiloSession:
             return []  # an aborted session answers nothing (SECAGG.md §6)
         return self._guard(lambda: self._dispatch(data, now))
 
+    def deadline_passed(self, *, round_over: bool = False) -> None:
+        """The driver's phase deadline passed (SECAGG.md §6). Before M5 the session aborts with
+        TIMEOUT; once the masked input is sent it keeps waiting until `round_over`."""
+        if self.stage in TERMINAL or self.stage is SiloStage.UNMASKED:
+            return
+        if self.stage in (SiloStage.MASKED_SENT, SiloStage.SIGNED) and not round_over:
+            return
+        stage = self.stage
+        self._enter_abort(AbortReason.TIMEOUT)
+        raise ProtocolAbort(AbortReason.TIMEOUT, f"no progress in stage {stage.value}")
+
     def precompute_masks(self) -> None:
         """Σ sgn·PRG(k_pair) over M(u), ahead of training (allowed once M4 is handled)."""
         if self.stage is not SiloStage.KEYS_RECEIVED or self._vector is None:

@@ -400,3 +400,23 @@ def test_aborted_session_answers_nothing() -> None:
     with pytest.raises(ProtocolAbort):
         s.handle_offer(cfg.encode(), bytes(32), now=NOW)
     assert s.handle(encode_message(KeyList(cfg.digest(), 7, ())), now=NOW) == []
+
+
+def test_timeout_before_upload_aborts_after_upload_waits() -> None:
+    s = _session()
+    cfg = make_config(federation(), N, D)
+    s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
+    with pytest.raises(ProtocolAbort) as exc:
+        s.deadline_passed()
+    assert exc.value.reason is AbortReason.TIMEOUT and s.stage is SiloStage.ABORTED
+    r = Round(federation(), cfg, exact_inputs(cfg, np.random.default_rng(0)))
+    from secagg.coordinator import Phase
+
+    r.run(stop_at=Phase.CONSISTENCY)
+    waiting = r.sessions[cfg.invited[0]]
+    assert waiting.stage is SiloStage.MASKED_SENT
+    waiting.deadline_passed()  # input committed: keep waiting for M6/M8
+    assert waiting.stage is SiloStage.MASKED_SENT
+    with pytest.raises(ProtocolAbort):
+        waiting.deadline_passed(round_over=True)
+    assert waiting.stage is SiloStage.ABORTED
