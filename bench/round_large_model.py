@@ -98,8 +98,15 @@ def main() -> int:
         fed = provision(tmp / "fed", "bench", names)
         state = tmp / "coord"
         cfg = write_coordinator_config(
-            tmp / "c.toml", fed, state_dir=state, task_spec=SPEC, rounds=args.rounds,
-            min_silos=args.silos, offer_s=300.0, train_s=600.0, start_timeout_s=300.0,
+            tmp / "c.toml",
+            fed,
+            state_dir=state,
+            task_spec=SPEC,
+            rounds=args.rounds,
+            min_silos=args.silos,
+            offer_s=300.0,
+            train_s=600.0,
+            start_timeout_s=300.0,
         )
         peak = 0.0
         with processes(tmp / "logs") as procs:
@@ -107,7 +114,10 @@ def main() -> int:
             port = wait_for_port(state, coordinator, timeout_s=300)
             for i, name in enumerate(names):
                 toml = write_silo_config(
-                    tmp / f"{name}.toml", fed.silos[name], port=port, task_spec=SPEC,
+                    tmp / f"{name}.toml",
+                    fed.silos[name],
+                    port=port,
+                    task_spec=SPEC,
                     options={"silo_index": i},
                 )
                 procs.silo(name, toml)
@@ -133,8 +143,7 @@ def main() -> int:
         log = RoundLog.open_readonly(state / "rounds.sqlite")
         try:
             for summary in log.rounds():
-                print(f"round {summary.round_id}: {summary.status.value}, "
-                      f"{summary.finished} silos")
+                print(f"round {summary.round_id}: {summary.status.value}, {summary.finished} silos")
                 print(f"round_s: {summary.duration_s:.2f}")
         finally:
             log.close()

@@ -10,7 +10,8 @@ A round runs the phases `offer` (the model reaches the silo) and then the aggreg
 protocol's own phases. Each silo goes through them in order, and may run ahead of the round (a
 fast silo can finish training while a slow one still downloads). The round's phase ends when
 every silo still in it has finished it, or at its deadline; silos that have not finished by
-then drop out for the round with that phase as the reason. Whenever fewer than `min_silos` remain, the round aborts and nothing is aggregated.
+then drop out for the round with that phase as the reason. Whenever fewer than `min_silos`
+remain, the round aborts and nothing is aggregated.
 """
 
 from __future__ import annotations

@@ -20,11 +20,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import torch
 
 from coordinator.aggregation import AggregationError, AggregationProtocol, make_aggregation
@@ -47,7 +46,7 @@ from coordinator.rounds import (
     RoundMachine,
     Stage,
 )
-from coordinator.servicer import Refused
+from coordinator.servicer import RefusalCode, Refused
 from protos import federation_pb2 as pb
 from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
 from secagg.identity import (
@@ -66,9 +65,9 @@ TICK_S = 0.05
 
 # Which refusals are "who you are is not allowed" vs "we cannot tell who you are".
 _CODE_FOR = {
-    CertProblem.NOT_FROM_FEDERATION_CA: grpc.StatusCode.UNAUTHENTICATED,
-    CertProblem.NO_URI_SAN: grpc.StatusCode.UNAUTHENTICATED,
-    CertProblem.WRONG_KEY_TYPE: grpc.StatusCode.UNAUTHENTICATED,
+    CertProblem.NOT_FROM_FEDERATION_CA: RefusalCode.UNAUTHENTICATED,
+    CertProblem.NO_URI_SAN: RefusalCode.UNAUTHENTICATED,
+    CertProblem.WRONG_KEY_TYPE: RefusalCode.UNAUTHENTICATED,
 }
 
 
@@ -112,30 +111,39 @@ class Session:
     def send(self, item: _Item) -> None:
         self.queue.put(item)
 
-    def next_messages(self, timeout_s: float) -> list[pb.CoordinatorMessage] | None:
-        """The next message(s) to send; [] when idle for `timeout_s`; None once closed."""
+    def next_messages(self, timeout_s: float) -> Iterable[pb.CoordinatorMessage] | None:
+        """The next message(s) to send; empty when idle for `timeout_s`; None once closed.
+
+        A blob is expanded lazily, chunk by chunk, as the stream sends it: the model's bytes
+        are shared by every silo's queue and never copied whole per silo.
+        """
         try:
             item = self.queue.get(timeout=timeout_s)
         except queue.Empty:
-            return []
+            return ()
         if item is None:
             return None
         if isinstance(item, _Delivered):
             self.on_delivered(self, item.round_id)
-            return []
+            return ()
         if isinstance(item, _Blob):
-            out = list(_blob_messages(item))
-            self._count_out(sum(len(m.blob_chunk.data) for m in out))
-            return out
+            return self._counted(_blob_messages(item))
         self._count_out(item.ByteSize())
-        return [item]
+        return (item,)
+
+    def _counted(
+        self, messages: Iterator[pb.CoordinatorMessage]
+    ) -> Iterator[pb.CoordinatorMessage]:
+        for message in messages:
+            self._count_out(message.ByteSize())
+            yield message
 
     def _count_out(self, n: int) -> None:
         self.bytes_out += n
         self.round_bytes_out += n
 
 
-def _blob_messages(blob: _Blob) -> list[pb.CoordinatorMessage]:
+def _blob_messages(blob: _Blob) -> Iterator[pb.CoordinatorMessage]:
     meta = describe(blob.data)
     header = pb.BlobHeader(
         round_id=blob.round_id,
@@ -144,11 +152,10 @@ def _blob_messages(blob: _Blob) -> list[pb.CoordinatorMessage]:
         sha256=meta.sha256,
         chunk_count=meta.chunk_count,
     )
-    out = [pb.CoordinatorMessage(blob_header=header)]
+    yield pb.CoordinatorMessage(blob_header=header)
     for index, data in enumerate(split(blob.data)):
         chunk = pb.BlobChunk(round_id=blob.round_id, kind=blob.kind, index=index, data=data)
-        out.append(pb.CoordinatorMessage(blob_chunk=chunk))
-    return out
+        yield pb.CoordinatorMessage(blob_chunk=chunk)
 
 
 class _FileWatch:
@@ -219,7 +226,7 @@ class Hub:
         """Check the TLS peer and its hello. Raises Refused with an operator-readable detail."""
         if cert_pem is None:
             raise Refused(
-                grpc.StatusCode.UNAUTHENTICATED,
+                RefusalCode.UNAUTHENTICATED,
                 "no client certificate was presented; configure the silo's [tls] cert and key",
             )
         cert = load_pem_certificate(cert_pem)
@@ -234,13 +241,13 @@ class Hub:
                     revoked_serials=tuple(self.revoked),
                 )
             except CertificateRejected as exc:
-                code = _CODE_FOR.get(exc.problem, grpc.StatusCode.PERMISSION_DENIED)
+                code = _CODE_FOR.get(exc.problem, RefusalCode.PERMISSION_DENIED)
                 raise Refused(
                     code, f"{exc}; ask the coordinator operator to (re)enroll this silo"
                 ) from exc
             if hello.silo_id and hello.silo_id != silo_id:
                 raise Refused(
-                    grpc.StatusCode.PERMISSION_DENIED,
+                    RefusalCode.PERMISSION_DENIED,
                     f"hello claims silo id {hello.silo_id} but the certificate is {silo_id}; "
                     "a silo may only speak for itself",
                 )
@@ -445,7 +452,7 @@ class Hub:
             return len(self.sessions) >= n
 
     def run_rounds(self) -> bool:
-        """Run rounds until the log holds `[rounds] count` completed ones. False if stopped early."""
+        """Run rounds until the log holds `[rounds] count` completed ones; False if stopped."""
         cfg = self.config.rounds
         while not self.stopping.is_set():
             done = self.completed_rounds()
@@ -456,7 +463,8 @@ class Hub:
             need = (cfg.start_silos or cfg.min_silos) if first else cfg.min_silos
             if not self.wait_for_silos(need, cfg.start_timeout_s):
                 log.error(
-                    "gave up: fewer than %d silos connected within %.0f s ([rounds] start_timeout_s)",
+                    "gave up: fewer than %d silos connected within %.0f s "
+                    "([rounds] start_timeout_s)",
                     need,
                     cfg.start_timeout_s,
                 )
@@ -532,6 +540,7 @@ class Hub:
         invited: Sequence[str],
     ) -> None:
         now = self.clock()
+        self._model_bytes = b""  # the offered bytes are not needed past the round
         if machine.stage is Stage.READY:
             result = aggregation.finish()
             data = state_to_bytes(result.new_state)
@@ -654,7 +663,7 @@ class Hub:
             ckpt = self.checkpoints.save(0, state)
             self.roundlog.record_checkpoint(0, ckpt.path, ckpt.sha256)
             log.info("initial model saved as round 0 checkpoint %s", ckpt.sha256[:12])
-            return state_from_bytes(state_to_bytes(state))
+            return state
         state = self.checkpoints.load(Path(latest.path), latest.sha256)
         log.info(
             "resuming from the checkpoint of round %d (%s)", latest.round_id, latest.sha256[:12]
@@ -670,7 +679,7 @@ def _load_revoked(path: Path) -> frozenset[int]:
             return frozenset()
         entries = json.loads(path.read_text()).get("revoked", [])
         return frozenset(int(e["serial"], 16) for e in entries)
-    return load_revoked_serials(path)
+    return frozenset(load_revoked_serials(path))
 
 
 def _mean_eval(per_silo: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -40,7 +41,7 @@ class RunningServer:
 
 
 def start_server(
-    servicer: FederationServicer,
+    servicer: FederationServicer[Any],
     *,
     listen: str,
     ca_cert: Path,
@@ -48,7 +49,10 @@ def start_server(
     key: Path,
     max_streams: int = 64,
 ) -> RunningServer:
-    """Start serving on `listen` (host:port; port 0 picks one). Raises RuntimeError on bind failure."""
+    """Start serving on `listen` (host:port; port 0 picks one).
+
+    Raises RuntimeError when the address cannot be bound.
+    """
     credentials = grpc.ssl_server_credentials(
         [(key.read_bytes(), cert.read_bytes())],
         root_certificates=ca_cert.read_bytes(),

@@ -9,10 +9,11 @@ outbound queue (heartbeats when idle). Nothing here knows about rounds.
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
@@ -22,10 +23,25 @@ from protos import federation_pb2_grpc as pb_grpc
 log = logging.getLogger("silofed.coordinator.servicer")
 
 
-class Refused(Exception):
-    """The hub will not serve this peer; `code` is the gRPC status, str() the operator's detail."""
+class RefusalCode(enum.Enum):
+    """Why a peer is refused, as the hub sees it; mapped to a gRPC status here."""
 
-    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+    UNAUTHENTICATED = "cannot tell who the peer is"
+    PERMISSION_DENIED = "the peer is known but not allowed"
+    INVALID_ARGUMENT = "the peer broke the protocol"
+
+
+_STATUS = {
+    RefusalCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    RefusalCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    RefusalCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class Refused(Exception):
+    """The hub will not serve this peer; `code` says why, str() is the operator's sentence."""
+
+    def __init__(self, code: RefusalCode, detail: str) -> None:
         super().__init__(detail)
         self.code = code
 
@@ -35,19 +51,22 @@ class Outbound(Protocol):
 
     silo_id: str
 
-    def next_messages(self, timeout_s: float) -> list[pb.CoordinatorMessage] | None: ...
+    def next_messages(self, timeout_s: float) -> Iterable[pb.CoordinatorMessage] | None: ...
 
 
-class Hub(Protocol):
+S = TypeVar("S", bound=Outbound)
+
+
+class Hub(Protocol[S]):
     """The part of the coordinator the servicer talks to (implemented in `coordinator.serve`)."""
 
-    def admit(self, cert_pem: bytes | None, hello: pb.Hello) -> Outbound: ...
+    def admit(self, cert_pem: bytes | None, hello: pb.Hello) -> S: ...
 
-    def welcome(self, session: Outbound) -> pb.Welcome: ...
+    def welcome(self, session: S) -> pb.Welcome: ...
 
-    def on_message(self, session: Outbound, message: pb.SiloMessage) -> None: ...
+    def on_message(self, session: S, message: pb.SiloMessage) -> None: ...
 
-    def on_disconnect(self, session: Outbound, why: str) -> None: ...
+    def on_disconnect(self, session: S, why: str) -> None: ...
 
     def status(self) -> pb.StatusReply: ...
 
@@ -57,8 +76,8 @@ def _peer_cert(context: grpc.ServicerContext) -> bytes | None:
     return certs[0] if certs else None
 
 
-class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, hub: Hub, *, idle_heartbeat_s: float = 5.0) -> None:
+class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
+    def __init__(self, hub: Hub[S], *, idle_heartbeat_s: float = 5.0) -> None:
         self._hub = hub
         self._idle = idle_heartbeat_s
 
@@ -80,7 +99,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             session = self._hub.admit(_peer_cert(context), first.hello)
         except Refused as refusal:
             log.warning("refused connection from %s: %s", peer, refusal)
-            context.abort(refusal.code, str(refusal))
+            context.abort(_STATUS[refusal.code], str(refusal))
         # Fires however the RPC ends (client cancel, broken connection, server stop): the
         # reader thread or the generator may be blocked and never notice on their own.
         context.add_callback(lambda: self._hub.on_disconnect(session, "stream ended"))
@@ -98,16 +117,17 @@ class FederationServicer(pb_grpc.FederationServicer):
                 batch = session.next_messages(self._idle)
                 if batch is None:  # the hub closed this session
                     return
-                if not batch:
+                sent = False
+                for message in batch:
+                    sent = True
+                    yield message
+                if not sent:
                     yield pb.CoordinatorMessage(heartbeat=pb.Heartbeat())
-                yield from batch
         finally:
             done.set()
             self._hub.on_disconnect(session, "stream ended")
 
-    def _read(
-        self, session: Outbound, messages: Iterator[pb.SiloMessage], done: threading.Event
-    ) -> None:
+    def _read(self, session: S, messages: Iterator[pb.SiloMessage], done: threading.Event) -> None:
         why = "silo closed its stream"
         try:
             for message in messages:

@@ -22,7 +22,7 @@ from secagg.chunking import describe, split
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
@@ -73,7 +73,7 @@ class Link:
         server_name: str | None = None,
         heartbeat_s: float = 5.0,
     ) -> None:
-        options = list(CHANNEL_OPTIONS)
+        options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         credentials = grpc.ssl_channel_credentials(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from coordinator.rounds import (
-    DropReason,
     Dropped,
+    DropReason,
     Phase,
     PhaseEnded,
     RoundAborted,

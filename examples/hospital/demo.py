@@ -9,6 +9,7 @@ scratch under `demo-state/` (wiped each run). Every process it starts is stopped
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -138,8 +139,12 @@ def run_federation(root: Path, state: Path) -> Path:
     if state.exists():
         shutil.rmtree(state)
     state.mkdir(parents=True)
-    fed = provision_dev(state / "federation", FEDERATION_ID, list(SILOS), now=dt.datetime.now(dt.UTC))
-    print(f"provisioned federation {FEDERATION_ID!r} with {len(SILOS)} silos in {state}", flush=True)
+    fed = provision_dev(
+        state / "federation", FEDERATION_ID, list(SILOS), now=dt.datetime.now(dt.UTC)
+    )
+    print(
+        f"provisioned federation {FEDERATION_ID!r} with {len(SILOS)} silos in {state}", flush=True
+    )
     coord_toml = state / "coordinator.toml"
     coord_toml.write_text(to_toml(coordinator_config(fed, state)))
     coord_state = state / "coordinator-state"
@@ -148,7 +153,9 @@ def run_federation(root: Path, state: Path) -> Path:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         coordinator = _start(
-            ["-m", "coordinator", "serve", "--config", str(coord_toml)], logs / "coordinator.log", root
+            ["-m", "coordinator", "serve", "--config", str(coord_toml)],
+            logs / "coordinator.log",
+            root,
         )
         procs.append(coordinator)
         port = _wait_for_port(coord_state / "coordinator.port", coordinator, 60.0)
@@ -156,7 +163,9 @@ def run_federation(root: Path, state: Path) -> Path:
         for index, name in enumerate(SILOS):
             toml = state / f"{name}.toml"
             toml.write_text(to_toml(silo_config(name, index, fed.silos[name], port)))
-            proc = _start(["-m", "silo_agent", "run", "--config", str(toml)], logs / f"{name}.log", root)
+            proc = _start(
+                ["-m", "silo_agent", "run", "--config", str(toml)], logs / f"{name}.log", root
+            )
             procs.append(proc)
             print(f"silo {name} started (pid {proc.pid})", flush=True)
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -169,11 +178,9 @@ def run_federation(root: Path, state: Path) -> Path:
             raise RuntimeError(f"the federation did not finish within {RUN_TIMEOUT_S:.0f} s")
         if coordinator.returncode != 0:
             raise RuntimeError(f"the coordinator exited with {coordinator.returncode}; see {logs}")
-        for proc in procs[1:]:
-            try:
+        for proc in procs[1:]:  # silos exit by themselves once told the federation finished
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
     finally:
         for proc in reversed(procs):
             _stop(proc)
