@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.servicer import FederationServicer
 from protos import federation_pb2_grpc as pb_grpc
@@ -65,6 +66,11 @@ def start_server(
         maximum_concurrent_rpcs=max_streams + 8,
     )
     pb_grpc.add_FederationServicer_to_server(servicer, server)
+    # The standard health service, so an orchestrator can probe the coordinator (over mTLS).
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("silofed.v1.Federation", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise RuntimeError(f"could not listen on {listen} (address in use or not local?)")

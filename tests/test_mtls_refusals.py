@@ -263,3 +263,22 @@ def test_roster_addition_takes_effect_without_restart(world: World) -> None:
     assert _attempt(world, files).code == "PERMISSION_DENIED"
     add_to_roster(world.fed, files)
     assert _attempt_welcomed(world, files) == "welcomed"
+
+
+def test_health_service_answers_over_mtls(world: World) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    files = world.fed.silos["spy"]
+    creds = grpc.ssl_channel_credentials(
+        world.fed.ca_cert.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
+    )
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{world.port}", creds, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="silofed.v1.Federation"), timeout=10
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        channel.close()
