@@ -254,7 +254,7 @@ class Hub:
             old = self.sessions.get(silo_id)
             if old is not None:
                 log.info("%s reconnected; closing its previous stream", silo_id)
-                self._close(old, "replaced by a new connection")
+                self._replace(old)
             session = Session(
                 silo_id=silo_id,
                 connected_since=self.clock(),
@@ -276,21 +276,25 @@ class Hub:
     # ---- stream events ---------------------------------------------------------------------
 
     def on_disconnect(self, session: Session, why: str) -> None:
+        # Called up to three times per stream (reader, generator, RPC callback): idempotent.
         with self.lock:
-            if self.sessions.get(session.silo_id) is session:
+            current = self.sessions.get(session.silo_id) is session
+            if current:
                 del self.sessions[session.silo_id]
                 log.info("silo disconnected: %s (%s)", session.silo_id, why)
             if not session.closed:
-                self._close(session, why)
-            if self.machine is not None:
+                session.closed = True
+                session.send(None)
+            # A replaced stream must not drop the silo's new stream from the round.
+            if current and self.machine is not None:
                 self._apply(self.machine.disconnected(session.silo_id, self.clock()))
 
-    def _close(self, session: Session, why: str) -> None:
+    def _replace(self, session: Session) -> None:
+        """Close a silo's previous stream; its work in the current round is lost with it."""
         session.closed = True
         session.send(None)
         if self.machine is not None:
             self._apply(self.machine.disconnected(session.silo_id, self.clock()))
-        del why
 
     def _delivered(self, session: Session, round_id: int) -> None:
         with self.lock:
@@ -341,6 +345,11 @@ class Hub:
         return m is not None and m.expects(session.silo_id, round_id, "train")
 
     def _on_report(self, session: Session, report: pb.TrainReport) -> None:
+        m = self.machine
+        if m is not None and m.expects(session.silo_id, report.round_id, OFFER_PHASE):
+            # A report proves the model arrived, even if the stream's delivery marker has not
+            # been processed yet.
+            self._apply(m.done(session.silo_id, report.round_id, OFFER_PHASE, self.clock())[1])
         if not self._current_phase(session, report.round_id):
             log.info(
                 "ignoring late or stray report from %s for round %d",
