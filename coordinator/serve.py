@@ -206,7 +206,7 @@ class Hub:
         self.aggregation: AggregationProtocol | None = None
         self.phase_started = 0.0
         self.stopping = threading.Event()
-        self._model_bytes = b""
+        self._model_len = 0  # size of the offered model: bounds what an update may be
         self._ran_any = False
 
     # ---- trust -----------------------------------------------------------------------------
@@ -371,7 +371,7 @@ class Hub:
             return
         try:
             meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
-            limit = 2 * len(self._model_bytes) + (1 << 20)
+            limit = 2 * self._model_len + (1 << 20)
             session.upload = Reassembler(meta, max_total_bytes=limit)
         except ChunkError as exc:
             self._reject(session, f"bad update header: {exc}")
@@ -490,7 +490,7 @@ class Hub:
             Phase(p.name, float(getattr(deadlines, p.deadline_key))) for p in aggregation.phases
         ]
         model_bytes = state_to_bytes(self.global_state)
-        self._model_bytes = model_bytes
+        self._model_len = len(model_bytes)
         model_sha = hashlib.sha256(model_bytes).digest()
         round_config = json.dumps(
             {"train": dict(self.config.train), "aggregation": cfg.aggregation}, sort_keys=True
@@ -533,6 +533,8 @@ class Hub:
                 s.send(pb.CoordinatorMessage(round_offer=offer))
                 s.send(_Blob(round_id, pb.GLOBAL_MODEL, model_bytes))
                 s.send(_Delivered(round_id))
+            # The streams hold the bytes until sent; dropping ours frees them during the round.
+            del model_bytes
             self._apply(self.machine.start(invited, now))
             while not self.machine.over and not self.stopping.is_set():
                 self.changed.wait(TICK_S)
@@ -549,7 +551,6 @@ class Hub:
         invited: Sequence[str],
     ) -> None:
         now = self.clock()
-        self._model_bytes = b""  # the offered bytes are not needed past the round
         if machine.stage is Stage.READY:
             result = aggregation.finish()
             data = state_to_bytes(result.new_state)
