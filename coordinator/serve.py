@@ -251,6 +251,14 @@ class Hub:
                     f"hello claims silo id {hello.silo_id} but the certificate is {silo_id}; "
                     "a silo may only speak for itself",
                 )
+            if hello.roster_digest and hello.roster_digest != self.roster.digest():
+                # Not a refusal (a silo may lag one roster version behind), but worth a line:
+                # secure aggregation will require both to agree.
+                log.warning(
+                    "%s pinned a roster that differs from the coordinator's (version %d)",
+                    silo_id,
+                    self.roster.version,
+                )
             old = self.sessions.get(silo_id)
             if old is not None:
                 log.info("%s reconnected; closing its previous stream", silo_id)
