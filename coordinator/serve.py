@@ -35,6 +35,7 @@ from coordinator.checkpoints import (
     state_to_bytes,
 )
 from coordinator.config import CoordinatorConfig
+from coordinator.pki import load_revoked_serials
 from coordinator.roundlog import RoundLog
 from coordinator.rounds import (
     OFFER_PHASE,
@@ -219,7 +220,7 @@ class Hub:
                 "roster loaded: version %d, %d silos", self.roster.version, len(self.roster.entries)
             )
         if self._revoked_watch.changed():
-            self.revoked = _load_revoked(self.config.tls.revoked)
+            self.revoked = load_revoked_serials(self.config.tls.revoked)
             log.info("revocation list loaded: %d revoked serials", len(self.revoked))
 
     def admit(self, cert_pem: bytes | None, hello: pb.Hello) -> Session:
@@ -687,17 +688,6 @@ class Hub:
             "resuming from the checkpoint of round %d (%s)", latest.round_id, latest.sha256[:12]
         )
         return state
-
-
-def _load_revoked(path: Path) -> frozenset[int]:
-    try:
-        from coordinator.pki import load_revoked_serials
-    except ImportError:  # until the PKI module lands: same file format, read directly
-        if not path.exists():
-            return frozenset()
-        entries = json.loads(path.read_text()).get("revoked", [])
-        return frozenset(int(e["serial"], 16) for e in entries)
-    return frozenset(load_revoked_serials(path))
 
 
 def _mean_eval(per_silo: Iterable[Mapping[str, float]]) -> dict[str, float]:

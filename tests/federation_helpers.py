@@ -5,7 +5,7 @@ SIGKILL after a grace period); every wait is bounded in time. Processes run the 
 entry points (`python -m coordinator serve`, `python -m silo_agent run`) with PYTHONPATH set to
 the repository root, and write their logs to files the test can read and print on failure.
 
-Certificates come from `coordinator.pki.provision_dev` when it exists; `issue_silo_cert` makes
+Certificates come from `coordinator.pki.provision_dev`; `make_ca` and `issue_silo_cert` make
 the deliberately bad ones (expired, foreign CA, not on the roster) with `cryptography` directly.
 """
 
@@ -150,92 +150,23 @@ def issue_silo_cert(
     )
 
 
-def _issue_server_cert(
-    ca_cert: Path, ca_key: Path, out_dir: Path, fed: str, now: dt.datetime
-) -> tuple[Path, Path]:
-    import ipaddress
-
-    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "coordinator")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.UniformResourceIdentifier(f"spiffe://{fed}/coordinator"),
-                ]
-            ),
-            critical=False,
-        )
-        .sign(_load_key(ca_key), hashes.SHA256())
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_key(out_dir / "coordinator.key", key)
-    (out_dir / "coordinator.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return out_dir / "coordinator.pem", out_dir / "coordinator.key"
-
-
 def provision(root: Path, federation_id: str, names: Sequence[str]) -> Federation:
-    """A dev federation under `root`: via `coordinator.pki.provision_dev` when available."""
-    now = dt.datetime.now(UTC)
-    try:
-        from coordinator.pki import provision_dev
-    except ImportError:
-        provision_dev = None
-    if provision_dev is not None:
-        dev = provision_dev(root, federation_id, list(names), now=now)
-        return Federation(
-            root=root,
-            federation_id=federation_id,
-            ca_cert=dev.ca_cert,
-            ca_key=dev.ca_key,
-            coordinator_cert=dev.coordinator_cert,
-            coordinator_key=dev.coordinator_key,
-            roster=dev.roster,
-            revoked=dev.revoked,
-            silos={
-                n: SiloFiles(n, p.dir, p.key, p.cert, p.ca_cert, p.roster)
-                for n, p in dev.silos.items()
-            },
-        )
-    ca_cert, ca_key = make_ca(root / "ca", federation_id, now)
-    cc, ck = _issue_server_cert(ca_cert, ca_key, root / "coordinator", federation_id, now)
-    silos = {}
-    roster = Roster(federation_id, 0, {})
-    for n in names:
-        s = issue_silo_cert(
-            ca_cert,
-            ca_key,
-            root / "silos" / n,
-            federation_id=federation_id,
-            name=n,
-            not_before=now - dt.timedelta(hours=1),
-            not_after=now + dt.timedelta(days=30),
-        )
-        cert = x509.load_pem_x509_certificate(s.cert.read_bytes())
-        roster = roster.with_silo(silo_id_for(federation_id, n), spki_sha256(cert))
-        silos[n] = s
-    (root / "roster.json").write_text(roster.to_json())
-    for s in silos.values():
-        s.roster.write_text(roster.to_json())
+    """A dev federation under `root`, made by `coordinator.pki.provision_dev`."""
+    from coordinator.pki import provision_dev
+
+    dev = provision_dev(root, federation_id, list(names), now=dt.datetime.now(UTC))
     return Federation(
-        root,
-        federation_id,
-        ca_cert,
-        ca_key,
-        cc,
-        ck,
-        root / "roster.json",
-        root / "revoked.json",
-        silos,
+        root=root,
+        federation_id=federation_id,
+        ca_cert=dev.ca_cert,
+        ca_key=dev.ca_key,
+        coordinator_cert=dev.coordinator_cert,
+        coordinator_key=dev.coordinator_key,
+        roster=dev.roster,
+        revoked=dev.revoked,
+        silos={
+            n: SiloFiles(n, p.dir, p.key, p.cert, p.ca_cert, p.roster) for n, p in dev.silos.items()
+        },
     )
 
 
