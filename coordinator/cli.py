@@ -7,7 +7,13 @@ function takes the parsed arguments and returns the process exit code.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
+
+# grpc reads its verbosity once, when first imported, and logs the cause of a refused TLS
+# handshake (foreign CA, expired certificate, plain TCP) only at INFO: set it before any
+# command module can import grpc, so those causes reach the coordinator's log.
+os.environ.setdefault("GRPC_VERBOSITY", "INFO")
 
 from coordinator import cmd_pki, cmd_rounds, cmd_serve
 
