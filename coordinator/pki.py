@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from secagg.identity import Roster, SiloId, silo_id_for, spki_sha256, uri_san
+from secagg.identity import Roster, SiloId, build_silo_csr, spki_sha256, uri_san
 
 CA_DIR = "ca"
 COORDINATOR_DIR = "coordinator"
@@ -351,18 +351,7 @@ def _dev_silo_key_and_csr(silo_dir: Path, federation_id: str, name: str) -> byte
     # exactly as `silofed-silo enroll` would, and only the CSR travels to the CA.
     key = _new_key()
     write_private_key(silo_dir / "silo.key", key, force=True)
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(silo_id_for(federation_id, name))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    pem = csr.public_bytes(serialization.Encoding.PEM)
+    pem = build_silo_csr(key, federation_id, name)
     write_public(silo_dir / "silo.csr", pem)
     return pem
 

@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 SiloId = NewType("SiloId", str)
 
@@ -227,3 +228,23 @@ def load_der_certificate(data: bytes) -> x509.Certificate:
 
 
 SIGNATURE_ALGORITHM = ec.ECDSA(hashes.SHA256())
+
+
+def build_silo_csr(key: ec.EllipticCurvePrivateKey, federation_id: str, name: str) -> bytes:
+    """The PEM CSR a silo sends to the federation CA: CN = name, one URI SAN = its silo id.
+
+    One definition for both sides: `silofed-silo enroll` on a silo's machine, and the dev
+    provisioning that plays every silo on one machine.
+    """
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(silo_id_for(federation_id, name))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)

@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from secagg.identity import silo_id_for
+from secagg.identity import build_silo_csr
 
 KEY_FILE = "silo.key"
 CSR_FILE = "silo.csr"
@@ -63,19 +62,8 @@ def generate_key_and_csr(
                 serialization.NoEncryption(),
             )
         )
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(silo_id_for(federation_id, name))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
     csr_path = silo_dir / CSR_FILE
-    csr_path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    csr_path.write_bytes(build_silo_csr(key, federation_id, name))
     return csr_path
 
 
