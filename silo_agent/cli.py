@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from silo_agent import cmd_enroll, cmd_run
+from silo_agent import cmd_check, cmd_enroll, cmd_ledger, cmd_run
 
-COMMAND_MODULES = (cmd_enroll, cmd_run)
+COMMAND_MODULES = (cmd_enroll, cmd_run, cmd_check, cmd_ledger)
 
 
 def build_parser() -> argparse.ArgumentParser:

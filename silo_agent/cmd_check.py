@@ -1,0 +1,183 @@
+"""`silofed-silo check --config FILE`: is this silo ready to join? One line per check.
+
+Rule: every check runs (a failure does not hide the next one, except where a check needs what
+failed before it), each prints OK with the fact it established or FAIL with what to fix, and the
+exit code is 0 only when all pass. Checks: config, certificate (federation CA, validity, days to
+expiry), roster pin, coordinator reachable (TCP + mutual TLS handshake, our certificate offered,
+theirs verified against the CA), task imports, data loads. Nothing is sent beyond the handshake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secagg.identity import (
+    CertificateRejected,
+    Roster,
+    check_certificate,
+    load_pem_certificate,
+    silo_id_for,
+)
+from silo_agent.config import ConfigError, SiloConfig, load_silo_config
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("check", help="check config, certificate, roster, coordinator, task, data")
+    p.add_argument("--config", required=True, type=Path, help="silo TOML file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to reach the coordinator (default 5)"
+    )
+    p.set_defaults(func=run)
+
+
+def check_certificate_validity(config: SiloConfig, now: dt.datetime) -> CheckResult:
+    cert = load_pem_certificate(config.tls.cert.read_bytes())
+    ca = load_pem_certificate(config.tls.ca_cert.read_bytes())
+    try:
+        silo_id = check_certificate(cert, ca, now=now)
+    except CertificateRejected as exc:
+        return CheckResult(
+            "certificate", False, f"{config.tls.cert}: {exc}; re-enroll (silofed-silo enroll)"
+        )
+    days = (cert.not_valid_after_utc - now).total_seconds() / 86400
+    return CheckResult(
+        "certificate",
+        True,
+        f"{silo_id}, valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({days:.0f} days)",
+    )
+
+
+def check_roster_pin(config: SiloConfig, now: dt.datetime) -> CheckResult:
+    cert = load_pem_certificate(config.tls.cert.read_bytes())
+    ca = load_pem_certificate(config.tls.ca_cert.read_bytes())
+    roster = Roster.from_json(config.tls.roster.read_text())
+    expected = config.silo_id
+    if expected is None and config.name is not None:
+        expected = silo_id_for(roster.federation_id, config.name)
+    try:
+        check_certificate(cert, ca, now=now, roster=roster, expected_silo_id=expected)
+    except CertificateRejected as exc:
+        return CheckResult(
+            "roster pin",
+            False,
+            f"{config.tls.roster} (version {roster.version}): {exc}; ask the federation "
+            "operator for the current roster or re-enroll",
+        )
+    return CheckResult(
+        "roster pin",
+        True,
+        f"{expected} pinned in roster v{roster.version} ({roster.digest().hex()[:12]})",
+    )
+
+
+def check_reachable(config: SiloConfig, timeout_s: float) -> CheckResult:
+    host, _, port = config.address.rpartition(":")
+    host = host.strip("[]")
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.tls.ca_cert))
+    ctx.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+    ctx.set_alpn_protocols(["h2"])  # what a gRPC client offers
+    server_name = config.server_name or host
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
+            ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+        ):
+            version = tls.version()
+    except ssl.SSLCertVerificationError as exc:
+        return CheckResult(
+            "coordinator",
+            False,
+            f"{config.address}: its certificate does not verify against {config.tls.ca_cert} "
+            f"for name {server_name!r} ({exc.verify_message}); check [coordinator] server_name "
+            "and [tls] ca_cert",
+        )
+    except ssl.SSLError as exc:
+        return CheckResult(
+            "coordinator",
+            False,
+            f"{config.address}: TLS handshake failed ({exc.reason}); the coordinator may not "
+            "accept this certificate — ask its operator",
+        )
+    except OSError as exc:
+        return CheckResult(
+            "coordinator",
+            False,
+            f"{config.address}: cannot connect ({exc.strerror or exc}); is the coordinator "
+            "running, and is [coordinator] address right?",
+        )
+    return CheckResult("coordinator", True, f"{config.address} reachable, mutual TLS ({version})")
+
+
+def check_task(config: SiloConfig) -> tuple[CheckResult, CheckResult]:
+    from silo_agent.task import TaskLoadError, load_task
+
+    try:
+        task = load_task(config.task_spec)
+    except TaskLoadError as exc:
+        failed = CheckResult("task", False, f"{exc}; fix [task] spec in {config.source}")
+        return failed, CheckResult("data", False, "not tried: the task did not load")
+    ok = CheckResult("task", True, f"{config.task_spec} imports")
+    try:
+        data = task.load_data(config.task_options)
+    except Exception as exc:  # a task's own loader can raise anything; report, do not crash
+        return ok, CheckResult(
+            "data", False, f"{type(exc).__name__}: {exc}; fix [task.options] in {config.source}"
+        )
+    size = f" ({len(data)} items)" if hasattr(data, "__len__") else ""
+    return ok, CheckResult("data", True, f"loaded{size}")
+
+
+def run_checks(config_path: Path, *, now: dt.datetime, timeout_s: float) -> list[CheckResult]:
+    try:
+        config = load_silo_config(config_path)
+    except ConfigError as exc:
+        return [CheckResult("config", False, str(exc))]
+    results = [CheckResult("config", True, str(config.source))]
+    steps: list[Callable[[], CheckResult]] = [
+        lambda: check_certificate_validity(config, now),
+        lambda: check_roster_pin(config, now),
+        lambda: check_reachable(config, timeout_s),
+    ]
+    names = ("certificate", "roster pin", "coordinator")
+    for name, step in zip(names, steps, strict=True):
+        try:
+            results.append(step())
+        except (OSError, ValueError) as exc:
+            results.append(CheckResult(name, False, f"{exc}; fix [tls] in {config.source}"))
+    results.extend(check_task(config))
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    results = run_checks(args.config, now=dt.datetime.now(dt.UTC), timeout_s=args.timeout)
+    ok = all(r.ok for r in results)
+    if args.json:
+        doc = {
+            "ok": ok,
+            "checks": [{"check": r.name, "ok": r.ok, "detail": r.detail} for r in results],
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        for r in results:
+            sys.stdout.write(f"{'OK  ' if r.ok else 'FAIL'} {r.name:<12} {r.detail}\n")
+    return EXIT_OK if ok else EXIT_FAILED
