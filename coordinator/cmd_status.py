@@ -1,0 +1,152 @@
+"""`silofed-coordinator status`: live view of a running coordinator.
+
+Rule: ask the coordinator (GetStatus over mTLS, through `status_client`) and print: connected
+silos with their certificate expiry (and days left), the current round, its phase and the time
+spent in it, rounds completed, and the gRPC health status. `--json` prints the same as one
+JSON object. `--config` reads the coordinator's config for the address (host of `[server]
+listen`, port from `<state_dir>/coordinator.port` when listen uses port 0) and the CA;
+`--address/--ca-cert` instead. The operator authenticates with `--cert/--key`: a client
+certificate (extended key usage clientAuth) from the federation CA; the coordinator's server
+certificate is refused as a client by TLS itself ("unsupported certificate purpose").
+Exit codes: 0 answered, 1 unreachable or bad arguments (the message says what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.config import ConfigError, load_coordinator_config
+from coordinator.status_client import Credentials, StatusUnavailable, fetch_status, probe_health
+from protos import federation_pb2 as pb
+
+
+class _UsageError(Exception):
+    pass
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("status", help="live view of a running coordinator (silos, round, phase)")
+    p.add_argument("--config", type=Path, help="coordinator TOML file (address and credentials)")
+    p.add_argument("--address", help="host:port of the coordinator (overrides --config)")
+    p.add_argument("--ca-cert", type=Path, help="federation CA certificate (PEM)")
+    p.add_argument("--cert", type=Path, help="operator client certificate from the CA (PEM)")
+    p.add_argument("--key", type=Path, help="its private key (PEM)")
+    p.add_argument("--server-name", default=None, help="name in the coordinator's certificate")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def _target(args: argparse.Namespace) -> tuple[str, Credentials]:
+    address: str | None = args.address
+    ca, cert, key = args.ca_cert, args.cert, args.key
+    server_name: str | None = args.server_name
+    if args.config is not None:
+        config = load_coordinator_config(args.config)
+        host, _, port = config.listen.rpartition(":")
+        if host in ("0.0.0.0", "[::]", "::", ""):
+            host = "127.0.0.1"
+        if port == "0":
+            port_file = config.state_dir / "coordinator.port"
+            try:
+                port = port_file.read_text().strip()
+            except FileNotFoundError as exc:
+                raise _UsageError(
+                    f"{port_file} does not exist: the coordinator is not running (start it with "
+                    "`silofed-coordinator serve`) or pass --address host:port"
+                ) from exc
+        address = address or f"{host}:{port}"
+        ca = ca or config.tls.ca_cert
+        server_name = server_name or "localhost"
+    if address is None or ca is None:
+        raise _UsageError(
+            "say which coordinator: --config FILE (the coordinator's TOML), or --address "
+            "host:port with --ca-cert"
+        )
+    if cert is None or key is None:
+        raise _UsageError(
+            "pass --cert and --key: an operator client certificate (extended key usage "
+            "clientAuth) issued by the federation CA; the coordinator's own certificate is "
+            "for serving only and the server refuses it as a client (see docs/auditing.md)"
+        )
+    try:
+        creds = Credentials(ca.read_bytes(), cert.read_bytes(), key.read_bytes(), server_name)
+    except OSError as exc:
+        raise _UsageError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    return address, creds
+
+
+def status_doc(address: str, reply: pb.StatusReply, health: str, now: float) -> dict[str, Any]:
+    """The JSON form; times are unix seconds, durations seconds, expiry in days from `now`."""
+    return {
+        "address": address,
+        "federation_id": reply.federation_id,
+        "health": health,
+        "round": reply.current_round or None,
+        "phase": reply.phase or None,
+        "phase_started_at": reply.phase_started_unix or None,
+        "time_in_phase_s": (now - reply.phase_started_unix) if reply.phase_started_unix else None,
+        "rounds_completed": reply.rounds_completed,
+        "silos": [
+            {
+                "silo_id": s.silo_id,
+                "connected_since": s.connected_since_unix,
+                "cert_not_after": s.cert_not_after_unix,
+                "cert_days_left": (s.cert_not_after_unix - now) / 86400,
+                "bytes_in": s.bytes_in,
+                "bytes_out": s.bytes_out,
+            }
+            for s in sorted(reply.silos, key=lambda s: s.silo_id)
+        ],
+    }
+
+
+def _print(doc: dict[str, Any], out: TextIO) -> None:
+    terminal = out.isatty()
+    console = Console(file=out, force_terminal=terminal, width=None if terminal else 160)
+    if doc["round"] is None:
+        where = "idle (no round running)"
+    else:
+        where = f"round {doc['round']}, phase {doc['phase']} for {doc['time_in_phase_s']:.1f} s"
+    console.print(
+        f"coordinator {doc['address']} ({doc['federation_id']}): {doc['health']}; {where}; "
+        f"{doc['rounds_completed']} round(s) completed; {len(doc['silos'])} silo(s) connected"
+    )
+    table = Table(title="connected silos")
+    for col in ("silo", "connected (UTC)", "cert expires (UTC)", "days left", "in", "out"):
+        table.add_column(col, justify="right" if col in ("days left", "in", "out") else "left")
+    for s in doc["silos"]:
+        table.add_row(
+            s["silo_id"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s["connected_since"])),
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(s["cert_not_after"])),
+            f"{s['cert_days_left']:.1f}",
+            f"{s['bytes_in']:,}",
+            f"{s['bytes_out']:,}",
+        )
+    console.print(table)
+
+
+def run(args: argparse.Namespace, clock: Callable[[], float] = time.time) -> int:
+    try:
+        address, creds = _target(args)
+        reply = fetch_status(address, creds, timeout_s=args.timeout)
+        health = probe_health(address, creds, timeout_s=args.timeout)
+    except (ConfigError, StatusUnavailable, _UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    doc = status_doc(address, reply, health, clock())
+    if args.json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        _print(doc, sys.stdout)
+    return 0

@@ -1,0 +1,127 @@
+"""`silofed-coordinator status` and the gRPC health probe while a real federation runs.
+
+A coordinator and two silos run as processes (round training slowed so a round is live while we
+look); `status --json` runs through the real entry point and must show both silos with the
+expiry of the certificates the test issued, the running round and its phase. The standard
+health service answers SERVING over mTLS. After the coordinator stops, `status` exits non-zero
+saying what to check.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from coordinator.status_client import Credentials, StatusUnavailable, probe_health
+from tests.federation_helpers import (
+    RECORDING_SPEC,
+    REPO,
+    child_env,
+    issue_silo_cert,
+    processes,
+    provision,
+    wait_for_port,
+    write_coordinator_config,
+    write_silo_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def status(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator", "status", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_status_and_health_while_a_federation_runs(tmp_path: Path) -> None:
+    names = ("a", "b")
+    fed = provision(tmp_path / "fed", "statusfed", names)
+    state = tmp_path / "coord"
+    cfg = write_coordinator_config(
+        tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=50,
+        min_silos=2, train={"sleep_s": 1.5},
+    )  # fmt: skip
+    expiry = {
+        f"spiffe://statusfed/silo/{n}": x509.load_pem_x509_certificate(
+            fed.silos[n].cert.read_bytes()
+        ).not_valid_after_utc.timestamp()
+        for n in names
+    }
+    # The operator's client certificate: from the federation CA, clientAuth, not on the roster.
+    now = dt.datetime.now(dt.UTC)
+    op = issue_silo_cert(
+        fed.ca_cert, fed.ca_key, tmp_path / "operator", federation_id="statusfed",
+        name="operator", not_before=now - dt.timedelta(minutes=5),
+        not_after=now + dt.timedelta(days=1),
+    )  # fmt: skip
+    who = ("--config", str(cfg), "--cert", str(op.cert), "--key", str(op.key))
+    with processes(tmp_path / "logs") as procs:
+        coordinator = procs.coordinator(cfg)
+        port = wait_for_port(state, coordinator)
+        for i, name in enumerate(names):
+            toml = write_silo_config(
+                tmp_path / f"{name}.toml", fed.silos[name], port=port, task_spec=RECORDING_SPEC,
+                options={"silo_index": i, "num_examples": 5, "record_dir": str(tmp_path / name)},
+            )  # fmt: skip
+            procs.silo(name, toml)
+        doc: dict[str, object] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done = status(*who, "--json")
+            assert done.returncode == 0, done.stderr + procs.logs()
+            doc = json.loads(done.stdout)
+            if doc["round"] is not None and len(doc["silos"]) == 2:  # type: ignore[arg-type]
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"no live round with two silos seen: {doc}\n{procs.logs()}")
+        assert doc["federation_id"] == "statusfed" and doc["health"] == "SERVING"
+        # Plaintext rounds have an offer phase and a train phase (the aggregation's phases).
+        assert doc["phase"] in ("offer", "train"), doc
+        assert isinstance(doc["time_in_phase_s"], float) and 0 <= doc["time_in_phase_s"] < 60
+        silos = {s["silo_id"]: s for s in doc["silos"]}  # type: ignore[attr-defined]
+        assert set(silos) == set(expiry)
+        for silo_id, not_after in expiry.items():
+            assert silos[silo_id]["cert_not_after"] == pytest.approx(not_after)
+            assert silos[silo_id]["cert_days_left"] > 1
+
+        table = status(*who)
+        assert table.returncode == 0, table.stderr
+        assert "spiffe://statusfed/silo/a" in table.stdout and "phase" in table.stdout
+
+        creds = Credentials(
+            fed.ca_cert.read_bytes(),
+            op.cert.read_bytes(),
+            op.key.read_bytes(),
+            "localhost",
+        )
+        address = f"127.0.0.1:{port}"
+        assert probe_health(address, creds) == "SERVING"
+        assert probe_health(address, creds, service="silofed.v1.Federation") == "SERVING"
+        with pytest.raises(StatusUnavailable, match="NOT_FOUND"):
+            probe_health(address, creds, service="no.such.Service")
+
+        procs.stop(coordinator)
+        down = status(*who, "--timeout", "2")
+        assert down.returncode == 1
+        assert "silofed-coordinator serve" in down.stderr
+
+
+def test_status_without_a_target_says_what_to_pass(tmp_path: Path) -> None:
+    done = status()
+    assert done.returncode == 1 and "--config FILE" in done.stderr
+    no_cert = status("--address", "127.0.0.1:1", "--ca-cert", str(tmp_path / "ca.pem"))
+    assert no_cert.returncode == 1 and "operator client certificate" in no_cert.stderr
