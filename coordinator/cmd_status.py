@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
 from coordinator.config import ConfigError, load_coordinator_config
-from coordinator.status_client import Credentials, StatusUnavailable, fetch_status, probe_health
 from protos import federation_pb2 as pb
+
+if TYPE_CHECKING:
+    from coordinator.status_client import Credentials
 
 
 class _UsageError(Exception):
@@ -78,6 +81,8 @@ def _target(args: argparse.Namespace) -> tuple[str, Credentials]:
             "clientAuth) issued by the federation CA; the coordinator's own certificate is "
             "for serving only and the server refuses it as a client (see docs/auditing.md)"
         )
+    from coordinator.status_client import Credentials
+
     try:
         creds = Credentials(ca.read_bytes(), cert.read_bytes(), key.read_bytes(), server_name)
     except OSError as exc:
@@ -137,6 +142,12 @@ def _print(doc: dict[str, Any], out: TextIO) -> None:
 
 
 def run(args: argparse.Namespace, clock: Callable[[], float] = time.time) -> int:
+    # The CLI turns grpc's logging to INFO for `serve`; a one-shot client wants errors only,
+    # and grpc reads the setting once, at import.
+    if "grpc" not in sys.modules:
+        os.environ["GRPC_VERBOSITY"] = "ERROR"
+    from coordinator.status_client import StatusUnavailable, fetch_status, probe_health
+
     try:
         address, creds = _target(args)
         reply = fetch_status(address, creds, timeout_s=args.timeout)
