@@ -15,9 +15,9 @@ from collections.abc import Sequence
 # command module can import grpc, so those causes reach the coordinator's log.
 os.environ.setdefault("GRPC_VERBOSITY", "INFO")
 
-from coordinator import cmd_pki, cmd_rounds, cmd_serve, cmd_status
+from coordinator import cmd_pki, cmd_rollback, cmd_rounds, cmd_serve, cmd_status
 
-COMMAND_MODULES = (cmd_serve, cmd_pki, cmd_rounds, cmd_status)
+COMMAND_MODULES = (cmd_serve, cmd_pki, cmd_rounds, cmd_status, cmd_rollback)
 
 
 def build_parser() -> argparse.ArgumentParser:

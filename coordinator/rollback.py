@@ -1,0 +1,101 @@
+"""Roll back: the next round starts from the checkpoint of an earlier round N, and says so.
+
+Rule: a rollback is an intent file, `<state_dir>/rollback.json` (`{"to": N, "requested_at": t,
+"reason": "..."}`), written by `silofed-coordinator rollback` after checking that round N
+completed and has a checkpoint (N = 0 is the initial model). The coordinator honours it at its
+next start: `checkpoint_to_resume` returns round N's checkpoint instead of the latest one, and
+`take_pending` hands N to the first round it starts (recorded in the round log as
+`rollback_of = N`) and removes the file, so the intent is used exactly once. Rounds are never
+renumbered or deleted: the log keeps the bad rounds and shows where the rollback happened.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.roundlog import CheckpointRecord, RoundLog, RoundNotFound, RoundStatus
+
+INTENT_FILENAME = "rollback.json"
+
+
+class RollbackError(Exception):
+    """A rollback cannot be requested or honoured; str() says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackIntent:
+    to: int
+    requested_at: float
+    reason: str
+
+
+def checkpoint_of(log: RoundLog, round_id: int) -> CheckpointRecord:
+    """The checkpoint round `round_id` produced (0: the initial model). Raises RollbackError."""
+    if round_id < 0:
+        raise RollbackError(
+            f"round {round_id} is not a round number; use 0 (initial model) or more"
+        )
+    if round_id > 0:
+        try:
+            detail = log.round_detail(round_id)
+        except RoundNotFound as exc:
+            raise RollbackError(
+                f"round {round_id} is not in the log (last round: {log.last_round_id()}); "
+                "see `silofed-coordinator rounds list`"
+            ) from exc
+        if detail.status is not RoundStatus.COMPLETED:
+            raise RollbackError(
+                f"round {round_id} is {detail.status.value}, not completed, so it has no model "
+                "to roll back to; pick a completed round from `silofed-coordinator rounds list`"
+            )
+    for c in log.export()["checkpoints"]:
+        if int(c["round"]) == round_id:
+            return CheckpointRecord(round_id, Path(c["path"]), str(c["sha256"]))
+    raise RollbackError(f"round {round_id} has no checkpoint in the log; pick another round")
+
+
+def request(
+    state_dir: Path, log: RoundLog, round_id: int, *, now: float, reason: str
+) -> CheckpointRecord:
+    """Validate and write the intent; return the checkpoint the next round will start from."""
+    ckpt = checkpoint_of(log, round_id)
+    intent = {"to": round_id, "requested_at": now, "reason": reason}
+    tmp = state_dir / (INTENT_FILENAME + ".tmp")
+    tmp.write_text(json.dumps(intent, sort_keys=True) + "\n")
+    tmp.replace(state_dir / INTENT_FILENAME)
+    return ckpt
+
+
+def pending(state_dir: Path) -> RollbackIntent | None:
+    """The unconsumed intent, if any. Raises RollbackError when the file is damaged."""
+    path = state_dir / INTENT_FILENAME
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RollbackError(f"{path} is unreadable ({exc}); delete it or request again") from exc
+    to = doc.get("to") if isinstance(doc, dict) else None
+    if not isinstance(to, int) or isinstance(to, bool):
+        raise RollbackError(f"{path}: 'to' must be a round number; delete it or request again")
+    return RollbackIntent(to, float(doc.get("requested_at", 0.0)), str(doc.get("reason", "")))
+
+
+def checkpoint_to_resume(log: RoundLog, state_dir: Path) -> CheckpointRecord | None:
+    """The runtime's resume hook: round N's checkpoint when a rollback is pending, else the
+    latest completed round's (what a plain restart uses)."""
+    intent = pending(state_dir)
+    if intent is None:
+        return log.latest_checkpoint()
+    return checkpoint_of(log, intent.to)
+
+
+def take_pending(state_dir: Path) -> int | None:
+    """The runtime's round-start hook: N for `rollback_of` once, then the intent is gone."""
+    intent = pending(state_dir)
+    if intent is None:
+        return None
+    (state_dir / INTENT_FILENAME).unlink(missing_ok=True)
+    return intent.to
