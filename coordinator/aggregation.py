@@ -4,9 +4,10 @@ Rule: an aggregation protocol names the phases it needs after the offer (each wi
 deadline key in `[deadlines]`), takes each accepted silo contribution as it arrives, and
 produces the new global state. Nothing here knows about gRPC, files or clocks.
 
-`plaintext` is weighted FedAvg over updates sent IN THE CLEAR: the coordinator sees each
-silo's update. Secure aggregation replaces it as the default in a later issue; the name lives
-in ONE constant (`PLAINTEXT`) so it can be renamed in one place.
+`plaintext-insecure` is weighted FedAvg over updates sent IN THE CLEAR: the coordinator sees
+each silo's update. It is an explicitly insecure baseline for benchmarks; its name says so and
+is recorded on every round it produces. The old name `plaintext` is refused with an explanation
+(`check_aggregation_name`) so no configuration selects the baseline without naming it insecure.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from typing import Protocol
 
 import torch
 
-PLAINTEXT = "plaintext"
+PLAINTEXT = "plaintext-insecure"
+# Names refused with an explanation rather than "unknown": they used to select (or look like
+# they select) the in-the-clear baseline, which must now be named as insecure.
+_RENAMED = {
+    "plaintext": (
+        "the plaintext baseline sends every silo's update IN THE CLEAR to the coordinator "
+        f"(it is insecure); to select it anyway, name it {PLAINTEXT!r}"
+    ),
+}
 
 
 class AggregationError(ValueError):
@@ -125,8 +134,18 @@ class PlaintextFedAvg:
 AGGREGATIONS = {PLAINTEXT: PlaintextFedAvg}
 
 
+def check_aggregation_name(name: str) -> str:
+    """`name` if it names a known aggregation; else AggregationError saying what to write."""
+    if name in _RENAMED:
+        raise AggregationError(f"{name!r} is refused: {_RENAMED[name]}")
+    if name not in AGGREGATIONS:
+        raise AggregationError(f"must be one of {sorted(AGGREGATIONS)}, got {name!r}")
+    return name
+
+
 def make_aggregation(name: str) -> AggregationProtocol:
     """A fresh protocol instance for one round. Raises AggregationError for an unknown name."""
+    check_aggregation_name(name)
     try:
         return AGGREGATIONS[name]()
     except KeyError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.aggregation import AGGREGATIONS
+from coordinator.aggregation import AggregationError, check_aggregation_name
 
 
 class ConfigError(ValueError):
@@ -161,10 +161,10 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     if ":" not in spec:
         raise r.fail("[task] spec", f"must look like 'package.module:attribute', got {spec!r}")
     aggregation = r.get("rounds", "aggregation", str)
-    if aggregation not in AGGREGATIONS:
-        raise r.fail(
-            "[rounds] aggregation", f"must be one of {sorted(AGGREGATIONS)}, got {aggregation!r}"
-        )
+    try:
+        check_aggregation_name(aggregation)
+    except AggregationError as e:
+        raise r.fail("[rounds] aggregation", str(e)) from None
     min_silos = r.positive("rounds", "min_silos", int)
     per_round = r.positive("rounds", "silos_per_round", int, None)
     if per_round is not None and per_round < min_silos:

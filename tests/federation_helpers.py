@@ -249,7 +249,7 @@ def write_coordinator_config(
         "rounds": {
             "count": rounds,
             "min_silos": min_silos,
-            "aggregation": "plaintext",
+            "aggregation": "plaintext-insecure",
             "start_timeout_s": start_timeout_s,
             "start_silos": start_silos or min_silos,
         },

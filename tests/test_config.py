@@ -36,7 +36,7 @@ spec = "examples.hospital.task:TASK"
 [rounds]
 count = 3
 min_silos = 2
-aggregation = "plaintext"
+aggregation = "plaintext-insecure"
 [deadlines]
 offer_s = 5
 train_s = 7.5
@@ -76,7 +76,7 @@ def test_coordinator_config_loads_and_resolves_paths(tmp_path: Path) -> None:
     assert cfg.state_dir == tmp_path / "state"
     assert cfg.tls.revoked == tmp_path / "revoked.json"
     assert (cfg.host, cfg.port) == ("127.0.0.1", 0)
-    assert cfg.rounds.count == 3 and cfg.rounds.aggregation == "plaintext"
+    assert cfg.rounds.count == 3 and cfg.rounds.aggregation == "plaintext-insecure"
     assert cfg.deadlines.offer_s == 5.0 and cfg.deadlines.train_s == 7.5
     assert dict(cfg.train) == {"epochs": 2, "lr": 0.1}
 
@@ -98,9 +98,15 @@ def test_silo_config_loads(tmp_path: Path) -> None:
         ("count = 3", 'count = "3"', r"\[rounds\] count must be int, got str"),
         ("count = 3", "count = 0", r"\[rounds\] count must be > 0"),
         (
-            'aggregation = "plaintext"',
+            'aggregation = "plaintext-insecure"',
             'aggregation = "fedavg"',
             r"\[rounds\] aggregation must be one of",
+        ),
+        (
+            'aggregation = "plaintext-insecure"',
+            'aggregation = "plaintext"',
+            r"\[rounds\] aggregation 'plaintext' is refused: .*IN THE CLEAR.*insecure.*"
+            r"name it 'plaintext-insecure'",
         ),
         ('listen = "127.0.0.1:0"', 'listen = "localhost"', r"\[server\] listen must be host:port"),
         (

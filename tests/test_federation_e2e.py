@@ -72,7 +72,7 @@ def test_hospital_rounds_complete_with_all_silos(tmp_path: Path) -> None:
             assert len(detail.participants["finished"]) == 3
             assert all("eval_accuracy" in s.metrics and s.bytes_in > 0 for s in detail.silos)
             assert "eval_accuracy" in detail.global_metrics
-            assert detail.aggregation == "plaintext"
+            assert detail.aggregation == "plaintext-insecure"
     finally:
         log.close()
     for name in NAMES:  # each silo's ledger lists what left the site

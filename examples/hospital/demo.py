@@ -26,7 +26,7 @@ from typing import Any
 FEDERATION_ID = "demo"
 SILOS = ("hospital-a", "hospital-b", "hospital-c")
 ROUNDS = 10
-AGGREGATION = "plaintext"  # secure aggregation becomes the default in a later issue
+AGGREGATION = "plaintext-insecure"  # insecure baseline until the demo drives secagg
 TASK_SPEC = "examples.hospital.task:TASK"
 TRAIN: Mapping[str, Any] = {"epochs": 2, "lr": 0.05, "batch_size": 16, "momentum": 0.9}
 RUN_TIMEOUT_S = 180.0
