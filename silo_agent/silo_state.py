@@ -1,0 +1,129 @@
+"""The silo's persisted secure-aggregation state: `last_round_id` and the submission log.
+
+Rule: every journal entry a `secagg.SiloSession` emits (round accepted, masked input recorded,
+survivors recorded) is written to ONE small JSON file in the silo's state dir, atomically
+(temporary file, fsync, rename) and BEFORE the session's next message leaves (SECAGG.md 0.2,
+3.7, 4.3): a crash can lose a message, never the record that it may have been sent. The file
+holds hashes, round ids and session ids only, never a model, a key or an update.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from secagg.silo import (
+    JournalEntry,
+    MaskedInputRecorded,
+    RoundAccepted,
+    SiloPolicy,
+    SubmissionRecord,
+    SurvivorsRecorded,
+)
+
+STATE_FILENAME = "secagg-state.json"
+_FORMAT = 1
+
+
+class SiloStateError(ValueError):
+    """The state file is unreadable or malformed; str() names the file and what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class SiloSecAggState:
+    """What the silo remembers across rounds and restarts."""
+
+    last_round_id: int = 0
+    submission_log: Mapping[bytes, tuple[SubmissionRecord, ...]] = field(default_factory=dict)
+
+    def apply(self, entry: JournalEntry) -> SiloSecAggState:
+        """The state after one journal entry (pure)."""
+        if isinstance(entry, RoundAccepted):
+            return replace(self, last_round_id=max(self.last_round_id, entry.round_id))
+        log = {k: tuple(v) for k, v in self.submission_log.items()}
+        rec = entry.record
+        if isinstance(entry, MaskedInputRecorded):
+            log[rec.model_sha256] = (*log.get(rec.model_sha256, ()), rec)
+        elif isinstance(entry, SurvivorsRecorded):
+            old = log.get(rec.model_sha256, ())
+            kept = tuple(r for r in old if r.session_id != rec.session_id)
+            log[rec.model_sha256] = (*kept, rec)
+        return replace(self, submission_log=log)
+
+    def policy(self, base: SiloPolicy) -> SiloPolicy:
+        """`base` (the configured policy) with this persisted state filled in."""
+        return replace(
+            base, last_round_id=self.last_round_id, submission_log=dict(self.submission_log)
+        )
+
+    def to_json(self) -> str:
+        records = [
+            {
+                "model_sha256": r.model_sha256.hex(),
+                "round_id": r.round_id,
+                "session_id": r.session_id.hex(),
+                "survivors": None if r.survivors is None else sorted(r.survivors),
+            }
+            for recs in self.submission_log.values()
+            for r in recs
+        ]
+        obj = {"format": _FORMAT, "last_round_id": self.last_round_id, "submissions": records}
+        return json.dumps(obj, sort_keys=True, indent=1)
+
+    @staticmethod
+    def from_json(text: str, *, source: str) -> SiloSecAggState:
+        try:
+            obj: Any = json.loads(text)
+            if obj.get("format") != _FORMAT:
+                raise ValueError(f"format must be {_FORMAT}, got {obj.get('format')!r}")
+            last = obj["last_round_id"]
+            if not isinstance(last, int) or last < 0:
+                raise ValueError(f"last_round_id must be an int >= 0, got {last!r}")
+            log: dict[bytes, tuple[SubmissionRecord, ...]] = {}
+            for r in obj["submissions"]:
+                surv = r["survivors"]
+                rec = SubmissionRecord(
+                    bytes.fromhex(r["model_sha256"]),
+                    int(r["round_id"]),
+                    bytes.fromhex(r["session_id"]),
+                    None if surv is None else frozenset(str(s) for s in surv),
+                )
+                log[rec.model_sha256] = (*log.get(rec.model_sha256, ()), rec)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SiloStateError(
+                f"{source}: malformed secure-aggregation state ({e}); restore it from a backup "
+                "(deleting it lets this silo re-submit for models it already answered)"
+            ) from None
+        return SiloSecAggState(last, log)
+
+
+class SiloStateStore:
+    """The state file in `state_dir`; `journal` is the callback a SiloSession takes."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / STATE_FILENAME
+        self.state = self._load()
+
+    def _load(self) -> SiloSecAggState:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return SiloSecAggState()
+        return SiloSecAggState.from_json(text, source=str(self.path))
+
+    def journal(self, entry: JournalEntry) -> None:
+        """Apply `entry` and make it durable before returning (the session then proceeds)."""
+        new = self.state.apply(entry)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(new.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.state = new

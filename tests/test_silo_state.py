@@ -1,0 +1,102 @@
+"""The silo's persisted secagg state: written by real SiloSessions' journals, read back from
+disk by a fresh store (a restart), and then enforced by the next session (stale round, replay)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secagg.errors import AbortReason, ProtocolAbort
+from secagg.silo import SiloPolicy, SiloSession
+from silo_agent.silo_state import STATE_FILENAME, SiloStateError, SiloStateStore
+from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config
+from tests.secagg.pki import NOW, federation
+
+
+def _round_with_stores(tmp_path: Path, **cfg_over: object) -> tuple[Round, dict[str, Path]]:
+    fed = federation()
+    cfg = make_config(fed, 5, 64, **cfg_over)
+    dirs = {sid: tmp_path / sid.rsplit("/", 1)[-1] for sid in cfg.invited}
+    policies = {sid: SiloStateStore(d).state.policy(SiloPolicy(0)) for sid, d in dirs.items()}
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(1)), policies=policies)
+    stores = {sid: SiloStateStore(d) for sid, d in dirs.items()}
+    for sid, s in r.sessions.items():
+        s._journal = stores[sid].journal  # the adapter passes store.journal to the session
+    r.run()
+    return r, dirs
+
+
+def test_round_is_persisted_and_enforced_after_restart(tmp_path: Path) -> None:
+    r, dirs = _round_with_stores(tmp_path)
+    assert not r.aborts
+    for sid, d in dirs.items():
+        path = d / STATE_FILENAME
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        st = SiloStateStore(d).state  # a fresh load, as after a restart
+        assert st.last_round_id == r.config.round_id
+        (rec,) = st.submission_log[r.config.model_sha256]
+        assert rec.round_id == r.config.round_id
+        assert rec.session_id == r.sessions[sid].session_id
+        assert rec.survivors is not None and sid in rec.survivors
+
+
+@pytest.mark.parametrize(
+    ("round_delta", "reason"), [(0, AbortReason.STALE_ROUND), (1, AbortReason.REPLAY)]
+)
+def test_restarted_silo_refuses_stale_round_and_second_input(
+    tmp_path: Path, round_delta: int, reason: AbortReason
+) -> None:
+    r, dirs = _round_with_stores(tmp_path)
+    fed = federation()
+    by_id = {str(s.silo_id): s for s in fed.silos}
+    cfg = make_config(fed, 5, 64, round_id=r.config.round_id + round_delta)
+    for sid, d in dirs.items():
+        store = SiloStateStore(d)  # restart: state from disk only
+        s = SiloSession(
+            by_id[sid],
+            fed.trust,
+            store.state.policy(SiloPolicy(0)),
+            random_bytes=os.urandom,
+            rng=np.random.default_rng(0),
+            journal=store.journal,
+        )
+        with pytest.raises(ProtocolAbort) as e:
+            s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
+        assert e.value.reason is reason
+
+
+def test_fresh_silo_accepts_the_same_offer(tmp_path: Path) -> None:
+    # The control: without the persisted state the same offer is accepted and journalled.
+    fed = federation()
+    store = SiloStateStore(tmp_path)
+    cfg = make_config(fed, 5, 64)
+    s = SiloSession(
+        fed.silos[0],
+        fed.trust,
+        store.state.policy(SiloPolicy(0)),
+        random_bytes=os.urandom,
+        rng=np.random.default_rng(0),
+        journal=store.journal,
+    )
+    s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
+    assert SiloStateStore(tmp_path).state.last_round_id == cfg.round_id
+
+
+def test_malformed_state_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILENAME).write_text('{"format": 1, "last_round_id": -3}')
+    with pytest.raises(SiloStateError, match=rf"{STATE_FILENAME}.*last_round_id must be"):
+        SiloStateStore(tmp_path)
+
+
+def test_state_file_holds_no_vector_or_key(tmp_path: Path) -> None:
+    r, dirs = _round_with_stores(tmp_path)
+    for d in dirs.values():
+        text = (d / STATE_FILENAME).read_text()
+        assert len(text) < 2000  # hashes and ids only, whatever the model size
+        assert "PRIVATE" not in text
+    assert dataclasses.is_dataclass(SiloStateStore(next(iter(dirs.values()))).state)
