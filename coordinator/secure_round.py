@@ -1,0 +1,163 @@
+"""The coordinator's secure-aggregation round adapter: model <-> `secagg` round parameters.
+
+Rule: everything the coordinator needs to turn a global model and a set of connected silos into
+a `secagg.RoundConfig`, and the decoded aggregate update ḡ back into the next global state, in
+pure functions (no I/O, no clock, no gRPC). The layout is the model's state dict in its own
+order; the scale is `secagg.encoding.recommended_scale` for the configured clip C; the threshold
+and colluder bound default to SECAGG.md §9 (n_C = ⌊(n-1)/3⌋, t = max(3, ⌊(n+n_C)/2⌋+1)).
+The adapter never holds or returns one silo's vector: only ḡ, the decoded sum.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from secagg.config import (
+    DdgNoise,
+    RoundConfig,
+    TensorSpec,
+    Weighting,
+    default_colluders,
+    minimum_threshold,
+)
+from secagg.encoding import recommended_scale
+
+SECAGG = "secagg"
+
+
+class SecureRoundError(ValueError):
+    """The model or settings cannot form a secure round; str() says what to change."""
+
+
+class WeightingMode(enum.Enum):
+    EXAMPLES = "examples"
+    UNIFORM = "uniform"
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggSettings:
+    """Coordinator `[secagg]` settings (validated by the config loader)."""
+
+    clip_l2: float
+    threshold: int | None = None
+    n_colluders: int | None = None
+    ring_bits: int = 32
+    weighting: WeightingMode = WeightingMode.EXAMPLES
+    weight_max: int = 100_000
+    dp_noise_multiplier: float | None = None  # None: DP off
+    dp_noise_divisor: int = 1
+
+
+_TORCH_DTYPES: Mapping[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def layout_of(state: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
+    """The model's tensors in state-dict order; only floating tensors can be averaged."""
+    specs = []
+    for name, t in state.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _TORCH_DTYPES:
+            raise SecureRoundError(
+                f"tensor {name!r} has dtype {dtype}; secure aggregation averages floating "
+                f"tensors only ({sorted(_TORCH_DTYPES)})"
+            )
+        specs.append(TensorSpec(name, tuple(int(s) for s in t.shape), dtype))
+    return tuple(specs)
+
+
+def build_round_config(
+    settings: SecAggSettings,
+    *,
+    federation_id: str,
+    roster_version: int,
+    roster_digest: bytes,
+    round_id: int,
+    invited: Sequence[str],
+    model_version: int,
+    model_sha256: bytes,
+    layout: tuple[TensorSpec, ...],
+    deadlines_s: tuple[int, int, int, int, int],
+) -> RoundConfig:
+    """The RoundConfig of one round; `invited` is sorted bytewise here."""
+    inv = tuple(sorted(set(invited), key=lambda s: s.encode()))
+    n = len(inv)
+    n_c = default_colluders(n) if settings.n_colluders is None else settings.n_colluders
+    t_min = minimum_threshold(n, n_c)
+    t = t_min if settings.threshold is None else settings.threshold
+    if t < t_min or t > n:
+        raise SecureRoundError(
+            f"[secagg] threshold {t} is outside [{t_min}, {n}] for {n} invited silos and "
+            f"n_colluders = {n_c} (SECAGG.md §4.4)"
+        )
+    dp = None
+    if settings.dp_noise_multiplier is not None:
+        dp = DdgNoise(settings.dp_noise_multiplier, settings.dp_noise_divisor)
+    uniform = dp is not None or settings.weighting is WeightingMode.UNIFORM
+    scale = recommended_scale(
+        n,
+        settings.clip_l2,
+        settings.ring_bits,
+        settings.dp_noise_multiplier or 0.0,
+        settings.dp_noise_divisor,
+    )
+    if scale < 1:
+        raise SecureRoundError(
+            f"[secagg] clip_l2 = {settings.clip_l2} leaves no precision in a "
+            f"{settings.ring_bits}-bit ring for {n} silos; lower clip_l2 or use ring_bits = 64"
+        )
+    return RoundConfig(
+        federation_id=federation_id,
+        roster_version=roster_version,
+        roster_digest=roster_digest,
+        round_id=round_id,
+        invited=inv,
+        model_version=model_version,
+        model_sha256=model_sha256,
+        layout=layout,
+        scale=scale,
+        clip_l2=settings.clip_l2,
+        threshold=t,
+        n_colluders=n_c,
+        ring_bits=settings.ring_bits,
+        weighting=Weighting.UNIFORM if uniform else Weighting.EXAMPLES,
+        weight_max=1 if uniform else settings.weight_max,
+        dp=dp,
+        deadlines_s=deadlines_s,
+    )
+
+
+def quantisation_bound(config: RoundConfig, n_survivors: int) -> float:
+    """Max abs error per coordinate of ḡ versus exact FedAvg over the survivors (no DP):
+    each silo's stochastic rounding moves a coordinate by < 1/S, so the weighted mean is off
+    by < n/S in update units (plus float32 decode rounding, covered by the slack)."""
+    return n_survivors / config.scale * 1.01
+
+
+def apply_aggregate(
+    old: Mapping[str, torch.Tensor], aggregate: np.ndarray, layout: tuple[TensorSpec, ...]
+) -> dict[str, torch.Tensor]:
+    """The next global state: old + ḡ reshaped per layout, cast back to each tensor's dtype."""
+    d = sum(s.size for s in layout)
+    if aggregate.ndim != 1 or aggregate.shape[0] != d:
+        raise SecureRoundError(f"aggregate has shape {aggregate.shape}, layout needs ({d},)")
+    if [s.name for s in layout] != list(old):
+        raise SecureRoundError("the model's tensors differ from the round's layout")
+    new: dict[str, torch.Tensor] = {}
+    start = 0
+    for spec in layout:
+        part = aggregate[start : start + spec.size]
+        start += spec.size
+        base = old[spec.name]
+        delta = torch.from_numpy(np.ascontiguousarray(part)).reshape(spec.shape)
+        new[spec.name] = (base.to(torch.float64) + delta.to(torch.float64)).to(base.dtype)
+    return new
