@@ -1,0 +1,93 @@
+"""The silo's secure-aggregation session driver: one `secagg.SiloSession`, masks in the background.
+
+Rule: `SiloSession` is not thread-safe, so every call goes through ONE lock here. As soon as the
+session has the M4 shares (stage KEYS_RECEIVED) the pairwise masks are computed on a background
+thread while the model trains (numpy and OpenSSL release the GIL for the big operations);
+`submit` waits for that thread, then encodes, masks and journals the update. The update is
+flattened in the round's layout order, as the coordinator's `apply_aggregate` reads it back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from secagg.config import TensorSpec
+from secagg.silo import MaskedUpload, SiloSession, SiloStage
+
+
+class SecureSessionError(ValueError):
+    """The update does not fit the round's layout; str() says which tensor."""
+
+
+def flatten_update(
+    trained: Mapping[str, torch.Tensor],
+    received: Mapping[str, torch.Tensor],
+    layout: tuple[TensorSpec, ...],
+) -> np.ndarray:
+    """trained - received as one float32 vector in layout order."""
+    out = np.empty(sum(s.size for s in layout), dtype=np.float32)
+    start = 0
+    for spec in layout:
+        if spec.name not in trained or spec.name not in received:
+            raise SecureSessionError(f"tensor {spec.name!r} of the round's layout is missing")
+        t, r = trained[spec.name], received[spec.name]
+        if tuple(t.shape) != spec.shape or tuple(r.shape) != spec.shape:
+            raise SecureSessionError(
+                f"tensor {spec.name!r} has shape {tuple(t.shape)}, the round says {spec.shape}"
+            )
+        diff = (t.detach().to(torch.float64) - r.detach().to(torch.float64)).reshape(-1)
+        out[start : start + spec.size] = diff.numpy()
+        start += spec.size
+    return out
+
+
+class SecureSession:
+    """Serialised access to one SiloSession plus the background mask precomputation."""
+
+    def __init__(self, session: SiloSession) -> None:
+        self.session = session
+        self._lock = threading.Lock()
+        self._mask_thread: threading.Thread | None = None
+        self._mask_error: BaseException | None = None
+        self.precomputed_in_background = False
+
+    @property
+    def stage(self) -> SiloStage:
+        return self.session.stage
+
+    def handle_offer(self, config_bytes: bytes, model_sha256: bytes, *, now: dt.datetime) -> bytes:
+        with self._lock:
+            return self.session.handle_offer(config_bytes, model_sha256, now=now)
+
+    def handle(self, data: bytes, *, now: dt.datetime) -> list[bytes]:
+        with self._lock:
+            replies = self.session.handle(data, now=now)
+            if self.session.stage is SiloStage.KEYS_RECEIVED and self._mask_thread is None:
+                self._mask_thread = threading.Thread(
+                    target=self._precompute, name="secagg-masks", daemon=True
+                )
+                self._mask_thread.start()
+            return replies
+
+    def _precompute(self) -> None:
+        try:
+            with self._lock:
+                if self.session.stage is SiloStage.KEYS_RECEIVED:
+                    self.session.precompute_masks()
+                    self.precomputed_in_background = True
+        except BaseException as e:  # surfaced by submit(); the thread must not die silently
+            self._mask_error = e
+
+    def submit_update(self, delta: np.ndarray, num_examples: int) -> MaskedUpload:
+        """Wait for the masks, then encode, mask and journal (before the caller sends it)."""
+        if self._mask_thread is not None:
+            self._mask_thread.join()
+        if self._mask_error is not None:
+            raise self._mask_error
+        with self._lock:
+            return self.session.submit_update(delta, num_examples)
