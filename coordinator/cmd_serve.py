@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from coordinator import logs
 from coordinator.config import ConfigError, load_coordinator_config
 
 log = logging.getLogger("silofed.coordinator")
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("--rounds", type=int, default=None, help="override [rounds] count")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    logs.add_log_format_argument(p)  # --log-format auto|text|json
     p.set_defaults(func=run)
 
 
@@ -58,7 +60,7 @@ def setup_logging(level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    logs.setup_logging(args.log_level, args.log_format)
     from dataclasses import replace
 
     from coordinator.serve import serve

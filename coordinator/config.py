@@ -184,7 +184,8 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
         train_s=r.positive("deadlines", "train_s", float, 300.0),
         heartbeat_s=r.positive("deadlines", "heartbeat_s", float, 5.0),
     )
-    known = {"federation", "server", "tls", "task", "rounds", "deadlines", "train"}
+    # [metrics] is read and checked by coordinator.metrics when the server starts.
+    known = {"federation", "server", "tls", "task", "rounds", "deadlines", "train", "metrics"}
     unknown = sorted(set(r.data) - known)
     if unknown:
         raise r.fail(f"[{unknown[0]}]", f"is not a known table (known: {sorted(known)})")

@@ -33,6 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from coordinator.config import ConfigError
 from coordinator.roundlog import LOG_FILENAME, RoundDetail, RoundLog, RoundLogError, RoundStatus
 from protos import federation_pb2 as pb
 
@@ -43,7 +44,7 @@ ROUND_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0
 PHASE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-class MetricsConfigError(ValueError):
+class MetricsConfigError(ConfigError):
     """`[metrics]` in the coordinator config is wrong; str() names the file and key."""
 
 
@@ -78,7 +79,7 @@ def _histogram(
     return family
 
 
-@dataclass
+@dataclass(eq=False)  # the registry keys collectors by identity
 class FederationCollector(Collector):
     """Builds every metric from the round log at `log_path` and `status()` at scrape time."""
 

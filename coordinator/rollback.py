@@ -12,12 +12,14 @@ renumbered or deleted: the log keeps the bad rounds and shows where the rollback
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.roundlog import CheckpointRecord, RoundLog, RoundNotFound, RoundStatus
 
 INTENT_FILENAME = "rollback.json"
+_log = logging.getLogger("silofed.coordinator")
 
 
 class RollbackError(Exception):
@@ -89,6 +91,12 @@ def checkpoint_to_resume(log: RoundLog, state_dir: Path) -> CheckpointRecord | N
     intent = pending(state_dir)
     if intent is None:
         return log.latest_checkpoint()
+    _log.warning(
+        "rolling back as requested at %.0f (%s): the next round starts from round %d's model",
+        intent.requested_at,
+        intent.reason or "no reason given",
+        intent.to,
+    )
     return checkpoint_of(log, intent.to)
 
 

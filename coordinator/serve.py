@@ -36,6 +36,7 @@ from coordinator.checkpoints import (
 )
 from coordinator.config import CoordinatorConfig
 from coordinator.pki import load_revoked_serials
+from coordinator.rollback import checkpoint_to_resume, take_pending
 from coordinator.roundlog import RoundLog
 from coordinator.rounds import (
     OFFER_PHASE,
@@ -515,6 +516,7 @@ class Hub:
                 config_digest=hashlib.sha256(round_config).hexdigest(),
                 model_in_sha256=model_sha.hex(),
                 invited=invited,
+                rollback_of=take_pending(self.config.state_dir),  # `rollback --to N`, once
             )
             self.roundlog.record_participants(round_id, "invited", invited)
             log.info(
@@ -676,7 +678,7 @@ class Hub:
             log.warning(
                 "rounds %s were interrupted by a previous stop; marked as such", interrupted
             )
-        latest = self.roundlog.latest_checkpoint()
+        latest = checkpoint_to_resume(self.roundlog, self.config.state_dir)  # or rollback's N
         if latest is None:
             state = {k: v.detach().clone() for k, v in model_factory().state_dict().items()}
             ckpt = self.checkpoints.save(0, state)
@@ -720,12 +722,14 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
     """
     import signal
 
+    from coordinator.metrics import start_metrics_from_config
     from coordinator.server import start_server
     from coordinator.servicer import FederationServicer
     from coordinator.task import load_model_factory
 
     hub = Hub(config, model_factory=load_model_factory(config.task_spec))
     servicer = FederationServicer(hub, idle_heartbeat_s=config.deadlines.heartbeat_s)
+    start_metrics_from_config(config, hub.status)  # [metrics] listen; a daemon thread
     running = start_server(
         servicer,
         listen=config.listen,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from silo_agent import logs
 from silo_agent.config import ConfigError, load_silo_config
 
 log = logging.getLogger("silofed.silo")
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--rounds", type=int, default=None, help="stop after taking part in N completed rounds"
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    logs.add_log_format_argument(p)  # --log-format auto|text|json
     p.set_defaults(func=run)
 
 
@@ -48,7 +50,7 @@ def setup_logging(level: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    logs.setup_logging(args.log_level, args.log_format)
     from silo_agent.runner import EXIT_REFUSED, PreflightError, SiloRunner, preflight
     from silo_agent.task import TaskLoadError, load_task
 

@@ -41,6 +41,7 @@ from secagg.identity import (
 from silo_agent.backoff import Backoff
 from silo_agent.config import SiloConfig
 from silo_agent.connection import Link, LinkError, OutBlob, TlsMaterial
+from silo_agent.ledger import LEDGER_FILENAME, LedgerEntry, append_entry
 from silo_agent.task import Task
 
 log = logging.getLogger("silofed.silo")
@@ -278,18 +279,10 @@ class SiloRunner:
         self, round_id: int, offer: pb.RoundOffer, digest: bytes, size: int, n: int
     ) -> None:
         # What left the site, so the operator can compare it with the coordinator's log.
-        self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        entry = {
-            "round_id": round_id,
-            "at": self.clock(),
-            "aggregation": offer.aggregation,
-            "model_in_sha256": offer.model_sha256.hex(),
-            "update_sha256": digest.hex(),
-            "update_bytes": size,
-            "num_examples": n,
-        }
-        with (self.config.state_dir / "ledger.jsonl").open("a") as fh:
-            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        model_in, now = offer.model_sha256.hex(), self.clock()
+        # `messages` defaults to the plaintext set (silo_agent.ledger.PLAINTEXT_MESSAGES).
+        entry = LedgerEntry(round_id, now, offer.aggregation, model_in, digest.hex(), size, n)
+        append_entry(self.config.state_dir / LEDGER_FILENAME, entry)
 
     def _on_result(self, result: pb.RoundResult) -> bool:
         if result.status == "completed":

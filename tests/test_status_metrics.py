@@ -14,11 +14,14 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
+from coordinator.roundlog import RoundLog
 from coordinator.status_client import Credentials, StatusUnavailable, probe_health
 from tests.federation_helpers import (
     RECORDING_SPEC,
@@ -125,3 +128,60 @@ def test_status_without_a_target_says_what_to_pass(tmp_path: Path) -> None:
     assert done.returncode == 1 and "--config FILE" in done.stderr
     no_cert = status("--address", "127.0.0.1:1", "--ca-cert", str(tmp_path / "ca.pem"))
     assert no_cert.returncode == 1 and "operator client certificate" in no_cert.stderr
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_endpoint_matches_the_round_log(tmp_path: Path) -> None:
+    names = ("a", "b")
+    fed = provision(tmp_path / "fed", "metricsfed", names)
+    state = tmp_path / "coord"
+    cfg = write_coordinator_config(
+        tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=2,
+        min_silos=2, train={"sleep_s": 0.3},
+    )  # fmt: skip
+    cfg.write_text(cfg.read_text() + '\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    with processes(tmp_path / "logs") as procs:
+        coordinator = procs.coordinator(cfg, "--keep-serving")
+        port = wait_for_port(state, coordinator)
+        for i, name in enumerate(names):
+            toml = write_silo_config(
+                tmp_path / f"{name}.toml", fed.silos[name], port=port, task_spec=RECORDING_SPEC,
+                options={"silo_index": i, "num_examples": 5, "record_dir": str(tmp_path / name)},
+            )  # fmt: skip
+            procs.silo(name, toml)
+        # --keep-serving: after its rounds the coordinator keeps the silos connected, so the
+        # figures are stable while we compare them with the log.
+        coordinator.wait_for_log(r"all rounds done", 90)
+        metrics_port = int((state / "metrics.port").read_text())
+        got = scrape(metrics_port)
+        with RoundLog.open_readonly(state / "rounds.sqlite") as rl:
+            details = [rl.round_detail(r.round_id) for r in rl.rounds()]
+        assert got[("silofed_connected_silos", ())] == 2
+        assert got[("silofed_rounds_completed", ())] == 2
+        assert got[("silofed_round_duration_seconds_count", (("status", "completed"),))] == 2
+        assert got[
+            ("silofed_round_duration_seconds_sum", (("status", "completed"),))
+        ] == pytest.approx(sum(d.duration_s or 0 for d in details))
+        for phase in ("offer", "train"):
+            assert got[("silofed_phase_duration_seconds_count", (("phase", phase),))] == 2
+        sent = sum(s.bytes_out for d in details for s in d.silos)
+        received = sum(s.bytes_in for d in details for s in d.silos)
+        assert received > 0
+        assert got[("silofed_bytes_total", (("direction", "in"),))] == received
+        assert got[("silofed_bytes_total", (("direction", "out"),))] == sent
+        now = time.time()
+        for name in names:
+            cert = x509.load_pem_x509_certificate(fed.silos[name].cert.read_bytes())
+            days = (cert.not_valid_after_utc.timestamp() - now) / 86400
+            key = ("silofed_cert_expiry_days", (("silo", f"spiffe://metricsfed/silo/{name}"),))
+            assert got[key] == pytest.approx(days, abs=0.01)
+        assert not any(name == "silofed_dropouts_total" for name, _ in got)

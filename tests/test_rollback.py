@@ -1,0 +1,118 @@
+"""Acceptance 5: rolling back to round N through `silofed-coordinator rollback`.
+
+A real federation runs 3 rounds and stops; `rollback --to 1` is recorded; the coordinator and
+silos are started again for one more round. That round's input model hash must equal round 1's
+output hash, the log must say `rollback_of = 1` (also in `rounds show`), and the intent must be
+used once only. Bad requests (a round not in the log) exit non-zero saying what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coordinator.roundlog import RoundLog
+from tests.federation_helpers import (
+    RECORDING_SPEC,
+    REPO,
+    Federation,
+    Proc,
+    Processes,
+    child_env,
+    processes,
+    provision,
+    wait_for_port,
+    write_coordinator_config,
+    write_silo_config,
+)
+
+pytestmark = pytest.mark.e2e
+NAMES = ("a", "b")
+GRPC_CORE = re.compile(r"^[IWEF]\d{4} ")
+
+
+def coordinator_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def run_federation(
+    tmp: Path, fed: Federation, cfg: Path, procs: Processes, *extra: str
+) -> list[Proc]:
+    state = tmp / "coord"
+    (state / "coordinator.port").unlink(missing_ok=True)
+    coordinator = procs.coordinator(cfg, *extra)
+    port = wait_for_port(state, coordinator)
+    silos = []
+    for i, name in enumerate(NAMES):
+        toml = write_silo_config(
+            tmp / f"{name}.toml", fed.silos[name], port=port, task_spec=RECORDING_SPEC,
+            options={"silo_index": i, "num_examples": 4 + i, "record_dir": str(tmp / name)},
+        )  # fmt: skip
+        silos.append(procs.silo(name, toml, *extra[-2:]))
+    assert coordinator.wait(120) == 0, procs.logs()
+    for silo in silos:
+        assert silo.wait(30) == 0, procs.logs()
+    return [coordinator, *silos]
+
+
+def json_lines(proc: Proc) -> list[dict[str, object]]:
+    """Every log line as JSON, except grpc core's own lines (C++ logging, not ours)."""
+    lines = [x for x in proc.log().splitlines() if x.strip() and not GRPC_CORE.match(x)]
+    assert lines, proc.log()
+    return [json.loads(x) for x in lines]
+
+
+def test_rollback_to_round_1(tmp_path: Path) -> None:
+    fed = provision(tmp_path / "fed", "rollbackfed", NAMES)
+    state = tmp_path / "coord"
+    cfg = write_coordinator_config(
+        tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=3,
+        min_silos=2,
+    )  # fmt: skip
+    with processes(tmp_path / "logs1") as procs:
+        run_federation(tmp_path, fed, cfg, procs)
+
+    bad = coordinator_cli("rollback", "--config", str(cfg), "--to", "9")
+    assert bad.returncode == 1 and "round 9 is not in the log" in bad.stderr
+    assert not (state / "rollback.json").exists()
+
+    done = coordinator_cli("rollback", "--config", str(cfg), "--to", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["next_round"] == 4
+
+    with processes(tmp_path / "logs2") as procs:
+        second = run_federation(tmp_path, fed, cfg, procs, "--rounds", "4", "--log-format", "json")
+    assert not (state / "rollback.json").exists(), "the intent must be used once only"
+
+    with RoundLog.open_readonly(state / "rounds.sqlite") as log:
+        r1, r3, r4 = (log.round_detail(n) for n in (1, 3, 4))
+    assert r4.rollback_of == 1 and r1.rollback_of is None
+    assert r4.model_in_sha256 == r1.model_out_sha256
+    assert r4.model_in_sha256 != r3.model_out_sha256
+    # --log-format json: one JSON object per line, on both sides.
+    coordinator_lines = json_lines(second[0])
+    assert any("round 4" in str(x["message"]) for x in coordinator_lines)
+    assert all({"ts", "level", "logger", "message"} <= set(x) for x in coordinator_lines)
+    assert any("round 4" in str(x["message"]) for x in json_lines(second[1]))
+    shown = coordinator_cli("rounds", "show", "4", "--state-dir", str(state))
+    assert shown.returncode == 0 and "round 1" in shown.stdout and "rolls back" in shown.stdout
+
+
+def test_rollback_errors_say_what_to_do(tmp_path: Path) -> None:
+    missing = coordinator_cli("rollback", "--state-dir", str(tmp_path / "nope"), "--to", "1")
+    assert missing.returncode == 1 and "[federation] state_dir" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    no_log = coordinator_cli("rollback", "--state-dir", str(tmp_path / "empty"), "--to", "1")
+    assert no_log.returncode == 1 and "rounds.sqlite" in no_log.stderr
