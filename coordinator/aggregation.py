@@ -145,10 +145,4 @@ def check_aggregation_name(name: str) -> str:
 
 def make_aggregation(name: str) -> AggregationProtocol:
     """A fresh protocol instance for one round. Raises AggregationError for an unknown name."""
-    check_aggregation_name(name)
-    try:
-        return AGGREGATIONS[name]()
-    except KeyError:
-        raise AggregationError(
-            f"unknown aggregation {name!r}; known: {sorted(AGGREGATIONS)}"
-        ) from None
+    return AGGREGATIONS[check_aggregation_name(name)]()
