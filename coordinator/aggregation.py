@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from coordinator.secure_round import SECAGG
+
 PLAINTEXT = "plaintext-insecure"
 # Names refused with an explanation rather than "unknown": they used to select (or look like
 # they select) the in-the-clear baseline, which must now be named as insecure.
@@ -132,17 +134,22 @@ class PlaintextFedAvg:
 
 
 AGGREGATIONS = {PLAINTEXT: PlaintextFedAvg}
+# Secure aggregation (the default) is driven by coordinator.secure_driver, not by this protocol:
+# the coordinator never holds a contribution it could fold in one at a time.
+KNOWN_AGGREGATIONS = (SECAGG, PLAINTEXT)
 
 
 def check_aggregation_name(name: str) -> str:
     """`name` if it names a known aggregation; else AggregationError saying what to write."""
     if name in _RENAMED:
         raise AggregationError(f"{name!r} is refused: {_RENAMED[name]}")
-    if name not in AGGREGATIONS:
-        raise AggregationError(f"must be one of {sorted(AGGREGATIONS)}, got {name!r}")
+    if name not in KNOWN_AGGREGATIONS:
+        raise AggregationError(f"must be one of {list(KNOWN_AGGREGATIONS)}, got {name!r}")
     return name
 
 
 def make_aggregation(name: str) -> AggregationProtocol:
-    """A fresh protocol instance for one round. Raises AggregationError for an unknown name."""
-    return AGGREGATIONS[check_aggregation_name(name)]()
+    """A fresh plaintext protocol instance for one round; AggregationError for another name."""
+    if check_aggregation_name(name) not in AGGREGATIONS:
+        raise AggregationError(f"{name!r} is not a contribution-by-contribution aggregation")
+    return AGGREGATIONS[name]()

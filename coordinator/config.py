@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.aggregation import AggregationError, check_aggregation_name
+from coordinator.secure_round import SECAGG, SecAggSettings, WeightingMode
 
 
 class ConfigError(ValueError):
@@ -43,9 +44,12 @@ class RoundsConfig:
 class Deadlines:
     """Per-phase deadlines in seconds; a silo that misses one drops out of that round."""
 
-    offer_s: float = 60.0
-    train_s: float = 300.0
+    offer_s: float = 60.0  # model download (+ the key advertisement under secagg)
+    train_s: float = 300.0  # local training + upload (the masked phase under secagg)
     heartbeat_s: float = 5.0
+    share_keys_s: float = 60.0  # secagg phases that need no training:
+    consistency_s: float = 60.0
+    unmask_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +63,8 @@ class CoordinatorConfig:
     rounds: RoundsConfig
     deadlines: Deadlines
     train: Mapping[str, Any] = field(default_factory=dict)
+    secagg: SecAggSettings | None = None  # None only with the insecure plaintext baseline
+    max_concurrent_uploads: int = 2  # masked vectors buffered at once (SECAGG.md §3.8: P)
 
     @property
     def host(self) -> str:
@@ -160,7 +166,7 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     spec = r.get("task", "spec", str)
     if ":" not in spec:
         raise r.fail("[task] spec", f"must look like 'package.module:attribute', got {spec!r}")
-    aggregation = r.get("rounds", "aggregation", str)
+    aggregation = r.get("rounds", "aggregation", str, SECAGG)
     try:
         check_aggregation_name(aggregation)
     except AggregationError as e:
@@ -183,9 +189,23 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
         offer_s=r.positive("deadlines", "offer_s", float, 60.0),
         train_s=r.positive("deadlines", "train_s", float, 300.0),
         heartbeat_s=r.positive("deadlines", "heartbeat_s", float, 5.0),
+        share_keys_s=r.positive("deadlines", "share_keys_s", float, 60.0),
+        consistency_s=r.positive("deadlines", "consistency_s", float, 60.0),
+        unmask_s=r.positive("deadlines", "unmask_s", float, 60.0),
     )
+    secagg = _secagg_settings(r) if aggregation == SECAGG else None
     # [metrics] is read and checked by coordinator.metrics when the server starts.
-    known = {"federation", "server", "tls", "task", "rounds", "deadlines", "train", "metrics"}
+    known = {
+        "federation",
+        "server",
+        "tls",
+        "task",
+        "rounds",
+        "deadlines",
+        "train",
+        "metrics",
+        "secagg",
+    }
     unknown = sorted(set(r.data) - known)
     if unknown:
         raise r.fail(f"[{unknown[0]}]", f"is not a known table (known: {sorted(known)})")
@@ -199,4 +219,58 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
         rounds=rounds,
         deadlines=deadlines,
         train=dict(r.table("train", required=False)),
+        secagg=secagg,
+        max_concurrent_uploads=r.positive("secagg", "max_concurrent_uploads", int, 2),
+    )
+
+
+_SECAGG_KEYS = frozenset(
+    {
+        "clip_l2",
+        "threshold",
+        "n_colluders",
+        "ring_bits",
+        "weighting",
+        "weight_max",
+        "noise_multiplier",
+        "noise_divisor",
+        "max_concurrent_uploads",
+    }
+)
+
+
+def _secagg_settings(r: _Reader) -> SecAggSettings:
+    """[secagg]: the clip norm is required (it is deployment-specific: SECAGG.md §9)."""
+    table = r.table("secagg", required=False)
+    unknown = sorted(set(table) - _SECAGG_KEYS)
+    if unknown:
+        raise r.fail(f"[secagg] {unknown[0]}", f"is not a known key (known: {sorted(_SECAGG_KEYS)})")
+    if "clip_l2" not in table:
+        raise r.fail(
+            "[secagg] clip_l2",
+            "is missing: secure aggregation clips each silo's update to this L2 norm; "
+            "set it a little above the norm of a typical update (see docs/secure-rounds.md)",
+        )
+    ring_bits = r.get("secagg", "ring_bits", int, 32)
+    if ring_bits not in (32, 64):
+        raise r.fail("[secagg] ring_bits", f"must be 32 or 64, got {ring_bits}")
+    weighting = r.get("secagg", "weighting", str, WeightingMode.EXAMPLES.value)
+    modes = [m.value for m in WeightingMode]
+    if weighting not in modes:
+        raise r.fail("[secagg] weighting", f"must be one of {modes}, got {weighting!r}")
+    n_colluders = r.get("secagg", "n_colluders", int, None)
+    if n_colluders is not None and n_colluders < 0:
+        raise r.fail("[secagg] n_colluders", f"must be >= 0, got {n_colluders}")
+    threshold = r.get("secagg", "threshold", int, None)
+    if threshold is not None and threshold < 3:
+        raise r.fail("[secagg] threshold", f"must be >= 3 (the protocol's floor), got {threshold}")
+    return SecAggSettings(
+        clip_l2=r.positive("secagg", "clip_l2", float),
+        threshold=threshold,
+        n_colluders=n_colluders,
+        ring_bits=ring_bits,
+        weighting=WeightingMode(weighting),
+        weight_max=r.positive("secagg", "weight_max", int, 100_000),
+        dp_noise_multiplier=r.positive("secagg", "noise_multiplier", float, None),
+        dp_noise_divisor=r.positive("secagg", "noise_divisor", int, 1),
     )

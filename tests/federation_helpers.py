@@ -234,7 +234,11 @@ def write_coordinator_config(
     heartbeat_s: float = 2.0,
     start_silos: int | None = None,
     listen: str = "127.0.0.1:0",
+    aggregation: str = "plaintext-insecure",
+    secagg: Mapping[str, Any] | None = None,
+    deadlines: Mapping[str, float] | None = None,
 ) -> Path:
+    """A coordinator config; `secagg` is the [secagg] table, `deadlines` extra [deadlines] keys."""
     tables: dict[str, Mapping[str, Any]] = {
         "federation": {"id": fed.federation_id, "state_dir": state_dir},
         "server": {"listen": listen},
@@ -249,13 +253,20 @@ def write_coordinator_config(
         "rounds": {
             "count": rounds,
             "min_silos": min_silos,
-            "aggregation": "plaintext-insecure",
+            "aggregation": aggregation,
             "start_timeout_s": start_timeout_s,
             "start_silos": start_silos or min_silos,
         },
-        "deadlines": {"offer_s": offer_s, "train_s": train_s, "heartbeat_s": heartbeat_s},
+        "deadlines": {
+            "offer_s": offer_s,
+            "train_s": train_s,
+            "heartbeat_s": heartbeat_s,
+            **(deadlines or {}),
+        },
         "train": dict(train or {}),
     }
+    if secagg is not None:
+        tables["secagg"] = dict(secagg)
     path.write_text(to_toml(tables))
     return path
 

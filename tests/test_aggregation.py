@@ -81,6 +81,6 @@ def test_duplicate_and_empty() -> None:
     agg.contribute("a", 1, {"w": torch.ones(2)})
     with pytest.raises(AggregationError, match="already contributed"):
         agg.contribute("a", 1, {"w": torch.ones(2)})
-    unknown = r"must be one of \[.plaintext-insecure.\], got .secagg-not-yet."
+    unknown = r"must be one of \[.secagg., .plaintext-insecure.\], got .secagg-not-yet."
     with pytest.raises(AggregationError, match=unknown):
         make_aggregation("secagg-not-yet")
