@@ -244,7 +244,9 @@ def _secagg_settings(r: _Reader) -> SecAggSettings:
     table = r.table("secagg", required=False)
     unknown = sorted(set(table) - _SECAGG_KEYS)
     if unknown:
-        raise r.fail(f"[secagg] {unknown[0]}", f"is not a known key (known: {sorted(_SECAGG_KEYS)})")
+        raise r.fail(
+            f"[secagg] {unknown[0]}", f"is not a known key (known: {sorted(_SECAGG_KEYS)})"
+        )
     if "clip_l2" not in table:
         raise r.fail(
             "[secagg] clip_l2",
