@@ -149,6 +149,7 @@ class CoordinatorRound:
         self._b_shares: dict[int, dict[int, bytes]] = {}
         self._s_shares: dict[int, dict[int, bytes]] = {}
         self._unmask_from: set[int] = set()
+        self._lost: set[SiloId] = set()  # will not answer again this round (gone or aborted)
 
     # --- public API --------------------------------------------------------------------------
 
@@ -166,8 +167,7 @@ class CoordinatorRound:
         except MalformedMessage as exc:
             return self._reject(sid, f"undecodable: {exc}")
         if isinstance(msg, AbortNotice):
-            self._drop(sid, f"silo aborted: {msg.reason.name}")
-            return []
+            return self._drop(sid, f"silo aborted: {msg.reason.name}")
         try:
             if self.phase is Phase.ADVERTISE and isinstance(msg, SignedEnvelope):
                 return self._on_advertise(sid, msg, data, now)
@@ -208,9 +208,7 @@ class CoordinatorRound:
         assert self._acc is not None
         np.add(self._acc, vector, out=self._acc)
         self._u3.append(idx)
-        if set(self._u3) == set(self._u2):
-            return self._close_masked()
-        return []
+        return self._close_if_all_answered()
 
     def deadline_passed(self, now: dt.datetime) -> list[Send]:
         """The driver's deadline for the current phase passed: close it with who answered."""
@@ -225,6 +223,16 @@ class CoordinatorRound:
         if self.phase is Phase.UNMASK:
             return self._abort(AbortReason.TIMEOUT, self._silos)
         return []
+
+    def silo_lost(self, silo_id: str) -> list[Send]:
+        """The driver knows `silo_id` will not answer again (its stream broke): it drops out
+        in the current phase, and the phase closes now if everyone else has answered."""
+        sid = SiloId(silo_id)
+        if self.phase in (Phase.DONE, Phase.ABORTED) or sid in self._lost:
+            return []
+        self._lost.add(sid)
+        self.dropouts.setdefault(sid, self.phase)
+        return self._close_if_all_answered()
 
     def announce(self, new_model_sha256: bytes) -> list[Send]:
         """M10 for every silo in U1, once the driver has built the new model."""
@@ -249,9 +257,35 @@ class CoordinatorRound:
         self.rejected.append(Rejection(sid, self.phase, why))
         return []
 
-    def _drop(self, sid: SiloId, why: str) -> None:
-        self.dropouts.setdefault(sid, self.phase)
+    def _drop(self, sid: SiloId, why: str) -> list[Send]:
         self.rejected.append(Rejection(sid, self.phase, why))
+        return self.silo_lost(sid)
+
+    def _waiting_for(self) -> set[SiloId]:
+        """Silos the current phase still waits for (the lost ones are not waited for)."""
+        if self.phase is Phase.ADVERTISE:
+            answered = set(self._adverts) | self._excluded
+            pending = {SiloId(s) for s in self.config.invited} - answered
+        elif self.phase is Phase.SHARE_KEYS:
+            pending = {s.silo_id for s in self._silos.values() if not s.commit_b}
+        elif self.phase is Phase.MASKED:
+            pending = {self._silos[i].silo_id for i in set(self._u2) - set(self._u3)}
+        elif self.phase is Phase.CONSISTENCY:
+            pending = {self._silos[i].silo_id for i in set(self._u3) - set(self._u4)}
+        elif self.phase is Phase.UNMASK:
+            pending = {self._silos[i].silo_id for i in set(self._u4) - self._unmask_from}
+        else:
+            pending = set()
+        return pending - self._lost
+
+    def _close_if_all_answered(self) -> list[Send]:
+        if self._waiting_for():
+            return []
+        if self.phase is Phase.UNMASK:
+            # Every silo of U4 that can answer has; had they sent enough shares, the round
+            # would be DONE already.
+            return self._abort(AbortReason.THRESHOLD_VIOLATION, self._silos)
+        return self.deadline_passed(self.started)  # closes the phase with who answered
 
     def _abort(self, reason: AbortReason, to: Mapping[int, _Silo]) -> list[Send]:
         self.phase = Phase.ABORTED
@@ -291,9 +325,7 @@ class CoordinatorRound:
                 return self._reject(sid, "two different Advertise messages")
             return []
         self._adverts[sid] = _Silo(sid, raw, ad.c_pk, ad.s_pk)
-        if len(self._adverts) == len(self.config.invited):
-            return self._close_advertise()
-        return []
+        return self._close_if_all_answered()
 
     def _close_advertise(self) -> list[Send]:
         ads = {s: a for s, a in self._adverts.items() if s not in self._excluded}
@@ -345,9 +377,7 @@ class CoordinatorRound:
             return self._reject(sid, "ciphertexts do not address exactly N(u)")
         silo.commit_b = sk.commit_b
         silo.cts = dict(sk.cts)
-        if all(s.commit_b for s in self._silos.values()):
-            return self._close_share_keys()
-        return []
+        return self._close_if_all_answered()
 
     def _close_share_keys(self) -> list[Send]:
         u2 = tuple(i for i, s in sorted(self._silos.items()) if s.commit_b)
@@ -398,9 +428,7 @@ class CoordinatorRound:
             return self._reject(sid, "consistency digest or index mismatch")
         self._silos[idx].consistency = raw
         self._u4.append(idx)
-        if len(self._u4) == len(self._u3):
-            return self._close_consistency()
-        return []
+        return self._close_if_all_answered()
 
     def _close_consistency(self) -> list[Send]:
         u4 = sorted(self._u4)
@@ -443,7 +471,7 @@ class CoordinatorRound:
         enough = all(len(self._b_shares.get(v, {})) >= t for v in u3) and all(
             len(self._s_shares.get(v, {})) >= t for v in dropped
         )
-        return self._finish() if enough else []
+        return self._finish() if enough else self._close_if_all_answered()
 
     def _reconstruct(self, shares: dict[int, bytes], check: object, v: int) -> bytes | None:
         t = self._share_threshold()

@@ -64,6 +64,9 @@ class Round:
     tamper: Callable[[str, bytes], bytes] | None = None
     policies: dict[str, SiloPolicy] = field(default_factory=dict)
     keep_ring_sum: bool = True  # tests check the exact ring sum; benchmarks turn it off
+    # A silo that goes silent is reported with `silo_lost` (as the driver does when its
+    # stream breaks) instead of waiting for the phase deadline.
+    report_lost: bool = False
 
     def __post_init__(self) -> None:
         self.coordinator = CoordinatorRound(
@@ -83,6 +86,8 @@ class Round:
                 journal=log.append,
             )
         self.dead: set[str] = set()
+        self.newly_lost: list[str] = []
+        self.deadline_calls = 0
         self.pending: list[tuple[str, bytes]] = []
         self.uploads: dict[str, np.ndarray] = {}
 
@@ -92,6 +97,8 @@ class Round:
         at = self.drop_at.get(sid)
         if at is not None and PHASES.index(phase) >= PHASES.index(at):
             self.dead.add(sid)
+            if self.report_lost:
+                self.newly_lost.append(sid)
             return True
         return False
 
@@ -117,7 +124,10 @@ class Round:
                 for sid, data in queue:
                     self._deliver(sid, data)
                 return rnd
+            while self.newly_lost:
+                queue.extend(rnd.silo_lost(self.newly_lost.pop()))
             if not queue:
+                self.deadline_calls += 1
                 queue.extend(rnd.deadline_passed(NOW))
                 continue
             sid, data = queue.popleft()

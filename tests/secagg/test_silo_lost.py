@@ -1,0 +1,54 @@
+"""A silo whose stream breaks (`silo_lost`) closes its phase at once: no deadline is waited."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secagg.coordinator import Phase
+from secagg.errors import AbortReason
+from tests.secagg.harness import PHASES, Round, exact_inputs, make_config
+from tests.secagg.pki import federation
+
+PHASE_OF = {p.value: p for p in Phase}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_one_lost_silo_closes_its_phase_without_a_deadline(phase: str) -> None:
+    fed = federation()
+    cfg = make_config(fed, 5, 200, threshold=3, n_colluders=0)
+    inputs = exact_inputs(cfg, np.random.default_rng(3))
+    victim = cfg.invited[2]
+    r = Round(fed, cfg, inputs, drop_at={victim: phase}, report_lost=True)
+    rnd = r.run()
+    assert rnd.phase is Phase.DONE, (rnd.abort_reason, rnd.rejected)
+    assert r.deadline_calls == 0
+    assert rnd.dropouts[victim] is PHASE_OF[phase]
+    assert rnd.result is not None
+    # The masked input of a silo lost after uploading stays in the sum.
+    counted = [s for s in cfg.invited if s != victim or phase in ("consistency", "unmask")]
+    expected = np.mean([inputs[s].astype(np.float64) for s in counted], axis=0)
+    np.testing.assert_allclose(rnd.result.aggregate, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_losing_too_many_in_unmask_aborts_at_once() -> None:
+    fed = federation()
+    cfg = make_config(fed, 5, 100, threshold=3, n_colluders=0)
+    inputs = exact_inputs(cfg, np.random.default_rng(4))
+    drop = {sid: "unmask" for sid in cfg.invited[:3]}
+    r = Round(fed, cfg, inputs, drop_at=drop, report_lost=True)
+    rnd = r.run()
+    assert rnd.phase is Phase.ABORTED
+    assert rnd.abort_reason is AbortReason.THRESHOLD_VIOLATION
+    assert r.deadline_calls == 0
+    assert rnd.result is None
+
+
+def test_a_lost_silo_is_reported_once_and_late_reports_change_nothing() -> None:
+    fed = federation()
+    cfg = make_config(fed, 4, 50, threshold=3, n_colluders=0)
+    rnd = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(5))).coordinator
+    assert rnd.silo_lost(cfg.invited[0]) == []
+    assert rnd.silo_lost(cfg.invited[0]) == []
+    assert rnd.dropouts == {cfg.invited[0]: Phase.ADVERTISE}
+    assert rnd.phase is Phase.ADVERTISE
