@@ -1,0 +1,193 @@
+"""What the round benchmarks share: run a real federation of the no-op task and measure it.
+
+`run_federation` provisions a dev PKI in a work directory, starts a coordinator and N silo agents
+as processes on 127.0.0.1 over mTLS (tests/federation_helpers.py: the same helpers the tests
+use), lets the coordinator run `rounds` completed rounds of `examples.noop.task:TASK` with D
+parameters, and returns the round log's per-round timings and the coordinator's peak resident
+memory. Every process it starts is stopped (by PID) before it returns, also on failure.
+
+Peak memory is VmHWM ("high water mark" of the resident set) from /proc/<pid>/status of the
+coordinator process, sampled every 0.1 s while it runs: the kernel keeps the maximum, so sampling
+only risks missing a peak reached in the last 0.1 s before exit — after the last round's work.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from coordinator.roundlog import RoundLog, RoundSummary  # noqa: E402
+from examples.noop.task import PARAMS_ENV  # noqa: E402
+from tests.federation_helpers import (  # noqa: E402
+    processes,
+    provision,
+    wait_for_port,
+    write_coordinator_config,
+    write_silo_config,
+)
+
+NOOP_SPEC = "examples.noop.task:TASK"
+SECURE = "secagg"
+PLAINTEXT = "plaintext-insecure"
+
+
+class FederationFailed(RuntimeError):
+    """The coordinator did not finish its rounds (exit code or timeout); carries the logs."""
+
+    def __init__(self, message: str, logs: str) -> None:
+        super().__init__(message)
+        self.logs = logs
+
+
+@dataclass(frozen=True)
+class RunResult:
+    aggregation: str
+    rounds: tuple[RoundSummary, ...]  # every round in the log, aborted ones included
+    coordinator_peak_mib: float
+    log_dir: Path
+    warmup: int = 0  # completed rounds left out of `round_s`
+
+    @property
+    def completed(self) -> list[RoundSummary]:
+        return [r for r in self.rounds if r.status.value == "completed"]
+
+    @property
+    def warmup_s(self) -> list[float]:
+        return self._seconds(self.completed[: self.warmup])
+
+    @property
+    def round_s(self) -> list[float]:
+        """Seconds from start to end of each completed round after the warm-up ones (the round
+        log's started_at/ended_at)."""
+        return self._seconds(self.completed[self.warmup :])
+
+    @staticmethod
+    def _seconds(rounds: list[RoundSummary]) -> list[float]:
+        return [r.duration_s for r in rounds if r.duration_s is not None]
+
+    @property
+    def median_round_s(self) -> float:
+        return statistics.median(self.round_s) if self.round_s else float("nan")
+
+
+def vm_hwm_mib(pid: int) -> float:
+    """VmHWM of `pid` in MiB (NaN if the kernel does not report it, e.g. for a zombie)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakSampler:
+    """Samples `vm_hwm_mib(pid)` on a thread until stopped or the process exits."""
+
+    def __init__(self, pid: int, alive: Callable[[], bool], interval_s: float = 0.1) -> None:
+        self.pid, self.alive, self.interval_s = pid, alive, interval_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.alive():
+            try:
+                value = vm_hwm_mib(self.pid)
+            except OSError:
+                return
+            if value == value:  # not NaN
+                self.peak = max(self.peak, value)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def run_federation(
+    workdir: Path,
+    *,
+    silos: int,
+    params: int,
+    rounds: int,
+    warmup: int = 0,
+    aggregation: str,
+    secagg: Mapping[str, Any] | None = None,
+    phase_deadline_s: float = 600.0,
+    timeout_s: float = 1800.0,
+) -> RunResult:
+    """Run `warmup` + `rounds` completed rounds with `silos` silo processes; the first `warmup`
+    completed ones (fresh processes warming up) are not in `RunResult.round_s`. Raises
+    FederationFailed.
+
+    `workdir` (created, left in place) receives the PKI, configs, state and `logs/`. Deadlines
+    are all `phase_deadline_s`: generous, since a benchmark measures rounds, not dropouts.
+    """
+    os.environ[PARAMS_ENV] = str(params)  # inherited by every child: all build the same model
+    names = [f"s{i:02d}" for i in range(silos)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    fed = provision(workdir / "fed", "bench", names)
+    state = workdir / "coord"
+    cfg = write_coordinator_config(
+        workdir / "coordinator.toml",
+        fed,
+        state_dir=state,
+        task_spec=NOOP_SPEC,
+        rounds=warmup + rounds,
+        min_silos=silos,
+        offer_s=phase_deadline_s,
+        train_s=phase_deadline_s,
+        start_timeout_s=phase_deadline_s,
+        aggregation=aggregation,
+        secagg=secagg,
+        deadlines={
+            "share_keys_s": phase_deadline_s,
+            "consistency_s": phase_deadline_s,
+            "unmask_s": phase_deadline_s,
+        },
+    )
+    log_dir = workdir / "logs"
+    with processes(log_dir) as procs:
+        coordinator = procs.coordinator(cfg)
+        with PeakSampler(coordinator.pid, lambda: coordinator.popen.poll() is None) as sampler:
+            port = wait_for_port(state, coordinator, timeout_s=phase_deadline_s)
+            for i, name in enumerate(names):
+                toml = write_silo_config(
+                    workdir / f"{name}.toml",
+                    fed.silos[name],
+                    port=port,
+                    task_spec=NOOP_SPEC,
+                    options={"silo_index": i},
+                )
+                procs.silo(name, toml)
+            try:
+                code = coordinator.wait(timeout_s)
+            except subprocess.TimeoutExpired as exc:
+                raise FederationFailed(
+                    f"{aggregation}: the coordinator did not finish {warmup + rounds} rounds "
+                    f"in {timeout_s:.0f} s",
+                    procs.logs(),
+                ) from exc
+        if code != 0:
+            raise FederationFailed(
+                f"{aggregation}: the coordinator exited with code {code}", procs.logs()
+            )
+    log = RoundLog.open_readonly(state / "rounds.sqlite")
+    try:
+        summaries = tuple(log.rounds())
+    finally:
+        log.close()
+    return RunResult(aggregation, summaries, sampler.peak, log_dir, warmup)

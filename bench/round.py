@@ -1,0 +1,126 @@
+"""Round time and coordinator memory: secure aggregation against the insecure plaintext baseline.
+
+For each aggregation (plaintext-insecure first, then secagg) starts a coordinator and `--silos`
+silo agents as processes over mTLS on 127.0.0.1, runs `--warmup` + `--rounds` rounds of the no-op
+task (examples/noop/task.py: `--params` float32 parameters, "training" adds a constant) and
+prints, one figure per line:
+
+    secure_round_s: <median of (ended_at - started_at) from the round log, over the `--rounds`
+                     completed rounds after the `--warmup` ones (default 1)>
+    plaintext_round_s: <the same for the plaintext-insecure baseline>
+    ratio: <secure_round_s / plaintext_round_s>
+    coordinator_peak_mib: <VmHWM of the coordinator process in the secure run>
+    plaintext_coordinator_peak_mib: <the same in the plaintext run>
+
+`--only secure|plaintext` runs one of the two (and prints no ratio). Per-round times go to
+stderr. Run: `.venv/bin/python bench/round.py --silos 10 --params 1000000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench._federation import (  # noqa: E402
+    PLAINTEXT,
+    SECURE,
+    FederationFailed,
+    RunResult,
+    run_federation,
+)
+
+# Large enough that the no-op update (norm 1e-3 * (1 + silo_index) * sqrt(D)) is never clipped.
+CLIP_L2 = 1e3
+
+
+def _run(kind: str, workdir: Path, args: argparse.Namespace) -> RunResult:
+    result = run_federation(
+        workdir / kind,
+        silos=args.silos,
+        params=args.params,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        aggregation=SECURE if kind == "secure" else PLAINTEXT,
+        secagg={"clip_l2": CLIP_L2} if kind == "secure" else None,
+        timeout_s=args.timeout,
+    )
+    warm = " ".join(f"{s:.3f}" for s in result.warmup_s)
+    times = " ".join(f"{s:.3f}" for s in result.round_s)
+    aborted = len(result.rounds) - len(result.completed)
+    print(
+        f"{kind}: warm-up round seconds [{warm}], measured [{times}], aborted rounds: {aborted}",
+        file=sys.stderr,
+    )
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--silos", type=int, default=3, help="silo processes (default 3)")
+    parser.add_argument("--params", type=int, default=1_000_000, help="model size D")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per run (median over them)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="rounds run first and left out of the median (default 1: the first round of fresh "
+        "processes pays one-time costs)",
+    )
+    parser.add_argument("--only", choices=("secure", "plaintext"), help="run one aggregation")
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds per run before giving up"
+    )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the work directory (configs, logs, round logs) and print its path",
+    )
+    args = parser.parse_args()
+    kinds = [args.only] if args.only else ["plaintext", "secure"]
+    if "secure" in kinds and args.silos < 3:
+        parser.error("--silos must be at least 3 (secure aggregation's threshold floor)")
+    if args.silos < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--silos and --rounds must be at least 1, --warmup at least 0")
+    workdir = Path(tempfile.mkdtemp(prefix="silofed-bench-round-"))
+    keep = args.keep_logs
+    results: dict[str, RunResult] = {}
+    try:
+        for kind in kinds:
+            results[kind] = _run(kind, workdir, args)
+    except FederationFailed as exc:
+        keep = True
+        print(f"error: {exc}\n{exc.logs}", file=sys.stderr)
+    finally:
+        if keep:
+            print(f"work directory (logs, round logs): {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if len(results) != len(kinds):
+        return 1
+
+    print(f"silos: {args.silos}")
+    print(f"params: {args.params}")
+    print(f"rounds: {args.rounds}")
+    print(f"warmup_rounds: {args.warmup}")
+    secure, plaintext = results.get("secure"), results.get("plaintext")
+    if secure is not None:
+        print(f"secure_round_s: {secure.median_round_s:.3f}")
+    if plaintext is not None:
+        print(f"plaintext_round_s: {plaintext.median_round_s:.3f}")
+    if secure is not None and plaintext is not None:
+        print(f"ratio: {secure.median_round_s / plaintext.median_round_s:.2f}")
+    if secure is not None:
+        print(f"coordinator_peak_mib: {secure.coordinator_peak_mib:.0f}")
+    if plaintext is not None:
+        print(f"plaintext_coordinator_peak_mib: {plaintext.coordinator_peak_mib:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
