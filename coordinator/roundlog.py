@@ -676,6 +676,14 @@ class RoundLog:
         round_id, path, sha = rows[0]
         return CheckpointRecord(round_id=int(round_id), path=Path(path), sha256=str(sha))
 
+    def private_rounds_completed(self) -> int:
+        """Completed rounds that spent privacy (the DP accountant composes over them)."""
+        rows = self._read(
+            "SELECT count(*) FROM privacy JOIN rounds USING (round_id)"
+            " WHERE rounds.status = 'completed'"
+        )
+        return int(rows[0][0])
+
     def rounds(self) -> list[RoundSummary]:
         """A summary of every round, in order."""
         counts: dict[tuple[int, str], int] = {

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -24,10 +25,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from coordinator.aggregation import AggregationError, AggregationProtocol, make_aggregation
 from coordinator.checkpoints import (
+    Checkpoint,
     CheckpointCorrupt,
     CheckpointStore,
     sha256_hex,
@@ -48,9 +51,18 @@ from coordinator.rounds import (
     RoundMachine,
     Stage,
 )
+from coordinator.secure_driver import PARTICIPANT_SET_OF, PHASE_DEADLINE_KEYS, SecureRound, Step
+from coordinator.secure_round import (
+    SECAGG,
+    SecureRoundError,
+    apply_aggregate,
+    build_round_config,
+    layout_of,
+)
 from coordinator.servicer import RefusalCode, Refused
 from protos import federation_pb2 as pb
 from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
+from secagg.errors import MalformedMessage
 from secagg.identity import (
     CertificateRejected,
     CertProblem,
@@ -58,12 +70,18 @@ from secagg.identity import (
     check_certificate,
     load_pem_certificate,
 )
+from secagg.messages import MaskedHeader, decode_message
+from secagg.primitives import ring_dtype
+from secagg.trust import Trust
 
 log = logging.getLogger("silofed.coordinator")
 
 FEDERATION_FINISHED = "FEDERATION_FINISHED"
 COORDINATOR_STOPPING = "COORDINATOR_STOPPING"
 TICK_S = 0.05
+UPLOAD_SLOT_POLL_S = 0.2
+# The round-log participant set each secagg phase produces, by phase name.
+SET_OF_PHASE = {phase.value: name for phase, name in PARTICIPANT_SET_OF.items()}
 
 # Which refusals are "who you are is not allowed" vs "we cannot tell who you are".
 _CODE_FOR = {
@@ -109,6 +127,8 @@ class Session:
     report: pb.TrainReport | None = None
     upload: Reassembler | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    masked_header: bytes | None = None  # secagg: the MaskedHeader announcing the next vector
+    upload_slot: bool = False  # secagg: holds one of the hub's buffered-upload slots
 
     def send(self, item: _Item) -> None:
         self.queue.put(item)
@@ -204,8 +224,13 @@ class Hub:
         self.roundlog = RoundLog(config.state_dir / "rounds.sqlite")
         self.checkpoints = CheckpointStore(config.state_dir / "checkpoints")
         self.global_state = self._resume(model_factory)
-        self.machine: RoundMachine | None = None
+        self.machine: RoundMachine | None = None  # plaintext-insecure rounds
         self.aggregation: AggregationProtocol | None = None
+        self.secure: SecureRound | None = None  # secagg rounds
+        # At most P masked vectors are buffered at once (SECAGG.md §3.8): memory stays
+        # (P+1)·L words for any number of silos; other uploads wait, held by flow control.
+        self.upload_slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
+        self._begin_error = ""
         self.phase_started = 0.0
         self.stopping = threading.Event()
         self._model_len = 0  # size of the offered model: bounds what an update may be
@@ -295,16 +320,23 @@ class Hub:
             if not session.closed:
                 session.closed = True
                 session.send(None)
+            self._release_slot(session)
             # A replaced stream must not drop the silo's new stream from the round.
-            if current and self.machine is not None:
-                self._apply(self.machine.disconnected(session.silo_id, self.clock()))
+            if current:
+                self._lost(session.silo_id, why)
 
     def _replace(self, session: Session) -> None:
         """Close a silo's previous stream; its work in the current round is lost with it."""
         session.closed = True
         session.send(None)
+        self._release_slot(session)
+        self._lost(session.silo_id, "replaced by a new stream")
+
+    def _lost(self, silo_id: str, why: str) -> None:
         if self.machine is not None:
-            self._apply(self.machine.disconnected(session.silo_id, self.clock()))
+            self._apply(self.machine.disconnected(silo_id, self.clock()))
+        if self.secure is not None:
+            self._apply_secure(self.secure.lost(silo_id, self.clock(), why))
 
     def _delivered(self, session: Session, round_id: int) -> None:
         with self.lock:
@@ -315,6 +347,8 @@ class Hub:
     def on_message(self, session: Session, message: pb.SiloMessage) -> None:
         kind = message.WhichOneof("kind")
         size = message.ByteSize()
+        if kind == "blob_header" and message.blob_header.kind == pb.MASKED_VECTOR:
+            self._wait_for_upload_slot(session)  # before the lock: holds only this stream
         with self.lock:
             session.bytes_in += size
             session.round_bytes_in += size
@@ -328,6 +362,8 @@ class Hub:
                 self._on_blob_header(session, message.blob_header)
             elif kind == "blob_chunk":
                 self._on_chunk(session, message.blob_chunk)
+            elif kind == "secagg":
+                self._on_secagg(session, message.secagg)
             elif kind == "abort":
                 log.warning(
                     "%s aborted round %d: %s %s",
@@ -336,25 +372,32 @@ class Hub:
                     message.abort.reason,
                     message.abort.detail,
                 )
-                if self.machine is not None:
-                    self._apply(
-                        self.machine.failed(
-                            session.silo_id, f"silo aborted: {message.abort.reason}", self.clock()
-                        )
-                    )
+                self._failed(session, f"silo aborted: {message.abort.reason}")
             else:
                 self._reject(session, f"unexpected message {kind!r}")
 
     def _reject(self, session: Session, detail: str) -> None:
         log.warning("%s: %s", session.silo_id, detail)
+        self._failed(session, detail)
+
+    def _failed(self, session: Session, detail: str) -> None:
         if self.machine is not None:
             self._apply(self.machine.failed(session.silo_id, detail, self.clock()))
+        if self.secure is not None:
+            self._apply_secure(self.secure.failed(session.silo_id, self.clock(), detail))
 
     def _current_phase(self, session: Session, round_id: int) -> bool:
         m = self.machine
         return m is not None and m.expects(session.silo_id, round_id, "train")
 
     def _on_report(self, session: Session, report: pb.TrainReport) -> None:
+        sr = self.secure
+        if sr is not None:
+            # Under secagg a report carries evaluation metrics only (plaintext by design: they
+            # are the silo's score of the global model it received, not its update).
+            if report.round_id == sr.config.round_id and session.silo_id in sr.config.invited:
+                session.metrics = dict(report.metrics)
+            return
         m = self.machine
         if m is not None and m.expects(session.silo_id, report.round_id, OFFER_PHASE):
             # A report proves the model arrived, even if the stream's delivery marker has not
@@ -371,6 +414,9 @@ class Hub:
         session.upload = None
 
     def _on_blob_header(self, session: Session, header: pb.BlobHeader) -> None:
+        if header.kind == pb.MASKED_VECTOR:
+            self._on_masked_header(session, header)
+            return
         report = session.report
         if report is None or not self._current_phase(session, header.round_id):
             log.info("ignoring blob from %s for round %d", session.silo_id, header.round_id)
@@ -397,10 +443,14 @@ class Hub:
             data = upload.finish()
         except ChunkError as exc:
             session.upload = None
+            self._release_slot(session)
             self._reject(session, f"bad update chunk: {exc}")
             return
         session.upload = None
-        self._on_update(session, chunk.round_id, data)
+        if chunk.kind == pb.MASKED_VECTOR:
+            self._on_masked_vector(session, data)
+        else:
+            self._on_update(session, chunk.round_id, data)
 
     def _on_update(self, session: Session, round_id: int, data: bytes) -> None:
         m, agg, report = self.machine, self.aggregation, session.report
@@ -416,44 +466,129 @@ class Hub:
         _, events = m.done(session.silo_id, round_id, "train", self.clock())
         self._apply(events)
 
+    # ---- secure aggregation: frames and masked vectors ----------------------------------------
+
+    def _on_secagg(self, session: Session, frame: pb.SecAggFrame) -> None:
+        sr = self.secure
+        if sr is None or frame.round_id != sr.config.round_id:
+            log.info(
+                "ignoring a secagg frame from %s for round %d", session.silo_id, frame.round_id
+            )
+            return
+        try:
+            is_header = isinstance(decode_message(frame.payload), MaskedHeader)
+        except MalformedMessage:
+            is_header = False  # the protocol refuses it below, with the reason
+        if is_header:
+            session.masked_header = frame.payload  # the vector follows as a MASKED_VECTOR blob
+            return
+        self._apply_secure(sr.handle(session.silo_id, frame.payload, self.clock()))
+
+    def _wait_for_upload_slot(self, session: Session) -> None:
+        """Block this silo's reader until a buffered-upload slot frees (or the round ends)."""
+        while not session.upload_slot:
+            if self.upload_slots.acquire(timeout=UPLOAD_SLOT_POLL_S):
+                with self.lock:
+                    session.upload_slot = True
+                return
+            with self.lock:
+                if self.secure is None or session.closed or self.stopping.is_set():
+                    return
+
+    def _release_slot(self, session: Session) -> None:
+        if session.upload_slot:
+            session.upload_slot = False
+            self.upload_slots.release()
+
+    def _on_masked_header(self, session: Session, header: pb.BlobHeader) -> None:
+        sr = self.secure
+        session.upload = None
+        if sr is None or header.round_id != sr.config.round_id or not session.upload_slot:
+            log.info("ignoring a masked vector from %s (no round or slot)", session.silo_id)
+            self._release_slot(session)
+            return
+        if session.masked_header is None:
+            self._release_slot(session)
+            self._reject(session, "masked vector without its MaskedHeader frame")
+            return
+        try:
+            meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+            limit = sr.config.length * sr.config.ring_bits // 8
+            session.upload = Reassembler(meta, max_total_bytes=limit)
+        except ChunkError as exc:
+            self._release_slot(session)
+            self._reject(session, f"bad masked vector header: {exc}")
+
+    def _on_masked_vector(self, session: Session, data: bytes) -> None:
+        sr, masked_header = self.secure, session.masked_header
+        session.masked_header = None
+        try:
+            if sr is None or masked_header is None:
+                return
+            vector = np.frombuffer(data, dtype=ring_dtype(sr.config.ring_bits))
+            step = sr.masked_vector(session.silo_id, masked_header, vector, self.clock())
+            del vector, data  # added into the accumulator (or refused): not kept
+        finally:
+            self._release_slot(session)
+        self._apply_secure(step)
+
+    def _apply_secure(self, step: Step) -> None:
+        """Send what the protocol produced and record what happened (under the lock)."""
+        sr = self.secure
+        if sr is None:
+            return
+        round_id = sr.config.round_id
+        for silo_id, payload in step.sends:
+            s = self.sessions.get(silo_id)
+            if s is not None and not s.closed:
+                frame = pb.SecAggFrame(round_id=round_id, payload=payload)
+                s.send(pb.CoordinatorMessage(secagg=frame))
+        self._record_events(round_id, step.events)
+
     # ---- the round driver ------------------------------------------------------------------
 
     def _apply(self, events: Sequence[Event]) -> None:
         """Record what the machine decided (called under the lock)."""
-        m = self.machine
-        if m is None:
-            return
+        if self.machine is not None:
+            self._record_events(self.machine.round_id, events)
+
+    def _record_events(self, round_id: int, events: Sequence[Event]) -> None:
         for event in events:
             if isinstance(event, Dropped):
                 log.warning(
                     "round %d: %s dropped in phase %s (%s: %s)",
-                    m.round_id,
+                    round_id,
                     event.silo_id,
                     event.phase,
                     event.reason.value,
                     event.detail,
                 )
                 self.roundlog.record_dropout(
-                    m.round_id, event.silo_id, phase=event.phase, reason=event.reason.value
+                    round_id, event.silo_id, phase=event.phase, reason=event.reason.value
                 )
                 s = self.sessions.get(event.silo_id)
                 if s is not None and not s.closed:
                     s.send(
                         pb.CoordinatorMessage(
                             abort=pb.AbortNotice(
-                                round_id=m.round_id, reason=event.reason.value, detail=event.detail
+                                round_id=round_id, reason=event.reason.value, detail=event.detail
                             )
                         )
                     )
             elif isinstance(event, PhaseEnded):
                 self.roundlog.record_phase(
-                    m.round_id, event.phase, started_at=event.started_at, ended_at=event.ended_at
+                    round_id, event.phase, started_at=event.started_at, ended_at=event.ended_at
                 )
+                if self.secure is not None and event.phase in SET_OF_PHASE:
+                    self.roundlog.record_participants(
+                        round_id, SET_OF_PHASE[event.phase], event.survivors
+                    )
                 log.info(
-                    "round %d: phase %s ended with %d silos",
-                    m.round_id,
+                    "round %d: phase %s ended with %d silos (%.2f s)",
+                    round_id,
                     event.phase,
                     len(event.survivors),
+                    event.ended_at - event.started_at,
                 )
         self.changed.notify_all()
 
@@ -493,22 +628,19 @@ class Hub:
         return False
 
     def run_one_round(self, completed_before: int) -> None:
-        cfg, deadlines = self.config.rounds, self.config.deadlines
+        cfg = self.config.rounds
         round_id = RoundId(self.roundlog.last_round_id() + 1)
-        aggregation = make_aggregation(cfg.aggregation)
-        phases = [Phase(OFFER_PHASE, deadlines.offer_s)] + [
-            Phase(p.name, float(getattr(deadlines, p.deadline_key))) for p in aggregation.phases
-        ]
         model_bytes = state_to_bytes(self.global_state)
         self._model_len = len(model_bytes)
         model_sha = hashlib.sha256(model_bytes).digest()
-        round_config = json.dumps(
-            {"train": dict(self.config.train), "aggregation": cfg.aggregation}, sort_keys=True
-        ).encode()
         with self.lock:
             self._refresh_trust()
             invited = sorted(self.sessions)[: cfg.silos_per_round or None]
             now = self.clock()
+            if cfg.aggregation == SECAGG:
+                round_config = self._begin_secure(round_id, invited, model_sha, now)
+            else:
+                round_config = self._begin_plaintext(round_id)
             self.roundlog.start_round(
                 round_id,
                 started_at=now,
@@ -520,39 +652,150 @@ class Hub:
             )
             self.roundlog.record_participants(round_id, "invited", invited)
             log.info(
-                "round %d (%d/%d): offering the model to %d silos: %s",
+                "round %d (%d/%d, %s): offering the model to %d silos: %s",
                 round_id,
                 completed_before + 1,
                 cfg.count,
+                cfg.aggregation,
                 len(invited),
                 ", ".join(invited),
             )
-            self.machine = RoundMachine(round_id, phases, cfg.min_silos)
-            self.aggregation = aggregation
-            aggregation.begin(self.global_state)
             offer = pb.RoundOffer(
                 round_id=round_id,
                 aggregation=cfg.aggregation,
                 config=round_config,
                 model_sha256=model_sha,
                 model_bytes=len(model_bytes),
+                train_params_json=json.dumps(dict(self.config.train), sort_keys=True),
             )
             for silo_id in invited:
                 s = self.sessions[silo_id]
                 s.round_bytes_in = s.round_bytes_out = 0
-                s.report, s.upload, s.metrics = None, None, {}
+                s.report, s.upload, s.metrics, s.masked_header = None, None, {}, None
                 s.send(pb.CoordinatorMessage(round_offer=offer))
                 s.send(_Blob(round_id, pb.GLOBAL_MODEL, model_bytes))
                 s.send(_Delivered(round_id))
             # The streams hold the bytes until sent; dropping ours frees them during the round.
             del model_bytes
-            self._apply(self.machine.start(invited, now))
-            while not self.machine.over and not self.stopping.is_set():
+            if self.machine is not None:
+                self._apply(self.machine.start(invited, now))
+            if self.secure is None and self.machine is None:
+                self._finish_aborted(round_id, invited, self._begin_error)
+                return
+            while not self._round_over() and not self.stopping.is_set():
                 self.changed.wait(TICK_S)
-                self._apply(self.machine.tick(self.clock()))
-            machine = self.machine
-            self._apply(machine.cancel("the coordinator is stopping"))
-        self._finish(round_id, machine, aggregation, invited)
+                self._tick(self.clock())
+            self._cancel("the coordinator is stopping")
+        if self.secure is not None:
+            self._finish_secure(round_id, self.secure, invited)
+        elif self.machine is not None and self.aggregation is not None:
+            self._finish(round_id, self.machine, self.aggregation, invited)
+
+    def _begin_plaintext(self, round_id: RoundId) -> bytes:
+        cfg, deadlines = self.config.rounds, self.config.deadlines
+        aggregation = make_aggregation(cfg.aggregation)
+        phases = [Phase(OFFER_PHASE, deadlines.offer_s)] + [
+            Phase(p.name, float(getattr(deadlines, p.deadline_key))) for p in aggregation.phases
+        ]
+        self.machine = RoundMachine(round_id, phases, cfg.min_silos)
+        self.aggregation = aggregation
+        aggregation.begin(self.global_state)
+        return json.dumps(
+            {"train": dict(self.config.train), "aggregation": cfg.aggregation}, sort_keys=True
+        ).encode()
+
+    def _begin_secure(
+        self, round_id: RoundId, invited: Sequence[str], model_sha: bytes, now: float
+    ) -> bytes:
+        """The round's secagg configuration (the offer's `config`); a round that cannot be
+        configured (too few silos for the threshold, clip too large) starts and aborts."""
+        settings = self.config.secagg
+        assert settings is not None  # the config loader requires [secagg] for secagg
+        d = self.config.deadlines
+        try:
+            config = build_round_config(
+                settings,
+                federation_id=self.config.federation_id,
+                roster_version=self.roster.version,
+                roster_digest=self.roster.digest(),
+                round_id=round_id,
+                invited=invited,
+                model_version=round_id - 1,
+                model_sha256=model_sha,
+                layout=layout_of(self.global_state),
+                deadlines_s=(
+                    _whole_s(d.offer_s),
+                    _whole_s(d.share_keys_s),
+                    _whole_s(d.train_s),
+                    _whole_s(d.consistency_s),
+                    _whole_s(d.unmask_s),
+                ),
+            )
+        except (SecureRoundError, ValueError) as exc:
+            self._begin_error = f"cannot configure a secure round: {exc}"
+            return b""
+        trust = Trust(self.ca_cert, self.roster, tuple(self.revoked))
+        self.secure = SecureRound(
+            config,
+            trust,
+            {k: float(getattr(d, k)) for k in PHASE_DEADLINE_KEYS.values()},
+            now=now,
+            dp_rounds_before=self.roundlog.private_rounds_completed(),
+        )
+        return config.encode()
+
+    def _round_over(self) -> bool:
+        if self.secure is not None:
+            return self.secure.over
+        return self.machine is None or self.machine.over
+
+    def _tick(self, now: float) -> None:
+        if self.machine is not None:
+            self._apply(self.machine.tick(now))
+        if self.secure is not None:
+            self._apply_secure(self.secure.tick(now))
+
+    def _cancel(self, why: str) -> None:
+        if self.machine is not None:
+            self._apply(self.machine.cancel(why))
+        if self.secure is not None:
+            self._apply_secure(self.secure.cancel(self.clock(), why))
+
+    def _finish_secure(self, round_id: RoundId, sr: SecureRound, invited: Sequence[str]) -> None:
+        outcome = sr.result
+        if outcome is None:
+            with self.lock:
+                self.secure = None
+            self._finish_aborted(round_id, invited, sr.abort_reason or "aborted")
+            return
+        cfg = sr.config
+        # ḡ is the weighted mean of the survivors' updates: all the coordinator ever decodes.
+        new_state = apply_aggregate(self.global_state, outcome.aggregate, cfg.layout)
+        weight_sum = outcome.weight_sum / cfg.weight_scale * cfg.weight_max
+        survivors = [str(s) for s in outcome.survivors]
+        data = state_to_bytes(new_state)
+        ckpt = self.checkpoints.save_bytes(round_id, data)
+        del data
+        with self.lock:
+            report = outcome.dp_report
+            if report is not None:
+                self.roundlog.record_privacy(
+                    round_id,
+                    mechanism="distributed discrete Gaussian",
+                    noise_multiplier=report.noise_multiplier,
+                    clip_norm=cfg.clip_l2,
+                    epsilon=report.epsilon,
+                    delta=report.delta,
+                    details={
+                        "noise_divisor": report.noise_divisor,
+                        "honest_survivors": report.honest_survivors,
+                        "effective_multiplier": report.effective_multiplier,
+                        "rounds_composed": report.rounds,
+                    },
+                )
+            self._apply_secure(Step(sr.round.announce(bytes.fromhex(ckpt.sha256))))
+            self.secure = None
+            self._complete(round_id, invited, survivors, new_state, ckpt, weight_sum)
 
     def _finish(
         self,
@@ -561,60 +804,81 @@ class Hub:
         aggregation: AggregationProtocol,
         invited: Sequence[str],
     ) -> None:
-        now = self.clock()
-        if machine.stage is Stage.READY:
-            result = aggregation.finish()
-            data = state_to_bytes(result.new_state)
-            ckpt = self.checkpoints.save_bytes(round_id, data)
+        if machine.stage is not Stage.READY:
             with self.lock:
-                survivors = list(result.contributors)
-                metrics = {s: self.sessions[s].metrics for s in survivors if s in self.sessions}
-                global_metrics = _mean_eval(metrics.values())
-                self._record_stats(round_id, invited)
-                self.roundlog.record_participants(round_id, "finished", survivors)
-                self.roundlog.finish_round(
-                    round_id,
-                    status="completed",
-                    ended_at=now,
-                    model_out_sha256=ckpt.sha256,
-                    checkpoint_path=str(ckpt.path),
-                    checkpoint_sha256=ckpt.sha256,
-                    weight_sum=result.weight_sum,
-                    global_metrics=global_metrics,
-                )
-                self.global_state = result.new_state
                 self.machine, self.aggregation = None, None
-                shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(global_metrics.items()))
-                log.info(
-                    "round %d completed: %d silos, weight %g, model %s %s",
-                    round_id,
-                    len(survivors),
-                    result.weight_sum,
-                    ckpt.sha256[:12],
-                    shown,
-                )
-                self._broadcast_result(
-                    pb.RoundResult(
-                        round_id=round_id,
-                        status="completed",
-                        new_model_sha256=bytes.fromhex(ckpt.sha256),
-                        survivors=survivors,
-                    ),
-                    invited,
-                )
-        else:
-            reason = machine.abort_reason or "aborted"
-            with self.lock:
-                self._record_stats(round_id, invited)
-                self.roundlog.finish_round(
-                    round_id, status="aborted", ended_at=now, abort_reason=reason
-                )
-                self.machine, self.aggregation = None, None
-                log.warning("round %d aborted: %s", round_id, reason)
-                self._broadcast_result(
-                    pb.RoundResult(round_id=round_id, status="aborted", abort_reason=reason),
-                    invited,
-                )
+            self._finish_aborted(round_id, invited, machine.abort_reason or "aborted")
+            return
+        result = aggregation.finish()
+        data = state_to_bytes(result.new_state)
+        ckpt = self.checkpoints.save_bytes(round_id, data)
+        del data
+        with self.lock:
+            self.machine, self.aggregation = None, None
+            self._complete(
+                round_id,
+                invited,
+                list(result.contributors),
+                result.new_state,
+                ckpt,
+                result.weight_sum,
+            )
+
+    def _complete(
+        self,
+        round_id: RoundId,
+        invited: Sequence[str],
+        survivors: list[str],
+        new_state: dict[str, torch.Tensor],
+        ckpt: Checkpoint,
+        weight_sum: float,
+    ) -> None:
+        """Record a completed round and tell the silos (under the lock)."""
+        metrics = {s: self.sessions[s].metrics for s in survivors if s in self.sessions}
+        global_metrics = _mean_eval(metrics.values())
+        self._record_stats(round_id, invited)
+        self.roundlog.record_participants(round_id, "finished", survivors)
+        self.roundlog.finish_round(
+            round_id,
+            status="completed",
+            ended_at=self.clock(),
+            model_out_sha256=ckpt.sha256,
+            checkpoint_path=str(ckpt.path),
+            checkpoint_sha256=ckpt.sha256,
+            weight_sum=weight_sum,
+            global_metrics=global_metrics,
+        )
+        self.global_state = new_state
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(global_metrics.items()))
+        log.info(
+            "round %d completed: %d silos, weight %g, model %s %s",
+            round_id,
+            len(survivors),
+            weight_sum,
+            ckpt.sha256[:12],
+            shown,
+        )
+        self._broadcast_result(
+            pb.RoundResult(
+                round_id=round_id,
+                status="completed",
+                new_model_sha256=bytes.fromhex(ckpt.sha256),
+                survivors=survivors,
+            ),
+            invited,
+        )
+
+    def _finish_aborted(self, round_id: RoundId, invited: Sequence[str], reason: str) -> None:
+        with self.lock:
+            self._record_stats(round_id, invited)
+            self.roundlog.finish_round(
+                round_id, status="aborted", ended_at=self.clock(), abort_reason=reason
+            )
+            log.warning("round %d aborted: %s; nothing was aggregated", round_id, reason)
+            self._broadcast_result(
+                pb.RoundResult(round_id=round_id, status="aborted", abort_reason=reason),
+                invited,
+            )
 
     def _record_stats(self, round_id: int, invited: Sequence[str]) -> None:
         for silo_id in invited:
@@ -651,7 +915,13 @@ class Hub:
 
     def status(self) -> pb.StatusReply:
         with self.lock:
-            m = self.machine
+            round_id, phase, since = 0, "", 0.0
+            if self.machine is not None:
+                m = self.machine
+                round_id, phase, since = m.round_id, m.phase.name, m.phase_started_at
+            if self.secure is not None:
+                sr = self.secure
+                round_id, phase, since = sr.config.round_id, sr.phase_name, sr.phase_started_at
             return pb.StatusReply(
                 federation_id=self.config.federation_id,
                 silos=[
@@ -664,9 +934,9 @@ class Hub:
                     )
                     for s in self.sessions.values()
                 ],
-                current_round=m.round_id if m is not None else 0,
-                phase=m.phase.name if m is not None else "",
-                phase_started_unix=m.phase_started_at if m is not None else 0.0,
+                current_round=round_id,
+                phase=phase,
+                phase_started_unix=since,
                 rounds_completed=self.completed_rounds(),
             )
 
@@ -690,6 +960,11 @@ class Hub:
             "resuming from the checkpoint of round %d (%s)", latest.round_id, latest.sha256[:12]
         )
         return state
+
+
+def _whole_s(seconds: float) -> int:
+    """A deadline as whole seconds for the round config (silos time out a little later)."""
+    return max(1, math.ceil(seconds))
 
 
 def _mean_eval(per_silo: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -298,14 +298,17 @@ class RoundOffer(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
     MODEL_BYTES_FIELD_NUMBER: _builtins.int
+    TRAIN_PARAMS_JSON_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     aggregation: _builtins.str
-    """"plaintext" (updates in the clear; insecure baseline) or, later, "secagg" """
+    """"secagg" (the default) or "plaintext-insecure" (updates in the clear)"""
     config: _builtins.bytes
-    """round configuration (encoding defined by the aggregation)"""
+    """round configuration: secagg's RoundConfig encoding, or JSON for plaintext"""
     model_sha256: _builtins.bytes
     """the GLOBAL_MODEL blob that follows"""
     model_bytes: _builtins.int
+    train_params_json: _builtins.str
+    """the coordinator's [train] table, as JSON, for the task's train()"""
     def __init__(
         self,
         *,
@@ -314,10 +317,11 @@ class RoundOffer(_message.Message):
         config: _builtins.bytes = ...,
         model_sha256: _builtins.bytes = ...,
         model_bytes: _builtins.int = ...,
+        train_params_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "config", b"config", "model_bytes", b"model_bytes", "model_sha256", b"model_sha256", "round_id", b"round_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "config", b"config", "model_bytes", b"model_bytes", "model_sha256", b"model_sha256", "round_id", b"round_id", "train_params_json", b"train_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,6 +331,8 @@ Global___RoundOffer: _TypeAlias = RoundOffer  # noqa: Y015
 class TrainReport(_message.Message):
     """What a silo reports after local work: evaluation metrics of the global model it received
     (plaintext, documented as such) and, in the plaintext baseline only, its example count.
+    Under secagg the masked vector follows as a SecAggFrame carrying the MaskedHeader and then a
+    MASKED_VECTOR blob.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

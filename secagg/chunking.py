@@ -44,12 +44,12 @@ def chunk_count_for(total_bytes: int, chunk_bytes: int = MAX_CHUNK_BYTES) -> int
     return max(1, -(-total_bytes // chunk_bytes))
 
 
-def describe(data: bytes) -> BlobMeta:
+def describe(data: bytes | memoryview) -> BlobMeta:
     """The header fields for `data`."""
     return BlobMeta(len(data), hashlib.sha256(data).digest(), chunk_count_for(len(data)))
 
 
-def split(data: bytes, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
+def split(data: bytes | memoryview, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
     """Yield `data` in order as chunks of at most `chunk_bytes` (copies made lazily)."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ChunkError(f"chunk size must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")

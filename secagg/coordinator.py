@@ -261,7 +261,7 @@ class CoordinatorRound:
         self.rejected.append(Rejection(sid, self.phase, why))
         return self.silo_lost(sid)
 
-    def _waiting_for(self) -> set[SiloId]:
+    def waiting_for(self) -> set[SiloId]:
         """Silos the current phase still waits for (the lost ones are not waited for)."""
         if self.phase is Phase.ADVERTISE:
             answered = set(self._adverts) | self._excluded
@@ -279,7 +279,7 @@ class CoordinatorRound:
         return pending - self._lost
 
     def _close_if_all_answered(self) -> list[Send]:
-        if self._waiting_for():
+        if self.waiting_for():
             return []
         if self.phase is Phase.UNMASK:
             # Every silo of U4 that can answer has; had they sent enough shares, the round
@@ -463,6 +463,7 @@ class CoordinatorRound:
         ):
             return self._reject(sid, "shares for silos outside the neighbourhood or wrong set")
         self._unmask_from.add(idx)
+        self.participants["U5"] = tuple(self._silos[i].silo_id for i in sorted(self._unmask_from))
         for v, share in m.b_shares:
             self._b_shares.setdefault(v, {})[idx] = share
         for v, share in m.s_shares:

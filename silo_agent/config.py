@@ -39,6 +39,21 @@ class Reconnect:
             raise ValueError("reconnect delays need 0 < initial_s <= max_s")
 
 
+# Where `[debug] pause_after_phase` may stop a silo (tests kill it there): after the offer
+# arrived, after sending its key advertisement, its shares, its masked upload, its signature.
+PAUSE_POINTS = ("offer", "advertise", "share_keys", "masked", "consistency")
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggPolicy:
+    """`[secagg]`: what this silo accepts (SECAGG.md §3.3 local policy)."""
+
+    allow_plaintext_insecure: bool = False  # send the update IN THE CLEAR when asked to
+    max_masked_inputs_per_model: int = 1
+    t_floor: int = 3
+    n_colluders_max: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class SiloConfig:
     source: Path
@@ -51,6 +66,8 @@ class SiloConfig:
     task_spec: str
     task_options: Mapping[str, Any] = field(default_factory=dict)
     reconnect: Reconnect = field(default_factory=Reconnect)
+    secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
+    pause_after_phase: str | None = None  # [debug]: for fault-injection tests only
 
 
 class _Reader:
@@ -149,7 +166,24 @@ def load_silo_config(path: Path) -> SiloConfig:
     options = task.get("options", {})
     if not isinstance(options, dict):
         raise r.fail("[task.options]", "must be a table")
-    known = {"silo", "coordinator", "tls", "task", "reconnect"}
+    pause = r.get("debug", "pause_after_phase", str, None)
+    if pause is not None and pause not in PAUSE_POINTS:
+        raise r.fail(
+            "[debug] pause_after_phase", f"must be one of {list(PAUSE_POINTS)}, got {pause!r}"
+        )
+    t_floor = r.get("secagg", "t_floor", int, 3)
+    if t_floor < 3:
+        raise r.fail("[secagg] t_floor", f"must be >= 3 (the protocol's floor), got {t_floor}")
+    n_c_max = r.get("secagg", "n_colluders_max", int, None)
+    if n_c_max is not None and n_c_max < 0:
+        raise r.fail("[secagg] n_colluders_max", f"must be >= 0, got {n_c_max}")
+    policy = SecAggPolicy(
+        allow_plaintext_insecure=r.get("secagg", "allow_plaintext_insecure", bool, False),
+        max_masked_inputs_per_model=r.positive("secagg", "max_masked_inputs_per_model", int, 1),
+        t_floor=t_floor,
+        n_colluders_max=n_c_max,
+    )
+    known = {"silo", "coordinator", "tls", "task", "reconnect", "secagg", "debug"}
     unknown = sorted(set(r.data) - known)
     if unknown:
         raise r.fail(f"[{unknown[0]}]", f"is not a known table (known: {sorted(known)})")
@@ -169,4 +203,6 @@ def load_silo_config(path: Path) -> SiloConfig:
         task_spec=spec,
         task_options=dict(options),
         reconnect=Reconnect(initial, max_s),
+        secagg=policy,
+        pause_after_phase=pause,
     )

@@ -52,7 +52,7 @@ class LinkError(Exception):
 class OutBlob:
     round_id: int
     kind: pb.BlobKind.ValueType
-    data: bytes
+    data: bytes | memoryview  # a byte view of a numpy vector is sent without a copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +106,14 @@ class Link:
             else:
                 self.bytes_out += item.ByteSize()
                 yield item
+            self._out.task_done()  # gRPC took everything of this item
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until gRPC has taken every queued message (bounded); True when it has."""
+        deadline = time.monotonic() + timeout_s
+        while self._out.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self._out.unfinished_tasks
 
     def open(self, hello: pb.Hello) -> Iterator[pb.CoordinatorMessage]:
         """Start the stream; iterate the result for coordinator messages (raises LinkError)."""

@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -25,24 +26,31 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from protos import federation_pb2 as pb
 from secagg.chunking import BlobMeta, ChunkError, Reassembler
 from secagg.identity import (
     CertificateRejected,
     Roster,
+    SiloId,
     check_certificate,
     load_pem_certificate,
     silo_id_for,
 )
+from secagg.silo import SiloPolicy, SiloSession
+from secagg.trust import SiloIdentity, Trust
 from silo_agent.backoff import Backoff
 from silo_agent.config import SiloConfig
 from silo_agent.connection import Link, LinkError, OutBlob, TlsMaterial
 from silo_agent.ledger import LEDGER_FILENAME, LedgerEntry, append_entry
+from silo_agent.secure_round import Pause, SiloSecureRound, TrainJob
+from silo_agent.secure_session import SecureSession
+from silo_agent.silo_state import SiloStateStore
 from silo_agent.task import Task
+from silo_agent.tensors import prefixed, state_from_bytes, state_to_bytes
 
 log = logging.getLogger("silofed.silo")
 
@@ -52,22 +60,11 @@ FEDERATION_FINISHED = "FEDERATION_FINISHED"
 EXIT_OK = 0
 EXIT_REFUSED = 3  # the coordinator or our own pre-flight check refused this identity
 EXIT_STOPPED = 130
+FLUSH_TIMEOUT_S = 30.0
 
 
 class PreflightError(Exception):
     """This silo's own certificate cannot work; str() names the cause and the fix."""
-
-
-def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Canonical safetensors bytes (sorted names, contiguous CPU copies, no metadata)."""
-    tensors = {k: state[k].detach().to("cpu").contiguous().clone() for k in sorted(state)}
-    data: bytes = st_save(tensors)
-    return data
-
-
-def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    loaded: dict[str, torch.Tensor] = st_load(bytes(data))
-    return loaded
 
 
 def preflight(config: SiloConfig, *, now: dt.datetime) -> str:
@@ -92,14 +89,15 @@ def preflight(config: SiloConfig, *, now: dt.datetime) -> str:
         ) from exc
 
 
-def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
-    return {(k if k.startswith(prefix) else prefix + k): float(v) for k, v in metrics.items()}
+SECAGG = "secagg"
+PLAINTEXT_INSECURE = "plaintext-insecure"
 
 
 @dataclass
 class _RoundState:
     offer: pb.RoundOffer | None = None
     download: Reassembler | None = None
+    secure: SiloSecureRound | None = None
 
 
 @dataclass
@@ -115,6 +113,7 @@ class SiloRunner:
     rounds_done: int = 0
     _link: Link | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pause: Pause | None = None
 
     def request_stop(self) -> None:
         """Stop from another thread (signal handler): closes the stream so reading returns."""
@@ -167,7 +166,28 @@ class SiloRunner:
     ) -> bool:
         """Handle one stream. True when done for good (finished or round limit reached)."""
         state = _RoundState()
+        pause = Pause(
+            self.config.pause_after_phase,
+            self.config.state_dir,
+            self.stop,
+            lambda: link.flush(FLUSH_TIMEOUT_S),
+        )
+        try:
+            return self._pump(messages, link, backoff, state, pause)
+        finally:
+            if state.secure is not None:
+                state.secure.round_over()  # the stream is gone: erase the round's secrets
+
+    def _pump(
+        self,
+        messages: Iterator[pb.CoordinatorMessage],
+        link: Link,
+        backoff: Backoff,
+        state: _RoundState,
+        pause: Pause,
+    ) -> bool:
         for message in messages:
+            pause.wait_if_frozen()
             kind = message.WhichOneof("kind")
             if kind == "welcome":
                 backoff.reset()
@@ -177,7 +197,9 @@ class SiloRunner:
                     message.welcome.silo_id,
                 )
             elif kind == "round_offer":
-                state.offer, state.download = message.round_offer, None
+                if state.secure is not None:
+                    state.secure.round_over()
+                state.offer, state.download, state.secure = message.round_offer, None, None
                 log.info(
                     "round %d offered (%s, model %d bytes)",
                     state.offer.round_id,
@@ -189,8 +211,18 @@ class SiloRunner:
             elif kind == "blob_chunk":
                 data = self._on_chunk(state, message.blob_chunk)
                 if data is not None and state.offer is not None:
-                    self._train_and_upload(link, state.offer, data)
+                    self._take_part(link, state, data, pause)
+            elif kind == "secagg":
+                frame = message.secagg
+                if state.secure is not None and frame.round_id == state.secure.round_id:
+                    state.secure.on_frame(frame.payload)
             elif kind == "round_result":
+                if (
+                    state.secure is not None
+                    and state.secure.round_id == message.round_result.round_id
+                ):
+                    state.secure.round_over()
+                    state.secure = None
                 if self._on_result(message.round_result):
                     return True
             elif kind == "abort":
@@ -204,7 +236,74 @@ class SiloRunner:
                     notice.reason,
                     notice.detail,
                 )
+                if state.secure is not None and notice.round_id == state.secure.round_id:
+                    state.secure.round_over()
+                    state.secure = None
         return False
+
+    def _take_part(self, link: Link, state: _RoundState, model_bytes: bytes, pause: Pause) -> None:
+        offer = state.offer
+        assert offer is not None
+        if offer.aggregation == SECAGG:
+            state.secure = self._secure_round(link, offer, model_bytes, pause)
+            state.secure.start()
+        elif (
+            offer.aggregation == PLAINTEXT_INSECURE and self.config.secagg.allow_plaintext_insecure
+        ):
+            self._train_and_upload(link, offer, model_bytes)
+        else:
+            # Never send the update in the clear unless this silo's operator said so.
+            log.warning(
+                "round %d: declining aggregation %r: this silo only sends masked updates "
+                "(to take part in the insecure baseline set [secagg] allow_plaintext_insecure "
+                "= true in %s)",
+                offer.round_id,
+                offer.aggregation,
+                self.config.source,
+            )
+            detail = f"this silo does not take part in {offer.aggregation!r} rounds"
+            notice = pb.AbortNotice(round_id=offer.round_id, reason="DECLINED", detail=detail)
+            link.send(pb.SiloMessage(abort=notice))
+
+    def _secure_round(
+        self, link: Link, offer: pb.RoundOffer, model_bytes: bytes, pause: Pause
+    ) -> SiloSecureRound:
+        policy = self.config.secagg
+        store = SiloStateStore(self.config.state_dir)
+        base = SiloPolicy(
+            last_round_id=0,
+            t_floor=policy.t_floor,
+            n_colluders_max=policy.n_colluders_max,
+            max_masked_inputs_per_model=policy.max_masked_inputs_per_model,
+        )
+        session = SiloSession(
+            self._identity(),
+            self._trust(),
+            store.state.policy(base),
+            random_bytes=os.urandom,
+            rng=np.random.Generator(np.random.PCG64DXSM(int.from_bytes(os.urandom(32), "big"))),
+            journal=store.journal,
+        )
+        job = TrainJob(
+            self.task,
+            self.data,
+            _train_params(offer),
+            self.config.state_dir / LEDGER_FILENAME,
+            self.clock,
+        )
+        return SiloSecureRound(offer, model_bytes, SecureSession(session), job, link.send, pause)
+
+    def _identity(self) -> SiloIdentity:
+        key = serialization.load_pem_private_key(self.config.tls.key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PreflightError(f"{self.config.tls.key}: not an ECDSA key")
+        cert = load_pem_certificate(self.config.tls.cert.read_bytes())
+        der = cert.public_bytes(serialization.Encoding.DER)
+        return SiloIdentity(SiloId(self.silo_id), key, (der,))
+
+    def _trust(self) -> Trust:
+        ca = load_pem_certificate(self.config.tls.ca_cert.read_bytes())
+        return Trust(ca, Roster.from_json(self.config.tls.roster.read_text()))
 
     def _on_header(self, state: _RoundState, header: pb.BlobHeader) -> None:
         offer = state.offer
@@ -242,17 +341,17 @@ class SiloRunner:
     def _train_and_upload(self, link: Link, offer: pb.RoundOffer, model_bytes: bytes) -> None:
         round_id = offer.round_id
         received = state_from_bytes(model_bytes)
-        params: Mapping[str, Any] = json.loads(offer.config or b"{}").get("train", {})
+        params = _train_params(offer)
         model = self.task.build_model()
         model.load_state_dict(received)
         started = time.monotonic()
-        evaluated = _prefixed(self.task.evaluate(model, self.data), "eval_")
+        evaluated = prefixed(self.task.evaluate(model, self.data), "eval_")
         result = self.task.train(model, self.data, {**params, "round": round_id})
         trained = model.state_dict()
         delta = {k: trained[k].detach() - received[k] for k in received}
         update = state_to_bytes(delta)
         digest = hashlib.sha256(update).digest()
-        metrics = {**evaluated, **_prefixed(result.metrics, "train_")}
+        metrics = {**evaluated, **prefixed(result.metrics, "train_")}
         link.send(
             pb.SiloMessage(
                 train_report=pb.TrainReport(
@@ -302,3 +401,14 @@ class SiloRunner:
             log.info("reached --rounds %d; stopping", self.max_rounds)
             return True
         return False
+
+
+def _train_params(offer: pb.RoundOffer) -> Mapping[str, Any]:
+    """The coordinator's [train] table for the task (older plaintext offers: inside config)."""
+    if offer.train_params_json:
+        params: Mapping[str, Any] = json.loads(offer.train_params_json)
+        return params
+    if offer.aggregation == PLAINTEXT_INSECURE and offer.config:
+        legacy: Mapping[str, Any] = json.loads(offer.config).get("train", {})
+        return legacy
+    return {}

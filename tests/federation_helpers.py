@@ -279,7 +279,10 @@ def write_silo_config(
     task_spec: str,
     options: Mapping[str, Any] | None = None,
     state_dir: Path | None = None,
+    allow_plaintext_insecure: bool = True,
+    pause_after_phase: str | None = None,
 ) -> Path:
+    """A silo config; the tests' plaintext-baseline federations need the insecure opt-in."""
     tables: dict[str, Mapping[str, Any]] = {
         "silo": {"name": silo.name, "state_dir": state_dir or silo.dir / "state"},
         "coordinator": {"address": f"127.0.0.1:{port}", "server_name": "localhost"},
@@ -287,7 +290,10 @@ def write_silo_config(
         "task": {"spec": task_spec},
         "task.options": dict(options or {}),
         "reconnect": {"initial_s": 0.2, "max_s": 2.0},
+        "secagg": {"allow_plaintext_insecure": allow_plaintext_insecure},
     }
+    if pause_after_phase is not None:
+        tables["debug"] = {"pause_after_phase": pause_after_phase}
     path.write_text(to_toml(tables))
     return path
 

@@ -1,0 +1,275 @@
+"""One secure-aggregation round on the silo: the protocol frames, local training, masked upload.
+
+Rule: the runner hands this object the round's offer and model, then every SecAggFrame of the
+round; it answers through `send` (the stream). Training runs on its own thread from the moment
+the offer is checked, so the silo keeps answering the key exchange while it trains, and the
+pairwise masks are computed (SecureSession) while training still runs. What leaves the site:
+the signed key advertisement, the encrypted shares, the evaluation metrics of the RECEIVED
+model, the masked vector (indistinguishable from random without the other silos' masks) and
+the unmasking shares SECAGG.md allows — never the update itself. Every upload is appended to
+the ledger.
+
+`[debug] pause_after_phase` freezes the silo at one point (tests kill it there for real).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protos import federation_pb2 as pb
+from secagg.config import RoundConfig
+from secagg.errors import ProtocolAbort
+from secagg.silo import TERMINAL, SiloStage
+from silo_agent.connection import OutBlob
+from silo_agent.ledger import LedgerEntry, append_entry
+from silo_agent.secure_session import SecureSession, flatten_update
+from silo_agent.task import Task
+from silo_agent.tensors import prefixed, state_from_bytes
+
+log = logging.getLogger("silofed.silo")
+
+SECURE_MESSAGES = (
+    "SecAggFrame(Advertise)",
+    "SecAggFrame(ShareKeys)",
+    "TrainReport(metrics only)",
+    "SecAggFrame(MaskedHeader)",
+    "BlobHeader(MASKED_VECTOR)",
+    "BlobChunk",
+    "SecAggFrame(Consistency)",
+    "SecAggFrame(UnmaskShares)",
+)
+KEYS_POLL_S = 0.05
+
+Send = Callable[[pb.SiloMessage | OutBlob], None]
+
+
+class Pause:
+    """`[debug] pause_after_phase`: freeze everything at one point until the process is killed.
+
+    `freeze(point)` first (so no other thread moves the protocol on), then send the message of
+    that point, then `hold(point)`: flush the stream, write `<state_dir>/paused-<point>` for the
+    test to see, and block until the runner stops."""
+
+    def __init__(
+        self, point: str | None, state_dir: Path, stop: threading.Event, flush: Callable[[], object]
+    ) -> None:
+        self.point = point
+        self.state_dir = state_dir
+        self.stop = stop
+        self.flush = flush
+        self.frozen = threading.Event()
+
+    def freeze(self, point: str) -> bool:
+        if point != self.point:
+            return False
+        self.frozen.set()
+        return True
+
+    def hold(self, point: str) -> None:
+        if point != self.point or not self.frozen.is_set():
+            return
+        self.flush()
+        log.warning("[debug] pause_after_phase = %s: paused; this silo does nothing more", point)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / f"paused-{point}").write_text(f"{time.time()}\n")
+        self.stop.wait()
+
+    def at(self, point: str) -> None:
+        if self.freeze(point):
+            self.hold(point)
+
+    def wait_if_frozen(self) -> None:
+        if self.frozen.is_set():
+            self.stop.wait()
+
+
+@dataclass
+class TrainJob:
+    task: Task
+    data: Any
+    params: Mapping[str, Any]
+    ledger_path: Path
+    clock: Callable[[], float]
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class SiloSecureRound:
+    """The silo's part in one secure round; `start` once, then `on_frame` per SecAggFrame."""
+
+    def __init__(
+        self,
+        offer: pb.RoundOffer,
+        model_bytes: bytes,
+        session: SecureSession,
+        job: TrainJob,
+        send: Send,
+        pause: Pause,
+    ) -> None:
+        self.offer = offer
+        self.round_id = offer.round_id
+        self.session = session
+        self.job = job
+        self._send = send
+        self.pause = pause
+        self._model_bytes: bytes | None = model_bytes
+        self._over = threading.Event()
+        self._trainer: threading.Thread | None = None
+        self.config: RoundConfig | None = None
+
+    # ---- driven by the runner --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the offer (SECAGG.md phase 0) and advertise keys; training starts alongside."""
+        assert self._model_bytes is not None
+        self.pause.at("offer")
+        model_sha = hashlib.sha256(self._model_bytes).digest()
+        try:
+            m1 = self.session.handle_offer(self.offer.config, model_sha, now=_now())
+        except ProtocolAbort as exc:
+            self._aborted(exc)
+            return
+        self.config = self.session.session.config
+        self._frame(m1)
+        self._trainer = threading.Thread(
+            target=self._train_and_upload, name=f"train round {self.round_id}", daemon=True
+        )
+        self._trainer.start()
+        self.pause.at("advertise")
+
+    def on_frame(self, payload: bytes) -> None:
+        before = self.session.stage
+        try:
+            replies = self.session.handle(payload, now=_now())
+        except ProtocolAbort as exc:
+            self._aborted(exc)
+            return
+        stage = self.session.stage
+        point = {SiloStage.SHARED: "share_keys", SiloStage.SIGNED: "consistency"}.get(stage)
+        frozen = point is not None and stage is not before and self.pause.freeze(point)
+        for reply in replies:
+            self._frame(reply)
+        if frozen and point is not None:
+            self.pause.hold(point)
+        if stage is SiloStage.COMPLETED and before is not SiloStage.COMPLETED:
+            result = self.session.session.result
+            if result is not None:
+                log.info(
+                    "round %d: secure aggregation completed over %d silos (we are in U3)",
+                    self.round_id,
+                    len(result.u3),
+                )
+
+    def round_over(self) -> None:
+        """The coordinator ended the round (result or abort): stop waiting, erase secrets."""
+        self._over.set()
+        # The session erases its secrets; there is nothing to tell a round that is over.
+        with contextlib.suppress(ProtocolAbort):
+            self.session.session.deadline_passed(round_over=True)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _frame(self, payload: bytes) -> None:
+        frame = pb.SecAggFrame(round_id=self.round_id, payload=payload)
+        self._send(pb.SiloMessage(secagg=frame))
+
+    def _aborted(self, exc: ProtocolAbort) -> None:
+        log.warning(
+            "round %d: secure aggregation aborted on this silo: %s (%s)",
+            self.round_id,
+            exc.reason.name,
+            exc,
+        )
+        notice = self.session.session.abort_notice
+        if notice is not None:
+            self._frame(notice)
+        self._over.set()
+
+    def _train_and_upload(self) -> None:
+        try:
+            self._train_and_upload_inner()
+        except Exception:  # a task bug must not kill the agent; the round drops this silo
+            log.exception("round %d: local training failed", self.round_id)
+
+    def _train_and_upload_inner(self) -> None:
+        job, cfg, model_bytes = self.job, self.config, self._model_bytes
+        assert cfg is not None and model_bytes is not None
+        self._model_bytes = None
+        received = state_from_bytes(model_bytes)
+        del model_bytes
+        model = job.task.build_model()
+        model.load_state_dict(received)
+        started = time.monotonic()
+        evaluated = prefixed(job.task.evaluate(model, job.data), "eval_")
+        result = job.task.train(model, job.data, {**job.params, "round": self.round_id})
+        with torch.no_grad():
+            delta = flatten_update(model.state_dict(), received, cfg.layout)
+        metrics = {**evaluated, **prefixed(result.metrics, "train_")}
+        report = pb.TrainReport(round_id=self.round_id, num_examples=0, metrics=metrics)
+        self._send(pb.SiloMessage(train_report=report))
+        trained_s = time.monotonic() - started
+        if not self._wait_for_keys():
+            return
+        frozen = self.pause.freeze("masked")
+        try:
+            upload = self.session.submit_update(delta, result.num_examples)
+        except ProtocolAbort as exc:
+            self._aborted(exc)
+            return
+        del delta
+        data = upload.vector.data.cast("B")
+        digest = hashlib.sha256(data).hexdigest()
+        self._frame(upload.header)
+        self._send(OutBlob(self.round_id, pb.MASKED_VECTOR, data))
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        log.info(
+            "round %d: trained on %d examples in %.2f s; %s; uploading a %d-byte masked vector",
+            self.round_id,
+            result.num_examples,
+            trained_s,
+            shown,
+            data.nbytes,
+        )
+        entry = LedgerEntry(
+            self.round_id,
+            job.clock(),
+            self.offer.aggregation,
+            self.offer.model_sha256.hex(),
+            digest,
+            data.nbytes,
+            result.num_examples,
+            SECURE_MESSAGES,
+        )
+        append_entry(job.ledger_path, entry)
+        if frozen:
+            self.pause.hold("masked")
+
+    def _wait_for_keys(self) -> bool:
+        """Training may finish before the shares (M4) arrive: wait for them, bounded by the
+        round's deadlines for the phases before the upload."""
+        cfg = self.config
+        assert cfg is not None
+        limit = time.monotonic() + sum(cfg.deadlines_s[:3])
+        while time.monotonic() < limit and not self._over.is_set():
+            stage = self.session.stage
+            if stage is SiloStage.KEYS_RECEIVED:
+                return True
+            if stage in TERMINAL:
+                return False
+            self._over.wait(KEYS_POLL_S)
+        if not self._over.is_set():
+            log.warning("round %d: the shares never arrived; not uploading", self.round_id)
+        return False
