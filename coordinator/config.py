@@ -172,6 +172,11 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     except AggregationError as e:
         raise r.fail("[rounds] aggregation", str(e)) from None
     min_silos = r.positive("rounds", "min_silos", int)
+    if aggregation == SECAGG and min_silos < 3:
+        raise r.fail(
+            "[rounds] min_silos",
+            f"must be >= 3 with secure aggregation (its threshold floor), got {min_silos}",
+        )
     per_round = r.positive("rounds", "silos_per_round", int, None)
     if per_round is not None and per_round < min_silos:
         raise r.fail("[rounds] silos_per_round", f"must be >= min_silos ({min_silos})")
