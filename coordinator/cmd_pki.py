@@ -1,5 +1,5 @@
-"""PKI commands for the coordinator operator: provision-dev, init-ca, issue-server-cert, sign,
-revoke.
+"""PKI commands for the coordinator operator: provision-dev, init-ca, issue-server-cert,
+issue-operator-cert, sign, revoke.
 
 Every command prints what it made and where, never key material, and exits 1 with a sentence
 saying what to fix when it is refused.
@@ -15,6 +15,7 @@ from typing import Any
 from cryptography import x509
 
 from coordinator import pki
+from coordinator.operator import DEFAULT_OPERATOR_NAME
 from secagg.identity import Roster, spki_sha256, uri_san
 
 
@@ -39,6 +40,8 @@ def run_provision_dev(args: argparse.Namespace) -> int:
     print(f"  roster:                  {fed.roster}")
     for name, paths in fed.silos.items():
         print(f"  silo {name}: {paths.dir} (key, certificate, pinned CA and roster)")
+    if fed.operator is not None:
+        print(f"  operator {fed.operator.operator_id}: {fed.operator.dir} (for `status`)")
     return 0
 
 
@@ -64,6 +67,25 @@ def run_issue_server_cert(args: argparse.Namespace) -> int:
         hosts=args.host or ("localhost", "127.0.0.1"),
     )
     print(f"coordinator certificate: {cert}")
+    return 0
+
+
+def run_issue_operator_cert(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    ca = pki.load_ca(directory, _federation_of(directory))
+    out = Path(args.out) if args.out else pki.operator_dir(directory, args.name)
+    op = pki.issue_operator_cert(
+        ca, out, name=args.name, now=_now(), valid_days=args.days, force=args.force
+    )
+    cert = x509.load_pem_x509_certificate(op.cert.read_bytes())
+    print(f"operator {op.operator_id} (valid until {cert.not_valid_after_utc:%Y-%m-%d})")
+    print(f"  certificate: {op.cert}")
+    print(f"  key:         {op.key} (mode 0600; keep it on the operator's machine)")
+    print(f"  CA:          {op.ca_cert}")
+    print(
+        "  use: silofed-coordinator status --config coordinator.toml "
+        f"--cert {op.cert} --key {op.key}"
+    )
     return 0
 
 
@@ -144,6 +166,32 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--host", action="append", help="DNS name or IP for the certificate (repeatable)"
     )
     p.set_defaults(func=_guard(run_issue_server_cert))
+
+    p = sub.add_parser(
+        "issue-operator-cert",
+        help="issue an operator client certificate (for `status` and health probes)",
+        description="Make an operator key (0600) and a client certificate from the federation "
+        "CA with URI SAN spiffe://<federation>/operator/<name>. The coordinator answers "
+        "`status` for it; it is never on the roster, so it cannot join rounds.",
+    )
+    p.add_argument("--dir", required=True, help="federation directory (with ca/ and roster.json)")
+    p.add_argument(
+        "--name",
+        default=DEFAULT_OPERATOR_NAME,
+        help=f"operator name (default: {DEFAULT_OPERATOR_NAME})",
+    )
+    p.add_argument(
+        "--out",
+        help="directory for operator.key, operator.pem, ca.pem (default: DIR/operators/NAME)",
+    )
+    p.add_argument(
+        "--days",
+        type=int,
+        default=pki.OPERATOR_VALID_DAYS,
+        help=f"validity in days (default: {pki.OPERATOR_VALID_DAYS})",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing operator key")
+    p.set_defaults(func=_guard(run_issue_operator_cert))
 
     p = sub.add_parser("sign", help="sign a silo's CSR and pin it in the roster")
     p.add_argument("--dir", required=True, help="federation directory")

@@ -5,10 +5,14 @@ silos with their certificate expiry (and days left), the current round, its phas
 spent in it, rounds completed, and the gRPC health status. `--json` prints the same as one
 JSON object. `--config` reads the coordinator's config for the address (host of `[server]
 listen`, port from `<state_dir>/coordinator.port` when listen uses port 0) and the CA;
-`--address/--ca-cert` instead. The operator authenticates with `--cert/--key`: a client
-certificate (extended key usage clientAuth) from the federation CA; the coordinator's server
-certificate is refused as a client by TLS itself ("unsupported certificate purpose").
-Exit codes: 0 answered, 1 unreachable or bad arguments (the message says what to do).
+`--address/--ca-cert` instead. The operator authenticates with an operator certificate from
+`silofed-coordinator issue-operator-cert` (URI SAN spiffe://<federation>/operator/<name>,
+clientAuth): `--cert/--key`, or `--operator-dir DIR` holding operator.pem and operator.key, or
+by default, with `--config`, `<federation dir>/operators/operator/` where the federation dir is
+the parent of `[tls] ca_cert`'s `ca/` folder (the `pki` layout; `provision-dev` makes that
+operator). The coordinator refuses status to silo certificates (PERMISSION_DENIED), and TLS
+refuses its own server certificate as a client ("unsupported certificate purpose").
+Exit codes: 0 answered, 1 unreachable, refused or bad arguments (the message says what to do).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.config import ConfigError, load_coordinator_config
+from coordinator.pki import CA_DIR, OPERATOR_CERT, OPERATOR_KEY, operator_dir
 from protos import federation_pb2 as pb
 
 if TYPE_CHECKING:
@@ -41,18 +46,55 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--config", type=Path, help="coordinator TOML file (address and credentials)")
     p.add_argument("--address", help="host:port of the coordinator (overrides --config)")
     p.add_argument("--ca-cert", type=Path, help="federation CA certificate (PEM)")
-    p.add_argument("--cert", type=Path, help="operator client certificate from the CA (PEM)")
+    p.add_argument("--cert", type=Path, help="operator certificate (from issue-operator-cert, PEM)")
     p.add_argument("--key", type=Path, help="its private key (PEM)")
+    p.add_argument(
+        "--operator-dir",
+        type=Path,
+        help="directory with operator.pem and operator.key (default with --config: "
+        "<federation dir>/operators/operator/)",
+    )
     p.add_argument("--server-name", default=None, help="name in the coordinator's certificate")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
 
+def default_operator_dir(ca_cert: Path) -> Path | None:
+    """`<federation dir>/operators/operator/` when `ca_cert` sits in the pki layout
+    (`<federation dir>/ca/ca.pem`), else None."""
+    if ca_cert.parent.name != CA_DIR:
+        return None
+    return operator_dir(ca_cert.parent.parent)
+
+
+def _credentials_paths(
+    args: argparse.Namespace, config_ca: Path | None
+) -> tuple[Path | None, Path | None]:
+    cert: Path | None = args.cert
+    key: Path | None = args.key
+    if cert is not None or key is not None:
+        return cert, key
+    where: Path | None = args.operator_dir
+    if where is None and config_ca is not None:
+        where = default_operator_dir(config_ca)
+        if where is None or not (where / OPERATOR_CERT).exists():
+            return None, None
+    if where is None:
+        return None, None
+    if not (where / OPERATOR_CERT).exists() or not (where / OPERATOR_KEY).exists():
+        raise _UsageError(
+            f"{where} has no {OPERATOR_CERT} and {OPERATOR_KEY}; issue them with "
+            "`silofed-coordinator issue-operator-cert --dir <federation dir>`"
+        )
+    return where / OPERATOR_CERT, where / OPERATOR_KEY
+
+
 def _target(args: argparse.Namespace) -> tuple[str, Credentials]:
     address: str | None = args.address
-    ca, cert, key = args.ca_cert, args.cert, args.key
+    ca = args.ca_cert
     server_name: str | None = args.server_name
+    config_ca: Path | None = None
     if args.config is not None:
         config = load_coordinator_config(args.config)
         host, _, port = config.listen.rpartition(":")
@@ -68,18 +110,21 @@ def _target(args: argparse.Namespace) -> tuple[str, Credentials]:
                     "`silofed-coordinator serve`) or pass --address host:port"
                 ) from exc
         address = address or f"{host}:{port}"
-        ca = ca or config.tls.ca_cert
+        config_ca = config.tls.ca_cert
+        ca = ca or config_ca
         server_name = server_name or "localhost"
     if address is None or ca is None:
         raise _UsageError(
             "say which coordinator: --config FILE (the coordinator's TOML), or --address "
             "host:port with --ca-cert"
         )
+    cert, key = _credentials_paths(args, config_ca)
     if cert is None or key is None:
         raise _UsageError(
-            "pass --cert and --key: an operator client certificate (extended key usage "
-            "clientAuth) issued by the federation CA; the coordinator's own certificate is "
-            "for serving only and the server refuses it as a client (see docs/auditing.md)"
+            "pass --cert and --key (or --operator-dir): an operator client certificate from "
+            "`silofed-coordinator issue-operator-cert --dir <federation dir>`; silo "
+            "certificates are refused status, and the coordinator's own certificate is for "
+            "serving only (see docs/auditing.md)"
         )
     from coordinator.status_client import Credentials
 

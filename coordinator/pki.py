@@ -5,6 +5,10 @@ production: a silo enrolls on site (`silofed-silo enroll`) and hands over only a
 exception is `provision_dev`, which plays every party on one machine for the demo and tests and
 still writes each silo's key into that silo's own directory. Keys are ECDSA P-256 (grpcio's TLS
 stack refuses Ed25519 client certificates) and are written 0600 from the first byte.
+
+Operator certificates (`issue_operator_cert`) let the coordinator operator's tools (`status`,
+health probes) authenticate over mTLS: clientAuth, URI SAN `spiffe://<federation>/operator/<name>`
+(see coordinator.operator), never on the roster, so they can read status but never join rounds.
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from coordinator.operator import DEFAULT_OPERATOR_NAME, operator_id_for, valid_name
 from secagg.identity import Roster, SiloId, build_silo_csr, spki_sha256, uri_san
 
 CA_DIR = "ca"
 COORDINATOR_DIR = "coordinator"
 SILOS_DIR = "silos"
+OPERATORS_DIR = "operators"
+OPERATOR_CERT = "operator.pem"
+OPERATOR_KEY = "operator.key"
+OPERATOR_VALID_DAYS = 90
 ROSTER_FILE = "roster.json"
 REVOKED_FILE = "revoked.json"
 
@@ -56,6 +65,17 @@ class SiloPaths:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorPaths:
+    """An operator's client credentials: key (0600), certificate and the CA to verify with."""
+
+    operator_id: str
+    dir: Path
+    key: Path
+    cert: Path
+    ca_cert: Path
+
+
+@dataclass(frozen=True, slots=True)
 class DevFederation:
     """Every path of a dev federation made by `provision_dev`."""
 
@@ -68,6 +88,7 @@ class DevFederation:
     roster: Path
     revoked: Path
     silos: dict[str, SiloPaths]
+    operator: OperatorPaths | None = None
 
 
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey, *, force: bool = False) -> None:
@@ -245,6 +266,54 @@ def issue_coordinator_cert(
     return cert_path, key_path
 
 
+def operator_dir(federation_dir: Path, name: str = DEFAULT_OPERATOR_NAME) -> Path:
+    """Where `issue_operator_cert` puts operator `name` by default: <dir>/operators/<name>/."""
+    return federation_dir / OPERATORS_DIR / name
+
+
+def issue_operator_cert(
+    ca: CA,
+    out_dir: Path,
+    *,
+    name: str = DEFAULT_OPERATOR_NAME,
+    now: dt.datetime,
+    valid_days: int = OPERATOR_VALID_DAYS,
+    force: bool = False,
+) -> OperatorPaths:
+    """Key (0600) + client certificate for operator `name`, and a copy of the CA certificate.
+
+    The identity is `spiffe://<federation>/operator/<name>` with extended key usage clientAuth:
+    the coordinator answers `GetStatus` for it, and refuses it as a silo (it is never pinned in
+    the roster). Refuses to replace an existing key unless `force`.
+    """
+    if not valid_name(name):
+        raise PkiError(f"operator name {name!r} may use only letters, digits, '-', '_' and '.'")
+    if valid_days < 1:
+        raise PkiError(f"--days must be at least 1, got {valid_days}")
+    key_path, cert_path = out_dir / OPERATOR_KEY, out_dir / OPERATOR_CERT
+    if key_path.exists() and not force:
+        raise PkiError(
+            f"{key_path} already exists; pass --force to replace this operator's key and "
+            "certificate (or choose another --name/--out)"
+        )
+    key = _new_key()
+    operator_id = operator_id_for(ca.federation_id, name)
+    start = _utc(now) - dt.timedelta(minutes=5)
+    cert = _leaf(
+        ca,
+        key.public_key(),
+        f"silofed operator {name}",
+        [x509.UniformResourceIdentifier(operator_id)],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        not_before=start,
+        not_after=start + dt.timedelta(days=valid_days),
+    )
+    write_private_key(key_path, key, force=force)
+    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    write_public(out_dir / "ca.pem", ca.cert.public_bytes(serialization.Encoding.PEM))
+    return OperatorPaths(operator_id, out_dir, key_path, cert_path, out_dir / "ca.pem")
+
+
 def sign_csr(
     ca: CA,
     csr_pem: bytes,
@@ -391,6 +460,8 @@ def provision_dev(
     for paths in silos.values():
         write_public(paths.ca_cert, ca_pem)
         write_public(paths.roster, roster_bytes)
+    # So `silofed-coordinator status` works against the dev federation out of the box.
+    operator = issue_operator_cert(ca, operator_dir(directory), now=now, force=True)
     return DevFederation(
         federation_id,
         directory,
@@ -401,4 +472,5 @@ def provision_dev(
         roster_path,
         revoked_path,
         silos,
+        operator,
     )

@@ -144,8 +144,19 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
     def GetStatus(  # noqa: N802 - gRPC method name
         self, request: pb.StatusRequest, context: grpc.ServicerContext
     ) -> pb.StatusReply:
-        del request, context
-        return self._hub.status()
+        """The live status, for operators only (coordinator.operator): a silo's certificate
+        gets PERMISSION_DENIED. Revocations are those the hub last loaded (if it keeps any)."""
+        del request
+        from coordinator.operator import NotAnOperator, check_operator
+
+        reply = self._hub.status()
+        revoked: frozenset[int] = getattr(self._hub, "revoked", frozenset())
+        try:
+            check_operator(_peer_cert(context), reply.federation_id, revoked)
+        except NotAnOperator as exc:
+            log.warning("refused status to %s: %s", context.peer(), exc)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return reply
 
 
 def abort_details(exc: Any) -> str:

@@ -2,7 +2,8 @@
 
 Rule: the only operator-side module that speaks gRPC; every call has a deadline, and any failure
 becomes `StatusUnavailable` whose text says what to check. The operator authenticates with a
-client certificate (clientAuth) issued by the federation CA; the server requires one.
+client certificate (clientAuth) issued by the federation CA; the server requires one, and
+answers `GetStatus` only for operator certificates (coordinator.operator).
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ def _channel(address: str, creds: Credentials) -> grpc.Channel:
 def _explain(address: str, exc: grpc.RpcError) -> StatusUnavailable:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return StatusUnavailable(
+            f"coordinator at {address} refused the request (PERMISSION_DENIED: {details})"
+        )
     return StatusUnavailable(
         f"coordinator at {address} did not answer ({code.name if code else 'error'}: {details}); "
-        "is `silofed-coordinator serve` running there, and is --cert a client certificate "
-        "(clientAuth) issued by the federation CA?"
+        "is `silofed-coordinator serve` running there, and is --cert an operator certificate "
+        "from the federation CA (`silofed-coordinator issue-operator-cert`)?"
     )
 
 

@@ -9,7 +9,6 @@ saying what to check.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -27,7 +26,6 @@ from tests.federation_helpers import (
     RECORDING_SPEC,
     REPO,
     child_env,
-    issue_silo_cert,
     processes,
     provision,
     wait_for_port,
@@ -63,14 +61,16 @@ def test_status_and_health_while_a_federation_runs(tmp_path: Path) -> None:
         ).not_valid_after_utc.timestamp()
         for n in names
     }
-    # The operator's client certificate: from the federation CA, clientAuth, not on the roster.
-    now = dt.datetime.now(dt.UTC)
-    op = issue_silo_cert(
-        fed.ca_cert, fed.ca_key, tmp_path / "operator", federation_id="statusfed",
-        name="operator", not_before=now - dt.timedelta(minutes=5),
-        not_after=now + dt.timedelta(days=1),
+    # The operator's client certificate: `issue-operator-cert` (clientAuth, URI SAN
+    # spiffe://statusfed/operator/ops, not on the roster), through the real command.
+    issued = subprocess.run(
+        [sys.executable, "-m", "coordinator", "issue-operator-cert", "--dir", str(fed.root),
+         "--name", "ops", "--out", str(tmp_path / "operator")],
+        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    who = ("--config", str(cfg), "--cert", str(op.cert), "--key", str(op.key))
+    assert issued.returncode == 0, issued.stdout + issued.stderr
+    op_cert, op_key = tmp_path / "operator" / "operator.pem", tmp_path / "operator" / "operator.key"
+    who = ("--config", str(cfg), "--cert", str(op_cert), "--key", str(op_key))
     with processes(tmp_path / "logs") as procs:
         coordinator = procs.coordinator(cfg)
         port = wait_for_port(state, coordinator)
@@ -106,10 +106,7 @@ def test_status_and_health_while_a_federation_runs(tmp_path: Path) -> None:
         assert "spiffe://statusfed/silo/a" in table.stdout and "phase" in table.stdout
 
         creds = Credentials(
-            fed.ca_cert.read_bytes(),
-            op.cert.read_bytes(),
-            op.key.read_bytes(),
-            "localhost",
+            fed.ca_cert.read_bytes(), op_cert.read_bytes(), op_key.read_bytes(), "localhost"
         )
         address = f"127.0.0.1:{port}"
         assert probe_health(address, creds) == "SERVING"
@@ -127,7 +124,7 @@ def test_status_without_a_target_says_what_to_pass(tmp_path: Path) -> None:
     done = status()
     assert done.returncode == 1 and "--config FILE" in done.stderr
     no_cert = status("--address", "127.0.0.1:1", "--ca-cert", str(tmp_path / "ca.pem"))
-    assert no_cert.returncode == 1 and "operator client certificate" in no_cert.stderr
+    assert no_cert.returncode == 1 and "issue-operator-cert" in no_cert.stderr
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
