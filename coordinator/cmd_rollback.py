@@ -3,7 +3,9 @@
 Rule: validation and the intent file only (`coordinator.rollback`); the coordinator honours the
 intent at its next start and records `rollback_of = N` on the first round it then runs. Run it
 with the coordinator stopped (or stop and restart it afterwards). `--cancel` removes a pending
-intent. Exit codes: 0 recorded, 1 bad round / unreadable log (the message says what to do).
+intent, and also a damaged intent file (which `serve` refuses to start with, exit 2; `--to`
+refuses to overwrite one unseen, exit 2). Exit codes: 0 recorded, 1 bad round / unreadable log,
+2 damaged intent file (the message says what to do).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import ConfigError, load_coordinator_config
-from coordinator.rollback import INTENT_FILENAME, RollbackError, pending, request
+from coordinator.rollback import (
+    INTENT_FILENAME,
+    IntentDamaged,
+    RollbackError,
+    discard,
+    pending,
+    request,
+)
 from coordinator.roundlog import LOG_FILENAME, RoundLog, RoundLogError
 
 
@@ -52,15 +61,19 @@ def run(args: argparse.Namespace) -> int:
                 "[federation] state_dir"
             )
         if args.cancel:
-            intent = pending(state_dir)
-            (state_dir / INTENT_FILENAME).unlink(missing_ok=True)
+            intent, damage = discard(state_dir)
             doc: dict[str, Any] = {"cancelled": None if intent is None else intent.to}
-            text = (
-                "no rollback was pending"
-                if intent is None
-                else f"cancelled rollback to round {intent.to}"
-            )
+            if damage is not None:
+                doc["removed_damaged"] = str(state_dir / INTENT_FILENAME)
+                text = f"removed the damaged rollback intent {state_dir / INTENT_FILENAME}"
+            elif intent is None:
+                text = "no rollback was pending"
+            else:
+                text = f"cancelled rollback to round {intent.to}"
         else:
+            # A damaged intent is not overwritten unseen: IntentDamaged (exit 2) says to
+            # remove it with --cancel first.
+            before = pending(state_dir)
             with RoundLog.open_readonly(state_dir / LOG_FILENAME) as log:
                 ckpt = request(state_dir, log, args.to, now=time.time(), reason=args.reason)
                 next_round = log.last_round_id() + 1
@@ -69,11 +82,17 @@ def run(args: argparse.Namespace) -> int:
                 "checkpoint": str(ckpt.path),
                 "checkpoint_sha256": ckpt.sha256,
                 "next_round": next_round,
+                "replaced": None if before is None else before.to,
             }
             text = (
                 f"rollback recorded: round {next_round} will start from the model of round "
                 f"{args.to} ({ckpt.sha256[:12]}); (re)start the coordinator to apply it"
             )
+            if before is not None:
+                text += f" (replaces the pending rollback to round {before.to})"
+    except IntentDamaged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ConfigError, RollbackError, RoundLogError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,9 @@
 """`silofed-coordinator serve`: run the coordinator from its TOML configuration.
 
-Rule: argument parsing and logging setup only; the work is `coordinator.serve.serve`.
-Configuration errors and task-loading errors end the process with exit code 2 and one line
-naming the file and key (or the task spec) to fix.
+Rule: argument parsing and logging setup only; the work is
+`coordinator.serve.serve`. Configuration errors, task-loading errors and a damaged rollback
+intent (`<state_dir>/rollback.json`) end the process with exit code 2 and one line naming the
+file and key (or the task spec) to fix.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,29 +40,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-def setup_logging(level: str) -> None:
-    """Plain timestamped lines (the demo and tests read them); rich only on a terminal."""
-    handler: logging.Handler
-    if sys.stderr.isatty():
-        try:
-            from rich.logging import RichHandler
-
-            handler = RichHandler(show_path=False)
-            logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
-            return
-        except ImportError:
-            pass
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     logs.setup_logging(args.log_level, args.log_format)
     from dataclasses import replace
 
+    from coordinator.rollback import RollbackError
     from coordinator.serve import serve
     from coordinator.task import TaskLoadError
 
@@ -75,4 +57,7 @@ def run(args: argparse.Namespace) -> int:
         return serve(config, keep_serving=args.keep_serving)
     except (ConfigError, TaskLoadError) as exc:
         log.error("%s", exc)
+        return 2
+    except RollbackError as exc:  # a damaged or unusable <state_dir>/rollback.json
+        log.error("cannot start: %s", exc)
         return 2

@@ -26,6 +26,10 @@ class RollbackError(Exception):
     """A rollback cannot be requested or honoured; str() says why and what to do."""
 
 
+class IntentDamaged(RollbackError):
+    """`rollback.json` exists but cannot be read as an intent; str() names it and the fix."""
+
+
 @dataclass(frozen=True, slots=True)
 class RollbackIntent:
     to: int
@@ -70,19 +74,45 @@ def request(
     return ckpt
 
 
+def _damaged(path: Path, why: str) -> IntentDamaged:
+    return IntentDamaged(
+        f"rollback intent {path} is damaged ({why}), so it is not known which round to roll "
+        f"back to. Remove it with `silofed-coordinator rollback --state-dir {path.parent} "
+        "--cancel` (or delete the file), then request the rollback again with `rollback --to N`"
+        " if you still want one, and start the coordinator"
+    )
+
+
 def pending(state_dir: Path) -> RollbackIntent | None:
-    """The unconsumed intent, if any. Raises RollbackError when the file is damaged."""
+    """The unconsumed intent, if any. Raises IntentDamaged when the file cannot be used."""
     path = state_dir / INTENT_FILENAME
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RollbackError(f"{path} is unreadable ({exc}); delete it or request again") from exc
-    to = doc.get("to") if isinstance(doc, dict) else None
+    except OSError as exc:
+        raise _damaged(path, f"cannot be read: {exc.strerror}") from exc
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise _damaged(path, f"not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise _damaged(path, f"a JSON object was expected, found {type(doc).__name__}")
+    to = doc.get("to")
     if not isinstance(to, int) or isinstance(to, bool):
-        raise RollbackError(f"{path}: 'to' must be a round number; delete it or request again")
-    return RollbackIntent(to, float(doc.get("requested_at", 0.0)), str(doc.get("reason", "")))
+        raise _damaged(path, f"'to' must be a round number, found {to!r}")
+    at = doc.get("requested_at", 0.0)
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        raise _damaged(path, f"'requested_at' must be unix seconds, found {at!r}")
+    return RollbackIntent(to, float(at), str(doc.get("reason", "")))
+
+
+def discard(state_dir: Path) -> tuple[RollbackIntent | None, IntentDamaged | None]:
+    """Remove the intent file, damaged or not: (the intent it held, or why it was unusable)."""
+    try:
+        intent, damage = pending(state_dir), None
+    except IntentDamaged as exc:
+        intent, damage = None, exc
+    (state_dir / INTENT_FILENAME).unlink(missing_ok=True)
+    return intent, damage
 
 
 def checkpoint_to_resume(log: RoundLog, state_dir: Path) -> CheckpointRecord | None:

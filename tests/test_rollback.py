@@ -116,3 +116,66 @@ def test_rollback_errors_say_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     no_log = coordinator_cli("rollback", "--state-dir", str(tmp_path / "empty"), "--to", "1")
     assert no_log.returncode == 1 and "rounds.sqlite" in no_log.stderr
+
+
+DAMAGED = {
+    "not JSON": b'{"to": 1,',
+    "not UTF-8": b"\xff\xfe\x00garbage",
+    "a list": b"[1]",
+    "'to' missing": b'{"reason": "x"}',
+    "'to' a string": b'{"to": "1"}',
+    "'to' a bool": b'{"to": true}',
+    "'requested_at' a string": b'{"to": 1, "requested_at": "yesterday"}',
+}
+
+
+@pytest.mark.parametrize("content", DAMAGED.values(), ids=DAMAGED.keys())
+def test_a_damaged_intent_is_named_with_the_fix(tmp_path: Path, content: bytes) -> None:
+    from coordinator.rollback import IntentDamaged, discard, pending
+
+    (tmp_path / "rollback.json").write_bytes(content)
+    with pytest.raises(IntentDamaged) as damaged:
+        pending(tmp_path)
+    text = str(damaged.value)
+    assert str(tmp_path / "rollback.json") in text and "damaged" in text
+    assert f"rollback --state-dir {tmp_path} --cancel" in text and "--to N" in text
+    intent, why = discard(tmp_path)
+    assert intent is None and isinstance(why, IntentDamaged)
+    assert not (tmp_path / "rollback.json").exists()
+
+
+def test_serve_and_rollback_refuse_a_damaged_intent(tmp_path: Path) -> None:
+    fed = provision(tmp_path / "fed", "damagedfed", NAMES)
+    state = tmp_path / "coord"
+    state.mkdir()
+    cfg = write_coordinator_config(
+        tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=1,
+        min_silos=2, start_timeout_s=5,
+    )  # fmt: skip
+    intent = state / "rollback.json"
+    intent.write_bytes(b'{"to": "one"}')
+
+    with processes(tmp_path / "logs") as procs:
+        coordinator = procs.coordinator(cfg)
+        assert coordinator.wait(60) == 2, coordinator.log()
+    text = coordinator.log()
+    assert "Traceback" not in text, text
+    assert f"rollback intent {intent} is damaged" in text and "--cancel" in text, text
+    assert not (state / "coordinator.port").exists()  # it never started serving
+
+    # `rollback --to` does not overwrite a file it cannot read: exit 2, file untouched.
+    replace = coordinator_cli("rollback", "--config", str(cfg), "--to", "0")
+    assert replace.returncode == 2, replace.stderr
+    assert "Traceback" not in replace.stderr and "is damaged" in replace.stderr
+    assert intent.read_bytes() == b'{"to": "one"}'
+
+    # `--cancel` removes it, as the message says; then serve starts (and gives up on silos).
+    cancel = coordinator_cli("rollback", "--config", str(cfg), "--cancel", "--json")
+    assert cancel.returncode == 0, cancel.stderr
+    assert json.loads(cancel.stdout) == {"cancelled": None, "removed_damaged": str(intent)}
+    assert not intent.exists()
+    with processes(tmp_path / "logs2") as procs:
+        coordinator = procs.coordinator(cfg)
+        wait_for_port(state, coordinator)
+        assert coordinator.wait(60) == 1, coordinator.log()  # no silos within 5 s
+    assert "is damaged" not in coordinator.log()
