@@ -136,11 +136,28 @@ def build_round_config(
     )
 
 
-def quantisation_bound(config: RoundConfig, n_survivors: int) -> float:
-    """Max abs error per coordinate of ḡ versus exact FedAvg over the survivors (no DP):
-    each silo's stochastic rounding moves a coordinate by < 1/S, so the weighted mean is off
-    by < n/S in update units (plus float32 decode rounding, covered by the slack)."""
-    return n_survivors / config.scale * 1.01
+def quantisation_bound(
+    config: RoundConfig, examples: Sequence[int], max_abs_update: float = 0.0
+) -> float:
+    """Max abs error per coordinate of ḡ versus exact FedAvg over the survivors (DP off).
+
+    `examples` are the survivors' example counts (ignored with uniform weights), and
+    `max_abs_update` bounds |Δ| over every survivor and coordinate. Two terms:
+    * fixed point: each silo's stochastic rounding moves its weighted coordinate by < 1 grid
+      unit, and the sum is divided by S·Σw̃ (w̃_i = min(n_i, W_max)/W_max, 1 when uniform);
+    * weights (examples weighting): q_i = SR(S_w·w̃_i) is off by < 1, a relative error below
+      1/(S_w·w̃_i), which moves the weighted mean by < 2·max|Δ|·max_i 1/(S_w·w̃_i).
+    The 1% slack covers float32 decoding."""
+    n = len(examples)
+    if config.weighting is Weighting.UNIFORM:
+        shares = [1.0] * n
+    else:
+        shares = [min(max(e, 1), config.weight_max) / config.weight_max for e in examples]
+    rounding = n / (config.scale * sum(shares))
+    weights = 0.0
+    if config.weighting is not Weighting.UNIFORM:
+        weights = 2 * max_abs_update * max(1 / (config.weight_scale * w) for w in shares)
+    return (rounding + weights) * 1.01
 
 
 def apply_aggregate(

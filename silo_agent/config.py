@@ -68,6 +68,7 @@ class SiloConfig:
     reconnect: Reconnect = field(default_factory=Reconnect)
     secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
     pause_after_phase: str | None = None  # [debug]: for fault-injection tests only
+    pause_in_round: int | None = None  # [debug]: only in this round (default: the first)
 
 
 class _Reader:
@@ -205,4 +206,5 @@ def load_silo_config(path: Path) -> SiloConfig:
         reconnect=Reconnect(initial, max_s),
         secagg=policy,
         pause_after_phase=pause,
+        pause_in_round=r.positive("debug", "pause_in_round", int, None),
     )

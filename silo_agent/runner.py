@@ -168,6 +168,7 @@ class SiloRunner:
         state = _RoundState()
         pause = Pause(
             self.config.pause_after_phase,
+            self.config.pause_in_round,
             self.config.state_dir,
             self.stop,
             lambda: link.flush(FLUSH_TIMEOUT_S),

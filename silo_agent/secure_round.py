@@ -55,23 +55,30 @@ Send = Callable[[pb.SiloMessage | OutBlob], None]
 
 
 class Pause:
-    """`[debug] pause_after_phase`: freeze everything at one point until the process is killed.
+    """`[debug] pause_after_phase` (in round `pause_in_round`, or any round when unset): freeze
+    everything at one point until the process is killed.
 
-    `freeze(point)` first (so no other thread moves the protocol on), then send the message of
-    that point, then `hold(point)`: flush the stream, write `<state_dir>/paused-<point>` for the
-    test to see, and block until the runner stops."""
+    `freeze(point, round_id)` first (so no other thread moves the protocol on), then send the
+    message of that point, then `hold(point)`: flush the stream, write
+    `<state_dir>/paused-<point>` for the test to see, and block until the runner stops."""
 
     def __init__(
-        self, point: str | None, state_dir: Path, stop: threading.Event, flush: Callable[[], object]
+        self,
+        point: str | None,
+        round_id: int | None,
+        state_dir: Path,
+        stop: threading.Event,
+        flush: Callable[[], object],
     ) -> None:
         self.point = point
+        self.round_id = round_id
         self.state_dir = state_dir
         self.stop = stop
         self.flush = flush
         self.frozen = threading.Event()
 
-    def freeze(self, point: str) -> bool:
-        if point != self.point:
+    def freeze(self, point: str, round_id: int) -> bool:
+        if point != self.point or self.round_id not in (None, round_id):
             return False
         self.frozen.set()
         return True
@@ -85,8 +92,8 @@ class Pause:
         (self.state_dir / f"paused-{point}").write_text(f"{time.time()}\n")
         self.stop.wait()
 
-    def at(self, point: str) -> None:
-        if self.freeze(point):
+    def at(self, point: str, round_id: int) -> None:
+        if self.freeze(point, round_id):
             self.hold(point)
 
     def wait_if_frozen(self) -> None:
@@ -135,7 +142,7 @@ class SiloSecureRound:
     def start(self) -> None:
         """Check the offer (SECAGG.md phase 0) and advertise keys; training starts alongside."""
         assert self._model_bytes is not None
-        self.pause.at("offer")
+        self.pause.at("offer", self.round_id)
         model_sha = hashlib.sha256(self._model_bytes).digest()
         try:
             m1 = self.session.handle_offer(self.offer.config, model_sha, now=_now())
@@ -148,7 +155,7 @@ class SiloSecureRound:
             target=self._train_and_upload, name=f"train round {self.round_id}", daemon=True
         )
         self._trainer.start()
-        self.pause.at("advertise")
+        self.pause.at("advertise", self.round_id)
 
     def on_frame(self, payload: bytes) -> None:
         before = self.session.stage
@@ -159,7 +166,9 @@ class SiloSecureRound:
             return
         stage = self.session.stage
         point = {SiloStage.SHARED: "share_keys", SiloStage.SIGNED: "consistency"}.get(stage)
-        frozen = point is not None and stage is not before and self.pause.freeze(point)
+        frozen = (
+            point is not None and stage is not before and self.pause.freeze(point, self.round_id)
+        )
         for reply in replies:
             self._frame(reply)
         if frozen and point is not None:
@@ -201,8 +210,11 @@ class SiloSecureRound:
     def _train_and_upload(self) -> None:
         try:
             self._train_and_upload_inner()
-        except Exception:  # a task bug must not kill the agent; the round drops this silo
+        except Exception as exc:  # a task bug must not kill the agent; the round drops this silo
             log.exception("round %d: local training failed", self.round_id)
+            detail = f"local training failed: {type(exc).__name__}: {exc}"
+            notice = pb.AbortNotice(round_id=self.round_id, reason="TRAINING_FAILED", detail=detail)
+            self._send(pb.SiloMessage(abort=notice))
 
     def _train_and_upload_inner(self) -> None:
         job, cfg, model_bytes = self.job, self.config, self._model_bytes
@@ -223,7 +235,7 @@ class SiloSecureRound:
         trained_s = time.monotonic() - started
         if not self._wait_for_keys():
             return
-        frozen = self.pause.freeze("masked")
+        frozen = self.pause.freeze("masked", self.round_id)
         try:
             upload = self.session.submit_update(delta, result.num_examples)
         except ProtocolAbort as exc:

@@ -85,8 +85,10 @@ class SecureSession:
 
     def submit_update(self, delta: np.ndarray, num_examples: int) -> MaskedUpload:
         """Wait for the masks, then encode, mask and journal (before the caller sends it)."""
-        if self._mask_thread is not None:
-            self._mask_thread.join()
+        with self._lock:  # handle() creates and starts the thread under this lock
+            thread = self._mask_thread
+        if thread is not None:
+            thread.join()
         if self._mask_error is not None:
             raise self._mask_error
         with self._lock:

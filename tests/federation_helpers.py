@@ -281,6 +281,7 @@ def write_silo_config(
     state_dir: Path | None = None,
     allow_plaintext_insecure: bool = True,
     pause_after_phase: str | None = None,
+    pause_in_round: int | None = None,
 ) -> Path:
     """A silo config; the tests' plaintext-baseline federations need the insecure opt-in."""
     tables: dict[str, Mapping[str, Any]] = {
@@ -293,7 +294,10 @@ def write_silo_config(
         "secagg": {"allow_plaintext_insecure": allow_plaintext_insecure},
     }
     if pause_after_phase is not None:
-        tables["debug"] = {"pause_after_phase": pause_after_phase}
+        debug: dict[str, Any] = {"pause_after_phase": pause_after_phase}
+        if pause_in_round is not None:
+            debug["pause_in_round"] = pause_in_round
+        tables["debug"] = debug
     path.write_text(to_toml(tables))
     return path
 

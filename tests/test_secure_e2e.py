@@ -1,0 +1,235 @@
+"""Secure rounds end to end: 5 silo processes (t = 3) over mTLS, killed for real at each phase.
+
+One federation, seven rounds. In round r (1..5) silo r is frozen by `[debug]
+pause_after_phase` right after it sent its message of one phase of SECAGG.md, killed with
+SIGKILL, and restarted; the round completes, its new model equals plaintext FedAvg over the
+survivors (U3) within the stated quantisation bound (recomputed here from the updates each silo
+recorded), and the restarted silo takes part in the next round. In round 6 three silos are
+killed after advertising their keys: the round aborts (THRESHOLD_VIOLATION recorded), nothing is
+unmasked, and round 7 completes from the unchanged model.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.checkpoints import CheckpointStore
+from coordinator.roundlog import CheckpointRecord, RoundLog
+from coordinator.secure_round import quantisation_bound
+from secagg.config import RoundConfig
+from tests.federation_helpers import (
+    RECORDING_SPEC,
+    Proc,
+    Processes,
+    processes,
+    provision,
+    wait_for_port,
+    write_coordinator_config,
+    write_silo_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+NAMES = ("s1", "s2", "s3", "s4", "s5")
+EXAMPLES = {"s1": 40, "s2": 7, "s3": 13, "s4": 29, "s5": 21}
+# (round, silo, pause point, the phase its loss is recorded in)
+KILLS = (
+    (1, "s1", "offer", "advertise"),
+    (2, "s2", "advertise", "share_keys"),
+    (3, "s3", "share_keys", "masked"),
+    (4, "s4", "masked", "consistency"),
+    (5, "s5", "consistency", None),  # U4 \\ U5: the round may finish before the loss shows
+)
+ABORT_ROUND, ABORT_KILLED = 6, ("s1", "s2", "s3")
+SECAGG = {"clip_l2": 100.0, "threshold": 3, "n_colluders": 0, "weight_max": 40}
+
+
+def _silo_id(name: str) -> str:
+    return f"spiffe://sec/silo/{name}"
+
+
+def test_kill_a_silo_after_each_phase_then_three(tmp_path: Path) -> None:
+    fed = provision(tmp_path / "fed", "sec", NAMES)
+    state = tmp_path / "coord"
+    cfg = write_coordinator_config(
+        tmp_path / "c.toml",
+        fed,
+        state_dir=state,
+        task_spec=RECORDING_SPEC,
+        rounds=6,  # completed rounds: 7 rounds in all with the aborted one
+        min_silos=5,  # wait for all five (restarted ones too) before each round
+        aggregation="secagg",
+        secagg=SECAGG,
+        offer_s=60.0,
+        train_s=60.0,
+        start_timeout_s=120.0,
+    )
+    with processes(tmp_path / "logs") as procs:
+        coordinator = procs.coordinator(cfg)
+        port = wait_for_port(state, coordinator)
+
+        def start(name: str, pause: str | None, in_round: int | None, run: int) -> Proc:
+            toml = write_silo_config(
+                tmp_path / f"{name}-{run}.toml",
+                fed.silos[name],
+                port=port,
+                task_spec=RECORDING_SPEC,
+                options={
+                    "silo_index": NAMES.index(name),
+                    "num_examples": EXAMPLES[name],
+                    "record_dir": str(tmp_path / "sent" / name),
+                },
+                allow_plaintext_insecure=False,
+                pause_after_phase=pause,
+                pause_in_round=in_round,
+            )
+            return procs.silo(f"{name}-{run}", toml)
+
+        silos = {}
+        for round_id, name, point, _ in KILLS:
+            silos[name] = start(name, point, round_id, 0)
+        for _round, name, point, _ in KILLS:
+            _kill_when_paused(procs, silos[name], fed.silos[name].dir / "state", point)
+            # Restarted; s1-s3 will freeze after advertising in the aborting round.
+            again = ("advertise", ABORT_ROUND) if name in ABORT_KILLED else (None, None)
+            silos[name] = start(name, *again, run=1)
+        for name in ABORT_KILLED:
+            _kill_when_paused(procs, silos[name], fed.silos[name].dir / "state", "advertise")
+            silos[name] = start(name, None, None, run=2)
+        assert coordinator.wait(180) == 0, procs.logs()
+
+    log = RoundLog.open_readonly(state / "rounds.sqlite")
+    store = CheckpointStore(state / "checkpoints")
+    try:
+        rounds = log.rounds()
+        assert [r.status.value for r in rounds] == ["completed"] * 5 + ["aborted", "completed"]
+        assert all(r.aggregation == "secagg" for r in rounds)
+        for round_id, name, point, phase in KILLS:
+            _check_completed_round(log, store, tmp_path, round_id, name, point, phase)
+            # The restarted silo takes part in the next round that completes.
+            after = next(r for r in rounds[round_id:] if r.status.value == "completed")
+            finished = log.round_detail(after.round_id).participants["finished"]
+            assert _silo_id(name) in finished, (round_id, name)
+        aborted = log.round_detail(ABORT_ROUND)
+        assert "THRESHOLD_VIOLATION" in (aborted.abort_reason or "")
+        dropped = {d.silo_id: d.phase for d in aborted.dropouts}
+        # s5, frozen after signing in round 5 (which completed without its unmask shares), may
+        # still have been connected when round 6 began: then its kill drops it there too.
+        assert (
+            {_silo_id(n) for n in ABORT_KILLED}
+            <= set(dropped)
+            <= {_silo_id(n) for n in (*ABORT_KILLED, "s5")}
+        )
+        assert {dropped[_silo_id(n)] for n in ABORT_KILLED} == {"share_keys"}
+        # Nothing was unmasked: no masked vector was even asked for, no model came out.
+        assert "U3" not in aborted.participants and "U5" not in aborted.participants
+        assert aborted.model_out_sha256 is None and aborted.checkpoint is None
+        last = log.round_detail(ABORT_ROUND + 1)
+        assert last.model_in_sha256 == log.round_detail(ABORT_ROUND - 1).model_out_sha256
+        assert sorted(last.participants["finished"]) == sorted(_silo_id(n) for n in NAMES)
+    finally:
+        log.close()
+
+
+def _kill_when_paused(procs: Processes, silo: Proc, state_dir: Path, point: str) -> None:
+    marker = state_dir / f"paused-{point}"
+    silo.wait_for_log(rf"pause_after_phase = {point}: paused", 120)
+    assert marker.exists()
+    silo.popen.kill()  # SIGKILL: no goodbye on the stream
+    silo.popen.wait(timeout=10)
+    marker.unlink()
+    del procs
+
+
+def _check_completed_round(
+    log: RoundLog,
+    store: CheckpointStore,
+    tmp_path: Path,
+    round_id: int,
+    killed: str,
+    point: str,
+    phase: str | None,
+) -> None:
+    detail = log.round_detail(round_id)
+    assert detail.status.value == "completed", (round_id, detail.abort_reason)
+    sets = detail.participants
+    assert len(sets["invited"]) == 5
+    for smaller, larger in (("U1", "invited"), ("U2", "U1"), ("U3", "U2"), ("U4", "U3")):
+        assert set(sets[smaller]) <= set(sets[larger]), (round_id, smaller)
+    assert set(sets["U5"]) <= set(sets["U4"])
+    victim = _silo_id(killed)
+    in_sets = {"offer": (), "advertise": ("U1",), "share_keys": ("U1", "U2")}.get(
+        point, ("U1", "U2", "U3") if point == "masked" else ("U1", "U2", "U3", "U4")
+    )
+    for name in ("U1", "U2", "U3", "U4"):
+        assert (victim in sets[name]) == (name in in_sets), (round_id, point, name, sets)
+    assert victim not in sets["U5"]
+    dropouts = {d.silo_id: d.phase for d in detail.dropouts}
+    if phase is not None:
+        assert dropouts == {victim: phase}, (round_id, dropouts)
+    else:
+        assert set(dropouts) <= {victim}
+    survivors = [s.rsplit("/", 1)[-1] for s in sets["finished"]]
+    assert sorted(sets["finished"]) == sorted(sets["U3"])
+    _check_fedavg(log, store, tmp_path, round_id, survivors)
+
+
+def _check_fedavg(
+    log: RoundLog, store: CheckpointStore, tmp_path: Path, round_id: int, survivors: list[str]
+) -> None:
+    """The new model against old + example-weighted mean of the survivors' recorded updates."""
+    detail = log.round_detail(round_id)
+    old_record = _checkpoint_by_sha(log, detail.model_in_sha256)
+    old = store.load(old_record.path, old_record.sha256)
+    assert detail.checkpoint is not None
+    new = store.load(detail.checkpoint.path, detail.checkpoint.sha256)
+    deltas = {n: torch.load(tmp_path / "sent" / n / f"round-{round_id}.pt") for n in survivors}
+    total = float(sum(EXAMPLES[n] for n in survivors))
+    max_abs = max(float(t.abs().max()) for d in deltas.values() for t in d.values())
+    config = _round_config(tmp_path, round_id)
+    bound = quantisation_bound(config, [EXAMPLES[n] for n in survivors], max_abs)
+    for key, tensor in old.items():
+        mean = sum(EXAMPLES[n] * deltas[n][key].double().numpy() for n in survivors) / total
+        expected = tensor.double().numpy() + mean
+        err = float(np.max(np.abs(new[key].double().numpy() - expected)))
+        ulp = float(np.max(np.abs(expected))) * 2.0**-23  # the model is stored in float32
+        assert err <= bound + ulp, (round_id, key, err, bound)
+    assert detail.weight_sum == pytest.approx(total, rel=0.01)
+
+
+def _round_config(tmp_path: Path, round_id: int) -> RoundConfig:
+    """The scale and weights of a round as the coordinator configured it (5 invited silos)."""
+    from coordinator.secure_round import SecAggSettings, build_round_config, layout_of
+    from tests.federation_helpers import RECORDING_TASK
+
+    del tmp_path
+    return build_round_config(
+        SecAggSettings(clip_l2=100.0, threshold=3, n_colluders=0, weight_max=40),
+        federation_id="sec",
+        roster_version=1,
+        roster_digest=b"\0" * 32,
+        round_id=round_id,
+        invited=[_silo_id(n) for n in NAMES],
+        model_version=round_id - 1,
+        model_sha256=b"\0" * 32,
+        layout=layout_of(RECORDING_TASK.build_model().state_dict()),
+        deadlines_s=(60, 60, 60, 60, 60),
+    )
+
+
+def _checkpoint_by_sha(log: RoundLog, sha: str | None) -> CheckpointRecord:
+    conn = sqlite3.connect(log.path)
+    try:
+        row = conn.execute(
+            "SELECT round_id, path, sha256 FROM checkpoints WHERE sha256=? ORDER BY round_id",
+            (sha,),
+        ).fetchone()
+    finally:
+        conn.close()
+    assert row is not None, sha
+    return CheckpointRecord(int(row[0]), Path(row[1]), str(row[2]))
