@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from coordinator.roundlog import RoundLog, RoundSummary  # noqa: E402
+from coordinator.roundlog import RoundDetail, RoundLog  # noqa: E402
 from examples.noop.task import PARAMS_ENV  # noqa: E402
 from tests.federation_helpers import (  # noqa: E402
     processes,
@@ -53,59 +54,98 @@ class FederationFailed(RuntimeError):
 @dataclass(frozen=True)
 class RunResult:
     aggregation: str
-    rounds: tuple[RoundSummary, ...]  # every round in the log, aborted ones included
+    rounds: tuple[RoundDetail, ...]  # every round in the log, aborted ones included
     coordinator_peak_mib: float
+    rss_trace: tuple[tuple[float, float], ...]  # (wall-clock time, coordinator VmRSS MiB)
     log_dir: Path
     warmup: int = 0  # completed rounds left out of `round_s`
 
     @property
-    def completed(self) -> list[RoundSummary]:
+    def completed(self) -> list[RoundDetail]:
         return [r for r in self.rounds if r.status.value == "completed"]
 
     @property
+    def measured(self) -> list[RoundDetail]:
+        """The completed rounds after the warm-up ones."""
+        return self.completed[self.warmup :]
+
+    @property
     def warmup_s(self) -> list[float]:
-        return self._seconds(self.completed[: self.warmup])
+        return [r.duration_s for r in self.completed[: self.warmup] if r.duration_s is not None]
 
     @property
     def round_s(self) -> list[float]:
-        """Seconds from start to end of each completed round after the warm-up ones (the round
-        log's started_at/ended_at)."""
-        return self._seconds(self.completed[self.warmup :])
-
-    @staticmethod
-    def _seconds(rounds: list[RoundSummary]) -> list[float]:
-        return [r.duration_s for r in rounds if r.duration_s is not None]
+        """Seconds from start to end (the round log's started_at/ended_at) of each measured
+        round."""
+        return [r.duration_s for r in self.measured if r.duration_s is not None]
 
     @property
     def median_round_s(self) -> float:
         return statistics.median(self.round_s) if self.round_s else float("nan")
 
+    def median_phase_s(self) -> dict[str, float]:
+        """Median duration of each phase (the round log's per-phase timings) over the measured
+        rounds, in the order the phases ran."""
+        times: dict[str, list[float]] = {}
+        for r in self.measured:
+            for p in r.phases:
+                times.setdefault(p.phase, []).append(p.duration_s)
+        return {name: statistics.median(ts) for name, ts in times.items()}
+
+    def peak_rss_at(self) -> tuple[float, str]:
+        """The highest sampled VmRSS and where it was: "round R phase P", "round R (after its
+        phases)", "before the first round" or "after the last round"."""
+        if not self.rss_trace:
+            return float("nan"), "no samples"
+        when, rss = max(self.rss_trace, key=lambda sample: sample[1])
+        for r in self.rounds:
+            for p in r.phases:
+                if p.started_at <= when <= p.ended_at:
+                    return rss, f"round {r.round_id} phase {p.phase}"
+            if r.started_at <= when <= (r.ended_at or when):
+                return rss, f"round {r.round_id} (outside its phases)"
+        if self.rounds and when < self.rounds[0].started_at:
+            return rss, "before the first round"
+        return rss, "after the last round"
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    return None  # a zombie reports no memory lines
+
 
 def vm_hwm_mib(pid: int) -> float:
-    """VmHWM of `pid` in MiB (NaN if the kernel does not report it, e.g. for a zombie)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """VmHWM (peak resident set) of `pid` in MiB; NaN if the kernel does not report it."""
+    kib = _status_kib(pid, "VmHWM:")
+    return float("nan") if kib is None else kib / 1024
 
 
 class PeakSampler:
-    """Samples `vm_hwm_mib(pid)` on a thread until stopped or the process exits."""
+    """Samples VmHWM and VmRSS of `pid` on a thread until stopped or the process exits.
+
+    `peak` is the highest VmHWM read (the kernel's own maximum, so no peak between samples is
+    missed); `trace` holds (time.time(), VmRSS MiB) samples, to place the peak in a round phase.
+    """
 
     def __init__(self, pid: int, alive: Callable[[], bool], interval_s: float = 0.1) -> None:
         self.pid, self.alive, self.interval_s = pid, alive, interval_s
         self.peak = 0.0
+        self.trace: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set() and self.alive():
             try:
-                value = vm_hwm_mib(self.pid)
+                hwm, rss = _status_kib(self.pid, "VmHWM:"), _status_kib(self.pid, "VmRSS:")
             except OSError:
                 return
-            if value == value:  # not NaN
-                self.peak = max(self.peak, value)
+            if hwm is not None:
+                self.peak = max(self.peak, hwm / 1024)
+            if rss is not None:
+                self.trace.append((time.time(), rss / 1024))
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakSampler:
@@ -171,6 +211,7 @@ def run_federation(
                     port=port,
                     task_spec=NOOP_SPEC,
                     options={"silo_index": i},
+                    allow_plaintext_insecure=aggregation == PLAINTEXT,
                 )
                 procs.silo(name, toml)
             try:
@@ -187,7 +228,7 @@ def run_federation(
             )
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     try:
-        summaries = tuple(log.rounds())
+        details = tuple(log.round_detail(r.round_id) for r in log.rounds())
     finally:
         log.close()
-    return RunResult(aggregation, summaries, sampler.peak, log_dir, warmup)
+    return RunResult(aggregation, details, sampler.peak, tuple(sampler.trace), log_dir, warmup)

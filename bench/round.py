@@ -53,8 +53,13 @@ def _run(kind: str, workdir: Path, args: argparse.Namespace) -> RunResult:
     warm = " ".join(f"{s:.3f}" for s in result.warmup_s)
     times = " ".join(f"{s:.3f}" for s in result.round_s)
     aborted = len(result.rounds) - len(result.completed)
+    phases = " ".join(f"{name} {s:.3f}" for name, s in result.median_phase_s().items())
+    rss, where = result.peak_rss_at()
     print(
-        f"{kind}: warm-up round seconds [{warm}], measured [{times}], aborted rounds: {aborted}",
+        f"{kind}: warm-up round seconds [{warm}], measured [{times}], aborted rounds: {aborted}\n"
+        f"{kind}: median phase seconds: {phases}\n"
+        f"{kind}: coordinator VmHWM {result.coordinator_peak_mib:.0f} MiB; highest VmRSS sample "
+        f"{rss:.0f} MiB in {where}",
         file=sys.stderr,
     )
     return result

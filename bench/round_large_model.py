@@ -44,10 +44,11 @@ def main() -> int:
         except FederationFailed as exc:
             print(f"error: {exc}\n{exc.logs}", file=sys.stderr)
             return 1
-    for summary in result.rounds:
-        print(f"round {summary.round_id}: {summary.status.value}, {summary.finished} silos")
-        if summary.duration_s is not None:
-            print(f"round_s: {summary.duration_s:.2f}")
+    for r in result.rounds:
+        finished = len(r.participants.get("finished", ()))
+        print(f"round {r.round_id}: {r.status.value}, {finished} silos")
+        if r.duration_s is not None:
+            print(f"round_s: {r.duration_s:.2f}")
     print(f"params: {args.params}")
     print(f"coordinator_peak_mib: {result.coordinator_peak_mib:.0f}")
     return 0
