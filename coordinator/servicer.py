@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
@@ -76,10 +76,17 @@ def _peer_cert(context: grpc.ServicerContext) -> bytes | None:
     return certs[0] if certs else None
 
 
+# Sees every message a silo's stream delivers, before the hub does (tests record the wire).
+ReceiveHook = Callable[[str, pb.SiloMessage], None]
+
+
 class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
-    def __init__(self, hub: Hub[S], *, idle_heartbeat_s: float = 5.0) -> None:
+    def __init__(
+        self, hub: Hub[S], *, idle_heartbeat_s: float = 5.0, on_receive: ReceiveHook | None = None
+    ) -> None:
         self._hub = hub
         self._idle = idle_heartbeat_s
+        self._on_receive = on_receive
 
     def Connect(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[pb.SiloMessage], context: grpc.ServicerContext
@@ -131,6 +138,8 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
         why = "silo closed its stream"
         try:
             for message in messages:
+                if self._on_receive is not None:
+                    self._on_receive(session.silo_id, message)
                 self._hub.on_message(session, message)
         except grpc.RpcError as exc:
             why = f"stream broke: {exc.code() if hasattr(exc, 'code') else exc}"
