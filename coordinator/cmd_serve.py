@@ -1,6 +1,6 @@
 """`silofed-coordinator serve`: run the coordinator from its TOML configuration.
 
-Rule: argument parsing and logging setup only; the work is
+Rule: argument parsing, logging and progress-display setup only; the work is
 `coordinator.serve.serve`. Configuration errors, task-loading errors and a damaged rollback
 intent (`<state_dir>/rollback.json`) end the process with exit code 2 and one line naming the
 file and key (or the task spec) to fix.
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     logs.setup_logging(args.log_level, args.log_format)
     from dataclasses import replace
 
+    from coordinator import progress
     from coordinator.rollback import RollbackError
     from coordinator.serve import serve
     from coordinator.task import TaskLoadError
@@ -54,6 +55,13 @@ def run(args: argparse.Namespace) -> int:
             if args.rounds <= 0:
                 raise ConfigError("--rounds must be > 0")
             config = replace(config, rounds=replace(config.rounds, count=args.rounds))
+        # The live line (round, phase, time in phase, silos) on a terminal only; serve()
+        # starts it with the hub's status.
+        progress.configure(
+            enabled=logs.progress_enabled(args.log_format),
+            total_rounds=config.rounds.count,
+            console=logs.console(),
+        )
         return serve(config, keep_serving=args.keep_serving)
     except (ConfigError, TaskLoadError) as exc:
         log.error("%s", exc)

@@ -1,6 +1,7 @@
 """`silofed-silo run`: join the federation and train on local data until told to stop.
 
-Rule: argument parsing, logging setup and signal wiring only; the loop is `SiloRunner`.
+Rule: argument parsing, logging and progress-display setup and signal wiring only; the loop is
+`SiloRunner`.
 Exit codes: 0 done (federation finished or --rounds reached), 2 bad configuration or task,
 3 refused (our own certificate check or the coordinator's), 130 stopped by a signal.
 """
@@ -11,7 +12,6 @@ import argparse
 import datetime as dt
 import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +32,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.set_defaults(func=run)
 
 
-def setup_logging(level: str) -> None:
-    """Plain timestamped lines by default; rich only when attached to a terminal."""
-    if sys.stderr.isatty():
-        try:
-            from rich.logging import RichHandler
-
-            logging.basicConfig(
-                level=level, format="%(message)s", handlers=[RichHandler(show_path=False)]
-            )
-            return
-        except ImportError:
-            pass
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     logs.setup_logging(args.log_level, args.log_format)
+    from silo_agent import progress
+
+    # A local-training progress bar on a terminal only (never in JSON mode or when piped).
+    progress.configure(enabled=logs.progress_enabled(args.log_format), console=logs.console())
     from silo_agent.runner import EXIT_REFUSED, PreflightError, SiloRunner, preflight
     from silo_agent.task import TaskLoadError, load_task
 

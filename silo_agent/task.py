@@ -4,6 +4,17 @@ Rule: a task is plain PyTorch behind four methods; the agent never looks inside 
 data. A spec is ``"package.module:attribute"`` (e.g. ``examples.hospital.task:TASK``); loading it
 imports the module and checks the object has the four methods, or raises `TaskLoadError` naming
 the spec and what failed.
+
+`train(model, data, params)` receives the coordinator's ``[train]`` table plus two keys the
+silo agent sets (they override ``[train]`` keys of the same name):
+
+- ``params["round"]``: the round id (an int), e.g. to seed per-round shuffling;
+- ``params["progress"]``: a callable ``progress(done, total)`` the task MAY call as training
+  advances (two numbers in any unit it likes: batches, steps, epochs; ``done <= total``). On a
+  terminal the silo draws a progress bar from it (silo_agent.progress); otherwise it does
+  nothing. It never affects training, may be called any number of times, and must not be
+  stored beyond the call to `train`. Check ``callable(params.get("progress"))`` first: a task
+  run outside the agent (tests, baselines) gets no such key.
 """
 
 from __future__ import annotations
