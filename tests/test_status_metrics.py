@@ -182,3 +182,43 @@ def test_metrics_endpoint_matches_the_round_log(tmp_path: Path) -> None:
             key = ("silofed_cert_expiry_days", (("silo", f"spiffe://metricsfed/silo/{name}"),))
             assert got[key] == pytest.approx(days, abs=0.01)
         assert not any(name == "silofed_dropouts_total" for name, _ in got)
+
+
+def test_dropouts_are_counted_by_phase_from_the_round_log(tmp_path: Path) -> None:
+    """The dropout counter at non-zero values: a round log with recorded dropouts (written with
+    the RoundLog API the coordinator uses), scraped over HTTP from the real endpoint."""
+    from coordinator.metrics import start_metrics
+    from protos import federation_pb2 as pb
+
+    silos = [f"spiffe://dropfed/silo/{n}" for n in "abc"]
+    log = RoundLog(tmp_path / "rounds.sqlite")
+
+    def start(round_id: int, at: float) -> None:
+        log.start_round(
+            round_id, started_at=at, aggregation="plaintext-insecure", config_digest="0" * 64,
+            model_in_sha256="1" * 64, invited=silos,
+        )  # fmt: skip
+
+    start(1, 100.0)
+    log.record_dropout(1, silos[2], phase="train", reason="deadline")
+    log.finish_round(1, status="completed", ended_at=110.0, model_out_sha256="2" * 64)
+    start(2, 120.0)
+    log.record_dropout(2, silos[0], phase="offer", reason="disconnected")
+    log.record_dropout(2, silos[1], phase="train", reason="deadline")
+    log.finish_round(2, status="aborted", ended_at=125.0, abort_reason="too few silos")
+    start(3, 130.0)
+    server = start_metrics("127.0.0.1:0", tmp_path, lambda: pb.StatusReply(federation_id="f"))
+    try:
+        got = scrape(server.port)
+        assert got[("silofed_dropouts_total", (("phase", "train"),))] == 2
+        assert got[("silofed_dropouts_total", (("phase", "offer"),))] == 1
+        # A dropout in the running round shows at the next scrape (running rounds not cached).
+        log.record_dropout(3, silos[1], phase="train", reason="stream broke")
+        again = scrape(server.port)
+        assert again[("silofed_dropouts_total", (("phase", "train"),))] == 3
+        assert again[("silofed_dropouts_total", (("phase", "offer"),))] == 1
+        assert again[("silofed_rounds_completed", ())] == 1
+        assert again[("silofed_round_duration_seconds_count", (("status", "aborted"),))] == 1
+    finally:
+        server.stop()
+        log.close()
