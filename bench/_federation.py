@@ -173,8 +173,9 @@ def run_federation(
     completed ones (fresh processes warming up) are not in `RunResult.round_s`. Raises
     FederationFailed.
 
-    `workdir` (created, left in place) receives the PKI, configs, state and `logs/`. Deadlines
-    are all `phase_deadline_s`: generous, since a benchmark measures rounds, not dropouts.
+    `workdir` (created, left in place) receives the PKI, configs, state, `logs/` and
+    `coordinator_rss.tsv` (the VmRSS samples). Deadlines are all `phase_deadline_s`: generous,
+    since a benchmark measures rounds, not dropouts.
     """
     os.environ[PARAMS_ENV] = str(params)  # inherited by every child: all build the same model
     names = [f"s{i:02d}" for i in range(silos)]
@@ -231,4 +232,7 @@ def run_federation(
         details = tuple(log.round_detail(r.round_id) for r in log.rounds())
     finally:
         log.close()
+    (workdir / "coordinator_rss.tsv").write_text(
+        "time\tvm_rss_mib\n" + "".join(f"{t:.3f}\t{m:.1f}\n" for t, m in sampler.trace)
+    )
     return RunResult(aggregation, details, sampler.peak, tuple(sampler.trace), log_dir, warmup)
