@@ -998,6 +998,7 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
     import signal
 
     from coordinator.metrics import start_metrics_from_config
+    from coordinator.progress import start_live_status
     from coordinator.server import start_server
     from coordinator.servicer import FederationServicer
     from coordinator.task import load_model_factory
@@ -1005,6 +1006,7 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
     hub = Hub(config, model_factory=load_model_factory(config.task_spec))
     servicer = FederationServicer(hub, idle_heartbeat_s=config.deadlines.heartbeat_s)
     start_metrics_from_config(config, hub.status)  # [metrics] listen; a daemon thread
+    live = start_live_status(hub.status)  # round/phase line on a terminal; else a no-op
     running = start_server(
         servicer,
         listen=config.listen,
@@ -1040,6 +1042,7 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
             log.info("all rounds done; --keep-serving: streams stay open until a signal")
             hub.stopping.wait()
     finally:
+        live.stop()
         hub.close_all(finished=ok)
         running.stop()
         hub.roundlog.close()

@@ -46,6 +46,7 @@ from silo_agent.backoff import Backoff
 from silo_agent.config import SiloConfig
 from silo_agent.connection import Link, LinkError, OutBlob, TlsMaterial
 from silo_agent.ledger import LEDGER_FILENAME, LedgerEntry, append_entry
+from silo_agent.progress import training_progress
 from silo_agent.secure_round import Pause, SiloSecureRound, TrainJob
 from silo_agent.secure_session import SecureSession
 from silo_agent.silo_state import SiloStateStore
@@ -347,7 +348,10 @@ class SiloRunner:
         model.load_state_dict(received)
         started = time.monotonic()
         evaluated = prefixed(self.task.evaluate(model, self.data), "eval_")
-        result = self.task.train(model, self.data, {**params, "round": round_id})
+        with training_progress(round_id) as tick:  # a bar on a terminal; else a no-op
+            result = self.task.train(
+                model, self.data, {**params, "round": round_id, "progress": tick}
+            )
         trained = model.state_dict()
         delta = {k: trained[k].detach() - received[k] for k in received}
         update = state_to_bytes(delta)

@@ -33,6 +33,7 @@ from secagg.errors import ProtocolAbort
 from secagg.silo import TERMINAL, SiloStage
 from silo_agent.connection import OutBlob
 from silo_agent.ledger import LedgerEntry, append_entry
+from silo_agent.progress import training_progress
 from silo_agent.secure_session import SecureSession, flatten_update
 from silo_agent.task import Task
 from silo_agent.tensors import prefixed, state_from_bytes
@@ -226,7 +227,9 @@ class SiloSecureRound:
         model.load_state_dict(received)
         started = time.monotonic()
         evaluated = prefixed(job.task.evaluate(model, job.data), "eval_")
-        result = job.task.train(model, job.data, {**job.params, "round": self.round_id})
+        with training_progress(self.round_id) as tick:  # a bar on a terminal; else a no-op
+            params = {**job.params, "round": self.round_id, "progress": tick}
+            result = job.task.train(model, job.data, params)
         with torch.no_grad():
             delta = flatten_update(model.state_dict(), received, cfg.layout)
         metrics = {**evaluated, **prefixed(result.metrics, "train_")}
