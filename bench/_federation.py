@@ -13,13 +13,14 @@ only risks missing a peak reached in the last 0.1 s before exit — after the la
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ if str(REPO) not in sys.path:
 from coordinator.roundlog import RoundDetail, RoundLog  # noqa: E402
 from examples.noop.task import PARAMS_ENV  # noqa: E402
 from tests.federation_helpers import (  # noqa: E402
+    Proc,
     processes,
     provision,
     wait_for_port,
@@ -41,6 +43,7 @@ from tests.federation_helpers import (  # noqa: E402
 NOOP_SPEC = "examples.noop.task:TASK"
 SECURE = "secagg"
 PLAINTEXT = "plaintext-insecure"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class FederationFailed(RuntimeError):
@@ -57,6 +60,7 @@ class RunResult:
     rounds: tuple[RoundDetail, ...]  # every round in the log, aborted ones included
     coordinator_peak_mib: float
     rss_trace: tuple[tuple[float, float], ...]  # (wall-clock time, coordinator VmRSS MiB)
+    cpu_trace: tuple[tuple[float, float, float], ...]  # (time, coordinator CPU s, silos CPU s)
     log_dir: Path
     warmup: int = 0  # completed rounds left out of `round_s`
 
@@ -92,6 +96,18 @@ class RunResult:
                 times.setdefault(p.phase, []).append(p.duration_s)
         return {name: statistics.median(ts) for name, ts in times.items()}
 
+    def cpu_per_round_s(self) -> tuple[float, float]:
+        """CPU seconds per measured round (coordinator, all silos together), from the samples
+        bracketing the measured rounds (first start to last end)."""
+        rounds = self.measured
+        if not rounds or not self.cpu_trace or rounds[-1].ended_at is None:
+            return float("nan"), float("nan")
+        start, end = rounds[0].started_at, rounds[-1].ended_at
+        before = [c for c in self.cpu_trace if c[0] <= start] or [self.cpu_trace[0]]
+        after = [c for c in self.cpu_trace if c[0] >= end] or [self.cpu_trace[-1]]
+        a, b = before[-1], after[0]
+        return (b[1] - a[1]) / len(rounds), (b[2] - a[2]) / len(rounds)
+
     def peak_rss_at(self) -> tuple[float, str]:
         """The highest sampled VmRSS and where it was: "round R phase P", "round R (after its
         phases)", "before the first round" or "after the last round"."""
@@ -122,33 +138,51 @@ def vm_hwm_mib(pid: int) -> float:
     return float("nan") if kib is None else kib / 1024
 
 
-class PeakSampler:
-    """Samples VmHWM and VmRSS of `pid` on a thread until stopped or the process exits.
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds `pid` has used (fields 14 and 15 of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+class Sampler:
+    """Samples the coordinator's memory and the CPU time of every process on a thread.
 
     `peak` is the highest VmHWM read (the kernel's own maximum, so no peak between samples is
-    missed); `trace` holds (time.time(), VmRSS MiB) samples, to place the peak in a round phase.
+    missed); `rss` holds (time.time(), VmRSS MiB) samples, to place the peak in a round phase;
+    `cpu` holds (time.time(), coordinator CPU s, all silos' CPU s) samples (a silo that exited
+    counts with its last reading).
     """
 
-    def __init__(self, pid: int, alive: Callable[[], bool], interval_s: float = 0.1) -> None:
-        self.pid, self.alive, self.interval_s = pid, alive, interval_s
+    def __init__(self, coordinator: Proc, interval_s: float = 0.1) -> None:
+        self.coordinator, self.interval_s = coordinator, interval_s
+        self.silos: list[Proc] = []
         self.peak = 0.0
-        self.trace: list[tuple[float, float]] = []
+        self.rss: list[tuple[float, float]] = []
+        self.cpu: list[tuple[float, float, float]] = []
+        self._silo_cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set() and self.alive():
+        pid = self.coordinator.pid
+        while not self._stop.is_set() and self.coordinator.popen.poll() is None:
             try:
-                hwm, rss = _status_kib(self.pid, "VmHWM:"), _status_kib(self.pid, "VmRSS:")
-            except OSError:
+                hwm, rss = _status_kib(pid, "VmHWM:"), _status_kib(pid, "VmRSS:")
+                coordinator_cpu = cpu_s(pid)
+            except (OSError, ValueError, IndexError):
                 return
+            now = time.time()
             if hwm is not None:
                 self.peak = max(self.peak, hwm / 1024)
             if rss is not None:
-                self.trace.append((time.time(), rss / 1024))
+                self.rss.append((now, rss / 1024))
+            for silo in list(self.silos):
+                with contextlib.suppress(OSError, ValueError, IndexError):  # exited: keep the last
+                    self._silo_cpu[silo.pid] = cpu_s(silo.pid)
+            self.cpu.append((now, coordinator_cpu, sum(self._silo_cpu.values())))
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> PeakSampler:
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -203,7 +237,7 @@ def run_federation(
     log_dir = workdir / "logs"
     with processes(log_dir) as procs:
         coordinator = procs.coordinator(cfg)
-        with PeakSampler(coordinator.pid, lambda: coordinator.popen.poll() is None) as sampler:
+        with Sampler(coordinator) as sampler:
             port = wait_for_port(state, coordinator, timeout_s=phase_deadline_s)
             for i, name in enumerate(names):
                 toml = write_silo_config(
@@ -214,7 +248,7 @@ def run_federation(
                     options={"silo_index": i},
                     allow_plaintext_insecure=aggregation == PLAINTEXT,
                 )
-                procs.silo(name, toml)
+                sampler.silos.append(procs.silo(name, toml))
             try:
                 code = coordinator.wait(timeout_s)
             except subprocess.TimeoutExpired as exc:
@@ -233,6 +267,14 @@ def run_federation(
     finally:
         log.close()
     (workdir / "coordinator_rss.tsv").write_text(
-        "time\tvm_rss_mib\n" + "".join(f"{t:.3f}\t{m:.1f}\n" for t, m in sampler.trace)
+        "time\tvm_rss_mib\n" + "".join(f"{t:.3f}\t{m:.1f}\n" for t, m in sampler.rss)
     )
-    return RunResult(aggregation, details, sampler.peak, tuple(sampler.trace), log_dir, warmup)
+    return RunResult(
+        aggregation,
+        details,
+        sampler.peak,
+        tuple(sampler.rss),
+        tuple(sampler.cpu),
+        log_dir,
+        warmup,
+    )

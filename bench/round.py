@@ -55,9 +55,12 @@ def _run(kind: str, workdir: Path, args: argparse.Namespace) -> RunResult:
     aborted = len(result.rounds) - len(result.completed)
     phases = " ".join(f"{name} {s:.3f}" for name, s in result.median_phase_s().items())
     rss, where = result.peak_rss_at()
+    coordinator_cpu, silos_cpu = result.cpu_per_round_s()
     print(
         f"{kind}: warm-up round seconds [{warm}], measured [{times}], aborted rounds: {aborted}\n"
         f"{kind}: median phase seconds: {phases}\n"
+        f"{kind}: CPU seconds per measured round: coordinator {coordinator_cpu:.2f}, "
+        f"silos together {silos_cpu:.2f}\n"
         f"{kind}: coordinator VmHWM {result.coordinator_peak_mib:.0f} MiB; highest VmRSS sample "
         f"{rss:.0f} MiB in {where}",
         file=sys.stderr,
