@@ -12,13 +12,20 @@ prints, one figure per line:
     coordinator_peak_mib: <VmHWM of the coordinator process in the secure run>
     plaintext_coordinator_peak_mib: <the same in the plaintext run>
 
-`--only secure|plaintext` runs one of the two (and prints no ratio). Per-round times go to
-stderr. Run: `.venv/bin/python bench/round.py --silos 10 --params 1000000`.
+`--only secure|plaintext` runs one of the two (and prints no ratio). Per-round and per-phase
+times, CPU seconds per round and where the coordinator's memory peaked go to stderr.
+
+All processes share this machine's cores: on a small machine the silos' own CPU work (masking,
+serialisation, and thread pools of BLAS/OpenMP spinning against each other, one pool per core in
+every process) is part of the round time. `--threads 1` gives each process one thread, closer to
+silos running on their own machines. Run: `.venv/bin/python bench/round.py --silos 10 --params
+1000000`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -37,6 +44,7 @@ from bench._federation import (  # noqa: E402
 
 # Large enough that the no-op update (norm 1e-3 * (1 + silo_index) * sqrt(D)) is never clipped.
 CLIP_L2 = 1e3
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _run(kind: str, workdir: Path, args: argparse.Namespace) -> RunResult:
@@ -85,12 +93,23 @@ def main() -> int:
         "--timeout", type=float, default=1800.0, help="seconds per run before giving up"
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        help="set OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS for every process "
+        "(default: the libraries' own defaults, one thread per core in each process)",
+    )
+    parser.add_argument(
         "--keep-logs",
         action="store_true",
         help="keep the work directory (configs, logs, round logs) and print its path",
     )
     args = parser.parse_args()
     kinds = [args.only] if args.only else ["plaintext", "secure"]
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        for var in THREAD_VARS:  # inherited by the coordinator and every silo
+            os.environ[var] = str(args.threads)
     if "secure" in kinds and args.silos < 3:
         parser.error("--silos must be at least 3 (secure aggregation's threshold floor)")
     if args.silos < 1 or args.rounds < 1 or args.warmup < 0:
@@ -116,6 +135,8 @@ def main() -> int:
     print(f"params: {args.params}")
     print(f"rounds: {args.rounds}")
     print(f"warmup_rounds: {args.warmup}")
+    if args.threads is not None:
+        print(f"threads_per_process: {args.threads}")
     secure, plaintext = results.get("secure"), results.get("plaintext")
     if secure is not None:
         print(f"secure_round_s: {secure.median_round_s:.3f}")
