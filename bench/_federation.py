@@ -9,6 +9,8 @@ memory. Every process it starts is stopped (by PID) before it returns, also on f
 Peak memory is VmHWM ("high water mark" of the resident set) from /proc/<pid>/status of the
 coordinator process, sampled every 0.1 s while it runs: the kernel keeps the maximum, so sampling
 only risks missing a peak reached in the last 0.1 s before exit — after the last round's work.
+The same thread samples VmRSS (to place the peak in a round phase) and the CPU time of the
+coordinator and of every silo (/proc/<pid>/stat), to tell where a round's seconds went.
 """
 
 from __future__ import annotations
