@@ -115,9 +115,17 @@ class SecureRound:
         self._note_rejections(before)
         return self._step(sends, now)
 
-    def masked_vector(self, silo_id: str, header: bytes, vector: np.ndarray, now: float) -> Step:
+    def masked_vector(
+        self,
+        silo_id: str,
+        header: bytes,
+        vector: np.ndarray,
+        now: float,
+        *,
+        vector_sha256: bytes | None = None,
+    ) -> Step:
         before = len(self.round.rejected)
-        sends = self.round.add_masked_vector(silo_id, header, vector)
+        sends = self.round.add_masked_vector(silo_id, header, vector, vector_sha256=vector_sha256)
         self._note_rejections(before)
         return self._step(sends, now)
 

@@ -163,7 +163,7 @@ def quantisation_bound(
 def apply_aggregate(
     old: Mapping[str, torch.Tensor], aggregate: np.ndarray, layout: tuple[TensorSpec, ...]
 ) -> dict[str, torch.Tensor]:
-    """The next global state: old + ḡ reshaped per layout, cast back to each tensor's dtype."""
+    """The next global state: old + ḡ reshaped per layout, in each tensor's own dtype."""
     d = sum(s.size for s in layout)
     if aggregate.ndim != 1 or aggregate.shape[0] != d:
         raise SecureRoundError(f"aggregate has shape {aggregate.shape}, layout needs ({d},)")
@@ -176,5 +176,9 @@ def apply_aggregate(
         start += spec.size
         base = old[spec.name]
         delta = torch.from_numpy(np.ascontiguousarray(part)).reshape(spec.shape)
-        new[spec.name] = (base.to(torch.float64) + delta.to(torch.float64)).to(base.dtype)
+        if base.dtype in (torch.float32, torch.float64):
+            # One rounding in the model's own precision, and no float64 copies of big tensors.
+            new[spec.name] = base + delta.to(base.dtype)
+        else:  # half precision: add in float32, round once
+            new[spec.name] = (base.to(torch.float32) + delta.to(torch.float32)).to(base.dtype)
     return new

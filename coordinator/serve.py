@@ -13,6 +13,7 @@ log holds `[rounds] count` completed rounds.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -24,10 +25,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from coordinator import malloc
 from coordinator.aggregation import AggregationError, AggregationProtocol, make_aggregation
 from coordinator.checkpoints import (
     Checkpoint,
@@ -129,6 +132,7 @@ class Session:
     metrics: dict[str, float] = field(default_factory=dict)
     masked_header: bytes | None = None  # secagg: the MaskedHeader announcing the next vector
     upload_slot: bool = False  # secagg: holds one of the hub's buffered-upload slots
+    upload_buffer: np.ndarray | None = None  # secagg: where that upload's chunks are copied
 
     def send(self, item: _Item) -> None:
         self.queue.put(item)
@@ -230,6 +234,8 @@ class Hub:
         # At most P masked vectors are buffered at once (SECAGG.md §3.8): memory stays
         # (P+1)·L words for any number of silos; other uploads wait, held by flow control.
         self.upload_slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
+        self._free_buffers: list[np.ndarray] = []  # reused round after round (at most P)
+        self._next_offer: bytes | None = None  # the last checkpoint's bytes = the next offer
         self._begin_error = ""
         self.phase_started = 0.0
         self.stopping = threading.Event()
@@ -320,7 +326,7 @@ class Hub:
             if not session.closed:
                 session.closed = True
                 session.send(None)
-            self._release_slot(session)
+            self._end_upload(session)
             # A replaced stream must not drop the silo's new stream from the round.
             if current:
                 self._lost(session.silo_id, why)
@@ -329,7 +335,7 @@ class Hub:
         """Close a silo's previous stream; its work in the current round is lost with it."""
         session.closed = True
         session.send(None)
-        self._release_slot(session)
+        self._end_upload(session)
         self._lost(session.silo_id, "replaced by a new stream")
 
     def _lost(self, silo_id: str, why: str) -> None:
@@ -436,20 +442,22 @@ class Hub:
         upload = session.upload
         if upload is None:
             return  # a blob we decided to ignore
+        masked = session.upload_buffer is not None
         try:
             upload.add(chunk.index, chunk.data)
             if not upload.complete:
                 return
-            data = upload.finish()
+            data = upload.finish_into() if masked else upload.finish()
         except ChunkError as exc:
             session.upload = None
-            self._release_slot(session)
+            self._end_upload(session)
             self._reject(session, f"bad update chunk: {exc}")
             return
         session.upload = None
-        if chunk.kind == pb.MASKED_VECTOR:
-            self._on_masked_vector(session, data)
+        if masked:
+            self._on_masked_vector(session, upload.sha256)
         else:
+            assert isinstance(data, bytes)
             self._on_update(session, chunk.round_id, data)
 
     def _on_update(self, session: Session, round_id: int, data: bytes) -> None:
@@ -495,7 +503,11 @@ class Hub:
                 if self.secure is None or session.closed or self.stopping.is_set():
                     return
 
-    def _release_slot(self, session: Session) -> None:
+    def _end_upload(self, session: Session) -> None:
+        """Give back the session's upload slot and buffer (the vector was added or refused)."""
+        if session.upload_buffer is not None:
+            self._free_buffers.append(session.upload_buffer)
+            session.upload_buffer = None
         if session.upload_slot:
             session.upload_slot = False
             self.upload_slots.release()
@@ -505,31 +517,46 @@ class Hub:
         session.upload = None
         if sr is None or header.round_id != sr.config.round_id or not session.upload_slot:
             log.info("ignoring a masked vector from %s (no round or slot)", session.silo_id)
-            self._release_slot(session)
+            self._end_upload(session)
             return
         if session.masked_header is None:
-            self._release_slot(session)
+            self._end_upload(session)
             self._reject(session, "masked vector without its MaskedHeader frame")
             return
+        dtype = ring_dtype(sr.config.ring_bits)
         try:
             meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
-            limit = sr.config.length * sr.config.ring_bits // 8
-            session.upload = Reassembler(meta, max_total_bytes=limit)
+            limit = sr.config.length * dtype.itemsize
+            if meta.total_bytes != limit:
+                raise ChunkError(
+                    f"a masked vector has {limit} bytes, the header says {meta.total_bytes}"
+                )
+            buffer = self._take_buffer(sr.config.length, dtype)
+            session.upload_buffer = buffer
+            session.upload = Reassembler(meta, max_total_bytes=limit, into=buffer.data)
         except ChunkError as exc:
-            self._release_slot(session)
+            self._end_upload(session)
             self._reject(session, f"bad masked vector header: {exc}")
 
-    def _on_masked_vector(self, session: Session, data: bytes) -> None:
-        sr, masked_header = self.secure, session.masked_header
+    def _take_buffer(self, length: int, dtype: np.dtype[Any]) -> np.ndarray:
+        while self._free_buffers:
+            buffer = self._free_buffers.pop()
+            if buffer.shape == (length,) and buffer.dtype == dtype:
+                return buffer
+        return np.empty(length, dtype=dtype)
+
+    def _on_masked_vector(self, session: Session, sha256: bytes) -> None:
+        sr, masked_header, vector = self.secure, session.masked_header, session.upload_buffer
         session.masked_header = None
         try:
-            if sr is None or masked_header is None:
+            if sr is None or masked_header is None or vector is None:
                 return
-            vector = np.frombuffer(data, dtype=ring_dtype(sr.config.ring_bits))
-            step = sr.masked_vector(session.silo_id, masked_header, vector, self.clock())
-            del vector, data  # added into the accumulator (or refused): not kept
+            # The transport hashed exactly these bytes as they arrived: no second pass.
+            step = sr.masked_vector(
+                session.silo_id, masked_header, vector, self.clock(), vector_sha256=sha256
+            )
         finally:
-            self._release_slot(session)
+            self._end_upload(session)  # added into the accumulator (or refused): reused
         self._apply_secure(step)
 
     def _apply_secure(self, step: Step) -> None:
@@ -625,12 +652,14 @@ class Hub:
                 return False
             self.run_one_round(done)
             self._ran_any = True
+            malloc.trim()
         return False
 
     def run_one_round(self, completed_before: int) -> None:
         cfg = self.config.rounds
         round_id = RoundId(self.roundlog.last_round_id() + 1)
-        model_bytes = state_to_bytes(self.global_state)
+        model_bytes = self._next_offer or state_to_bytes(self.global_state)
+        self._next_offer = None
         self._model_len = len(model_bytes)
         model_sha = hashlib.sha256(model_bytes).digest()
         with self.lock:
@@ -773,11 +802,15 @@ class Hub:
         new_state = apply_aggregate(self.global_state, outcome.aggregate, cfg.layout)
         weight_sum = outcome.weight_sum / cfg.weight_scale * cfg.weight_max
         survivors = [str(s) for s in outcome.survivors]
+        report = outcome.dp_report
+        # Free the accumulator (ḡ lives in it) before serialising the new model.
+        sr.round.result = dataclasses.replace(outcome, aggregate=np.empty(0, np.float32))
+        del outcome
         data = state_to_bytes(new_state)
         ckpt = self.checkpoints.save_bytes(round_id, data)
+        self._next_offer = data
         del data
         with self.lock:
-            report = outcome.dp_report
             if report is not None:
                 self.roundlog.record_privacy(
                     round_id,
@@ -812,6 +845,7 @@ class Hub:
         result = aggregation.finish()
         data = state_to_bytes(result.new_state)
         ckpt = self.checkpoints.save_bytes(round_id, data)
+        self._next_offer = data
         del data
         with self.lock:
             self.machine, self.aggregation = None, None
@@ -1003,6 +1037,7 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
     from coordinator.servicer import FederationServicer
     from coordinator.task import load_model_factory
 
+    malloc.limit_arenas()
     hub = Hub(config, model_factory=load_model_factory(config.task_spec))
     servicer = FederationServicer(hub, idle_heartbeat_s=config.deadlines.heartbeat_s)
     start_metrics_from_config(config, hub.status)  # [metrics] listen; a daemon thread

@@ -62,25 +62,40 @@ def split(data: bytes | memoryview, chunk_bytes: int = MAX_CHUNK_BYTES) -> Itera
 
 
 class Reassembler:
-    """Collects the chunks of one blob; refuses gaps, reordering, oversize and a bad hash."""
+    """Collects the chunks of one blob; refuses gaps, reordering, oversize and a bad hash.
 
-    def __init__(self, meta: BlobMeta, *, max_total_bytes: int) -> None:
+    With `into` (a writable buffer of at least the blob's size) the chunks are copied into it as
+    they arrive and `finish` returns a view of it: no second copy of a large blob, and a caller
+    can reuse one buffer for blob after blob."""
+
+    def __init__(
+        self, meta: BlobMeta, *, max_total_bytes: int, into: memoryview | None = None
+    ) -> None:
         if meta.total_bytes > max_total_bytes:
             raise ChunkError(
                 f"blob of {meta.total_bytes} bytes exceeds the limit of {max_total_bytes} bytes"
             )
+        if into is not None and (into.readonly or into.nbytes < meta.total_bytes):
+            raise ValueError("`into` must be a writable buffer of at least the blob's size")
         self.meta = meta
+        self._into = into.cast("B") if into is not None else None
         self._parts: list[bytes] = []
+        self._count = 0
         self._received = 0
         self._hash = hashlib.sha256()
 
     @property
     def next_index(self) -> int:
-        return len(self._parts)
+        return self._count
 
     @property
     def complete(self) -> bool:
-        return len(self._parts) == self.meta.chunk_count
+        return self._count == self.meta.chunk_count
+
+    @property
+    def sha256(self) -> bytes:
+        """SHA-256 of what has arrived (the whole blob's once `finish` succeeded)."""
+        return self._hash.digest()
 
     def add(self, index: int, data: bytes) -> None:
         """Append chunk `index`. Raises ChunkError when it is out of order or too big."""
@@ -92,12 +107,31 @@ class Reassembler:
             raise ChunkError(f"chunk {index} has {len(data)} bytes, more than {MAX_CHUNK_BYTES}")
         if self._received + len(data) > self.meta.total_bytes:
             raise ChunkError(f"chunk {index} overruns the announced {self.meta.total_bytes} bytes")
-        self._parts.append(data)
+        if self._into is not None:
+            self._into[self._received : self._received + len(data)] = data
+        else:
+            self._parts.append(data)
+        self._count += 1
         self._received += len(data)
         self._hash.update(data)
 
     def finish(self) -> bytes:
         """The checked payload. Raises ChunkError if incomplete, short, or the hash differs."""
+        self._check()
+        if self._into is not None:
+            raise ValueError("this blob was assembled into a buffer: use finish_into()")
+        data = b"".join(self._parts)
+        self._parts = []
+        return data
+
+    def finish_into(self) -> memoryview:
+        """The checked payload as a view of the `into` buffer (same checks as `finish`)."""
+        self._check()
+        if self._into is None:
+            raise ValueError("no `into` buffer was given: use finish()")
+        return self._into[: self._received]
+
+    def _check(self) -> None:
         if not self.complete:
             raise ChunkError(
                 f"blob incomplete: {self.next_index} of {self.meta.chunk_count} chunks received"
@@ -108,6 +142,3 @@ class Reassembler:
             )
         if self._hash.digest() != self.meta.sha256:
             raise ChunkError("blob SHA-256 does not match its header")
-        data = b"".join(self._parts)
-        self._parts = []
-        return data

@@ -181,8 +181,13 @@ class CoordinatorRound:
             return self._reject(sid, f"invalid message: {exc}")
         return self._reject(sid, f"{type(msg).__name__} not expected in {self.phase.value}")
 
-    def add_masked_vector(self, silo_id: str, header: bytes, vector: np.ndarray) -> list[Send]:
-        """A complete masked upload (step 3.8): checked, then added into the accumulator."""
+    def add_masked_vector(
+        self, silo_id: str, header: bytes, vector: np.ndarray, *, vector_sha256: bytes | None = None
+    ) -> list[Send]:
+        """A complete masked upload (step 3.8): checked, then added into the accumulator.
+
+        `vector_sha256`: the driver already hashed exactly these bytes as they arrived (the
+        transport checks each blob's SHA-256), so they need not be hashed a second time."""
         sid = SiloId(silo_id)
         cfg = self.config
         if self.phase is not Phase.MASKED:
@@ -203,7 +208,8 @@ class CoordinatorRound:
             return self._reject(sid, "masked header fields do not match the session")
         if vector.dtype != ring_dtype(cfg.ring_bits) or vector.shape != (cfg.length,):
             return self._reject(sid, "masked vector has the wrong dtype or length")
-        if sha256_array(vector) != h.vector_sha256:
+        digest = sha256_array(vector) if vector_sha256 is None else vector_sha256
+        if digest != h.vector_sha256:
             return self._reject(sid, "masked vector hash mismatch")
         assert self._acc is not None
         np.add(self._acc, vector, out=self._acc)

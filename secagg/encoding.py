@@ -62,7 +62,8 @@ def clip_factor(delta: np.ndarray, clip_l2: float) -> float:
     for start in range(0, delta.shape[0], SR_CHUNK):
         part = buf[: min(SR_CHUNK, delta.shape[0] - start)]
         np.copyto(part, delta[start : start + part.shape[0]])
-        sq += float(np.dot(part, part))
+        # einsum, not np.dot: no BLAS thread pool (its start-up alone cost 0.25-1 s per silo)
+        sq += float(np.einsum("i,i->", part, part))
     norm = math.sqrt(sq)
     return 1.0 if norm <= clip_l2 else clip_l2 / norm
 

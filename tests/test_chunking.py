@@ -115,3 +115,36 @@ def test_header_with_wrong_chunk_count_refused() -> None:
         BlobMeta(MAX_CHUNK_BYTES + 1, b"\0" * 32, 1)
     assert chunk_count_for(MAX_CHUNK_BYTES) == 1
     assert chunk_count_for(MAX_CHUNK_BYTES + 1) == 2
+
+
+def test_reassembly_into_a_reused_buffer() -> None:
+    import numpy as np
+
+    buffer = np.zeros(700_000, dtype="<u4")  # 2.8 MB: three chunks
+    for seed in (1, 2):  # the same buffer serves blob after blob
+        vector = np.random.default_rng(seed).integers(0, 2**32, size=700_000, dtype="<u4")
+        data = vector.tobytes()
+        r = Reassembler(describe(data), max_total_bytes=len(data), into=buffer.data)
+        for i, chunk in enumerate(split(data)):
+            r.add(i, chunk)
+        view = r.finish_into()
+        assert view.nbytes == len(data) and r.sha256 == hashlib.sha256(data).digest()
+        assert np.array_equal(buffer, vector)
+        with pytest.raises(ValueError, match="finish_into"):
+            r.finish()
+
+
+def test_reassembly_into_checks_its_buffer_and_the_hash() -> None:
+    import numpy as np
+
+    data = b"x" * 100
+    with pytest.raises(ValueError, match="at least the blob's size"):
+        Reassembler(describe(data), max_total_bytes=100, into=memoryview(bytearray(99)))
+    with pytest.raises(ValueError, match="writable"):
+        Reassembler(describe(data), max_total_bytes=100, into=memoryview(bytes(100)))
+    target = np.zeros(100, dtype=np.uint8)
+    meta = BlobMeta(100, hashlib.sha256(b"y" * 100).digest(), 1)
+    r = Reassembler(meta, max_total_bytes=100, into=target.data)
+    r.add(0, data)
+    with pytest.raises(ChunkError, match="SHA-256"):
+        r.finish_into()
