@@ -190,3 +190,78 @@ def test_reconnect_backoff_is_exponential_with_full_jitter_and_capped() -> None:
     assert b.ceiling() == 0.5
     with pytest.raises(ValueError):
         Backoff(initial_s=2.0, max_s=1.0, rng=lambda: 0.0)
+
+
+SECURE = (
+    COORD.replace('aggregation = "plaintext-insecure"\n', "").replace(
+        "min_silos = 2", "min_silos = 3"
+    )
+    + "\n[secagg]\nclip_l2 = 10.0\n"
+)
+
+
+def test_secure_aggregation_is_the_default_and_reads_secagg(tmp_path: Path) -> None:
+    _files(tmp_path)
+    path = tmp_path / "c.toml"
+    path.write_text(SECURE + 'threshold = 3\nweighting = "uniform"\nnoise_multiplier = 0.5\n')
+    cfg = load_coordinator_config(path)
+    assert cfg.rounds.aggregation == "secagg"
+    assert cfg.secagg is not None
+    assert (cfg.secagg.clip_l2, cfg.secagg.threshold, cfg.secagg.ring_bits) == (10.0, 3, 32)
+    assert cfg.secagg.weighting.value == "uniform" and cfg.secagg.dp_noise_multiplier == 0.5
+    assert cfg.max_concurrent_uploads == 2 and cfg.deadlines.unmask_s == 60.0
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("clip_l2 = 10.0", "", r"\[secagg\] clip_l2 is missing: secure aggregation clips"),
+        ("clip_l2 = 10.0", "clip_l2 = -1.0", r"\[secagg\] clip_l2 must be > 0"),
+        ("clip_l2 = 10.0", "clip_l2 = 1.0\nclip = 2", r"\[secagg\] clip is not a known key"),
+        (
+            "clip_l2 = 10.0",
+            "clip_l2 = 1.0\nring_bits = 16",
+            r"\[secagg\] ring_bits must be 32 or 64",
+        ),
+        ("clip_l2 = 10.0", "clip_l2 = 1.0\nthreshold = 2", r"\[secagg\] threshold must be >= 3"),
+        (
+            "clip_l2 = 10.0",
+            'clip_l2 = 1.0\nweighting = "size"',
+            r"\[secagg\] weighting must be one of \['examples', 'uniform'\]",
+        ),
+        ("min_silos = 3", "min_silos = 2", r"\[rounds\] min_silos must be >= 3 with secure"),
+    ],
+)
+def test_secagg_errors_name_file_and_key(tmp_path: Path, old: str, new: str, message: str) -> None:
+    _files(tmp_path)
+    path = tmp_path / "c.toml"
+    assert old in SECURE
+    path.write_text(SECURE.replace(old, new))
+    with pytest.raises(CoordinatorConfigError, match=message) as info:
+        load_coordinator_config(path)
+    assert str(info.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('[debug]\npause_after_phase = "train"', r"\[debug\] pause_after_phase must be one of"),
+        ("[secagg]\nt_floor = 2", r"\[secagg\] t_floor must be >= 3"),
+        ('[secagg]\nallow_plaintext_insecure = "yes"', r"allow_plaintext_insecure must be bool"),
+    ],
+)
+def test_silo_secagg_and_debug_errors(tmp_path: Path, extra: str, message: str) -> None:
+    _files(tmp_path)
+    path = tmp_path / "s.toml"
+    path.write_text(SILO + "\n" + extra + "\n")
+    with pytest.raises(SiloConfigError, match=message):
+        load_silo_config(path)
+
+
+def test_silo_declines_plaintext_unless_allowed(tmp_path: Path) -> None:
+    _files(tmp_path)
+    path = tmp_path / "s.toml"
+    path.write_text(SILO)
+    assert load_silo_config(path).secagg.allow_plaintext_insecure is False
+    path.write_text(SILO + "\n[secagg]\nallow_plaintext_insecure = true\n")
+    assert load_silo_config(path).secagg.allow_plaintext_insecure is True

@@ -1,0 +1,77 @@
+"""Secure rounds with distributed DP noise: the round log carries the noise and privacy spent.
+
+Three silo processes over mTLS; `[secagg] noise_multiplier` on. Each completed round records
+the mechanism, the multiplier, the clip norm, δ and ε composed over the rounds so far (from the
+`dp-accounting` library via secagg), so ε grows from round 1 to round 2.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from coordinator.roundlog import RoundLog
+from tests.federation_helpers import (
+    RECORDING_SPEC,
+    processes,
+    provision,
+    wait_for_port,
+    write_coordinator_config,
+    write_silo_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+NAMES = ("a", "b", "c")
+
+
+def test_dp_rounds_record_noise_and_privacy_spent(tmp_path: Path) -> None:
+    fed = provision(tmp_path / "fed", "dp", NAMES)
+    state = tmp_path / "coord"
+    cfg = write_coordinator_config(
+        tmp_path / "c.toml",
+        fed,
+        state_dir=state,
+        task_spec=RECORDING_SPEC,
+        rounds=2,
+        min_silos=3,
+        aggregation="secagg",
+        secagg={"clip_l2": 1.0, "noise_multiplier": 1.5},
+    )
+    with processes(tmp_path / "logs") as procs:
+        coordinator = procs.coordinator(cfg)
+        port = wait_for_port(state, coordinator)
+        for i, name in enumerate(NAMES):
+            toml = write_silo_config(
+                tmp_path / f"{name}.toml",
+                fed.silos[name],
+                port=port,
+                task_spec=RECORDING_SPEC,
+                options={
+                    "silo_index": i,
+                    "num_examples": 10,
+                    "record_dir": str(tmp_path / "sent" / name),
+                },
+                allow_plaintext_insecure=False,
+            )
+            procs.silo(name, toml)
+        assert coordinator.wait(120) == 0, procs.logs()
+    log = RoundLog.open_readonly(state / "rounds.sqlite")
+    try:
+        privacy = [log.round_detail(r).privacy for r in (1, 2)]
+        weights = [log.round_detail(r).weight_sum for r in (1, 2)]
+    finally:
+        log.close()
+    epsilons = []
+    for rounds_so_far, p in enumerate(privacy, start=1):
+        assert p is not None
+        assert p.mechanism == "distributed discrete Gaussian"
+        assert (p.noise_multiplier, p.clip_norm) == (1.5, 1.0)
+        assert p.details["rounds_composed"] == rounds_so_far
+        assert p.details["honest_survivors"] >= 1
+        assert 0 < p.delta < 1 and math.isfinite(p.epsilon) and p.epsilon > 0
+        epsilons.append(p.epsilon)
+    assert epsilons[1] > epsilons[0]
+    assert weights == [3.0, 3.0]  # DP forces uniform weights: one per silo
