@@ -6,12 +6,16 @@ SIGKILL, and restarted; the round completes, its new model equals plaintext FedA
 survivors (U3) within the stated quantisation bound (recomputed here from the updates each silo
 recorded), and the restarted silo takes part in the next round. In round 6 three silos are
 killed after advertising their keys: the round aborts (THRESHOLD_VIOLATION recorded), nothing is
-unmasked, and round 7 completes from the unchanged model.
+unmasked, and round 7 completes from the unchanged model. The auditor's commands then run,
+through their entry point, on that federation's round log.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +28,10 @@ from coordinator.secure_round import quantisation_bound
 from secagg.config import RoundConfig
 from tests.federation_helpers import (
     RECORDING_SPEC,
+    REPO,
     Proc,
     Processes,
+    child_env,
     processes,
     provision,
     wait_for_port,
@@ -53,7 +59,10 @@ def _silo_id(name: str) -> str:
     return f"spiffe://sec/silo/{name}"
 
 
-def test_kill_a_silo_after_each_phase_then_three(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Runs the whole federation once; returns its folder (the coordinator's state in coord/)."""
+    tmp_path = tmp_path_factory.mktemp("secure")
     fed = provision(tmp_path / "fed", "sec", NAMES)
     state = tmp_path / "coord"
     cfg = write_coordinator_config(
@@ -102,7 +111,11 @@ def test_kill_a_silo_after_each_phase_then_three(tmp_path: Path) -> None:
             _kill_when_paused(procs, silos[name], fed.silos[name].dir / "state", "advertise")
             silos[name] = start(name, None, None, run=2)
         assert coordinator.wait(180) == 0, procs.logs()
+    return tmp_path
 
+
+def test_kill_a_silo_after_each_phase_then_three(secure_run: Path) -> None:
+    tmp_path, state = secure_run, secure_run / "coord"
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     store = CheckpointStore(state / "checkpoints")
     try:
@@ -233,3 +246,47 @@ def _checkpoint_by_sha(log: RoundLog, sha: str | None) -> CheckpointRecord:
         conn.close()
     assert row is not None, sha
     return CheckpointRecord(int(row[0]), Path(row[1]), str(row[2]))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_auditor_commands_on_the_secure_federations_log(secure_run: Path) -> None:
+    """Issue 5 on a real log with dropouts at every phase and an aborted round."""
+    state = str(secure_run / "coord")
+    listed = _cli("rounds", "list", "--state-dir", state, "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)["rounds"]
+    assert [r["status"] for r in rows] == ["completed"] * 5 + ["aborted", "completed"]
+    assert [r["dropped"] for r in rows[:4]] == [1, 1, 1, 1]
+
+    aborted = _cli("rounds", "show", str(ABORT_ROUND), "--state-dir", state)
+    assert aborted.returncode == 0, aborted.stderr
+    assert "THRESHOLD_VIOLATION in phase share_keys" in aborted.stdout
+    shown = json.loads(_cli("rounds", "show", "3", "--state-dir", state, "--json").stdout)
+    assert shown["aggregation"] == "secagg"
+    assert [(d["silo_id"], d["phase"]) for d in shown["dropouts"]] == [(_silo_id("s3"), "masked")]
+    assert set(shown["participants"]) >= {"invited", "U1", "U2", "U3", "U4", "U5", "finished"}
+    assert [p["phase"] for p in shown["phases"]] == [
+        "advertise", "share_keys", "masked", "consistency", "unmask"
+    ]  # fmt: skip
+
+    csv_out = _cli("rounds", "export", "--format", "csv", "--state-dir", state)
+    assert csv_out.returncode == 0 and "THRESHOLD_VIOLATION" in csv_out.stdout
+    png = secure_run / "score.png"
+    plotted = _cli("rounds", "plot", "--metric", "eval_score", "-o", str(png), "--state-dir", state)
+    assert plotted.returncode == 0, plotted.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "5 silos" in plotted.stdout and "dropouts marked" in plotted.stdout
+
+    missing = _cli("rounds", "show", "99", "--state-dir", state)
+    assert missing.returncode != 0 and "99" in missing.stderr
