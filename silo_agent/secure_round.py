@@ -51,6 +51,14 @@ SECURE_MESSAGES = (
     "SecAggFrame(UnmaskShares)",
 )
 KEYS_POLL_S = 0.05
+WATCH_POLL_S = 0.5
+# How long the silo waits in each stage (SECAGG.md §6), as the round config's deadline indices
+# (offer, share_keys, train, consistency, unmask): the phase whose message it waits for.
+_WAITING_FOR = {
+    SiloStage.ADVERTISED: (0, 1),  # M2 comes once every invited silo advertised
+    SiloStage.SHARED: (1,),  # M4
+    SiloStage.KEYS_RECEIVED: (2,),  # local training and our own upload
+}
 
 Send = Callable[[pb.SiloMessage | OutBlob], None]
 
@@ -115,6 +123,21 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def overdue(
+    stage: SiloStage, in_stage_s: float, in_round_s: float, deadlines_s: tuple[int, ...]
+) -> str | None:
+    """The silo's own deadlines (SECAGG.md §6), so a stalling coordinator cannot keep it holding
+    its secrets: "abort" when it has waited in a stage before its upload for twice the phase
+    deadlines it waits on (the coordinator should have closed them by then), "erase" when, its
+    input committed, the whole round has lasted twice the sum of the deadlines; else None."""
+    waits = _WAITING_FOR.get(stage)
+    if waits is not None:
+        return "abort" if in_stage_s > 2 * sum(deadlines_s[i] for i in waits) else None
+    if stage in (SiloStage.MASKED_SENT, SiloStage.SIGNED, SiloStage.UNMASKED):
+        return "erase" if in_round_s > 2 * sum(deadlines_s) else None
+    return None
+
+
 class SiloSecureRound:
     """The silo's part in one secure round; `start` once, then `on_frame` per SecAggFrame."""
 
@@ -156,6 +179,9 @@ class SiloSecureRound:
             target=self._train_and_upload, name=f"train round {self.round_id}", daemon=True
         )
         self._trainer.start()
+        threading.Thread(
+            target=self._watch, name=f"deadlines round {self.round_id}", daemon=True
+        ).start()
         self.pause.at("advertise", self.round_id)
 
     def on_frame(self, payload: bytes) -> None:
@@ -188,9 +214,32 @@ class SiloSecureRound:
         self._over.set()
         # The session erases its secrets; there is nothing to tell a round that is over.
         with contextlib.suppress(ProtocolAbort):
-            self.session.session.deadline_passed(round_over=True)
+            self.session.deadline_passed(round_over=True)
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Apply `overdue` until the round is over (bounded: it ends by "erase" at the latest)."""
+        cfg = self.config
+        assert cfg is not None
+        started = stage_since = time.monotonic()
+        stage = self.session.stage
+        while not self._over.wait(WATCH_POLL_S) and stage not in TERMINAL:
+            now = time.monotonic()
+            if self.session.stage is not stage:
+                stage, stage_since = self.session.stage, now
+                continue
+            verdict = overdue(stage, now - stage_since, now - started, cfg.deadlines_s)
+            if verdict == "abort":
+                try:
+                    self.session.deadline_passed()
+                except ProtocolAbort as exc:
+                    self._aborted(exc)
+                return
+            if verdict == "erase":
+                log.warning("round %d: the coordinator never finished; erasing", self.round_id)
+                self.round_over()
+                return
 
     def _frame(self, payload: bytes) -> None:
         frame = pb.SecAggFrame(round_id=self.round_id, payload=payload)

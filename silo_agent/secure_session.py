@@ -83,6 +83,11 @@ class SecureSession:
         except BaseException as e:  # surfaced by submit(); the thread must not die silently
             self._mask_error = e
 
+    def deadline_passed(self, *, round_over: bool = False) -> None:
+        """SiloSession.deadline_passed under the lock (raises ProtocolAbort when it aborts)."""
+        with self._lock:
+            self.session.deadline_passed(round_over=round_over)
+
     def submit_update(self, delta: np.ndarray, num_examples: int) -> MaskedUpload:
         """Wait for the masks, then encode, mask and journal (before the caller sends it)."""
         with self._lock:  # handle() creates and starts the thread under this lock

@@ -38,3 +38,37 @@ def test_flatten_update_names_the_wrong_tensor() -> None:
     layout = (TensorSpec("a", (3,)),)
     with pytest.raises(SecureSessionError, match="'a' has shape \\(2,\\)"):
         flatten_update({"a": torch.zeros(2)}, {"a": torch.zeros(2)}, layout)
+
+
+def test_silo_deadlines_abort_before_upload_and_erase_after() -> None:
+    from secagg.silo import SiloStage
+    from silo_agent.secure_round import overdue
+
+    d = (10, 20, 300, 30, 40)
+    # Waiting for M2 (advertise + share_keys deadlines), for M4, and training/uploading.
+    assert overdue(SiloStage.ADVERTISED, 59.0, 59.0, d) is None
+    assert overdue(SiloStage.ADVERTISED, 61.0, 61.0, d) == "abort"
+    assert overdue(SiloStage.SHARED, 41.0, 100.0, d) == "abort"
+    assert overdue(SiloStage.KEYS_RECEIVED, 599.0, 700.0, d) is None
+    assert overdue(SiloStage.KEYS_RECEIVED, 601.0, 700.0, d) == "abort"
+    # Its input committed, the silo keeps waiting until twice the whole round (800 s).
+    assert overdue(SiloStage.MASKED_SENT, 700.0, 799.0, d) is None
+    assert overdue(SiloStage.SIGNED, 700.0, 801.0, d) == "erase"
+    assert overdue(SiloStage.COMPLETED, 1e9, 1e9, d) is None
+
+
+def test_a_stalled_session_aborts_with_timeout_and_erases() -> None:
+    from secagg.errors import AbortReason, ProtocolAbort
+    from secagg.silo import SiloStage
+    from tests.secagg.harness import MODEL_SHA, NOW
+
+    fed = federation()
+    cfg = make_config(fed, 3, 10)
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(1)))
+    session = SecureSession(r.sessions[cfg.invited[0]])
+    session.handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
+    assert session.stage is SiloStage.ADVERTISED
+    with pytest.raises(ProtocolAbort) as info:
+        session.deadline_passed()
+    assert info.value.reason is AbortReason.TIMEOUT
+    assert session.stage is SiloStage.ABORTED and session.session.abort_notice is not None
