@@ -60,14 +60,9 @@ class SecureRound:
         *,
         now: float,
         dp_rounds_before: int = 0,
-        keep_ring_sum: bool = False,
     ) -> None:
         self.round = CoordinatorRound(
-            config,
-            trust,
-            now=_utc(now),
-            dp_rounds_before=dp_rounds_before,
-            keep_ring_sum=keep_ring_sum,
+            config, trust, now=_utc(now), dp_rounds_before=dp_rounds_before
         )
         self.config = config
         self.deadlines_s = {p: float(deadlines_s[k]) for p, k in PHASE_DEADLINE_KEYS.items()}
@@ -75,7 +70,6 @@ class SecureRound:
         self.phase_started_at = now
         self._why: dict[str, tuple[DropReason, str]] = {}
         self._reported: set[str] = set()
-        self.participant_sets: dict[str, tuple[str, ...]] = {}
         self._aborted_in = ""
         self._cancelled = ""
 
@@ -103,9 +97,6 @@ class SecureRound:
     @property
     def deadline(self) -> float:
         return self.phase_started_at + self.deadlines_s.get(self.phase, 0.0)
-
-    def offer(self) -> list[Send]:
-        return self.round.offer()
 
     # ---- what happened ---------------------------------------------------------------------
 
@@ -179,7 +170,6 @@ class SecureRound:
             if self.round.phase is Phase.ABORTED:
                 self._aborted_in = ended.value
             survivors = self.round.participants.get(PARTICIPANT_SET_OF.get(ended, ""), ())
-            self.participant_sets.update(self.round.participants)
             events.append(PhaseEnded(ended.value, self.phase_started_at, now, tuple(survivors)))
             self.phase = self.round.phase
             self.phase_started_at = now

@@ -65,7 +65,7 @@ from coordinator.secure_round import (
 from coordinator.servicer import RefusalCode, Refused
 from protos import federation_pb2 as pb
 from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
-from secagg.errors import MalformedMessage
+from secagg.errors import ConfigError, MalformedMessage
 from secagg.identity import (
     CertificateRejected,
     CertProblem,
@@ -236,7 +236,6 @@ class Hub:
         self.upload_slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self._free_buffers: list[np.ndarray] = []  # reused round after round (at most P)
         self._next_offer: bytes | None = None  # the last checkpoint's bytes = the next offer
-        self._begin_error = ""
         self.phase_started = 0.0
         self.stopping = threading.Event()
         self._model_len = 0  # size of the offered model: bounds what an update may be
@@ -650,12 +649,35 @@ class Hub:
                     cfg.start_timeout_s,
                 )
                 return False
-            self.run_one_round(done)
+            started = self.run_one_round(done)
             self._ran_any = True
             malloc.trim()
+            if not started and not self._wait_for_other_silos(cfg.start_timeout_s):
+                log.error(
+                    "gave up: the round cannot be configured for the silos connected, and they "
+                    "did not change within %.0f s ([rounds] start_timeout_s); see the round's "
+                    "abort reason (`rounds show`) and fix [secagg] in %s",
+                    cfg.start_timeout_s,
+                    self.config.source,
+                )
+                return False
         return False
 
-    def run_one_round(self, completed_before: int) -> None:
+    def _wait_for_other_silos(self, timeout_s: float) -> bool:
+        """After a round that could not start: wait (bounded) until the connected set changes,
+        rather than start and abort the same round again and again."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            before = set(self.sessions)
+            while set(self.sessions) == before and not self.stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(min(left, 0.5))
+            return not self.stopping.is_set()
+
+    def run_one_round(self, completed_before: int) -> bool:
+        """One round, start to end; False when it could not even start (it is logged aborted)."""
         cfg = self.config.rounds
         round_id = RoundId(self.roundlog.last_round_id() + 1)
         model_bytes = self._next_offer or state_to_bytes(self.global_state)
@@ -666,8 +688,15 @@ class Hub:
             self._refresh_trust()
             invited = sorted(self.sessions)[: cfg.silos_per_round or None]
             now = self.clock()
+            for s in self.sessions.values():  # a stalled upload of an earlier round holds no slot
+                s.upload = None
+                self._end_upload(s)
+            cannot_start = ""
             if cfg.aggregation == SECAGG:
-                round_config = self._begin_secure(round_id, invited, model_sha, now)
+                try:
+                    round_config = self._begin_secure(round_id, invited, model_sha, now)
+                except SecureRoundError as exc:  # too few silos for the threshold, and the like
+                    round_config, cannot_start = b"", f"cannot configure a secure round: {exc}"
             else:
                 round_config = self._begin_plaintext(round_id)
             self.roundlog.start_round(
@@ -689,6 +718,9 @@ class Hub:
                 len(invited),
                 ", ".join(invited),
             )
+            if cannot_start:
+                self._finish_aborted(round_id, invited, cannot_start)
+                return False
             offer = pb.RoundOffer(
                 round_id=round_id,
                 aggregation=cfg.aggregation,
@@ -700,7 +732,7 @@ class Hub:
             for silo_id in invited:
                 s = self.sessions[silo_id]
                 s.round_bytes_in = s.round_bytes_out = 0
-                s.report, s.upload, s.metrics, s.masked_header = None, None, {}, None
+                s.report, s.metrics, s.masked_header = None, {}, None
                 s.send(pb.CoordinatorMessage(round_offer=offer))
                 s.send(_Blob(round_id, pb.GLOBAL_MODEL, model_bytes))
                 s.send(_Delivered(round_id))
@@ -708,9 +740,6 @@ class Hub:
             del model_bytes
             if self.machine is not None:
                 self._apply(self.machine.start(invited, now))
-            if self.secure is None and self.machine is None:
-                self._finish_aborted(round_id, invited, self._begin_error)
-                return
             while not self._round_over() and not self.stopping.is_set():
                 self.changed.wait(TICK_S)
                 self._tick(self.clock())
@@ -719,6 +748,7 @@ class Hub:
             self._finish_secure(round_id, self.secure, invited)
         elif self.machine is not None and self.aggregation is not None:
             self._finish(round_id, self.machine, self.aggregation, invited)
+        return True
 
     def _begin_plaintext(self, round_id: RoundId) -> bytes:
         cfg, deadlines = self.config.rounds, self.config.deadlines
@@ -729,15 +759,13 @@ class Hub:
         self.machine = RoundMachine(round_id, phases, cfg.min_silos)
         self.aggregation = aggregation
         aggregation.begin(self.global_state)
-        return json.dumps(
-            {"train": dict(self.config.train), "aggregation": cfg.aggregation}, sort_keys=True
-        ).encode()
+        return json.dumps({"aggregation": cfg.aggregation}).encode()
 
     def _begin_secure(
         self, round_id: RoundId, invited: Sequence[str], model_sha: bytes, now: float
     ) -> bytes:
-        """The round's secagg configuration (the offer's `config`); a round that cannot be
-        configured (too few silos for the threshold, clip too large) starts and aborts."""
+        """The round's secagg configuration (the offer's `config`). Raises SecureRoundError when
+        the round cannot be configured (the caller records it as started and aborted)."""
         settings = self.config.secagg
         assert settings is not None  # the config loader requires [secagg] for secagg
         d = self.config.deadlines
@@ -760,9 +788,8 @@ class Hub:
                     _whole_s(d.unmask_s),
                 ),
             )
-        except (SecureRoundError, ValueError) as exc:
-            self._begin_error = f"cannot configure a secure round: {exc}"
-            return b""
+        except ConfigError as exc:  # RoundConfig's own checks
+            raise SecureRoundError(str(exc)) from exc
         trust = Trust(self.ca_cert, self.roster, tuple(self.revoked))
         self.secure = SecureRound(
             config,

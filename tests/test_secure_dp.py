@@ -75,3 +75,48 @@ def test_dp_rounds_record_noise_and_privacy_spent(tmp_path: Path) -> None:
         epsilons.append(p.epsilon)
     assert epsilons[1] > epsilons[0]
     assert weights == [3.0, 3.0]  # DP forces uniform weights: one per silo
+
+
+def test_a_round_that_cannot_be_configured_is_logged_once_and_the_coordinator_gives_up(
+    tmp_path: Path,
+) -> None:
+    """[secagg] threshold 4 with 3 silos: the round is recorded as aborted with the reason, the
+    coordinator waits for the connected silos to change instead of aborting again and again,
+    then exits 1 saying what to fix."""
+    fed = provision(tmp_path / "fed", "bad", NAMES)
+    state = tmp_path / "coord"
+    cfg = write_coordinator_config(
+        tmp_path / "c.toml",
+        fed,
+        state_dir=state,
+        task_spec=RECORDING_SPEC,
+        rounds=1,
+        min_silos=3,
+        aggregation="secagg",
+        secagg={"clip_l2": 1.0, "threshold": 4, "n_colluders": 0},
+        start_timeout_s=12.0,  # also how long it waits for the connected silos to change
+    )
+    with processes(tmp_path / "logs") as procs:
+        coordinator = procs.coordinator(cfg)
+        port = wait_for_port(state, coordinator)
+        for i, name in enumerate(NAMES):
+            toml = write_silo_config(
+                tmp_path / f"{name}.toml",
+                fed.silos[name],
+                port=port,
+                task_spec=RECORDING_SPEC,
+                options={"silo_index": i, "num_examples": 10, "record_dir": str(tmp_path / name)},
+                allow_plaintext_insecure=False,
+            )
+            procs.silo(name, toml)
+        assert coordinator.wait(60) == 1, procs.logs()
+        coordinator.wait_for_log(r"gave up: the round cannot be configured", 1)
+    log = RoundLog.open_readonly(state / "rounds.sqlite")
+    try:
+        rounds = log.rounds()
+        detail = log.round_detail(1)
+    finally:
+        log.close()
+    assert [r.status.value for r in rounds] == ["aborted"]
+    assert "cannot configure a secure round" in (detail.abort_reason or "")
+    assert "threshold 4 is outside [3, 3]" in (detail.abort_reason or "")
