@@ -9,7 +9,7 @@ the coordinator's memory independent of the number of silos, at no measured spee
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger("silofed.coordinator")
@@ -18,12 +18,11 @@ M_ARENA_MAX = -8  # from glibc's malloc.h
 ARENAS = 2
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """The C library already loaded in this process (no search, no subprocess), if glibc."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None

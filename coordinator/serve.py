@@ -101,6 +101,7 @@ class _Blob:
     round_id: int
     kind: pb.BlobKind.ValueType
     data: bytes
+    sha256: bytes  # hashed once per round, not once per silo
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,7 @@ class Session:
 
 
 def _blob_messages(blob: _Blob) -> Iterator[pb.CoordinatorMessage]:
-    meta = describe(blob.data)
+    meta = describe(blob.data, blob.sha256)
     header = pb.BlobHeader(
         round_id=blob.round_id,
         kind=blob.kind,
@@ -734,7 +735,7 @@ class Hub:
                 s.round_bytes_in = s.round_bytes_out = 0
                 s.report, s.metrics, s.masked_header = None, {}, None
                 s.send(pb.CoordinatorMessage(round_offer=offer))
-                s.send(_Blob(round_id, pb.GLOBAL_MODEL, model_bytes))
+                s.send(_Blob(round_id, pb.GLOBAL_MODEL, model_bytes, model_sha))
                 s.send(_Delivered(round_id))
             # The streams hold the bytes until sent; dropping ours frees them during the round.
             del model_bytes

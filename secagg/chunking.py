@@ -44,9 +44,10 @@ def chunk_count_for(total_bytes: int, chunk_bytes: int = MAX_CHUNK_BYTES) -> int
     return max(1, -(-total_bytes // chunk_bytes))
 
 
-def describe(data: bytes | memoryview) -> BlobMeta:
-    """The header fields for `data`."""
-    return BlobMeta(len(data), hashlib.sha256(data).digest(), chunk_count_for(len(data)))
+def describe(data: bytes | memoryview, sha256: bytes | None = None) -> BlobMeta:
+    """The header fields for `data` (`sha256`: its digest, when the caller already has it)."""
+    digest = hashlib.sha256(data).digest() if sha256 is None else sha256
+    return BlobMeta(len(data), digest, chunk_count_for(len(data)))
 
 
 def split(data: bytes | memoryview, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:

@@ -53,6 +53,7 @@ class OutBlob:
     round_id: int
     kind: pb.BlobKind.ValueType
     data: bytes | memoryview  # a byte view of a numpy vector is sent without a copy
+    sha256: bytes | None = None  # when the sender already hashed `data` (not hashed again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,7 @@ class Link:
 
 
 def _blob_messages(blob: OutBlob) -> Iterator[pb.SiloMessage]:
-    meta = describe(blob.data)
+    meta = describe(blob.data, blob.sha256)
     yield pb.SiloMessage(
         blob_header=pb.BlobHeader(
             round_id=blob.round_id,

@@ -22,6 +22,17 @@ LEDGER_FILENAME = "ledger.jsonl"
 # What carries a plaintext update today (see protos/federation.proto): the report that names the
 # update's digest, then the blob header and its chunks.
 PLAINTEXT_MESSAGES = ("TrainReport", "BlobHeader(PLAINTEXT_UPDATE)", "BlobChunk")
+# What a secure round sends: keys, encrypted shares, metrics, the masked vector, signature, shares.
+SECURE_MESSAGES = (
+    "SecAggFrame(Advertise)",
+    "SecAggFrame(ShareKeys)",
+    "TrainReport(metrics only)",
+    "SecAggFrame(MaskedHeader)",
+    "BlobHeader(MASKED_VECTOR)",
+    "BlobChunk",
+    "SecAggFrame(Consistency)",
+    "SecAggFrame(UnmaskShares)",
+)
 
 
 class LedgerError(Exception):

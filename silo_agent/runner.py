@@ -100,6 +100,12 @@ class _RoundState:
     download: Reassembler | None = None
     secure: SiloSecureRound | None = None
 
+    def end_secure(self, round_id: int | None = None) -> None:
+        """The secure round (`round_id`'s, or whichever) is over: erase its secrets."""
+        if self.secure is not None and round_id in (None, self.secure.round_id):
+            self.secure.round_over()
+            self.secure = None
+
 
 @dataclass
 class SiloRunner:
@@ -114,7 +120,7 @@ class SiloRunner:
     rounds_done: int = 0
     _link: Link | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _pause: Pause | None = None
+    _credentials: tuple[SiloIdentity, Trust] | None = None  # read once, for secure rounds
 
     def request_stop(self) -> None:
         """Stop from another thread (signal handler): closes the stream so reading returns."""
@@ -177,8 +183,7 @@ class SiloRunner:
         try:
             return self._pump(messages, link, backoff, state, pause)
         finally:
-            if state.secure is not None:
-                state.secure.round_over()  # the stream is gone: erase the round's secrets
+            state.end_secure()  # the stream is gone: erase the round's secrets
 
     def _pump(
         self,
@@ -199,9 +204,8 @@ class SiloRunner:
                     message.welcome.silo_id,
                 )
             elif kind == "round_offer":
-                if state.secure is not None:
-                    state.secure.round_over()
-                state.offer, state.download, state.secure = message.round_offer, None, None
+                state.end_secure()
+                state.offer, state.download = message.round_offer, None
                 log.info(
                     "round %d offered (%s, model %d bytes)",
                     state.offer.round_id,
@@ -219,12 +223,7 @@ class SiloRunner:
                 if state.secure is not None and frame.round_id == state.secure.round_id:
                     state.secure.on_frame(frame.payload)
             elif kind == "round_result":
-                if (
-                    state.secure is not None
-                    and state.secure.round_id == message.round_result.round_id
-                ):
-                    state.secure.round_over()
-                    state.secure = None
+                state.end_secure(message.round_result.round_id)
                 if self._on_result(message.round_result):
                     return True
             elif kind == "abort":
@@ -238,9 +237,7 @@ class SiloRunner:
                     notice.reason,
                     notice.detail,
                 )
-                if state.secure is not None and notice.round_id == state.secure.round_id:
-                    state.secure.round_over()
-                    state.secure = None
+                state.end_secure(notice.round_id)
         return False
 
     def _take_part(self, link: Link, state: _RoundState, model_bytes: bytes, pause: Pause) -> None:
@@ -278,9 +275,10 @@ class SiloRunner:
             n_colluders_max=policy.n_colluders_max,
             max_masked_inputs_per_model=policy.max_masked_inputs_per_model,
         )
+        identity, trust = self._secagg_credentials()
         session = SiloSession(
-            self._identity(),
-            self._trust(),
+            identity,
+            trust,
             store.state.policy(base),
             random_bytes=os.urandom,
             rng=np.random.Generator(np.random.PCG64DXSM(int.from_bytes(os.urandom(32), "big"))),
@@ -295,17 +293,20 @@ class SiloRunner:
         )
         return SiloSecureRound(offer, model_bytes, SecureSession(session), job, link.send, pause)
 
-    def _identity(self) -> SiloIdentity:
-        key = serialization.load_pem_private_key(self.config.tls.key.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise PreflightError(f"{self.config.tls.key}: not an ECDSA key")
-        cert = load_pem_certificate(self.config.tls.cert.read_bytes())
-        der = cert.public_bytes(serialization.Encoding.DER)
-        return SiloIdentity(SiloId(self.silo_id), key, (der,))
-
-    def _trust(self) -> Trust:
-        ca = load_pem_certificate(self.config.tls.ca_cert.read_bytes())
-        return Trust(ca, Roster.from_json(self.config.tls.roster.read_text()))
+    def _secagg_credentials(self) -> tuple[SiloIdentity, Trust]:
+        """This silo's signing identity and its pinned CA + roster (the same files as its TLS)."""
+        if self._credentials is None:
+            tls = self.config.tls
+            key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):  # preflight checked the cert
+                raise PreflightError(f"{tls.key}: not an ECDSA P-256 key; re-enroll the silo")
+            der = load_pem_certificate(tls.cert.read_bytes()).public_bytes(
+                serialization.Encoding.DER
+            )
+            identity = SiloIdentity(SiloId(self.silo_id), key, (der,))
+            ca = load_pem_certificate(tls.ca_cert.read_bytes())
+            self._credentials = identity, Trust(ca, Roster.from_json(tls.roster.read_text()))
+        return self._credentials
 
     def _on_header(self, state: _RoundState, header: pb.BlobHeader) -> None:
         offer = state.offer
@@ -409,11 +410,6 @@ class SiloRunner:
 
 
 def _train_params(offer: pb.RoundOffer) -> Mapping[str, Any]:
-    """The coordinator's [train] table for the task (older plaintext offers: inside config)."""
-    if offer.train_params_json:
-        params: Mapping[str, Any] = json.loads(offer.train_params_json)
-        return params
-    if offer.aggregation == PLAINTEXT_INSECURE and offer.config:
-        legacy: Mapping[str, Any] = json.loads(offer.config).get("train", {})
-        return legacy
-    return {}
+    """The coordinator's [train] table, for the task's train()."""
+    params: Mapping[str, Any] = json.loads(offer.train_params_json or "{}")
+    return params

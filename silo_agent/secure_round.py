@@ -30,9 +30,10 @@ import torch
 from protos import federation_pb2 as pb
 from secagg.config import RoundConfig
 from secagg.errors import ProtocolAbort
+from secagg.messages import MaskedHeader, decode_as
 from secagg.silo import TERMINAL, SiloStage
 from silo_agent.connection import OutBlob
-from silo_agent.ledger import LedgerEntry, append_entry
+from silo_agent.ledger import SECURE_MESSAGES, LedgerEntry, append_entry
 from silo_agent.progress import training_progress
 from silo_agent.secure_session import SecureSession, flatten_update
 from silo_agent.task import Task
@@ -40,16 +41,6 @@ from silo_agent.tensors import prefixed, state_from_bytes
 
 log = logging.getLogger("silofed.silo")
 
-SECURE_MESSAGES = (
-    "SecAggFrame(Advertise)",
-    "SecAggFrame(ShareKeys)",
-    "TrainReport(metrics only)",
-    "SecAggFrame(MaskedHeader)",
-    "BlobHeader(MASKED_VECTOR)",
-    "BlobChunk",
-    "SecAggFrame(Consistency)",
-    "SecAggFrame(UnmaskShares)",
-)
 KEYS_POLL_S = 0.05
 WATCH_POLL_S = 0.5
 # How long the silo waits in each stage (SECAGG.md §6), as the round config's deadline indices
@@ -295,9 +286,9 @@ class SiloSecureRound:
             return
         del delta
         data = upload.vector.data.cast("B")
-        digest = hashlib.sha256(data).hexdigest()
+        digest = decode_as(upload.header, MaskedHeader).vector_sha256  # hashed once, by secagg
         self._frame(upload.header)
-        self._send(OutBlob(self.round_id, pb.MASKED_VECTOR, data))
+        self._send(OutBlob(self.round_id, pb.MASKED_VECTOR, data, digest))
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         log.info(
             "round %d: trained on %d examples in %.2f s; %s; uploading a %d-byte masked vector",
@@ -312,7 +303,7 @@ class SiloSecureRound:
             job.clock(),
             self.offer.aggregation,
             self.offer.model_sha256.hex(),
-            digest,
+            digest.hex(),
             data.nbytes,
             result.num_examples,
             SECURE_MESSAGES,
