@@ -1,8 +1,10 @@
-"""Secure rounds with distributed DP noise: the round log carries the noise and privacy spent.
+"""Round options over real processes and mTLS: DP noise, a misconfigured threshold, and a silo
+that will not send its update in the clear.
 
-Three silo processes over mTLS; `[secagg] noise_multiplier` on. Each completed round records
-the mechanism, the multiplier, the clip norm, δ and ε composed over the rounds so far (from the
-`dp-accounting` library via secagg), so ε grows from round 1 to round 2.
+* DP: each completed round records the mechanism, the multiplier, the clip norm, δ and ε
+  composed over the rounds so far (dp-accounting via secagg), so ε grows from round 1 to 2.
+* A secure round that cannot be configured is logged once and the coordinator gives up.
+* Under the insecure baseline, a silo without `[secagg] allow_plaintext_insecure` declines.
 """
 
 from __future__ import annotations
@@ -120,3 +122,47 @@ def test_a_round_that_cannot_be_configured_is_logged_once_and_the_coordinator_gi
     assert [r.status.value for r in rounds] == ["aborted"]
     assert "cannot configure a secure round" in (detail.abort_reason or "")
     assert "threshold 4 is outside [3, 3]" in (detail.abort_reason or "")
+
+
+def test_a_silo_declines_the_plaintext_baseline_unless_it_opted_in(tmp_path: Path) -> None:
+    fed = provision(tmp_path / "fed", "plain", NAMES)
+    state = tmp_path / "coord"
+    cfg = write_coordinator_config(
+        tmp_path / "c.toml",
+        fed,
+        state_dir=state,
+        task_spec=RECORDING_SPEC,
+        rounds=1,
+        min_silos=2,
+        start_silos=3,
+        aggregation="plaintext-insecure",
+    )
+    with processes(tmp_path / "logs") as procs:
+        coordinator = procs.coordinator(cfg)
+        port = wait_for_port(state, coordinator)
+        silos = {}
+        for i, name in enumerate(NAMES):
+            toml = write_silo_config(
+                tmp_path / f"{name}.toml",
+                fed.silos[name],
+                port=port,
+                task_spec=RECORDING_SPEC,
+                options={"silo_index": i, "num_examples": 10, "record_dir": str(tmp_path / name)},
+                allow_plaintext_insecure=name != "c",  # c keeps the default: masked only
+            )
+            silos[name] = procs.silo(name, toml)
+        assert coordinator.wait(120) == 0, procs.logs()
+        silos["c"].wait_for_log(r"declining aggregation 'plaintext-insecure'", 10)
+    log = RoundLog.open_readonly(state / "rounds.sqlite")
+    try:
+        detail = log.round_detail(1)
+    finally:
+        log.close()
+    assert sorted(detail.participants["finished"]) == [
+        "spiffe://plain/silo/a",
+        "spiffe://plain/silo/b",
+    ]
+    assert [(d.silo_id, d.reason) for d in detail.dropouts] == [
+        ("spiffe://plain/silo/c", "INVALID")
+    ]
+    assert not (tmp_path / "c" / "round-1.pt").exists()  # c never even trained
