@@ -8,12 +8,18 @@ silo of every run):
   coordinator_unmask_s              reconstruct + remove 10 self masks + decode, no dropout
   coordinator_unmask_one_dropout_s  the same with one silo dropped after ShareKeys
   mask_gbps                         one mask expansion into an accumulator, GB of keystream/s
-Targets (SECAGG.md §10.5): silo <= 0.25 s, coordinator <= 0.15 s with no dropout.
+  dp_noise_s                        one silo's d-element discrete Gaussian noise draw (AES-256-CTR
+                                    keyed sampler) at the sigma of a round with noise multiplier 1,
+                                    the largest noise divisor the silo accepts (threshold minus
+                                    colluders) and the scale recommended for that noise
+Targets: silo <= 0.25 s, coordinator <= 0.15 s with no dropout.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import math
 import os
 import statistics
 import sys
@@ -25,7 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from secagg import primitives  # noqa: E402
+from secagg.config import DdgNoise  # noqa: E402
 from secagg.coordinator import Phase  # noqa: E402
+from secagg.dp import sample_discrete_gaussian  # noqa: E402
 from secagg.encoding import recommended_scale  # noqa: E402
 from secagg.silo import MaskedUpload, SiloSession  # noqa: E402
 from tests.secagg.harness import Round, make_config  # noqa: E402
@@ -64,7 +72,7 @@ def bench_round(n: int, d: int, drop: bool, precompute: bool) -> tuple[list[floa
         _wrap(session, timings, precompute)
     rnd = r.run(stop_at=Phase.UNMASK)
     pending = list(r.pending)
-    replies = []
+    replies: list[tuple[str, bytes]] = []
     for dest, data in pending:
         replies.extend((dest, x) for x in r.sessions[dest].handle(data, now=_now()))
     t0 = time.perf_counter()
@@ -75,7 +83,7 @@ def bench_round(n: int, d: int, drop: bool, precompute: bool) -> tuple[list[floa
     return timings, unmask
 
 
-def _now():  # type: ignore[no-untyped-def]
+def _now() -> dt.datetime:
     from tests.secagg.pki import NOW
 
     return NOW
@@ -88,6 +96,23 @@ def bench_mask(d: int) -> float:
     t0 = time.perf_counter()
     primitives.add_mask(acc, key, 1)
     return acc.nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def dp_sigma(n: int, d: int) -> float:
+    """The per-silo sigma (in ring units) SiloSession._mask would use in a realistic DP round."""
+    probe = make_config(federation(), n, d)
+    z, divisor, clip = 1.0, probe.threshold - probe.n_colluders, 1e4
+    scale = recommended_scale(n, clip, 32, z, divisor)
+    cfg = make_config(federation(), n, d, scale=scale, clip_l2=clip, dp=DdgNoise(z, divisor))
+    assert cfg.dp is not None
+    return cfg.dp.noise_multiplier * cfg.clip_l2 * cfg.scale / math.sqrt(cfg.dp.noise_divisor)
+
+
+def bench_dp_noise(sigma: float, d: int) -> float:
+    seed = os.urandom(32)
+    t0 = time.perf_counter()
+    sample_discrete_gaussian(sigma, d, seed)
+    return time.perf_counter() - t0
 
 
 def main() -> int:
@@ -106,6 +131,8 @@ def main() -> int:
         _s, u = bench_round(args.n, args.d, drop=True, precompute=False)
         unmask_drop.append(u)
     gbps = [bench_mask(args.d) for _ in range(args.runs)]
+    sigma = dp_sigma(args.n, args.d)
+    dp_noise = [bench_dp_noise(sigma, args.d) for _ in range(args.runs)]
     print(f"n: {args.n}")
     print(f"d: {args.d}")
     print(f"silo_encode_mask_s: {_median(silo):.4f}")
@@ -113,6 +140,7 @@ def main() -> int:
     print(f"coordinator_unmask_s: {_median(unmask):.4f}")
     print(f"coordinator_unmask_one_dropout_s: {_median(unmask_drop):.4f}")
     print(f"mask_gbps: {_median(gbps):.2f}")
+    print(f"dp_noise_s: {_median(dp_noise):.4f}")
     return 0
 
 

@@ -1,9 +1,18 @@
-"""Optional distributed discrete Gaussian noise (SECAGG.md §8): the sampler and its accounting.
+"""Optional distributed discrete Gaussian noise: the sampler and its accounting.
 
-Rule: the sampler is the Canonne-Kamath-Steinke rejection sampler with a discrete Laplace
-proposal, vectorised, driven only by the injected numpy Generator; the privacy report is
-computed with `dp_accounting` from the Kairouz-Liu-Steinke RDP bound of the distributed
-discrete Gaussian, so the numbers a silo may recompute are the coordinator's.
+Rule: the noise is drawn by the Canonne-Kamath-Steinke rejection sampler (discrete Laplace
+proposal of scale t = floor(sigma) + 1, accepted with probability
+exp(-(|y| - sigma²/t)² / (2 sigma²))), vectorised, and every random bit it consumes comes from
+AES-256-CTR keyed by a 32-byte seed the caller draws fresh from the OS CSPRNG (os.urandom or
+`secrets`) for that one call. Without the seed the keystream is indistinguishable from random
+bytes (AES-256 as a pseudorandom permutation), so a party that sees other outputs of the silo —
+masked vectors, rounding decisions, earlier rounds' noise — still cannot predict this noise;
+numpy's PCG64DXSM, which drew the noise before, is a fast statistical generator that was never
+designed to resist prediction from its outputs. The stochastic-rounding generator is still numpy
+PCG64DXSM seeded from os.urandom: rounding only has to be unbiased and independent of the
+data, its randomness need not be secret, and the privacy guarantee rests on this noise alone.
+The privacy report is computed with `dp_accounting` from the Kairouz-Liu-Steinke RDP bound of
+the distributed discrete Gaussian, so the numbers a silo may recompute are the coordinator's.
 """
 
 from __future__ import annotations
@@ -12,9 +21,18 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from secagg.codec import Reader, Writer
+
+SEED_BYTES = 32
+# Candidates per keystream chunk: 2 words of 8 bytes each, so 1 MiB of keystream and a handful
+# of float64 temporaries of the same length stay in cache while numpy works on them.
+_CHUNK = 1 << 16
+# A zero counter block is safe: every seed is fresh and keys exactly one call.
+_ZERO_BLOCK = bytes(16)
+_ULP53 = 2.0**-53
 
 ORDERS = tuple(
     [
@@ -42,27 +60,92 @@ ORDERS = tuple(
 )
 
 
-def sample_discrete_gaussian(sigma: float, size: int, rng: np.random.Generator) -> np.ndarray:
-    """i.i.d. N_Z(0, sigma²) as int64 (CKS 2020, Algorithm 3, vectorised)."""
-    if sigma <= 0:
-        raise ValueError("sigma must be > 0")
+def _check_args(sigma: float, size: int, seed: bytes) -> None:
+    if not isinstance(seed, bytes):
+        raise TypeError(
+            f"seed must be {SEED_BYTES} bytes from os.urandom/secrets, got {type(seed).__name__}"
+        )
+    if len(seed) != SEED_BYTES:
+        raise ValueError(
+            f"seed must be exactly {SEED_BYTES} fresh bytes from os.urandom/secrets, "
+            f"got {len(seed)}"
+        )
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+    if size < 0:
+        raise ValueError(f"size must be >= 0, got {size}")
+
+
+def sample_discrete_gaussian(sigma: float, size: int, seed: bytes) -> np.ndarray:
+    """i.i.d. N_Z(0, sigma²) as int64 (CKS 2020, Algorithm 3, vectorised), keyed by `seed`.
+
+    Candidate i consumes little-endian 64-bit keystream words 2i (proposal) and 2i + 1
+    (acceptance), so the same seed gives the same noise. Each word becomes a uniform on the
+    53-bit grid U = ((w >> 11) + 1)·2^-53 in (0, 1]: zero is excluded so log(U) is finite, and
+    1 is kept because a 2^53-point grid strictly inside (0, 1) is not representable in float64
+    near 1; U = 1 is harmless (it proposes |Y| = 0, and as U' it accepts only when p = 1).
+
+    The proposal is drawn exactly like the difference of two geometrics, with one uniform:
+    Y = ±|Y| has P(Y = y) = (1-q)/(1+q)·q^|y|, q = exp(-1/t), iff P(|Y| >= k) = 2q^k/(1+q)
+    for k >= 1 and the sign is a fair bit independent of |Y| (at 0 the sign is moot). Inverse
+    transform gives |Y| = max(0, floor(-t·log(U·(1+q)/2))), since -t·log(V) >= k <=> V <= q^k;
+    the sign is bit 0 of the same word, disjoint from the 53 bits that made U. With a 53-bit U
+    each probability is exact up to ~2^-52 (grid and log rounding), and the largest |Y| is
+    about 37·t, where the target's tail mass is below exp(-600): far below anything the
+    accounting or a test can see. The acceptance test U' <= p accepts with probability
+    floor(p·2^53)/2^53, again within 2^-53 of p.
+    """
+    _check_args(sigma, size, seed)
     t = math.floor(sigma) + 1
-    p = 1.0 - math.exp(-1.0 / t)
+    q = math.exp(-1.0 / t)
+    log_half_1q = math.log((1.0 + q) / 2.0)
+    shift = sigma**2 / t
+    neg_inv_2var = -1.0 / (2.0 * sigma**2)
+
     out = np.empty(size, dtype=np.int64)
+    enc = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_BLOCK)).encryptor()
+    zeros = bytes(2 * _CHUNK * 8)
+    buf = bytearray(len(zeros) + 15)  # update_into wants block_size - 1 spare bytes
+    words = np.frombuffer(buf, dtype="<u8", count=2 * _CHUNK).reshape(_CHUNK, 2)
+    prop_w, acc_w = words[:, 0], words[:, 1]
+    bits = np.empty(_CHUNK, dtype=np.uint64)
+    mag = np.empty(_CHUNK, dtype=np.float64)
+    prob = np.empty(_CHUNK, dtype=np.float64)
+    u_acc = np.empty(_CHUNK, dtype=np.float64)
+    accept = np.empty(_CHUNK, dtype=np.bool_)
     filled = 0
     while filled < size:
-        want = max(1024, int((size - filled) * 1.6))
-        y = (rng.geometric(p, want) - rng.geometric(p, want)).astype(np.int64)
-        accept = rng.random(want) < np.exp(-((np.abs(y) - sigma**2 / t) ** 2) / (2 * sigma**2))
-        got = y[accept][: size - filled]
-        out[filled : filled + got.shape[0]] = got
-        filled += got.shape[0]
+        enc.update_into(zeros, buf)
+        # |Y| = max(0, floor(-t·(log U + log((1+q)/2)))), U from the proposal word
+        np.right_shift(prop_w, 11, out=bits)
+        np.add(bits, 1, out=bits)
+        np.multiply(bits, _ULP53, out=mag)
+        np.log(mag, out=mag)
+        np.add(mag, log_half_1q, out=mag)
+        np.multiply(mag, -t, out=mag)
+        np.floor(mag, out=mag)
+        np.maximum(mag, 0.0, out=mag)
+        # accept with probability exp(-(|Y| - sigma²/t)² / (2 sigma²))
+        np.subtract(mag, shift, out=prob)
+        np.square(prob, out=prob)
+        np.multiply(prob, neg_inv_2var, out=prob)
+        np.exp(prob, out=prob)
+        np.right_shift(acc_w, 11, out=bits)
+        np.add(bits, 1, out=bits)
+        np.multiply(bits, _ULP53, out=u_acc)
+        np.less_equal(u_acc, prob, out=accept)
+        got = mag[accept].astype(np.int64)
+        negative = (prop_w[accept] & np.uint64(1)).astype(np.bool_)
+        np.negative(got, out=got, where=negative)
+        n = min(got.shape[0], size - filled)
+        out[filled : filled + n] = got[:n]
+        filled += n
     return out
 
 
 @dataclass(frozen=True, slots=True)
 class DpReport:
-    """Carried in every RoundResult under dp = ddg (SECAGG.md §8)."""
+    """Carried in every RoundResult of a round that adds distributed discrete Gaussian noise."""
 
     noise_multiplier: float
     noise_divisor: int
