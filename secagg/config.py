@@ -3,6 +3,9 @@
 Rule: the bytes are the truth. `encode()` is fixed-width and length-prefixed, `decode()` rejects
 anything else with `MalformedMessage`, and `digest()` = H(PID ‖ "/config\\0" ‖ bytes) is what every
 party signs over. Field validation here is structural; policy checks live in the silo.
+Everything that shapes a silo's contribution is inside these bytes, the training parameters
+included (`train_params`, canonical JSON, see `secagg.train_params`), so the config digest in
+every Advertise and the consistency digest bind every silo to the same values.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from dataclasses import dataclass, field
 from secagg.codec import Reader, Writer
 from secagg.errors import ConfigError, MalformedMessage
 from secagg.primitives import PID, sha256
+from secagg.train_params import MAX_TRAIN_PARAMS_BYTES
 
-CONFIG_VERSION = 1
+# 2: `train_params` appended after the deadlines (version 1 had none; it is refused).
+CONFIG_VERSION = 2
 PROTOCOL = "secagg/v1"
 
 
@@ -74,6 +79,9 @@ class RoundConfig:
     dp: DdgNoise | None = None
     deadlines_s: tuple[int, ...] = field(default=(60, 60, 600, 60, 60))
     protocol: str = PROTOCOL
+    # Canonical JSON of the training parameters (secagg.train_params); the silo parses and
+    # bounds it, this class only bounds its size.
+    train_params: bytes = b"{}"
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +107,11 @@ class RoundConfig:
             problems.append("dp requires uniform weighting")
         if any(s < 0 for spec in self.layout for s in spec.shape):
             problems.append("layout shapes must be non-negative")
+        if len(self.train_params) > MAX_TRAIN_PARAMS_BYTES:
+            problems.append(
+                f"train_params is {len(self.train_params)} bytes, at most "
+                f"{MAX_TRAIN_PARAMS_BYTES} allowed"
+            )
         if problems:
             raise ConfigError("invalid round config: " + "; ".join(problems))
 
@@ -112,13 +125,7 @@ class RoundConfig:
         return self.d + 1
 
     def layout_sha256(self) -> bytes:
-        w = Writer().u32(len(self.layout))
-        for spec in self.layout:
-            w.text(spec.name).u32(len(spec.shape))
-            for s in spec.shape:
-                w.u64(s)
-            w.text(spec.dtype)
-        return sha256(w.bytes())
+        return layout_sha256(self.layout)
 
     def encode(self) -> bytes:
         w = Writer().u8(CONFIG_VERSION).text(self.protocol).text(self.federation_id)
@@ -144,6 +151,7 @@ class RoundConfig:
         w.u32(len(self.deadlines_s))
         for dl in self.deadlines_s:
             w.u32(dl)
+        w.blob(self.train_params)
         return w.bytes()
 
     def digest(self) -> bytes:
@@ -171,6 +179,7 @@ class RoundConfig:
             graph, k, t_k = GraphKind(r.u8()), r.u32(), r.u32()
             dp = DdgNoise(r.f64(), r.u32()) if r.u8() == 1 else None
             deadlines = tuple(r.u32() for _ in range(r.count()))
+            train_params = r.blob()
             r.end()
             cfg = cls(
                 federation_id=fed,
@@ -195,6 +204,7 @@ class RoundConfig:
                 dp=dp,
                 deadlines_s=deadlines,
                 protocol=protocol,
+                train_params=train_params,
             )
         except (ValueError, ConfigError) as exc:
             raise MalformedMessage(f"RoundConfig does not decode: {exc}") from exc
@@ -203,6 +213,17 @@ class RoundConfig:
         if cfg.encode() != data:
             raise MalformedMessage("RoundConfig is not in canonical form")
         return cfg
+
+
+def layout_sha256(layout: tuple[TensorSpec, ...]) -> bytes:
+    """H(canonical layout): a silo compares it with its own model's before anything else."""
+    w = Writer().u32(len(layout))
+    for spec in layout:
+        w.text(spec.name).u32(len(spec.shape))
+        for s in spec.shape:
+            w.u64(s)
+        w.text(spec.dtype)
+    return sha256(w.bytes())
 
 
 def config_digest(config_bytes: bytes) -> bytes:

@@ -30,6 +30,11 @@ class AbortReason(enum.IntEnum):
     ALREADY_UNMASKED = 14
     TIMEOUT = 15
     INTERNAL = 16
+    # Silo-side policy refusals of a round configuration (phase 0).
+    COLLUSION_BELOW_POLICY = 17  # n_colluders below the silo's floor
+    LAYOUT_MISMATCH = 18  # the layout is not the silo's own model's
+    TRAIN_PARAMS_REJECTED = 19  # training parameters malformed or above the silo's limits
+    ROUND_ID_JUMP = 20  # round id ahead of the last accepted one by more than the silo allows
 
 
 class SecAggError(Exception):

@@ -9,7 +9,9 @@ values handed to `journal` *before* sending whatever the call returns.
 Driver use::
 
     s = SiloSession(identity, trust, policy, random_bytes=os.urandom, rng=gen, journal=persist)
-    m1 = s.handle_offer(config_bytes, sha256(model_bytes), now=now)        # -> send m1
+    m1 = s.handle_offer(config_bytes, sha256(model_bytes), now=now,
+                        model_digest=digest_of_tensors)                    # -> send m1
+    s.train_params                                                         # train with these
     for reply in s.handle(m2_bytes, now=now): send(reply)                  # M2 -> [M3]
     s.handle(m4_bytes, now=now)                                            # M4 -> []
     s.precompute_masks()                                                   # optional, any time
@@ -24,14 +26,21 @@ import datetime as dt
 import enum
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg import encoding, shamir
-from secagg.config import PROTOCOL, GraphKind, RoundConfig, Weighting, minimum_threshold
+from secagg.config import (
+    PROTOCOL,
+    GraphKind,
+    RoundConfig,
+    Weighting,
+    default_colluders,
+    minimum_threshold,
+)
 from secagg.dp import sample_discrete_gaussian
 from secagg.errors import (
     AbortReason,
@@ -77,6 +86,7 @@ from secagg.primitives import (
     sha256_array,
     u32,
 )
+from secagg.train_params import TrainParamsError, TrainValue, parse_train_params
 from secagg.transcript import consistency_digest, session_id
 from secagg.trust import SiloIdentity, Trust, verify_signer
 
@@ -106,9 +116,13 @@ class UsageError(SecAggError):
 
 @dataclass(frozen=True, slots=True)
 class SubmissionRecord:
-    """One masked input sent for a model hash; `survivors` (silo ids of U3) once known."""
+    """One masked input sent for a model; `survivors` (silo ids of U3) once known.
 
-    model_sha256: bytes
+    `model_digest` identifies the model by its tensors (names, dtypes, shapes, values) as the
+    driver computes it, so re-serialising the same tensors does not make a new model; records
+    written before that was available hold the SHA-256 of the model file instead."""
+
+    model_digest: bytes
     round_id: int
     session_id: bytes
     survivors: frozenset[str] | None = None
@@ -140,19 +154,55 @@ JournalEntry = RoundAccepted | MaskedInputRecorded | SurvivorsRecorded
 
 @dataclass(frozen=True, slots=True)
 class SiloPolicy:
-    """Local policy and persisted state (SECAGG.md §3.3), passed in by the driver."""
+    """Local policy and persisted state, passed in by the driver. The coordinator is not
+    trusted to choose any of these; a round configuration outside them is refused at phase 0.
+
+    * `n_colluders_min`: the fewest colluding silos a configuration may assume; None is
+      ⌊(n−1)/3⌋ for n invited silos (0 for n = 3, 1 for n = 4..6, 2 for n = 7..9, ...).
+    * `expected_layout_sha256`: the layout hash of this silo's own model (None: not checked).
+    * `train_limits`: training-parameter name -> the largest value this silo trains with.
+    * `max_round_step`: how far ahead of `last_round_id` a round id may be.
+    * `max_masked_inputs_per_model`: masked inputs this silo sends for one model digest (the
+      retry rule of `SiloSession._on_survivors` applies to every one after the first).
+    """
 
     last_round_id: int
     t_floor: int = 3
     n_colluders_max: int | None = None
     accepted_ring_bits: frozenset[int] = frozenset({32, 64})
     min_noise_multiplier: float = 0.0
-    max_masked_inputs_per_model: int = 1
+    max_masked_inputs_per_model: int = 3
     submission_log: Mapping[bytes, tuple[SubmissionRecord, ...]] = field(default_factory=dict)
+    n_colluders_min: int | None = None
+    expected_layout_sha256: bytes | None = None
+    train_limits: Mapping[str, float] = field(default_factory=dict)
+    max_round_step: int = 10_000
 
     def __post_init__(self) -> None:
         if self.t_floor < 3:
             raise ValueError("t_floor must be >= 3 (the hard floor)")
+        if self.n_colluders_min is not None and self.n_colluders_min < 0:
+            raise ValueError("n_colluders_min must be >= 0 (or None for the default floor)")
+        if (
+            self.n_colluders_min is not None
+            and self.n_colluders_max is not None
+            and self.n_colluders_min > self.n_colluders_max
+        ):
+            raise ValueError("n_colluders_min must be <= n_colluders_max")
+        if self.expected_layout_sha256 is not None and len(self.expected_layout_sha256) != 32:
+            raise ValueError("expected_layout_sha256 must be 32 bytes")
+        if self.max_round_step < 1:
+            raise ValueError("max_round_step must be >= 1")
+        if self.max_masked_inputs_per_model < 1:
+            raise ValueError("max_masked_inputs_per_model must be >= 1")
+        if any(not (math.isfinite(v) and v >= 0) for v in self.train_limits.values()):
+            raise ValueError("train_limits must be finite numbers >= 0")
+
+    def colluders_floor(self, n_invited: int) -> int:
+        """The smallest n_colluders this silo accepts for `n_invited` silos."""
+        if self.n_colluders_min is not None:
+            return self.n_colluders_min
+        return default_colluders(n_invited)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +249,9 @@ class SiloSession:
         self.result: RoundResult | None = None
         self.config: RoundConfig | None = None
         self.config_digest = b""
+        # The parsed, checked training parameters of the accepted config: train with these.
+        self.train_params: dict[str, TrainValue] = {}
+        self._model_key = b""  # the submission-log key of this session's model
         self.session_id = b""
         self.index = 0
         self.u1: dict[int, _Peer] = {}
@@ -221,11 +274,24 @@ class SiloSession:
 
     # --- public API --------------------------------------------------------------------------
 
-    def handle_offer(self, config_bytes: bytes, model_sha256: bytes, *, now: dt.datetime) -> bytes:
-        """Phase 0 checks (0.1-0.7) and M1. Returns the encoded SignedEnvelope(Advertise)."""
+    def handle_offer(
+        self,
+        config_bytes: bytes,
+        model_sha256: bytes,
+        *,
+        now: dt.datetime,
+        model_digest: bytes | None = None,
+    ) -> bytes:
+        """Phase 0 checks and M1. Returns the encoded SignedEnvelope(Advertise).
+
+        `model_sha256` is the SHA-256 of the model bytes received (checked against the config);
+        `model_digest`, the driver's digest of the model's tensors, keys the submission log
+        (the file hash does when it is None)."""
         if self.stage is not SiloStage.IDLE:
             raise UsageError("handle_offer is only allowed once, on a new session")
-        return self._guard(lambda: self._offer(config_bytes, model_sha256))
+        if model_digest is not None and len(model_digest) != 32:
+            raise UsageError("model_digest must be 32 bytes")
+        return self._guard(lambda: self._offer(config_bytes, model_sha256, model_digest))
 
     def handle(self, data: bytes, *, now: dt.datetime) -> list[bytes]:
         """Process one coordinator message; returns the encoded replies to send (maybe none)."""
@@ -314,36 +380,92 @@ class SiloSession:
 
     # --- phase 0/1 ---------------------------------------------------------------------------
 
-    def _offer(self, config_bytes: bytes, model_sha256: bytes) -> bytes:
+    def _offer(self, config_bytes: bytes, model_sha256: bytes, model_digest: bytes | None) -> bytes:
+        # Every check runs before anything sized by the config is allocated (the masked vector
+        # is claimed at M4), so a configuration declaring a huge model is refused cheaply.
         try:
             cfg = RoundConfig.decode(config_bytes)
         except MalformedMessage as exc:
             raise _abort(AbortReason.CONFIG_REJECTED, str(exc)) from exc
         pol, roster = self.policy, self.trust.roster
         if cfg.protocol != PROTOCOL:
-            raise _abort(AbortReason.CONFIG_REJECTED, "unknown protocol")
-        if (cfg.federation_id, cfg.roster_version, cfg.roster_digest) != (
-            roster.federation_id,
-            roster.version,
-            roster.digest(),
-        ):
-            raise _abort(AbortReason.ROSTER_MISMATCH, "federation or roster differs from pinned")
+            raise _abort(AbortReason.CONFIG_REJECTED, f"unknown protocol {cfg.protocol!r}")
+        if cfg.federation_id != roster.federation_id:
+            raise _abort(
+                AbortReason.ROSTER_MISMATCH,
+                f"the round is for federation {cfg.federation_id!r}, this silo pins "
+                f"{roster.federation_id!r}: check [coordinator] address and [tls] roster",
+            )
+        if (cfg.roster_version, cfg.roster_digest) != (roster.version, roster.digest()):
+            raise _abort(
+                AbortReason.ROSTER_MISMATCH,
+                f"the round uses roster version {cfg.roster_version} (digest "
+                f"{cfg.roster_digest.hex()[:12]}), this silo pins version {roster.version} "
+                f"(digest {roster.digest().hex()[:12]}): "
+                + (
+                    "this silo is behind; it adopts a newer roster signed by the federation CA "
+                    "when the coordinator sends it (or its operator installs it as [tls] roster)"
+                    if cfg.roster_version > roster.version
+                    else "the coordinator is behind or its roster differs; its operator must "
+                    "load the federation's current roster"
+                ),
+            )
         if cfg.round_id <= pol.last_round_id:
             raise _abort(AbortReason.STALE_ROUND, f"round {cfg.round_id} <= {pol.last_round_id}")
+        # Bounded step: one message with round id 2^64 - 1 must not make every later round stale.
+        # Checked before RoundAccepted is journalled, so a refused jump is never persisted.
+        if cfg.round_id - pol.last_round_id > pol.max_round_step:
+            raise _abort(
+                AbortReason.ROUND_ID_JUMP,
+                f"round id {cfg.round_id} is {cfg.round_id - pol.last_round_id} ahead of the "
+                f"last accepted round {pol.last_round_id}, more than this silo's "
+                f"{pol.max_round_step} ([secagg] max_round_step)",
+            )
         self._journal(RoundAccepted(cfg.round_id))
+        n = len(cfg.invited)
         if self.identity.silo_id not in cfg.invited:
             raise _abort(AbortReason.ROSTER_MISMATCH, "this silo is not invited")
         if any(sid not in roster.entries for sid in cfg.invited):
             raise _abort(AbortReason.ROSTER_MISMATCH, "invited silo not on the pinned roster")
         if cfg.ring_bits not in pol.accepted_ring_bits:
-            raise _abort(AbortReason.CONFIG_REJECTED, "ring width not accepted by policy")
-        if not self._overflow_ok(cfg, len(cfg.invited)):
+            raise _abort(
+                AbortReason.CONFIG_REJECTED,
+                f"ring width {cfg.ring_bits} not accepted by policy "
+                f"({sorted(pol.accepted_ring_bits)})",
+            )
+        # The layout of the silo's own model also bounds d before anything is allocated.
+        expected_layout = pol.expected_layout_sha256
+        if expected_layout is not None and (got := cfg.layout_sha256()) != expected_layout:
+            raise _abort(
+                AbortReason.LAYOUT_MISMATCH,
+                f"the config's layout ({len(cfg.layout)} tensors, d = {cfg.d}, layout hash "
+                f"{got.hex()[:12]}) is not this silo's model's (layout hash "
+                f"{expected_layout.hex()[:12]})",
+            )
+        if not self._overflow_ok(cfg, n):
             raise _abort(AbortReason.OVERFLOW_RULE, "sum of invited inputs could wrap")
-        t = cfg.threshold
-        if t > len(cfg.invited) or t < max(3, pol.t_floor):
-            raise _abort(AbortReason.THRESHOLD_VIOLATION, f"threshold {t} out of range")
+        t, t_min = cfg.threshold, minimum_threshold(n, cfg.n_colluders, pol.t_floor)
+        if not t_min <= t <= n:
+            raise _abort(
+                AbortReason.THRESHOLD_VIOLATION,
+                f"threshold {t} is outside [{t_min}, {n}] for {n} invited silos and "
+                f"n_colluders {cfg.n_colluders} (this silo's [secagg] t_floor is {pol.t_floor})",
+            )
+        if cfg.graph is GraphKind.HARARY:
+            self._check_sparse_graph(cfg, n)
+        floor = pol.colluders_floor(n)
+        if cfg.n_colluders < floor:
+            raise _abort(
+                AbortReason.COLLUSION_BELOW_POLICY,
+                f"n_colluders {cfg.n_colluders} is below this silo's floor {floor} for {n} "
+                "invited silos ([secagg] n_colluders_min)",
+            )
         if pol.n_colluders_max is not None and cfg.n_colluders > pol.n_colluders_max:
-            raise _abort(AbortReason.CONFIG_REJECTED, "n_colluders above policy")
+            raise _abort(
+                AbortReason.CONFIG_REJECTED,
+                f"n_colluders {cfg.n_colluders} is above this silo's cap {pol.n_colluders_max} "
+                "([secagg] n_colluders_max)",
+            )
         if cfg.dp is None and pol.min_noise_multiplier > 0:
             raise _abort(AbortReason.CONFIG_REJECTED, "policy requires DP noise")
         if cfg.dp is not None and (
@@ -353,9 +475,24 @@ class SiloSession:
             raise _abort(AbortReason.CONFIG_REJECTED, "DP parameters below policy")
         if model_sha256 != cfg.model_sha256:
             raise _abort(AbortReason.MODEL_HASH_MISMATCH, "model bytes do not match the config")
-        earlier = pol.submission_log.get(cfg.model_sha256, ())
+        try:
+            train_params = parse_train_params(cfg.train_params, pol.train_limits)
+        except TrainParamsError as exc:
+            raise _abort(AbortReason.TRAIN_PARAMS_REJECTED, str(exc)) from exc
+        # Differencing guard, offer side: at most `max_masked_inputs_per_model` masked inputs
+        # per model digest. Every input after the first is further bound by the retry rule
+        # at M6 (`_on_survivors`).
+        key = model_digest if model_digest is not None else cfg.model_sha256
+        self._model_key = key
+        earlier = self._earlier_records(cfg.model_sha256)
         if len(earlier) >= pol.max_masked_inputs_per_model:
-            raise _abort(AbortReason.REPLAY, "masked input already sent for this model")
+            raise _abort(
+                AbortReason.REPLAY,
+                f"{len(earlier)} masked inputs already sent for this model (digest "
+                f"{key.hex()[:12]}), this silo's limit ([secagg] max_masked_inputs_per_model "
+                f"= {pol.max_masked_inputs_per_model})",
+            )
+        self.train_params = train_params
         self.config, self.config_digest = cfg, cfg.digest()
         self._c_sk, self._s_sk = new_x25519(self._random), new_x25519(self._random)
         adv = Advertise(
@@ -369,6 +506,36 @@ class SiloSession:
         self._m1 = encode_message(env)
         self.stage = SiloStage.ADVERTISED
         return self._m1
+
+    def _earlier_records(self, file_hash: bytes) -> tuple[SubmissionRecord, ...]:
+        """The submission-log records of this session's model: those under its digest, and
+        those a log written before tensor digests existed keyed by the model file's SHA-256
+        (the same bytes are the same model), so an upgrade does not reset the count."""
+        log = self.policy.submission_log
+        out = list(log.get(self._model_key, ()))
+        if file_hash != self._model_key:
+            seen = {r.session_id for r in out}
+            out += [r for r in log.get(file_hash, ()) if r.session_id not in seen]
+        return tuple(out)
+
+    def _check_sparse_graph(self, cfg: RoundConfig, n: int) -> None:
+        """The Harary graph's k and t_k for `n` silos. A neighbourhood of k + 1 silos may hold
+        every colluder, so t_k meets the complete graph's floors for n = k + 1; t_k = 1 would
+        make each Shamir share the secret itself."""
+        k, t_k = cfg.graph_k, cfg.graph_t_k
+        if k % 2 or not 2 <= k <= n - 1:
+            raise _abort(
+                AbortReason.CONFIG_REJECTED,
+                f"sparse graph_k {k} must be even and in [2, {n - 1}] for {n} silos",
+            )
+        t_min = minimum_threshold(k + 1, cfg.n_colluders, self.policy.t_floor)
+        if not t_min <= t_k <= k + 1:
+            raise _abort(
+                AbortReason.THRESHOLD_VIOLATION,
+                f"sparse graph_t_k {t_k} is outside [{t_min}, {k + 1}] for neighbourhoods of "
+                f"{k + 1} silos and n_colluders {cfg.n_colluders} (this silo's [secagg] t_floor "
+                f"is {self.policy.t_floor})",
+            )
 
     def _overflow_ok(self, cfg: RoundConfig, n: int) -> bool:
         z, n_h = (cfg.dp.noise_multiplier, cfg.dp.noise_divisor) if cfg.dp else (0.0, 1)
@@ -409,7 +576,11 @@ class SiloSession:
         n = len(ads)
         t_min = minimum_threshold(n, cfg.n_colluders, self.policy.t_floor)
         if cfg.threshold < t_min or cfg.threshold > n:
-            raise _abort(AbortReason.THRESHOLD_VIOLATION, f"t={cfg.threshold} for n={n}")
+            raise _abort(
+                AbortReason.THRESHOLD_VIOLATION, f"t={cfg.threshold} outside [{t_min}, {n}]"
+            )
+        if cfg.graph is GraphKind.HARARY and cfg.graph_k < n - 1:  # still sparse for |U1|
+            self._check_sparse_graph(cfg, n)
         if not self._overflow_ok(cfg, n):
             raise _abort(AbortReason.OVERFLOW_RULE, f"sum of {n} inputs could wrap")
         self.session_id = session_id(self.config_digest, [(a.silo_id, a.c_pk, a.s_pk) for a in ads])
@@ -513,7 +684,7 @@ class SiloSession:
             sigma = (
                 cfg.dp.noise_multiplier * cfg.clip_l2 * cfg.scale / math.sqrt(cfg.dp.noise_divisor)
             )
-            noise = sample_discrete_gaussian(sigma, cfg.d, self._rng)
+            noise = sample_discrete_gaussian(sigma, cfg.d, self._random(32))
         y = self._vector
         assert y is not None
         factor = cfg.scale * (q_w / cfg.weight_scale) * factor_clip
@@ -525,7 +696,7 @@ class SiloSession:
         header = MaskedHeader(
             self.session_id, self.index, cfg.length, cfg.ring_bits, sha256_array(y)
         )
-        self._record = SubmissionRecord(cfg.model_sha256, cfg.round_id, self.session_id)
+        self._record = SubmissionRecord(self._model_key, cfg.round_id, self.session_id)
         self._journal(MaskedInputRecorded(self._record))  # before the vector leaves (3.7)
         self.stage = SiloStage.MASKED_SENT
         return MaskedUpload(encode_message(header), y)
@@ -557,17 +728,26 @@ class SiloSession:
             self.session_id, self.config_digest, cfg.model_sha256, self.u2, u3
         )
         survivors = frozenset(self.u1[v].silo_id for v in u3)
-        for earlier in self.policy.submission_log.get(cfg.model_sha256, ()):
+        # Retry rule (differencing guard, signing side). The offer allowed this masked input
+        # because fewer than `max_masked_inputs_per_model` were sent for this model digest.
+        # Before signing U3 the silo compares it with every earlier record for the same digest:
+        # * a record whose U3 is known (that session's M6 reached this silo, so it recorded
+        #   the U3 and may have signed it) must have exactly this U3, as a set of silo ids;
+        #   any difference aborts with CONSISTENCY_FAILED, so no two sums over different
+        #   survivor sets can be formed from inputs on the same model with this silo's help;
+        # * a record whose U3 is unknown (the silo never received that session's M6) does not
+        #   block: this silo signed nothing and released no share in that session.
+        # The U3 is recorded (journalled) before the signature leaves.
+        for earlier in self._earlier_records(cfg.model_sha256):
             if earlier.survivors is not None and earlier.survivors != survivors:
-                raise _abort(AbortReason.CONSISTENCY_FAILED, "retry with a different U3")
-        assert self._record is not None
-        self._journal(
-            SurvivorsRecorded(
-                SubmissionRecord(
-                    self._record.model_sha256, self._record.round_id, self.session_id, survivors
+                raise _abort(
+                    AbortReason.CONSISTENCY_FAILED,
+                    f"retry for the same model with a different U3 ({len(survivors)} silos) "
+                    f"than round {earlier.round_id}'s ({len(earlier.survivors)} silos)",
                 )
-            )
-        )
+        assert self._record is not None
+        self._record = replace(self._record, survivors=survivors)
+        self._journal(SurvivorsRecorded(self._record))
         self.u3 = tuple(u3)
         self.digest_signed = digest
         payload = encode_message(Consistency(self.session_id, self.index, digest))

@@ -5,6 +5,10 @@ survivors recorded) is written to ONE small JSON file in the silo's state dir, a
 (temporary file, fsync, rename) and BEFORE the session's next message leaves (SECAGG.md 0.2,
 3.7, 4.3): a crash can lose a message, never the record that it may have been sent. The file
 holds hashes, round ids and session ids only, never a model, a key or an update.
+
+Format 2 keys the submission log by `model_digest` (the digest of the model's tensors the driver
+computes); format 1 files are still read, their `model_sha256` (a hash of the model file) kept as
+the record's key, so inputs already sent stay counted.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from secagg.silo import (
 )
 
 STATE_FILENAME = "secagg-state.json"
-_FORMAT = 1
+_FORMAT = 2
+_READABLE_FORMATS = (1, 2)
+_DIGEST_KEY = {1: "model_sha256", 2: "model_digest"}
 
 
 class SiloStateError(ValueError):
@@ -47,11 +53,11 @@ class SiloSecAggState:
         log = {k: tuple(v) for k, v in self.submission_log.items()}
         rec = entry.record
         if isinstance(entry, MaskedInputRecorded):
-            log[rec.model_sha256] = (*log.get(rec.model_sha256, ()), rec)
+            log[rec.model_digest] = (*log.get(rec.model_digest, ()), rec)
         elif isinstance(entry, SurvivorsRecorded):
-            old = log.get(rec.model_sha256, ())
+            old = log.get(rec.model_digest, ())
             kept = tuple(r for r in old if r.session_id != rec.session_id)
-            log[rec.model_sha256] = (*kept, rec)
+            log[rec.model_digest] = (*kept, rec)
         return replace(self, submission_log=log)
 
     def policy(self, base: SiloPolicy) -> SiloPolicy:
@@ -63,7 +69,7 @@ class SiloSecAggState:
     def to_json(self) -> str:
         records = [
             {
-                "model_sha256": r.model_sha256.hex(),
+                "model_digest": r.model_digest.hex(),
                 "round_id": r.round_id,
                 "session_id": r.session_id.hex(),
                 "survivors": None if r.survivors is None else sorted(r.survivors),
@@ -78,8 +84,10 @@ class SiloSecAggState:
     def from_json(text: str, *, source: str) -> SiloSecAggState:
         try:
             obj: Any = json.loads(text)
-            if obj.get("format") != _FORMAT:
-                raise ValueError(f"format must be {_FORMAT}, got {obj.get('format')!r}")
+            fmt = obj.get("format")
+            if type(fmt) is not int or fmt not in _READABLE_FORMATS:
+                raise ValueError(f"format must be one of {_READABLE_FORMATS}, got {fmt!r}")
+            digest_key = _DIGEST_KEY[fmt]
             last = obj["last_round_id"]
             if not isinstance(last, int) or last < 0:
                 raise ValueError(f"last_round_id must be an int >= 0, got {last!r}")
@@ -87,12 +95,12 @@ class SiloSecAggState:
             for r in obj["submissions"]:
                 surv = r["survivors"]
                 rec = SubmissionRecord(
-                    bytes.fromhex(r["model_sha256"]),
+                    bytes.fromhex(r[digest_key]),
                     int(r["round_id"]),
                     bytes.fromhex(r["session_id"]),
                     None if surv is None else frozenset(str(s) for s in surv),
                 )
-                log[rec.model_sha256] = (*log.get(rec.model_sha256, ()), rec)
+                log[rec.model_digest] = (*log.get(rec.model_digest, ()), rec)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SiloStateError(
                 f"{source}: malformed secure-aggregation state ({e}); restore it from a backup "

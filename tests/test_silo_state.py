@@ -4,6 +4,7 @@ disk by a fresh store (a restart), and then enforced by the next session (stale 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 from pathlib import Path
@@ -39,17 +40,18 @@ def test_round_is_persisted_and_enforced_after_restart(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         st = SiloStateStore(d).state  # a fresh load, as after a restart
         assert st.last_round_id == r.config.round_id
-        (rec,) = st.submission_log[r.config.model_sha256]
+        (rec,) = st.submission_log[r.config.model_sha256]  # no tensor digest: the file hash
         assert rec.round_id == r.config.round_id
         assert rec.session_id == r.sessions[sid].session_id
         assert rec.survivors is not None and sid in rec.survivors
 
 
 @pytest.mark.parametrize(
-    ("round_delta", "reason"), [(0, AbortReason.STALE_ROUND), (1, AbortReason.REPLAY)]
+    ("round_delta", "max_inputs", "reason"),
+    [(0, 3, AbortReason.STALE_ROUND), (1, 1, AbortReason.REPLAY)],
 )
 def test_restarted_silo_refuses_stale_round_and_second_input(
-    tmp_path: Path, round_delta: int, reason: AbortReason
+    tmp_path: Path, round_delta: int, max_inputs: int, reason: AbortReason
 ) -> None:
     r, dirs = _round_with_stores(tmp_path)
     fed = federation()
@@ -60,7 +62,7 @@ def test_restarted_silo_refuses_stale_round_and_second_input(
         s = SiloSession(
             by_id[sid],
             fed.trust,
-            store.state.policy(SiloPolicy(0)),
+            store.state.policy(SiloPolicy(0, max_masked_inputs_per_model=max_inputs)),
             random_bytes=os.urandom,
             rng=np.random.default_rng(0),
             journal=store.journal,
@@ -88,9 +90,72 @@ def test_fresh_silo_accepts_the_same_offer(tmp_path: Path) -> None:
 
 
 def test_malformed_state_names_the_file(tmp_path: Path) -> None:
-    (tmp_path / STATE_FILENAME).write_text('{"format": 1, "last_round_id": -3}')
+    (tmp_path / STATE_FILENAME).write_text('{"format": 2, "last_round_id": -3}')
     with pytest.raises(SiloStateError, match=rf"{STATE_FILENAME}.*last_round_id must be"):
         SiloStateStore(tmp_path)
+    (tmp_path / STATE_FILENAME).write_text('{"format": 3, "last_round_id": 1, "submissions": []}')
+    with pytest.raises(SiloStateError, match=r"format must be one of \(1, 2\), got 3"):
+        SiloStateStore(tmp_path)
+
+
+def test_records_are_keyed_by_the_tensor_digest_in_format_2(tmp_path: Path) -> None:
+    fed = federation()
+    cfg = make_config(fed, 5, 64)
+    tensors = b"T" * 32
+    store = SiloStateStore(tmp_path)
+    r = Round(
+        fed,
+        cfg,
+        exact_inputs(cfg, np.random.default_rng(1)),
+        model_digests={sid: tensors for sid in cfg.invited},
+    )
+    target = cfg.invited[0]
+    r.sessions[target]._journal = store.journal
+    r.run()
+    assert not r.aborts
+    obj = json.loads((tmp_path / STATE_FILENAME).read_text())
+    assert obj["format"] == 2
+    assert [x["model_digest"] for x in obj["submissions"]] == [tensors.hex()]
+    (rec,) = SiloStateStore(tmp_path).state.submission_log[tensors]
+    assert rec.survivors == frozenset(cfg.invited)
+
+
+def test_format_1_file_is_read_and_its_file_hashes_still_count(tmp_path: Path) -> None:
+    fed = federation()
+    cfg = make_config(fed, 5, 64, round_id=9)
+    v1 = {
+        "format": 1,
+        "last_round_id": 4,
+        "submissions": [
+            {
+                "model_sha256": MODEL_SHA.hex(),
+                "round_id": 4,
+                "session_id": "ab" * 32,
+                "survivors": sorted(cfg.invited[:4]),
+            }
+        ],
+    }
+    (tmp_path / STATE_FILENAME).write_text(json.dumps(v1))
+    store = SiloStateStore(tmp_path)
+    (rec,) = store.state.submission_log[MODEL_SHA]
+    assert rec.model_digest == MODEL_SHA and rec.round_id == 4
+    assert rec.survivors == frozenset(cfg.invited[:4])
+    s = SiloSession(
+        fed.silos[0],
+        fed.trust,
+        store.state.policy(SiloPolicy(0, max_masked_inputs_per_model=1)),
+        random_bytes=os.urandom,
+        rng=np.random.default_rng(0),
+        journal=store.journal,
+    )
+    # the same model file, now identified by its tensor digest: the old record still counts
+    with pytest.raises(ProtocolAbort) as e:
+        s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW, model_digest=b"T" * 32)
+    assert e.value.reason is AbortReason.REPLAY
+    # the rewrite (RoundAccepted was journalled) is format 2 and keeps the old key
+    obj = json.loads((tmp_path / STATE_FILENAME).read_text())
+    assert obj["format"] == 2 and obj["last_round_id"] == 9
+    assert [x["model_digest"] for x in obj["submissions"]] == [MODEL_SHA.hex()]
 
 
 def test_state_file_holds_no_vector_or_key(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ link. Also the reference of the message flow for the drivers' authors:
 
 `drop_at[silo_id] = phase` makes that silo go silent instead of sending its message of that
 phase ("advertise", "share_keys", "masked", "consistency", "unmask"); the harness then plays
-the driver's deadline by calling `deadline_passed`.
+the driver's deadline by calling `deadline_passed`. A silo that refuses the offer sends its
+AbortNotice, as the driver does; `sent[silo_id]` lists every message a silo sent.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class Round:
     # coordinator -> silo messages pass through tamper(recipient, bytes) -> bytes (adversary)
     tamper: Callable[[str, bytes], bytes] | None = None
     policies: dict[str, SiloPolicy] = field(default_factory=dict)
+    # the policy of every silo not in `policies`
+    default_policy: SiloPolicy = field(default_factory=lambda: SiloPolicy(last_round_id=0))
+    # silo id -> the digest of the model's tensors the driver would pass (None: the file hash)
+    model_digests: dict[str, bytes] = field(default_factory=dict)
     keep_ring_sum: bool = True  # tests check the exact ring sum; benchmarks turn it off
     # A silo that goes silent is reported with `silo_lost` (as the driver does when its
     # stream breaks) instead of waiting for the phase deadline.
@@ -80,7 +85,7 @@ class Round:
             self.sessions[sid] = SiloSession(
                 by_id[sid],
                 self.fed.trust,
-                self.policies.get(sid, SiloPolicy(last_round_id=0)),
+                self.policies.get(sid, self.default_policy),
                 random_bytes=os.urandom,
                 rng=np.random.Generator(np.random.PCG64DXSM(self.seed * 1000 + k)),
                 journal=log.append,
@@ -90,6 +95,7 @@ class Round:
         self.deadline_calls = 0
         self.pending: list[tuple[str, bytes]] = []
         self.uploads: dict[str, np.ndarray] = {}
+        self.sent: dict[str, list[bytes]] = {sid: [] for sid in self.config.invited}
 
     def _silent(self, sid: str, phase: str) -> bool:
         if sid in self.dead:
@@ -110,9 +116,14 @@ class Round:
         for sid, s in self.sessions.items():
             if self._silent(sid, "advertise"):
                 continue
-            queue.extend(
-                self._to_coord(sid, [s.handle_offer(self.config.encode(), MODEL_SHA, now=NOW)])
-            )
+            digest = self.model_digests.get(sid)
+            try:
+                m1 = s.handle_offer(self.config.encode(), MODEL_SHA, now=NOW, model_digest=digest)
+            except ProtocolAbort as exc:
+                self.aborts[sid] = exc
+                assert s.abort_notice is not None
+                m1 = s.abort_notice
+            queue.extend(self._to_coord(sid, [m1]))
         for _ in range(max_steps):
             if stop_at is not None and rnd.phase is stop_at:
                 self.pending = list(queue)
@@ -137,6 +148,7 @@ class Round:
     def _to_coord(self, sid: str, replies: list[bytes]) -> list[tuple[str, bytes]]:
         out: list[tuple[str, bytes]] = []
         for r in replies:
+            self.sent[sid].append(r)
             out.extend(self.coordinator.handle(sid, r, now=NOW))
         return out
 

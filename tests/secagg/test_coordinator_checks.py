@@ -16,6 +16,7 @@ from secagg.messages import (
     decode_as,
     encode_message,
 )
+from secagg.silo import SiloPolicy
 from tests.secagg.harness import Round, exact_inputs, make_config
 from tests.secagg.pki import NOW, federation
 
@@ -82,7 +83,13 @@ def test_unmask_listing_a_silo_in_both_lists_is_ignored() -> None:
     fed = federation()
     cfg = make_config(fed, 5, 16, n_colluders=0, threshold=3)
     dropped = cfg.invited[4]
-    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)), drop_at={dropped: "masked"})
+    r = Round(
+        fed,
+        cfg,
+        exact_inputs(cfg, np.random.default_rng(0)),
+        drop_at={dropped: "masked"},
+        default_policy=SiloPolicy(0, n_colluders_min=0),  # t = 3 of 5 assumes no colluder
+    )
     evil = cfg.invited[0]
     rnd = r.run(stop_at=Phase.UNMASK)
     sends = list(r.pending)

@@ -78,7 +78,8 @@ def test_sparse_harary_graph_round_is_exact(drop: bool) -> None:
     from secagg.config import GraphKind
 
     fed = federation()
-    cfg = make_config(fed, 10, 300, graph=GraphKind.HARARY, graph_k=6, graph_t_k=4, round_id=60)
+    # t_k = 6: the floor for a neighbourhood of 7 silos with n_colluders = 3 (⌊(7 + 3)/2⌋ + 1)
+    cfg = make_config(fed, 10, 300, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6, round_id=60)
     inputs = exact_inputs(cfg, np.random.default_rng(11))
     drop_at = {cfg.invited[3]: "masked"} if drop else {}
     r = Round(fed, cfg, inputs, drop_at=drop_at)

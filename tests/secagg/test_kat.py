@@ -134,3 +134,53 @@ def test_harary_permutation_vector_and_reference_fisher_yates() -> None:
     nb = graph.neighbours(10, sid, 4)
     assert all(len(v) == 4 and i not in v for i, v in nb.items())
     assert all(i in nb[j] for i, v in nb.items() for j in v)
+
+
+def test_round_config_v2_vector_and_reference_encoding() -> None:
+    # Added with config version 2 (train_params appended after the deadlines); no earlier
+    # vector pinned the config bytes.
+    from secagg.config import RoundConfig, TensorSpec
+
+    cfg = RoundConfig(
+        federation_id="fed",
+        roster_version=3,
+        roster_digest=b"\x01" * 32,
+        round_id=9,
+        invited=("a", "b", "c"),
+        model_version=2,
+        model_sha256=b"\x02" * 32,
+        layout=(TensorSpec("w", (2, 3)),),
+        scale=256.0,
+        clip_l2=1.5,
+        threshold=3,
+        n_colluders=0,
+        train_params=b'{"epochs":2}',
+    )
+    be = struct.pack
+    text = lambda s: be(">I", len(s)) + s.encode()  # noqa: E731
+    layout = be(">I", 1) + text("w") + be(">I", 2) + be(">QQ", 2, 3) + text("float32")
+    ref = (
+        be(">B", 2)
+        + text("secagg/v1")
+        + text("fed")
+        + be(">Q", 3)
+        + b"\x01" * 32
+        + be(">Q", 9)
+        + be(">I", 3)
+        + text("a")
+        + text("b")
+        + text("c")
+        + be(">Q", 2)
+        + b"\x02" * 32
+        + layout
+        + hashlib.sha256(layout).digest()
+        + be(">BdIdBQII", 32, 256.0, 1 << 16, 1.5, 0, 1, 3, 0)
+        + be(">BII", 0, 0, 0)  # complete graph
+        + be(">B", 0)  # no DP
+        + be(">I5I", 5, 60, 60, 600, 60, 60)
+        + be(">I", 12)
+        + b'{"epochs":2}'
+    )
+    assert cfg.encode() == ref
+    assert cfg.digest() == hashlib.sha256(b"secagg/v1/config\x00" + ref).digest()
+    assert cfg.digest().hex() == "185decc0da2352ac557c170fe30dad285c14afbe7a2974bbe28936e5dc75a20c"

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from secagg.config import DdgNoise
-from secagg.errors import AbortReason, ProtocolAbort
+from secagg.config import DdgNoise, GraphKind, TensorSpec
+from secagg.errors import AbortReason, MalformedMessage, ProtocolAbort
 from secagg.messages import (
     AbortNotice,
     Advertise,
@@ -19,6 +19,7 @@ from secagg.messages import (
     ConsistencySet,
     KeyList,
     Message,
+    ShareKeys,
     SharesForYou,
     SignedEnvelope,
     SurvivorList,
@@ -26,7 +27,14 @@ from secagg.messages import (
     decode_message,
     encode_message,
 )
-from secagg.silo import SiloPolicy, SiloSession, SiloStage, SubmissionRecord
+from secagg.silo import (
+    JournalEntry,
+    RoundAccepted,
+    SiloPolicy,
+    SiloSession,
+    SiloStage,
+    SubmissionRecord,
+)
 from secagg.trust import SiloIdentity
 from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config
 from tests.secagg.pki import NOW, federation
@@ -34,7 +42,9 @@ from tests.secagg.pki import NOW, federation
 N, D = 5, 64
 
 
-def _session(policy: SiloPolicy | None = None, k: int = 0) -> SiloSession:
+def _session(
+    policy: SiloPolicy | None = None, k: int = 0, journal: list[JournalEntry] | None = None
+) -> SiloSession:
     fed = federation()
     return SiloSession(
         fed.silos[k],
@@ -42,21 +52,40 @@ def _session(policy: SiloPolicy | None = None, k: int = 0) -> SiloSession:
         policy or SiloPolicy(last_round_id=0),
         random_bytes=os.urandom,
         rng=np.random.default_rng(0),
+        journal=None if journal is None else journal.append,
     )
 
 
 def _offer_abort(
-    reason: AbortReason, policy: SiloPolicy | None = None, model: bytes = MODEL_SHA, **over: object
-) -> None:
-    cfg = make_config(federation(), N, D, **over)
+    reason: AbortReason,
+    policy: SiloPolicy | None = None,
+    model: bytes = MODEL_SHA,
+    n: int = N,
+    d: int = D,
+    model_digest: bytes | None = None,
+    **over: object,
+) -> ProtocolAbort:
+    """The offer is refused with `reason`: no Advertise was produced, an AbortNotice was."""
+    cfg = make_config(federation(), n, d, **over)
     s = _session(policy)
     with pytest.raises(ProtocolAbort) as exc:
-        s.handle_offer(cfg.encode(), model, now=NOW)
-    assert exc.value.reason is reason
+        s.handle_offer(cfg.encode(), model, now=NOW, model_digest=model_digest)
+    assert exc.value.reason is reason, exc.value
     assert s.stage is SiloStage.ABORTED and s._c_sk is None
+    assert s._m1 == b"" and s.config is None  # no Advertise was built
     assert s.abort_notice is not None
     notice = decode_message(s.abort_notice)
     assert isinstance(notice, AbortNotice) and notice.reason is reason
+    return exc.value
+
+
+def _offer_ok(policy: SiloPolicy | None = None, n: int = N, **over: object) -> SiloSession:
+    cfg = make_config(federation(), n, D, **over)
+    s = _session(policy)
+    m1 = s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
+    assert s.stage is SiloStage.ADVERTISED
+    assert isinstance(decode_as(decode_as(m1, SignedEnvelope).payload, Advertise), Advertise)
+    return s
 
 
 # --- phase 0 ---------------------------------------------------------------------------------
@@ -110,7 +139,212 @@ def test_0_6_model_hash_mismatch() -> None:
 
 def test_0_7_second_masked_input_for_same_model() -> None:
     log = {MODEL_SHA: (SubmissionRecord(MODEL_SHA, 3, b"x" * 32),)}
-    _offer_abort(AbortReason.REPLAY, SiloPolicy(0, submission_log=log))
+    _offer_abort(
+        AbortReason.REPLAY, SiloPolicy(0, max_masked_inputs_per_model=1, submission_log=log)
+    )
+
+
+def test_0_7_default_allows_three_inputs_per_model_then_replay() -> None:
+    recs = tuple(SubmissionRecord(MODEL_SHA, r, bytes([r]) * 32) for r in (3, 4, 5))
+    _offer_ok(SiloPolicy(0, submission_log={MODEL_SHA: recs[:2]}))
+    exc = _offer_abort(AbortReason.REPLAY, SiloPolicy(0, submission_log={MODEL_SHA: recs}))
+    assert "max_masked_inputs_per_model = 3" in exc.detail
+
+
+def test_0_7_submission_log_keys_on_the_tensor_digest_not_the_file() -> None:
+    tensors, other = b"T" * 32, b"U" * 32
+    log = {tensors: (SubmissionRecord(tensors, 3, b"x" * 32),)}
+    policy = SiloPolicy(0, max_masked_inputs_per_model=1, submission_log=log)
+    # the same tensors re-serialised: a new file hash (the config's), the same tensor digest
+    _offer_abort(AbortReason.REPLAY, policy, model_digest=tensors)
+    s = _session(policy)
+    s.handle_offer(make_config(federation(), N, D).encode(), MODEL_SHA, now=NOW, model_digest=other)
+    assert s.stage is SiloStage.ADVERTISED
+
+
+def test_0_7_records_keyed_by_the_file_hash_still_count() -> None:
+    # a log written before tensor digests existed keys its records by the model file's SHA-256
+    log = {MODEL_SHA: (SubmissionRecord(MODEL_SHA, 3, b"x" * 32),)}
+    policy = SiloPolicy(0, max_masked_inputs_per_model=1, submission_log=log)
+    _offer_abort(AbortReason.REPLAY, policy, model_digest=b"T" * 32)
+
+
+# --- phase 0: the silo's own policy on what the coordinator declares ---------------------------
+
+
+def test_0_2_round_id_jump_is_refused_and_not_persisted() -> None:
+    for last, round_id in ((7, 7 + 10_001), (0, 2**64 - 1)):
+        journal: list[JournalEntry] = []
+        cfg = make_config(federation(), N, D, round_id=round_id)
+        s = _session(SiloPolicy(last), journal=journal)
+        with pytest.raises(ProtocolAbort) as exc:
+            s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
+        assert exc.value.reason is AbortReason.ROUND_ID_JUMP
+        assert "[secagg] max_round_step" in exc.value.detail
+        assert s._m1 == b"" and journal == []  # never journalled as accepted
+    journal = []
+    s = _session(SiloPolicy(7, max_round_step=5), journal=journal)
+    s.handle_offer(make_config(federation(), N, D, round_id=12).encode(), MODEL_SHA, now=NOW)
+    assert s.stage is SiloStage.ADVERTISED and journal == [RoundAccepted(12)]
+    _offer_abort(AbortReason.ROUND_ID_JUMP, SiloPolicy(7, max_round_step=5), round_id=13)
+
+
+def test_0_5_colluders_below_default_floor() -> None:
+    # n = 5: the default floor is 1; n_colluders = 0 would let two colluders unmask a victim
+    exc = _offer_abort(AbortReason.COLLUSION_BELOW_POLICY, n_colluders=0, threshold=3)
+    assert "n_colluders 0 is below this silo's floor 1 for 5 invited silos" in exc.detail
+    assert "[secagg] n_colluders_min" in exc.detail
+    _offer_abort(AbortReason.COLLUSION_BELOW_POLICY, n=4, n_colluders=0, threshold=3)
+
+
+def test_0_5_colluders_floor_by_policy_and_default_for_three() -> None:
+    _offer_ok(n=3, n_colluders=0, threshold=3)  # default floor ⌊(3 − 1)/3⌋ = 0
+    _offer_abort(
+        AbortReason.COLLUSION_BELOW_POLICY, SiloPolicy(0, n_colluders_min=2), n_colluders=1
+    )
+    _offer_ok(SiloPolicy(0, n_colluders_min=0), n_colluders=0, threshold=3)
+
+
+def test_0_5_threshold_below_the_minimum_for_invited_is_refused_at_the_offer() -> None:
+    # n = 5, n_colluders = 1: t must be >= ⌊(5 + 1)/2⌋ + 1 = 4; 3 passed the offer before
+    exc = _offer_abort(AbortReason.THRESHOLD_VIOLATION, threshold=3)
+    assert "outside [4, 5]" in exc.detail
+
+
+def test_0_5_sparse_graph_with_share_threshold_one_is_refused() -> None:
+    # the attack: k = 2, t_k = 1 makes every Shamir share the secret itself
+    exc = _offer_abort(
+        AbortReason.THRESHOLD_VIOLATION, n=10, graph=GraphKind.HARARY, graph_k=2, graph_t_k=1
+    )
+    assert "graph_t_k 1 is outside" in exc.detail
+
+
+@pytest.mark.parametrize(
+    ("k", "t_k", "reason"),
+    [
+        (10, 6, AbortReason.CONFIG_REJECTED),  # k > n − 1
+        (6, 5, AbortReason.THRESHOLD_VIOLATION),  # below ⌊(7 + 3)/2⌋ + 1 = 6
+        (6, 8, AbortReason.THRESHOLD_VIOLATION),  # more than the k + 1 share holders
+        (2, 3, AbortReason.THRESHOLD_VIOLATION),  # 3 of 3, but 3 colluders fit in it: floor 4
+    ],
+)
+def test_0_5_sparse_graph_parameters_out_of_range(k: int, t_k: int, reason: AbortReason) -> None:
+    _offer_abort(reason, n=10, graph=GraphKind.HARARY, graph_k=k, graph_t_k=t_k)
+
+
+def test_0_5_sparse_graph_floor_follows_t_floor() -> None:
+    policy = SiloPolicy(0, t_floor=7)
+    _offer_abort(
+        AbortReason.THRESHOLD_VIOLATION,
+        policy,
+        n=10,
+        graph=GraphKind.HARARY,
+        graph_k=6,
+        graph_t_k=6,
+    )
+    _offer_ok(policy, n=10, graph=GraphKind.HARARY, graph_k=6, graph_t_k=7)
+
+
+def test_0_5_valid_sparse_graph_is_accepted() -> None:
+    _offer_ok(n=10, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6)
+    _offer_ok(n=10, graph=GraphKind.HARARY, graph_k=8, graph_t_k=7)
+
+
+def test_2_4_sparse_graph_rechecked_at_the_key_list() -> None:
+    """The M2 check: the same rule for n = |U1| while the graph is still sparse. It can only
+    differ from the offer's if the policy did, so the test tightens t_floor between M1 and M2
+    (t = 7 still meets it, t_k = 6 does not): no ShareKeys may leave."""
+    fed = federation()
+    cfg = make_config(fed, 10, D, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6)
+    target = cfg.invited[0]
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)))
+
+    def tighten(sid: str, data: bytes) -> bytes:
+        s = r.sessions[sid]
+        if sid == target and isinstance(decode_message(data), KeyList):
+            s.policy = dataclasses.replace(s.policy, t_floor=7)
+        return data
+
+    r.tamper = tighten
+    r.run()
+    assert r.aborts[target].reason is AbortReason.THRESHOLD_VIOLATION
+    assert "graph_t_k 6" in r.aborts[target].detail
+    sent = [decode_message(m) for m in r.sent[target]]
+    assert len(sent) == 1 and isinstance(sent[0], SignedEnvelope)  # the Advertise only
+    assert isinstance(decode_as(sent[0].payload, Advertise), Advertise)
+    others = [m for sid, msgs in r.sent.items() if sid != target for m in msgs]
+    assert sum(_is_share_keys(m) for m in others) == 9  # the check, not the round, stopped it
+
+
+def _is_share_keys(raw: bytes) -> bool:
+    msg = decode_message(raw)
+    if not isinstance(msg, SignedEnvelope):
+        return False
+    try:
+        decode_as(msg.payload, ShareKeys)
+    except MalformedMessage:
+        return False
+    return True
+
+
+def test_0_4_layout_not_the_silos_model() -> None:
+    own = make_config(federation(), N, D).layout_sha256()
+    policy = SiloPolicy(0, expected_layout_sha256=own)
+    _offer_ok(policy)
+    exc = _offer_abort(AbortReason.LAYOUT_MISMATCH, policy, layout=(TensorSpec("w", (D + 1,)),))
+    assert f"d = {D + 1}" in exc.detail
+
+
+def test_0_4_layout_declaring_2_pow_36_parameters_is_refused_before_allocation() -> None:
+    own = make_config(federation(), N, D).layout_sha256()
+    huge = (TensorSpec("w", (1 << 18, 1 << 18)),)
+    _offer_abort(
+        AbortReason.LAYOUT_MISMATCH,
+        SiloPolicy(0, expected_layout_sha256=own),
+        layout=huge,
+        scale=1.0,
+        clip_l2=1.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "why"),
+    [
+        (b"{not json", "not UTF-8 JSON"),
+        (b"\xff\xfe", "not UTF-8 JSON"),
+        (b'{"epochs": 1}', "not in canonical form"),
+        (b'{"b":1,"a":2}', "not in canonical form"),
+        (b'{"opt":{"lr":1}}', "no nesting"),
+        (b'{"lr":null}', "no null"),
+        (b'{"seed":3}', "training randomness"),
+        (b'{"round":3}', "round number"),
+        (b'{"epochs":1000000}', "[train_limits] epochs"),
+        (b"[]", "must be a JSON object"),
+    ],
+)
+def test_0_8_train_params_rejected(params: bytes, why: str) -> None:
+    policy = SiloPolicy(0, train_limits={"epochs": 100})
+    exc = _offer_abort(AbortReason.TRAIN_PARAMS_REJECTED, policy, train_params=params)
+    assert why in exc.detail
+
+
+def test_0_8_valid_train_params_are_handed_to_the_driver() -> None:
+    params = b'{"epochs":3,"lr":0.01,"optimizer":"sgd","shuffle":true}'
+    s = _offer_ok(SiloPolicy(0, train_limits={"epochs": 100, "lr": 1.0}), train_params=params)
+    assert s.train_params == {"epochs": 3, "lr": 0.01, "optimizer": "sgd", "shuffle": True}
+
+
+def test_round_with_train_params_on_a_sparse_graph_completes() -> None:
+    fed = federation()
+    cfg = make_config(
+        fed, 10, D, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6, train_params=b'{"epochs":2}'
+    )
+    policy = SiloPolicy(0, train_limits={"epochs": 5}, expected_layout_sha256=cfg.layout_sha256())
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)), default_policy=policy)
+    rnd = r.run()
+    assert rnd.result is not None and not r.aborts
+    assert all(s.train_params == {"epochs": 2} for s in r.sessions.values())
+    assert all(len(nb) == 6 for nb in r.sessions[cfg.invited[0]]._nbrs.values())  # sparse
 
 
 def test_malformed_config_is_rejected() -> None:

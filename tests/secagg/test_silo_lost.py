@@ -7,10 +7,13 @@ import pytest
 
 from secagg.coordinator import Phase
 from secagg.errors import AbortReason
+from secagg.silo import SiloPolicy
 from tests.secagg.harness import PHASES, Round, exact_inputs, make_config
 from tests.secagg.pki import federation
 
 PHASE_OF = {p.value: p for p in Phase}
+# These rounds assume no colluder (t = 3 of 5), below the silos' default floor of 1.
+NO_COLLUDERS = SiloPolicy(0, n_colluders_min=0)
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -19,7 +22,9 @@ def test_one_lost_silo_closes_its_phase_without_a_deadline(phase: str) -> None:
     cfg = make_config(fed, 5, 200, threshold=3, n_colluders=0)
     inputs = exact_inputs(cfg, np.random.default_rng(3))
     victim = cfg.invited[2]
-    r = Round(fed, cfg, inputs, drop_at={victim: phase}, report_lost=True)
+    r = Round(
+        fed, cfg, inputs, drop_at={victim: phase}, report_lost=True, default_policy=NO_COLLUDERS
+    )
     rnd = r.run()
     assert rnd.phase is Phase.DONE, (rnd.abort_reason, rnd.rejected)
     assert r.deadline_calls == 0
@@ -36,7 +41,7 @@ def test_losing_too_many_in_unmask_aborts_at_once() -> None:
     cfg = make_config(fed, 5, 100, threshold=3, n_colluders=0)
     inputs = exact_inputs(cfg, np.random.default_rng(4))
     drop = {sid: "unmask" for sid in cfg.invited[:3]}
-    r = Round(fed, cfg, inputs, drop_at=drop, report_lost=True)
+    r = Round(fed, cfg, inputs, drop_at=drop, report_lost=True, default_policy=NO_COLLUDERS)
     rnd = r.run()
     assert rnd.phase is Phase.ABORTED
     assert rnd.abort_reason is AbortReason.THRESHOLD_VIOLATION

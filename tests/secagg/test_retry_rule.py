@@ -1,0 +1,122 @@
+"""The differencing guard across rounds: masked inputs are counted per model digest (the tensors,
+not the file), and a second input for the same model is signed only with the U3 recorded for
+the earlier ones (records whose U3 the silo never learnt do not block)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from secagg.coordinator import Phase
+from secagg.errors import AbortReason, MalformedMessage
+from secagg.messages import AbortNotice, Consistency, SignedEnvelope, decode_as, decode_message
+from secagg.silo import (
+    MaskedInputRecorded,
+    SiloPolicy,
+    SubmissionRecord,
+    SurvivorsRecorded,
+)
+from tests.secagg.harness import Round, exact_inputs, make_config
+from tests.secagg.pki import federation
+
+N, D = 5, 32
+TENSORS = b"T" * 32  # the driver's digest of the model's tensors
+
+
+def _round(earlier: tuple[SubmissionRecord, ...], **policy: object) -> tuple[Round, str]:
+    """A round on the model with digest TENSORS; the first silo remembers `earlier`."""
+    fed = federation()
+    cfg = make_config(fed, N, D, round_id=20)
+    target = cfg.invited[0]
+    pol = SiloPolicy(0, submission_log={TENSORS: earlier}, **policy)  # type: ignore[arg-type]
+    r = Round(
+        fed,
+        cfg,
+        exact_inputs(cfg, np.random.default_rng(0)),
+        policies={target: pol},
+        model_digests={sid: TENSORS for sid in cfg.invited},
+    )
+    r.run()
+    return r, target
+
+
+def _signed_consistency(r: Round, sid: str) -> bool:
+    for raw in r.sent[sid]:
+        msg = decode_message(raw)
+        if isinstance(msg, SignedEnvelope):
+            try:
+                decode_as(msg.payload, Consistency)
+            except MalformedMessage:
+                continue
+            return True
+    return False
+
+
+def _completed(r: Round, target: str) -> None:
+    assert r.coordinator.phase is Phase.DONE and not r.aborts, r.aborts
+    assert _signed_consistency(r, target)
+    recorded = [e.record for e in r.journal[target] if isinstance(e, SurvivorsRecorded)]
+    assert [rec.model_digest for rec in recorded] == [TENSORS]
+    assert recorded[0].survivors == frozenset(r.config.invited)
+
+
+def test_second_input_for_the_same_digest_with_no_known_u3_is_allowed() -> None:
+    # the earlier session ended before its M6 reached this silo: its U3 is unknown
+    r, target = _round((SubmissionRecord(TENSORS, 3, b"a" * 32, None),))
+    _completed(r, target)
+    (masked,) = [e for e in r.journal[target] if isinstance(e, MaskedInputRecorded)]
+    assert masked.record.model_digest == TENSORS and masked.record.round_id == 20
+
+
+def test_second_input_with_the_recorded_u3_is_allowed() -> None:
+    invited = make_config(federation(), N, D).invited
+    r, target = _round((SubmissionRecord(TENSORS, 3, b"a" * 32, frozenset(invited)),))
+    _completed(r, target)
+
+
+def test_second_input_with_a_different_u3_is_refused_before_signing() -> None:
+    invited = make_config(federation(), N, D).invited
+    earlier = SubmissionRecord(TENSORS, 3, b"a" * 32, frozenset(invited[:4]))
+    r, target = _round((earlier,))
+    assert r.aborts[target].reason is AbortReason.CONSISTENCY_FAILED
+    assert not _signed_consistency(r, target)  # no signature over the new U3 left
+    assert not any(isinstance(e, SurvivorsRecorded) for e in r.journal[target])
+
+
+def test_a_record_with_unknown_u3_does_not_hide_one_with_a_different_u3() -> None:
+    invited = make_config(federation(), N, D).invited
+    r, target = _round(
+        (
+            SubmissionRecord(TENSORS, 3, b"a" * 32, None),
+            SubmissionRecord(TENSORS, 4, b"b" * 32, frozenset(invited[1:])),
+        )
+    )
+    assert r.aborts[target].reason is AbortReason.CONSISTENCY_FAILED
+
+
+def test_limit_of_inputs_per_model_is_a_replay() -> None:
+    invited = make_config(federation(), N, D).invited
+    same = frozenset(invited)
+    three = tuple(SubmissionRecord(TENSORS, k, bytes([k]) * 32, same) for k in (3, 4, 5))
+    r, target = _round(three)
+    assert r.aborts[target].reason is AbortReason.REPLAY
+    sent = [decode_message(m) for m in r.sent[target]]
+    assert len(sent) == 1 and isinstance(sent[0], AbortNotice)  # no Advertise
+    r, target = _round(three[:1], max_masked_inputs_per_model=1)
+    assert r.aborts[target].reason is AbortReason.REPLAY
+
+
+def test_a_different_u3_under_another_digest_does_not_block() -> None:
+    invited = make_config(federation(), N, D).invited
+    fed = federation()
+    cfg = make_config(fed, N, D, round_id=20)
+    target = cfg.invited[0]
+    other = {b"O" * 32: (SubmissionRecord(b"O" * 32, 3, b"a" * 32, frozenset(invited[:4])),)}
+    r = Round(
+        fed,
+        cfg,
+        exact_inputs(cfg, np.random.default_rng(0)),
+        policies={target: SiloPolicy(0, submission_log=other)},
+        model_digests={sid: TENSORS for sid in cfg.invited},
+    )
+    r.run()
+    _completed(r, target)
