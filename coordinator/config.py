@@ -1,24 +1,46 @@
 """The coordinator's TOML configuration, loaded once at start into frozen dataclasses.
 
-Rule: every check happens here, before anything listens or trains, and every error names the
-file and the key (`ConfigError`). Relative paths are resolved against the config file's folder.
-Nothing else in the coordinator reads TOML or environment variables.
+Rule: every check happens here, before anything listens or trains, and every problem is reported
+as `<file>: [table] key <problem>` (`ConfigError`, one line per problem). Unknown tables and keys
+are refused with a "did you mean". Relative paths are resolved against the config file's folder.
+The file's schema is the strict models below (silofed.config_schema); the rest of the
+coordinator sees only the frozen dataclasses. Nothing else in the coordinator reads TOML or
+environment variables, except coordinator.metrics rereading `[metrics] listen` and
+coordinator.debug_pause rereading `[debug] pause_after_phase` (their tables are checked here too).
 """
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Self
+
+from pydantic import AfterValidator, Field, model_validator
 
 from coordinator.aggregation import AggregationError, check_aggregation_name
 from coordinator.secure_round import SECAGG, SecAggSettings, WeightingMode
+from secagg.train_params import TrainParamsError, canonical_train_params, parse_train_params
+from silofed import config_schema
+from silofed.config_schema import (
+    ConfigPath,
+    ExistingFile,
+    HostPort,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Problem,
+    StrictModel,
+    TaskSpec,
+    at_least,
+    load_model,
+    one_of,
+)
 
 
-class ConfigError(ValueError):
-    """A configuration file is missing, unparsable, or has a bad key; str() says which."""
+class ConfigError(config_schema.ConfigError):
+    """A coordinator configuration file is missing, unparsable, or has bad keys; str() holds one
+    `<file>: [table] key <problem>` line per problem (a silofed.config_schema.ConfigError)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +60,11 @@ class RoundsConfig:
     silos_per_round: int | None = None
     start_timeout_s: float = 120.0
     start_silos: int | None = None  # silos to wait for before the first round (default min_silos)
+    # Never spin: after an aborted round wait initial_s, doubling up to max_s; the same cause
+    # this many rounds in a row stops the federation with a diagnosis (exit code 4).
+    max_consecutive_aborts: int = 5
+    abort_backoff_initial_s: float = 1.0
+    abort_backoff_max_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,209 +102,200 @@ class CoordinatorConfig:
         return int(self.listen.rsplit(":", 1)[1])
 
 
-class _Reader:
-    """Typed access to one TOML document whose errors say `<file>: [table] key ...`."""
-
-    def __init__(self, path: Path, data: Mapping[str, Any]) -> None:
-        self.path = path
-        self.data = data
-
-    def fail(self, where: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {where} {problem}")
-
-    def table(self, name: str, *, required: bool = True) -> Mapping[str, Any]:
-        value = self.data.get(name)
-        if value is None:
-            if required:
-                raise self.fail(f"[{name}]", "table is missing")
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(f"[{name}]", "must be a table")
-        return value
-
-    def get(self, table: str, key: str, kind: type, default: Any = ...) -> Any:
-        tbl = self.table(table, required=default is ...)
-        where = f"[{table}] {key}"
-        if key not in tbl:
-            if default is ...:
-                raise self.fail(where, "is missing")
-            return default
-        value = tbl[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(where, f"must be {kind.__name__}, got {type(value).__name__}")
-        return value
-
-    def path_of(self, table: str, key: str) -> Path:
-        raw = self.get(table, key, str)
-        if not raw:
-            raise self.fail(f"[{table}] {key}", "is empty")
-        p = Path(raw).expanduser()
-        return p if p.is_absolute() else (self.path.parent / p).resolve()
-
-    def existing_file(self, table: str, key: str) -> Path:
-        p = self.path_of(table, key)
-        if not p.is_file():
-            raise self.fail(f"[{table}] {key}", f"names {p}, which does not exist")
-        return p
-
-    def positive(self, table: str, key: str, kind: type, default: Any = ...) -> Any:
-        value = self.get(table, key, kind, default)
-        if value is not None and value <= 0:
-            raise self.fail(f"[{table}] {key}", f"must be > 0, got {value}")
-        return value
+# ---- the file's schema: one strict model per table --------------------------------------------
 
 
-def read_toml(path: Path) -> Mapping[str, Any]:
-    """Parse a TOML file. Raises ConfigError naming the file."""
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: configuration file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-
-
-def check_listen(reader: _Reader, table: str, key: str, value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise reader.fail(f"[{table}] {key}", f"must be host:port (port 0-65535), got {value!r}")
+def _federation_id(value: str) -> str:
+    if not value or "/" in value:
+        raise ValueError(f"must be a non-empty name without '/', got {value!r}")
     return value
 
 
-def load_coordinator_config(path: Path) -> CoordinatorConfig:
-    """Load and validate a coordinator config. Raises ConfigError naming the file and key."""
-    path = Path(path).resolve()
-    r = _Reader(path, read_toml(path))
-    fed = r.get("federation", "id", str)
-    if not fed or "/" in fed:
-        raise r.fail("[federation] id", f"must be a non-empty name without '/', got {fed!r}")
-    state_dir = r.path_of("federation", "state_dir")
-    listen = check_listen(r, "server", "listen", r.get("server", "listen", str))
-    tls = TlsConfig(
-        ca_cert=r.existing_file("tls", "ca_cert"),
-        cert=r.existing_file("tls", "cert"),
-        key=r.existing_file("tls", "key"),
-        roster=r.existing_file("tls", "roster"),
-        revoked=r.path_of("tls", "revoked"),  # may not exist yet: no revocations
-    )
-    spec = r.get("task", "spec", str)
-    if ":" not in spec:
-        raise r.fail("[task] spec", f"must look like 'package.module:attribute', got {spec!r}")
-    aggregation = r.get("rounds", "aggregation", str, SECAGG)
+def _aggregation(value: str) -> str:
     try:
-        check_aggregation_name(aggregation)
-    except AggregationError as e:
-        raise r.fail("[rounds] aggregation", str(e)) from None
-    min_silos = r.positive("rounds", "min_silos", int)
-    if aggregation == SECAGG and min_silos < 3:
-        raise r.fail(
-            "[rounds] min_silos",
-            f"must be >= 3 with secure aggregation (its threshold floor), got {min_silos}",
+        return check_aggregation_name(value)
+    except AggregationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _ring_bits(value: int) -> int:
+    if value not in (32, 64):
+        raise ValueError(f"must be 32 or 64, got {value}")
+    return value
+
+
+def _train_table(train: dict[str, Any]) -> dict[str, Any]:
+    """[train]: flat scalars only, sent to every silo inside the signed round configuration.
+    `seed` and `round` are the silo's own (its training randomness is never the coordinator's)."""
+    try:
+        parse_train_params(canonical_train_params(train), {})
+    except (TrainParamsError, TypeError, ValueError) as exc:
+        raise ValueError(f"cannot be sent to the silos: {exc}") from exc
+    return train
+
+
+class _Federation(StrictModel):
+    id: Annotated[str, AfterValidator(_federation_id)]
+    state_dir: ConfigPath
+
+
+class _Server(StrictModel):
+    listen: HostPort
+
+
+class _Tls(StrictModel):
+    ca_cert: ExistingFile
+    cert: ExistingFile
+    key: ExistingFile
+    roster: ExistingFile
+    revoked: ConfigPath  # may not exist yet: no revocations
+
+
+class _Task(StrictModel):
+    spec: TaskSpec
+
+
+class _Rounds(StrictModel):
+    count: PositiveInt
+    min_silos: PositiveInt
+    aggregation: Annotated[str, AfterValidator(_aggregation)] = SECAGG
+    silos_per_round: PositiveInt | None = None
+    start_timeout_s: PositiveFloat = 120.0
+    start_silos: PositiveInt | None = None
+    max_consecutive_aborts: PositiveInt = 5
+    abort_backoff_initial_s: PositiveFloat = 1.0
+    abort_backoff_max_s: PositiveFloat = 60.0
+
+    @model_validator(mode="after")
+    def _silo_counts(self) -> Self:
+        if self.aggregation == SECAGG and self.min_silos < 3:
+            raise Problem(
+                "min_silos",
+                f"must be >= 3 with secure aggregation (its threshold floor), got {self.min_silos}",
+            )
+        if self.silos_per_round is not None and self.silos_per_round < self.min_silos:
+            raise Problem("silos_per_round", f"must be >= min_silos ({self.min_silos})")
+        if self.start_silos is not None and self.start_silos < self.min_silos:
+            raise Problem("start_silos", f"must be >= min_silos ({self.min_silos})")
+        if self.abort_backoff_initial_s > self.abort_backoff_max_s:
+            raise Problem(
+                "abort_backoff_initial_s",
+                f"must be <= abort_backoff_max_s ({self.abort_backoff_max_s})",
+            )
+        return self
+
+
+class _Deadlines(StrictModel):
+    offer_s: PositiveFloat = 60.0
+    train_s: PositiveFloat = 300.0
+    heartbeat_s: PositiveFloat = 5.0
+    share_keys_s: PositiveFloat = 60.0
+    consistency_s: PositiveFloat = 60.0
+    unmask_s: PositiveFloat = 60.0
+
+
+class _SecAgg(StrictModel):
+    clip_l2: PositiveFloat | None = None  # required with secagg: the file model checks it
+    threshold: Annotated[int, at_least(3, "the protocol's floor")] | None = None
+    n_colluders: NonNegativeInt | None = None
+    ring_bits: Annotated[int, AfterValidator(_ring_bits)] = 32
+    weighting: Annotated[str, one_of([m.value for m in WeightingMode])] = "examples"
+    weight_max: PositiveInt = 100_000
+    noise_multiplier: PositiveFloat | None = None
+    noise_divisor: PositiveInt = 1
+    max_concurrent_uploads: PositiveInt = 2
+
+
+class _Metrics(StrictModel):
+    """Read again, for its listen address, by coordinator.metrics when the server starts."""
+
+    listen: HostPort
+
+
+class _Debug(StrictModel):
+    """Fault injection for tests. The point's name is checked by coordinator.debug_pause, which
+    reads it from the file again (it imports this module, so the names cannot live here)."""
+
+    pause_after_phase: str | None = None
+
+
+class _CoordinatorFile(StrictModel):
+    federation: _Federation
+    server: _Server
+    tls: _Tls
+    task: _Task
+    rounds: _Rounds
+    deadlines: _Deadlines = Field(default_factory=_Deadlines)
+    secagg: _SecAgg = Field(default_factory=_SecAgg)
+    metrics: _Metrics | None = None
+    debug: _Debug = Field(default_factory=_Debug)
+    train: Annotated[dict[str, Any], AfterValidator(_train_table)] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _secagg_needs_a_clip(self) -> Self:
+        # The clip norm is deployment-specific, so there is no default to fall back on.
+        if self.rounds.aggregation == SECAGG and self.secagg.clip_l2 is None:
+            raise Problem(
+                ("secagg", "clip_l2"),
+                "is missing: secure aggregation clips each silo's update to this L2 norm; "
+                "set it a little above the norm of a typical update (see docs/secure-rounds.md)",
+            )
+        return self
+
+
+def load_coordinator_config(path: Path) -> CoordinatorConfig:
+    """Load and validate a coordinator config. Raises ConfigError naming the file, table and key
+    of every problem found (one line each)."""
+    path = Path(path).resolve()
+    f = load_model(_CoordinatorFile, path, error=ConfigError)
+    s = f.secagg
+    secagg: SecAggSettings | None = None
+    if f.rounds.aggregation == SECAGG:
+        assert s.clip_l2 is not None  # refused by _CoordinatorFile when missing
+        secagg = SecAggSettings(
+            clip_l2=s.clip_l2,
+            threshold=s.threshold,
+            n_colluders=s.n_colluders,
+            ring_bits=s.ring_bits,
+            weighting=WeightingMode(s.weighting),
+            weight_max=s.weight_max,
+            dp_noise_multiplier=s.noise_multiplier,
+            dp_noise_divisor=s.noise_divisor,
         )
-    per_round = r.positive("rounds", "silos_per_round", int, None)
-    if per_round is not None and per_round < min_silos:
-        raise r.fail("[rounds] silos_per_round", f"must be >= min_silos ({min_silos})")
-    rounds = RoundsConfig(
-        count=r.positive("rounds", "count", int),
-        min_silos=min_silos,
-        aggregation=aggregation,
-        silos_per_round=per_round,
-        start_timeout_s=r.positive("rounds", "start_timeout_s", float, 120.0),
-        start_silos=r.positive("rounds", "start_silos", int, None),
-    )
-    if rounds.start_silos is not None and rounds.start_silos < min_silos:
-        raise r.fail("[rounds] start_silos", f"must be >= min_silos ({min_silos})")
-    deadlines = Deadlines(
-        offer_s=r.positive("deadlines", "offer_s", float, 60.0),
-        train_s=r.positive("deadlines", "train_s", float, 300.0),
-        heartbeat_s=r.positive("deadlines", "heartbeat_s", float, 5.0),
-        share_keys_s=r.positive("deadlines", "share_keys_s", float, 60.0),
-        consistency_s=r.positive("deadlines", "consistency_s", float, 60.0),
-        unmask_s=r.positive("deadlines", "unmask_s", float, 60.0),
-    )
-    secagg = _secagg_settings(r) if aggregation == SECAGG else None
-    # [metrics] is read and checked by coordinator.metrics when the server starts.
-    known = {
-        "federation",
-        "server",
-        "tls",
-        "task",
-        "rounds",
-        "deadlines",
-        "train",
-        "metrics",
-        "secagg",
-    }
-    unknown = sorted(set(r.data) - known)
-    if unknown:
-        raise r.fail(f"[{unknown[0]}]", f"is not a known table (known: {sorted(known)})")
+    r, d = f.rounds, f.deadlines
     return CoordinatorConfig(
         source=path,
-        federation_id=fed,
-        state_dir=state_dir,
-        listen=listen,
-        tls=tls,
-        task_spec=spec,
-        rounds=rounds,
-        deadlines=deadlines,
-        train=dict(r.table("train", required=False)),
+        federation_id=f.federation.id,
+        state_dir=f.federation.state_dir,
+        listen=f.server.listen,
+        tls=TlsConfig(
+            ca_cert=f.tls.ca_cert,
+            cert=f.tls.cert,
+            key=f.tls.key,
+            roster=f.tls.roster,
+            revoked=f.tls.revoked,
+        ),
+        task_spec=f.task.spec,
+        rounds=RoundsConfig(
+            count=r.count,
+            min_silos=r.min_silos,
+            aggregation=r.aggregation,
+            silos_per_round=r.silos_per_round,
+            start_timeout_s=r.start_timeout_s,
+            start_silos=r.start_silos,
+            max_consecutive_aborts=r.max_consecutive_aborts,
+            abort_backoff_initial_s=r.abort_backoff_initial_s,
+            abort_backoff_max_s=r.abort_backoff_max_s,
+        ),
+        deadlines=Deadlines(
+            offer_s=d.offer_s,
+            train_s=d.train_s,
+            heartbeat_s=d.heartbeat_s,
+            share_keys_s=d.share_keys_s,
+            consistency_s=d.consistency_s,
+            unmask_s=d.unmask_s,
+        ),
+        train=dict(f.train),
         secagg=secagg,
-        max_concurrent_uploads=r.positive("secagg", "max_concurrent_uploads", int, 2),
-    )
-
-
-_SECAGG_KEYS = frozenset(
-    {
-        "clip_l2",
-        "threshold",
-        "n_colluders",
-        "ring_bits",
-        "weighting",
-        "weight_max",
-        "noise_multiplier",
-        "noise_divisor",
-        "max_concurrent_uploads",
-    }
-)
-
-
-def _secagg_settings(r: _Reader) -> SecAggSettings:
-    """[secagg]: the clip norm is required (it is deployment-specific: SECAGG.md §9)."""
-    table = r.table("secagg", required=False)
-    unknown = sorted(set(table) - _SECAGG_KEYS)
-    if unknown:
-        raise r.fail(
-            f"[secagg] {unknown[0]}", f"is not a known key (known: {sorted(_SECAGG_KEYS)})"
-        )
-    if "clip_l2" not in table:
-        raise r.fail(
-            "[secagg] clip_l2",
-            "is missing: secure aggregation clips each silo's update to this L2 norm; "
-            "set it a little above the norm of a typical update (see docs/secure-rounds.md)",
-        )
-    ring_bits = r.get("secagg", "ring_bits", int, 32)
-    if ring_bits not in (32, 64):
-        raise r.fail("[secagg] ring_bits", f"must be 32 or 64, got {ring_bits}")
-    weighting = r.get("secagg", "weighting", str, WeightingMode.EXAMPLES.value)
-    modes = [m.value for m in WeightingMode]
-    if weighting not in modes:
-        raise r.fail("[secagg] weighting", f"must be one of {modes}, got {weighting!r}")
-    n_colluders = r.get("secagg", "n_colluders", int, None)
-    if n_colluders is not None and n_colluders < 0:
-        raise r.fail("[secagg] n_colluders", f"must be >= 0, got {n_colluders}")
-    threshold = r.get("secagg", "threshold", int, None)
-    if threshold is not None and threshold < 3:
-        raise r.fail("[secagg] threshold", f"must be >= 3 (the protocol's floor), got {threshold}")
-    return SecAggSettings(
-        clip_l2=r.positive("secagg", "clip_l2", float),
-        threshold=threshold,
-        n_colluders=n_colluders,
-        ring_bits=ring_bits,
-        weighting=WeightingMode(weighting),
-        weight_max=r.positive("secagg", "weight_max", int, 100_000),
-        dp_noise_multiplier=r.positive("secagg", "noise_multiplier", float, None),
-        dp_noise_divisor=r.positive("secagg", "noise_divisor", int, 1),
+        max_concurrent_uploads=s.max_concurrent_uploads,
     )

@@ -1,22 +1,42 @@
 """The silo agent's TOML configuration, loaded once at start into frozen dataclasses.
 
-Rule: every check happens here, before the agent dials, and every error names the file and the
-key (`ConfigError`). Relative paths are resolved against the config file's folder. The silo's
-identity is NOT configured: it is the URI SAN of its certificate; `[silo] name`/`id` is only
-checked against it so a mix-up of files is caught at start.
+Rule: every check happens here, before the agent dials, and every problem is reported as
+`<file>: [table] key <problem>` (`ConfigError`, one line per problem). Unknown tables and keys are
+refused with a "did you mean". Relative paths are resolved against the config file's folder. The
+file's schema is the strict models below (silofed.config_schema); the rest of the agent sees only
+the frozen dataclasses. The silo's identity is NOT configured: it is the URI SAN of its
+certificate; `[silo] name`/`id` is only checked against it so a mix-up of files is caught at start.
 """
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Self
+
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+
+from silofed import config_schema
+from silofed.config_schema import (
+    ConfigPath,
+    ExistingFile,
+    HostPort,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Problem,
+    StrictModel,
+    TaskSpec,
+    at_least,
+    load_model,
+    one_of,
+)
 
 
-class ConfigError(ValueError):
-    """A configuration file is missing, unparsable, or has a bad key; str() says which."""
+class ConfigError(config_schema.ConfigError):
+    """A silo configuration file is missing, unparsable, or has bad keys; str() holds one
+    `<file>: [table] key <problem>` line per problem (a silofed.config_schema.ConfigError)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +45,9 @@ class SiloTls:
     cert: Path
     key: Path
     roster: Path
+    # "signed": adopt a newer roster the coordinator delivers when the pinned CA signed it;
+    # "manual": never change the pinned roster (silo_agent.roster_update).
+    roster_updates: str = "signed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +62,31 @@ class Reconnect:
             raise ValueError("reconnect delays need 0 < initial_s <= max_s")
 
 
+# `[tls] roster_updates`: adopt CA-signed rosters the coordinator delivers, or never.
+ROSTER_UPDATE_MODES = ("signed", "manual")
+
 # Where `[debug] pause_after_phase` may stop a silo (tests kill it there): after the offer
 # arrived, after sending its key advertisement, its shares, its masked upload, its signature.
 PAUSE_POINTS = ("offer", "advertise", "share_keys", "masked", "consistency")
 
 
+# The most a coordinator may ask of local training unless [train_limits] says otherwise.
+DEFAULT_TRAIN_LIMITS: Mapping[str, float] = {"epochs": 100}
+MAX_ROUND_STEP = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class SecAggPolicy:
-    """`[secagg]`: what this silo accepts (SECAGG.md §3.3 local policy)."""
+    """`[secagg]`: what this silo accepts from a coordinator it does not trust."""
 
     allow_plaintext_insecure: bool = False  # send the update IN THE CLEAR when asked to
-    max_masked_inputs_per_model: int = 1
+    max_masked_inputs_per_model: int = 3  # same-model retries, each only with the same U3
     t_floor: int = 3
     n_colluders_max: int | None = None
+    n_colluders_min: int | None = None  # None: ⌊(n−1)/3⌋ for n invited silos
+    max_model_bytes: int | None = None  # None: 2 × this silo's own model + 1 MiB
+    max_round_step: int = MAX_ROUND_STEP
+    train_limits: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAIN_LIMITS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,142 +104,144 @@ class SiloConfig:
     secagg: SecAggPolicy = field(default_factory=SecAggPolicy)
     pause_after_phase: str | None = None  # [debug]: for fault-injection tests only
     pause_in_round: int | None = None  # [debug]: only in this round (default: the first)
+    keep_final_model: bool = False  # [silo]: write the federation's final model to state_dir
 
 
-class _Reader:
-    """Typed access to one TOML document whose errors say `<file>: [table] key ...`."""
-
-    def __init__(self, path: Path, data: Mapping[str, Any]) -> None:
-        self.path = path
-        self.data = data
-
-    def fail(self, where: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.path}: {where} {problem}")
-
-    def table(self, name: str, *, required: bool = True) -> Mapping[str, Any]:
-        value = self.data.get(name)
-        if value is None:
-            if required:
-                raise self.fail(f"[{name}]", "table is missing")
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(f"[{name}]", "must be a table")
-        return value
-
-    def get(self, table: str, key: str, kind: type, default: Any = ...) -> Any:
-        tbl = self.table(table, required=default is ...)
-        where = f"[{table}] {key}"
-        if key not in tbl:
-            if default is ...:
-                raise self.fail(where, "is missing")
-            return default
-        value = tbl[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(where, f"must be {kind.__name__}, got {type(value).__name__}")
-        return value
-
-    def path_of(self, table: str, key: str) -> Path:
-        raw = self.get(table, key, str)
-        if not raw:
-            raise self.fail(f"[{table}] {key}", "is empty")
-        p = Path(raw).expanduser()
-        return p if p.is_absolute() else (self.path.parent / p).resolve()
-
-    def existing_file(self, table: str, key: str) -> Path:
-        p = self.path_of(table, key)
-        if not p.is_file():
-            raise self.fail(f"[{table}] {key}", f"names {p}, which does not exist")
-        return p
-
-    def positive(self, table: str, key: str, kind: type, default: Any = ...) -> Any:
-        value = self.get(table, key, kind, default)
-        if value is not None and value <= 0:
-            raise self.fail(f"[{table}] {key}", f"must be > 0, got {value}")
-        return value
+# ---- the file's schema: one strict model per table --------------------------------------------
 
 
-def read_toml(path: Path) -> Mapping[str, Any]:
-    """Parse a TOML file. Raises ConfigError naming the file."""
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: configuration file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-
-
-def check_listen(reader: _Reader, table: str, key: str, value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise reader.fail(f"[{table}] {key}", f"must be host:port (port 0-65535), got {value!r}")
+def _spiffe_id(value: str) -> str:
+    if not value.startswith("spiffe://"):
+        raise ValueError(f"must be a spiffe:// URI, got {value!r}")
     return value
 
 
-def load_silo_config(path: Path) -> SiloConfig:
-    """Load and validate a silo config. Raises ConfigError naming the file and key."""
-    path = Path(path).resolve()
-    r = _Reader(path, read_toml(path))
-    name = r.get("silo", "name", str, None)
-    silo_id = r.get("silo", "id", str, None)
-    if name is None and silo_id is None:
-        raise r.fail("[silo] name", "is missing (give `name` or `id`)")
-    if silo_id is not None and not silo_id.startswith("spiffe://"):
-        raise r.fail("[silo] id", f"must be a spiffe:// URI, got {silo_id!r}")
-    address = check_listen(r, "coordinator", "address", r.get("coordinator", "address", str))
-    if address.endswith(":0"):
-        raise r.fail("[coordinator] address", "needs the coordinator's real port, not 0")
-    initial = r.positive("reconnect", "initial_s", float, 0.5)
-    max_s = r.positive("reconnect", "max_s", float, 30.0)
-    if initial > max_s:
-        raise r.fail("[reconnect] initial_s", f"must be <= max_s ({max_s})")
-    spec = r.get("task", "spec", str)
-    if ":" not in spec:
-        raise r.fail("[task] spec", f"must look like 'package.module:attribute', got {spec!r}")
-    task = r.table("task")
-    options = task.get("options", {})
-    if not isinstance(options, dict):
-        raise r.fail("[task.options]", "must be a table")
-    pause = r.get("debug", "pause_after_phase", str, None)
-    if pause is not None and pause not in PAUSE_POINTS:
-        raise r.fail(
-            "[debug] pause_after_phase", f"must be one of {list(PAUSE_POINTS)}, got {pause!r}"
-        )
-    t_floor = r.get("secagg", "t_floor", int, 3)
-    if t_floor < 3:
-        raise r.fail("[secagg] t_floor", f"must be >= 3 (the protocol's floor), got {t_floor}")
-    n_c_max = r.get("secagg", "n_colluders_max", int, None)
-    if n_c_max is not None and n_c_max < 0:
-        raise r.fail("[secagg] n_colluders_max", f"must be >= 0, got {n_c_max}")
-    policy = SecAggPolicy(
-        allow_plaintext_insecure=r.get("secagg", "allow_plaintext_insecure", bool, False),
-        max_masked_inputs_per_model=r.positive("secagg", "max_masked_inputs_per_model", int, 1),
-        t_floor=t_floor,
-        n_colluders_max=n_c_max,
+def _real_port(value: str) -> str:
+    if value.endswith(":0"):
+        raise ValueError("needs the coordinator's real port, not 0")
+    return value
+
+
+def _train_limit(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"must be a number > 0, got {value!r}")
+    return float(value)
+
+
+class _Silo(StrictModel):
+    name: str | None = None
+    id: Annotated[str, AfterValidator(_spiffe_id)] | None = None
+    state_dir: ConfigPath
+    keep_final_model: bool = False
+
+    @model_validator(mode="after")
+    def _named(self) -> Self:
+        if self.name is None and self.id is None:
+            raise Problem("name", "is missing (give `name` or `id`)")
+        return self
+
+
+class _Coordinator(StrictModel):
+    address: Annotated[HostPort, AfterValidator(_real_port)]
+    server_name: str | None = None
+
+
+class _Tls(StrictModel):
+    ca_cert: ExistingFile
+    cert: ExistingFile
+    key: ExistingFile
+    roster: ExistingFile
+    roster_updates: Annotated[str, one_of(ROSTER_UPDATE_MODES)] = "signed"
+
+
+class _Task(StrictModel):
+    spec: TaskSpec
+    options: dict[str, Any] = Field(default_factory=dict)  # [task.options]: the task's own
+
+
+class _Reconnect(StrictModel):
+    initial_s: PositiveFloat = 0.5
+    max_s: PositiveFloat = 30.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.initial_s > self.max_s:
+            raise Problem("initial_s", f"must be <= max_s ({self.max_s})")
+        return self
+
+
+class _SecAgg(StrictModel):
+    allow_plaintext_insecure: bool = False
+    max_masked_inputs_per_model: PositiveInt = 3
+    t_floor: Annotated[int, at_least(3, "the protocol's floor")] = 3
+    n_colluders_max: NonNegativeInt | None = None
+    n_colluders_min: NonNegativeInt | None = None
+    max_model_bytes: PositiveInt | None = None
+    max_round_step: PositiveInt = MAX_ROUND_STEP
+
+    @model_validator(mode="after")
+    def _colluder_bounds(self) -> Self:
+        low, high = self.n_colluders_min, self.n_colluders_max
+        if low is not None and high is not None and low > high:
+            raise Problem("n_colluders_min", f"must be <= n_colluders_max ({high})")
+        return self
+
+
+class _Debug(StrictModel):
+    pause_after_phase: Annotated[str, one_of(PAUSE_POINTS)] | None = None
+    pause_in_round: PositiveInt | None = None
+
+
+class _SiloFile(StrictModel):
+    silo: _Silo
+    coordinator: _Coordinator
+    tls: _Tls
+    task: _Task
+    reconnect: _Reconnect = Field(default_factory=_Reconnect)
+    secagg: _SecAgg = Field(default_factory=_SecAgg)
+    debug: _Debug = Field(default_factory=_Debug)
+    # [train_limits]: parameter name -> the largest value this silo trains with (numbers > 0);
+    # the defaults (epochs = 100) apply unless the table names the key.
+    train_limits: dict[str, Annotated[float, BeforeValidator(_train_limit)]] = Field(
+        default_factory=dict
     )
-    known = {"silo", "coordinator", "tls", "task", "reconnect", "secagg", "debug"}
-    unknown = sorted(set(r.data) - known)
-    if unknown:
-        raise r.fail(f"[{unknown[0]}]", f"is not a known table (known: {sorted(known)})")
+
+
+def load_silo_config(path: Path) -> SiloConfig:
+    """Load and validate a silo config. Raises ConfigError naming the file, table and key of
+    every problem found (one line each)."""
+    path = Path(path).resolve()
+    f = load_model(_SiloFile, path, error=ConfigError)
+    s = f.secagg
+    policy = SecAggPolicy(
+        allow_plaintext_insecure=s.allow_plaintext_insecure,
+        max_masked_inputs_per_model=s.max_masked_inputs_per_model,
+        t_floor=s.t_floor,
+        n_colluders_max=s.n_colluders_max,
+        n_colluders_min=s.n_colluders_min,
+        max_model_bytes=s.max_model_bytes,
+        max_round_step=s.max_round_step,
+        train_limits={**DEFAULT_TRAIN_LIMITS, **f.train_limits},
+    )
     return SiloConfig(
         source=path,
-        name=name,
-        silo_id=silo_id,
-        state_dir=r.path_of("silo", "state_dir"),
-        address=address,
-        server_name=r.get("coordinator", "server_name", str, None),
+        name=f.silo.name,
+        silo_id=f.silo.id,
+        state_dir=f.silo.state_dir,
+        address=f.coordinator.address,
+        server_name=f.coordinator.server_name,
         tls=SiloTls(
-            ca_cert=r.existing_file("tls", "ca_cert"),
-            cert=r.existing_file("tls", "cert"),
-            key=r.existing_file("tls", "key"),
-            roster=r.existing_file("tls", "roster"),
+            ca_cert=f.tls.ca_cert,
+            cert=f.tls.cert,
+            key=f.tls.key,
+            roster=f.tls.roster,
+            roster_updates=f.tls.roster_updates,
         ),
-        task_spec=spec,
-        task_options=dict(options),
-        reconnect=Reconnect(initial, max_s),
+        task_spec=f.task.spec,
+        task_options=dict(f.task.options),
+        reconnect=Reconnect(f.reconnect.initial_s, f.reconnect.max_s),
         secagg=policy,
-        pause_after_phase=pause,
-        pause_in_round=r.positive("debug", "pause_in_round", int, None),
+        pause_after_phase=f.debug.pause_after_phase,
+        pause_in_round=f.debug.pause_in_round,
+        keep_final_model=f.silo.keep_final_model,
     )

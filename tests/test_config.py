@@ -121,7 +121,7 @@ def test_silo_config_loads(tmp_path: Path) -> None:
         ),
         ('id = "fed"', 'id = "a/b"', r"\[federation\] id must be a non-empty name"),
         ("train_s = 7.5", "train_s = -1", r"\[deadlines\] train_s must be > 0"),
-        ("[train]", "[trian]", r"\[trian\] is not a known table"),
+        ("[train]", "[trian]", r"\[trian\] is not a known table; did you mean \[train\]\?"),
         (
             "min_silos = 2",
             "min_silos = 2\nsilos_per_round = 1",
@@ -154,7 +154,11 @@ def test_coordinator_errors_name_file_and_key(
         ),
         ("initial_s = 0.1", "initial_s = 9", r"\[reconnect\] initial_s must be <= max_s"),
         ('roster = "roster.json"', 'roster = ""', r"\[tls\] roster is empty"),
-        ("silo_index = 1", "silo_index = 1\n[extra]", r"\[extra\] is not a known table"),
+        (
+            "silo_index = 1",
+            "silo_index = 1\n[extra]",
+            r"\[extra\] is not a known table \(known: \[coordinator\], \[debug\]",
+        ),
     ],
 )
 def test_silo_errors_name_file_and_key(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -217,7 +221,11 @@ def test_secure_aggregation_is_the_default_and_reads_secagg(tmp_path: Path) -> N
     [
         ("clip_l2 = 10.0", "", r"\[secagg\] clip_l2 is missing: secure aggregation clips"),
         ("clip_l2 = 10.0", "clip_l2 = -1.0", r"\[secagg\] clip_l2 must be > 0"),
-        ("clip_l2 = 10.0", "clip_l2 = 1.0\nclip = 2", r"\[secagg\] clip is not a known key"),
+        (
+            "clip_l2 = 10.0",
+            "clip_l2 = 1.0\nclip = 2",
+            r"\[secagg\] clip is not a known key of \[secagg\]; did you mean 'clip_l2'\?",
+        ),
         (
             "clip_l2 = 10.0",
             "clip_l2 = 1.0\nring_bits = 16",
