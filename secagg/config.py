@@ -1,4 +1,5 @@
-"""RoundConfig (SECAGG.md §4.1): one round's parameters, with a canonical versioned binary form.
+"""RoundConfig: one round's parameters, with a canonical versioned binary form (docs/
+secagg-protocol.md §4.1).
 
 Rule: the bytes are the truth. `encode()` is fixed-width and length-prefixed, `decode()` rejects
 anything else with `MalformedMessage`, and `digest()` = H(PID ‖ "/config\\0" ‖ bytes) is what every
@@ -21,6 +22,7 @@ from secagg.train_params import MAX_TRAIN_PARAMS_BYTES
 
 # 2: `train_params` appended after the deadlines (version 1 had none; it is refused).
 CONFIG_VERSION = 2
+PHASE_DEADLINES = ("offer", "share_keys", "train", "consistency", "unmask")
 PROTOCOL = "secagg/v1"
 
 
@@ -49,7 +51,7 @@ class TensorSpec:
 
 @dataclass(frozen=True, slots=True)
 class DdgNoise:
-    """Distributed discrete Gaussian: noise multiplier z and divisor n_h (SECAGG.md §8)."""
+    """Distributed discrete Gaussian: multiplier z, divisor n_h (docs/secagg-protocol.md §9)."""
 
     noise_multiplier: float
     noise_divisor: int
@@ -107,6 +109,13 @@ class RoundConfig:
             problems.append("dp requires uniform weighting")
         if any(s < 0 for spec in self.layout for s in spec.shape):
             problems.append("layout shapes must be non-negative")
+        # One deadline per phase (offer, share_keys, train, consistency, unmask), each at
+        # least a second: every silo arms its own timeouts from them.
+        if len(self.deadlines_s) != len(PHASE_DEADLINES) or min(self.deadlines_s) < 1:
+            problems.append(
+                f"deadlines_s must be {len(PHASE_DEADLINES)} whole seconds >= 1 "
+                f"({', '.join(PHASE_DEADLINES)})"
+            )
         if len(self.train_params) > MAX_TRAIN_PARAMS_BYTES:
             problems.append(
                 f"train_params is {len(self.train_params)} bytes, at most "
@@ -231,7 +240,7 @@ def config_digest(config_bytes: bytes) -> bytes:
 
 
 def minimum_threshold(n: int, n_colluders: int, t_floor: int = 3) -> int:
-    """max(3, t_floor, ⌊(n + n_C)/2⌋ + 1) (SECAGG.md §4.4)."""
+    """max(3, t_floor, ⌊(n + n_C)/2⌋ + 1) (docs/secagg-protocol.md §4.5)."""
     return max(3, t_floor, (n + n_colluders) // 2 + 1)
 
 

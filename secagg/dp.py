@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from dp_accounting.rdp import rdp_privacy_accountant
 
 from secagg.codec import Reader, Writer
 
@@ -194,6 +193,9 @@ def ddg_epsilon(
     """ε(δ) after `rounds` rounds (sampling rate 1), via dp_accounting's RDP conversion."""
     sigma_loc = noise_multiplier * clip_l2 * scale / math.sqrt(noise_divisor)
     per_round = ddg_rdp(ORDERS, sigma_loc, m, d, scale, clip_l2)
+    # Imported here: dp_accounting costs about a second at import, and only a DP round needs it.
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     eps, _ = rdp_privacy_accountant.compute_epsilon(ORDERS, [rounds * r for r in per_round], delta)
     return float(eps)
 

@@ -1,4 +1,5 @@
-"""The silo's side of one secure-aggregation session (SECAGG.md §5, §7.1) as a state machine.
+"""The silo's side of one secure-aggregation session, as a state machine (docs/secagg-protocol.md
+§5).
 
 Rule: one transition table (`_TABLE`) decides which message each stage accepts; anything else
 aborts (fail closed). Every check of §5 raises `ProtocolAbort` with its reason; the session then
@@ -86,6 +87,7 @@ from secagg.primitives import (
     sha256_array,
     u32,
 )
+from secagg.roster_sig import roster_mismatch_detail
 from secagg.train_params import TrainParamsError, TrainValue, parse_train_params
 from secagg.transcript import consistency_digest, session_id
 from secagg.trust import SiloIdentity, Trust, verify_signer
@@ -126,6 +128,13 @@ class SubmissionRecord:
     round_id: int
     session_id: bytes
     survivors: frozenset[str] | None = None
+    # U2 of that session (known when the input left): a retry must invite exactly U3, or U2
+    # when U3 was never seen (records from before this field hold None: no member check).
+    members: frozenset[str] | None = None
+
+    def retry_members(self) -> frozenset[str] | None:
+        """The U1 a later session for the same model must have, for this silo to take part."""
+        return self.survivors if self.survivors is not None else self.members
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,12 +305,13 @@ class SiloSession:
     def handle(self, data: bytes, *, now: dt.datetime) -> list[bytes]:
         """Process one coordinator message; returns the encoded replies to send (maybe none)."""
         if self.stage is SiloStage.ABORTED:
-            return []  # an aborted session answers nothing (SECAGG.md §6)
+            return []  # an aborted session answers nothing (docs/secagg-protocol.md §6)
         return self._guard(lambda: self._dispatch(data, now))
 
     def deadline_passed(self, *, round_over: bool = False) -> None:
-        """The driver's phase deadline passed (SECAGG.md §6). Before M5 the session aborts with
-        TIMEOUT; once the masked input is sent it keeps waiting until `round_over`."""
+        """The driver's phase deadline passed (docs/secagg-protocol.md §5, "Deadlines and state").
+        Before M5 the session aborts with TIMEOUT; once the masked input is sent it keeps waiting
+        until `round_over`."""
         if self.stage in TERMINAL or self.stage is SiloStage.UNMASKED:
             return
         if self.stage in (SiloStage.MASKED_SENT, SiloStage.SIGNED) and not round_over:
@@ -390,26 +400,15 @@ class SiloSession:
         pol, roster = self.policy, self.trust.roster
         if cfg.protocol != PROTOCOL:
             raise _abort(AbortReason.CONFIG_REJECTED, f"unknown protocol {cfg.protocol!r}")
-        if cfg.federation_id != roster.federation_id:
-            raise _abort(
-                AbortReason.ROSTER_MISMATCH,
-                f"the round is for federation {cfg.federation_id!r}, this silo pins "
-                f"{roster.federation_id!r}: check [coordinator] address and [tls] roster",
+        if (cfg.federation_id, cfg.roster_version, cfg.roster_digest) != (
+            roster.federation_id,
+            roster.version,
+            roster.digest(),
+        ):
+            detail = roster_mismatch_detail(
+                cfg.federation_id, cfg.roster_version, cfg.roster_digest, roster
             )
-        if (cfg.roster_version, cfg.roster_digest) != (roster.version, roster.digest()):
-            raise _abort(
-                AbortReason.ROSTER_MISMATCH,
-                f"the round uses roster version {cfg.roster_version} (digest "
-                f"{cfg.roster_digest.hex()[:12]}), this silo pins version {roster.version} "
-                f"(digest {roster.digest().hex()[:12]}): "
-                + (
-                    "this silo is behind; it adopts a newer roster signed by the federation CA "
-                    "when the coordinator sends it (or its operator installs it as [tls] roster)"
-                    if cfg.roster_version > roster.version
-                    else "the coordinator is behind or its roster differs; its operator must "
-                    "load the federation's current roster"
-                ),
-            )
+            raise _abort(AbortReason.ROSTER_MISMATCH, detail)
         if cfg.round_id <= pol.last_round_id:
             raise _abort(AbortReason.STALE_ROUND, f"round {cfg.round_id} <= {pol.last_round_id}")
         # Bounded step: one message with round id 2^64 - 1 must not make every later round stale.
@@ -507,6 +506,25 @@ class SiloSession:
         self.stage = SiloStage.ADVERTISED
         return self._m1
 
+    def _check_retry_members(self, u1: frozenset[str]) -> None:
+        """Retry rule, membership side (before any share or input of this session leaves): a
+        second masked input for one model goes only into a session whose U1 is exactly the
+        earlier attempt's U3 (U2 when this silo never saw that U3). With the threshold rule this
+        makes any two unmasked sums for one model that share an honest contributor have the same
+        participant set (docs/secagg-protocol.md §8): no difference of two sums isolates a silo
+        or a small group."""
+        assert self.config is not None
+        for earlier in self._earlier_records(self.config.model_sha256):
+            wanted = earlier.retry_members()
+            if wanted is not None and wanted != u1:
+                missing, extra = sorted(wanted - u1), sorted(u1 - wanted)
+                raise _abort(
+                    AbortReason.CONSISTENCY_FAILED,
+                    f"a retry for a model this silo already sent a masked input for (round "
+                    f"{earlier.round_id}) must have the same {len(wanted)} members; missing "
+                    f"{missing}, extra {extra}",
+                )
+
     def _earlier_records(self, file_hash: bytes) -> tuple[SubmissionRecord, ...]:
         """The submission-log records of this session's model: those under its digest, and
         those a log written before tensor digests existed keyed by the model file's SHA-256
@@ -583,6 +601,7 @@ class SiloSession:
             self._check_sparse_graph(cfg, n)
         if not self._overflow_ok(cfg, n):
             raise _abort(AbortReason.OVERFLOW_RULE, f"sum of {n} inputs could wrap")
+        self._check_retry_members(frozenset(ids))
         self.session_id = session_id(self.config_digest, [(a.silo_id, a.c_pk, a.s_pk) for a in ads])
         self.u1 = {i + 1: _Peer(a.silo_id, a.c_pk, a.s_pk) for i, a in enumerate(ads)}
         self.index = ids.index(self.identity.silo_id) + 1
@@ -696,7 +715,8 @@ class SiloSession:
         header = MaskedHeader(
             self.session_id, self.index, cfg.length, cfg.ring_bits, sha256_array(y)
         )
-        self._record = SubmissionRecord(self._model_key, cfg.round_id, self.session_id)
+        u2 = frozenset(self.u1[v].silo_id for v in self.u2)
+        self._record = SubmissionRecord(self._model_key, cfg.round_id, self.session_id, members=u2)
         self._journal(MaskedInputRecorded(self._record))  # before the vector leaves (3.7)
         self.stage = SiloStage.MASKED_SENT
         return MaskedUpload(encode_message(header), y)

@@ -2,9 +2,10 @@
 
 Rule: every journal entry a `secagg.SiloSession` emits (round accepted, masked input recorded,
 survivors recorded) is written to ONE small JSON file in the silo's state dir, atomically
-(temporary file, fsync, rename) and BEFORE the session's next message leaves (SECAGG.md 0.2,
-3.7, 4.3): a crash can lose a message, never the record that it may have been sent. The file
-holds hashes, round ids and session ids only, never a model, a key or an update.
+(temporary file, fsync, rename) and BEFORE the session's next message leaves
+(docs/secagg-protocol.md §5 steps 0.2, 3.7, 4.3): a crash can lose a message, never the record
+that it may have been sent. The file holds hashes, round ids, session ids and silo ids only,
+never a model, a key or an update.
 
 Format 2 keys the submission log by `model_digest` (the digest of the model's tensors the driver
 computes); format 1 files are still read, their `model_sha256` (a hash of the model file) kept as
@@ -73,6 +74,7 @@ class SiloSecAggState:
                 "round_id": r.round_id,
                 "session_id": r.session_id.hex(),
                 "survivors": None if r.survivors is None else sorted(r.survivors),
+                "members": None if r.members is None else sorted(r.members),
             }
             for recs in self.submission_log.values()
             for r in recs
@@ -93,12 +95,13 @@ class SiloSecAggState:
                 raise ValueError(f"last_round_id must be an int >= 0, got {last!r}")
             log: dict[bytes, tuple[SubmissionRecord, ...]] = {}
             for r in obj["submissions"]:
-                surv = r["survivors"]
+                surv, members = r["survivors"], r.get("members")
                 rec = SubmissionRecord(
                     bytes.fromhex(r[digest_key]),
                     int(r["round_id"]),
                     bytes.fromhex(r["session_id"]),
                     None if surv is None else frozenset(str(s) for s in surv),
+                    None if members is None else frozenset(str(s) for s in members),
                 )
                 log[rec.model_digest] = (*log.get(rec.model_digest, ()), rec)
         except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -1,17 +1,18 @@
-"""One negative test per silo check of SECAGG.md §5 (§10.3): each ends in ABORT-S with the
+"""One negative test per silo check of docs/secagg-protocol.md §5: each ends in ABORT-S with the
 stated reason, the session in ABORTED with its secrets erased and an AbortNotice to send."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 
 from secagg.config import DdgNoise, GraphKind, TensorSpec
-from secagg.errors import AbortReason, MalformedMessage, ProtocolAbort
+from secagg.errors import AbortReason, ConfigError, MalformedMessage, ProtocolAbort
 from secagg.messages import (
     AbortNotice,
     Advertise,
@@ -131,6 +132,30 @@ def test_0_5_colluders_above_policy() -> None:
 
 def test_0_5_dp_divisor_above_honest_bound() -> None:
     _offer_abort(AbortReason.CONFIG_REJECTED, dp=DdgNoise(1.0, 4), scale=2.0**8, clip_l2=1.0)
+
+
+def test_0_5_policy_requires_dp_noise() -> None:
+    _offer_abort(AbortReason.CONFIG_REJECTED, SiloPolicy(0, min_noise_multiplier=1.0))
+
+
+def test_deadlines_must_be_one_per_phase() -> None:
+    """A config with too few deadlines would leave a silo without its own timeouts."""
+    cfg = make_config(federation(), N, D)
+    with pytest.raises(ConfigError, match="deadlines_s must be 5"):
+        dataclasses.replace(cfg, deadlines_s=(60, 60))
+    with pytest.raises(ConfigError, match="deadlines_s must be 5"):
+        dataclasses.replace(cfg, deadlines_s=(60, 0, 60, 60, 60))
+    # the same bytes built by a dishonest coordinator: refused at decode, before anything
+    good = cfg.encode()
+    short = good.replace(
+        struct.pack(">I", 5) + b"".join(struct.pack(">I", d) for d in cfg.deadlines_s),
+        struct.pack(">I", 2) + struct.pack(">II", 60, 60),
+    )
+    assert short != good
+    s = _session()
+    with pytest.raises(ProtocolAbort) as exc:
+        s.handle_offer(short, MODEL_SHA, now=NOW)
+    assert exc.value.reason is AbortReason.CONFIG_REJECTED
 
 
 def test_0_6_model_hash_mismatch() -> None:

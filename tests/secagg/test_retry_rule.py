@@ -120,3 +120,83 @@ def test_a_different_u3_under_another_digest_does_not_block() -> None:
     )
     r.run()
     _completed(r, target)
+
+
+def _sent_types(r: Round, sid: str) -> list[str]:
+    out = []
+    for raw in r.sent[sid]:
+        msg = decode_message(raw)
+        if isinstance(msg, SignedEnvelope):
+            out.append("signed")
+        else:
+            out.append(type(msg).__name__)
+    return out
+
+
+def test_a_retry_with_other_members_is_refused_before_any_share_leaves() -> None:
+    # The earlier attempt's M6 never reached this silo: its U2 (the members it had shared its
+    # secrets with) is what a retry must have as U1.
+    invited = make_config(federation(), N, D).invited
+    r, target = _round((SubmissionRecord(TENSORS, 3, b"a" * 32, None, frozenset(invited[:4])),))
+    assert r.aborts[target].reason is AbortReason.CONSISTENCY_FAILED
+    assert "missing []" in str(r.aborts[target]) and invited[4] in str(r.aborts[target])
+    # only the Advertise (before U1 was known) left: no ShareKeys, no input (the harness
+    # records the replies of `handle`; the driver sends the session's abort notice itself)
+    assert _sent_types(r, target) == ["signed"]
+    assert target not in r.uploads
+    r, target = _round((SubmissionRecord(TENSORS, 3, b"a" * 32, None, frozenset(invited)),))
+    _completed(r, target)
+
+
+def test_same_members_but_a_smaller_u3_is_refused_at_signing() -> None:
+    fed = federation()
+    cfg = make_config(fed, N, D, round_id=20)
+    target, quitter = cfg.invited[0], cfg.invited[4]
+    earlier = SubmissionRecord(
+        TENSORS, 3, b"a" * 32, frozenset(cfg.invited), frozenset(cfg.invited)
+    )
+    r = Round(
+        fed,
+        cfg,
+        exact_inputs(cfg, np.random.default_rng(0)),
+        drop_at={quitter: "masked"},  # shares keys, never uploads: U3 = U1 minus one
+        policies={target: SiloPolicy(0, submission_log={TENSORS: (earlier,)})},
+        model_digests={sid: TENSORS for sid in cfg.invited},
+    )
+    r.run()
+    assert r.aborts[target].reason is AbortReason.CONSISTENCY_FAILED
+    assert not _signed_consistency(r, target)
+
+
+def test_two_sums_differing_by_one_silo_cannot_both_be_formed() -> None:
+    """The differencing attack end to end in memory: session A over five silos completes; the
+    coordinator then runs session B for the same model without silo v. Every silo that took
+    part in A refuses B's membership before sharing anything, so no share of B is released."""
+    fed = federation()
+    cfg_a = make_config(fed, N, D, round_id=20)
+    digests = {sid: TENSORS for sid in cfg_a.invited}
+    a = Round(fed, cfg_a, exact_inputs(cfg_a, np.random.default_rng(1)), model_digests=digests)
+    a.run()
+    assert a.coordinator.phase is Phase.DONE
+    logs = {
+        sid: tuple(e.record for e in a.journal[sid] if isinstance(e, SurvivorsRecorded))
+        for sid in cfg_a.invited
+    }
+    assert all(len(recs) == 1 for recs in logs.values())
+    # B: four of A's five silos (v = the fifth left out), same model, later round id
+    cfg_b = make_config(fed, N - 1, D, round_id=21)
+    policies = {sid: SiloPolicy(20, submission_log={TENSORS: logs[sid]}) for sid in cfg_b.invited}
+    b = Round(
+        fed,
+        cfg_b,
+        exact_inputs(cfg_b, np.random.default_rng(2)),
+        policies=policies,
+        model_digests=digests,
+    )
+    b.run()
+    assert b.coordinator.phase is Phase.ABORTED
+    assert {sid: e.reason for sid, e in b.aborts.items()} == {
+        sid: AbortReason.CONSISTENCY_FAILED for sid in cfg_b.invited
+    }
+    for sid in cfg_b.invited:  # nothing but the Advertise left any silo
+        assert _sent_types(b, sid) == ["signed"]
