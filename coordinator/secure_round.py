@@ -4,7 +4,8 @@ Rule: everything the coordinator needs to turn a global model and a set of conne
 a `secagg.RoundConfig`, and the decoded aggregate update ḡ back into the next global state, in
 pure functions (no I/O, no clock, no gRPC). The layout is the model's state dict in its own
 order; the scale is `secagg.encoding.recommended_scale` for the configured clip C; the threshold
-and colluder bound default to SECAGG.md §9 (n_C = ⌊(n-1)/3⌋, t = max(3, ⌊(n+n_C)/2⌋+1)).
+and colluder bound default to the least values the silos accept (docs/secagg-protocol.md §4.5:
+n_C = ⌊(n-1)/3⌋, t = max(3, ⌊(n+n_C)/2⌋+1)).
 The adapter never holds or returns one silo's vector: only ḡ, the decoded sum.
 """
 
@@ -26,6 +27,7 @@ from secagg.config import (
     minimum_threshold,
 )
 from secagg.encoding import recommended_scale
+from secagg.layout import LayoutError, layout_from
 
 SECAGG = "secagg"
 
@@ -62,17 +64,13 @@ _TORCH_DTYPES: Mapping[str, torch.dtype] = {
 
 
 def layout_of(state: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
-    """The model's tensors in state-dict order; only floating tensors can be averaged."""
-    specs = []
-    for name, t in state.items():
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _TORCH_DTYPES:
-            raise SecureRoundError(
-                f"tensor {name!r} has dtype {dtype}; secure aggregation averages floating "
-                f"tensors only ({sorted(_TORCH_DTYPES)})"
-            )
-        specs.append(TensorSpec(name, tuple(int(s) for s in t.shape), dtype))
-    return tuple(specs)
+    """The model's tensors in state-dict order (secagg.layout: the silos build theirs alike)."""
+    try:
+        return layout_from(
+            (name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()
+        )
+    except LayoutError as exc:
+        raise SecureRoundError(str(exc)) from exc
 
 
 def build_round_config(
@@ -87,6 +85,7 @@ def build_round_config(
     model_sha256: bytes,
     layout: tuple[TensorSpec, ...],
     deadlines_s: tuple[int, int, int, int, int],
+    train_params: bytes = b"{}",
 ) -> RoundConfig:
     """The RoundConfig of one round; `invited` is sorted bytewise here."""
     inv = tuple(sorted(set(invited), key=lambda s: s.encode()))
@@ -97,7 +96,7 @@ def build_round_config(
     if t < t_min or t > n:
         raise SecureRoundError(
             f"[secagg] threshold {t} is outside [{t_min}, {n}] for {n} invited silos and "
-            f"n_colluders = {n_c} (SECAGG.md §4.4)"
+            f"n_colluders = {n_c} (docs/secagg-protocol.md §4.5)"
         )
     dp = None
     if settings.dp_noise_multiplier is not None:
@@ -133,6 +132,7 @@ def build_round_config(
         weight_max=1 if uniform else settings.weight_max,
         dp=dp,
         deadlines_s=deadlines_s,
+        train_params=train_params,
     )
 
 

@@ -1,9 +1,10 @@
 """`silofed-silo ledger [show|verify]`: what left this site, and whether the coordinator agrees.
 
 Rule: reading and printing only; the file format and the comparison live in `ledger.py`.
-`ledger` (= `ledger show`) prints one row per upload: round, time, aggregation, bytes, update
-digest, model-in hash, protocol messages. `ledger verify --export FILE` compares the ledger with
-a `silofed-coordinator rounds export --format json` file and names round + field of every
+`ledger` (= `ledger show`) prints one row per round: when its first message left, aggregation,
+model-in hash, the update blob (bytes, digest), every message sent in order, and the key shares
+released for other silos. `ledger verify --export FILE` compares the ledger with a
+`silofed-coordinator rounds export --format json` file and names round + field of every
 mismatch. Exit codes: 0 OK, 1 mismatch or unreadable input (the message says what to do).
 """
 
@@ -22,9 +23,12 @@ from rich.table import Table
 from secagg.identity import load_pem_certificate, uri_san
 from silo_agent.config import ConfigError, load_silo_config
 from silo_agent.ledger import (
+    FINAL_EVALUATION,
     LEDGER_FILENAME,
-    LedgerEntry,
+    NO_ROUND,
     LedgerError,
+    RoundRecord,
+    by_round,
     load_export,
     read_ledger,
     verify,
@@ -104,29 +108,61 @@ def _when(ts: float) -> str:
 
 
 def show(args: argparse.Namespace, out: TextIO) -> int:
-    entries = read_ledger(_state_dir(args) / LEDGER_FILENAME)
+    rounds = by_round(read_ledger(_state_dir(args) / LEDGER_FILENAME))
     if args.json:
-        out.write(json.dumps([e.to_dict() for e in entries], indent=2) + "\n")
+        out.write(json.dumps([_round_doc(r) for r in rounds], indent=2) + "\n")
         return 0
-    table = Table(title=f"uploads from this site ({len(entries)})")
-    for col in ("round", "at (UTC)", "aggregation", "bytes", "update sha256", "model in", "sent"):
-        table.add_column(col, justify="right" if col in ("round", "bytes") else "left")
-    for e in entries:
-        table.add_row(*_row(e))
+    table = Table(title=f"what left this site, per round ({len(rounds)} round(s))")
+    columns = ("round", "first sent (UTC)", "aggregation", "model in", "update", "sent, in order")
+    for col in (*columns, "key shares released"):
+        table.add_column(col, justify="right" if col == "round" else "left")
+    for r in rounds:
+        table.add_row(*_row(r))
     _console(out).print(table)
     return 0
 
 
-def _row(e: LedgerEntry) -> tuple[str, ...]:
-    return (
-        str(e.round_id),
-        _when(e.at),
-        e.aggregation,
-        f"{e.update_bytes:,}",
-        e.update_sha256[:16],
-        e.model_in_sha256[:16],
-        ", ".join(e.messages),
+def _round_doc(r: RoundRecord) -> dict[str, Any]:
+    update = r.update
+    return {
+        "round_id": r.round_id,
+        "aggregation": r.aggregation,
+        "model_in_sha256": r.model_in_sha256,
+        "update": None
+        if update is None
+        else {"message": update.message, "bytes": update.size, "sha256": update.sha256},
+        "share_releases": r.share_releases(),
+        "messages": [e.to_dict() for e in r.entries],
+    }
+
+
+def _row(r: RoundRecord) -> tuple[str, ...]:
+    update = r.update
+    sent = ", ".join(
+        e.message + (" (final evaluation)" if e.aggregation == FINAL_EVALUATION else "")
+        for e in r.entries
     )
+    if not r.complete:
+        sent += " (format-1 line: only the upload was recorded)"
+    releases = "; ".join(
+        f"{kind.removesuffix('_shares_for')} for {', '.join(_who(s) for s in silos)}"
+        for kind, silos in r.share_releases().items()
+        if silos
+    )
+    return (
+        "-" if r.round_id == NO_ROUND else str(r.round_id),  # e.g. a roster adoption
+        _when(r.entries[0].at),
+        r.aggregation or "?",
+        (r.model_in_sha256 or "?")[:16],
+        "-" if update is None else f"{update.size:,} B {update.sha256[:16]}",
+        sent,
+        releases or "-",
+    )
+
+
+def _who(silo: str | int) -> str:
+    """A silo id's last path segment (its name); `#i` for a bare secagg index."""
+    return f"#{silo}" if isinstance(silo, int) else silo.rsplit("/", 1)[-1]
 
 
 def verify_cmd(args: argparse.Namespace, out: TextIO) -> int:
@@ -134,10 +170,13 @@ def verify_cmd(args: argparse.Namespace, out: TextIO) -> int:
     export = load_export(args.export)
     silo_id = _silo_id(args)
     problems = verify(entries, export, silo_id)
+    rounds = [r for r in by_round(entries) if r.round_id != NO_ROUND]
+    uploads = sum(1 for r in rounds if r.update is not None)
     if args.json:
         doc = {
             "silo_id": silo_id,
-            "uploads": len(entries),
+            "rounds": len(rounds),
+            "uploads": uploads,
             "ok": not problems,
             "mismatches": [
                 {
@@ -156,7 +195,10 @@ def verify_cmd(args: argparse.Namespace, out: TextIO) -> int:
             out.write(f"MISMATCH {m}\n")
         out.write(f"{len(problems)} mismatch(es) between the ledger and {args.export}\n")
     else:
-        out.write(f"OK: {len(entries)} upload(s) of {silo_id} agree with {args.export}\n")
+        out.write(
+            f"OK: {len(rounds)} round(s), {uploads} upload(s) of {silo_id} agree with "
+            f"{args.export}\n"
+        )
     return 1 if problems else 0
 
 

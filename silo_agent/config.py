@@ -22,6 +22,7 @@ from silofed.config_schema import (
     ConfigPath,
     ExistingFile,
     HostPort,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -86,6 +87,7 @@ class SecAggPolicy:
     n_colluders_min: int | None = None  # None: ⌊(n−1)/3⌋ for n invited silos
     max_model_bytes: int | None = None  # None: 2 × this silo's own model + 1 MiB
     max_round_step: int = MAX_ROUND_STEP
+    min_noise_multiplier: float = 0.0  # > 0: refuse rounds without DP noise of at least this z
     train_limits: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAIN_LIMITS))
 
 
@@ -178,6 +180,7 @@ class _SecAgg(StrictModel):
     n_colluders_min: NonNegativeInt | None = None
     max_model_bytes: PositiveInt | None = None
     max_round_step: PositiveInt = MAX_ROUND_STEP
+    min_noise_multiplier: NonNegativeFloat = 0.0
 
     @model_validator(mode="after")
     def _colluder_bounds(self) -> Self:
@@ -221,6 +224,7 @@ def load_silo_config(path: Path) -> SiloConfig:
         n_colluders_min=s.n_colluders_min,
         max_model_bytes=s.max_model_bytes,
         max_round_step=s.max_round_step,
+        min_noise_multiplier=s.min_noise_multiplier,
         train_limits={**DEFAULT_TRAIN_LIMITS, **f.train_limits},
     )
     return SiloConfig(

@@ -5,20 +5,32 @@ runner queues (heartbeats when idle; blobs expanded into header + chunks of at m
 as they are sent) and yields what the coordinator sends. Every gRPC failure becomes a
 `LinkError` with the status code's name and the coordinator's detail, so the runner never sees
 grpc types.
+
+"Handed to gRPC", for `on_sent`: gRPC asks the request iterator for its next message only after
+the previous one's send operation completed (its bytes passed HTTP/2 flow control and were
+written to the socket) and never after the call failed. So the code after a `yield` runs only
+once that message has left this process, and `on_sent` is called there: for a message after its
+own send, for a blob after its header and last chunk. A message still queued, or being sent,
+when the stream breaks is never reported. Hello and heartbeats are reported too (the callback
+decides what to keep).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
-from secagg.chunking import describe, split
+from secagg.chunking import BlobMeta, describe, split
+
+log = logging.getLogger("silofed.silo")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -73,6 +85,7 @@ class Link:
         *,
         server_name: str | None = None,
         heartbeat_s: float = 5.0,
+        on_sent: Callable[[pb.SiloMessage | OutBlob], None] | None = None,
     ) -> None:
         options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
         if server_name:
@@ -86,28 +99,44 @@ class Link:
         self._stub = pb_grpc.FederationStub(self._channel)
         self._out: queue.Queue[pb.SiloMessage | OutBlob | None] = queue.Queue()
         self._heartbeat_s = heartbeat_s
+        self._on_sent = on_sent
         self._call: grpc.Future | None = None
         self.bytes_out = 0
         self.bytes_in = 0
 
     def _requests(self, hello: pb.Hello) -> Iterator[pb.SiloMessage]:
-        yield pb.SiloMessage(hello=hello)
+        # Each `self._sent(...)` follows the `yield` of what it reports: see the module docstring.
+        first = pb.SiloMessage(hello=hello)
+        yield first
+        self._sent(first)
         while True:
             try:
                 item = self._out.get(timeout=self._heartbeat_s)
             except queue.Empty:
-                beat = pb.Heartbeat(sent_unix_ms=int(time.time() * 1000))
-                yield pb.SiloMessage(heartbeat=beat)
+                beat = pb.SiloMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000)))
+                yield beat
+                self._sent(beat)
                 continue
             if item is None:
                 return
             if isinstance(item, OutBlob):
-                yield from _blob_messages(item)
+                meta = describe(item.data, item.sha256)
+                yield from _blob_messages(item, meta)
                 self.bytes_out += len(item.data)
+                self._sent(dataclasses.replace(item, sha256=meta.sha256))  # the digest it carried
             else:
                 self.bytes_out += item.ByteSize()
                 yield item
-            self._out.task_done()  # gRPC took everything of this item
+                self._sent(item)
+            self._out.task_done()  # gRPC took everything of this item (and it was reported)
+
+    def _sent(self, item: pb.SiloMessage | OutBlob) -> None:
+        if self._on_sent is None:
+            return
+        try:
+            self._on_sent(item)
+        except Exception:  # noqa: BLE001 - an exception here would make gRPC cancel the stream
+            log.exception("the on_sent callback failed; the stream goes on")
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until gRPC has taken every queued message (bounded); True when it has."""
@@ -143,8 +172,7 @@ class Link:
         self._channel.close()
 
 
-def _blob_messages(blob: OutBlob) -> Iterator[pb.SiloMessage]:
-    meta = describe(blob.data, blob.sha256)
+def _blob_messages(blob: OutBlob, meta: BlobMeta) -> Iterator[pb.SiloMessage]:
     yield pb.SiloMessage(
         blob_header=pb.BlobHeader(
             round_id=blob.round_id,

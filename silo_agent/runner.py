@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import random
@@ -41,17 +40,20 @@ from secagg.identity import (
     silo_id_for,
 )
 from secagg.silo import SiloPolicy, SiloSession
+from secagg.train_params import TrainParamsError, parse_train_params
 from secagg.trust import SiloIdentity, Trust
 from silo_agent.backoff import Backoff
 from silo_agent.config import SiloConfig
 from silo_agent.connection import Link, LinkError, OutBlob, TlsMaterial
-from silo_agent.ledger import LEDGER_FILENAME, LedgerEntry, append_entry
+from silo_agent.final_model import EVALUATE, FinalModel
+from silo_agent.ledger import LEDGER_FILENAME, SentLedger
 from silo_agent.progress import training_progress
+from silo_agent.roster_update import on_roster_update
 from silo_agent.secure_round import Pause, SiloSecureRound, TrainJob
 from silo_agent.secure_session import SecureSession
 from silo_agent.silo_state import SiloStateStore
 from silo_agent.task import Task
-from silo_agent.tensors import prefixed, state_from_bytes, state_to_bytes
+from silo_agent.tensors import LocalModel, fresh_seed, prefixed, state_from_bytes, state_to_bytes
 
 log = logging.getLogger("silofed.silo")
 
@@ -81,13 +83,37 @@ def preflight(config: SiloConfig, *, now: dt.datetime) -> str:
     if expected is None and config.name is not None:
         expected = silo_id_for(roster.federation_id, config.name)
     try:
-        return check_certificate(cert, ca, now=now, roster=roster, expected_silo_id=expected)
+        silo_id = check_certificate(cert, ca, now=now, roster=roster, expected_silo_id=expected)
     except CertificateRejected as exc:
         raise PreflightError(
             f"refusing to dial: this silo's {config.tls.cert} — {exc}. "
             "Re-enroll the silo (silofed-silo enroll) or fix [tls] in "
             f"{config.source}."
         ) from exc
+    _check_key_pair(config)
+    return silo_id
+
+
+def _check_key_pair(config: SiloConfig) -> None:
+    """The private key must belong to the certificate: with another key every TLS handshake
+    fails, and the agent would otherwise retry forever without saying why."""
+    tls = config.tls
+    try:
+        key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise PreflightError(
+            f"{tls.key}: not a readable unencrypted PEM private key ({exc}); fix [tls] key in "
+            f"{config.source}"
+        ) from exc
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    cert_key = load_pem_certificate(tls.cert.read_bytes()).public_key().public_bytes(der, spki)
+    if key.public_key().public_bytes(der, spki) != cert_key:
+        raise PreflightError(
+            f"{tls.key} is not the private key of {tls.cert}: the two files belong to different "
+            f"enrollments; point [tls] key and cert in {config.source} at the pair that "
+            "`silofed-silo enroll` wrote (or re-enroll)"
+        )
 
 
 SECAGG = "secagg"
@@ -114,6 +140,7 @@ class SiloRunner:
     data: Any
     silo_id: str
     max_rounds: int | None = None
+    serve_forever: bool = False  # a finished federation run: wait for the next, do not exit
     stop: threading.Event = field(default_factory=threading.Event)
     rng: Callable[[], float] = random.random
     clock: Callable[[], float] = time.time
@@ -121,6 +148,9 @@ class SiloRunner:
     _link: Link | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _credentials: tuple[SiloIdentity, Trust] | None = None  # read once, for secure rounds
+    _model_profile: LocalModel | None = None  # built once, at the first offer
+    _sent_ledger: SentLedger | None = None  # what left the site; made by run()
+    _final: FinalModel | None = None  # the final evaluation's rules (silo_agent/final_model.py)
 
     def request_stop(self) -> None:
         """Stop from another thread (signal handler): closes the stream so reading returns."""
@@ -136,19 +166,23 @@ class SiloRunner:
             cert_pem=self.config.tls.cert.read_bytes(),
             key_pem=self.config.tls.key.read_bytes(),
         )
-        roster = Roster.from_json(self.config.tls.roster.read_text())
-        hello = pb.Hello(
-            silo_id=self.silo_id, agent_version=AGENT_VERSION, roster_digest=roster.digest()
-        )
+        ledger = SentLedger(self.config.state_dir / LEDGER_FILENAME, self.clock)
+        self._sent_ledger = ledger
         while not self.stop.is_set():
-            link = Link(self.config.address, tls, server_name=self.config.server_name)
+            link = Link(
+                self.config.address,
+                tls,
+                server_name=self.config.server_name,
+                on_sent=ledger.on_sent,  # each message is recorded once gRPC has taken it
+            )
             with self._lock:
                 self._link = link
             try:
-                finished = self._session(link.open(hello), link, backoff)
-                if finished:
+                finished = self._session(link.open(self._hello()), link, backoff)
+                if not finished:
+                    log.warning("coordinator closed the stream")
+                elif not self._wait_for_next_run():
                     return EXIT_OK
-                log.warning("coordinator closed the stream")
             except LinkError as exc:
                 if self.stop.is_set():
                     break
@@ -167,6 +201,22 @@ class SiloRunner:
             self.stop.wait(delay)
         log.info("stopped after %d completed rounds", self.rounds_done)
         return EXIT_STOPPED
+
+    def _hello(self) -> pb.Hello:
+        # Read at every connection: an adopted roster update replaces the pinned file.
+        roster = Roster.from_json(self.config.tls.roster.read_text())
+        return pb.Hello(
+            silo_id=self.silo_id, agent_version=AGENT_VERSION, roster_digest=roster.digest()
+        )
+
+    def _wait_for_next_run(self) -> bool:
+        """After a finished run (or --rounds reached): True when --serve-forever keeps the
+        agent up to reconnect (with backoff) for the coordinator's next run."""
+        limit_reached = self.max_rounds is not None and self.rounds_done >= self.max_rounds
+        if not self.serve_forever or limit_reached:
+            return False
+        log.info("the federation run finished; --serve-forever: waiting for the next run")
+        return True
 
     def _session(
         self, messages: Iterator[pb.CoordinatorMessage], link: Link, backoff: Backoff
@@ -212,6 +262,10 @@ class SiloRunner:
                     state.offer.aggregation,
                     state.offer.model_bytes,
                 )
+                if not self._offer_size_ok(link, state.offer) or not self._final_model().screen(
+                    state.offer, link.send
+                ):  # too large, or a final evaluation of another model than the announced
+                    state.offer = None
             elif kind == "blob_header":
                 self._on_header(state, message.blob_header)
             elif kind == "blob_chunk":
@@ -226,6 +280,9 @@ class SiloRunner:
                 state.end_secure(message.round_result.round_id)
                 if self._on_result(message.round_result):
                     return True
+            elif kind == "roster_update":
+                if on_roster_update(self.config, message.roster_update, clock=self.clock):
+                    self._credentials = None  # the next secure round reads the adopted roster
             elif kind == "abort":
                 notice = message.abort
                 if notice.reason == FEDERATION_FINISHED:
@@ -243,13 +300,26 @@ class SiloRunner:
     def _take_part(self, link: Link, state: _RoundState, model_bytes: bytes, pause: Pause) -> None:
         offer = state.offer
         assert offer is not None
-        if offer.aggregation == SECAGG:
+        if self._sent_ledger is not None:
+            self._sent_ledger.note_round(offer.round_id, offer.aggregation, offer.model_sha256)
+        if offer.aggregation == EVALUATE:
+            self._final_model().evaluate(offer, model_bytes, link.send)
+        elif offer.aggregation == SECAGG:
             state.secure = self._secure_round(link, offer, model_bytes, pause)
             state.secure.start()
         elif (
             offer.aggregation == PLAINTEXT_INSECURE and self.config.secagg.allow_plaintext_insecure
         ):
-            self._train_and_upload(link, offer, model_bytes)
+            try:
+                params = _plaintext_train_params(offer, self.config.secagg.train_limits)
+            except OfferRefused as exc:
+                log.warning("round %d: declined: %s", offer.round_id, exc)
+                notice = pb.AbortNotice(
+                    round_id=offer.round_id, reason="TRAIN_PARAMS_REJECTED", detail=str(exc)
+                )
+                link.send(pb.SiloMessage(abort=notice))
+                return
+            self._train_and_upload(link, offer, model_bytes, params)
         else:
             # Never send the update in the clear unless this silo's operator said so.
             log.warning(
@@ -273,7 +343,12 @@ class SiloRunner:
             last_round_id=0,
             t_floor=policy.t_floor,
             n_colluders_max=policy.n_colluders_max,
+            n_colluders_min=policy.n_colluders_min,
             max_masked_inputs_per_model=policy.max_masked_inputs_per_model,
+            expected_layout_sha256=self._local_model().layout_sha256,
+            train_limits=policy.train_limits,
+            max_round_step=policy.max_round_step,
+            min_noise_multiplier=policy.min_noise_multiplier,
         )
         identity, trust = self._secagg_credentials()
         session = SiloSession(
@@ -287,11 +362,17 @@ class SiloRunner:
         job = TrainJob(
             self.task,
             self.data,
-            _train_params(offer),
-            self.config.state_dir / LEDGER_FILENAME,
+            self._sent_ledger,
             self.clock,
         )
         return SiloSecureRound(offer, model_bytes, SecureSession(session), job, link.send, pause)
+
+    def _local_model(self) -> LocalModel:
+        """This silo's own model, built once: the layout a round must have and the largest
+        model download it accepts ([secagg] max_model_bytes, default 2 × its size + 1 MiB)."""
+        if self._model_profile is None:
+            self._model_profile = LocalModel.of(self.task, self.config.secagg.max_model_bytes)
+        return self._model_profile
 
     def _secagg_credentials(self) -> tuple[SiloIdentity, Trust]:
         """This silo's signing identity and its pinned CA + roster (the same files as its TLS)."""
@@ -308,10 +389,28 @@ class SiloRunner:
             self._credentials = identity, Trust(ca, Roster.from_json(tls.roster.read_text()))
         return self._credentials
 
+    def _offer_size_ok(self, link: Link, offer: pb.RoundOffer) -> bool:
+        """Refuse, before buffering a byte, a model larger than this silo accepts."""
+        limit = self._local_model().max_model_bytes
+        if offer.model_bytes <= limit:
+            return True
+        detail = (
+            f"the offered model has {offer.model_bytes} bytes; this silo accepts at most {limit} "
+            "([secagg] max_model_bytes)"
+        )
+        log.warning("round %d: declined: %s", offer.round_id, detail)
+        notice = pb.AbortNotice(round_id=offer.round_id, reason="MODEL_TOO_LARGE", detail=detail)
+        link.send(pb.SiloMessage(abort=notice))
+        return False
+
     def _on_header(self, state: _RoundState, header: pb.BlobHeader) -> None:
         offer = state.offer
         if offer is None or header.round_id != offer.round_id or header.kind != pb.GLOBAL_MODEL:
             log.warning("ignoring an unexpected blob for round %d", header.round_id)
+            state.download = None
+            return
+        if header.total_bytes != offer.model_bytes:
+            log.warning("model blob size differs from the round offer; ignoring the round")
             state.download = None
             return
         if header.sha256 != offer.model_sha256:
@@ -341,18 +440,18 @@ class SiloRunner:
         state.download = None
         return data
 
-    def _train_and_upload(self, link: Link, offer: pb.RoundOffer, model_bytes: bytes) -> None:
+    def _train_and_upload(
+        self, link: Link, offer: pb.RoundOffer, model_bytes: bytes, params: Mapping[str, Any]
+    ) -> None:
         round_id = offer.round_id
         received = state_from_bytes(model_bytes)
-        params = _train_params(offer)
         model = self.task.build_model()
         model.load_state_dict(received)
         started = time.monotonic()
         evaluated = prefixed(self.task.evaluate(model, self.data), "eval_")
         with training_progress(round_id) as tick:  # a bar on a terminal; else a no-op
-            result = self.task.train(
-                model, self.data, {**params, "round": round_id, "progress": tick}
-            )
+            own = {"round": round_id, "seed": fresh_seed(), "progress": tick}
+            result = self.task.train(model, self.data, {**params, **own})
         trained = model.state_dict()
         delta = {k: trained[k].detach() - received[k] for k in received}
         update = state_to_bytes(delta)
@@ -378,18 +477,19 @@ class SiloRunner:
             shown,
             len(update),
         )
-        self._ledger(round_id, offer, digest, len(update), result.num_examples)
 
-    def _ledger(
-        self, round_id: int, offer: pb.RoundOffer, digest: bytes, size: int, n: int
-    ) -> None:
-        # What left the site, so the operator can compare it with the coordinator's log.
-        model_in, now = offer.model_sha256.hex(), self.clock()
-        # `messages` defaults to the plaintext set (silo_agent.ledger.PLAINTEXT_MESSAGES).
-        entry = LedgerEntry(round_id, now, offer.aggregation, model_in, digest.hex(), size, n)
-        append_entry(self.config.state_dir / LEDGER_FILENAME, entry)
+    def _final_model(self) -> FinalModel:
+        if self._final is None:
+            self._final = FinalModel(
+                self.config.state_dir,
+                keep=self.config.keep_final_model,
+                task=self.task,
+                data=self.data,
+            )
+        return self._final
 
     def _on_result(self, result: pb.RoundResult) -> bool:
+        self._final_model().on_result(result)  # the one model a final evaluation may use
         if result.status == "completed":
             took_part = self.silo_id in result.survivors
             if took_part:
@@ -409,7 +509,14 @@ class SiloRunner:
         return False
 
 
-def _train_params(offer: pb.RoundOffer) -> Mapping[str, Any]:
-    """The coordinator's [train] table, for the task's train()."""
-    params: Mapping[str, Any] = json.loads(offer.train_params_json or "{}")
-    return params
+class OfferRefused(Exception):
+    """A plaintext offer this silo will not train on; str() says why (sent to the coordinator)."""
+
+
+def _plaintext_train_params(offer: pb.RoundOffer, limits: Mapping[str, float]) -> dict[str, Any]:
+    """The coordinator's [train] table of a plaintext round, under the same rules as a secure
+    round's signed parameters (secagg.train_params). Raises OfferRefused."""
+    try:
+        return dict(parse_train_params(offer.train_params_json.encode() or b"{}", limits))
+    except TrainParamsError as exc:
+        raise OfferRefused(str(exc)) from exc

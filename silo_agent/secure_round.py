@@ -6,8 +6,8 @@ the offer is checked, so the silo keeps answering the key exchange while it trai
 pairwise masks are computed (SecureSession) while training still runs. What leaves the site:
 the signed key advertisement, the encrypted shares, the evaluation metrics of the RECEIVED
 model, the masked vector (indistinguishable from random without the other silos' masks) and
-the unmasking shares SECAGG.md allows — never the update itself. Every upload is appended to
-the ledger.
+the unmasking shares the protocol allows (docs/secagg-protocol.md §5 step 5.3) — never the
+update itself. Every message is recorded in the ledger once gRPC has taken it.
 
 `[debug] pause_after_phase` freezes the silo at one point (tests kill it there for real).
 """
@@ -20,7 +20,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,22 +29,23 @@ import torch
 
 from protos import federation_pb2 as pb
 from secagg.config import RoundConfig
-from secagg.errors import ProtocolAbort
+from secagg.errors import ProtocolAbort, SecAggError
 from secagg.messages import MaskedHeader, decode_as
 from secagg.silo import TERMINAL, SiloStage
 from silo_agent.connection import OutBlob
-from silo_agent.ledger import SECURE_MESSAGES, LedgerEntry, append_entry
+from silo_agent.ledger import SentLedger
 from silo_agent.progress import training_progress
 from silo_agent.secure_session import SecureSession, flatten_update
-from silo_agent.task import Task
-from silo_agent.tensors import prefixed, state_from_bytes
+from silo_agent.task import Task, TrainingCancelled
+from silo_agent.tensors import fresh_seed, model_digest, prefixed, state_from_bytes
 
 log = logging.getLogger("silofed.silo")
 
 KEYS_POLL_S = 0.05
 WATCH_POLL_S = 0.5
-# How long the silo waits in each stage (SECAGG.md §6), as the round config's deadline indices
-# (offer, share_keys, train, consistency, unmask): the phase whose message it waits for.
+# How long the silo waits in each stage (docs/secagg-protocol.md §5, "Deadlines and state"), as the
+# round config's deadline indices (offer, share_keys, train, consistency, unmask): the phase whose
+# message it waits for.
 _WAITING_FOR = {
     SiloStage.ADVERTISED: (0, 1),  # M2 comes once every invited silo advertised
     SiloStage.SHARED: (1,),  # M4
@@ -105,8 +106,7 @@ class Pause:
 class TrainJob:
     task: Task
     data: Any
-    params: Mapping[str, Any]
-    ledger_path: Path
+    ledger: SentLedger | None  # records what leaves; told the round's index -> silo id map
     clock: Callable[[], float]
 
 
@@ -117,10 +117,11 @@ def _now() -> dt.datetime:
 def overdue(
     stage: SiloStage, in_stage_s: float, in_round_s: float, deadlines_s: tuple[int, ...]
 ) -> str | None:
-    """The silo's own deadlines (SECAGG.md §6), so a stalling coordinator cannot keep it holding
-    its secrets: "abort" when it has waited in a stage before its upload for twice the phase
-    deadlines it waits on (the coordinator should have closed them by then), "erase" when, its
-    input committed, the whole round has lasted twice the sum of the deadlines; else None."""
+    """The silo's own deadlines (docs/secagg-protocol.md §5, "Deadlines and state"), so a
+    stalling coordinator cannot keep it holding its secrets: "abort" when it has waited in a
+    stage before its upload for twice the phase deadlines it waits on (the coordinator should
+    have closed them by then), "erase" when, its input committed, the whole round has lasted
+    twice the sum of the deadlines; else None."""
     waits = _WAITING_FOR.get(stage)
     if waits is not None:
         return "abort" if in_stage_s > 2 * sum(deadlines_s[i] for i in waits) else None
@@ -148,6 +149,7 @@ class SiloSecureRound:
         self._send = send
         self.pause = pause
         self._model_bytes: bytes | None = model_bytes
+        self._received: dict[str, torch.Tensor] | None = None
         self._over = threading.Event()
         self._trainer: threading.Thread | None = None
         self.config: RoundConfig | None = None
@@ -155,12 +157,23 @@ class SiloSecureRound:
     # ---- driven by the runner --------------------------------------------------------------
 
     def start(self) -> None:
-        """Check the offer (SECAGG.md phase 0) and advertise keys; training starts alongside."""
+        """Check the offer (phase 0) and advertise keys; training starts alongside."""
         assert self._model_bytes is not None
         self.pause.at("offer", self.round_id)
+        if not self._offer_ids_agree():
+            return
         model_sha = hashlib.sha256(self._model_bytes).digest()
         try:
-            m1 = self.session.handle_offer(self.offer.config, model_sha, now=_now())
+            # Keyed on the tensors, not the file: a re-serialised model is the same model.
+            self._received = state_from_bytes(self._model_bytes)
+            digest = model_digest(self._received)
+        except Exception as exc:  # undecodable model bytes from the coordinator
+            self._refuse("MODEL_HASH_MISMATCH", f"the model does not decode: {exc}")
+            return
+        try:
+            m1 = self.session.handle_offer(
+                self.offer.config, model_sha, now=_now(), model_digest=digest
+            )
         except ProtocolAbort as exc:
             self._aborted(exc)
             return
@@ -183,6 +196,10 @@ class SiloSecureRound:
             self._aborted(exc)
             return
         stage = self.session.stage
+        if stage is SiloStage.SHARED and stage is not before and self.job.ledger is not None:
+            # U1 is known now: the ledger names share recipients by silo id, not index.
+            peers = self.session.session.u1
+            self.job.ledger.note_indices(self.round_id, {i: p.silo_id for i, p in peers.items()})
         point = {SiloStage.SHARED: "share_keys", SiloStage.SIGNED: "consistency"}.get(stage)
         frozen = (
             point is not None and stage is not before and self.pause.freeze(point, self.round_id)
@@ -232,6 +249,28 @@ class SiloSecureRound:
                 self.round_over()
                 return
 
+    def _offer_ids_agree(self) -> bool:
+        """The offer's round id is the one the silo uses on the wire and in its ledger: it must
+        be the signed configuration's, or the silo's records would disagree with what it signed."""
+        try:
+            signed_round = RoundConfig.decode(self.offer.config).round_id
+        except SecAggError:
+            return True  # the session refuses undecodable configurations with its reason code
+        if signed_round == self.round_id:
+            return True
+        self._refuse(
+            "CONFIG_REJECTED",
+            f"the offer says round {self.round_id}, its signed configuration round {signed_round}",
+        )
+        return False
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        """Refuse the offer before any session exists (nothing secret to erase)."""
+        log.warning("round %d: refused the offer: %s (%s)", self.round_id, reason, detail)
+        notice = pb.AbortNotice(round_id=self.round_id, reason=reason, detail=detail)
+        self._send(pb.SiloMessage(abort=notice))
+        self._over.set()
+
     def _frame(self, payload: bytes) -> None:
         frame = pb.SecAggFrame(round_id=self.round_id, payload=payload)
         self._send(pb.SiloMessage(secagg=frame))
@@ -251,6 +290,8 @@ class SiloSecureRound:
     def _train_and_upload(self) -> None:
         try:
             self._train_and_upload_inner()
+        except TrainingCancelled:
+            log.info("round %d: the round ended; local training stopped", self.round_id)
         except Exception as exc:  # a task bug must not kill the agent; the round drops this silo
             log.exception("round %d: local training failed", self.round_id)
             detail = f"local training failed: {type(exc).__name__}: {exc}"
@@ -258,18 +299,19 @@ class SiloSecureRound:
             self._send(pb.SiloMessage(abort=notice))
 
     def _train_and_upload_inner(self) -> None:
-        job, cfg, model_bytes = self.job, self.config, self._model_bytes
-        assert cfg is not None and model_bytes is not None
-        self._model_bytes = None
-        received = state_from_bytes(model_bytes)
-        del model_bytes
+        job, cfg, received = self.job, self.config, self._received
+        assert cfg is not None and received is not None
+        self._model_bytes = self._received = None
         model = job.task.build_model()
         model.load_state_dict(received)
         started = time.monotonic()
         evaluated = prefixed(job.task.evaluate(model, job.data), "eval_")
         with training_progress(self.round_id) as tick:  # a bar on a terminal; else a no-op
-            params = {**job.params, "round": self.round_id, "progress": tick}
-            result = job.task.train(model, job.data, params)
+            # The signed parameters (every silo checked they are the same for all), plus what
+            # is the silo's own: the round, fresh randomness, and a progress hook that stops
+            # training once the round is over.
+            own = {"round": cfg.round_id, "seed": fresh_seed(), "progress": self._progress(tick)}
+            result = job.task.train(model, job.data, {**self.session.train_params, **own})
         with torch.no_grad():
             delta = flatten_update(model.state_dict(), received, cfg.layout)
         metrics = {**evaluated, **prefixed(result.metrics, "train_")}
@@ -298,19 +340,19 @@ class SiloSecureRound:
             shown,
             data.nbytes,
         )
-        entry = LedgerEntry(
-            self.round_id,
-            job.clock(),
-            self.offer.aggregation,
-            self.offer.model_sha256.hex(),
-            digest.hex(),
-            data.nbytes,
-            result.num_examples,
-            SECURE_MESSAGES,
-        )
-        append_entry(job.ledger_path, entry)
         if frozen:
             self.pause.hold("masked")
+
+    def _progress(self, tick: Callable[[int, int], None]) -> Callable[[int, int], None]:
+        """The task's progress hook: draws the bar, and raises TrainingCancelled once the round
+        is over (aborted, finished without us, stream lost), so training stops promptly."""
+
+        def progress(done: int, total: int) -> None:
+            if self._over.is_set():
+                raise TrainingCancelled(f"round {self.round_id} is over")
+            tick(done, total)
+
+        return progress
 
     def _wait_for_keys(self) -> bool:
         """Training may finish before the shares (M4) arrive: wait for them, bounded by the

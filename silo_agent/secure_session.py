@@ -18,6 +18,7 @@ import torch
 
 from secagg.config import TensorSpec
 from secagg.silo import MaskedUpload, SiloSession, SiloStage
+from secagg.train_params import TrainValue
 
 
 class SecureSessionError(ValueError):
@@ -60,9 +61,23 @@ class SecureSession:
     def stage(self) -> SiloStage:
         return self.session.stage
 
-    def handle_offer(self, config_bytes: bytes, model_sha256: bytes, *, now: dt.datetime) -> bytes:
+    @property
+    def train_params(self) -> Mapping[str, TrainValue]:
+        """The signed round configuration's training parameters, checked against the policy."""
+        return self.session.train_params
+
+    def handle_offer(
+        self,
+        config_bytes: bytes,
+        model_sha256: bytes,
+        *,
+        now: dt.datetime,
+        model_digest: bytes | None = None,
+    ) -> bytes:
         with self._lock:
-            return self.session.handle_offer(config_bytes, model_sha256, now=now)
+            return self.session.handle_offer(
+                config_bytes, model_sha256, now=now, model_digest=model_digest
+            )
 
     def handle(self, data: bytes, *, now: dt.datetime) -> list[bytes]:
         with self._lock:

@@ -5,15 +5,21 @@ data. A spec is ``"package.module:attribute"`` (e.g. ``examples.hospital.task:TA
 imports the module and checks the object has the four methods, or raises `TaskLoadError` naming
 the spec and what failed.
 
-`train(model, data, params)` receives the coordinator's ``[train]`` table plus two keys the
-silo agent sets (they override ``[train]`` keys of the same name):
+`train(model, data, params)` receives the coordinator's ``[train]`` table (flat scalars: bool,
+int, float, str; under secure aggregation it comes inside the signed round configuration, is
+the same for every silo, and is bounded by the silo's ``[train_limits]``) plus three keys the
+silo agent sets itself (the coordinator may not send them):
 
-- ``params["round"]``: the round id (an int), e.g. to seed per-round shuffling;
-- ``params["progress"]``: a callable ``progress(done, total)`` the task MAY call as training
+- ``params["round"]``: the round id (an int);
+- ``params["seed"]``: fresh randomness of the silo's own (a 64-bit int, new every round): seed
+  shuffling, dropout and any other training randomness from it, never from something the
+  coordinator chose, so a retrained update never repeats bit for bit at the coordinator's wish;
+- ``params["progress"]``: a callable ``progress(done, total)`` the task SHOULD call as training
   advances (two numbers in any unit it likes: batches, steps, epochs; ``done <= total``). On a
-  terminal the silo draws a progress bar from it (silo_agent.progress); otherwise it does
-  nothing. It never affects training, may be called any number of times, and must not be
-  stored beyond the call to `train`. Check ``callable(params.get("progress"))`` first: a task
+  terminal the silo draws a progress bar from it (silo_agent.progress). Once the round is over
+  (aborted, or finished without this silo) it raises `TrainingCancelled`: let it propagate, so
+  an abandoned round stops training at the next step instead of running to the end. It must not
+  be stored beyond the call to `train`. Check ``callable(params.get("progress"))`` first: a task
   run outside the agent (tests, baselines) gets no such key.
 """
 
@@ -32,6 +38,10 @@ REQUIRED_METHODS = ("build_model", "load_data", "train", "evaluate")
 
 class TaskLoadError(Exception):
     """A task spec could not be resolved to a usable task object."""
+
+
+class TrainingCancelled(Exception):
+    """Raised by ``params["progress"]`` once the round is over; tasks let it propagate."""
 
 
 @dataclass(frozen=True, slots=True)

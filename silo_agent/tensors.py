@@ -1,12 +1,23 @@
-"""Model state <-> bytes on the silo, and metric naming: shared by both aggregation paths."""
+"""Model state <-> bytes on the silo, the silo's view of its own model, and metric naming.
+
+Rule: shared by both aggregation paths; nothing here does I/O beyond reading the OS's
+randomness for a training seed."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from secagg.config import TensorSpec, layout_sha256
+from secagg.layout import layout_from
+from silo_agent.task import Task
 
 
 def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -24,3 +35,44 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 def prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
     """Metric names under `prefix` (eval_ for the received model, train_ for local training)."""
     return {(k if k.startswith(prefix) else prefix + k): float(v) for k, v in metrics.items()}
+
+
+def model_digest(state: Mapping[str, torch.Tensor]) -> bytes:
+    """SHA-256 of a model's tensors — names (sorted), dtypes, shapes and values — not of a file.
+
+    The differencing guard keys on this: the same tensors re-serialised with other metadata or
+    in another order are the same model, so a coordinator cannot make a silo train twice on one
+    model by re-encoding it."""
+    h = hashlib.sha256(b"silofed/model-digest/v1\x00")
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        meta = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode()
+        h.update(len(meta).to_bytes(4, "big") + meta)
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.digest()
+
+
+def fresh_seed() -> int:
+    """The task's `seed` for one round: the silo's own fresh randomness (64 bits), never the
+    coordinator's, so a coordinator cannot make a retrained update repeat bit for bit."""
+    return int.from_bytes(os.urandom(8), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """What the silo knows of its own model before any round: the layout a secure round must
+    have (a layout that is not this model's is refused before anything is allocated for it)
+    and the largest model download it accepts."""
+
+    layout: tuple[TensorSpec, ...]
+    layout_sha256: bytes
+    max_model_bytes: int
+
+    @staticmethod
+    def of(task: Task, max_model_bytes: int | None) -> LocalModel:
+        state = task.build_model().state_dict()
+        layout = layout_from(
+            (name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in state.items()
+        )
+        limit = max_model_bytes or 2 * len(state_to_bytes(state)) + (1 << 20)
+        return LocalModel(layout, layout_sha256(layout), limit)

@@ -37,6 +37,7 @@ __all__ = [
     "ConfigPath",
     "ExistingFile",
     "HostPort",
+    "NonNegativeFloat",
     "NonNegativeInt",
     "PositiveFloat",
     "PositiveInt",
@@ -126,6 +127,7 @@ TaskSpec = Annotated[str, AfterValidator(_check_task_spec)]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
 def one_of(choices: Sequence[Any]) -> AfterValidator:

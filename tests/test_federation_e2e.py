@@ -18,6 +18,7 @@ import torch
 
 from coordinator.checkpoints import CheckpointStore
 from coordinator.roundlog import CheckpointRecord, RoundLog
+from silo_agent.ledger import read_ledger
 from tests.federation_helpers import (
     RECORDING_SPEC,
     processes,
@@ -75,8 +76,10 @@ def test_hospital_rounds_complete_with_all_silos(tmp_path: Path) -> None:
             assert detail.aggregation == "plaintext-insecure"
     finally:
         log.close()
-    for name in NAMES:  # each silo's ledger lists what left the site
-        assert len((fed.silos[name].dir / "state" / "ledger.jsonl").read_text().splitlines()) == 3
+    for name in NAMES:  # each silo's ledger lists what left the site: one update per round
+        entries = read_ledger(fed.silos[name].dir / "state" / "ledger.jsonl")
+        assert sum(e.is_update for e in entries) == 3
+        assert sorted({e.round_id for e in entries if e.is_update}) == [1, 2, 3]
 
 
 def test_killed_silo_is_a_dropout_and_aggregation_is_exact(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
-"""Secure rounds end to end: 5 silo processes (t = 3) over mTLS, killed for real at each phase.
+"""Secure rounds end to end: 5 silo processes (t = 4) over mTLS, killed for real at each phase.
 
 One federation, seven rounds. In round r (1..5) silo r is frozen by `[debug]
-pause_after_phase` right after it sent its message of one phase of SECAGG.md, killed with
-SIGKILL, and restarted; the round completes, its new model equals plaintext FedAvg over the
-survivors (U3) within the stated quantisation bound (recomputed here from the updates each silo
-recorded), and the restarted silo takes part in the next round. In round 6 three silos are
+pause_after_phase` right after it sent its message of one phase of the protocol
+(docs/secagg-protocol.md §5), killed with SIGKILL, and restarted; the round completes, its new
+model equals plaintext FedAvg over the survivors (U3) within the stated quantisation bound
+(recomputed here from the updates each silo recorded), and the restarted silo takes part in the
+next round. In round 6 three silos are
 killed after advertising their keys: the round aborts (THRESHOLD_VIOLATION recorded), nothing is
 unmasked, and round 7 completes from the unchanged model. The auditor's commands then run,
 through their entry point, on that federation's round log.
@@ -52,7 +53,9 @@ KILLS = (
     (5, "s5", "consistency", None),  # U4 \\ U5: the round may finish before the loss shows
 )
 ABORT_ROUND, ABORT_KILLED = 6, ("s1", "s2", "s3")
-SECAGG = {"clip_l2": 100.0, "threshold": 3, "n_colluders": 0, "weight_max": 40}
+# n_colluders 1 is the silos' default floor for 5 invited (⌊(5−1)/3⌋), so t = ⌊(5+1)/2⌋+1 = 4:
+# one silo lost per round is survivable, three are not.
+SECAGG = {"clip_l2": 100.0, "threshold": 4, "n_colluders": 1, "weight_max": 40}
 
 
 def _silo_id(name: str) -> str:
@@ -222,7 +225,7 @@ def _round_config(tmp_path: Path, round_id: int) -> RoundConfig:
 
     del tmp_path
     return build_round_config(
-        SecAggSettings(clip_l2=100.0, threshold=3, n_colluders=0, weight_max=40),
+        SecAggSettings(clip_l2=100.0, threshold=4, n_colluders=1, weight_max=40),
         federation_id="sec",
         roster_version=1,
         roster_digest=b"\0" * 32,

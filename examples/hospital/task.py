@@ -1,14 +1,16 @@
 """The hospital task: a small MLP classifying breast-cancer biopsies (malignant vs benign).
 
 Rule: deterministic given its inputs. `build_model` seeds its own generator, and `train` shuffles
-with a generator seeded from `params["seed"]` and `params["round"]` (when the runtime passes the
-round), so the same round replays exactly; nothing touches torch's global RNG.
+with a generator seeded from `params["seed"]` and `params["round"]`; under the silo agent the
+seed is the silo's own fresh randomness every round (a run outside the agent passes its own, or
+gets 0, and replays exactly). Nothing touches torch's global RNG.
 Data and the fixed, silo-independent preprocessing are in `data.py`.
 
 Silo options (``[task.options]``): ``silo_index`` (0-based, required), ``num_silos`` (default 3).
 Train params (the coordinator's ``[train]`` table), all optional:
 ``epochs`` (local epochs per round, default 2), ``lr`` (default 0.05), ``batch_size``
-(default 32), ``momentum`` (default 0.9), ``seed`` (default 0), ``round`` (default 0).
+(default 32), ``momentum`` (default 0.9); the agent sets ``seed`` and ``round`` itself
+(defaults 0 outside the agent).
 When the runtime passes a callable ``progress``, training reports ``progress(done, total)`` in
 batches after each batch (the silo's terminal progress bar); it does not affect the result.
 """
@@ -107,7 +109,7 @@ def _train_split(model: nn.Module, split: Split, params: Mapping[str, Any]) -> d
             f"[train] needs epochs >= 1, batch_size >= 1, lr > 0, 0 <= momentum < 1; got "
             f"epochs={epochs}, batch_size={batch_size}, lr={lr}, momentum={momentum}"
         )
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + round_id)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + round_id) % 2**63)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     report = params.get("progress")
