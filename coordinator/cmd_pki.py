@@ -1,5 +1,5 @@
 """PKI commands for the coordinator operator: provision-dev, init-ca, issue-server-cert,
-issue-operator-cert, sign, revoke.
+issue-operator-cert, sign, sign-roster, revoke.
 
 Every command prints what it made and where, never key material, and exits 1 with a sentence
 saying what to fix when it is refused.
@@ -50,10 +50,9 @@ def run_init_ca(args: argparse.Namespace) -> int:
     ca = pki.create_ca(directory, args.federation, now=_now(), force=args.force)
     roster_path = directory / pki.ROSTER_FILE
     if not roster_path.exists() or args.force:
-        pki.write_public(roster_path, Roster(args.federation, 0, {}).to_json().encode() + b"\n")
+        pki.write_roster(roster_path, Roster(args.federation, 0, {}), ca)
     print(f"CA for federation {args.federation!r}: {directory / pki.CA_DIR / 'ca.pem'}")
-    print(f"empty roster: {roster_path}")
-    del ca
+    print(f"empty roster: {roster_path} (signed: {pki.roster_signature_path(roster_path)})")
     return 0
 
 
@@ -101,12 +100,29 @@ def run_sign(args: argparse.Namespace) -> int:
         ca, csr_pem, federation_id=federation_id, now=_now(), valid_days=args.days
     )
     pki.write_public(Path(args.out), cert_pem)
-    roster = pki.add_to_roster(directory / pki.ROSTER_FILE, cert_pem)
+    roster_path = directory / pki.ROSTER_FILE
+    roster = pki.add_to_roster(roster_path, cert_pem, ca=ca)
     cert = x509.load_pem_x509_certificate(cert_pem)
     print(f"signed {uri_san(cert)} -> {args.out} (valid until {cert.not_valid_after_utc:%Y-%m-%d})")
     print(f"  roster pin (SHA-256 of the public key): {spki_sha256(cert).hex()}")
     print(f"  roster version {roster.version}, digest {roster.digest().hex()}")
-    print("  distribute the new roster.json to every silo (they pin it)")
+    print(f"  roster signed by the CA: {pki.roster_signature_path(roster_path)}")
+    print(
+        "  give this silo its certificate, ca.pem and the new roster.json; connected silos "
+        "receive the signed roster from the coordinator (unless they set [tls] roster_updates "
+        '= "manual": give them roster.json too)'
+    )
+    return 0
+
+
+def run_sign_roster(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    roster_path = directory / pki.ROSTER_FILE
+    ca = pki.load_ca(directory, _federation_of(directory))
+    roster = pki.sign_roster_file(roster_path, ca)
+    print(f"signed roster version {roster.version} ({len(roster.entries)} silos)")
+    print(f"  digest    {roster.digest().hex()}")
+    print(f"  signature {pki.roster_signature_path(roster_path)}")
     return 0
 
 
@@ -199,6 +215,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--out", required=True, help="where to write the signed certificate")
     p.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
     p.set_defaults(func=_guard(run_sign))
+
+    p = sub.add_parser(
+        "sign-roster",
+        help="sign roster.json with the federation CA (after editing it by hand)",
+        description="Write roster.json.sig: the CA's signature over roster.json as it is. The "
+        "coordinator delivers a signed roster to silos pinning an older version; `sign` and "
+        "`init-ca` sign the roster they write, so this is needed only after a manual edit "
+        "(which must also raise its version).",
+    )
+    p.add_argument("--dir", required=True, help="federation directory (with ca/ and roster.json)")
+    p.set_defaults(func=_guard(run_sign_roster))
 
     p = sub.add_parser("revoke", help="revoke a silo certificate")
     p.add_argument("--dir", required=True, help="federation directory")

@@ -1,9 +1,10 @@
-"""`silofed-coordinator rounds list|show|export|plot`: read the round log, never write it.
+"""`silofed-coordinator rounds list|show|export|plot|model`: read the round log, never write it.
 
 Rule: every subcommand opens the log read-only (safe while the coordinator runs), takes
 `--state-dir DIR` (the log is DIR/rounds.sqlite) or `--log FILE`, and `--json` for machines.
-Human output is rich tables. Errors (no log, unreadable log, no such round, unknown metric) go
-to stderr as one sentence saying what to do, with exit code 1.
+Human output is rich tables. Errors (no log, unreadable log, no such round, unknown metric, a
+checkpoint that does not match the log) go to stderr as one sentence saying what to do, with
+exit code 1. `model` writes only the file it is asked to (coordinator/model_export.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.model_export import ExportError, export_model
 from coordinator.roundlog import (
     LOG_FILENAME,
+    FinalEvaluation,
     RoundDetail,
     RoundLog,
     RoundLogError,
@@ -53,7 +56,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     rounds = sub.add_parser(
         "rounds",
-        help="inspect the round log (list, show, export, plot)",
+        help="inspect the round log (list, show, export, plot) and export a round's model",
         description="Inspect the round log; safe while the coordinator runs.",
     )
     verbs = rounds.add_subparsers(dest="rounds_command", required=True, metavar="ACTION")
@@ -81,6 +84,25 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--metric", required=True, help="metric name, e.g. accuracy or loss")
     p.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     p.set_defaults(func=_run(cmd_plot))
+
+    p = verbs.add_parser(
+        "model",
+        parents=[common],
+        help="write the global model of a completed round as safetensors, with its SHA-256",
+        description="Write the checkpoint of completed round N (0: the initial model) to FILE "
+        "after checking its SHA-256 against the round log, and print that digest. The "
+        "checkpoints are read from the log's folder (DIR/checkpoints).",
+    )
+    p.add_argument(
+        "--round",
+        type=int,
+        metavar="N",
+        help="round whose model to write (0: the initial model; default: the last completed)",
+    )
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, help="safetensors file to write (replaced)"
+    )
+    p.set_defaults(func=_run(cmd_model))
 
 
 # -- plumbing ---------------------------------------------------------------------------------
@@ -179,25 +201,61 @@ def list_rows(summaries: Sequence[RoundSummary], metric: str) -> list[dict[str, 
     return rows
 
 
-def default_metric(summaries: Sequence[RoundSummary]) -> str:
+def default_metric(
+    summaries: Sequence[RoundSummary], finals: Sequence[FinalEvaluation] = ()
+) -> str:
     """The metric `rounds list` shows when none is asked for."""
     names: set[str] = set()
     for s in summaries:
         names.update(s.global_metrics)
         for m in s.silo_metrics.values():
             names.update(m)
+    for f in finals:
+        names.update(f.global_metrics)
     for preferred in PREFERRED_METRICS:
         if preferred in names:
             return preferred
     return min(names) if names else PREFERRED_METRICS[-1]
 
 
+def final_rows(finals: Sequence[FinalEvaluation], metric: str) -> list[dict[str, Any]]:
+    """`rounds list`'s closing line(s): the final evaluation of the federation's model."""
+    rows = []
+    for f in finals:
+        values = [
+            (silo, m[metric])
+            for silo, m in f.silo_metrics.items()
+            if metric in m and not math.isnan(m[metric])
+        ]
+        pick = max if lower_is_better(metric) else min
+        worst = pick(values, key=lambda item: item[1]) if values else None
+        rows.append(
+            {
+                "round": f.round_id,
+                "model_sha256": f.model_sha256,
+                "started_at": f.started_at,
+                "duration_s": f.duration_s,
+                "asked": len(f.asked),
+                "answered": len(f.answered),
+                "refused": len(f.refusals),
+                "metric": metric,
+                "global": f.global_metrics.get(metric),
+                "worst_silo": None if worst is None else worst[0],
+                "worst_silo_value": None if worst is None else worst[1],
+            }
+        )
+    return rows
+
+
 def cmd_list(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
     summaries = log.rounds()
-    metric: str = args.metric or default_metric(summaries)
+    finals = log.final_evaluations()
+    metric: str = args.metric or default_metric(summaries, finals)
     rows = list_rows(summaries, metric)
+    final = final_rows(finals, metric)
     if args.json:
-        out.write(_dumps({"log": str(log.path), "rounds": rows}) + "\n")
+        doc = {"log": str(log.path), "rounds": rows, "final_evaluations": final}
+        out.write(_dumps(doc) + "\n")
         return 0
     console = _console(out)
     if not rows:
@@ -223,7 +281,30 @@ def cmd_list(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
             _num(r["global"]),
             worst,
         )
+    if final:
+        table.add_section()
+    for f in final:
+        worst = (
+            "-" if f["worst_silo"] is None else f"{_num(f['worst_silo_value'])} ({f['worst_silo']})"
+        )
+        # The final evaluation is not a round: its columns are silos asked / answered / not.
+        table.add_row(
+            f"final ({f['round']})",
+            "evaluated",
+            _when(f["started_at"]),
+            f"{f['duration_s']:.1f} s",
+            str(f["asked"]),
+            str(f["answered"]),
+            str(f["asked"] - f["answered"]),
+            _num(f["global"]),
+            worst,
+        )
     console.print(table)
+    if final:
+        console.print(
+            "final (N): the federation's final model, round N's, evaluated by the silos "
+            "(invited = asked, finished = answered, dropped = no answer); not a round"
+        )
     return 0
 
 
@@ -315,6 +396,33 @@ def _print_detail(console: Console, d: RoundDetail) -> None:
             f"privacy: {pv.mechanism} noise multiplier {pv.noise_multiplier:g}, clip norm "
             f"{pv.clip_norm:g}, spent epsilon {pv.epsilon:.4g} at delta {pv.delta:g}"
         )
+    if d.final_evaluation is not None:
+        _print_final(console, d.final_evaluation)
+
+
+def _print_final(console: Console, f: FinalEvaluation) -> None:
+    shown = ", ".join(f"{k} {_num(v)}" for k, v in sorted(f.global_metrics.items())) or "-"
+    console.print(
+        f"final evaluation of this round's model {f.model_sha256[:12]} "
+        f"({_when(f.started_at)} UTC, {f.duration_s:.2f} s): {len(f.answered)} of "
+        f"{len(f.asked)} silos answered; global {shown}"
+    )
+    names = sorted({k for m in f.silo_metrics.values() for k in m})
+    table = Table(title="final evaluation per silo")
+    table.add_column("silo")
+    table.add_column("answer")
+    for name in names:
+        table.add_column(name, justify="right")
+    for silo in f.asked:
+        metrics = f.silo_metrics.get(silo)
+        if metrics is not None:
+            answer = "metrics"
+        elif silo in f.refusals:
+            answer = f"refused: {f.refusals[silo]}"
+        else:
+            answer = "no answer"
+        table.add_row(silo, answer, *(_num((metrics or {}).get(n)) for n in names))
+    console.print(table)
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -354,6 +462,20 @@ def csv_facts(export: Mapping[str, Any]) -> Iterator[tuple[object, ...]]:
             for key, value in sorted(r["privacy"].items()):
                 shown = json.dumps(value, sort_keys=True) if key == "details" else value
                 yield (n, "privacy", "", key, shown)
+        final = r.get("final_evaluation")
+        if final is not None:
+            for key in ("model_sha256", "started_at", "ended_at", "duration_s"):
+                yield (n, "final_evaluation", "", key, final[key])
+            for name in ("asked", "answered"):
+                for silo in final[name]:
+                    yield (n, "final_participant", name, "silo_id", silo)
+            for silo, reason in final["refusals"].items():
+                yield (n, "final_refusal", silo, "reason", reason)
+            for key, value in sorted(final["global_metrics"].items()):
+                yield (n, "final_global_metric", "", key, value)
+            for s in final["silos"]:
+                for key, value in sorted(s["metrics"].items()):
+                    yield (n, "final_silo_metric", s["silo_id"], key, value)
 
 
 def export_csv(export: Mapping[str, Any]) -> str:
@@ -377,6 +499,35 @@ def cmd_export(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
     except OSError as exc:
         raise CommandError(f"cannot write {args.output}: {exc}; choose a writable path") from exc
     print(f"wrote {len(export['rounds'])} rounds as {fmt} to {args.output}", file=sys.stderr)
+    return 0
+
+
+# -- model ------------------------------------------------------------------------------------
+
+
+def cmd_model(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
+    checkpoints = log.path.parent / "checkpoints"  # <state_dir>/checkpoints, beside the log
+    try:
+        done = export_model(log, checkpoints, args.round, args.output)
+    except ExportError as exc:
+        raise CommandError(str(exc)) from None
+    if args.json:
+        doc = {
+            "round": done.round_id,
+            "output": str(done.output),
+            "sha256": done.sha256,
+            "bytes": done.size,
+            "checkpoint": str(done.checkpoint),
+        }
+        out.write(_dumps(doc) + "\n")
+        return 0
+    what = "the initial model" if done.round_id == 0 else f"the model of round {done.round_id}"
+    print(
+        f"wrote {what} ({done.size:,} bytes, SHA-256 checked against the round log) to "
+        f"{done.output}",
+        file=sys.stderr,
+    )
+    out.write(f"{done.sha256}  {done.output}\n")  # `sha256sum -c` reads this line
     return 0
 
 

@@ -1,9 +1,11 @@
 """`silofed-coordinator serve`: run the coordinator from its TOML configuration.
 
 Rule: argument parsing, logging and progress-display setup only; the work is
-`coordinator.serve.serve`. Configuration errors, task-loading errors and a damaged rollback
-intent (`<state_dir>/rollback.json`) end the process with exit code 2 and one line naming the
-file and key (or the task spec) to fix.
+`coordinator.serve.serve`. Configuration errors, task-loading errors, a damaged rollback
+intent (`<state_dir>/rollback.json`) and an address that cannot be bound (the port in use) end
+the process with exit code 2 and one line naming the file and key (or the task spec) to fix.
+Exit codes: 0 finished, 1 too few silos connected in time, 2 as above, 4 stalled (the same cause
+aborted [rounds] max_consecutive_aborts rounds in a row; the diagnosis is logged), 130 signal.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from coordinator import progress
     from coordinator.rollback import RollbackError
     from coordinator.serve import serve
+    from coordinator.server import ListenError
     from coordinator.task import TaskLoadError
 
     try:
@@ -67,5 +70,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     except RollbackError as exc:  # a damaged or unusable <state_dir>/rollback.json
+        log.error("cannot start: %s", exc)
+        return 2
+    except ListenError as exc:  # the port is taken, or the address is not this machine's
         log.error("cannot start: %s", exc)
         return 2

@@ -91,7 +91,9 @@ class CoordinatorConfig:
     deadlines: Deadlines
     train: Mapping[str, Any] = field(default_factory=dict)
     secagg: SecAggSettings | None = None  # None only with the insecure plaintext baseline
-    max_concurrent_uploads: int = 2  # masked vectors buffered at once (SECAGG.md §3.8: P)
+    max_concurrent_uploads: int = (
+        2  # masked vectors buffered at once (docs/secagg-protocol.md §5 step 3.8: P)
+    )
 
     @property
     def host(self) -> str:

@@ -165,6 +165,12 @@ class FederationCollector(Collector):
             "silofed_current_round", "Round in progress (0 when idle).",
             value=float(reply.current_round),
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "silofed_aborted_rounds_in_a_row",
+            "Rounds aborted since the last completed one (the coordinator backs off between "
+            "them and stops at [rounds] max_consecutive_aborts of one cause).",
+            value=float(reply.aborted_in_a_row),
+        )
         expiry = GaugeMetricFamily(
             "silofed_cert_expiry_days",
             "Days until each connected silo's certificate expires.",

@@ -6,6 +6,12 @@ exception is `provision_dev`, which plays every party on one machine for the dem
 still writes each silo's key into that silo's own directory. Keys are ECDSA P-256 (grpcio's TLS
 stack refuses Ed25519 client certificates) and are written 0600 from the first byte.
 
+Rosters are signed: every roster this module writes gets a detached signature by the CA key
+beside it (`roster.json.sig`, secagg.roster_sig), so the coordinator can deliver a new roster
+version to silos that pin an older one and they can check it came from the CA, not from the
+coordinator. `write_roster` writes the signature before the roster: a reader that sees the new
+roster finds its signature already there.
+
 Operator certificates (`issue_operator_cert`) let the coordinator operator's tools (`status`,
 health probes) authenticate over mTLS: clientAuth, URI SAN `spiffe://<federation>/operator/<name>`
 (see coordinator.operator), never on the roster, so they can read status but never join rounds.
@@ -28,6 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coordinator.operator import DEFAULT_OPERATOR_NAME, operator_id_for, valid_name
 from secagg.identity import Roster, SiloId, build_silo_csr, spki_sha256, uri_san
+from secagg.roster_sig import SIGNATURE_SUFFIX, roster_signature_valid, sign_roster
 
 CA_DIR = "ca"
 COORDINATOR_DIR = "coordinator"
@@ -37,6 +44,7 @@ OPERATOR_CERT = "operator.pem"
 OPERATOR_KEY = "operator.key"
 OPERATOR_VALID_DAYS = 90
 ROSTER_FILE = "roster.json"
+ROSTER_SIGNATURE_FILE = ROSTER_FILE + SIGNATURE_SUFFIX
 REVOKED_FILE = "revoked.json"
 
 
@@ -367,14 +375,113 @@ def load_roster(path: Path) -> Roster:
         raise PkiError(f"roster {path} is invalid: {exc}") from exc
 
 
-def add_to_roster(roster_path: Path, cert_pem: bytes) -> Roster:
-    """Pin the certificate's key for its silo id, one roster version up, and save the roster."""
+def roster_signature_path(roster_path: Path) -> Path:
+    """Where a roster's detached signature lives: `<roster>.sig`."""
+    return roster_path.with_name(roster_path.name + SIGNATURE_SUFFIX)
+
+
+def roster_bytes(roster: Roster) -> bytes:
+    """A roster's file contents (what is signed and delivered, byte for byte)."""
+    return roster.to_json().encode() + b"\n"
+
+
+def write_roster(roster_path: Path, roster: Roster, ca: CA | None) -> bytes:
+    """Save `roster`, signed by `ca` (or unsigned, any stale signature removed, when None).
+
+    The signature is written first, so whoever sees the new roster finds its signature; a
+    reader between the two renames sees the old roster with the new signature, which fails
+    verification and is reread when the roster file changes. Returns the file's bytes.
+    """
+    data = roster_bytes(roster)
+    sig_path = roster_signature_path(roster_path)
+    if ca is not None:
+        write_public(sig_path, sign_roster(ca.key, data))
+    else:
+        sig_path.unlink(missing_ok=True)
+    write_public(roster_path, data)
+    return data
+
+
+def sign_roster_file(roster_path: Path, ca: CA) -> Roster:
+    """(Re-)sign a roster file as it is, e.g. one edited by hand. Raises PkiError when it is
+    unreadable or not for the CA's federation."""
+    data = _read_roster_bytes(roster_path)
+    roster = _parse_roster(roster_path, data)
+    if roster.federation_id != ca.federation_id:
+        raise PkiError(
+            f"roster {roster_path} is for federation {roster.federation_id!r}, the CA for "
+            f"{ca.federation_id!r}; sign a roster of this federation"
+        )
+    write_public(roster_signature_path(roster_path), sign_roster(ca.key, data))
+    return roster
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRoster:
+    """A roster file as read, with its signature when one is present and valid.
+
+    `problem` says why it cannot be delivered to silos (no signature, or one that does not
+    verify with the CA certificate); None when `signature` is set."""
+
+    roster: Roster
+    data: bytes
+    signature: bytes | None
+    problem: str | None
+
+
+def _read_roster_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PkiError(f"cannot read roster {path}: {exc.strerror}") from exc
+
+
+def _parse_roster(path: Path, data: bytes) -> Roster:
+    try:
+        return Roster.from_json(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PkiError(f"roster {path} is invalid: {exc}") from exc
+
+
+def load_signed_roster(roster_path: Path, ca_cert: x509.Certificate) -> SignedRoster:
+    """Read a roster and check its detached signature with `ca_cert`. Raises PkiError when the
+    roster itself is unreadable or invalid; a missing or bad signature is `problem`."""
+    data = _read_roster_bytes(roster_path)
+    roster = _parse_roster(roster_path, data)
+    sig_path = roster_signature_path(roster_path)
+    try:
+        signature = sig_path.read_bytes()
+    except FileNotFoundError:
+        return SignedRoster(
+            roster,
+            data,
+            None,
+            f"{sig_path} is missing: silos cannot check this roster, so it is not delivered "
+            "to them; sign it with `silofed-coordinator sign-roster --dir FEDERATION_DIR`",
+        )
+    except OSError as exc:
+        return SignedRoster(roster, data, None, f"cannot read {sig_path}: {exc.strerror}")
+    if not roster_signature_valid(ca_cert, data, signature):
+        return SignedRoster(
+            roster,
+            data,
+            None,
+            f"{sig_path} does not verify with the federation CA for {roster_path} as it is now "
+            "(edited after signing, or signed by another CA); re-sign it with "
+            "`silofed-coordinator sign-roster --dir FEDERATION_DIR`",
+        )
+    return SignedRoster(roster, data, signature, None)
+
+
+def add_to_roster(roster_path: Path, cert_pem: bytes, *, ca: CA | None = None) -> Roster:
+    """Pin the certificate's key for its silo id, one roster version up, and save the roster
+    (signed by `ca` when given; see `write_roster`)."""
     cert = x509.load_pem_x509_certificate(cert_pem)
     silo_id = uri_san(cert)
     if silo_id is None:
         raise PkiError("the certificate has no single URI SAN; it is not a silo certificate")
     roster = load_roster(roster_path).with_silo(SiloId(silo_id), spki_sha256(cert))
-    write_public(roster_path, roster.to_json().encode() + b"\n")
+    write_roster(roster_path, roster, ca)
     return roster
 
 
@@ -438,7 +545,7 @@ def provision_dev(
     ca = create_ca(directory, federation_id, now=now, force=force)
     coord_cert, coord_key = issue_coordinator_cert(ca, directory / COORDINATOR_DIR, now=now)
     roster_path, revoked_path = directory / ROSTER_FILE, directory / REVOKED_FILE
-    write_public(roster_path, Roster(federation_id, 0, {}).to_json().encode() + b"\n")
+    write_roster(roster_path, Roster(federation_id, 0, {}), ca)
     write_public(revoked_path, b'{"revoked": []}\n')
     silos: dict[str, SiloPaths] = {}
     for name in silo_names:
@@ -446,7 +553,7 @@ def provision_dev(
         csr_pem = _dev_silo_key_and_csr(silo_dir, federation_id, name)
         cert_pem = sign_csr(ca, csr_pem, federation_id=federation_id, now=now)
         write_public(silo_dir / "silo.pem", cert_pem)
-        add_to_roster(roster_path, cert_pem)
+        add_to_roster(roster_path, cert_pem, ca=ca)
         silos[name] = SiloPaths(
             silo_dir,
             silo_dir / "silo.key",
@@ -456,10 +563,12 @@ def provision_dev(
             silo_dir / ROSTER_FILE,
         )
     ca_pem = ca.cert.public_bytes(serialization.Encoding.PEM)
-    roster_bytes = roster_path.read_bytes()
+    pinned = roster_path.read_bytes()
+    signature = roster_signature_path(roster_path).read_bytes()
     for paths in silos.values():
         write_public(paths.ca_cert, ca_pem)
-        write_public(paths.roster, roster_bytes)
+        write_public(roster_signature_path(paths.roster), signature)
+        write_public(paths.roster, pinned)
     # So `silofed-coordinator status` works against the dev federation out of the box.
     operator = issue_operator_cert(ca, operator_dir(directory), now=now, force=True)
     return DevFederation(

@@ -2,9 +2,12 @@
 
 Rule: it records facts about rounds — status, timings, participant sets per phase, dropouts and
 their phase, bytes and evaluation metrics per silo, model and checkpoint hashes, the aggregate's
-weight sum, abort reasons, privacy figures — and never an individual silo's update. Every write is
-one transaction; a finished round (completed, aborted, interrupted) is never modified again.
-Timestamps are float unix seconds passed in by the caller (no clock is read here).
+weight sum, abort reasons, privacy figures —, the final evaluation of the federation's last model
+(not a round: it counts nowhere as one), and never an individual silo's update. Every write is
+one transaction; a finished round (completed, aborted, interrupted) is never modified again, and
+a final evaluation is written once. Timestamps are float unix seconds passed in by the caller
+(no clock is read here). A log of an older schema version is upgraded when a writer opens it
+(`_MIGRATIONS`); a reader of a not-yet-upgraded log sees no final evaluations.
 
 Readers open the file with `RoundLog.open_readonly` (SQLite URI ``mode=ro``) and may do so while
 the coordinator writes: WAL mode lets them read the last committed state without blocking it.
@@ -26,7 +29,7 @@ from typing import Any
 
 from secagg.identity import SiloId
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOG_FILENAME = "rounds.sqlite"  # the round log's name inside the coordinator's state_dir
 PHASE_SETS = ("invited", "U1", "U2", "U3", "U4", "U5", "finished")
 
@@ -92,6 +95,24 @@ CREATE TABLE checkpoints (
     sha256    TEXT NOT NULL
 );
 """
+
+# Schema version 2: the final evaluation of the federation's last model (one row per evaluated
+# round's model; it is not a round, so no other table refers to it).
+_FINAL_EVALUATIONS = """
+CREATE TABLE final_evaluations (
+    round_id        INTEGER PRIMARY KEY REFERENCES rounds(round_id),
+    model_sha256    TEXT NOT NULL,
+    started_at      REAL NOT NULL,
+    ended_at        REAL NOT NULL,
+    asked           TEXT NOT NULL DEFAULT '[]',
+    answered        TEXT NOT NULL DEFAULT '[]',
+    refusals        TEXT NOT NULL DEFAULT '{}',
+    silo_metrics    TEXT NOT NULL DEFAULT '{}',
+    global_metrics  TEXT NOT NULL DEFAULT '{}'
+)
+"""
+# Statements that bring a log of version N to N + 1, run in one transaction per step.
+_MIGRATIONS: Mapping[int, tuple[str, ...]] = {1: (_FINAL_EVALUATIONS,)}
 
 
 class RoundStatus(enum.Enum):
@@ -170,6 +191,44 @@ class PrivacyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class FinalEvaluation:
+    """The evaluation, on the silos, of the model a completed round produced, run once when the
+    federation finished. Not a round: it trains nothing and counts nowhere as one."""
+
+    round_id: int  # the completed round whose model (`model_sha256`) was evaluated
+    model_sha256: str
+    started_at: float
+    ended_at: float
+    asked: tuple[SiloId, ...]  # silos sent the model to evaluate
+    answered: tuple[SiloId, ...]  # silos whose `eval_*` metrics arrived
+    refusals: Mapping[SiloId, str]  # silo -> the reason code it declined with
+    silo_metrics: Mapping[SiloId, Mapping[str, float]]
+    global_metrics: Mapping[str, float]  # unweighted mean over `answered` of each metric
+
+    @property
+    def duration_s(self) -> float:
+        return self.ended_at - self.started_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable export form (field names documented in docs/round-log.md)."""
+        return {
+            "round": self.round_id,
+            "model_sha256": self.model_sha256,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "duration_s": self.duration_s,
+            "asked": list(self.asked),
+            "answered": list(self.answered),
+            "refusals": dict(sorted(self.refusals.items())),
+            "global_metrics": _export_metrics(self.global_metrics),
+            "silos": [
+                {"silo_id": s, "metrics": _export_metrics(self.silo_metrics[s])}
+                for s in sorted(self.silo_metrics)
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class RoundSummary:
     """One row of `rounds list`."""
 
@@ -212,6 +271,7 @@ class RoundDetail:
     silos: tuple[SiloStats, ...]
     privacy: PrivacyRecord | None
     checkpoint: CheckpointRecord | None
+    final_evaluation: FinalEvaluation | None = None  # of this round's model, if it was the last
 
     @property
     def duration_s(self) -> float | None:
@@ -269,6 +329,9 @@ class RoundDetail:
             "checkpoint": None
             if self.checkpoint is None
             else {"path": str(self.checkpoint.path), "sha256": self.checkpoint.sha256},
+            "final_evaluation": None
+            if self.final_evaluation is None
+            else self.final_evaluation.to_dict(),
         }
 
 
@@ -299,6 +362,24 @@ def _object_json(value: Mapping[str, object], what: str) -> str:
         return json.dumps(dict(value), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be JSON-serialisable with finite numbers: {exc}") from exc
+
+
+def _final_evaluation(row: Sequence[Any]) -> FinalEvaluation:
+    round_id, sha, started, ended, asked, answered, refusals, silo_metrics, global_metrics = row
+    per_silo = json.loads(silo_metrics)
+    return FinalEvaluation(
+        round_id=int(round_id),
+        model_sha256=str(sha),
+        started_at=float(started),
+        ended_at=float(ended),
+        asked=tuple(SiloId(s) for s in json.loads(asked)),
+        answered=tuple(SiloId(s) for s in json.loads(answered)),
+        refusals={SiloId(k): str(v) for k, v in sorted(json.loads(refusals).items())},
+        silo_metrics={
+            SiloId(s): _metrics_from_json(json.dumps(m)) for s, m in sorted(per_silo.items())
+        },
+        global_metrics=_metrics_from_json(global_metrics),
+    )
 
 
 def _check_silo(silo_id: str) -> str:
@@ -399,6 +480,7 @@ class RoundLog:
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             self._conn.execute(statement)
+                    self._conn.execute(_FINAL_EVALUATIONS)
                     self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                     self._conn.execute("COMMIT")
                 except BaseException:
@@ -406,6 +488,32 @@ class RoundLog:
                     raise
             else:
                 self._check_version(version)
+                self._upgrade(version)
+
+    def _upgrade(self, version: int) -> None:
+        """Bring a log written by an older silofed to SCHEMA_VERSION, one step per transaction
+        (a crash between steps leaves a consistent log of the intermediate version)."""
+        while version < SCHEMA_VERSION:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Re-read under the write lock: another writer may have upgraded it meanwhile.
+                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+                if version >= SCHEMA_VERSION:
+                    self._conn.execute("COMMIT")
+                    break
+                for statement in _MIGRATIONS[version]:
+                    self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version={version + 1}")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            version += 1
+
+    def _has_table(self, name: str) -> bool:
+        # A reader of a log written by an older silofed (not upgraded yet) lacks newer tables.
+        rows = self._read("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+        return bool(rows)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -647,6 +755,76 @@ class RoundLog:
             )
         return ids
 
+    def record_final_evaluation(
+        self,
+        round_id: int,
+        *,
+        model_sha256: str,
+        started_at: float,
+        ended_at: float,
+        asked: Iterable[str],
+        silo_metrics: Mapping[str, Mapping[str, float]],
+        refusals: Mapping[str, str] | None = None,
+        global_metrics: Mapping[str, float] | None = None,
+    ) -> None:
+        """Record the final evaluation of completed round `round_id`'s model, once.
+
+        `silo_metrics` holds the silos that answered (a subset of `asked`), `refusals` those
+        that declined. Raises RoundLogError if the round is not completed, `model_sha256` is
+        not its model, an answer or refusal comes from a silo not asked, or the round's model
+        was already evaluated (a final evaluation is never replaced).
+        """
+        if ended_at < started_at:
+            raise ValueError(f"final evaluation ends ({ended_at}) before it starts ({started_at})")
+        asked_set = sorted({_check_silo(s) for s in asked})
+        answered = sorted(silo_metrics)
+        refused = dict(sorted((refusals or {}).items()))
+        strangers = sorted((set(answered) | set(refused)) - set(asked_set))
+        if strangers:
+            raise RoundLogError(
+                f"final evaluation of round {round_id}: {', '.join(strangers)} answered but "
+                "was not asked"
+            )
+        metrics_text = json.dumps(
+            {s: json.loads(_metrics_json(silo_metrics[s], f"silo {s}")) for s in answered},
+            sort_keys=True,
+        )
+        global_text = _metrics_json(global_metrics or {}, "final evaluation global metrics")
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT status, model_out_sha256 FROM rounds WHERE round_id=?", (round_id,)
+            ).fetchone()
+            if row is None:
+                raise RoundNotFound(round_id, self._last_round_id(conn))
+            if row[0] != RoundStatus.COMPLETED.value:
+                raise RoundLogError(
+                    f"round {round_id} is {row[0]}; only a completed round's model is evaluated"
+                )
+            if row[1] != model_sha256:
+                raise RoundLogError(
+                    f"round {round_id}'s model is {row[1]}, not {model_sha256}; the final "
+                    "evaluation records the model the round produced"
+                )
+            try:
+                conn.execute(
+                    "INSERT INTO final_evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        round_id,
+                        model_sha256,
+                        started_at,
+                        ended_at,
+                        json.dumps(asked_set),
+                        json.dumps(answered),
+                        json.dumps(refused, sort_keys=True),
+                        metrics_text,
+                        global_text,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise RoundLogError(
+                    f"round {round_id}'s model already has a final evaluation; it is never replaced"
+                ) from exc
+
     # -- reads --------------------------------------------------------------------------------
 
     def _last_round_id(self, conn: sqlite3.Connection) -> int:
@@ -676,6 +854,13 @@ class RoundLog:
         round_id, path, sha = rows[0]
         return CheckpointRecord(round_id=int(round_id), path=Path(path), sha256=str(sha))
 
+    def checkpoint(self, round_id: int) -> CheckpointRecord | None:
+        """The checkpoint recorded for `round_id` (0: the initial model), or None."""
+        rows = self._read("SELECT path, sha256 FROM checkpoints WHERE round_id=?", (round_id,))
+        if not rows:
+            return None
+        return CheckpointRecord(round_id=round_id, path=Path(rows[0][0]), sha256=str(rows[0][1]))
+
     def private_rounds_completed(self) -> int:
         """Completed rounds that spent privacy (the DP accountant composes over them)."""
         rows = self._read(
@@ -683,6 +868,29 @@ class RoundLog:
             " WHERE rounds.status = 'completed'"
         )
         return int(rows[0][0])
+
+    def final_evaluations(self) -> list[FinalEvaluation]:
+        """Every recorded final evaluation, by round (at most one per federation run)."""
+        if not self._has_table("final_evaluations"):
+            return []
+        return [
+            _final_evaluation(row)
+            for row in self._read(
+                "SELECT round_id, model_sha256, started_at, ended_at, asked, answered, refusals,"
+                " silo_metrics, global_metrics FROM final_evaluations ORDER BY round_id"
+            )
+        ]
+
+    def final_evaluation(self, round_id: int) -> FinalEvaluation | None:
+        """The final evaluation of round `round_id`'s model, or None."""
+        if not self._has_table("final_evaluations"):
+            return None
+        rows = self._read(
+            "SELECT round_id, model_sha256, started_at, ended_at, asked, answered, refusals,"
+            " silo_metrics, global_metrics FROM final_evaluations WHERE round_id=?",
+            (round_id,),
+        )
+        return _final_evaluation(rows[0]) if rows else None
 
     def rounds(self) -> list[RoundSummary]:
         """A summary of every round, in order."""
@@ -809,6 +1017,7 @@ class RoundLog:
                 path=Path(checkpoint_rows[0][0]),
                 sha256=str(checkpoint_rows[0][1]),
             ),
+            final_evaluation=self.final_evaluation(round_id),
         )
 
     def export(self) -> dict[str, Any]:

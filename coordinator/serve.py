@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import hashlib
 import json
 import logging
@@ -41,7 +42,14 @@ from coordinator.checkpoints import (
     state_to_bytes,
 )
 from coordinator.config import CoordinatorConfig
-from coordinator.pki import load_revoked_serials
+from coordinator.debug_pause import DebugPause
+from coordinator.final_eval import EVALUATE, FinalEvaluationRun
+from coordinator.pki import (
+    PkiError,
+    load_revoked_serials,
+    load_signed_roster,
+    roster_signature_path,
+)
 from coordinator.rollback import checkpoint_to_resume, take_pending
 from coordinator.roundlog import RoundLog
 from coordinator.rounds import (
@@ -63,6 +71,7 @@ from coordinator.secure_round import (
     layout_of,
 )
 from coordinator.servicer import RefusalCode, Refused
+from coordinator.stall import Diagnosis, Proceed, RoundEnd, StallWatch, Verdict
 from protos import federation_pb2 as pb
 from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
 from secagg.errors import ConfigError, MalformedMessage
@@ -73,13 +82,29 @@ from secagg.identity import (
     check_certificate,
     load_pem_certificate,
 )
+from secagg.messages import AbortNotice as SecAggAbort
 from secagg.messages import MaskedHeader, decode_message
 from secagg.primitives import ring_dtype
+from secagg.roster_sig import describe_roster, short_digest
+from secagg.train_params import canonical_train_params
 from secagg.trust import Trust
 
 log = logging.getLogger("silofed.coordinator")
 
 FEDERATION_FINISHED = "FEDERATION_FINISHED"
+CANNOT_CONFIGURE = "CANNOT_CONFIGURE"
+NOT_ENOUGH_SILOS = "NOT_ENOUGH_SILOS"
+
+
+class Outcome(enum.Enum):
+    """How `Hub.run_rounds` ended; `serve` maps it to the process exit code."""
+
+    FINISHED = 0  # the log holds [rounds] count completed rounds
+    NO_SILOS = 1  # too few silos connected within [rounds] start_timeout_s
+    STALLED = 4  # the same cause aborted [rounds] max_consecutive_aborts rounds in a row
+    STOPPED = 130  # a signal
+
+
 COORDINATOR_STOPPING = "COORDINATOR_STOPPING"
 TICK_S = 0.05
 UPLOAD_SLOT_POLL_S = 0.2
@@ -224,6 +249,9 @@ class Hub:
         self._revoked_watch = _FileWatch(config.tls.revoked)
         self.roster = Roster.from_json(config.tls.roster.read_text())
         self.revoked: frozenset[int] = frozenset()
+        # Roster delivery: the signed roster silos are sent when they pin another one.
+        self._roster_sig_watch = _FileWatch(roster_signature_path(config.tls.roster))
+        self._roster_update: pb.RosterUpdate | None = None
         self._refresh_trust()
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.roundlog = RoundLog(config.state_dir / "rounds.sqlite")
@@ -232,8 +260,9 @@ class Hub:
         self.machine: RoundMachine | None = None  # plaintext-insecure rounds
         self.aggregation: AggregationProtocol | None = None
         self.secure: SecureRound | None = None  # secagg rounds
-        # At most P masked vectors are buffered at once (SECAGG.md §3.8): memory stays
-        # (P+1)·L words for any number of silos; other uploads wait, held by flow control.
+        # At most P masked vectors are buffered at once (docs/secagg-protocol.md §5 step 3.8):
+        # memory stays (P+1)·L words for any number of silos; other uploads wait, held by flow
+        # control.
         self.upload_slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self._free_buffers: list[np.ndarray] = []  # reused round after round (at most P)
         self._next_offer: bytes | None = None  # the last checkpoint's bytes = the next offer
@@ -241,19 +270,79 @@ class Hub:
         self.stopping = threading.Event()
         self._model_len = 0  # size of the offered model: bounds what an update may be
         self._ran_any = False
+        rc = config.rounds
+        self.stall = StallWatch(
+            rc.max_consecutive_aborts, rc.abort_backoff_initial_s, rc.abort_backoff_max_s
+        )
+        self.verdict: Verdict = Proceed(0.0, 0)  # how the last round ended, for status
+        self._refusals: dict[str, str] = {}  # this round: silo -> the reason code it sent
+        self.pause = DebugPause.from_config(config, self.stopping)  # [debug]: tests only
+        self._final: FinalEvaluationRun | None = None  # while the final evaluation runs
 
     # ---- trust -----------------------------------------------------------------------------
 
     def _refresh_trust(self) -> None:
         """Reload roster and revocations when their files change: no restart needed."""
-        if self._roster_watch.changed():
-            self.roster = Roster.from_json(self.config.tls.roster.read_text())
-            log.info(
-                "roster loaded: version %d, %d silos", self.roster.version, len(self.roster.entries)
-            )
+        roster_changed = self._roster_watch.changed()
+        if self._roster_sig_watch.changed() or roster_changed:
+            self._reload_roster()
         if self._revoked_watch.changed():
             self.revoked = load_revoked_serials(self.config.tls.revoked)
             log.info("revocation list loaded: %d revoked serials", len(self.revoked))
+
+    def _reload_roster(self) -> None:
+        """Load the roster file and, when the CA signed it, send it to every connected silo
+        (each adopts it if newer than its pinned one; see silo_agent.roster_update)."""
+        try:
+            signed = load_signed_roster(self.config.tls.roster, self.ca_cert)
+        except PkiError as exc:  # e.g. caught mid-edit: keep serving with the roster we have
+            log.error("%s; keeping roster version %d until it is fixed", exc, self.roster.version)
+            return
+        self.roster = signed.roster
+        log.info(
+            "roster loaded: version %d, %d silos", self.roster.version, len(self.roster.entries)
+        )
+        if signed.signature is None:
+            self._roster_update = None
+            log.warning(
+                "roster version %d cannot be sent to silos: %s",
+                signed.roster.version,
+                signed.problem,
+            )
+            return
+        self._roster_update = pb.RosterUpdate(roster_json=signed.data, signature=signed.signature)
+        live = [s for s in self.sessions.values() if not s.closed]
+        for s in live:
+            s.send(pb.CoordinatorMessage(roster_update=self._roster_update))
+        if live:
+            log.info(
+                "sent the signed roster version %d to %d connected silos",
+                self.roster.version,
+                len(live),
+            )
+
+    def _send_roster(self, session: Session, pinned_digest: bytes) -> None:
+        """The silo pins another roster: queue the signed one (the stream sends it right after
+        Welcome), or say why rounds will not agree."""
+        mine = describe_roster(self.roster.version, self.roster.digest())
+        if self._roster_update is not None:
+            session.send(pb.CoordinatorMessage(roster_update=self._roster_update))
+            log.info(
+                "%s pins roster digest %s, the coordinator %s: sending the signed roster",
+                session.silo_id,
+                short_digest(pinned_digest),
+                mine,
+            )
+            return
+        log.warning(
+            "%s pins roster digest %s, the coordinator %s, and the roster has no valid CA "
+            "signature to send: secure rounds will be refused (ROSTER_MISMATCH) until the silo "
+            "installs the same roster.json, or the roster is signed (silofed-coordinator "
+            "sign-roster)",
+            session.silo_id,
+            short_digest(pinned_digest),
+            mine,
+        )
 
     def admit(self, cert_pem: bytes | None, hello: pb.Hello) -> Session:
         """Check the TLS peer and its hello. Raises Refused with an operator-readable detail."""
@@ -284,14 +373,6 @@ class Hub:
                     f"hello claims silo id {hello.silo_id} but the certificate is {silo_id}; "
                     "a silo may only speak for itself",
                 )
-            if hello.roster_digest and hello.roster_digest != self.roster.digest():
-                # Not a refusal (a silo may lag one roster version behind), but worth a line:
-                # secure aggregation will require both to agree.
-                log.warning(
-                    "%s pinned a roster that differs from the coordinator's (version %d)",
-                    silo_id,
-                    self.roster.version,
-                )
             old = self.sessions.get(silo_id)
             if old is not None:
                 log.info("%s reconnected; closing its previous stream", silo_id)
@@ -304,6 +385,9 @@ class Hub:
             )
             self.sessions[silo_id] = session
             log.info("silo connected: %s (%d connected)", silo_id, len(self.sessions))
+            if hello.roster_digest != self.roster.digest():
+                # Not a refusal (a silo may lag a roster version behind): send it the signed one.
+                self._send_roster(session, hello.roster_digest)
             self.changed.notify_all()
             return session
 
@@ -360,6 +444,8 @@ class Hub:
             session.round_bytes_in += size
             if kind == "heartbeat":
                 return
+            if self._final is not None and self._final.take(session.silo_id, message):
+                return  # an answer to the final evaluation (run_final_evaluation)
             if kind == "hello":
                 self._reject(session, "hello sent twice on one stream")
             elif kind == "train_report":
@@ -378,9 +464,21 @@ class Hub:
                     message.abort.reason,
                     message.abort.detail,
                 )
+                self._note_refusal(session, message.abort.round_id, message.abort.reason)
                 self._failed(session, f"silo aborted: {message.abort.reason}")
             else:
                 self._reject(session, f"unexpected message {kind!r}")
+
+    def _note_refusal(self, session: Session, round_id: int, reason: str) -> None:
+        """Remember why a silo refused the current round (the stall diagnosis names it)."""
+        current = self._current_round_id()
+        if current is not None and round_id == current:
+            self._refusals[session.silo_id] = reason[:64]
+
+    def _current_round_id(self) -> int | None:
+        if self.secure is not None:
+            return self.secure.config.round_id
+        return None if self.machine is None else self.machine.round_id
 
     def _reject(self, session: Session, detail: str) -> None:
         log.warning("%s: %s", session.silo_id, detail)
@@ -484,10 +582,12 @@ class Hub:
             )
             return
         try:
-            is_header = isinstance(decode_message(frame.payload), MaskedHeader)
+            decoded = decode_message(frame.payload)
         except MalformedMessage:
-            is_header = False  # the protocol refuses it below, with the reason
-        if is_header:
+            decoded = None  # the protocol refuses it below, with the reason
+        if isinstance(decoded, SecAggAbort):
+            self._note_refusal(session, frame.round_id, decoded.reason.name)
+        if isinstance(decoded, MaskedHeader):
             session.masked_header = frame.payload  # the vector follows as a MASKED_VECTOR blob
             return
         self._apply_secure(sr.handle(session.silo_id, frame.payload, self.clock()))
@@ -571,6 +671,7 @@ class Hub:
                 frame = pb.SecAggFrame(round_id=round_id, payload=payload)
                 s.send(pb.CoordinatorMessage(secagg=frame))
         self._record_events(round_id, step.events)
+        self.pause.after_phases(step.events)
 
     # ---- the round driver ------------------------------------------------------------------
 
@@ -632,53 +733,190 @@ class Hub:
                 self.changed.wait(min(left, 0.5))
             return len(self.sessions) >= n
 
-    def run_rounds(self) -> bool:
-        """Run rounds until the log holds `[rounds] count` completed ones; False if stopped."""
+    def run_rounds(self) -> Outcome:
+        """Run rounds until the log holds `[rounds] count` completed ones.
+
+        After an aborted round the next waits (exponential backoff, or until a silo that was
+        away connects); the same cause `[rounds] max_consecutive_aborts` times in a row ends
+        the run as STALLED with a diagnosis (logged, and kept in that round's log entry)."""
         cfg = self.config.rounds
         while not self.stopping.is_set():
             done = self.completed_rounds()
             if done >= cfg.count:
                 log.info("federation finished: %d completed rounds in the log", done)
-                return True
+                self.run_final_evaluation()
+                # A signal during the final evaluation: the silos reconnect to the next start.
+                return Outcome.STOPPED if self.stopping.is_set() else Outcome.FINISHED
             first = not self._ran_any  # the first round of this process, also after a restart
             need = (cfg.start_silos or cfg.min_silos) if first else cfg.min_silos
             if not self.wait_for_silos(need, cfg.start_timeout_s):
-                log.error(
-                    "gave up: fewer than %d silos connected within %.0f s "
-                    "([rounds] start_timeout_s)",
-                    need,
-                    cfg.start_timeout_s,
-                )
-                return False
-            started = self.run_one_round(done)
+                if self.stopping.is_set():
+                    break
+                if not self.roundlog.last_round_id():  # the federation never started
+                    log.error(
+                        "gave up: fewer than %d silos connected within %.0f s "
+                        "([rounds] start_timeout_s)",
+                        need,
+                        cfg.start_timeout_s,
+                    )
+                    return Outcome.NO_SILOS
+                # Silos that took part are gone: an attempt that counts towards the stall
+                # diagnosis (which names them), after waiting start_timeout_s for them.
+                self._record_missing_silos(need)
+            else:
+                self.run_one_round(done)
             self._ran_any = True
             malloc.trim()
-            if not started and not self._wait_for_other_silos(cfg.start_timeout_s):
-                log.error(
-                    "gave up: the round cannot be configured for the silos connected, and they "
-                    "did not change within %.0f s ([rounds] start_timeout_s); see the round's "
-                    "abort reason (`rounds show`) and fix [secagg] in %s",
-                    cfg.start_timeout_s,
-                    self.config.source,
+            verdict = self.verdict
+            if isinstance(verdict, Diagnosis):
+                log.error("stopping: %s", verdict)
+                return Outcome.STALLED
+            if verdict.wait_s > 0:
+                log.warning(
+                    "%d aborted rounds in a row; next attempt in %.1f s (sooner if a silo "
+                    "reconnects)",
+                    verdict.aborted_in_a_row,
+                    verdict.wait_s,
                 )
-                return False
-        return False
+                self._back_off(verdict.wait_s)
+        return Outcome.STOPPED
 
-    def _wait_for_other_silos(self, timeout_s: float) -> bool:
-        """After a round that could not start: wait (bounded) until the connected set changes,
-        rather than start and abort the same round again and again."""
-        deadline = time.monotonic() + timeout_s
+    # ---- the final evaluation (not a round; coordinator/final_eval.py) ----------------------
+
+    def run_final_evaluation(self) -> None:
+        """Have the connected silos evaluate the last completed round's model, and record it in
+        the round log, once per model. Skipped when the log already holds it; not recorded when
+        the coordinator stops meanwhile (the next start runs it). Never raises for a silo's or a
+        checkpoint's fault: the federation's rounds are done whatever happens here."""
+        target = self.roundlog.latest_checkpoint()
+        if target is None or target.round_id < 1:
+            return
+        if self.roundlog.final_evaluation(target.round_id) is not None:
+            log.info("the final model (round %d) was already evaluated", target.round_id)
+            return
+        if not self._ran_any:  # restarted after the last round: wait for the silos to return
+            cfg = self.config.rounds
+            self.wait_for_silos(cfg.start_silos or cfg.min_silos, cfg.start_timeout_s)
+        if self.stopping.is_set():
+            return
+        try:
+            model = self.checkpoints.load_bytes(target.path, target.sha256)
+        except CheckpointCorrupt as exc:
+            log.error("final evaluation not run: %s", exc)
+            return
+        with self.lock:
+            asked = dict(sorted(self.sessions.items()))
+            if not asked:
+                log.warning(
+                    "final evaluation not run: no silo connected; start the coordinator again "
+                    "to run it"
+                )
+                return
+            d = self.config.deadlines
+            now = self.clock()
+            run = FinalEvaluationRun(
+                target.round_id, target.sha256, frozenset(asked), now, now + d.offer_s + d.train_s
+            )
+            digest = bytes.fromhex(target.sha256)
+            offer = pb.RoundOffer(
+                round_id=target.round_id,
+                aggregation=EVALUATE,
+                model_sha256=digest,
+                model_bytes=len(model),
+            )
+            for s in asked.values():
+                s.send(pb.CoordinatorMessage(round_offer=offer))
+                s.send(_Blob(target.round_id, pb.GLOBAL_MODEL, model, digest))
+            del model
+            self._final = run
+            log.info(
+                "final evaluation of round %d's model %s: asking %d silos",
+                target.round_id,
+                target.sha256[:12],
+                len(asked),
+            )
+            try:
+                while not self.stopping.is_set():
+                    # A silo that left or reconnected (a new stream never got the offer) is
+                    # no longer waited for.
+                    same = [k for k, s in self.sessions.items() if asked.get(k) is s]
+                    if run.over(self.clock(), same):
+                        break
+                    self.changed.wait(TICK_S)
+            finally:
+                self._final = None
+            if self.stopping.is_set():
+                log.warning("final evaluation interrupted; the next start runs it")
+                return
+            self._record_final_evaluation(run)
+
+    def _record_final_evaluation(self, run: FinalEvaluationRun) -> None:
+        global_metrics = run.global_metrics()
+        self.roundlog.record_final_evaluation(
+            run.round_id,
+            model_sha256=run.model_sha256,
+            started_at=run.started_at,
+            ended_at=self.clock(),
+            asked=run.asked,
+            silo_metrics=run.answers,
+            refusals=run.refusals,
+            global_metrics=global_metrics,
+        )
+        for silo_id, reason in sorted(run.refusals.items()):
+            log.warning("final evaluation: %s declined (%s)", silo_id, reason)
+        silent = sorted(run.asked - set(run.answers) - set(run.refusals))
+        if silent:
+            log.warning("final evaluation: no answer from %s", ", ".join(silent))
+        shown = " ".join(f"{k}={v:.4f}" for k, v in global_metrics.items())
+        log.info(
+            "final evaluation of round %d's model: %d of %d silos answered %s",
+            run.round_id,
+            len(run.answers),
+            len(run.asked),
+            shown,
+        )
+
+    def _record_missing_silos(self, need: int) -> None:
+        """An attempt that could not start: fewer than `need` silos came back within
+        [rounds] start_timeout_s. Logged as an aborted round naming the missing roster members,
+        so the stall watch counts it and its diagnosis says whom to bring back."""
+        cfg = self.config.rounds
+        with self.lock:
+            self._refresh_trust()
+            connected = sorted(self.sessions)
+            missing = sorted(set(self.roster.entries) - set(connected))
+            round_id = RoundId(self.roundlog.last_round_id() + 1)
+            model = self._next_offer or state_to_bytes(self.global_state)
+            self._refusals = {}
+            self.roundlog.start_round(
+                round_id,
+                started_at=self.clock(),
+                aggregation=cfg.aggregation,
+                config_digest=hashlib.sha256(b"").hexdigest(),
+                model_in_sha256=hashlib.sha256(model).hexdigest(),
+                invited=connected,
+            )
+        reason = (
+            f"{NOT_ENOUGH_SILOS}: {len(connected)} silos connected, {need} needed ([rounds] "
+            f"min_silos) after waiting {cfg.start_timeout_s:.0f} s; missing: "
+            + (", ".join(missing) or "none of the roster")
+        )
+        self._finish_aborted(round_id, connected, reason, missing=missing)
+
+    def _back_off(self, wait_s: float) -> None:
+        """Wait `wait_s` before the next attempt, or less: until a silo that was not connected
+        connects (a restarted silo is what most aborted rounds wait for)."""
+        deadline = time.monotonic() + wait_s
         with self.lock:
             before = set(self.sessions)
-            while set(self.sessions) == before and not self.stopping.is_set():
+            while not self.stopping.is_set():
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
+                if left <= 0 or set(self.sessions) - before:
+                    return
                 self.changed.wait(min(left, 0.5))
-            return not self.stopping.is_set()
 
-    def run_one_round(self, completed_before: int) -> bool:
-        """One round, start to end; False when it could not even start (it is logged aborted)."""
+    def run_one_round(self, completed_before: int) -> None:
+        """One round, start to end; `self.verdict` says what should happen next."""
         cfg = self.config.rounds
         round_id = RoundId(self.roundlog.last_round_id() + 1)
         model_bytes = self._next_offer or state_to_bytes(self.global_state)
@@ -693,11 +931,12 @@ class Hub:
                 s.upload = None
                 self._end_upload(s)
             cannot_start = ""
+            self._refusals = {}
             if cfg.aggregation == SECAGG:
                 try:
                     round_config = self._begin_secure(round_id, invited, model_sha, now)
                 except SecureRoundError as exc:  # too few silos for the threshold, and the like
-                    round_config, cannot_start = b"", f"cannot configure a secure round: {exc}"
+                    round_config, cannot_start = b"", f"{CANNOT_CONFIGURE}: {exc}"
             else:
                 round_config = self._begin_plaintext(round_id)
             self.roundlog.start_round(
@@ -721,14 +960,17 @@ class Hub:
             )
             if cannot_start:
                 self._finish_aborted(round_id, invited, cannot_start)
-                return False
+                return
             offer = pb.RoundOffer(
                 round_id=round_id,
                 aggregation=cfg.aggregation,
                 config=round_config,
                 model_sha256=model_sha,
                 model_bytes=len(model_bytes),
-                train_params_json=json.dumps(dict(self.config.train), sort_keys=True),
+                # Plaintext rounds only: a secure round's parameters are in its signed config.
+                train_params_json=""
+                if cfg.aggregation == SECAGG
+                else canonical_train_params(self.config.train).decode(),
             )
             for silo_id in invited:
                 s = self.sessions[silo_id]
@@ -737,6 +979,7 @@ class Hub:
                 s.send(pb.CoordinatorMessage(round_offer=offer))
                 s.send(_Blob(round_id, pb.GLOBAL_MODEL, model_bytes, model_sha))
                 s.send(_Delivered(round_id))
+            self.pause.at("offer")
             # The streams hold the bytes until sent; dropping ours frees them during the round.
             del model_bytes
             if self.machine is not None:
@@ -749,7 +992,6 @@ class Hub:
             self._finish_secure(round_id, self.secure, invited)
         elif self.machine is not None and self.aggregation is not None:
             self._finish(round_id, self.machine, self.aggregation, invited)
-        return True
 
     def _begin_plaintext(self, round_id: RoundId) -> bytes:
         cfg, deadlines = self.config.rounds, self.config.deadlines
@@ -788,6 +1030,9 @@ class Hub:
                     _whole_s(d.consistency_s),
                     _whole_s(d.unmask_s),
                 ),
+                # Inside the signed configuration: every silo checks that all others trained
+                # with the same parameters (the consistency digest covers the config).
+                train_params=canonical_train_params(self.config.train),
             )
         except ConfigError as exc:  # RoundConfig's own checks
             raise SecureRoundError(str(exc)) from exc
@@ -825,6 +1070,7 @@ class Hub:
                 self.secure = None
             self._finish_aborted(round_id, invited, sr.abort_reason or "aborted")
             return
+        self.pause.at("unmask")
         cfg = sr.config
         # ḡ is the weighted mean of the survivors' updates: all the coordinator ever decodes.
         new_state = apply_aggregate(self.global_state, outcome.aggregate, cfg.layout)
@@ -836,6 +1082,7 @@ class Hub:
         del outcome
         data = state_to_bytes(new_state)
         ckpt = self.checkpoints.save_bytes(round_id, data)
+        self.pause.at("checkpoint")
         self._next_offer = data
         del data
         with self.lock:
@@ -873,6 +1120,7 @@ class Hub:
         result = aggregation.finish()
         data = state_to_bytes(result.new_state)
         ckpt = self.checkpoints.save_bytes(round_id, data)
+        self.pause.at("checkpoint")
         self._next_offer = data
         del data
         with self.lock:
@@ -896,6 +1144,7 @@ class Hub:
         weight_sum: float,
     ) -> None:
         """Record a completed round and tell the silos (under the lock)."""
+        self.verdict = self.stall.observe(RoundEnd(round_id, completed=True))
         metrics = {s: self.sessions[s].metrics for s in survivors if s in self.sessions}
         global_metrics = _mean_eval(metrics.values())
         self._record_stats(round_id, invited)
@@ -910,6 +1159,7 @@ class Hub:
             weight_sum=weight_sum,
             global_metrics=global_metrics,
         )
+        self.pause.at("roundlog")
         self.global_state = new_state
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(global_metrics.items()))
         log.info(
@@ -930,11 +1180,33 @@ class Hub:
             invited,
         )
 
-    def _finish_aborted(self, round_id: RoundId, invited: Sequence[str], reason: str) -> None:
+    def _finish_aborted(
+        self,
+        round_id: RoundId,
+        invited: Sequence[str],
+        reason: str,
+        *,
+        missing: Sequence[str] = (),
+    ) -> None:
         with self.lock:
             self._record_stats(round_id, invited)
+            detail = self.roundlog.round_detail(round_id)
+            dropped = (*(d.silo_id for d in detail.dropouts), *missing)
+            absent = tuple(s for s in dropped if s not in self.sessions)
+            end = RoundEnd(round_id, False, reason, dict(self._refusals), dropped, absent)
+            self.verdict = verdict = self.stall.observe(end)
+            # The log says what happens next: the backoff, or why the federation stopped.
+            extra: dict[str, object] = (
+                {"stalled": verdict.to_dict()}
+                if isinstance(verdict, Diagnosis)
+                else {
+                    "cause": end.cause,
+                    "aborted_in_a_row": verdict.aborted_in_a_row,
+                    "next_attempt_in_s": verdict.wait_s,
+                }
+            )
             self.roundlog.finish_round(
-                round_id, status="aborted", ended_at=self.clock(), abort_reason=reason
+                round_id, status="aborted", ended_at=self.clock(), abort_reason=reason, extra=extra
             )
             log.warning("round %d aborted: %s; nothing was aggregated", round_id, reason)
             self._broadcast_result(
@@ -984,7 +1256,12 @@ class Hub:
             if self.secure is not None:
                 sr = self.secure
                 round_id, phase, since = sr.config.round_id, sr.phase_name, sr.phase_started_at
+            verdict = self.verdict
+            if isinstance(verdict, Proceed) and verdict.aborted_in_a_row and not round_id:
+                phase = f"backoff after {verdict.aborted_in_a_row} aborted rounds ({verdict.cause})"
             return pb.StatusReply(
+                aborted_in_a_row=verdict.aborted_in_a_row if isinstance(verdict, Proceed) else 0,
+                abort_cause=verdict.cause,
                 federation_id=self.config.federation_id,
                 silos=[
                     pb.SiloStatus(
@@ -1018,6 +1295,11 @@ class Hub:
             log.info("initial model saved as round 0 checkpoint %s", ckpt.sha256[:12])
             return state
         state = self.checkpoints.load(Path(latest.path), latest.sha256)
+        # A checkpoint stores its tensors sorted by name, but a secure round's layout is in the
+        # model's own state-dict order (each silo checks it against its model): restore it.
+        order = list(model_factory().state_dict())
+        if sorted(order) == list(state):
+            state = {name: state[name] for name in order}
         log.info(
             "resuming from the checkpoint of round %d (%s)", latest.round_id, latest.sha256[:12]
         )
@@ -1054,29 +1336,43 @@ def write_port_file(state_dir: Path, port: int) -> Path:
 def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
     """Run the coordinator until its rounds are done (or forever with `keep_serving`).
 
-    Returns the process exit code: 0 when the log holds `[rounds] count` completed rounds.
-    Stops cleanly on SIGTERM/SIGINT (exit code 130 for the signal).
+    Returns the process exit code (`Outcome`): 0 when the log holds `[rounds] count` completed
+    rounds, 1 when too few silos connected in time, 4 when the federation stalled (the same
+    cause aborted `[rounds] max_consecutive_aborts` rounds in a row; the diagnosis is logged and
+    kept in the round log). Stops cleanly on SIGTERM/SIGINT (exit code 130 for the signal).
     """
     import signal
 
     from coordinator.metrics import start_metrics_from_config
     from coordinator.progress import start_live_status
-    from coordinator.server import start_server
+    from coordinator.server import ListenError, start_server
     from coordinator.servicer import FederationServicer
     from coordinator.task import load_model_factory
 
     malloc.limit_arenas()
     hub = Hub(config, model_factory=load_model_factory(config.task_spec))
     servicer = FederationServicer(hub, idle_heartbeat_s=config.deadlines.heartbeat_s)
-    start_metrics_from_config(config, hub.status)  # [metrics] listen; a daemon thread
+    try:
+        running = start_server(
+            servicer,
+            listen=config.listen,
+            ca_cert=config.tls.ca_cert,
+            cert=config.tls.cert,
+            key=config.tls.key,
+        )
+    except ListenError as exc:
+        hub.roundlog.close()
+        raise ListenError(f"{exc}; change [server] listen in {config.source}") from None
+    try:
+        start_metrics_from_config(config, hub.status)  # [metrics] listen; a daemon thread
+    except OSError as exc:
+        running.stop()
+        hub.roundlog.close()
+        raise ListenError(
+            f"cannot serve metrics: {exc.strerror or exc}; change [metrics] listen in "
+            f"{config.source}"
+        ) from None
     live = start_live_status(hub.status)  # round/phase line on a terminal; else a no-op
-    running = start_server(
-        servicer,
-        listen=config.listen,
-        ca_cert=config.tls.ca_cert,
-        cert=config.tls.cert,
-        key=config.tls.key,
-    )
     interrupted = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -1098,17 +1394,17 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
         port_file,
         config.rounds.aggregation,
     )
-    ok = False
+    outcome = Outcome.STOPPED
     try:
-        ok = hub.run_rounds()
-        if ok and keep_serving:
+        outcome = hub.run_rounds()
+        if outcome is Outcome.FINISHED and keep_serving:
             log.info("all rounds done; --keep-serving: streams stay open until a signal")
             hub.stopping.wait()
     finally:
         live.stop()
-        hub.close_all(finished=ok)
+        hub.close_all(finished=outcome is Outcome.FINISHED)
         running.stop()
         hub.roundlog.close()
-    if interrupted.is_set():
-        return 130 if not ok else 0
-    return 0 if ok else 1
+    if interrupted.is_set() and outcome is not Outcome.FINISHED:
+        return Outcome.STOPPED.value
+    return outcome.value

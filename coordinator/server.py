@@ -46,6 +46,10 @@ class RunningServer:
         self.server.stop(grace_s).wait(grace_s + 1.0)
 
 
+class ListenError(OSError):
+    """The server's address cannot be bound; str() names it and the likely cause."""
+
+
 def start_server(
     servicer: FederationServicer[Any],
     *,
@@ -76,8 +80,14 @@ def start_server(
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("silofed.v1.Federation", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_secure_port(listen, credentials)
+    try:
+        port = server.add_secure_port(listen, credentials)
+    except RuntimeError:  # recent grpcio raises where older ones returned 0
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not listen on {listen} (address in use or not local?)")
+        raise ListenError(
+            f"cannot listen on {listen}: the address is in use (another coordinator?) or not "
+            "an address of this machine"
+        )
     server.start()
     return RunningServer(server, port)

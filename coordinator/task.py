@@ -51,7 +51,12 @@ def load_model_factory(spec: str) -> Callable[[], torch.nn.Module]:
         raise TaskLoadError(f"task spec {spec!r}: {type(obj).__name__} has no build_model()")
 
     def factory() -> torch.nn.Module:
-        model = build()
+        try:
+            model = build()
+        except Exception as exc:  # the task's own code: report it, do not crash with a trace
+            raise TaskLoadError(
+                f"task spec {spec!r}: build_model() failed: {type(exc).__name__}: {exc}"
+            ) from exc
         if not isinstance(model, torch.nn.Module):
             raise TaskLoadError(
                 f"task spec {spec!r}: build_model() returned {type(model).__name__}, "

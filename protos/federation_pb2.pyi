@@ -117,6 +117,7 @@ class CoordinatorMessage(_message.Message):
     SECAGG_FIELD_NUMBER: _builtins.int
     ROUND_RESULT_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
+    ROSTER_UPDATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -133,6 +134,8 @@ class CoordinatorMessage(_message.Message):
     def round_result(self) -> Global___RoundResult: ...
     @_builtins.property
     def abort(self) -> Global___AbortNotice: ...
+    @_builtins.property
+    def roster_update(self) -> Global___RosterUpdate: ...
     def __init__(
         self,
         *,
@@ -144,12 +147,13 @@ class CoordinatorMessage(_message.Message):
         secagg: Global___SecAggFrame | None = ...,
         round_result: Global___RoundResult | None = ...,
         abort: Global___AbortNotice | None = ...,
+        roster_update: Global___RosterUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "heartbeat", b"heartbeat", "kind", b"kind", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "heartbeat", b"heartbeat", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "heartbeat", b"heartbeat", "kind", b"kind", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "heartbeat", b"heartbeat", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "heartbeat", "blob_header", "blob_chunk", "round_offer", "secagg", "round_result", "abort"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "heartbeat", "blob_header", "blob_chunk", "round_offer", "secagg", "round_result", "abort", "roster_update"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -207,6 +211,35 @@ class Welcome(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class RosterUpdate(_message.Message):
+    """A newer roster, sent after Welcome when the silo's Hello.roster_digest differs from the
+    coordinator's, and to every connected silo when the coordinator loads a changed roster file.
+    Sent only with a valid signature; the silo checks it against its pinned CA before adopting.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROSTER_JSON_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    roster_json: _builtins.bytes
+    """the roster file's exact bytes"""
+    signature: _builtins.bytes
+    """ECDSA P-256/SHA-256 by the federation CA over the domain + those bytes"""
+    def __init__(
+        self,
+        *,
+        roster_json: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["roster_json", b"roster_json", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RosterUpdate: _TypeAlias = RosterUpdate  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
@@ -301,9 +334,11 @@ class RoundOffer(_message.Message):
     TRAIN_PARAMS_JSON_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     aggregation: _builtins.str
-    """"secagg" (the default) or "plaintext-insecure" (updates in the clear)"""
+    """"secagg" (the default), "plaintext-insecure" (updates in the clear),"""
     config: _builtins.bytes
-    """round configuration: secagg's RoundConfig encoding, or JSON for plaintext"""
+    """or "evaluate" (final evaluation: empty config, the last completed round's id)
+    round configuration: secagg's RoundConfig encoding, or JSON for plaintext
+    """
     model_sha256: _builtins.bytes
     """the GLOBAL_MODEL blob that follows"""
     model_bytes: _builtins.int
@@ -522,12 +557,18 @@ class StatusReply(_message.Message):
     PHASE_FIELD_NUMBER: _builtins.int
     PHASE_STARTED_UNIX_FIELD_NUMBER: _builtins.int
     ROUNDS_COMPLETED_FIELD_NUMBER: _builtins.int
+    ABORTED_IN_A_ROW_FIELD_NUMBER: _builtins.int
+    ABORT_CAUSE_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     current_round: _builtins.int
     """0 when idle"""
     phase: _builtins.str
     phase_started_unix: _builtins.float
     rounds_completed: _builtins.int
+    aborted_in_a_row: _builtins.int
+    """rounds aborted since the last completed one (backoff between them)"""
+    abort_cause: _builtins.str
+    """their common cause, e.g. THRESHOLD_VIOLATION, REPLAY"""
     @_builtins.property
     def silos(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiloStatus]: ...
     def __init__(
@@ -539,10 +580,12 @@ class StatusReply(_message.Message):
         phase: _builtins.str = ...,
         phase_started_unix: _builtins.float = ...,
         rounds_completed: _builtins.int = ...,
+        aborted_in_a_row: _builtins.int = ...,
+        abort_cause: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "federation_id", b"federation_id", "phase", b"phase", "phase_started_unix", b"phase_started_unix", "rounds_completed", b"rounds_completed", "silos", b"silos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_cause", b"abort_cause", "aborted_in_a_row", b"aborted_in_a_row", "current_round", b"current_round", "federation_id", b"federation_id", "phase", b"phase", "phase_started_unix", b"phase_started_unix", "rounds_completed", b"rounds_completed", "silos", b"silos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -122,7 +122,8 @@ class Roster:
         return body
 
     def digest(self) -> bytes:
-        """roster_digest = H(PID ‖ b"/roster\\x00" ‖ canonical roster bytes) (SECAGG.md §3)."""
+        """roster_digest = H(PID ‖ b"/roster\\x00" ‖ canonical roster bytes)
+        (docs/secagg-protocol.md §3)."""
         return hashlib.sha256(PID + b"/roster\x00" + self.canonical_bytes()).digest()
 
     def with_silo(self, silo_id: SiloId, pin: bytes) -> Roster:

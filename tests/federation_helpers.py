@@ -237,8 +237,10 @@ def write_coordinator_config(
     aggregation: str = "plaintext-insecure",
     secagg: Mapping[str, Any] | None = None,
     deadlines: Mapping[str, float] | None = None,
+    rounds_extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A coordinator config; `secagg` is the [secagg] table, `deadlines` extra [deadlines] keys."""
+    """A coordinator config; `secagg` is the [secagg] table, `deadlines` extra [deadlines] keys,
+    `rounds_extra` extra [rounds] keys."""
     tables: dict[str, Mapping[str, Any]] = {
         "federation": {"id": fed.federation_id, "state_dir": state_dir},
         "server": {"listen": listen},
@@ -256,6 +258,7 @@ def write_coordinator_config(
             "aggregation": aggregation,
             "start_timeout_s": start_timeout_s,
             "start_silos": start_silos or min_silos,
+            **(rounds_extra or {}),
         },
         "deadlines": {
             "offer_s": offer_s,

@@ -131,14 +131,14 @@ def test_export_is_plain_json_with_stable_names(log: RoundLog) -> None:
     log.record_checkpoint(0, "checkpoints/round-000000.safetensors", "init")
     run_round(log, 1, t0=10.0)
     exported = json.loads(json.dumps(log.export(), allow_nan=False))
-    assert exported["schema_version"] == 1
+    assert exported["schema_version"] == 2
     assert [c["round"] for c in exported["checkpoints"]] == [0, 1]
     r = exported["rounds"][0]
     assert set(r) == {
         "round", "status", "started_at", "ended_at", "duration_s", "aggregation",
         "config_digest", "model_in_sha256", "model_out_sha256", "rollback_of", "weight_sum",
         "global_metrics", "abort_reason", "extra", "phases", "participants", "dropouts",
-        "silos", "privacy", "checkpoint",
+        "silos", "privacy", "checkpoint", "final_evaluation",
     }  # fmt: skip
     assert r["silos"][0] == {
         "silo_id": INVITED[0],

@@ -82,9 +82,10 @@ def test_dp_rounds_record_noise_and_privacy_spent(tmp_path: Path) -> None:
 def test_a_round_that_cannot_be_configured_is_logged_once_and_the_coordinator_gives_up(
     tmp_path: Path,
 ) -> None:
-    """[secagg] threshold 4 with 3 silos: the round is recorded as aborted with the reason, the
-    coordinator waits for the connected silos to change instead of aborting again and again,
-    then exits 1 saying what to fix."""
+    """[secagg] threshold 4 with 3 silos: each attempt is recorded as aborted with the reason,
+    the coordinator backs off between attempts instead of spinning, and after
+    [rounds] max_consecutive_aborts attempts of that one cause it exits 4 with a diagnosis that
+    says what to fix (also kept in the last round's log entry)."""
     fed = provision(tmp_path / "fed", "bad", NAMES)
     state = tmp_path / "coord"
     cfg = write_coordinator_config(
@@ -96,7 +97,7 @@ def test_a_round_that_cannot_be_configured_is_logged_once_and_the_coordinator_gi
         min_silos=3,
         aggregation="secagg",
         secagg={"clip_l2": 1.0, "threshold": 4, "n_colluders": 0},
-        start_timeout_s=12.0,  # also how long it waits for the connected silos to change
+        rounds_extra={"max_consecutive_aborts": 3, "abort_backoff_initial_s": 0.5},
     )
     with processes(tmp_path / "logs") as procs:
         coordinator = procs.coordinator(cfg)
@@ -111,17 +112,29 @@ def test_a_round_that_cannot_be_configured_is_logged_once_and_the_coordinator_gi
                 allow_plaintext_insecure=False,
             )
             procs.silo(name, toml)
-        assert coordinator.wait(60) == 1, procs.logs()
-        coordinator.wait_for_log(r"gave up: the round cannot be configured", 1)
+        assert coordinator.wait(60) == 4, procs.logs()
+        coordinator.wait_for_log(
+            r"stopping: the federation cannot make progress: 3 rounds in a row \(1-3\) aborted "
+            r"with cause CANNOT_CONFIGURE",
+            1,
+        )
+        coordinator.wait_for_log(r"What to do: no secure round can be configured", 1)
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     try:
         rounds = log.rounds()
-        detail = log.round_detail(1)
+        details = [log.round_detail(r.round_id) for r in rounds]
     finally:
         log.close()
-    assert [r.status.value for r in rounds] == ["aborted"]
-    assert "cannot configure a secure round" in (detail.abort_reason or "")
-    assert "threshold 4 is outside [3, 3]" in (detail.abort_reason or "")
+    assert [r.status.value for r in rounds] == ["aborted"] * 3  # three attempts, not a spin
+    for d in details:
+        assert (d.abort_reason or "").startswith("CANNOT_CONFIGURE: ")
+        assert "threshold 4 is outside [3, 3]" in (d.abort_reason or "")
+    starts = [d.started_at for d in details]
+    assert starts[2] - starts[1] >= 2 * (starts[1] - starts[0]) * 0.8  # exponential backoff
+    assert details[0].extra["aborted_in_a_row"] == 1
+    stalled = details[2].extra["stalled"]
+    assert isinstance(stalled, dict) and stalled["cause"] == "CANNOT_CONFIGURE"
+    assert stalled["rounds"] == [1, 2, 3]
 
 
 def test_a_silo_declines_the_plaintext_baseline_unless_it_opted_in(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from coordinator.checkpoints import CheckpointStore
 from coordinator.config import load_coordinator_config
 from coordinator.roundlog import RoundLog
 from coordinator.secure_round import SecAggSettings, WeightingMode, quantisation_bound
-from coordinator.serve import Hub
+from coordinator.serve import Hub, Outcome
 from coordinator.server import start_server
 from coordinator.servicer import FederationServicer
 from coordinator.task import load_model_factory
@@ -111,7 +111,7 @@ def test_masked_vectors_are_independent_of_updates_yet_sum_right(tmp_path: Path)
         key=config.tls.key,
     )
     done = threading.Event()
-    outcome: list[bool] = []
+    outcome: list[Outcome] = []
 
     def drive() -> None:
         outcome.append(hub.run_rounds())
@@ -132,7 +132,7 @@ def test_masked_vectors_are_independent_of_updates_yet_sum_right(tmp_path: Path)
                 procs.silo(name, toml)
             driver.start()
             assert done.wait(180), procs.logs()
-            assert outcome == [True], procs.logs()
+            assert outcome == [Outcome.FINISHED], procs.logs()
     finally:
         hub.stopping.set()
         hub.close_all(finished=True)
