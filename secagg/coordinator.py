@@ -1,11 +1,13 @@
-"""The coordinator's side of one secure-aggregation round (SECAGG.md §5) as a state machine.
+"""The coordinator's side of one secure-aggregation round (docs/secagg-protocol.md §5) as a state
+machine.
 
 Rule: the coordinator relays and sums, it never trusts a silo: each message is accepted only
 from the authenticated peer it names, only in its phase, and only if every check of §5 holds;
 anything else is ignored and recorded in `rejected` (a misbehaving silo cannot abort the round
 for the others). A phase closes when every expected silo has answered or the driver reports
-its deadline (`deadline_passed`); a participant set below the threshold aborts (ABORT-C).
-Masked vectors are added into ONE accumulator as they arrive, so memory is O(L) for any n.
+its deadline (`deadline_passed`); a participant set below the threshold aborts the round (the
+codes of docs/secagg-protocol.md §6). Masked vectors are added into ONE accumulator as they
+arrive, so memory is O(L) for any n.
 
 Driver use::
 

@@ -1,5 +1,5 @@
 """Fixed-point encoding of a model update into the ring Z_2^b, and decoding of the sum
-(SECAGG.md §4.2-§4.3).
+(docs/secagg-protocol.md §4.3-§4.4).
 
 Rule: clip to L2 norm C (norm in float64), quantise with unbiased stochastic rounding driven by
 an injected numpy Generator, carry the quantised weight as element 0, and refuse any parameter
@@ -28,7 +28,7 @@ def overflow_ok(
     noise_multiplier: float = 0.0,
     noise_divisor: int = 1,
 ) -> bool:
-    """The no-overflow rule of SECAGG.md §4.3 for n summed inputs."""
+    """The no-overflow rule (docs/secagg-protocol.md §4.4) for n summed inputs."""
     limit = 2 ** (ring_bits - 1) - 1
     sigma_sum = noise_multiplier * clip_l2
     lhs = n * (scale * clip_l2 + 1) + DP_TAIL_SIGMAS * scale * sigma_sum * math.sqrt(

@@ -1,9 +1,9 @@
 """Everything that can go wrong in a secure-aggregation session, as one small hierarchy.
 
 Rule: a check that fails raises `ProtocolAbort` carrying exactly one `AbortReason` (the codes of
-SECAGG.md §6); every decryption or signature failure is the same opaque `DecryptionFailed` so no
-caller can learn *why* a ciphertext or signature was refused; malformed bytes raise
-`MalformedMessage`. Callers catch `SecAggError` to catch them all.
+docs/secagg-protocol.md §6); every decryption or signature failure is the same opaque
+`DecryptionFailed` so no caller can learn *why* a ciphertext or signature was refused;
+malformed bytes raise `MalformedMessage`. Callers catch `SecAggError` to catch them all.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import enum
 
 
 class AbortReason(enum.IntEnum):
-    """SECAGG.md §6 reason codes; the integer is the wire value of an AbortNotice."""
+    """docs/secagg-protocol.md §6 reason codes; the integer is the wire value of an AbortNotice."""
 
     STALE_ROUND = 1
     ROSTER_MISMATCH = 2

@@ -1,4 +1,5 @@
-"""Neighbour graphs (SECAGG.md §5.9): complete by default, or the Harary ring of SecAgg+.
+"""Neighbour graphs (docs/secagg-protocol.md §4.6): complete by default, or the Harary ring of
+SecAgg+.
 
 Rule: the Harary permutation is a pure function of `session_id` (via k_graph and AES-256-CTR),
 so the coordinator cannot choose it after the keys are fixed; indices are 1-based ranks.

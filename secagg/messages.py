@@ -1,5 +1,5 @@
-"""The protocol messages M1-M10 and AbortNotice (SECAGG.md §5) as frozen dataclasses, each with
-a canonical binary form.
+"""The protocol messages M1-M10 and AbortNotice (docs/secagg-protocol.md §5) as frozen
+dataclasses, each with a canonical binary form.
 
 Rule: a message on the wire is MAGIC ‖ u8(kind) ‖ fields (codec.py); `decode_message` returns
 exactly one dataclass or raises `MalformedMessage`. Signed payloads (Advertise, ShareKeys,

@@ -1,4 +1,5 @@
-"""Every use of `cryptography.hazmat` in the protocol (SECAGG.md §2), behind a small API.
+"""Every use of `cryptography.hazmat` in the protocol (docs/secagg-protocol.md §3), behind a small
+API.
 
 Rule: keys and randomness come in as arguments; every decryption or signature failure raises
 the one opaque `DecryptionFailed`; the mask PRG (AES-256-CTR, zero counter block, little-endian
@@ -86,7 +87,7 @@ def agree(private: X25519PrivateKey, peer_public: bytes) -> bytes:
 
 
 def kdf(ikm: bytes, info: bytes, salt: bytes) -> bytes:
-    """HKDF-SHA256 (RFC 5869), 32 bytes; salt is the session id (SECAGG.md §2)."""
+    """HKDF-SHA256 (RFC 5869), 32 bytes; salt is the session id (docs/secagg-protocol.md §3)."""
     prk = hmac.new(salt, ikm, hashlib.sha256).digest()
     return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
 

@@ -1,4 +1,4 @@
-"""Shamir secret sharing of 32-byte secrets over F_p, p = 2^256 + 297 (SECAGG.md §2 `SS`).
+"""Shamir secret sharing of 32-byte secrets over F_p, p = 2^256 + 297 (docs/secagg-protocol.md §3).
 
 Rule: coefficients come from injected random bytes by rejection sampling (uniform in [0, p));
 shares are 33 bytes big-endian; reconstruction takes exactly `t` shares with distinct non-zero

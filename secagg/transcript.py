@@ -1,5 +1,5 @@
-"""The two transcript hashes every party computes identically: session_id (SECAGG.md §5 step
-2.5) and the consistency digest D (step 4.2).
+"""The two transcript hashes every party computes identically: session_id
+(docs/secagg-protocol.md §5 step 2.5) and the consistency digest D (step 4.2).
 
 Rule: inputs are canonical (sorted silo ids, ascending indices); any change to keys, config,
 model or survivor sets changes the hash.

@@ -1,4 +1,5 @@
-"""VerifySigner (SECAGG.md §2): who signed an envelope, checked against the CA and pinned roster.
+"""VerifySigner (docs/secagg-protocol.md §3): who signed an envelope, checked against the CA and
+the pinned roster.
 
 Rule: the signature is checked over the exact received payload bytes with the leaf key of a
 certificate that chains to the federation CA, names the expected silo, is valid at the injected

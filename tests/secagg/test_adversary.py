@@ -1,5 +1,5 @@
-"""Coordinator-as-adversary (SECAGG.md §10.4): key substitution, the alive/dead split with
-colluding silos, and different models for different silos. No honest silo releases both share
+"""Coordinator-as-adversary (docs/secagg-protocol.md §7): key substitution, the alive/dead split
+with colluding silos, and different models for different silos. No honest silo releases both share
 types for one silo, none signs two digests, and the adversary never recovers an input."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The coordinator's own checks (SECAGG.md §5 steps 1.2, 2.11, 3.8, 5.5): invalid input from
-one silo is ignored and recorded, never added, never allowed to unmask a silo."""
+"""The coordinator's own checks (docs/secagg-protocol.md §5 steps 1.2, 2.11, 3.8, 5.5): invalid
+input from one silo is ignored and recorded, never added, never allowed to unmask a silo."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Exactness (SECAGG.md §10.2): random n in [3, 20], d in [1, 10^5], random dropouts after every
-phase; the decoded ring sum equals the integer sum of the survivors' encoded inputs exactly."""
+"""Exactness: random n in [3, 20], d in [1, 10^5], random dropouts after every phase; the decoded
+ring sum equals the integer sum of the survivors' encoded inputs exactly (docs/secagg-protocol.md
+§4.4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Known-answer vectors (SECAGG.md §10.1), each frozen and cross-checked against an independent,
-straightforward computation so a wrong frozen value cannot hide a wrong implementation."""
+"""Known-answer vectors for the primitives and digests of docs/secagg-protocol.md §3, each frozen
+and cross-checked against an independent, straightforward computation so a wrong frozen value
+cannot hide a wrong implementation."""
 
 from __future__ import annotations
 
