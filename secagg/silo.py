@@ -506,18 +506,18 @@ class SiloSession:
         self.stage = SiloStage.ADVERTISED
         return self._m1
 
-    def _check_retry_members(self, u1: frozenset[str]) -> None:
-        """Retry rule, membership side (before any share or input of this session leaves): a
-        second masked input for one model goes only into a session whose U1 is exactly the
-        earlier attempt's U3 (U2 when this silo never saw that U3). With the threshold rule this
-        makes any two unmasked sums for one model that share an honest contributor have the same
-        participant set (docs/secagg-protocol.md §8): no difference of two sums isolates a silo
-        or a small group."""
+    def _check_retry_members(self, members: frozenset[str]) -> None:
+        """Retry rule, membership side, checked on U1 at M2 (before any share leaves) and on U2
+        at M4 (before the input leaves): a second masked input for one model goes only into a
+        session whose U1 and U2 are exactly the earlier attempt's U3 (its U2 when this silo
+        never saw that U3). With the threshold rule this makes any two unmasked sums for one
+        model that share an honest contributor have the same participant set
+        (docs/secagg-protocol.md §8): no difference of two sums isolates a silo or a group."""
         assert self.config is not None
         for earlier in self._earlier_records(self.config.model_sha256):
             wanted = earlier.retry_members()
-            if wanted is not None and wanted != u1:
-                missing, extra = sorted(wanted - u1), sorted(u1 - wanted)
+            if wanted is not None and wanted != members:
+                missing, extra = sorted(wanted - members), sorted(members - wanted)
                 raise _abort(
                     AbortReason.CONSISTENCY_FAILED,
                     f"a retry for a model this silo already sent a masked input for (round "
@@ -656,6 +656,10 @@ class SiloSession:
             raise _abort(AbortReason.THRESHOLD_VIOLATION, f"|U2|={len(u2)} below t")
         if len(set(u2) & (self._nbrs[me] | {me})) < self._share_threshold():
             raise _abort(AbortReason.THRESHOLD_VIOLATION, "too few neighbours in U2")
+        # A retry's members must also all reach key sharing: with the complete graph every
+        # member of U2 is vouched for by a ciphertext only it could have made in THIS session,
+        # i.e. after it passed its own membership check (docs/secagg-protocol.md §8).
+        self._check_retry_members(frozenset(self.u1[v].silo_id for v in u2))
         expected = sorted(set(u2) & self._nbrs[me])
         if [v for v, _ in msg.cts] != expected:
             raise _abort(AbortReason.SET_INCONSISTENT, "ciphertexts do not match U2 ∩ N(u)")

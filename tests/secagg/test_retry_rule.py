@@ -4,11 +4,21 @@ the earlier ones (records whose U3 the silo never learnt do not block)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from secagg.coordinator import Phase
 from secagg.errors import AbortReason, MalformedMessage
-from secagg.messages import AbortNotice, Consistency, SignedEnvelope, decode_as, decode_message
+from secagg.messages import (
+    AbortNotice,
+    Consistency,
+    SignedEnvelope,
+    SurvivorList,
+    decode_as,
+    decode_message,
+    encode_message,
+)
 from secagg.silo import (
     MaskedInputRecorded,
     SiloPolicy,
@@ -200,3 +210,60 @@ def test_two_sums_differing_by_one_silo_cannot_both_be_formed() -> None:
     }
     for sid in cfg_b.invited:  # nothing but the Advertise left any silo
         assert _sent_types(b, sid) == ["signed"]
+
+
+def _records(r: Round, sid: str) -> tuple[SubmissionRecord, ...]:
+    recs: dict[bytes, SubmissionRecord] = {}
+    for e in r.journal[sid]:
+        if isinstance(e, MaskedInputRecorded | SurvivorsRecorded):
+            recs[e.record.session_id] = e.record
+    return tuple(recs.values())
+
+
+def test_a_forged_survivor_list_does_not_open_a_retry_over_another_set() -> None:
+    # 13 silos, 4 colluders, t = 9: signers a (5 honest) + colluders; h uploads; the three p
+    # share keys in A but never upload, so they hold no record for the model.
+    fed = federation()
+    cfg_a = make_config(fed, 13, 8, round_id=20)
+    ids = list(cfg_a.invited)
+    a, h, p, c = ids[0:5], ids[5], ids[6:9], ids[9:13]
+    fake_u3 = sorted([a[0], h, *p, *c], key=str.encode)  # 9 = t silos, not A's U3
+    index = {s: i + 1 for i, s in enumerate(ids)}
+
+    def forge(rcpt: str, data: bytes) -> bytes:
+        msg = decode_message(data)
+        if rcpt == h and isinstance(msg, SurvivorList):
+            return encode_message(replace(msg, u3=tuple(index[s] for s in fake_u3)))
+        return data
+
+    digests = {s: TENSORS for s in ids}
+    run_a = Round(
+        fed,
+        cfg_a,
+        exact_inputs(cfg_a, np.random.default_rng(1)),
+        drop_at={s: "masked" for s in p},
+        tamper=forge,
+        model_digests=digests,
+    )
+    run_a.run()
+    assert run_a.coordinator.result is not None and h in run_a.coordinator.result.survivors
+    u3_a = set(run_a.coordinator.result.survivors)
+    # B: the same model over the forged set (t = 7); colluders ignore their own records
+    cfg_b = make_config(fed, 13, 8, round_id=21, invited=tuple(fake_u3), threshold=7, n_colluders=4)
+    policies = {s: SiloPolicy(20, submission_log={TENSORS: _records(run_a, s)}) for s in fake_u3}
+    policies.update({s: SiloPolicy(20) for s in c})
+    run_b = Round(
+        fed,
+        cfg_b,
+        exact_inputs(cfg_b, np.random.default_rng(2)),
+        policies=policies,
+        model_digests=digests,
+    )
+    run_b.run()
+    # B may complete over p and the colluders, but never with h's input: an honest silo that
+    # uploaded in both unmasked sessions forces the same U3
+    if run_b.coordinator.phase is Phase.DONE:
+        assert run_b.coordinator.result is not None
+        u3_b = set(run_b.coordinator.result.survivors)
+        assert h not in u3_b or u3_b == u3_a
+    assert h not in run_b.uploads
