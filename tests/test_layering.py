@@ -1,4 +1,4 @@
-"""ARCHITECTURE.md's dependency rules, enforced by walking every import in the packages.
+"""The dependency rules between the packages, enforced by walking every import in them.
 
 coordinator -> silofed, secagg, protos;  silo_agent -> silofed, secagg, protos;  examples ->
 silofed;  silofed -> secagg (never coordinator, silo_agent, grpc or protos: it is the neutral
