@@ -31,9 +31,9 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protos secagg coordinator silo_agent examples bench tests
-	$(VENV)/bin/ruff format --check protos secagg coordinator silo_agent examples bench tests
-	$(VENV)/bin/mypy secagg coordinator silo_agent examples
+	$(VENV)/bin/ruff check protos secagg coordinator silo_agent silofed examples bench tests
+	$(VENV)/bin/ruff format --check protos secagg coordinator silo_agent silofed examples bench tests
+	$(VENV)/bin/mypy secagg coordinator silo_agent silofed examples
 
 protos: $(STAMP)
 	$(PY) -m protos.generate

@@ -3,16 +3,14 @@
 Rule: the bytes are canonical. `state_to_bytes` is the only serialisation of a model state in
 silofed; its SHA-256 is the `model_sha256` everywhere (round log, offers, blobs streamed to silos),
 so the same state always yields the same bytes (sorted names, contiguous CPU tensors, no metadata).
-A checkpoint is written atomically (temp file, fsync, rename, fsync of the directory) so a crash
-leaves either the old file or the new one, never half of one; `load` checks the hash before it
-parses anything.
+A checkpoint is written atomically (silofed.files: temp file, fsync, rename, fsync of the
+directory) so a crash leaves either the old file or the new one, never half of one; `load` checks
+the hash before it parses anything.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
+
+from silofed.files import write_atomically
 
 
 class CheckpointCorrupt(Exception):
@@ -88,17 +88,7 @@ class CheckpointStore:
         """Write already-serialised canonical bytes (from `state_to_bytes`) as `round_id`."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / checkpoint_name(round_id)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, final)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.directory)
+        write_atomically(final, data, mode=0o600)
         return Checkpoint(path=final, sha256=sha256_hex(data))
 
     def load(self, path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
@@ -127,12 +117,3 @@ class CheckpointStore:
                 "round's checkpoint record to resume from an earlier one"
             )
         return data
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename is durable only once the directory entry itself is flushed.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
-from coordinator.aggregation import AggregationError, check_aggregation_name
+from coordinator.aggregation import AggregationError, PlaintextLimits, check_aggregation_name
 from coordinator.secure_round import SECAGG, SecAggSettings, WeightingMode
 from secagg.train_params import TrainParamsError, canonical_train_params, parse_train_params
 from silofed import config_schema
@@ -62,7 +62,7 @@ class RoundsConfig:
     start_silos: int | None = None  # silos to wait for before the first round (default min_silos)
     # Never spin: after an aborted round wait initial_s, doubling up to max_s; the same cause
     # this many rounds in a row stops the federation with a diagnosis (exit code 4).
-    max_consecutive_aborts: int = 5
+    max_consecutive_aborts: int = 3
     abort_backoff_initial_s: float = 1.0
     abort_backoff_max_s: float = 60.0
 
@@ -77,6 +77,20 @@ class Deadlines:
     share_keys_s: float = 60.0  # secagg phases that need no training:
     consistency_s: float = 60.0
     unmask_s: float = 60.0
+    # An upload (an update, or a masked vector holding one of the buffered-upload slots) that
+    # receives no chunk for this long is dropped and its slot freed: a stalled silo cannot hold
+    # a slot until the phase deadline.
+    upload_progress_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What a peer may hold of the server before it is a member with a live stream ([server])."""
+
+    hello_timeout_s: float = 10.0  # a stream that has not said hello by then is closed
+    handshake_timeout_s: float = 10.0  # TCP + TLS + HTTP/2 setup; a slower connection is closed
+    idle_connection_s: float = 60.0  # a connection with no open stream is closed after this
+    max_pending_streams: int = 32  # streams past the certificate check still waiting for hello
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +105,12 @@ class CoordinatorConfig:
     deadlines: Deadlines
     train: Mapping[str, Any] = field(default_factory=dict)
     secagg: SecAggSettings | None = None  # None only with the insecure plaintext baseline
+    # [plaintext]: what one update of the insecure baseline may be (norm, example count)
+    plaintext: PlaintextLimits = field(default_factory=PlaintextLimits)
     max_concurrent_uploads: int = (
         2  # masked vectors buffered at once (docs/secagg-protocol.md §5 step 3.8: P)
     )
+    server: ServerLimits = field(default_factory=ServerLimits)
 
     @property
     def host(self) -> str:
@@ -143,6 +160,10 @@ class _Federation(StrictModel):
 
 class _Server(StrictModel):
     listen: HostPort
+    hello_timeout_s: PositiveFloat = 10.0
+    handshake_timeout_s: PositiveFloat = 10.0
+    idle_connection_s: PositiveFloat = 60.0
+    max_pending_streams: PositiveInt = 32
 
 
 class _Tls(StrictModel):
@@ -164,7 +185,7 @@ class _Rounds(StrictModel):
     silos_per_round: PositiveInt | None = None
     start_timeout_s: PositiveFloat = 120.0
     start_silos: PositiveInt | None = None
-    max_consecutive_aborts: PositiveInt = 5
+    max_consecutive_aborts: PositiveInt = 3
     abort_backoff_initial_s: PositiveFloat = 1.0
     abort_backoff_max_s: PositiveFloat = 60.0
 
@@ -194,6 +215,7 @@ class _Deadlines(StrictModel):
     share_keys_s: PositiveFloat = 60.0
     consistency_s: PositiveFloat = 60.0
     unmask_s: PositiveFloat = 60.0
+    upload_progress_s: PositiveFloat = 30.0
 
 
 class _SecAgg(StrictModel):
@@ -206,6 +228,14 @@ class _SecAgg(StrictModel):
     noise_multiplier: PositiveFloat | None = None
     noise_divisor: PositiveInt = 1
     max_concurrent_uploads: PositiveInt = 2
+
+
+class _Plaintext(StrictModel):
+    """Read only with aggregation = "plaintext-insecure": each update is refused whole above
+    these (an insecure baseline, but not an unchecked one)."""
+
+    clip_l2: PositiveFloat | None = None  # None: no norm bound (values must still be finite)
+    weight_max: PositiveInt = 100_000
 
 
 class _Metrics(StrictModel):
@@ -229,6 +259,7 @@ class _CoordinatorFile(StrictModel):
     rounds: _Rounds
     deadlines: _Deadlines = Field(default_factory=_Deadlines)
     secagg: _SecAgg = Field(default_factory=_SecAgg)
+    plaintext: _Plaintext = Field(default_factory=_Plaintext)
     metrics: _Metrics | None = None
     debug: _Debug = Field(default_factory=_Debug)
     train: Annotated[dict[str, Any], AfterValidator(_train_table)] = Field(default_factory=dict)
@@ -296,8 +327,16 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
             share_keys_s=d.share_keys_s,
             consistency_s=d.consistency_s,
             unmask_s=d.unmask_s,
+            upload_progress_s=d.upload_progress_s,
         ),
         train=dict(f.train),
         secagg=secagg,
+        plaintext=PlaintextLimits(clip_l2=f.plaintext.clip_l2, weight_max=f.plaintext.weight_max),
         max_concurrent_uploads=s.max_concurrent_uploads,
+        server=ServerLimits(
+            hello_timeout_s=f.server.hello_timeout_s,
+            handshake_timeout_s=f.server.handshake_timeout_s,
+            idle_connection_s=f.server.idle_connection_s,
+            max_pending_streams=f.server.max_pending_streams,
+        ),
     )

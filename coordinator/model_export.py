@@ -9,13 +9,12 @@ refusal is an `ExportError` whose message says what to do.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.checkpoints import sha256_hex
 from coordinator.roundlog import CheckpointRecord, RoundLog, RoundNotFound, RoundStatus
+from silofed.files import write_atomically
 
 
 class ExportError(Exception):
@@ -69,7 +68,7 @@ def export_model(
     if output.is_dir():
         raise ExportError(f"{output} is a directory; give --output a file name")
     try:
-        _write_atomically(output, data)
+        write_atomically(output, data, mode=0o600)  # a model: for its operator's eyes only
     except OSError as exc:
         raise ExportError(
             f"cannot write {output}: {exc.strerror or exc}; choose a writable path"
@@ -110,18 +109,3 @@ def _checkpoint_record(log: RoundLog, round_id: int) -> CheckpointRecord:
             "first start"
         )
     return record
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder (0600), fsync, rename: a reader never sees half a
-    model, and a failed write leaves whatever was at `path` before."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -7,12 +7,18 @@ order; the scale is `secagg.encoding.recommended_scale` for the configured clip 
 and colluder bound default to the least values the silos accept (docs/secagg-protocol.md §4.5:
 n_C = ⌊(n-1)/3⌋, t = max(3, ⌊(n+n_C)/2⌋+1)).
 The adapter never holds or returns one silo's vector: only ḡ, the decoded sum.
+
+Nothing is applied that clipped inputs cannot produce: `check_aggregate` refuses an aggregate
+whose L2 norm exceeds `aggregate_norm_bound` (AGGREGATE_OUT_OF_BOUND; the derivation is in
+docs/secagg-protocol.md §2.5), and `check_finite` a new state that is not finite
+(NON_FINITE_MODEL). Either way the round is aborted and the model kept.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,10 +36,24 @@ from secagg.encoding import recommended_scale
 from secagg.layout import LayoutError, layout_from
 
 SECAGG = "secagg"
+# Abort codes of a round whose result is refused (the stall diagnosis keys on the first word).
+AGGREGATE_OUT_OF_BOUND = "AGGREGATE_OUT_OF_BOUND"
+NON_FINITE_MODEL = "NON_FINITE_MODEL"
+# The bound's DP noise term: ‖noise‖ ≤ σ·(√d + √(2x)), failing with probability at most e^-x;
+# √(2x) = 9 gives e^-40.5 < 3e-18 (docs/secagg-protocol.md §2.5).
+DP_TAIL_SQRT_2X = 9.0
+# Relative slack of the bound: float32 decoding (2^-24), float64 clipping and norm sums.
+BOUND_SLACK = 1e-6
+_NORM_CHUNK = 1 << 16
 
 
 class SecureRoundError(ValueError):
     """The model or settings cannot form a secure round; str() says what to change."""
+
+
+class ResultRefused(SecureRoundError):
+    """A round's decoded result must not become the global model; str() starts with the code
+    (AGGREGATE_OUT_OF_BOUND or NON_FINITE_MODEL)."""
 
 
 class WeightingMode(enum.Enum):
@@ -182,3 +202,102 @@ def apply_aggregate(
         else:  # half precision: add in float32, round once
             new[spec.name] = (base.to(torch.float32) + delta.to(torch.float32)).to(base.dtype)
     return new
+
+
+def aggregate_norm_bound(config: RoundConfig, weight_sum: int, survivors: int) -> float:
+    """The largest L2 norm of ḡ that clipped inputs can produce (docs/secagg-protocol.md §2.5).
+
+    ḡ = Σ_i (q_i/W)·u_i + S_w/(S·W)·Σ_i e_i (+ noise), with ‖u_i‖ ≤ C, q_i ≥ 0, W = Σ q_i the
+    decoded weight sum and |e_ij| < 1 the stochastic rounding. So, for n = |U3| survivors and d
+    coordinates:
+
+        ‖ḡ‖ ≤ C + n·√d·S_w/(S·W)  [+ z·C/√(n·n_h)·(√d + 9) with DP]
+
+    The middle term is √d times the per-coordinate rounding term of `quantisation_bound`, with
+    the exact W in place of S_w·Σ w̃_i. The DP term holds except with probability e^-40.5 (the
+    discrete Gaussian is sub-Gaussian; chi-square tail of Laurent and Massart). The whole is
+    widened by BOUND_SLACK for float32 decoding and float64 rounding."""
+    if weight_sum < 1 or survivors < 1:
+        raise SecureRoundError(f"no bound for W = {weight_sum} over {survivors} survivors")
+    root_d = math.sqrt(config.d)
+    rounding = survivors * root_d * config.weight_scale / (config.scale * weight_sum)
+    noise = 0.0
+    if config.dp is not None:
+        sigma = config.dp.noise_multiplier * config.clip_l2
+        sigma /= math.sqrt(survivors * config.dp.noise_divisor)
+        noise = sigma * (root_d + DP_TAIL_SQRT_2X)
+    return (config.clip_l2 + rounding + noise) * (1 + BOUND_SLACK)
+
+
+def sum_of_squares(values: np.ndarray | torch.Tensor) -> float | None:
+    """Σ x² in float64 through one small reused buffer (no model-sized copy), or None when a
+    value is NaN or infinite. Any real dtype (bfloat16 converted exactly; complex refused
+    with TypeError). numpy, not torch: torch.isfinite is ~50x slower on CPU."""
+    flat, widen = _flat_numpy(values)
+    buf = np.empty(_NORM_CHUNK, dtype=np.float64)
+    total = 0.0
+    for start in range(0, flat.shape[0], _NORM_CHUNK):
+        part = buf[: min(_NORM_CHUNK, flat.shape[0] - start)]
+        np.copyto(part, widen(flat[start : start + part.shape[0]]))
+        squares = float(np.einsum("i,i->", part, part))
+        if not math.isfinite(squares):
+            if not bool(np.isfinite(part).all()):
+                return None
+            squares = math.inf  # finite float64 values too large to square: no finite norm
+        total += squares
+    return total
+
+
+def _flat_numpy(
+    values: np.ndarray | torch.Tensor,
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """A flat numpy view of `values` and how to widen a chunk of it to what float64 holds."""
+    if isinstance(values, np.ndarray):
+        return values.reshape(-1), _same
+    flat = values.detach().reshape(-1)
+    if flat.is_complex():
+        raise TypeError(f"a {flat.dtype} tensor has no real norm")
+    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits are float32's top half
+        return flat.view(torch.int16).numpy(), _bfloat16_to_float32
+    return flat.numpy(), _same
+
+
+def _same(chunk: np.ndarray) -> np.ndarray:
+    return chunk
+
+
+def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def l2_norm(vector: np.ndarray) -> float:
+    """‖vector‖₂ in float64 (NaN if a value is not finite)."""
+    squares = sum_of_squares(vector)
+    return math.nan if squares is None else math.sqrt(squares)
+
+
+def check_aggregate(
+    config: RoundConfig, aggregate: np.ndarray, weight_sum: int, survivors: int
+) -> float:
+    """‖ḡ‖ if it is within `aggregate_norm_bound`; else ResultRefused (AGGREGATE_OUT_OF_BOUND).
+
+    A NaN norm is refused too (`not norm <= bound`)."""
+    norm = l2_norm(aggregate)
+    bound = aggregate_norm_bound(config, weight_sum, survivors)
+    if not norm <= bound:
+        raise ResultRefused(
+            f"{AGGREGATE_OUT_OF_BOUND}: norm {norm:.6g} > bound {bound:.8g} (clip_l2 "
+            f"{config.clip_l2:g}, {survivors} survivors, weight sum {weight_sum}): clipped "
+            "inputs cannot produce it, so a silo sent an unclipped input; the model is kept"
+        )
+    return norm
+
+
+def check_finite(state: Mapping[str, torch.Tensor]) -> None:
+    """ResultRefused (NON_FINITE_MODEL) if a tensor of `state` holds a NaN or an infinity."""
+    for name, tensor in state.items():
+        if sum_of_squares(tensor) is None:
+            raise ResultRefused(
+                f"{NON_FINITE_MODEL}: tensor {name!r} of the new model is not finite; the "
+                "model is kept"
+            )

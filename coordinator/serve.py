@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography import x509
 
 from coordinator import malloc
 from coordinator.aggregation import AggregationError, AggregationProtocol, make_aggregation
@@ -44,12 +45,16 @@ from coordinator.checkpoints import (
 from coordinator.config import CoordinatorConfig
 from coordinator.debug_pause import DebugPause
 from coordinator.final_eval import EVALUATE, FinalEvaluationRun
+from coordinator.operator import operator_name
+from coordinator.outbound import OutboundQueue, Overflow
+from coordinator.peer_input import clean_abort, clean_report, finite_mean
 from coordinator.pki import (
     PkiError,
     load_revoked_serials,
     load_signed_roster,
     roster_signature_path,
 )
+from coordinator.ratelimit import PeerLog, exception_line
 from coordinator.rollback import checkpoint_to_resume, take_pending
 from coordinator.roundlog import RoundLog
 from coordinator.rounds import (
@@ -68,12 +73,15 @@ from coordinator.secure_round import (
     SecureRoundError,
     apply_aggregate,
     build_round_config,
+    check_aggregate,
+    check_finite,
     layout_of,
 )
 from coordinator.servicer import RefusalCode, Refused
 from coordinator.stall import Diagnosis, Proceed, RoundEnd, StallWatch, Verdict
 from protos import federation_pb2 as pb
 from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
+from secagg.coordinator import Phase as SecAggPhase
 from secagg.errors import ConfigError, MalformedMessage
 from secagg.identity import (
     CertificateRejected,
@@ -81,6 +89,7 @@ from secagg.identity import (
     Roster,
     check_certificate,
     load_pem_certificate,
+    uri_san,
 )
 from secagg.messages import AbortNotice as SecAggAbort
 from secagg.messages import MaskedHeader, decode_message
@@ -137,40 +146,90 @@ class _Delivered:
 
 
 _Item = pb.CoordinatorMessage | _Blob | _Delivered | None
+# A silo that reconnects only to stop reading again overflows once per round at most; still,
+# one line per silo per interval.
+_overflow_log = PeerLog(log)
 
 
 @dataclass(eq=False)
 class Session:
-    """One admitted silo stream. The hub mutates it only under its lock."""
+    """One admitted silo stream. The hub mutates it only under its lock.
+
+    Its outbound queue is bounded in bytes (coordinator/outbound.py): past about one model the
+    session closes itself (`overflow` says why), drops what it queued and cancels its stream when
+    the servicer attached one; the hub then drops the silo like a disconnected one."""
 
     silo_id: str
     connected_since: float
     cert_not_after: float
     on_delivered: Callable[[Session, int], None]
-    queue: queue.Queue[_Item] = field(default_factory=queue.Queue)
+    queue: OutboundQueue[_Item] = field(default_factory=OutboundQueue)
     closed: bool = False
+    overflow: Overflow | None = None  # set once the outbound queue passed its bound
+    cancel_stream: Callable[[], object] | None = None  # ends the RPC even while a send blocks
     bytes_in: int = 0
     bytes_out: int = 0
     round_bytes_in: int = 0
     round_bytes_out: int = 0
     report: pb.TrainReport | None = None
     upload: Reassembler | None = None
+    # The upload the hub's progress watch last saw and when it last moved (a chunk arrived).
+    upload_watched: Reassembler | None = None
+    upload_moved_at: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     masked_header: bytes | None = None  # secagg: the MaskedHeader announcing the next vector
     upload_slot: bool = False  # secagg: holds one of the hub's buffered-upload slots
     upload_buffer: np.ndarray | None = None  # secagg: where that upload's chunks are copied
 
+    def attach_stream(self, cancel: Callable[[], object]) -> None:
+        """The servicer's way to end this stream from the hub's side (`context.cancel`): a
+        silo that does not read blocks its stream inside gRPC, where no queued item reaches."""
+        self.cancel_stream = cancel
+        if self.overflow is not None:
+            cancel()
+
     def send(self, item: _Item) -> None:
-        self.queue.put(item)
+        """Queue `item` for the stream. A closed session takes only the end marker (None)."""
+        if item is None:
+            self.queue.put_last(None)
+            return
+        if self.closed:
+            return
+        if isinstance(item, _Blob):
+            accepted = self.queue.put(item, len(item.data), blob_bytes=len(item.data))
+        elif isinstance(item, _Delivered):
+            accepted = self.queue.put(item, 0)
+        else:
+            accepted = self.queue.put(item, item.ByteSize())
+        if not accepted:
+            self._overflowed()
+
+    def _overflowed(self) -> None:
+        """Past the bound: close now, free the queue, end the stream (its end drops the silo
+        from the round, like any disconnection; without a stream to cancel, the hub's next tick
+        does: `Hub._watch_streams`)."""
+        self.overflow = self.queue.overflow
+        self.closed = True
+        self.queue.put_last(None)
+        _overflow_log.warning(
+            "outbound queue overflow",
+            self.silo_id,
+            "%s: %s; dropped from the round and disconnected",
+            self.silo_id,
+            self.overflow,
+        )
+        if self.cancel_stream is not None:
+            self.cancel_stream()
 
     def next_messages(self, timeout_s: float) -> Iterable[pb.CoordinatorMessage] | None:
         """The next message(s) to send; empty when idle for `timeout_s`; None once closed.
 
         A blob is expanded lazily, chunk by chunk, as the stream sends it: the model's bytes
-        are shared by every silo's queue and never copied whole per silo.
+        are shared by every silo's queue and never copied whole per silo; they count against
+        this queue's bound until the stream has taken them.
         """
         try:
-            item = self.queue.get(timeout=timeout_s)
+            item = self.queue.get(timeout_s)
         except queue.Empty:
             return ()
         if item is None:
@@ -188,6 +247,8 @@ class Session:
     ) -> Iterator[pb.CoordinatorMessage]:
         for message in messages:
             self._count_out(message.ByteSize())
+            if message.HasField("blob_chunk"):
+                self.queue.taken(len(message.blob_chunk.data))
             yield message
 
     def _count_out(self, n: int) -> None:
@@ -278,6 +339,8 @@ class Hub:
         self._refusals: dict[str, str] = {}  # this round: silo -> the reason code it sent
         self.pause = DebugPause.from_config(config, self.stopping)  # [debug]: tests only
         self._final: FinalEvaluationRun | None = None  # while the final evaluation runs
+        # What silos do wrong is logged at most once per (cause, silo) per 10 s, with counts.
+        self.peer_log = PeerLog(log)
 
     # ---- trust -----------------------------------------------------------------------------
 
@@ -344,29 +407,56 @@ class Hub:
             mine,
         )
 
-    def admit(self, cert_pem: bytes | None, hello: pb.Hello) -> Session:
-        """Check the TLS peer and its hello. Raises Refused with an operator-readable detail."""
+    def check_peer(self, cert_pem: bytes | None) -> str:
+        """The silo id of the TLS peer `cert_pem` if it may open a stream: the servicer asks
+        when the stream opens, before reading anything. Raises Refused saying why not."""
+        return self._checked_peer(cert_pem)[1]
+
+    def _checked_peer(self, cert_pem: bytes | None) -> tuple[x509.Certificate, str]:
+        """The peer's certificate and silo id after the federation CA, key, validity,
+        revocation and roster checks (trust files reread when they changed). Raises Refused."""
         if cert_pem is None:
             raise Refused(
                 RefusalCode.UNAUTHENTICATED,
                 "no client certificate was presented; configure the silo's [tls] cert and key",
             )
-        cert = load_pem_certificate(cert_pem)
+        try:
+            cert = load_pem_certificate(cert_pem)
+        except ValueError:
+            raise Refused(
+                RefusalCode.UNAUTHENTICATED, "the client certificate could not be parsed"
+            ) from None
         with self.lock:
             self._refresh_trust()
-            try:
-                silo_id = check_certificate(
-                    cert,
-                    self.ca_cert,
-                    now=dt.datetime.now(dt.UTC),
-                    roster=self.roster,
-                    revoked_serials=tuple(self.revoked),
-                )
-            except CertificateRejected as exc:
-                code = _CODE_FOR.get(exc.problem, RefusalCode.PERMISSION_DENIED)
+            roster, revoked = self.roster, tuple(self.revoked)
+        try:
+            silo_id = check_certificate(
+                cert, self.ca_cert, now=dt.datetime.now(dt.UTC), roster=roster,
+                revoked_serials=revoked,
+            )  # fmt: skip
+        except CertificateRejected as exc:
+            uri = uri_san(cert)
+            if exc.problem is CertProblem.NOT_ON_ROSTER and operator_name(
+                uri, self.config.federation_id
+            ):
                 raise Refused(
-                    code, f"{exc}; ask the coordinator operator to (re)enroll this silo"
+                    RefusalCode.PERMISSION_DENIED,
+                    f"{uri} is an operator certificate, and operators are not on the roster: it "
+                    "may ask for status (silofed-coordinator status), not join rounds; a silo "
+                    "connects with its own enrolled certificate",
                 ) from exc
+            code = _CODE_FOR.get(exc.problem, RefusalCode.PERMISSION_DENIED)
+            raise Refused(
+                code, f"{exc}; ask the coordinator operator to (re)enroll this silo"
+            ) from exc
+        return cert, silo_id
+
+    def admit(self, cert_pem: bytes | None, hello: pb.Hello) -> Session:
+        """Check the TLS peer (again: the servicer checked it when the stream opened, and the
+        trust files may have changed) and its hello, and start its session, replacing the
+        silo's previous one. Raises Refused with an operator-readable detail."""
+        cert, silo_id = self._checked_peer(cert_pem)
+        with self.lock:
             if hello.silo_id and hello.silo_id != silo_id:
                 raise Refused(
                     RefusalCode.PERMISSION_DENIED,
@@ -419,6 +509,8 @@ class Hub:
         """Close a silo's previous stream; its work in the current round is lost with it."""
         session.closed = True
         session.send(None)
+        if session.cancel_stream is not None:  # it may be stuck sending to a silo gone silent
+            session.cancel_stream()
         self._end_upload(session)
         self._lost(session.silo_id, "replaced by a new stream")
 
@@ -435,8 +527,49 @@ class Hub:
                 self._apply(events)
 
     def on_message(self, session: Session, message: pb.SiloMessage) -> None:
+        """Handle one message from `session`'s stream. Whatever a silo sends, this raises only
+        Refused: an unexpected error while handling it is that silo's protocol violation, it
+        drops out of the round, and the servicer ends its stream (INVALID_ARGUMENT); the
+        coordinator and the round go on."""
+        self.peer_log.flush()  # counts of suppressed lines whose interval is over
+        try:
+            self._handle(session, message)
+        except Refused:
+            raise
+        except Exception as exc:
+            detail = f"protocol violation: {exception_line(exc)}"
+            with self.lock:
+                try:
+                    self._failed(session, detail)
+                except Exception as again:  # the round's state is broken: the stream still ends
+                    self.peer_log.warning(
+                        "cannot drop after a violation",
+                        session.silo_id,
+                        "%s: could not drop it from the round after %s: %s",
+                        session.silo_id,
+                        detail,
+                        exception_line(again),
+                    )
+            raise Refused(RefusalCode.INVALID_ARGUMENT, detail) from exc
+
+    def _handle(self, session: Session, message: pb.SiloMessage) -> None:
         kind = message.WhichOneof("kind")
         size = message.ByteSize()
+        # Checked before anything stores or logs it (metrics, abort texts): peer_input.py.
+        if kind == "train_report":
+            report, metrics = clean_report(message.train_report)
+            message = pb.SiloMessage(train_report=report)
+            if metrics.dropped:
+                self.peer_log.warning(
+                    "metrics dropped",
+                    session.silo_id,
+                    "%s: report for round %d: %s",
+                    session.silo_id,
+                    report.round_id,
+                    metrics.describe(),
+                )
+        elif kind == "abort":
+            message = pb.SiloMessage(abort=clean_abort(message.abort))
         if kind == "blob_header" and message.blob_header.kind == pb.MASKED_VECTOR:
             self._wait_for_upload_slot(session)  # before the lock: holds only this stream
         with self.lock:
@@ -457,7 +590,9 @@ class Hub:
             elif kind == "secagg":
                 self._on_secagg(session, message.secagg)
             elif kind == "abort":
-                log.warning(
+                self.peer_log.warning(
+                    "silo aborted",
+                    session.silo_id,
                     "%s aborted round %d: %s %s",
                     session.silo_id,
                     message.abort.round_id,
@@ -481,7 +616,10 @@ class Hub:
         return None if self.machine is None else self.machine.round_id
 
     def _reject(self, session: Session, detail: str) -> None:
-        log.warning("%s: %s", session.silo_id, detail)
+        # The cause is the detail up to its first colon ("bad update chunk: ...").
+        self.peer_log.warning(
+            detail.split(":", 1)[0][:64], session.silo_id, "%s: %s", session.silo_id, detail
+        )
         self._failed(session, detail)
 
     def _failed(self, session: Session, detail: str) -> None:
@@ -508,7 +646,9 @@ class Hub:
             # been processed yet.
             self._apply(m.done(session.silo_id, report.round_id, OFFER_PHASE, self.clock())[1])
         if not self._current_phase(session, report.round_id):
-            log.info(
+            self.peer_log.info(
+                "stray report",
+                session.silo_id,
                 "ignoring late or stray report from %s for round %d",
                 session.silo_id,
                 report.round_id,
@@ -523,7 +663,13 @@ class Hub:
             return
         report = session.report
         if report is None or not self._current_phase(session, header.round_id):
-            log.info("ignoring blob from %s for round %d", session.silo_id, header.round_id)
+            self.peer_log.info(
+                "stray blob",
+                session.silo_id,
+                "ignoring blob from %s for round %d",
+                session.silo_id,
+                header.round_id,
+            )
             session.upload = None
             return
         if header.kind != pb.PLAINTEXT_UPDATE or header.sha256 != report.update_sha256:
@@ -543,12 +689,12 @@ class Hub:
         masked = session.upload_buffer is not None
         try:
             upload.add(chunk.index, chunk.data)
+            session.upload_watched, session.upload_moved_at = upload, self.clock()  # it moves
             if not upload.complete:
                 return
             data = upload.finish_into() if masked else upload.finish()
         except ChunkError as exc:
-            session.upload = None
-            self._end_upload(session)
+            self._cancel_upload(session)
             self._reject(session, f"bad update chunk: {exc}")
             return
         session.upload = None
@@ -564,6 +710,8 @@ class Hub:
             return
         try:
             update = state_from_bytes(data)
+            # Checked whole before any of it is added (aggregation.check_update): a refused
+            # update drops this silo from the round (INVALID) and leaves the accumulator as it was.
             agg.contribute(session.silo_id, int(report.num_examples), update)
         except (AggregationError, CheckpointCorrupt) as exc:
             self._reject(session, f"update refused: {exc}")
@@ -577,8 +725,12 @@ class Hub:
     def _on_secagg(self, session: Session, frame: pb.SecAggFrame) -> None:
         sr = self.secure
         if sr is None or frame.round_id != sr.config.round_id:
-            log.info(
-                "ignoring a secagg frame from %s for round %d", session.silo_id, frame.round_id
+            self.peer_log.info(
+                "stray secagg frame",
+                session.silo_id,
+                "ignoring a secagg frame from %s for round %d",
+                session.silo_id,
+                frame.round_id,
             )
             return
         try:
@@ -593,18 +745,45 @@ class Hub:
         self._apply_secure(sr.handle(session.silo_id, frame.payload, self.clock()))
 
     def _wait_for_upload_slot(self, session: Session) -> None:
-        """Block this silo's reader until a buffered-upload slot frees (or the round ends)."""
-        while not session.upload_slot:
+        """Block this silo's reader until a buffered-upload slot frees, for a silo the masked
+        phase waits for only: anyone else returns at once, without a slot, and
+        `_on_masked_header` refuses its vector. The wait ends with the phase (its deadline)."""
+        while True:
+            with self.lock:
+                if (
+                    session.upload_slot
+                    or session.masked_header is None
+                    or self._upload_refusal(session) is not None
+                ):
+                    return
             if self.upload_slots.acquire(timeout=UPLOAD_SLOT_POLL_S):
                 with self.lock:
-                    session.upload_slot = True
+                    if session.upload_slot or self._upload_refusal(session) is not None:
+                        self.upload_slots.release()  # the phase or the stream ended meanwhile
+                    else:
+                        session.upload_slot = True
                 return
-            with self.lock:
-                if self.secure is None or session.closed or self.stopping.is_set():
-                    return
+
+    def _upload_refusal(self, session: Session) -> str | None:
+        """Why `session` may not upload a masked vector now; None when the masked phase of the
+        current round waits for its vector (it is in U2, not dropped, not uploaded yet)."""
+        sr = self.secure
+        if session.closed or self.stopping.is_set():
+            return "its stream is closing"
+        if sr is None:
+            return "no secure round is running"
+        if sr.round.phase is not SecAggPhase.MASKED:
+            return f"round {sr.config.round_id} is in phase {sr.phase_name}, not masked"
+        if session.silo_id not in sr.round.waiting_for():
+            return (
+                f"round {sr.config.round_id} waits for no masked vector from it (not in U2, "
+                "dropped, or already uploaded)"
+            )
+        return None
 
     def _end_upload(self, session: Session) -> None:
         """Give back the session's upload slot and buffer (the vector was added or refused)."""
+        session.upload_watched = None
         if session.upload_buffer is not None:
             self._free_buffers.append(session.upload_buffer)
             session.upload_buffer = None
@@ -614,14 +793,35 @@ class Hub:
 
     def _on_masked_header(self, session: Session, header: pb.BlobHeader) -> None:
         sr = self.secure
-        session.upload = None
-        if sr is None or header.round_id != sr.config.round_id or not session.upload_slot:
-            log.info("ignoring a masked vector from %s (no round or slot)", session.silo_id)
-            self._end_upload(session)
+        refusal = self._upload_refusal(session)
+        if sr is None or refusal is not None:
+            # Not an upload this round waits for: no slot, no buffer; its chunks are ignored.
+            self.peer_log.warning(
+                "masked vector refused",
+                session.silo_id,
+                "refused a masked vector from %s for round %d: %s",
+                session.silo_id,
+                header.round_id,
+                refusal or "no secure round is running",
+            )
+            self._cancel_upload(session)  # whatever it was uploading, nothing waits for it
             return
         if session.masked_header is None:
-            self._end_upload(session)
+            self._cancel_upload(session)
             self._reject(session, "masked vector without its MaskedHeader frame")
+            return
+        if session.upload is not None:
+            self._cancel_upload(session)
+            self._reject(session, "a second masked vector began before the first was complete")
+            return
+        if header.round_id != sr.config.round_id:
+            self._cancel_upload(session)
+            self._reject(
+                session,
+                f"masked vector for round {header.round_id} during round {sr.config.round_id}",
+            )
+            return
+        if not session.upload_slot:  # the stream or the coordinator is stopping
             return
         dtype = ring_dtype(sr.config.ring_bits)
         try:
@@ -635,8 +835,40 @@ class Hub:
             session.upload_buffer = buffer
             session.upload = Reassembler(meta, max_total_bytes=limit, into=buffer.data)
         except ChunkError as exc:
-            self._end_upload(session)
+            self._cancel_upload(session)
             self._reject(session, f"bad masked vector header: {exc}")
+            return
+        # The slot is held from here: the progress watch (`_watch_streams`) frees it when
+        # chunks stop arriving.
+        session.upload_watched, session.upload_moved_at = session.upload, self.clock()
+
+    def _cancel_upload(self, session: Session) -> None:
+        session.upload = None
+        self._end_upload(session)
+
+    def _watch_streams(self, now: float) -> None:
+        """Every tick: drop the silos whose outbound queue overflowed (they do not read) like
+        disconnected ones, and the uploads that received no chunk for [deadlines]
+        upload_progress_s (the silo drops out of the round; its slot and buffer are freed)."""
+        limit = self.config.deadlines.upload_progress_s
+        for s in list(self.sessions.values()):
+            if s.overflow is not None:  # logged when it happened (Session._overflowed)
+                self.on_disconnect(s, f"outbound queue overflow: {s.overflow}")
+                continue
+            upload = s.upload
+            if upload is None:
+                continue
+            if upload is not s.upload_watched:  # an update whose header just arrived
+                s.upload_watched, s.upload_moved_at = upload, now
+                continue
+            idle = now - s.upload_moved_at
+            if idle >= limit:
+                self._cancel_upload(s)
+                self._reject(
+                    s,
+                    f"upload stalled: no chunk for {idle:.1f} s ([deadlines] upload_progress_s "
+                    f"= {limit:g}); its upload slot is freed",
+                )
 
     def _take_buffer(self, length: int, dtype: np.dtype[Any]) -> np.ndarray:
         while self._free_buffers:
@@ -995,7 +1227,7 @@ class Hub:
 
     def _begin_plaintext(self, round_id: RoundId) -> bytes:
         cfg, deadlines = self.config.rounds, self.config.deadlines
-        aggregation = make_aggregation(cfg.aggregation)
+        aggregation = make_aggregation(cfg.aggregation, self.config.plaintext)
         phases = [Phase(OFFER_PHASE, deadlines.offer_s)] + [
             Phase(p.name, float(getattr(deadlines, p.deadline_key))) for p in aggregation.phases
         ]
@@ -1052,6 +1284,7 @@ class Hub:
         return self.machine is None or self.machine.over
 
     def _tick(self, now: float) -> None:
+        self._watch_streams(now)
         if self.machine is not None:
             self._apply(self.machine.tick(now))
         if self.secure is not None:
@@ -1072,10 +1305,21 @@ class Hub:
             return
         self.pause.at("unmask")
         cfg = sr.config
-        # ḡ is the weighted mean of the survivors' updates: all the coordinator ever decodes.
-        new_state = apply_aggregate(self.global_state, outcome.aggregate, cfg.layout)
-        weight_sum = outcome.weight_sum / cfg.weight_scale * cfg.weight_max
         survivors = [str(s) for s in outcome.survivors]
+        try:
+            # ḡ is the weighted mean of the survivors' updates: all the coordinator ever
+            # decodes. Applied only if clipped inputs can produce it (docs/secagg-protocol.md
+            # §2.5) and the new model is finite; else the round is aborted, the model kept.
+            check_aggregate(cfg, outcome.aggregate, outcome.weight_sum, len(survivors))
+            new_state = apply_aggregate(self.global_state, outcome.aggregate, cfg.layout)
+            check_finite(new_state)
+        except SecureRoundError as exc:
+            sr.round.result = dataclasses.replace(outcome, aggregate=np.empty(0, np.float32))
+            with self.lock:
+                self.secure = None
+            self._finish_aborted(round_id, invited, str(exc))
+            return
+        weight_sum = outcome.weight_sum / cfg.weight_scale * cfg.weight_max
         report = outcome.dp_report
         # Free the accumulator (ḡ lives in it) before serialising the new model.
         sr.round.result = dataclasses.replace(outcome, aggregate=np.empty(0, np.float32))
@@ -1117,7 +1361,13 @@ class Hub:
                 self.machine, self.aggregation = None, None
             self._finish_aborted(round_id, invited, machine.abort_reason or "aborted")
             return
-        result = aggregation.finish()
+        try:
+            result = aggregation.finish()
+        except AggregationError as exc:  # NON_FINITE_MODEL: the old model is kept, no checkpoint
+            with self.lock:
+                self.machine, self.aggregation = None, None
+            self._finish_aborted(round_id, invited, str(exc))
+            return
         data = state_to_bytes(result.new_state)
         ckpt = self.checkpoints.save_bytes(round_id, data)
         self.pause.at("checkpoint")
@@ -1312,13 +1562,15 @@ def _whole_s(seconds: float) -> int:
 
 
 def _mean_eval(per_silo: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Global metric = unweighted mean over silos of each `eval_*` metric they reported."""
+    """Global metric = unweighted mean over silos of each `eval_*` metric they reported, over
+    finite values only (the edge drops the others; a metric with none is left out)."""
     sums: dict[str, list[float]] = {}
     for metrics in per_silo:
         for key, value in metrics.items():
             if key.startswith("eval_"):
                 sums.setdefault(key, []).append(float(value))
-    return {k: sum(v) / len(v) for k, v in sums.items()}
+    means = {k: finite_mean(v) for k, v in sums.items()}
+    return {k: m for k, m in means.items() if m is not None}
 
 
 __all__ = ["FEDERATION_FINISHED", "Hub", "Session", "sha256_hex"]
@@ -1351,7 +1603,13 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
 
     malloc.limit_arenas()
     hub = Hub(config, model_factory=load_model_factory(config.task_spec))
-    servicer = FederationServicer(hub, idle_heartbeat_s=config.deadlines.heartbeat_s)
+    servicer = FederationServicer(
+        hub,
+        idle_heartbeat_s=config.deadlines.heartbeat_s,
+        limits=config.server,
+        # One stream per roster member, with room for the roster to grow while serving.
+        max_silos=max(64, 2 * len(hub.roster.entries)),
+    )
     try:
         running = start_server(
             servicer,
@@ -1359,6 +1617,7 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
             ca_cert=config.tls.ca_cert,
             cert=config.tls.cert,
             key=config.tls.key,
+            limits=config.server,
         )
     except ListenError as exc:
         hub.roundlog.close()

@@ -24,7 +24,9 @@ OPTIONS: Mapping[str, str] = {
         "the silos already sent the allowed number of masked inputs for this global model "
         "(silo [secagg] max_masked_inputs_per_model, default 3); a retry is only possible with "
         "the same survivors. Roll back to an earlier round (`silofed-coordinator rollback --to "
-        "N`) only if the silos' operators raise that limit, or start a new training run"
+        "N`) only if the silos' operators raise that limit, or start a new training run. If the "
+        "rounds before these aborted with AGGREGATE_OUT_OF_BOUND or OVERFLOW_RULE (`rounds "
+        "list`), a silo sabotages them: see the options for those causes"
     ),
     "CONSISTENCY_FAILED": (
         "the silos refuse a second masked input for this model with different survivors (the "
@@ -53,6 +55,31 @@ OPTIONS: Mapping[str, str] = {
     "CANNOT_CONFIGURE": (
         "no secure round can be configured for the silos connected; fix [secagg] (threshold, "
         "clip_l2) or bring more silos online"
+    ),
+    "OVERFLOW_RULE": (
+        "if the silos refused the offer with it, the configured sum could wrap around: lower "
+        "[secagg] clip_l2 or set ring_bits = 64. If the rounds aborted with it in phase unmask, "
+        "the decoded weight sum was out of range, which honest silos cannot produce: one silo "
+        "sends a crafted weight element (a modified agent or host), and masking cannot say "
+        "which (docs/secagg-protocol.md §2.5). Have each silo's operator check its agent and "
+        "its ledger (`silofed-silo ledger`), revoke the silo that cannot account for its "
+        "inputs (`silofed-coordinator revoke`), then continue from a model it never trained on "
+        "(`rollback --to N` to before it joined, or a new run): the others refuse this model "
+        "without it"
+    ),
+    "AGGREGATE_OUT_OF_BOUND": (
+        "the decoded aggregate is longer than clipped inputs can produce, so one silo sends "
+        "unclipped input (a modified agent or host) and masking cannot say which "
+        "(docs/secagg-protocol.md §2.5); nothing was applied. Have each silo's operator check "
+        "its agent and its ledger (`silofed-silo ledger`), revoke the silo that cannot account "
+        "for its inputs (`silofed-coordinator revoke`), then continue from a model it never "
+        "trained on (`rollback --to N` to before it joined, or a new run): the others refuse "
+        "this model without it"
+    ),
+    "NON_FINITE_MODEL": (
+        "the aggregate would put NaN or infinity in the model (nothing was applied): with "
+        "plaintext-insecure set [plaintext] clip_l2; check the model's dtype range (float16) "
+        "and the checkpoint the coordinator resumed from (`rollback --to N`)"
     ),
 }
 DEFAULT_OPTION = "read the silos' logs for the reason they give, and `rounds show` for each round"

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 from protos import federation_pb2 as pb
 from silo_agent.task import Task
 from silo_agent.tensors import prefixed, state_from_bytes
+from silofed.files import write_atomically
 
 log = logging.getLogger("silofed.silo")
 
@@ -217,18 +216,4 @@ def _sha256_of(path: Path) -> str:
 def _write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically, readable by this user only (0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:  # mkstemp creates it 0600
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename is durable once the directory entry is
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, data, mode=0o600)

@@ -16,7 +16,6 @@ and the silo goes on with the roster it pinned.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,12 +31,15 @@ from secagg.roster_sig import (
 )
 from silo_agent.config import SiloConfig
 from silo_agent.ledger import LEDGER_FILENAME, record_roster_adopted
+from silofed.files import write_atomically
 
 log = logging.getLogger("silofed.silo")
 
 SIGNED = "signed"
 MANUAL = "manual"
 OFFERED_SUFFIX = ".offered"
+# Whatever the umask: every reader of the roster (and of its signature) may read it.
+ROSTER_MODE = 0o644
 
 
 def backup_path(roster_path: Path, version: int) -> Path:
@@ -52,24 +54,6 @@ def signature_path(roster_path: Path) -> Path:
 def offered_path(roster_path: Path) -> Path:
     """Where a "manual" silo keeps the last verified roster it was offered."""
     return roster_path.with_name(roster_path.name + OFFERED_SUFFIX)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (mode 0644): a crash leaves the old file or the new, whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.fchmod(fd, 0o644)  # whatever the umask: every reader of the roster may read it
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a machine crash
-    finally:
-        os.close(dir_fd)
 
 
 def on_roster_update(
@@ -101,9 +85,9 @@ def on_roster_update(
         return None
     try:
         backup = backup_path(tls.roster, pinned.version)
-        write_atomically(backup, pinned_bytes)
-        write_atomically(signature_path(tls.roster), signature)
-        write_atomically(tls.roster, data)
+        write_atomically(backup, pinned_bytes, mode=ROSTER_MODE)
+        write_atomically(signature_path(tls.roster), signature, mode=ROSTER_MODE)
+        write_atomically(tls.roster, data, mode=ROSTER_MODE)
     except OSError as exc:
         log.error(
             "could not adopt roster %s: writing %s failed (%s); this silo keeps %s — make the "
@@ -140,8 +124,8 @@ def _keep_for_review(
     tls = config.tls
     path = offered_path(tls.roster)
     try:
-        write_atomically(signature_path(path), signature)
-        write_atomically(path, data)
+        write_atomically(signature_path(path), signature, mode=ROSTER_MODE)
+        write_atomically(path, data, mode=ROSTER_MODE)
     except OSError as exc:
         log.warning("could not save the offered roster to %s: %s", path, exc)
     log.warning(

@@ -2,7 +2,7 @@
 
 Rule: every journal entry a `secagg.SiloSession` emits (round accepted, masked input recorded,
 survivors recorded) is written to ONE small JSON file in the silo's state dir, atomically
-(temporary file, fsync, rename) and BEFORE the session's next message leaves
+(silofed.files: temporary file, fsync, rename) and BEFORE the session's next message leaves
 (docs/secagg-protocol.md §5 steps 0.2, 3.7, 4.3): a crash can lose a message, never the record
 that it may have been sent. The file holds hashes, round ids, session ids and silo ids only,
 never a model, a key or an update.
@@ -15,7 +15,6 @@ the record's key, so inputs already sent stay counted.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from secagg.silo import (
     SubmissionRecord,
     SurvivorsRecorded,
 )
+from silofed.files import write_atomically
 
 STATE_FILENAME = "secagg-state.json"
 _FORMAT = 2
@@ -130,11 +130,5 @@ class SiloStateStore:
         """Apply `entry` and make it durable before returning (the session then proceeds)."""
         new = self.state.apply(entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(new.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomically(self.path, new.to_json().encode("utf-8"), mode=0o600)
         self.state = new

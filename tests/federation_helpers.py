@@ -7,6 +7,10 @@ the repository root, and write their logs to files the test can read and print o
 
 Certificates come from `coordinator.pki.provision_dev`; `make_ca` and `issue_silo_cert` make
 the deliberately bad ones (expired, foreign CA, not on the roster) with `cryptography` directly.
+
+Coordinator and silo processes import this module for `RECORDING_TASK`, so what only tests use
+(the coordinator's modules for `check_fedavg`, `coordinator_in_process` and its CLI) is imported
+inside the functions.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from cryptography import x509
@@ -32,6 +37,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from secagg.identity import Roster, silo_id_for, spki_sha256
+
+if TYPE_CHECKING:
+    import pytest
+
+    from coordinator.roundlog import RoundDetail
+    from coordinator.secure_round import SecAggSettings
+    from coordinator.serve import Hub
+    from protos import federation_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
 UTC = dt.UTC
@@ -285,10 +298,14 @@ def write_silo_config(
     allow_plaintext_insecure: bool = True,
     pause_after_phase: str | None = None,
     pause_in_round: int | None = None,
+    keep_final_model: bool = False,
 ) -> Path:
     """A silo config; the tests' plaintext-baseline federations need the insecure opt-in."""
+    silo_table: dict[str, Any] = {"name": silo.name, "state_dir": state_dir or silo.dir / "state"}
+    if keep_final_model:
+        silo_table["keep_final_model"] = True
     tables: dict[str, Mapping[str, Any]] = {
-        "silo": {"name": silo.name, "state_dir": state_dir or silo.dir / "state"},
+        "silo": silo_table,
         "coordinator": {"address": f"127.0.0.1:{port}", "server_name": "localhost"},
         "tls": {"ca_cert": silo.ca_cert, "cert": silo.cert, "key": silo.key, "roster": silo.roster},
         "task": {"spec": task_spec},
@@ -303,6 +320,29 @@ def write_silo_config(
         tables["debug"] = debug
     path.write_text(to_toml(tables))
     return path
+
+
+def write_recording_silo_config(
+    path: Path,
+    fed: Federation,
+    name: str,
+    *,
+    port: int,
+    num_examples: int,
+    record_root: Path,
+    **config: Any,
+) -> Path:
+    """A config for silo `name` running RECORDING_TASK: `silo_index` is the silo's place in the
+    federation, its updates go to `<record_root>/<name>`; `config` are further
+    `write_silo_config` arguments."""
+    options = {
+        "silo_index": list(fed.silos).index(name),
+        "num_examples": num_examples,
+        "record_dir": str(record_root / name),
+    }
+    return write_silo_config(
+        path, fed.silos[name], port=port, task_spec=RECORDING_SPEC, options=options, **config
+    )
 
 
 # ---- processes --------------------------------------------------------------------------------
@@ -419,6 +459,100 @@ def processes(log_dir: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
+def run_module(
+    module: str, *args: str, timeout_s: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> <args>` as an operator runs it, output captured (not checked)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def run_rounds_command(
+    argv: Sequence[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    """`silofed-coordinator rounds ...` in this process: its exit code, stdout and stderr."""
+    import argparse
+
+    from coordinator import cmd_rounds
+
+    parser = argparse.ArgumentParser(prog="silofed-coordinator")
+    cmd_rounds.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    code: int = args.func(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@dataclass
+class InProcessCoordinator:
+    """A coordinator's hub and gRPC server in the test's own process; the test drives rounds."""
+
+    hub: Hub
+    port: int
+    drivers: list[threading.Thread] = field(default_factory=list)
+
+    def drive(self, rounds: Callable[[Hub], object]) -> threading.Event:
+        """Run `rounds(hub)` in a daemon thread (joined when the block ends); the event is set
+        once it has returned."""
+        done = threading.Event()
+
+        def run() -> None:
+            rounds(self.hub)
+            done.set()
+
+        driver = threading.Thread(target=run, daemon=True)
+        self.drivers.append(driver)
+        driver.start()
+        return done
+
+
+@contextmanager
+def coordinator_in_process(
+    config_path: Path,
+    *,
+    idle_heartbeat_s: float,
+    on_receive: Callable[[str, pb.SiloMessage], None] | None = None,
+    finished: bool = True,
+) -> Iterator[InProcessCoordinator]:
+    """The coordinator of `config_path` serving in this process, as `serve` builds it, with
+    `on_receive` seeing every message a silo's stream delivers. On leaving: stop, close every
+    stream (telling the silos the federation `finished`, or not), stop the server, join the
+    drivers, close the round log."""
+    from coordinator.config import load_coordinator_config
+    from coordinator.serve import Hub
+    from coordinator.server import start_server
+    from coordinator.servicer import FederationServicer
+    from coordinator.task import load_model_factory
+
+    config = load_coordinator_config(config_path)
+    hub = Hub(config, model_factory=load_model_factory(config.task_spec))
+    servicer = FederationServicer(hub, idle_heartbeat_s=idle_heartbeat_s, on_receive=on_receive)
+    running = start_server(
+        servicer,
+        listen=config.listen,
+        ca_cert=config.tls.ca_cert,
+        cert=config.tls.cert,
+        key=config.tls.key,
+    )
+    coordinator = InProcessCoordinator(hub, running.port)
+    try:
+        yield coordinator
+    finally:
+        hub.stopping.set()
+        hub.close_all(finished=finished)
+        running.stop()
+        for driver in coordinator.drivers:
+            driver.join(10)
+        hub.roundlog.close()
+
+
 def wait_for_port(state_dir: Path, coordinator: Proc, timeout_s: float = 60.0) -> int:
     """The port the coordinator bound (from state_dir/coordinator.port)."""
     path = state_dir / "coordinator.port"
@@ -482,3 +616,75 @@ class RecordingTask:
 
 RECORDING_TASK = RecordingTask()
 RECORDING_SPEC = "tests.federation_helpers:RECORDING_TASK"
+
+
+# ---- a secure round's result against FedAvg of what the silos recorded ----------------------
+
+
+def check_fedavg(
+    state_dir: Path,
+    detail: RoundDetail,
+    *,
+    examples: Mapping[str, int],
+    record_root: Path,
+    settings: SecAggSettings,
+    invited: Sequence[str] | None = None,
+) -> None:
+    """A completed secure round's new model against old + the example-weighted mean of the
+    updates its survivors (`finished`) recorded with RECORDING_TASK under `<record_root>/<name>`,
+    within `quantisation_bound` of the round's configuration as the coordinator built it from
+    `settings` for `invited` (default: the round's invited set). `examples` holds each silo's
+    example count by name; `state_dir` is the coordinator's (round log, checkpoints)."""
+    import numpy as np
+    import pytest
+
+    from coordinator.checkpoints import CheckpointStore
+    from coordinator.secure_round import build_round_config, layout_of, quantisation_bound
+
+    store = CheckpointStore(state_dir / "checkpoints")
+    old_path = _checkpoint_path(state_dir / "rounds.sqlite", detail.model_in_sha256)
+    old = store.load(old_path, detail.model_in_sha256)
+    assert detail.checkpoint is not None, detail.round_id
+    new = store.load(detail.checkpoint.path, detail.checkpoint.sha256)
+    survivors = [s.rsplit("/", 1)[-1] for s in detail.participants["finished"]]
+    round_id = detail.round_id
+    deltas = {n: torch.load(record_root / n / f"round-{round_id}.pt") for n in survivors}
+    total = float(sum(examples[n] for n in survivors))
+    max_abs = max(float(t.abs().max()) for d in deltas.values() for t in d.values())
+    # The bound depends on the settings and the number invited only: the roster, the model's
+    # digest and the deadlines are placeholders.
+    config = build_round_config(
+        settings,
+        federation_id="check",
+        roster_version=1,
+        roster_digest=b"\0" * 32,
+        round_id=round_id,
+        invited=detail.participants["invited"] if invited is None else invited,
+        model_version=round_id - 1,
+        model_sha256=b"\0" * 32,
+        layout=layout_of(RECORDING_TASK.build_model().state_dict()),
+        deadlines_s=(60, 60, 60, 60, 60),
+    )
+    bound = quantisation_bound(config, [examples[n] for n in survivors], max_abs)
+    for key, tensor in old.items():
+        mean = sum(examples[n] * deltas[n][key].double().numpy() for n in survivors) / total
+        expected = tensor.double().numpy() + mean
+        err = float(np.max(np.abs(new[key].double().numpy() - expected)))
+        ulp = float(np.max(np.abs(expected))) * 2.0**-23  # the model is stored in float32
+        assert err <= bound + ulp, (round_id, key, err, bound)
+    assert detail.weight_sum == pytest.approx(total, rel=0.01), round_id
+
+
+def _checkpoint_path(log_path: Path, sha256: str) -> Path:
+    """Where the round log says the checkpoint with this SHA-256 is (the earliest such round)."""
+    import sqlite3
+
+    conn = sqlite3.connect(log_path)
+    try:
+        row = conn.execute(
+            "SELECT path FROM checkpoints WHERE sha256=? ORDER BY round_id", (sha256,)
+        ).fetchone()
+    finally:
+        conn.close()
+    assert row is not None, sha256
+    return Path(row[0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -16,22 +15,10 @@ import pytest
 
 from coordinator import cmd_rounds
 from coordinator.roundlog import LOG_FILENAME, RoundLog
+from tests.federation_helpers import run_rounds_command
 
 ROOT = Path(__file__).resolve().parent.parent
 A, B, C = (f"spiffe://demo/silo/{n}" for n in ("a", "b", "c"))
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="silofed-coordinator")
-    cmd_rounds.register(p.add_subparsers(dest="command", required=True))
-    return p
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    args = parser().parse_args(argv)
-    code: int = args.func(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def populate(log: RoundLog) -> None:
@@ -92,7 +79,9 @@ def state_dir(tmp_path: Path) -> Path:
 def test_list_json_reports_counts_global_and_worst_silo(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run(["rounds", "list", "--state-dir", str(state_dir), "--json"], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "list", "--state-dir", str(state_dir), "--json"], capsys
+    )
     assert code == 0
     rows = json.loads(out)["rounds"]
     assert [(r["round"], r["status"]) for r in rows] == [
@@ -112,7 +101,7 @@ def test_list_json_reports_counts_global_and_worst_silo(
         (A, 0.8),
     ]
     assert rows[0]["duration_s"] == 5.0
-    code, out, _ = run(
+    code, out, _ = run_rounds_command(
         ["rounds", "list", "--log", str(state_dir / LOG_FILENAME), "--json", "--metric", "loss"],
         capsys,
     )
@@ -123,7 +112,7 @@ def test_list_json_reports_counts_global_and_worst_silo(
 
 
 def test_list_table_for_people(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["rounds", "list", "--state-dir", str(state_dir)], capsys)
+    code, out, _ = run_rounds_command(["rounds", "list", "--state-dir", str(state_dir)], capsys)
     assert code == 0
     assert "aborted" in out and "completed" in out
     assert "0.9100" in out and "0.7000 (spiffe://demo/silo/a)" in out
@@ -131,7 +120,9 @@ def test_list_table_for_people(state_dir: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_show_json_is_the_round_detail(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["rounds", "show", "2", "--state-dir", str(state_dir), "--json"], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "show", "2", "--state-dir", str(state_dir), "--json"], capsys
+    )
     assert code == 0
     shown = json.loads(out)
     with RoundLog.open_readonly(state_dir / LOG_FILENAME) as log:
@@ -145,7 +136,9 @@ def test_show_json_is_the_round_detail(state_dir: Path, capsys: pytest.CaptureFi
 def test_show_table_has_phases_dropouts_bytes_and_reasons(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run(["rounds", "show", "2", "--state-dir", str(state_dir)], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "show", "2", "--state-dir", str(state_dir)], capsys
+    )
     assert code == 0
     for fragment in (
         "offer",
@@ -156,29 +149,39 @@ def test_show_table_has_phases_dropouts_bytes_and_reasons(
         "epsilon 0.75",
     ):
         assert fragment in out, fragment
-    code, out, _ = run(["rounds", "show", "3", "--state-dir", str(state_dir)], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "show", "3", "--state-dir", str(state_dir)], capsys
+    )
     assert "only 1 silo left" in out
 
 
 def test_errors_say_what_to_do(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(["rounds", "show", "99", "--state-dir", str(state_dir)], capsys)
+    code, _, err = run_rounds_command(
+        ["rounds", "show", "99", "--state-dir", str(state_dir)], capsys
+    )
     assert code == 1
     assert "round 99 is not in the round log (rounds are numbered 1..3)" in err
-    code, _, err = run(["rounds", "list", "--state-dir", str(state_dir / "nope")], capsys)
+    code, _, err = run_rounds_command(
+        ["rounds", "list", "--state-dir", str(state_dir / "nope")], capsys
+    )
     assert code == 1 and "does not exist" in err
-    code, _, err = run(["rounds", "list"], capsys)
+    code, _, err = run_rounds_command(["rounds", "list"], capsys)
     assert code == 1 and "--state-dir DIR" in err
-    code, _, err = run(["rounds", "list", "--log", str(state_dir / "missing.sqlite")], capsys)
+    code, _, err = run_rounds_command(
+        ["rounds", "list", "--log", str(state_dir / "missing.sqlite")], capsys
+    )
     assert code == 1 and "no round log at" in err
     (state_dir / "junk.sqlite").write_bytes(b"definitely not sqlite" * 50)
-    code, _, err = run(["rounds", "list", "--log", str(state_dir / "junk.sqlite")], capsys)
+    code, _, err = run_rounds_command(
+        ["rounds", "list", "--log", str(state_dir / "junk.sqlite")], capsys
+    )
     assert code == 1 and err.startswith("error: ")
 
 
 def test_export_json_round_trips_the_log(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run(
+    code, out, _ = run_rounds_command(
         ["rounds", "export", "--format", "json", "--state-dir", str(state_dir)], capsys
     )
     assert code == 0
@@ -190,7 +193,7 @@ def test_export_json_round_trips_the_log(
 
 def test_export_csv_long_format(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = state_dir / "log.csv"
-    code, _, err = run(
+    code, _, err = run_rounds_command(
         ["rounds", "export", "--format", "csv", "-o", str(target), "--state-dir", str(state_dir)],
         capsys,
     )
@@ -214,7 +217,7 @@ def test_plot_writes_png_with_every_series(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = state_dir / "acc.png"
-    code, out, _ = run(
+    code, out, _ = run_rounds_command(
         ["rounds", "plot", "--metric", "accuracy", "-o", str(target), "--state-dir", str(state_dir),
          "--json"],
         capsys,
@@ -232,7 +235,7 @@ def test_plot_unknown_metric_lists_known_ones(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = state_dir / "x.png"
-    code, _, err = run(
+    code, _, err = run_rounds_command(
         ["rounds", "plot", "--metric", "auc", "-o", str(target), "--state-dir", str(state_dir)],
         capsys,
     )
@@ -249,7 +252,9 @@ def test_reads_while_the_coordinator_is_writing(
     writer.start_round(
         4, started_at=2e9, aggregation="x", config_digest="c", model_in_sha256="h2", invited=[A]
     )
-    code, out, _ = run(["rounds", "list", "--state-dir", str(tmp_path), "--json"], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "list", "--state-dir", str(tmp_path), "--json"], capsys
+    )
     assert code == 0
     assert json.loads(out)["rounds"][-1]["status"] == "running"
     writer.close()
@@ -284,8 +289,10 @@ def test_list_defaults_to_the_agents_eval_accuracy(
         log.finish_round(
             1, status="completed", ended_at=1, global_metrics={"eval_accuracy": 0.5, "aaa": 9.0}
         )
-    code, out, _ = run(["rounds", "list", "--state-dir", str(tmp_path), "--json"], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "list", "--state-dir", str(tmp_path), "--json"], capsys
+    )
     row = json.loads(out)["rounds"][0]
     assert (row["metric"], row["global"], row["worst_silo"]) == ("eval_accuracy", 0.5, B)
-    code, out, _ = run(["rounds", "list", "--state-dir", str(tmp_path)], capsys)
+    code, out, _ = run_rounds_command(["rounds", "list", "--state-dir", str(tmp_path)], capsys)
     assert "global eval_accuracy" in out

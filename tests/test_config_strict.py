@@ -5,8 +5,6 @@ tables ([train], [task.options], [train_limits]) stay free. `check` reports the 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from coordinator.config import load_coordinator_config
 from silo_agent.config import ConfigError as SiloConfigError
 from silo_agent.config import load_silo_config
 from silofed.config_schema import ConfigError
-from tests.federation_helpers import REPO, child_env
+from tests.federation_helpers import REPO, run_module
 from tests.test_config import COORD, SILO, _files
 
 # Table -> (a real key, a near miss an operator could type, a line that gives the table a valid
@@ -34,6 +32,7 @@ COORD_TABLES: dict[str, tuple[str, str, str]] = {
     "secagg": ("threshold", "treshold", "clip_l2 = 1.0"),
     "metrics": ("listen", "listne", 'listen = "127.0.0.1:0"'),
     "debug": ("pause_after_phase", "pause_after_phse", ""),
+    "plaintext": ("clip_l2", "clip_l", ""),
 }
 COORD_FREE = {"train"}
 
@@ -220,14 +219,7 @@ def test_check_refuses_an_unknown_key_with_the_same_message(tmp_path: Path) -> N
     path.write_text(with_key(SILO, "secagg", "alow_plaintext_insecure = true", ""))
     with pytest.raises(SiloConfigError) as info:
         load_silo_config(path)
-    done = subprocess.run(
-        [sys.executable, "-m", "silo_agent", "check", "--config", str(path)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_module("silo_agent", "check", "--config", str(path))
     assert done.returncode != 0, done.stdout + done.stderr
     assert done.stdout.startswith("FAIL config"), done.stdout
     assert str(info.value) in done.stdout
@@ -240,14 +232,7 @@ def test_serve_refuses_an_unknown_key_before_listening(tmp_path: Path) -> None:
     _files(tmp_path)
     path = tmp_path / "coordinator.toml"
     path.write_text(with_key(COORD, "deadlines", "ofer_s = 5", ""))
-    done = subprocess.run(
-        [sys.executable, "-m", "coordinator", "serve", "--config", str(path)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_module("coordinator", "serve", "--config", str(path))
     assert done.returncode == 2, done.stdout + done.stderr
     assert "[deadlines] ofer_s is not a known key of [deadlines]; did you mean 'offer_s'?" in (
         done.stdout + done.stderr

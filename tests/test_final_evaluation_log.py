@@ -3,7 +3,6 @@ how `rounds list|show|export` present it (it is never counted as a round)."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import cmd_rounds
 from coordinator.roundlog import (
     LOG_FILENAME,
     SCHEMA_VERSION,
@@ -21,6 +19,7 @@ from coordinator.roundlog import (
     RoundLogUnavailable,
     RoundNotFound,
 )
+from tests.federation_helpers import run_rounds_command
 
 A, B, C = (f"spiffe://demo/silo/{n}" for n in ("a", "b", "c"))
 
@@ -212,15 +211,6 @@ def test_a_newer_schema_is_still_refused(tmp_path: Path) -> None:
 # ---- rounds list / show / export ------------------------------------------------------------
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="silofed-coordinator")
-    cmd_rounds.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     with RoundLog(tmp_path / LOG_FILENAME) as log:
@@ -231,7 +221,9 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 def test_list_ends_with_the_final_line(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["rounds", "list", "--state-dir", str(state_dir), "--json"], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "list", "--state-dir", str(state_dir), "--json"], capsys
+    )
     assert code == 0
     doc = json.loads(out)
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
@@ -240,7 +232,7 @@ def test_list_ends_with_the_final_line(state_dir: Path, capsys: pytest.CaptureFi
     assert (final["asked"], final["answered"], final["refused"]) == (3, 2, 1)
     assert final["global"] == 0.8
     assert (final["worst_silo"], final["worst_silo_value"]) == (B, 0.7)
-    code, out, _ = run(["rounds", "list", "--state-dir", str(state_dir)], capsys)
+    code, out, _ = run_rounds_command(["rounds", "list", "--state-dir", str(state_dir)], capsys)
     last_row = [line for line in out.splitlines() if "final (2)" in line]
     assert code == 0 and len(last_row) == 1 and "0.8000" in last_row[0] and "evaluated" in out
 
@@ -248,7 +240,9 @@ def test_list_ends_with_the_final_line(state_dir: Path, capsys: pytest.CaptureFi
 def test_show_and_export_carry_the_final_evaluation(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run(["rounds", "show", "2", "--state-dir", str(state_dir), "--json"], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "show", "2", "--state-dir", str(state_dir), "--json"], capsys
+    )
     final = json.loads(out)["final_evaluation"]
     assert code == 0 and final["model_sha256"] == "h2"
     assert final["asked"] == [A, B, C] and final["answered"] == [A, B]
@@ -257,13 +251,17 @@ def test_show_and_export_carry_the_final_evaluation(
         {"silo_id": A, "metrics": {"eval_score": 0.9}},
         {"silo_id": B, "metrics": {"eval_score": 0.7}},
     ]
-    code, out, _ = run(["rounds", "show", "2", "--state-dir", str(state_dir)], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "show", "2", "--state-dir", str(state_dir)], capsys
+    )
     assert code == 0 and "final evaluation of this round's model" in out
     assert "refused: NOT_THE_FINAL_MODEL" in out and "2 of 3 silos answered" in out
-    code, out, _ = run(["rounds", "show", "1", "--state-dir", str(state_dir), "--json"], capsys)
+    code, out, _ = run_rounds_command(
+        ["rounds", "show", "1", "--state-dir", str(state_dir), "--json"], capsys
+    )
     assert json.loads(out)["final_evaluation"] is None
 
-    code, out, _ = run(
+    code, out, _ = run_rounds_command(
         ["rounds", "export", "--format", "csv", "--state-dir", str(state_dir)], capsys
     )
     rows = list(csv.DictReader(io.StringIO(out)))

@@ -27,11 +27,12 @@ from coordinator.roundlog import RoundLog
 from silo_agent.ledger import read_ledger, verify
 from tests.federation_helpers import (
     RECORDING_SPEC,
+    Federation,
     Processes,
     processes,
     provision,
     write_coordinator_config,
-    write_silo_config,
+    write_recording_silo_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -52,19 +53,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_silos(procs: Processes, tmp_path: Path, fed: Any, port: int) -> None:
+def _start_silos(procs: Processes, tmp_path: Path, fed: Federation, port: int) -> None:
     for i, name in enumerate(NAMES):
-        toml = write_silo_config(
+        toml = write_recording_silo_config(
             tmp_path / f"{name}.toml",
-            fed.silos[name],
+            fed,
+            name,
             port=port,
-            task_spec=RECORDING_SPEC,
-            options={"silo_index": i, "num_examples": 10 + i, "record_dir": str(tmp_path / "r")},
+            num_examples=10 + i,
+            record_root=tmp_path / "r",
             allow_plaintext_insecure=False,
+            # this hospital's policy: keep the federation's final model
+            keep_final_model=name == KEEPER,
         )
-        if name == KEEPER:  # this hospital's policy: keep the federation's final model
-            text = toml.read_text().replace("[silo]\n", "[silo]\nkeep_final_model = true\n", 1)
-            toml.write_text(text)
         # Up for good: they wait for the coordinator's next run instead of exiting.
         procs.silo(name, toml, "--serve-forever")
 

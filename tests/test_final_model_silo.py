@@ -107,11 +107,8 @@ def make_runner(fed: Any, tmp_path: Path, task: ScoringTask, *, keep: bool) -> S
         task_spec="tests.federation_helpers:RECORDING_TASK",
         state_dir=tmp_path / "state",
         allow_plaintext_insecure=False,
+        keep_final_model=keep,
     )
-    if keep:
-        path.write_text(
-            path.read_text().replace("[silo]\n", "[silo]\nkeep_final_model = true\n", 1)
-        )
     config = load_silo_config(path)
     assert config.keep_final_model is keep
     return SiloRunner(config=config, task=task, data={}, silo_id=ME)

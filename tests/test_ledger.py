@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,13 +45,12 @@ from silo_agent.ledger import (
 )
 from tests.federation_helpers import (
     RECORDING_SPEC,
-    REPO,
-    child_env,
     processes,
     provision,
+    run_module,
     wait_for_port,
     write_coordinator_config,
-    write_silo_config,
+    write_recording_silo_config,
 )
 from tests.secagg.harness import Round, exact_inputs, make_config
 from tests.secagg.pki import federation
@@ -458,14 +456,7 @@ class Run:
 
 
 def cli(*args: str, module: str = "silo_agent") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module(module, *args)
 
 
 @pytest.fixture(scope="module")
@@ -483,12 +474,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         port = wait_for_port(state, coordinator)
         silos = []
         for i, name in enumerate(names):
-            configs[name] = write_silo_config(
-                root / f"{name}.toml",
-                fed.silos[name],
-                port=port,
-                task_spec=RECORDING_SPEC,
-                options={"silo_index": i, "num_examples": 10 + i, "record_dir": str(root / name)},
+            configs[name] = write_recording_silo_config(
+                root / f"{name}.toml", fed, name, port=port, num_examples=10 + i, record_root=root
             )
             silos.append(procs.silo(name, configs[name]))
         assert coordinator.wait(120) == 0, procs.logs()

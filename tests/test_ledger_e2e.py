@@ -32,11 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import load_coordinator_config
 from coordinator.serve import Hub
-from coordinator.server import start_server
-from coordinator.servicer import FederationServicer
-from coordinator.task import load_model_factory
 from protos import federation_pb2 as pb
 from secagg.messages import SignedEnvelope, UnmaskShares, decode_as, decode_message
 from silo_agent.ledger import LedgerError, read_ledger
@@ -44,10 +40,12 @@ from tests.federation_helpers import (
     RECORDING_SPEC,
     REPO,
     child_env,
+    coordinator_in_process,
     processes,
     provision,
+    run_module,
     write_coordinator_config,
-    write_silo_config,
+    write_recording_silo_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -129,8 +127,6 @@ def test_ledgers_list_exactly_what_the_coordinator_received(tmp_path: Path) -> N
         train_s=6.0,
         deadlines={"share_keys_s": 3.0, "consistency_s": 6.0, "unmask_s": 6.0},
     )
-    config = load_coordinator_config(cfg_path)
-    hub = Hub(config, model_factory=load_model_factory(config.task_spec))
     received: dict[str, list[pb.SiloMessage]] = {_id(n): [] for n in NAMES}
     lock = threading.Lock()
 
@@ -138,73 +134,54 @@ def test_ledgers_list_exactly_what_the_coordinator_received(tmp_path: Path) -> N
         with lock:
             received[silo_id].append(message)
 
-    servicer = FederationServicer(hub, idle_heartbeat_s=2.0, on_receive=record)
-    running = start_server(
-        servicer,
-        listen=config.listen,
-        ca_cert=config.tls.ca_cert,
-        cert=config.tls.cert,
-        key=config.tls.key,
-    )
-    rounds_run = threading.Event()
-
-    def drive() -> None:
+    def drive(hub: Hub) -> None:
         if hub.wait_for_silos(len(NAMES), 60):
             hub.run_one_round(0)  # d cut from U3
             hub.run_one_round(hub.completed_rounds())  # aborted
-        rounds_run.set()
 
-    driver = threading.Thread(target=drive, daemon=True)
     states = {n: fed.silos[n].dir / "state" for n in NAMES}
     configs: dict[str, Path] = {}
-    try:
-        with processes(tmp_path / "logs") as procs:
-            for i, name in enumerate(NAMES):
-                point, in_round = PAUSES.get(name, (None, None))
-                configs[name] = write_silo_config(
-                    tmp_path / f"{name}.toml",
-                    fed.silos[name],
-                    port=running.port,
-                    task_spec=RECORDING_SPEC,
-                    options={
-                        "silo_index": i,
-                        "num_examples": 10 + i,
-                        "record_dir": str(tmp_path / "sent" / name),
-                    },
-                    state_dir=states[name],
-                    allow_plaintext_insecure=False,
-                    pause_after_phase=point,
-                    pause_in_round=in_round,
-                )
-                procs.silo(name, configs[name])
-            driver.start()
-            assert rounds_run.wait(90), procs.logs()
-            # The frozen silos' own deadline logic may still send an AbortNotice: compare once
-            # both sides agree, bounded; a message on one side only never lets them agree.
-            deadline = time.monotonic() + 20
-            while True:
-                with lock:
-                    wire = {n: _wire(received[_id(n)]) for n in NAMES}
-                ledgers = {n: _ledger(states[n] / "ledger.jsonl") for n in NAMES}
-                if ledgers == wire or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            for name in NAMES:
-                assert ledgers[name] == wire[name], (name, ledgers[name], wire[name])
-            sessions_recorded = {n: list(received[_id(n)]) for n in NAMES}
-            for proc in procs.procs:  # all at once; leaving the block waits for each by pid
-                proc.popen.send_signal(signal.SIGTERM)
-    finally:
-        hub.stopping.set()
-        hub.close_all(finished=True)
-        running.stop()
-        driver.join(10)
-        hub.roundlog.close()
+    with (
+        coordinator_in_process(cfg_path, idle_heartbeat_s=2.0, on_receive=record) as coordinator,
+        processes(tmp_path / "logs") as procs,
+    ):
+        for i, name in enumerate(NAMES):
+            point, in_round = PAUSES.get(name, (None, None))
+            configs[name] = write_recording_silo_config(
+                tmp_path / f"{name}.toml",
+                fed,
+                name,
+                port=coordinator.port,
+                num_examples=10 + i,
+                record_root=tmp_path / "sent",
+                state_dir=states[name],
+                allow_plaintext_insecure=False,
+                pause_after_phase=point,
+                pause_in_round=in_round,
+            )
+            procs.silo(name, configs[name])
+        rounds_run = coordinator.drive(drive)
+        assert rounds_run.wait(90), procs.logs()
+        # The frozen silos' own deadline logic may still send an AbortNotice: compare once
+        # both sides agree, bounded; a message on one side only never lets them agree.
+        deadline = time.monotonic() + 20
+        while True:
+            with lock:
+                wire = {n: _wire(received[_id(n)]) for n in NAMES}
+            ledgers = {n: _ledger(states[n] / "ledger.jsonl") for n in NAMES}
+            if ledgers == wire or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for name in NAMES:
+            assert ledgers[name] == wire[name], (name, ledgers[name], wire[name])
+        sessions_recorded = {n: list(received[_id(n)]) for n in NAMES}
+        for proc in procs.procs:  # all at once; leaving the block waits for each by pid
+            proc.popen.send_signal(signal.SIGTERM)
 
     export = tmp_path / "export.json"
-    done = _run(
+    done = run_module(
         "coordinator", "rounds", "export", "--state-dir", str(state), "--format", "json",
-        "--output", str(export),
+        "--output", str(export), timeout_s=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     rounds = {r["round"]: r for r in json.loads(export.read_text())["rounds"]}
@@ -257,14 +234,3 @@ def test_ledgers_list_exactly_what_the_coordinator_received(tmp_path: Path) -> N
         assert check.returncode == 0, (name, out)
         assert f"of {_id(name)} agree" in out
     print(f"ledger e2e: {time.monotonic() - started:.1f} s")
-
-
-def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )

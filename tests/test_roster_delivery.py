@@ -20,11 +20,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import pki
-from coordinator.config import load_coordinator_config
 from coordinator.serve import Hub
-from coordinator.server import start_server
-from coordinator.servicer import FederationServicer
-from coordinator.task import load_model_factory
 from protos import federation_pb2 as pb
 from secagg.identity import Roster
 from silo_agent.config import load_silo_config
@@ -36,6 +32,7 @@ from tests.federation_helpers import (
     RECORDING_TASK,
     Federation,
     SiloFiles,
+    coordinator_in_process,
     provision,
     write_coordinator_config,
     write_silo_config,
@@ -65,23 +62,8 @@ def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
         min_silos=3,
         heartbeat_s=HEARTBEAT_S,
     )
-    config = load_coordinator_config(cfg)
-    hub = Hub(config, model_factory=load_model_factory(config.task_spec))
-    servicer = FederationServicer(hub, idle_heartbeat_s=HEARTBEAT_S)
-    running = start_server(
-        servicer,
-        listen=config.listen,
-        ca_cert=config.tls.ca_cert,
-        cert=config.tls.cert,
-        key=config.tls.key,
-    )
-    try:
-        yield Coordinator(fed, hub, running.port)
-    finally:
-        hub.stopping.set()
-        hub.close_all(finished=False)
-        running.stop()
-        hub.roundlog.close()
+    with coordinator_in_process(cfg, idle_heartbeat_s=HEARTBEAT_S, finished=False) as running:
+        yield Coordinator(fed, running.hub, running.port)
 
 
 @contextmanager

@@ -13,37 +13,28 @@ coordinator.secure_round.quantisation_bound.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from coordinator import pki
-from coordinator.checkpoints import CheckpointStore
 from coordinator.cli import main as coordinator_cli
-from coordinator.roundlog import CheckpointRecord, RoundLog
-from coordinator.secure_round import (
-    SecAggSettings,
-    build_round_config,
-    layout_of,
-    quantisation_bound,
-)
+from coordinator.roundlog import RoundLog
+from coordinator.secure_round import SecAggSettings
 from secagg.identity import Roster
 from silo_agent.enroll import generate_key_and_csr
 from silo_agent.ledger import LEDGER_FILENAME, read_ledger
 from silo_agent.roster_update import backup_path
 from tests.federation_helpers import (
     RECORDING_SPEC,
-    RECORDING_TASK,
     Federation,
     Proc,
+    check_fedavg,
     processes,
     provision,
     wait_for_port,
     write_coordinator_config,
-    write_silo_config,
+    write_recording_silo_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -52,6 +43,8 @@ FED = "rot"
 NAMES = ("a", "b", "c", "d")
 EXAMPLES = {"a": 31, "b": 7, "c": 19, "d": 40}
 SECAGG = {"clip_l2": 100.0, "threshold": 3, "n_colluders": 1, "weight_max": 40}
+# SECAGG as the coordinator reads it (to rebuild each round's configuration and its bound).
+SETTINGS = SecAggSettings(clip_l2=100.0, threshold=3, n_colluders=1, weight_max=40)
 ROUNDS = 3
 
 
@@ -98,16 +91,13 @@ def test_a_reenrolled_silo_comes_back_and_the_others_adopt_the_signed_roster(
         port = wait_for_port(state, coordinator)
 
         def start(name: str, run: int, *extra: str) -> Proc:
-            toml = write_silo_config(
+            toml = write_recording_silo_config(
                 tmp_path / f"{name}-{run}.toml",
-                fed.silos[name],
+                fed,
+                name,
                 port=port,
-                task_spec=RECORDING_SPEC,
-                options={
-                    "silo_index": NAMES.index(name),
-                    "num_examples": EXAMPLES[name],
-                    "record_dir": str(tmp_path / "sent" / name),
-                },
+                num_examples=EXAMPLES[name],
+                record_root=tmp_path / "sent",
                 allow_plaintext_insecure=False,
             )
             return procs.silo(f"{name}-{run}", toml, *extra)
@@ -126,21 +116,18 @@ def test_a_reenrolled_silo_comes_back_and_the_others_adopt_the_signed_roster(
 
     # The coordinator's round log: every round completed, none refused for the roster.
     log = RoundLog.open_readonly(state / "rounds.sqlite")
-    store = CheckpointStore(state / "checkpoints")
     try:
-        rounds = log.rounds()
-        assert [r.status.value for r in rounds] == ["completed"] * ROUNDS, [
-            (r.round_id, r.status.value, r.abort_reason) for r in rounds
-        ]
-        last = log.round_detail(ROUNDS)
-        assert sorted(last.participants["finished"]) == [_id(n) for n in NAMES]
-        for r in rounds:
-            survivors = [
-                s.rsplit("/", 1)[-1] for s in log.round_detail(r.round_id).participants["finished"]
-            ]
-            _check_fedavg(log, store, tmp_path, r.round_id, survivors)
+        rounds = [log.round_detail(r.round_id) for r in log.rounds()]
     finally:
         log.close()
+    assert [r.status.value for r in rounds] == ["completed"] * ROUNDS, [
+        (r.round_id, r.status.value, r.abort_reason) for r in rounds
+    ]
+    assert sorted(rounds[-1].participants["finished"]) == [_id(n) for n in NAMES]
+    for detail in rounds:
+        check_fedavg(
+            state, detail, examples=EXAMPLES, record_root=tmp_path / "sent", settings=SETTINGS
+        )
 
     # a, b and d adopted version 5 by themselves: a log line, a ledger line, the file, a backup.
     for name in ("a", "b", "d"):
@@ -159,50 +146,3 @@ def test_a_reenrolled_silo_comes_back_and_the_others_adopt_the_signed_roster(
         assert silo.roster.read_bytes() == fed.roster.read_bytes()
         assert Roster.from_json(backup_path(silo.roster, 4).read_text()).version == 4
     assert "ROSTER_MISMATCH" not in "".join(logs.values())
-
-
-def _check_fedavg(
-    log: RoundLog, store: CheckpointStore, tmp_path: Path, round_id: int, survivors: list[str]
-) -> None:
-    """The new model against old + example-weighted mean of the survivors' recorded updates."""
-    detail = log.round_detail(round_id)
-    old_record = _checkpoint_by_sha(log, detail.model_in_sha256)
-    old = store.load(old_record.path, old_record.sha256)
-    assert detail.checkpoint is not None
-    new = store.load(detail.checkpoint.path, detail.checkpoint.sha256)
-    deltas = {n: torch.load(tmp_path / "sent" / n / f"round-{round_id}.pt") for n in survivors}
-    total = float(sum(EXAMPLES[n] for n in survivors))
-    max_abs = max(float(t.abs().max()) for d in deltas.values() for t in d.values())
-    config = build_round_config(
-        SecAggSettings(clip_l2=100.0, threshold=3, n_colluders=1, weight_max=40),
-        federation_id=FED,
-        roster_version=1,
-        roster_digest=b"\0" * 32,
-        round_id=round_id,
-        invited=detail.participants["invited"],
-        model_version=round_id - 1,
-        model_sha256=b"\0" * 32,
-        layout=layout_of(RECORDING_TASK.build_model().state_dict()),
-        deadlines_s=(30, 30, 30, 30, 30),
-    )
-    bound = quantisation_bound(config, [EXAMPLES[n] for n in survivors], max_abs)
-    for key, tensor in old.items():
-        mean = sum(EXAMPLES[n] * deltas[n][key].double().numpy() for n in survivors) / total
-        expected = tensor.double().numpy() + mean
-        err = float(np.max(np.abs(new[key].double().numpy() - expected)))
-        ulp = float(np.max(np.abs(expected))) * 2.0**-23  # the model is stored in float32
-        assert err <= bound + ulp, (round_id, key, err, bound)
-    assert detail.weight_sum == pytest.approx(total, rel=0.01)
-
-
-def _checkpoint_by_sha(log: RoundLog, sha: str | None) -> CheckpointRecord:
-    conn = sqlite3.connect(log.path)
-    try:
-        row = conn.execute(
-            "SELECT round_id, path, sha256 FROM checkpoints WHERE sha256=? ORDER BY round_id",
-            (sha,),
-        ).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, sha
-    return CheckpointRecord(int(row[0]), Path(row[1]), str(row[2]))

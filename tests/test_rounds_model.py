@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator import cmd_rounds
 from coordinator.checkpoints import CheckpointStore
 from coordinator.roundlog import LOG_FILENAME, RoundLog
-from tests.federation_helpers import REPO, child_env
+from tests.federation_helpers import REPO, run_module, run_rounds_command
 
 SILOS = ["spiffe://m/silo/a", "spiffe://m/silo/b"]
 
@@ -61,15 +58,6 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="silofed-coordinator")
-    cmd_rounds.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def recorded_sha(state_dir: Path, round_id: int) -> str:
     with RoundLog.open_readonly(state_dir / LOG_FILENAME) as log:
         record = log.checkpoint(round_id)
@@ -82,7 +70,7 @@ def test_writes_the_rounds_model_and_prints_its_digest(
 ) -> None:
     out_file = tmp_path / "out" / "model.safetensors"
     out_file.parent.mkdir()
-    code, out, err = run(
+    code, out, err = run_rounds_command(
         ["rounds", "model", "--state-dir", str(state_dir), "--round", "1", "-o", str(out_file)],
         capsys,
     )
@@ -94,7 +82,7 @@ def test_writes_the_rounds_model_and_prints_its_digest(
     assert torch.equal(loaded["w"], state(1)["w"]) and torch.equal(loaded["b"], state(1)["b"])
 
     # Default: the last completed round (3; round 2 aborted). --json for machines.
-    code, out, _ = run(
+    code, out, _ = run_rounds_command(
         ["rounds", "model", "--state-dir", str(state_dir), "-o", str(out_file), "--json"], capsys
     )
     doc = json.loads(out)
@@ -102,7 +90,7 @@ def test_writes_the_rounds_model_and_prints_its_digest(
     assert hashlib.sha256(out_file.read_bytes()).hexdigest() == doc["sha256"]
     assert doc["bytes"] == out_file.stat().st_size
 
-    code, out, _ = run(
+    code, out, _ = run_rounds_command(
         ["rounds", "model", "--log", str(state_dir / LOG_FILENAME), "--round", "0",
          "-o", str(out_file), "--json"],
         capsys,
@@ -127,7 +115,7 @@ def test_a_round_without_a_model_is_refused(
     message: str,
 ) -> None:
     out_file = tmp_path / "model.safetensors"
-    code, out, err = run(
+    code, out, err = run_rounds_command(
         ["rounds", "model", "--state-dir", str(state_dir), "--round", round_arg,
          "-o", str(out_file)],
         capsys,
@@ -147,18 +135,18 @@ def test_a_tampered_or_missing_checkpoint_is_never_exported(
     out_file = tmp_path / "model.safetensors"
     out_file.write_bytes(b"the operator's earlier file")
     argv = ["rounds", "model", "--state-dir", str(state_dir), "--round", "3", "-o", str(out_file)]
-    code, _, err = run(argv, capsys)
+    code, _, err = run_rounds_command(argv, capsys)
     assert code == 1
     assert "the round log records" in err and "restore it from a backup" in err
     assert recorded_sha(state_dir, 3) in err and "nothing was written" in err
     assert out_file.read_bytes() == b"the operator's earlier file"  # untouched
 
     ckpt.unlink()
-    code, _, err = run(argv, capsys)
+    code, _, err = run_rounds_command(argv, capsys)
     assert code == 1 and "cannot read the checkpoint of round 3" in err
 
     # The other rounds are still exportable.
-    code, _, err = run([*argv[:-4], "--round", "1", "-o", str(out_file)], capsys)
+    code, _, err = run_rounds_command([*argv[:-4], "--round", "1", "-o", str(out_file)], capsys)
     assert code == 0, err
 
 
@@ -174,9 +162,9 @@ def test_a_copied_state_dir_is_checked_for_itself(
     ckpt.write_bytes(data[:-1] + bytes([data[-1] ^ 0x01]))
     out_file = tmp_path / "m.safetensors"
     argv = ["rounds", "model", "--round", "1", "-o", str(out_file), "--json", "--state-dir"]
-    code, _, err = run([*argv, str(copy)], capsys)
+    code, _, err = run_rounds_command([*argv, str(copy)], capsys)
     assert code == 1 and str(ckpt) in err and not out_file.exists()
-    code, out, _ = run([*argv, str(state_dir)], capsys)
+    code, out, _ = run_rounds_command([*argv, str(state_dir)], capsys)
     assert code == 0 and json.loads(out)["checkpoint"] == str(
         state_dir / "checkpoints" / "round-000001.safetensors"
     )
@@ -189,7 +177,7 @@ def test_an_unwritable_output_says_so(
         (tmp_path / "no-such-dir" / "m.safetensors", "choose a writable path"),
         (tmp_path, "is a directory"),
     ):
-        code, _, err = run(
+        code, _, err = run_rounds_command(
             ["rounds", "model", "--state-dir", str(state_dir), "-o", str(target)], capsys
         )
         assert code == 1 and message in err, err
@@ -200,15 +188,7 @@ def test_console_entry_point(state_dir: Path, tmp_path: Path) -> None:
     out_file = tmp_path / "m.safetensors"
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "coordinator", "rounds", "model", *args],
-            cwd=REPO,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return run_module("coordinator", "rounds", "model", *args)
 
     done = cli("--state-dir", str(state_dir), "--output", str(out_file))
     assert done.returncode == 0, done.stderr

@@ -14,30 +14,24 @@ through their entry point, on that federation's round log.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from coordinator.checkpoints import CheckpointStore
-from coordinator.roundlog import CheckpointRecord, RoundLog
-from coordinator.secure_round import quantisation_bound
-from secagg.config import RoundConfig
+from coordinator.roundlog import RoundLog
+from coordinator.secure_round import SecAggSettings
 from tests.federation_helpers import (
     RECORDING_SPEC,
-    REPO,
     Proc,
     Processes,
-    child_env,
+    check_fedavg,
     processes,
     provision,
+    run_module,
     wait_for_port,
     write_coordinator_config,
-    write_silo_config,
+    write_recording_silo_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -56,6 +50,8 @@ ABORT_ROUND, ABORT_KILLED = 6, ("s1", "s2", "s3")
 # n_colluders 1 is the silos' default floor for 5 invited (⌊(5−1)/3⌋), so t = ⌊(5+1)/2⌋+1 = 4:
 # one silo lost per round is survivable, three are not.
 SECAGG = {"clip_l2": 100.0, "threshold": 4, "n_colluders": 1, "weight_max": 40}
+# SECAGG as the coordinator reads it (to rebuild each round's configuration and its bound).
+SETTINGS = SecAggSettings(clip_l2=100.0, threshold=4, n_colluders=1, weight_max=40)
 
 
 def _silo_id(name: str) -> str:
@@ -86,16 +82,13 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         port = wait_for_port(state, coordinator)
 
         def start(name: str, pause: str | None, in_round: int | None, run: int) -> Proc:
-            toml = write_silo_config(
+            toml = write_recording_silo_config(
                 tmp_path / f"{name}-{run}.toml",
-                fed.silos[name],
+                fed,
+                name,
                 port=port,
-                task_spec=RECORDING_SPEC,
-                options={
-                    "silo_index": NAMES.index(name),
-                    "num_examples": EXAMPLES[name],
-                    "record_dir": str(tmp_path / "sent" / name),
-                },
+                num_examples=EXAMPLES[name],
+                record_root=tmp_path / "sent",
                 allow_plaintext_insecure=False,
                 pause_after_phase=pause,
                 pause_in_round=in_round,
@@ -120,13 +113,12 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_kill_a_silo_after_each_phase_then_three(secure_run: Path) -> None:
     tmp_path, state = secure_run, secure_run / "coord"
     log = RoundLog.open_readonly(state / "rounds.sqlite")
-    store = CheckpointStore(state / "checkpoints")
     try:
         rounds = log.rounds()
         assert [r.status.value for r in rounds] == ["completed"] * 5 + ["aborted", "completed"]
         assert all(r.aggregation == "secagg" for r in rounds)
         for round_id, name, point, phase in KILLS:
-            _check_completed_round(log, store, tmp_path, round_id, name, point, phase)
+            _check_completed_round(log, tmp_path, round_id, name, point, phase)
             # The restarted silo takes part in the next round that completes.
             after = next(r for r in rounds[round_id:] if r.status.value == "completed")
             finished = log.round_detail(after.round_id).participants["finished"]
@@ -164,7 +156,6 @@ def _kill_when_paused(procs: Processes, silo: Proc, state_dir: Path, point: str)
 
 def _check_completed_round(
     log: RoundLog,
-    store: CheckpointStore,
     tmp_path: Path,
     round_id: int,
     killed: str,
@@ -190,77 +181,20 @@ def _check_completed_round(
         assert dropouts == {victim: phase}, (round_id, dropouts)
     else:
         assert set(dropouts) <= {victim}
-    survivors = [s.rsplit("/", 1)[-1] for s in sets["finished"]]
     assert sorted(sets["finished"]) == sorted(sets["U3"])
-    _check_fedavg(log, store, tmp_path, round_id, survivors)
-
-
-def _check_fedavg(
-    log: RoundLog, store: CheckpointStore, tmp_path: Path, round_id: int, survivors: list[str]
-) -> None:
-    """The new model against old + example-weighted mean of the survivors' recorded updates."""
-    detail = log.round_detail(round_id)
-    old_record = _checkpoint_by_sha(log, detail.model_in_sha256)
-    old = store.load(old_record.path, old_record.sha256)
-    assert detail.checkpoint is not None
-    new = store.load(detail.checkpoint.path, detail.checkpoint.sha256)
-    deltas = {n: torch.load(tmp_path / "sent" / n / f"round-{round_id}.pt") for n in survivors}
-    total = float(sum(EXAMPLES[n] for n in survivors))
-    max_abs = max(float(t.abs().max()) for d in deltas.values() for t in d.values())
-    config = _round_config(tmp_path, round_id)
-    bound = quantisation_bound(config, [EXAMPLES[n] for n in survivors], max_abs)
-    for key, tensor in old.items():
-        mean = sum(EXAMPLES[n] * deltas[n][key].double().numpy() for n in survivors) / total
-        expected = tensor.double().numpy() + mean
-        err = float(np.max(np.abs(new[key].double().numpy() - expected)))
-        ulp = float(np.max(np.abs(expected))) * 2.0**-23  # the model is stored in float32
-        assert err <= bound + ulp, (round_id, key, err, bound)
-    assert detail.weight_sum == pytest.approx(total, rel=0.01)
-
-
-def _round_config(tmp_path: Path, round_id: int) -> RoundConfig:
-    """The scale and weights of a round as the coordinator configured it (5 invited silos)."""
-    from coordinator.secure_round import SecAggSettings, build_round_config, layout_of
-    from tests.federation_helpers import RECORDING_TASK
-
-    del tmp_path
-    return build_round_config(
-        SecAggSettings(clip_l2=100.0, threshold=4, n_colluders=1, weight_max=40),
-        federation_id="sec",
-        roster_version=1,
-        roster_digest=b"\0" * 32,
-        round_id=round_id,
+    # The round's configuration as the coordinator built it: the five silos invited.
+    check_fedavg(
+        tmp_path / "coord",
+        detail,
+        examples=EXAMPLES,
+        record_root=tmp_path / "sent",
+        settings=SETTINGS,
         invited=[_silo_id(n) for n in NAMES],
-        model_version=round_id - 1,
-        model_sha256=b"\0" * 32,
-        layout=layout_of(RECORDING_TASK.build_model().state_dict()),
-        deadlines_s=(60, 60, 60, 60, 60),
     )
-
-
-def _checkpoint_by_sha(log: RoundLog, sha: str | None) -> CheckpointRecord:
-    conn = sqlite3.connect(log.path)
-    try:
-        row = conn.execute(
-            "SELECT round_id, path, sha256 FROM checkpoints WHERE sha256=? ORDER BY round_id",
-            (sha,),
-        ).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, sha
-    return CheckpointRecord(int(row[0]), Path(row[1]), str(row[2]))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_module("coordinator", *args)
 
 
 def test_auditor_commands_on_the_secure_federations_log(secure_run: Path) -> None:

@@ -21,7 +21,7 @@ from tests.federation_helpers import (
     provision,
     wait_for_port,
     write_coordinator_config,
-    write_silo_config,
+    write_recording_silo_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -45,17 +45,14 @@ def test_dp_rounds_record_noise_and_privacy_spent(tmp_path: Path) -> None:
     with processes(tmp_path / "logs") as procs:
         coordinator = procs.coordinator(cfg)
         port = wait_for_port(state, coordinator)
-        for i, name in enumerate(NAMES):
-            toml = write_silo_config(
+        for name in NAMES:
+            toml = write_recording_silo_config(
                 tmp_path / f"{name}.toml",
-                fed.silos[name],
+                fed,
+                name,
                 port=port,
-                task_spec=RECORDING_SPEC,
-                options={
-                    "silo_index": i,
-                    "num_examples": 10,
-                    "record_dir": str(tmp_path / "sent" / name),
-                },
+                num_examples=10,
+                record_root=tmp_path / "sent",
                 allow_plaintext_insecure=False,
             )
             procs.silo(name, toml)
@@ -102,13 +99,14 @@ def test_a_round_that_cannot_be_configured_is_logged_once_and_the_coordinator_gi
     with processes(tmp_path / "logs") as procs:
         coordinator = procs.coordinator(cfg)
         port = wait_for_port(state, coordinator)
-        for i, name in enumerate(NAMES):
-            toml = write_silo_config(
+        for name in NAMES:
+            toml = write_recording_silo_config(
                 tmp_path / f"{name}.toml",
-                fed.silos[name],
+                fed,
+                name,
                 port=port,
-                task_spec=RECORDING_SPEC,
-                options={"silo_index": i, "num_examples": 10, "record_dir": str(tmp_path / name)},
+                num_examples=10,
+                record_root=tmp_path,
                 allow_plaintext_insecure=False,
             )
             procs.silo(name, toml)
@@ -154,13 +152,14 @@ def test_a_silo_declines_the_plaintext_baseline_unless_it_opted_in(tmp_path: Pat
         coordinator = procs.coordinator(cfg)
         port = wait_for_port(state, coordinator)
         silos = {}
-        for i, name in enumerate(NAMES):
-            toml = write_silo_config(
+        for name in NAMES:
+            toml = write_recording_silo_config(
                 tmp_path / f"{name}.toml",
-                fed.silos[name],
+                fed,
+                name,
                 port=port,
-                task_spec=RECORDING_SPEC,
-                options={"silo_index": i, "num_examples": 10, "record_dir": str(tmp_path / name)},
+                num_examples=10,
+                record_root=tmp_path,
                 allow_plaintext_insecure=name != "c",  # c keeps the default: masked only
             )
             silos[name] = procs.silo(name, toml)

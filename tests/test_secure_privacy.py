@@ -21,15 +21,12 @@ import pytest
 import torch
 
 from coordinator.checkpoints import CheckpointStore
-from coordinator.config import load_coordinator_config
 from coordinator.roundlog import RoundLog
 from coordinator.secure_round import SecAggSettings, WeightingMode, quantisation_bound
-from coordinator.serve import Hub, Outcome
-from coordinator.server import start_server
-from coordinator.servicer import FederationServicer
-from coordinator.task import load_model_factory
+from coordinator.serve import Outcome
 from protos import federation_pb2 as pb
 from tests.federation_helpers import (
+    coordinator_in_process,
     processes,
     provision,
     write_coordinator_config,
@@ -93,8 +90,6 @@ def test_masked_vectors_are_independent_of_updates_yet_sum_right(tmp_path: Path)
         aggregation="secagg",
         secagg=secagg,
     )
-    config = load_coordinator_config(cfg_path)
-    hub = Hub(config, model_factory=load_model_factory(config.task_spec))
     received: dict[str, list[bytes]] = {}
     lock = threading.Lock()
 
@@ -102,43 +97,24 @@ def test_masked_vectors_are_independent_of_updates_yet_sum_right(tmp_path: Path)
         with lock:
             received.setdefault(silo_id, []).append(message.SerializeToString())
 
-    servicer = FederationServicer(hub, idle_heartbeat_s=2.0, on_receive=record)
-    running = start_server(
-        servicer,
-        listen=config.listen,
-        ca_cert=config.tls.ca_cert,
-        cert=config.tls.cert,
-        key=config.tls.key,
-    )
-    done = threading.Event()
     outcome: list[Outcome] = []
-
-    def drive() -> None:
-        outcome.append(hub.run_rounds())
-        done.set()
-
-    driver = threading.Thread(target=drive, daemon=True)
-    try:
-        with processes(tmp_path / "logs") as procs:
-            for i, name in enumerate(NAMES):
-                toml = write_silo_config(
-                    tmp_path / f"{name}.toml",
-                    fed.silos[name],
-                    port=running.port,
-                    task_spec=SPEC,
-                    options={"silo_index": i, "record_dir": str(tmp_path / "sent" / name)},
-                    allow_plaintext_insecure=False,
-                )
-                procs.silo(name, toml)
-            driver.start()
-            assert done.wait(180), procs.logs()
-            assert outcome == [Outcome.FINISHED], procs.logs()
-    finally:
-        hub.stopping.set()
-        hub.close_all(finished=True)
-        running.stop()
-        driver.join(10)
-        hub.roundlog.close()
+    with (
+        coordinator_in_process(cfg_path, idle_heartbeat_s=2.0, on_receive=record) as coordinator,
+        processes(tmp_path / "logs") as procs,
+    ):
+        for i, name in enumerate(NAMES):
+            toml = write_silo_config(
+                tmp_path / f"{name}.toml",
+                fed.silos[name],
+                port=coordinator.port,
+                task_spec=SPEC,
+                options={"silo_index": i, "record_dir": str(tmp_path / "sent" / name)},
+                allow_plaintext_insecure=False,
+            )
+            procs.silo(name, toml)
+        done = coordinator.drive(lambda hub: outcome.append(hub.run_rounds()))
+        assert done.wait(180), procs.logs()
+        assert outcome == [Outcome.FINISHED], procs.logs()
 
     updates = {
         f"spiffe://priv/silo/{n}": torch.load(tmp_path / "sent" / n / "update.pt").numpy()

@@ -1,0 +1,40 @@
+"""`python -m tests.stalling_agent run --config ...`: the real silo agent, patched to stall once.
+
+Rule: everything is the agent's own code but one thing: its first masked-vector upload stops
+after the header and the first chunk for `SILOFED_TEST_STALL_S` seconds (the stream stays
+open, nothing else is sent meanwhile), then goes on. The hostile-silo tests use it as a member
+that takes an upload slot and stops feeding it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+from protos import federation_pb2 as pb
+from secagg.chunking import BlobMeta
+from silo_agent import connection
+
+STALL_S = float(os.environ.get("SILOFED_TEST_STALL_S", "15"))
+_original = connection._blob_messages
+_stalled = False
+
+
+def _stalling(blob: connection.OutBlob, meta: BlobMeta) -> Iterator[pb.SiloMessage]:
+    global _stalled
+    for index, message in enumerate(_original(blob, meta)):
+        if index == 2 and blob.kind == pb.MASKED_VECTOR and not _stalled:
+            _stalled = True  # the header and chunk 0 were handed to gRPC
+            print(f"stalling agent: upload stopped for {STALL_S} s", flush=True)
+            time.sleep(STALL_S)
+        yield message
+
+
+connection._blob_messages = _stalling
+
+if __name__ == "__main__":
+    from silo_agent.cli import main
+
+    sys.exit(main())
