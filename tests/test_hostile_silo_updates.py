@@ -620,7 +620,8 @@ HOSTILE_SPEC = "tests.test_hostile_silo_updates:HOSTILE_TASK"
 def patched_agent(mode: str, config: str) -> int:
     """The real silo agent with one line of its encoding replaced (run in its own process):
     `unclipped`: clipping is skipped (the clip factor is always 1); `weight`: from its second
-    masked input on, the weight element is 2·S_w (out of range: W > n·S_w)."""
+    masked input on, the weight element is 2·S_w (out of range: W > n·S_w); `weight-once`: only
+    its second masked input carries that weight."""
     from secagg import encoding
     from silo_agent.cli import main
 
@@ -630,9 +631,10 @@ def patched_agent(mode: str, config: str) -> int:
             return 1.0
 
         encoding.clip_factor = no_clip
-    elif mode == "weight":
+    elif mode in ("weight", "weight-once"):
         real = encoding.quantised_weight
         calls = [0]
+        once = mode == "weight-once"
 
         def crafted(
             num_examples: int,
@@ -642,7 +644,7 @@ def patched_agent(mode: str, config: str) -> int:
             rng: np.random.Generator,
         ) -> int:
             calls[0] += 1
-            if calls[0] == 1:
+            if calls[0] == 1 or (once and calls[0] > 2):
                 return real(num_examples, weighting_examples, weight_max, weight_scale, rng)
             return 2 * weight_scale
 
@@ -732,3 +734,65 @@ def test_a_patched_agent_never_gets_its_aggregate_applied(tmp_path: Path, mode: 
     assert torch.equal(final["w"], after_r1["w"])
     assert float(after_r1["w"].double().norm()) <= SECURE_CLIP  # the initial model is zeros
     assert not list((state / "checkpoints").glob("round-00000[23].safetensors"))
+
+
+def test_a_one_off_bad_weight_costs_one_round_and_the_federation_goes_on(tmp_path: Path) -> None:
+    """A silo that sends one out-of-range weight element (a broken agent, once): that round is
+    refused (OVERFLOW_RULE, nothing applied), the next attempt for the same model with the same
+    members completes, and the federation finishes its rounds: no stall."""
+    names = ("a", "b", "c", "flaky")
+    fed = provision(tmp_path / "fed", "once", names)
+    state = tmp_path / "coord"
+    cfg = write_coordinator_config(
+        tmp_path / "coordinator.toml",
+        fed,
+        state_dir=state,
+        task_spec=HOSTILE_SPEC,
+        rounds=3,
+        min_silos=4,
+        aggregation="secagg",
+        secagg={"clip_l2": SECURE_CLIP, "weighting": "examples", "weight_max": 10},
+        rounds_extra={"abort_backoff_initial_s": 0.2, "abort_backoff_max_s": 0.5},
+    )
+    code = (
+        "import sys; from tests.test_hostile_silo_updates import patched_agent; "
+        "sys.exit(patched_agent(sys.argv[1], sys.argv[2]))"
+    )
+    outcome: list[Outcome] = []
+    with (
+        coordinator_in_process(cfg, idle_heartbeat_s=2.0, finished=False) as coordinator,
+        processes(tmp_path / "logs") as procs,
+    ):
+        for i, name in enumerate(names):
+            toml = write_silo_config(
+                tmp_path / f"{name}.toml",
+                fed.silos[name],
+                port=coordinator.port,
+                task_spec=HOSTILE_SPEC,
+                options={"silo_index": i},
+                allow_plaintext_insecure=False,
+            )
+            if name == "flaky":
+                procs.start("silo-flaky", ["-c", code, "weight-once", str(toml)])
+            else:
+                procs.silo(name, toml)
+        done = coordinator.drive(lambda hub: outcome.append(hub.run_rounds()))
+        assert done.wait(240), procs.logs()
+        assert outcome == [Outcome.FINISHED], procs.logs()
+
+    log = RoundLog.open_readonly(state / "rounds.sqlite")
+    try:
+        rounds = log.rounds()
+        assert [r.status.value for r in rounds] == [
+            "completed",
+            "aborted",
+            "completed",
+            "completed",
+        ]
+        r1, r2, r3 = (log.round_detail(r) for r in (1, 2, 3))
+        assert r2.abort_reason == "OVERFLOW_RULE in phase unmask" and r2.checkpoint is None
+        # the retry: the same model, the same four members, completed
+        assert r3.model_in_sha256 == r2.model_in_sha256 == r1.model_out_sha256
+        assert sorted(r3.participants["finished"]) == sorted(r2.participants["U3"])
+    finally:
+        log.close()

@@ -358,6 +358,8 @@ def test_a_line_of_no_round_is_read_but_not_compared(tmp_path: Path) -> None:
 class _HoldingServicer(pb_grpc.FederationServicer):
     """A coordinator stand-in: welcomes, then reads nothing until `release` is set."""
 
+    stream_capacity = 4  # what start_server sizes its worker pool by
+
     def __init__(self) -> None:
         self.release = threading.Event()
         self.hang_up = threading.Event()
