@@ -106,11 +106,14 @@ def build_round_config(
     layout: tuple[TensorSpec, ...],
     deadlines_s: tuple[int, int, int, int, int],
     train_params: bytes = b"{}",
+    roster_size: int | None = None,
 ) -> RoundConfig:
     """The RoundConfig of one round; `invited` is sorted bytewise here."""
     inv = tuple(sorted(set(invited), key=lambda s: s.encode()))
     n = len(inv)
-    n_c = default_colluders(n) if settings.n_colluders is None else settings.n_colluders
+    # The silos' default floor follows the federation's size (the roster), not the round's.
+    members = max(n, roster_size or 0)
+    n_c = default_colluders(members) if settings.n_colluders is None else settings.n_colluders
     t_min = minimum_threshold(n, n_c)
     t = t_min if settings.threshold is None else settings.threshold
     if t < t_min or t > n:

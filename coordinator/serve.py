@@ -116,6 +116,9 @@ class Outcome(enum.Enum):
 
 COORDINATOR_STOPPING = "COORDINATOR_STOPPING"
 TICK_S = 0.05
+# The slowest upload a slot waits for (besides [deadlines] upload_progress_s): far below any
+# network a cross-silo federation runs on, high enough that a trickle cannot hold a slot.
+UPLOAD_MIN_RATE = 1 << 20  # bytes per second
 UPLOAD_SLOT_POLL_S = 0.2
 # The round-log participant set each secagg phase produces, by phase name.
 SET_OF_PHASE = {phase.value: name for phase, name in PARTICIPANT_SET_OF.items()}
@@ -176,6 +179,7 @@ class Session:
     # The upload the hub's progress watch last saw and when it last moved (a chunk arrived).
     upload_watched: Reassembler | None = None
     upload_moved_at: float = 0.0
+    upload_started_at: float = 0.0  # when the watched upload's header arrived
     metrics: dict[str, float] = field(default_factory=dict)
     masked_header: bytes | None = None  # secagg: the MaskedHeader announcing the next vector
     upload_slot: bool = False  # secagg: holds one of the hub's buffered-upload slots
@@ -841,6 +845,7 @@ class Hub:
         # The slot is held from here: the progress watch (`_watch_streams`) frees it when
         # chunks stop arriving.
         session.upload_watched, session.upload_moved_at = session.upload, self.clock()
+        session.upload_started_at = session.upload_moved_at
 
     def _cancel_upload(self, session: Session) -> None:
         session.upload = None
@@ -860,9 +865,22 @@ class Hub:
                 continue
             if upload is not s.upload_watched:  # an update whose header just arrived
                 s.upload_watched, s.upload_moved_at = upload, now
+                s.upload_started_at = now
                 continue
             idle = now - s.upload_moved_at
-            if idle >= limit:
+            # A slot is also bounded in total: a chunk every (limit - 1) s must not hold it for
+            # the whole phase. Allowed: the progress limit plus the size at UPLOAD_MIN_RATE.
+            allowed = limit + upload.meta.total_bytes / UPLOAD_MIN_RATE
+            held = now - s.upload_started_at
+            if held >= allowed:
+                self._cancel_upload(s)
+                self._reject(
+                    s,
+                    f"upload too slow: {held:.1f} s for {upload.meta.total_bytes} bytes (at most "
+                    f"[deadlines] upload_progress_s = {limit:g} s plus "
+                    f"{UPLOAD_MIN_RATE / 2**20:g} MiB/s); its upload slot is freed",
+                )
+            elif idle >= limit:
                 self._cancel_upload(s)
                 self._reject(
                     s,
@@ -1265,6 +1283,7 @@ class Hub:
                 # Inside the signed configuration: every silo checks that all others trained
                 # with the same parameters (the consistency digest covers the config).
                 train_params=canonical_train_params(self.config.train),
+                roster_size=len(self.roster.entries),
             )
         except ConfigError as exc:  # RoundConfig's own checks
             raise SecureRoundError(str(exc)) from exc

@@ -103,7 +103,10 @@ class RoundConfig:
             problems.append("weight_scale and weight_max must be >= 1")
         if self.graph == GraphKind.HARARY and (self.graph_k < 2 or self.graph_k % 2):
             problems.append("harary graph_k must be even and >= 2")
-        if self.dp is not None and (self.dp.noise_multiplier <= 0 or self.dp.noise_divisor < 1):
+        if self.dp is not None and (
+            not (math.isfinite(self.dp.noise_multiplier) and self.dp.noise_multiplier > 0)
+            or self.dp.noise_divisor < 1
+        ):
             problems.append("dp noise_multiplier must be > 0 and noise_divisor >= 1")
         if self.dp is not None and self.weighting != Weighting.UNIFORM:
             problems.append("dp requires uniform weighting")

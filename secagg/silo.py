@@ -167,7 +167,9 @@ class SiloPolicy:
     trusted to choose any of these; a round configuration outside them is refused at phase 0.
 
     * `n_colluders_min`: the fewest colluding silos a configuration may assume; None is
-      ⌊(n−1)/3⌋ for n invited silos (0 for n = 3, 1 for n = 4..6, 2 for n = 7..9, ...).
+      ⌊(n−1)/3⌋ for the n members of the pinned roster (0 for 3, 1 for 4..6, 2 for 7..9, ...),
+      whatever number of silos a round invites.
+    * `allow_sparse_graph`: take part in Harary-graph rounds (off by default).
     * `expected_layout_sha256`: the layout hash of this silo's own model (None: not checked).
     * `train_limits`: training-parameter name -> the largest value this silo trains with.
     * `max_round_step`: how far ahead of `last_round_id` a round id may be.
@@ -186,6 +188,7 @@ class SiloPolicy:
     expected_layout_sha256: bytes | None = None
     train_limits: Mapping[str, float] = field(default_factory=dict)
     max_round_step: int = 10_000
+    allow_sparse_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.t_floor < 3:
@@ -207,11 +210,12 @@ class SiloPolicy:
         if any(not (math.isfinite(v) and v >= 0) for v in self.train_limits.values()):
             raise ValueError("train_limits must be finite numbers >= 0")
 
-    def colluders_floor(self, n_invited: int) -> int:
-        """The smallest n_colluders this silo accepts for `n_invited` silos."""
+    def colluders_floor(self, n_members: int) -> int:
+        """The smallest n_colluders this silo accepts in a federation of `n_members` (the pinned
+        roster): `n_colluders_min`, or ⌊(n_members − 1)/3⌋."""
         if self.n_colluders_min is not None:
             return self.n_colluders_min
-        return default_colluders(n_invited)
+        return default_colluders(n_members)
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,12 +456,24 @@ class SiloSession:
             )
         if cfg.graph is GraphKind.HARARY:
             self._check_sparse_graph(cfg, n)
-        floor = pol.colluders_floor(n)
+            if not pol.allow_sparse_graph:
+                # A coordinator that can restart rounds cheaply can grind the ring until the
+                # colluders surround a victim (docs/secagg-protocol.md §2.4): opt-in only.
+                raise _abort(
+                    AbortReason.CONFIG_REJECTED,
+                    "this silo does not take part in sparse-graph rounds ([secagg] "
+                    "allow_sparse_graph = false)",
+                )
+        # The floor follows the federation (the pinned roster), not the round: how many members
+        # may collude is a property of the consortium, and a round that invites only a few
+        # silos must not shrink the assumption with it.
+        members = len(roster.entries)
+        floor = pol.colluders_floor(members)
         if cfg.n_colluders < floor:
             raise _abort(
                 AbortReason.COLLUSION_BELOW_POLICY,
-                f"n_colluders {cfg.n_colluders} is below this silo's floor {floor} for {n} "
-                "invited silos ([secagg] n_colluders_min)",
+                f"n_colluders {cfg.n_colluders} is below this silo's floor {floor} for a "
+                f"federation of {members} members ([secagg] n_colluders_min)",
             )
         if pol.n_colluders_max is not None and cfg.n_colluders > pol.n_colluders_max:
             raise _abort(
@@ -469,7 +485,7 @@ class SiloSession:
             raise _abort(AbortReason.CONFIG_REJECTED, "policy requires DP noise")
         if cfg.dp is not None and (
             cfg.dp.noise_divisor > t - cfg.n_colluders
-            or cfg.dp.noise_multiplier < pol.min_noise_multiplier
+            or not cfg.dp.noise_multiplier >= pol.min_noise_multiplier  # NaN fails too
         ):
             raise _abort(AbortReason.CONFIG_REJECTED, "DP parameters below policy")
         if model_sha256 != cfg.model_sha256:
@@ -553,6 +569,11 @@ class SiloSession:
                 f"sparse graph_t_k {t_k} is outside [{t_min}, {k + 1}] for neighbourhoods of "
                 f"{k + 1} silos and n_colluders {cfg.n_colluders} (this silo's [secagg] t_floor "
                 f"is {self.policy.t_floor})",
+            )
+        if k <= cfg.n_colluders:  # else every neighbour of a victim may be a colluder
+            raise _abort(
+                AbortReason.THRESHOLD_VIOLATION,
+                f"sparse graph_k {k} must exceed n_colluders {cfg.n_colluders}",
             )
 
     def _overflow_ok(self, cfg: RoundConfig, n: int) -> bool:

@@ -88,6 +88,7 @@ class SecAggPolicy:
     max_model_bytes: int | None = None  # None: 2 × this silo's own model + 1 MiB
     max_round_step: int = MAX_ROUND_STEP
     min_noise_multiplier: float = 0.0  # > 0: refuse rounds without DP noise of at least this z
+    allow_sparse_graph: bool = False  # take part in Harary-graph rounds (opt-in)
     train_limits: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAIN_LIMITS))
 
 
@@ -181,6 +182,7 @@ class _SecAgg(StrictModel):
     max_model_bytes: PositiveInt | None = None
     max_round_step: PositiveInt = MAX_ROUND_STEP
     min_noise_multiplier: NonNegativeFloat = 0.0
+    allow_sparse_graph: bool = False
 
     @model_validator(mode="after")
     def _colluder_bounds(self) -> Self:
@@ -225,6 +227,7 @@ def load_silo_config(path: Path) -> SiloConfig:
         max_model_bytes=s.max_model_bytes,
         max_round_step=s.max_round_step,
         min_noise_multiplier=s.min_noise_multiplier,
+        allow_sparse_graph=s.allow_sparse_graph,
         train_limits={**DEFAULT_TRAIN_LIMITS, **f.train_limits},
     )
     return SiloConfig(

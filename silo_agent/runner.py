@@ -319,7 +319,16 @@ class SiloRunner:
                 )
                 link.send(pb.SiloMessage(abort=notice))
                 return
-            self._train_and_upload(link, offer, model_bytes, params)
+            try:
+                self._train_and_upload(link, offer, model_bytes, params)
+            except Exception as exc:  # bad model bytes or layout, a task bug: drop this round only
+                log.warning("round %d: plaintext round failed: %s: %s", offer.round_id,
+                            type(exc).__name__, exc)  # fmt: skip
+                detail = f"local training failed: {type(exc).__name__}: {exc}"[:512]
+                notice = pb.AbortNotice(
+                    round_id=offer.round_id, reason="TRAINING_FAILED", detail=detail
+                )
+                link.send(pb.SiloMessage(abort=notice))
         else:
             # Never send the update in the clear unless this silo's operator said so.
             log.warning(
@@ -349,6 +358,7 @@ class SiloRunner:
             train_limits=policy.train_limits,
             max_round_step=policy.max_round_step,
             min_noise_multiplier=policy.min_noise_multiplier,
+            allow_sparse_graph=policy.allow_sparse_graph,
         )
         identity, trust = self._secagg_credentials()
         session = SiloSession(
@@ -360,10 +370,7 @@ class SiloRunner:
             journal=store.journal,
         )
         job = TrainJob(
-            self.task,
-            self.data,
-            self._sent_ledger,
-            self.clock,
+            self.task, self.data, self._sent_ledger, self.clock, self._local_model().layout
         )
         return SiloSecureRound(offer, model_bytes, SecureSession(session), job, link.send, pause)
 

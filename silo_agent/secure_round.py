@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from protos import federation_pb2 as pb
-from secagg.config import RoundConfig
+from secagg.config import RoundConfig, TensorSpec
 from secagg.errors import ProtocolAbort, SecAggError
 from secagg.messages import MaskedHeader, decode_as
 from secagg.silo import TERMINAL, SiloStage
@@ -37,7 +37,13 @@ from silo_agent.ledger import SentLedger
 from silo_agent.progress import training_progress
 from silo_agent.secure_session import SecureSession, flatten_update
 from silo_agent.task import Task, TrainingCancelled
-from silo_agent.tensors import fresh_seed, model_digest, prefixed, state_from_bytes
+from silo_agent.tensors import (
+    fresh_seed,
+    layout_differences,
+    model_digest,
+    prefixed,
+    state_from_bytes,
+)
 
 log = logging.getLogger("silofed.silo")
 
@@ -108,6 +114,7 @@ class TrainJob:
     data: Any
     ledger: SentLedger | None  # records what leaves; told the round's index -> silo id map
     clock: Callable[[], float]
+    layout: tuple[TensorSpec, ...]  # this silo's own model: the received one must match it
 
 
 def _now() -> dt.datetime:
@@ -166,10 +173,16 @@ class SiloSecureRound:
         try:
             # Keyed on the tensors, not the file: a re-serialised model is the same model.
             self._received = state_from_bytes(self._model_bytes)
-            digest = model_digest(self._received)
         except Exception as exc:  # undecodable model bytes from the coordinator
             self._refuse("MODEL_HASH_MISMATCH", f"the model does not decode: {exc}")
             return
+        # The same names, shapes and dtypes as this silo's own model (a float64 copy of the
+        # same values would otherwise be a "new" model to the differencing guard).
+        differs = layout_differences(self._received, self.job.layout)
+        if differs:
+            self._refuse("LAYOUT_MISMATCH", f"the model is not this silo's model: {differs}")
+            return
+        digest = model_digest(self._received)
         try:
             m1 = self.session.handle_offer(
                 self.offer.config, model_sha, now=_now(), model_digest=digest

@@ -42,14 +42,33 @@ def model_digest(state: Mapping[str, torch.Tensor]) -> bytes:
 
     The differencing guard keys on this: the same tensors re-serialised with other metadata or
     in another order are the same model, so a coordinator cannot make a silo train twice on one
-    model by re-encoding it."""
+    model by re-encoding it. −0.0 is hashed as +0.0 (the same value to training), and the
+    driver refuses tensors whose dtype is not its own model's before hashing, so a dtype change
+    cannot make a new digest either."""
     h = hashlib.sha256(b"silofed/model-digest/v1\x00")
     for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
+        t = state[name].detach().to("cpu")
+        if t.is_floating_point():
+            t = torch.where(t == 0, torch.zeros_like(t), t)  # −0.0 → +0.0
+        t = t.contiguous()
         meta = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode()
         h.update(len(meta).to_bytes(4, "big") + meta)
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.digest()
+
+
+def layout_differences(state: Mapping[str, torch.Tensor], layout: tuple[TensorSpec, ...]) -> str:
+    """'' when `state` has exactly the names, shapes and dtypes of `layout`; else what differs."""
+    want = {s.name: (s.shape, s.dtype) for s in layout}
+    got = {
+        n: (tuple(int(x) for x in t.shape), str(t.dtype).removeprefix("torch."))
+        for n, t in state.items()
+    }
+    if got == want:
+        return ""
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    changed = sorted(n for n in want.keys() & got.keys() if want[n] != got[n])
+    return f"missing {missing[:5]}, unexpected {extra[:5]}, other shape or dtype {changed[:5]}"
 
 
 def fresh_seed() -> int:

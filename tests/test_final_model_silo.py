@@ -183,3 +183,45 @@ def test_keep_final_model_writes_it_privately_with_its_digest(fed: Any, tmp_path
     digest_file = tmp_path / "state" / DIGEST_FILENAME
     assert digest_file.read_text() == f"{digest}  {MODEL_FILENAME}\n"
     assert stat.S_IMODE(digest_file.stat().st_mode) == 0o600
+
+
+def plaintext_offer(round_id: int, data: bytes) -> list[pb.CoordinatorMessage]:
+    """A plaintext-insecure offer whose model blob is `data` (hash and size consistent)."""
+    sha = hashlib.sha256(data).digest()
+    offer = pb.RoundOffer(
+        round_id=round_id,
+        aggregation="plaintext-insecure",
+        model_sha256=sha,
+        model_bytes=len(data),
+        train_params_json="{}",
+    )
+    blob = _Blob(round_id, pb.GLOBAL_MODEL, data, sha)
+    return [pb.CoordinatorMessage(round_offer=offer), *_blob_messages(blob)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"not safetensors at all" * 10, id="undecodable"),
+        pytest.param(state_to_bytes({"other": torch.zeros(4)}), id="another-layout"),
+    ],
+)
+def test_a_bad_plaintext_model_costs_the_round_not_the_agent(
+    fed: Any, tmp_path: Path, data: bytes
+) -> None:
+    """Review finding: with the insecure baseline allowed, a model that does not decode or is not
+    the task's made the agent exit. Now the round is refused (TRAINING_FAILED) and the agent
+    keeps pumping: the next message is still handled."""
+    path = write_silo_config(
+        tmp_path / "silo.toml",
+        fed.silos["a"],
+        port=1,
+        task_spec="tests.federation_helpers:RECORDING_TASK",
+        state_dir=tmp_path / "state",
+        allow_plaintext_insecure=True,
+    )
+    runner = SiloRunner(config=load_silo_config(path), task=ScoringTask(), data={}, silo_id=ME)
+    link = pump(runner, [*plaintext_offer(5, data), result(5, model(1))])
+    aborts = [m.abort for m in link.sent if isinstance(m, pb.SiloMessage) and m.HasField("abort")]
+    assert [a.reason for a in aborts] == ["TRAINING_FAILED"], link.kinds()
+    assert not any(isinstance(m, OutBlob) for m in link.sent)  # nothing was uploaded

@@ -16,6 +16,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from protos import federation_pb2 as pb
 from secagg.chunking import MAX_CHUNK_BYTES, chunk_count_for
@@ -283,3 +286,15 @@ def test_round_id_2_to_the_64_minus_1_is_refused_without_locking_out(h: Harness)
     cfg = h.honest_config(rid, REAL_SILOS, model)
     _assert_all(_answers(h, rid, cfg, model, HONEST_TRAIN), ROUND_ID_JUMP, h)
     _then_honest(h)  # the next round id is the harness's next, far below 2^64 − 1
+
+
+def test_the_same_model_as_float64_is_refused_not_counted_as_a_new_model(h: Harness) -> None:
+    """Review finding: the same values re-sent as float64 got a new tensor digest, reopening the
+    differencing guard (the silo's load_state_dict converted them back silently). The received
+    model must have the silo's own names, shapes and dtypes."""
+    rid = h.next_round_id()
+    same = {k: v.to(torch.float64) for k, v in st_load(model_bytes(rid)).items()}
+    model = st_save(same)
+    cfg = h.honest_config(rid, REAL_SILOS, model)
+    _assert_all(_answers(h, rid, cfg, model, HONEST_TRAIN), LAYOUT_MISMATCH, h)
+    _then_honest(h)

@@ -472,6 +472,59 @@ def test_a_stalled_upload_frees_its_slot_and_the_round_completes_without_it(
     assert f"{stalls}: upload stalled: no chunk for" in _messages(caplog)
 
 
+def test_a_trickling_upload_cannot_hold_its_slot_for_the_whole_phase(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review finding: a member in U2 that sends one chunk just before each progress deadline
+    kept its slot for the whole masked phase. A slot is also bounded in total (upload_progress_s
+    plus the size at 1 MiB/s): 9 chunks of an 8 MiB vector every 1.5 s (13.5 s) against
+    2 s + 8 s: it is released at about 10 s and the round completes with the others."""
+    caplog.set_level(logging.INFO, logger="silofed")
+    trickle_s, progress_s, train_s = 1.5, 2.0, 90.0
+    members = (*HONEST, "trickles")
+    with federation(
+        tmp_path,
+        members,
+        TASK_8MB,
+        rounds=1,
+        start_silos=4,
+        train_s=train_s,
+        deadlines={"upload_progress_s": progress_s},
+        secagg={"max_concurrent_uploads": 1},
+    ) as run:
+        done = run.start_rounds()
+        run.start_honest("tests.sized_task:TASK_8MB")
+        toml = write_silo_config(
+            tmp_path / "trickles.toml",
+            run.fed.silos["trickles"],
+            port=run.coordinator.port,
+            task_spec="tests.sized_task:TASK_8MB",
+            options={"silo_index": 3},
+            allow_plaintext_insecure=False,
+        )
+        trickler = run.procs.start(
+            "silo-trickles",
+            ["-m", "tests.stalling_agent", "run", "--config", str(toml)],
+            env={"SILOFED_TEST_TRICKLE_S": str(trickle_s)},
+        )
+        assert done.wait(240), run.procs.logs()
+        assert run.outcome == [Outcome.FINISHED], run.procs.logs()
+        (detail,) = run.details()
+        log = trickler.log()
+
+    trickles = silo_id_for(run.fed.federation_id, "trickles")
+    messages = _messages(caplog)
+    assert "trickling a chunk" in log, log  # it did trickle, under the progress deadline
+    assert f"{trickles}: upload too slow" in messages, messages[-10:]
+    assert detail.status.value == "completed", detail
+    assert [(x.silo_id, x.phase, x.reason) for x in detail.dropouts] == [
+        (trickles, "masked", "INVALID")
+    ]
+    assert sorted(detail.participants["finished"]) == sorted(
+        silo_id_for(run.fed.federation_id, n) for n in HONEST
+    )
+
+
 # ---- (d) the plaintext baseline: an update that stops after its header ---------------------------
 
 

@@ -30,7 +30,7 @@ def _model_state() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def _config(n: int, **over: object) -> RoundConfig:
+def _config(n: int, roster_size: int | None = None, **over: object) -> RoundConfig:
     fed = federation()
     settings = SecAggSettings(**{"clip_l2": 10.0, **over})  # type: ignore[arg-type]
     return build_round_config(
@@ -44,6 +44,7 @@ def _config(n: int, **over: object) -> RoundConfig:
         model_sha256=MODEL_SHA,
         layout=layout_of(_model_state()),
         deadlines_s=(5, 5, 30, 5, 5),
+        roster_size=roster_size,
     )
 
 
@@ -109,3 +110,12 @@ def test_aggregate_of_wrong_length_is_refused() -> None:
 
 def test_model_hash_is_what_the_round_carries() -> None:
     assert _config(3).model_sha256 == hashlib.sha256(b"global model bytes").digest()
+
+
+def test_the_default_colluder_bound_follows_the_roster_not_the_round() -> None:
+    """The silos' default floor is ⌊(members − 1)/3⌋ of the pinned roster; a round that invites
+    3 of 10 members must assume 3 colluders, which no threshold <= 3 satisfies."""
+    assert _config(3).n_colluders == 0
+    with pytest.raises(SecureRoundError, match="threshold"):
+        _config(3, roster_size=10)
+    assert _config(10, roster_size=10).n_colluders == 3

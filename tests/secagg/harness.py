@@ -12,6 +12,7 @@ AbortNotice, as the driver does; `sent[silo_id]` lists every message a silo sent
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections import deque
@@ -29,6 +30,20 @@ from tests.secagg.pki import NOW, Federation
 PHASES = ("advertise", "share_keys", "masked", "consistency", "unmask")
 MODEL = b"global model bytes"
 MODEL_SHA = hashlib.sha256(MODEL).digest()
+
+
+def round_floor(policy: SiloPolicy, n_invited: int) -> SiloPolicy:
+    """The test federation pins MAX_SILOS members and its rounds invite a few of them; a silo's
+    default collusion floor follows the roster (⌊(members − 1)/3⌋), which would refuse them all.
+    Tests of everything else run as if the roster were the invited set: a policy with no
+    `n_colluders_min` gets the invited set's floor. Tests of the floor itself build sessions
+    without this."""
+    if policy.n_colluders_min is not None:
+        return policy
+    floor = (n_invited - 1) // 3
+    if policy.n_colluders_max is not None:
+        floor = min(floor, policy.n_colluders_max)
+    return dataclasses.replace(policy, n_colluders_min=floor)
 
 
 def make_config(fed: Federation, n: int, d: int, **over: object) -> RoundConfig:
@@ -85,7 +100,7 @@ class Round:
             self.sessions[sid] = SiloSession(
                 by_id[sid],
                 self.fed.trust,
-                self.policies.get(sid, self.default_policy),
+                round_floor(self.policies.get(sid, self.default_policy), len(self.config.invited)),
                 random_bytes=os.urandom,
                 rng=np.random.Generator(np.random.PCG64DXSM(self.seed * 1000 + k)),
                 journal=log.append,

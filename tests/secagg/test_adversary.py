@@ -26,7 +26,7 @@ from secagg.messages import (
 )
 from secagg.silo import SiloPolicy, SiloSession, SiloStage
 from secagg.transcript import consistency_digest
-from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config
+from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config, round_floor
 from tests.secagg.pki import NOW, federation
 
 
@@ -146,7 +146,11 @@ def test_different_models_for_different_silos_never_reach_masking() -> None:
     cfg_b = dataclasses.replace(cfg_a, model_sha256=hashlib.sha256(b"poisoned").digest())
     sessions = {
         s.silo_id: SiloSession(
-            s, fed.trust, SiloPolicy(0), random_bytes=os.urandom, rng=np.random.default_rng(0)
+            s,
+            fed.trust,
+            round_floor(SiloPolicy(0), 6),
+            random_bytes=os.urandom,
+            rng=np.random.default_rng(0),
         )
         for s in fed.silos[:6]
     }
@@ -166,7 +170,7 @@ def test_different_models_for_different_silos_never_reach_masking() -> None:
         sid: SiloSession(
             next(x for x in fed.silos if x.silo_id == sid),
             fed.trust,
-            SiloPolicy(0),
+            round_floor(SiloPolicy(0), 6),
             random_bytes=os.urandom,
             rng=np.random.default_rng(0),
         )

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from secagg.coordinator import Phase
+from secagg.silo import SiloPolicy
 from tests.secagg.harness import PHASES, Round, exact_inputs, make_config
 from tests.secagg.pki import federation
 
@@ -83,7 +84,8 @@ def test_sparse_harary_graph_round_is_exact(drop: bool) -> None:
     cfg = make_config(fed, 10, 300, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6, round_id=60)
     inputs = exact_inputs(cfg, np.random.default_rng(11))
     drop_at = {cfg.invited[3]: "masked"} if drop else {}
-    r = Round(fed, cfg, inputs, drop_at=drop_at)
+    sparse_ok = SiloPolicy(0, allow_sparse_graph=True)
+    r = Round(fed, cfg, inputs, drop_at=drop_at, default_policy=sparse_ok)
     rnd = r.run()
     assert rnd.phase is Phase.DONE, (rnd.abort_reason, rnd.rejected[:3], r.aborts)
     assert rnd.result is not None and rnd.result.ring_sum is not None

@@ -37,20 +37,23 @@ from secagg.silo import (
     SubmissionRecord,
 )
 from secagg.trust import SiloIdentity
-from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config
+from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config, round_floor
 from tests.secagg.pki import NOW, federation
 
 N, D = 5, 64
 
 
 def _session(
-    policy: SiloPolicy | None = None, k: int = 0, journal: list[JournalEntry] | None = None
+    policy: SiloPolicy | None = None,
+    k: int = 0,
+    journal: list[JournalEntry] | None = None,
+    n: int = N,
 ) -> SiloSession:
     fed = federation()
     return SiloSession(
         fed.silos[k],
         fed.trust,
-        policy or SiloPolicy(last_round_id=0),
+        round_floor(policy or SiloPolicy(last_round_id=0), n),
         random_bytes=os.urandom,
         rng=np.random.default_rng(0),
         journal=None if journal is None else journal.append,
@@ -68,7 +71,7 @@ def _offer_abort(
 ) -> ProtocolAbort:
     """The offer is refused with `reason`: no Advertise was produced, an AbortNotice was."""
     cfg = make_config(federation(), n, d, **over)
-    s = _session(policy)
+    s = _session(policy, n=n)
     with pytest.raises(ProtocolAbort) as exc:
         s.handle_offer(cfg.encode(), model, now=NOW, model_digest=model_digest)
     assert exc.value.reason is reason, exc.value
@@ -82,7 +85,7 @@ def _offer_abort(
 
 def _offer_ok(policy: SiloPolicy | None = None, n: int = N, **over: object) -> SiloSession:
     cfg = make_config(federation(), n, D, **over)
-    s = _session(policy)
+    s = _session(policy, n=n)
     m1 = s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
     assert s.stage is SiloStage.ADVERTISED
     assert isinstance(decode_as(decode_as(m1, SignedEnvelope).payload, Advertise), Advertise)
@@ -215,11 +218,30 @@ def test_0_2_round_id_jump_is_refused_and_not_persisted() -> None:
 
 
 def test_0_5_colluders_below_default_floor() -> None:
-    # n = 5: the default floor is 1; n_colluders = 0 would let two colluders unmask a victim
+    # n = 5: the floor is 1; n_colluders = 0 would let two colluders unmask a victim
     exc = _offer_abort(AbortReason.COLLUSION_BELOW_POLICY, n_colluders=0, threshold=3)
-    assert "n_colluders 0 is below this silo's floor 1 for 5 invited silos" in exc.detail
+    assert "n_colluders 0 is below this silo's floor 1" in exc.detail
     assert "[secagg] n_colluders_min" in exc.detail
     _offer_abort(AbortReason.COLLUSION_BELOW_POLICY, n=4, n_colluders=0, threshold=3)
+
+
+def test_0_5_the_default_floor_follows_the_roster_not_the_round() -> None:
+    """The federation pins 20 members, so the default floor is ⌊19/3⌋ = 6 however few silos a
+    round invites: inviting 4 of 20 with n_colluders = 1 (t = 3) would let two colluders split
+    the survivor views and unmask a victim in one session."""
+    fed = federation()
+    cfg = make_config(fed, 4, D, n_colluders=1, threshold=3)
+    s = SiloSession(
+        fed.silos[0],
+        fed.trust,
+        SiloPolicy(0),
+        random_bytes=os.urandom,
+        rng=np.random.default_rng(0),
+    )
+    with pytest.raises(ProtocolAbort) as exc:
+        s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
+    assert exc.value.reason is AbortReason.COLLUSION_BELOW_POLICY
+    assert "floor 6 for a federation of 20 members" in exc.value.detail
 
 
 def test_0_5_colluders_floor_by_policy_and_default_for_three() -> None:
@@ -258,7 +280,7 @@ def test_0_5_sparse_graph_parameters_out_of_range(k: int, t_k: int, reason: Abor
 
 
 def test_0_5_sparse_graph_floor_follows_t_floor() -> None:
-    policy = SiloPolicy(0, t_floor=7)
+    policy = SiloPolicy(0, t_floor=7, allow_sparse_graph=True)
     _offer_abort(
         AbortReason.THRESHOLD_VIOLATION,
         policy,
@@ -270,9 +292,32 @@ def test_0_5_sparse_graph_floor_follows_t_floor() -> None:
     _offer_ok(policy, n=10, graph=GraphKind.HARARY, graph_k=6, graph_t_k=7)
 
 
-def test_0_5_valid_sparse_graph_is_accepted() -> None:
-    _offer_ok(n=10, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6)
-    _offer_ok(n=10, graph=GraphKind.HARARY, graph_k=8, graph_t_k=7)
+def test_0_5_valid_sparse_graph_is_accepted_only_when_allowed() -> None:
+    sparse_ok = SiloPolicy(0, allow_sparse_graph=True)
+    _offer_ok(sparse_ok, n=10, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6)
+    _offer_ok(sparse_ok, n=10, graph=GraphKind.HARARY, graph_k=8, graph_t_k=7)
+    # off by default: a coordinator that restarts rounds can grind the ring around a victim
+    exc = _offer_abort(
+        AbortReason.CONFIG_REJECTED, n=10, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6
+    )
+    assert "allow_sparse_graph" in exc.detail
+
+
+def test_0_5_sparse_graph_degree_must_exceed_the_colluders() -> None:
+    sparse_ok = SiloPolicy(0, allow_sparse_graph=True)
+    # k = n_colluders = 4 with t_k = 5 meets the neighbourhood floor, yet a victim's whole
+    # neighbourhood may be colluders
+    exc = _offer_abort(
+        AbortReason.THRESHOLD_VIOLATION,
+        sparse_ok,
+        n=13,
+        graph=GraphKind.HARARY,
+        graph_k=4,
+        graph_t_k=5,
+        n_colluders=4,
+        threshold=9,
+    )
+    assert "graph_k 4 must exceed n_colluders 4" in exc.detail
 
 
 def test_2_4_sparse_graph_rechecked_at_the_key_list() -> None:
@@ -282,7 +327,8 @@ def test_2_4_sparse_graph_rechecked_at_the_key_list() -> None:
     fed = federation()
     cfg = make_config(fed, 10, D, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6)
     target = cfg.invited[0]
-    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)))
+    sparse_ok = SiloPolicy(0, allow_sparse_graph=True)
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)), default_policy=sparse_ok)
 
     def tighten(sid: str, data: bytes) -> bytes:
         s = r.sessions[sid]
@@ -364,7 +410,12 @@ def test_round_with_train_params_on_a_sparse_graph_completes() -> None:
     cfg = make_config(
         fed, 10, D, graph=GraphKind.HARARY, graph_k=6, graph_t_k=6, train_params=b'{"epochs":2}'
     )
-    policy = SiloPolicy(0, train_limits={"epochs": 5}, expected_layout_sha256=cfg.layout_sha256())
+    policy = SiloPolicy(
+        0,
+        train_limits={"epochs": 5},
+        expected_layout_sha256=cfg.layout_sha256(),
+        allow_sparse_graph=True,
+    )
     r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)), default_policy=policy)
     rnd = r.run()
     assert rnd.result is not None and not r.aborts
@@ -679,3 +730,12 @@ def test_timeout_before_upload_aborts_after_upload_waits() -> None:
     with pytest.raises(ProtocolAbort):
         waiting.deadline_passed(round_over=True)
     assert waiting.stage is SiloStage.ABORTED
+
+
+def test_a_nan_noise_multiplier_is_not_a_config() -> None:
+    """Review finding: NaN passed every `<` comparison of the DP checks."""
+    cfg = make_config(federation(), N, D, dp=DdgNoise(1.0, 1), scale=2.0**8, clip_l2=1.0)
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        dataclasses.replace(cfg, dp=DdgNoise(float("nan"), 1))
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        dataclasses.replace(cfg, dp=DdgNoise(float("inf"), 1))
