@@ -15,7 +15,7 @@ import pytest
 from secagg.errors import AbortReason, ProtocolAbort
 from secagg.silo import SiloPolicy, SiloSession
 from silo_agent.silo_state import STATE_FILENAME, SiloStateError, SiloStateStore
-from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config
+from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config, round_floor
 from tests.secagg.pki import NOW, federation
 
 
@@ -23,7 +23,10 @@ def _round_with_stores(tmp_path: Path, **cfg_over: object) -> tuple[Round, dict[
     fed = federation()
     cfg = make_config(fed, 5, 64, **cfg_over)
     dirs = {sid: tmp_path / sid.rsplit("/", 1)[-1] for sid in cfg.invited}
-    policies = {sid: SiloStateStore(d).state.policy(SiloPolicy(0)) for sid, d in dirs.items()}
+    policies = {
+        sid: SiloStateStore(d).state.policy(round_floor(SiloPolicy(0), 5))
+        for sid, d in dirs.items()
+    }
     r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(1)), policies=policies)
     stores = {sid: SiloStateStore(d) for sid, d in dirs.items()}
     for sid, s in r.sessions.items():
@@ -62,7 +65,9 @@ def test_restarted_silo_refuses_stale_round_and_second_input(
         s = SiloSession(
             by_id[sid],
             fed.trust,
-            store.state.policy(SiloPolicy(0, max_masked_inputs_per_model=max_inputs)),
+            store.state.policy(
+                round_floor(SiloPolicy(0, max_masked_inputs_per_model=max_inputs), 5)
+            ),
             random_bytes=os.urandom,
             rng=np.random.default_rng(0),
             journal=store.journal,
@@ -80,7 +85,7 @@ def test_fresh_silo_accepts_the_same_offer(tmp_path: Path) -> None:
     s = SiloSession(
         fed.silos[0],
         fed.trust,
-        store.state.policy(SiloPolicy(0)),
+        store.state.policy(round_floor(SiloPolicy(0), 5)),
         random_bytes=os.urandom,
         rng=np.random.default_rng(0),
         journal=store.journal,
@@ -143,7 +148,7 @@ def test_format_1_file_is_read_and_its_file_hashes_still_count(tmp_path: Path) -
     s = SiloSession(
         fed.silos[0],
         fed.trust,
-        store.state.policy(SiloPolicy(0, max_masked_inputs_per_model=1)),
+        store.state.policy(round_floor(SiloPolicy(0, max_masked_inputs_per_model=1), 5)),
         random_bytes=os.urandom,
         rng=np.random.default_rng(0),
         journal=store.journal,
