@@ -179,11 +179,17 @@ class Session:
     # The upload the hub's progress watch last saw and when it last moved (a chunk arrived).
     upload_watched: Reassembler | None = None
     upload_moved_at: float = 0.0
-    upload_started_at: float = 0.0  # when the watched upload's header arrived
+    upload_started_at: float = 0.0  # when the watched upload was first seen
     metrics: dict[str, float] = field(default_factory=dict)
     masked_header: bytes | None = None  # secagg: the MaskedHeader announcing the next vector
     upload_slot: bool = False  # secagg: holds one of the hub's buffered-upload slots
     upload_buffer: np.ndarray | None = None  # secagg: where that upload's chunks are copied
+
+    def upload_moved(self, upload: Reassembler, now: float) -> None:
+        """`upload` received its header or a chunk at `now` (the progress and total bounds)."""
+        if self.upload_watched is not upload:
+            self.upload_started_at = now
+        self.upload_watched, self.upload_moved_at = upload, now
 
     def attach_stream(self, cancel: Callable[[], object]) -> None:
         """The servicer's way to end this stream from the hub's side (`context.cancel`): a
@@ -693,7 +699,7 @@ class Hub:
         masked = session.upload_buffer is not None
         try:
             upload.add(chunk.index, chunk.data)
-            session.upload_watched, session.upload_moved_at = upload, self.clock()  # it moves
+            session.upload_moved(upload, self.clock())  # it moves
             if not upload.complete:
                 return
             data = upload.finish_into() if masked else upload.finish()
@@ -844,8 +850,8 @@ class Hub:
             return
         # The slot is held from here: the progress watch (`_watch_streams`) frees it when
         # chunks stop arriving.
-        session.upload_watched, session.upload_moved_at = session.upload, self.clock()
-        session.upload_started_at = session.upload_moved_at
+        if session.upload is not None:
+            session.upload_moved(session.upload, self.clock())
 
     def _cancel_upload(self, session: Session) -> None:
         session.upload = None
@@ -864,8 +870,7 @@ class Hub:
             if upload is None:
                 continue
             if upload is not s.upload_watched:  # an update whose header just arrived
-                s.upload_watched, s.upload_moved_at = upload, now
-                s.upload_started_at = now
+                s.upload_moved(upload, now)
                 continue
             idle = now - s.upload_moved_at
             # A slot is also bounded in total: a chunk every (limit - 1) s must not hold it for
