@@ -417,56 +417,62 @@ def test_members_not_invited_cannot_take_the_upload_slots(
 # ---- (c) an invited member stops in the middle of its upload ------------------------------------
 
 
+def _one_slot_round_with(
+    tmp_path: Path, name: str, task: SizedTask, env: dict[str, str], train_s: float
+) -> tuple[RoundDetail, str, str]:
+    """One secure round with a single upload slot ([deadlines] upload_progress_s = 2), the
+    honest silos and member `name` running tests.stalling_agent with `env`. Returns the round's
+    log entry, the member's silo id and its agent log."""
+    with federation(
+        tmp_path,
+        (*HONEST, name),
+        task,
+        rounds=1,
+        start_silos=4,
+        train_s=train_s,
+        deadlines={"upload_progress_s": 2.0},
+        secagg={"max_concurrent_uploads": 1},
+    ) as run:
+        done = run.start_rounds()
+        spec = f"tests.sized_task:{_spec_name(task)}"
+        run.start_honest(spec)
+        toml = write_silo_config(
+            tmp_path / f"{name}.toml",
+            run.fed.silos[name],
+            port=run.coordinator.port,
+            task_spec=spec,
+            options={"silo_index": 3},
+            allow_plaintext_insecure=False,
+        )
+        agent = run.procs.start(
+            f"silo-{name}", ["-m", "tests.stalling_agent", "run", "--config", str(toml)], env=env
+        )
+        assert done.wait(240), run.procs.logs()
+        assert run.outcome == [Outcome.FINISHED], run.procs.logs()
+        (detail,) = run.details()
+        log = agent.log()
+    member = silo_id_for(run.fed.federation_id, name)
+    honest = sorted(silo_id_for(run.fed.federation_id, n) for n in HONEST)
+    assert detail.status.value == "completed", detail
+    assert sorted(detail.participants["finished"]) == honest
+    assert [(x.silo_id, x.phase, x.reason) for x in detail.dropouts] == [
+        (member, "masked", "INVALID")
+    ]
+    return detail, member, log
+
+
 def test_a_stalled_upload_frees_its_slot_and_the_round_completes_without_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One upload slot, held by a member whose chunks stop: without a progress deadline the
     others waited for it until it went on (`STALL_S` later) and it stayed in the round."""
     caplog.set_level(logging.INFO, logger="silofed")
-    stall_s, progress_s, train_s = 15.0, 2.0, 60.0
-    members = (*HONEST, "stalls")
-    with federation(
-        tmp_path,
-        members,
-        TASK_3MB,
-        rounds=1,
-        start_silos=4,
-        train_s=train_s,
-        deadlines={"upload_progress_s": progress_s},
-        secagg={"max_concurrent_uploads": 1},
-    ) as run:
-        done = run.start_rounds()
-        run.start_honest("tests.sized_task:TASK_3MB")
-        toml = write_silo_config(
-            tmp_path / "stalls.toml",
-            run.fed.silos["stalls"],
-            port=run.coordinator.port,
-            task_spec="tests.sized_task:TASK_3MB",
-            options={"silo_index": 3},
-            allow_plaintext_insecure=False,
-        )
-        staller = run.procs.start(
-            "silo-stalls",
-            ["-m", "tests.stalling_agent", "run", "--config", str(toml)],
-            env={"SILOFED_TEST_STALL_S": str(stall_s)},
-        )
-        assert done.wait(240), run.procs.logs()
-        assert run.outcome == [Outcome.FINISHED], run.procs.logs()
-        assert "upload stopped" in staller.log(), staller.log()  # it did stall
-        (detail,) = run.details()
-
-    stalls = silo_id_for(run.fed.federation_id, "stalls")
-    assert detail.status.value == "completed", detail
-    assert sorted(detail.participants["finished"]) == sorted(
-        silo_id_for(run.fed.federation_id, n) for n in HONEST
-    )
-    assert [(x.silo_id, x.phase, x.reason) for x in detail.dropouts] == [
-        (stalls, "masked", "INVALID")
-    ]
+    stall_s = 15.0
+    env = {"SILOFED_TEST_STALL_S": str(stall_s)}
+    detail, stalls, log = _one_slot_round_with(tmp_path, "stalls", TASK_3MB, env, 60.0)
+    assert "upload stopped" in log, log  # it did stall
     masked = next(p for p in detail.phases if p.phase == "masked")
-    print(
-        f"\nmasked phase {masked.duration_s:.2f} s (stall {stall_s:g} s, progress {progress_s:g} s)"
-    )
+    print(f"\nmasked phase {masked.duration_s:.2f} s (stall {stall_s:g} s, progress 2 s)")
     # Freed after about progress_s without a chunk; nobody waited for the stall to end.
     assert masked.duration_s < stall_s - 3, masked.duration_s
     assert f"{stalls}: upload stalled: no chunk for" in _messages(caplog)
@@ -480,49 +486,10 @@ def test_a_trickling_upload_cannot_hold_its_slot_for_the_whole_phase(
     plus the size at 1 MiB/s): 9 chunks of an 8 MiB vector every 1.5 s (13.5 s) against
     2 s + 8 s: it is released at about 10 s and the round completes with the others."""
     caplog.set_level(logging.INFO, logger="silofed")
-    trickle_s, progress_s, train_s = 1.5, 2.0, 90.0
-    members = (*HONEST, "trickles")
-    with federation(
-        tmp_path,
-        members,
-        TASK_8MB,
-        rounds=1,
-        start_silos=4,
-        train_s=train_s,
-        deadlines={"upload_progress_s": progress_s},
-        secagg={"max_concurrent_uploads": 1},
-    ) as run:
-        done = run.start_rounds()
-        run.start_honest("tests.sized_task:TASK_8MB")
-        toml = write_silo_config(
-            tmp_path / "trickles.toml",
-            run.fed.silos["trickles"],
-            port=run.coordinator.port,
-            task_spec="tests.sized_task:TASK_8MB",
-            options={"silo_index": 3},
-            allow_plaintext_insecure=False,
-        )
-        trickler = run.procs.start(
-            "silo-trickles",
-            ["-m", "tests.stalling_agent", "run", "--config", str(toml)],
-            env={"SILOFED_TEST_TRICKLE_S": str(trickle_s)},
-        )
-        assert done.wait(240), run.procs.logs()
-        assert run.outcome == [Outcome.FINISHED], run.procs.logs()
-        (detail,) = run.details()
-        log = trickler.log()
-
-    trickles = silo_id_for(run.fed.federation_id, "trickles")
-    messages = _messages(caplog)
+    env = {"SILOFED_TEST_TRICKLE_S": "1.5"}
+    _, trickles, log = _one_slot_round_with(tmp_path, "trickles", TASK_8MB, env, 90.0)
     assert "trickling a chunk" in log, log  # it did trickle, under the progress deadline
-    assert f"{trickles}: upload too slow" in messages, messages[-10:]
-    assert detail.status.value == "completed", detail
-    assert [(x.silo_id, x.phase, x.reason) for x in detail.dropouts] == [
-        (trickles, "masked", "INVALID")
-    ]
-    assert sorted(detail.participants["finished"]) == sorted(
-        silo_id_for(run.fed.federation_id, n) for n in HONEST
-    )
+    assert f"{trickles}: upload too slow" in _messages(caplog)
 
 
 # ---- (d) the plaintext baseline: an update that stops after its header ---------------------------
