@@ -207,8 +207,13 @@ class SentLedger:
     def _append(self, line: Mapping[str, Any]) -> None:
         data = (json.dumps(line, sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            # A line torn by an earlier crash stays one bad line (read_ledger names it), never
+            # two: the next line starts on a line of its own.
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
             os.write(fd, data)  # one write: a crash leaves whole lines or one torn last line
         finally:
             os.close(fd)

@@ -23,6 +23,7 @@ coordinator stops with the stall diagnosis (exit 4) naming the cause and what to
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import queue
@@ -662,9 +663,20 @@ SABOTAGE = {
 }
 
 
-@pytest.mark.parametrize("mode", list(SABOTAGE))
-def test_a_patched_agent_never_gets_its_aggregate_applied(tmp_path: Path, mode: str) -> None:
-    names = ("a", "b", "c", "evil")
+@dataclasses.dataclass
+class _PatchedRun:
+    outcome: list[Outcome]
+    state: Path
+    final: dict[str, torch.Tensor]
+
+
+def _run_with_a_patched_agent(
+    tmp_path: Path, mode: str, *, rounds: int, hostile_task: bool, **rounds_extra: Any
+) -> _PatchedRun:
+    """Three honest agents and one `patched_agent(mode)` ("patched"), secure aggregation with
+    example weights, an in-process coordinator; returns how `run_rounds` ended, the state dir
+    and the final global model. Every silo process must still be running at the end."""
+    names = ("a", "b", "c", "patched")
     fed = provision(tmp_path / "fed", "sabotage", names)
     state = tmp_path / "coord"
     cfg = write_coordinator_config(
@@ -672,15 +684,11 @@ def test_a_patched_agent_never_gets_its_aggregate_applied(tmp_path: Path, mode: 
         fed,
         state_dir=state,
         task_spec=HOSTILE_SPEC,
-        rounds=4,
+        rounds=rounds,
         min_silos=4,
         aggregation="secagg",
         secagg={"clip_l2": SECURE_CLIP, "weighting": "examples", "weight_max": 10},
-        rounds_extra={
-            "max_consecutive_aborts": 2,
-            "abort_backoff_initial_s": 0.2,
-            "abort_backoff_max_s": 0.5,
-        },
+        rounds_extra={"abort_backoff_initial_s": 0.2, "abort_backoff_max_s": 0.5, **rounds_extra},
     )
     code = (
         "import sys; from tests.test_hostile_silo_updates import patched_agent; "
@@ -692,24 +700,36 @@ def test_a_patched_agent_never_gets_its_aggregate_applied(tmp_path: Path, mode: 
         processes(tmp_path / "logs") as procs,
     ):
         for i, name in enumerate(names):
+            patched = name == "patched"
             toml = write_silo_config(
                 tmp_path / f"{name}.toml",
                 fed.silos[name],
                 port=coordinator.port,
                 task_spec=HOSTILE_SPEC,
-                options={"silo_index": i, "hostile": name == "evil"},
+                options={"silo_index": i, "hostile": patched and hostile_task},
                 allow_plaintext_insecure=False,
             )
-            if name == "evil":
-                procs.start("silo-evil", ["-c", code, mode, str(toml)])
+            if patched:
+                procs.start("silo-patched", ["-c", code, mode, str(toml)])
             else:
                 procs.silo(name, toml)
         done = coordinator.drive(lambda hub: outcome.append(hub.run_rounds()))
         assert done.wait(240), procs.logs()
-        assert outcome == [Outcome.STALLED], procs.logs()
         final = {k: v.clone() for k, v in coordinator.hub.global_state.items()}
         for proc in procs.procs:  # no silo crashed, the patched one included
             assert proc.popen.poll() is None, procs.logs()
+        logs = procs.logs()
+    assert outcome, logs
+    return _PatchedRun(outcome, state, final)
+
+
+@pytest.mark.parametrize("mode", list(SABOTAGE))
+def test_a_patched_agent_never_gets_its_aggregate_applied(tmp_path: Path, mode: str) -> None:
+    run = _run_with_a_patched_agent(
+        tmp_path, mode, rounds=4, hostile_task=True, max_consecutive_aborts=2
+    )
+    assert run.outcome == [Outcome.STALLED]
+    state, final = run.state, run.final
 
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     store = CheckpointStore(state / "checkpoints")
@@ -740,45 +760,9 @@ def test_a_one_off_bad_weight_costs_one_round_and_the_federation_goes_on(tmp_pat
     """A silo that sends one out-of-range weight element (a broken agent, once): that round is
     refused (OVERFLOW_RULE, nothing applied), the next attempt for the same model with the same
     members completes, and the federation finishes its rounds: no stall."""
-    names = ("a", "b", "c", "flaky")
-    fed = provision(tmp_path / "fed", "once", names)
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "coordinator.toml",
-        fed,
-        state_dir=state,
-        task_spec=HOSTILE_SPEC,
-        rounds=3,
-        min_silos=4,
-        aggregation="secagg",
-        secagg={"clip_l2": SECURE_CLIP, "weighting": "examples", "weight_max": 10},
-        rounds_extra={"abort_backoff_initial_s": 0.2, "abort_backoff_max_s": 0.5},
-    )
-    code = (
-        "import sys; from tests.test_hostile_silo_updates import patched_agent; "
-        "sys.exit(patched_agent(sys.argv[1], sys.argv[2]))"
-    )
-    outcome: list[Outcome] = []
-    with (
-        coordinator_in_process(cfg, idle_heartbeat_s=2.0, finished=False) as coordinator,
-        processes(tmp_path / "logs") as procs,
-    ):
-        for i, name in enumerate(names):
-            toml = write_silo_config(
-                tmp_path / f"{name}.toml",
-                fed.silos[name],
-                port=coordinator.port,
-                task_spec=HOSTILE_SPEC,
-                options={"silo_index": i},
-                allow_plaintext_insecure=False,
-            )
-            if name == "flaky":
-                procs.start("silo-flaky", ["-c", code, "weight-once", str(toml)])
-            else:
-                procs.silo(name, toml)
-        done = coordinator.drive(lambda hub: outcome.append(hub.run_rounds()))
-        assert done.wait(240), procs.logs()
-        assert outcome == [Outcome.FINISHED], procs.logs()
+    run = _run_with_a_patched_agent(tmp_path, "weight-once", rounds=3, hostile_task=False)
+    assert run.outcome == [Outcome.FINISHED]
+    state = run.state
 
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     try:

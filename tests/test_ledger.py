@@ -267,6 +267,22 @@ def test_a_torn_line_is_reported_with_its_number(tmp_path: Path) -> None:
         read_ledger(path)
 
 
+def test_a_line_after_a_torn_one_starts_on_its_own_line(tmp_path: Path) -> None:
+    """A crash can leave the last line half-written; the agent's next line must not be glued to
+    it, or one torn line would ruin two."""
+    path = tmp_path / "ledger.jsonl"
+    path.write_bytes(b'{"format": 2, "round_id": 1, "at"')  # torn, no newline
+    ledger = SentLedger(path, FakeClock())
+    ledger.note_round(2, "secagg", "00" * 32)
+    report = pb.TrainReport(round_id=2, metrics={"eval_x": 1.0})
+    ledger.on_sent(pb.SiloMessage(train_report=report))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == '{"format": 2, "round_id": 1, "at"'
+    assert json.loads(lines[1])["message"] == "TrainReport"
+    with pytest.raises(LedgerError, match=r"ledger.jsonl:1: not valid JSON"):
+        read_ledger(path)  # the torn line is named; the one after it is intact
+
+
 # ---- verify on a hand-made export ----------------------------------------------------------
 
 SILO = "spiffe://v/silo/a"

@@ -25,6 +25,7 @@ from secagg.config import RoundConfig, TensorSpec
 from secagg.coordinator import CoordinatorRound, Phase
 from secagg.errors import ProtocolAbort
 from secagg.silo import JournalEntry, SiloPolicy, SiloSession, SiloStage
+from secagg.trust import SiloIdentity
 from tests.secagg.pki import NOW, Federation
 
 PHASES = ("advertise", "share_keys", "masked", "consistency", "unmask")
@@ -93,7 +94,7 @@ class Round:
             self.config, self.fed.trust, now=NOW, keep_ring_sum=self.keep_ring_sum
         )
         self.sessions: dict[str, SiloSession] = {}
-        by_id = {s.silo_id: s for s in self.fed.silos}
+        by_id: dict[str, SiloIdentity] = {s.silo_id: s for s in self.fed.silos}
         for k, sid in enumerate(self.config.invited):
             log: list[JournalEntry] = []
             self.journal[sid] = log
