@@ -1,11 +1,12 @@
 """`silofed-coordinator status`: live view of a running coordinator.
 
 Rule: ask the coordinator (GetStatus over mTLS, through `status_client`) and print: connected
-silos with their certificate expiry (and days left), the current round, its phase and the time
-spent in it, rounds completed, and the gRPC health status. `--json` prints the same as one
-JSON object. `--config` reads the coordinator's config for the address (host of `[server]
-listen`, port from `<state_dir>/coordinator.port` when listen uses port 0) and the CA;
-`--address/--ca-cert` instead. The operator authenticates with an operator certificate from
+silos with their certificate expiry (and days left), the silos it excluded (proven to have sent
+an out-of-range weight element; not invited until it restarts), the current round, its phase
+and the time spent in it, rounds completed, and the gRPC health status. `--json` prints the
+same as one JSON object. `--config` reads the coordinator's config for the address (host of
+`[server] listen`, port from `<state_dir>/coordinator.port` when listen uses port 0) and the
+CA; `--address/--ca-cert` instead. The operator authenticates with an operator certificate from
 `silofed-coordinator issue-operator-cert` (URI SAN spiffe://<federation>/operator/<name>,
 clientAuth): `--cert/--key`, or `--operator-dir DIR` holding operator.pem and operator.key, or
 by default, with `--config`, `<federation dir>/operators/operator/` where the federation dir is
@@ -157,6 +158,10 @@ def status_doc(address: str, reply: pb.StatusReply, health: str, now: float) -> 
             }
             for s in sorted(reply.silos, key=lambda s: s.silo_id)
         ],
+        "excluded": [
+            {"silo_id": e.silo_id, "round": e.round_id, "excluded_at": e.excluded_at_unix}
+            for e in sorted(reply.excluded, key=lambda e: e.silo_id)
+        ],
     }
 
 
@@ -170,6 +175,7 @@ def _print(doc: dict[str, Any], out: TextIO) -> None:
     console.print(
         f"coordinator {doc['address']} ({doc['federation_id']}): {doc['health']}; {where}; "
         f"{doc['rounds_completed']} round(s) completed; {len(doc['silos'])} silo(s) connected"
+        + (f"; {len(doc['excluded'])} excluded" if doc["excluded"] else "")
     )
     table = Table(title="connected silos")
     for col in ("silo", "connected (UTC)", "cert expires (UTC)", "days left", "in", "out"):
@@ -184,6 +190,21 @@ def _print(doc: dict[str, Any], out: TextIO) -> None:
             f"{s['bytes_out']:,}",
         )
     console.print(table)
+    if doc["excluded"]:
+        # Proven with its own signature: the fix is the operator's (revoke the certificate).
+        excluded = Table(
+            title="excluded silos (sent an out-of-range weight element; revoke them: "
+            "silofed-coordinator revoke)"
+        )
+        for col in ("silo", "blamed in round", "excluded (UTC)"):
+            excluded.add_column(col, justify="right" if col == "blamed in round" else "left")
+        for e in doc["excluded"]:
+            excluded.add_row(
+                e["silo_id"],
+                str(e["round"]),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["excluded_at"])),
+            )
+        console.print(excluded)
 
 
 def run(args: argparse.Namespace, clock: Callable[[], float] = time.time) -> int:

@@ -9,6 +9,13 @@ The servicer (servicer.py) pumps each silo's stream in and out of the hub.
 Resuming: at start, rounds left running by a crash are marked interrupted and the global model
 comes from the round log's latest checkpoint, so a restarted coordinator continues until the
 log holds `[rounds] count` completed rounds.
+
+Blame: a secure round that aborts with silos proven to have sent an out-of-range weight element
+(`CoordinatorRound.blamed`, secagg/blame.py) excludes them from every later round and the final
+evaluation of this process (`Hub.excluded`, shown by `status`), and the proofs go with every
+later offer of the same model, so the honest silos accept a retry of it without them; a
+completed round drops the proofs. Exclusion lasts until the coordinator stops: revoking the
+silo's certificate is what keeps it out for good.
 """
 
 from __future__ import annotations
@@ -92,7 +99,7 @@ from secagg.identity import (
     uri_san,
 )
 from secagg.messages import AbortNotice as SecAggAbort
-from secagg.messages import MaskedHeader, decode_message
+from secagg.messages import decode_message, masked_header_of
 from secagg.primitives import ring_dtype
 from secagg.roster_sig import describe_roster, short_digest
 from secagg.train_params import canonical_train_params
@@ -148,6 +155,15 @@ class _Delivered:
     round_id: int
 
 
+@dataclass(frozen=True, slots=True)
+class Exclusion:
+    """A silo proven to have sent an out-of-range weight element: never invited again."""
+
+    silo_id: str
+    round_id: int  # the aborted round whose evidence names it
+    at: float  # unix seconds
+
+
 _Item = pb.CoordinatorMessage | _Blob | _Delivered | None
 # A silo that reconnects only to stop reading again overflows once per round at most; still,
 # one line per silo per interval.
@@ -166,6 +182,7 @@ class Session:
     connected_since: float
     cert_not_after: float
     on_delivered: Callable[[Session, int], None]
+    cert_serial: int = 0  # what `silofed-coordinator revoke --serial` takes
     queue: OutboundQueue[_Item] = field(default_factory=OutboundQueue)
     closed: bool = False
     overflow: Overflow | None = None  # set once the outbound queue passed its bound
@@ -351,6 +368,11 @@ class Hub:
         self._final: FinalEvaluationRun | None = None  # while the final evaluation runs
         # What silos do wrong is logged at most once per (cause, silo) per 10 s, with counts.
         self.peer_log = PeerLog(log)
+        # Silos proven to have sent an out-of-range weight element, and the proofs (encoded
+        # secagg Blame messages) for the model `_blame_model` that go with each offer of it.
+        self.excluded: dict[str, Exclusion] = {}
+        self._blame_model = b""
+        self._blame_evidence: list[bytes] = []
 
     # ---- trust -----------------------------------------------------------------------------
 
@@ -482,6 +504,7 @@ class Hub:
                 connected_since=self.clock(),
                 cert_not_after=cert.not_valid_after_utc.timestamp(),
                 on_delivered=self._delivered,
+                cert_serial=cert.serial_number,
             )
             self.sessions[silo_id] = session
             log.info("silo connected: %s (%d connected)", silo_id, len(self.sessions))
@@ -749,7 +772,9 @@ class Hub:
             decoded = None  # the protocol refuses it below, with the reason
         if isinstance(decoded, SecAggAbort):
             self._note_refusal(session, frame.round_id, decoded.reason.name)
-        if isinstance(decoded, MaskedHeader):
+        # The signed MaskedHeader is only recognised here; secagg checks its signature when the
+        # vector it announces is added.
+        if masked_header_of(frame.payload) is not None:
             session.masked_header = frame.payload  # the vector follows as a MASKED_VECTOR blob
             return
         self._apply_secure(sr.handle(session.silo_id, frame.payload, self.clock()))
@@ -979,14 +1004,19 @@ class Hub:
         return sum(1 for r in self.roundlog.rounds() if r.status.value == "completed")
 
     def wait_for_silos(self, n: int, timeout_s: float) -> bool:
+        """Wait until `n` silos that may be invited (connected, not excluded) are connected."""
         deadline = time.monotonic() + timeout_s
         with self.lock:
-            while len(self.sessions) < n and not self.stopping.is_set():
+            while len(self._eligible()) < n and not self.stopping.is_set():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self.changed.wait(min(left, 0.5))
-            return len(self.sessions) >= n
+            return len(self._eligible()) >= n
+
+    def _eligible(self) -> list[str]:
+        """The connected silos a round may invite, sorted: all but the excluded ones."""
+        return sorted(k for k in self.sessions if k not in self.excluded)
 
     def run_rounds(self) -> Outcome:
         """Run rounds until the log holds `[rounds] count` completed ones.
@@ -1060,7 +1090,8 @@ class Hub:
             log.error("final evaluation not run: %s", exc)
             return
         with self.lock:
-            asked = dict(sorted(self.sessions.items()))
+            # An excluded silo's figures would enter the global metrics: it is not asked.
+            asked = {k: self.sessions[k] for k in self._eligible()}
             if not asked:
                 log.warning(
                     "final evaluation not run: no silo connected; start the coordinator again "
@@ -1138,8 +1169,8 @@ class Hub:
         cfg = self.config.rounds
         with self.lock:
             self._refresh_trust()
-            connected = sorted(self.sessions)
-            missing = sorted(set(self.roster.entries) - set(connected))
+            connected = self._eligible()
+            missing = sorted(set(self.roster.entries) - set(connected) - set(self.excluded))
             round_id = RoundId(self.roundlog.last_round_id() + 1)
             model = self._next_offer or state_to_bytes(self.global_state)
             self._refusals = {}
@@ -1163,10 +1194,10 @@ class Hub:
         connects (a restarted silo is what most aborted rounds wait for)."""
         deadline = time.monotonic() + wait_s
         with self.lock:
-            before = set(self.sessions)
+            before = set(self._eligible())
             while not self.stopping.is_set():
                 left = deadline - time.monotonic()
-                if left <= 0 or set(self.sessions) - before:
+                if left <= 0 or set(self._eligible()) - before:
                     return
                 self.changed.wait(min(left, 0.5))
 
@@ -1180,7 +1211,7 @@ class Hub:
         model_sha = hashlib.sha256(model_bytes).digest()
         with self.lock:
             self._refresh_trust()
-            invited = sorted(self.sessions)[: cfg.silos_per_round or None]
+            invited = self._eligible()[: cfg.silos_per_round or None]
             now = self.clock()
             for s in self.sessions.values():  # a stalled upload of an earlier round holds no slot
                 s.upload = None
@@ -1226,6 +1257,9 @@ class Hub:
                 train_params_json=""
                 if cfg.aggregation == SECAGG
                 else canonical_train_params(self.config.train).decode(),
+                # Why the honest silos may retry this model without the silos excluded in an
+                # earlier attempt on it (each silo verifies the proofs itself).
+                blame_evidence=self._blame_evidence if model_sha == self._blame_model else (),
             )
             for silo_id in invited:
                 s = self.sessions[silo_id]
@@ -1323,9 +1357,14 @@ class Hub:
     def _finish_secure(self, round_id: RoundId, sr: SecureRound, invited: Sequence[str]) -> None:
         outcome = sr.result
         if outcome is None:
+            # silo id -> its encoded Blame: empty unless the round proved who sent a bad weight
+            blamed = {str(k): v for k, v in sr.round.blamed.items()}
             with self.lock:
                 self.secure = None
-            self._finish_aborted(round_id, invited, sr.abort_reason or "aborted")
+                self._exclude(round_id, sr.config.model_sha256, blamed)
+            self._finish_aborted(
+                round_id, invited, sr.abort_reason or "aborted", blamed=sorted(blamed)
+            )
             return
         self.pause.at("unmask")
         cfg = sr.config
@@ -1373,6 +1412,33 @@ class Hub:
             self.secure = None
             self._complete(round_id, invited, survivors, new_state, ckpt, weight_sum)
 
+    def _exclude(self, round_id: RoundId, model_sha: bytes, blamed: Mapping[str, bytes]) -> None:
+        """Exclude the silos `blamed` proves sent an out-of-range weight element, and keep the
+        proofs for the offers of `model_sha` (under the lock)."""
+        if not blamed:
+            return
+        if model_sha != self._blame_model:
+            self._blame_model, self._blame_evidence = model_sha, []
+        now = self.clock()
+        for silo_id, evidence in sorted(blamed.items()):
+            self._blame_evidence.append(evidence)
+            self.excluded.setdefault(silo_id, Exclusion(silo_id, round_id, now))
+            s = self.sessions.get(silo_id)
+            which = (
+                f"--serial {s.cert_serial:x}" if s is not None and s.cert_serial else "--cert FILE"
+            )
+            log.error(
+                "round %d: %s sent an out-of-range weight element, proven by its own signed "
+                "masked-input header and key commitment (a Blame, sent to the other silos with "
+                "the next offers of this model); excluded from every later round until this "
+                "coordinator restarts. Revoke it to keep it out: silofed-coordinator revoke "
+                "--dir <federation dir> %s --reason 'blamed in round %d'",
+                round_id,
+                silo_id,
+                which,
+                round_id,
+            )
+
     def _finish(
         self,
         round_id: RoundId,
@@ -1419,6 +1485,8 @@ class Hub:
     ) -> None:
         """Record a completed round and tell the silos (under the lock)."""
         self.verdict = self.stall.observe(RoundEnd(round_id, completed=True))
+        # The next model is a new one: no silo needs the proofs of this one's attempts.
+        self._blame_model, self._blame_evidence = b"", []
         metrics = {s: self.sessions[s].metrics for s in survivors if s in self.sessions}
         global_metrics = _mean_eval(metrics.values())
         self._record_stats(round_id, invited)
@@ -1461,13 +1529,16 @@ class Hub:
         reason: str,
         *,
         missing: Sequence[str] = (),
+        blamed: Sequence[str] = (),
     ) -> None:
         with self.lock:
             self._record_stats(round_id, invited)
             detail = self.roundlog.round_detail(round_id)
             dropped = (*(d.silo_id for d in detail.dropouts), *missing)
             absent = tuple(s for s in dropped if s not in self.sessions)
-            end = RoundEnd(round_id, False, reason, dict(self._refusals), dropped, absent)
+            end = RoundEnd(
+                round_id, False, reason, dict(self._refusals), dropped, absent, tuple(blamed)
+            )
             self.verdict = verdict = self.stall.observe(end)
             # The log says what happens next: the backoff, or why the federation stopped.
             extra: dict[str, object] = (
@@ -1479,6 +1550,8 @@ class Hub:
                     "next_attempt_in_s": verdict.wait_s,
                 }
             )
+            if blamed:
+                extra["blamed"] = list(blamed)  # proven, and excluded from later rounds
             self.roundlog.finish_round(
                 round_id, status="aborted", ended_at=self.clock(), abort_reason=reason, extra=extra
             )
@@ -1551,6 +1624,10 @@ class Hub:
                 phase=phase,
                 phase_started_unix=since,
                 rounds_completed=self.completed_rounds(),
+                excluded=[
+                    pb.ExcludedSilo(silo_id=e.silo_id, round_id=e.round_id, excluded_at_unix=e.at)
+                    for _, e in sorted(self.excluded.items())
+                ],
             )
 
     # ---- resume ----------------------------------------------------------------------------

@@ -8,7 +8,9 @@ completed round resets everything. So an ordinary failure heals by itself (a res
 joins the next attempt), and one that cannot heal stops instead of filling the round log.
 
 A round's cause is what the silos said when most of the silos that refused agree (a silo knows
-why it refused: REPLAY, ROSTER_MISMATCH, ...), else the coordinator's own abort code.
+why it refused: REPLAY, ROSTER_MISMATCH, ...), else the coordinator's own abort code. A round
+whose culprits were proven and excluded (`RoundEnd.blamed`) is not a stall: the next attempt
+follows at once, and the count starts afresh.
 """
 
 from __future__ import annotations
@@ -58,14 +60,14 @@ OPTIONS: Mapping[str, str] = {
     ),
     "OVERFLOW_RULE": (
         "if the silos refused the offer with it, the configured sum could wrap around: lower "
-        "[secagg] clip_l2 or set ring_bits = 64. If the rounds aborted with it in phase unmask, "
-        "the decoded weight sum was out of range, which honest silos cannot produce: one silo "
-        "sends a crafted weight element (a modified agent or host), and masking cannot say "
-        "which (docs/secagg-protocol.md §2.5). Have each silo's operator check its agent and "
-        "its ledger (`silofed-silo ledger`), revoke the silo that cannot account for its "
-        "inputs (`silofed-coordinator revoke`), then continue from a model it never trained on "
-        "(`rollback --to N` to before it joined, or a new run): the others refuse this model "
-        "without it"
+        "[secagg] clip_l2 or set ring_bits = 64. In phase unmask, a silo that sends an "
+        "out-of-range weight element is named with a proof (the round's `blamed` in `rounds "
+        "show N`, an ERROR line) and excluded automatically, and the next attempt runs without "
+        "it, so such rounds do not stop the federation: this diagnosis means no silo could be "
+        "blamed, i.e. every survivor's weight was in range but their sum was 0 (under example "
+        "weighting, no silo trained on any example): check the silos' data and their logs. "
+        "Revoke a blamed silo (`silofed-coordinator revoke`) so a restarted coordinator does "
+        "not invite it again"
     ),
     "AGGREGATE_OUT_OF_BOUND": (
         "the decoded aggregate is longer than clipped inputs can produce, so one silo sends "
@@ -95,6 +97,7 @@ class RoundEnd:
     refusals: Mapping[str, str] = field(default_factory=dict)  # silo -> reason code it sent
     dropped: tuple[str, ...] = ()  # silos that dropped out (refused, timed out, disconnected)
     absent: tuple[str, ...] = ()  # of those, the ones not connected when the round ended
+    blamed: tuple[str, ...] = ()  # silos proven to have caused the abort, now excluded
 
     @property
     def cause(self) -> str:
@@ -173,6 +176,12 @@ class StallWatch:
         if end.completed:
             self._run.clear()
             return Proceed(0.0, 0)
+        if end.blamed:
+            # Its cause is proven and out of the federation (the driver excludes the blamed
+            # silos): the next attempt runs at once without them and this round counts towards
+            # no stall. Each such round excludes a silo for good, so they cannot repeat forever.
+            self._run.clear()
+            return Proceed(0.0, 0, end.cause)
         if self._run and self._run[-1].cause != end.cause:
             self._run.clear()  # a new cause: the old one healed, this one gets its own count
         self._run.append(end)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/federation.proto\x12\nsilofed.v1\"\xc7\x02\n\x0bSiloMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.silofed.v1.HelloH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.silofed.v1.HeartbeatH\x00\x12-\n\x0b\x62lob_header\x18\x03 \x01(\x0b\x32\x16.silofed.v1.BlobHeaderH\x00\x12+\n\nblob_chunk\x18\x04 \x01(\x0b\x32\x15.silofed.v1.BlobChunkH\x00\x12/\n\x0ctrain_report\x18\x05 \x01(\x0b\x32\x17.silofed.v1.TrainReportH\x00\x12)\n\x06secagg\x18\x06 \x01(\x0b\x32\x17.silofed.v1.SecAggFrameH\x00\x12(\n\x05\x61\x62ort\x18\x07 \x01(\x0b\x32\x17.silofed.v1.AbortNoticeH\x00\x42\x06\n\x04kind\"\xb4\x03\n\x12\x43oordinatorMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.silofed.v1.WelcomeH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.silofed.v1.HeartbeatH\x00\x12-\n\x0b\x62lob_header\x18\x03 \x01(\x0b\x32\x16.silofed.v1.BlobHeaderH\x00\x12+\n\nblob_chunk\x18\x04 \x01(\x0b\x32\x15.silofed.v1.BlobChunkH\x00\x12-\n\x0bround_offer\x18\x05 \x01(\x0b\x32\x16.silofed.v1.RoundOfferH\x00\x12)\n\x06secagg\x18\x06 \x01(\x0b\x32\x17.silofed.v1.SecAggFrameH\x00\x12/\n\x0cround_result\x18\x07 \x01(\x0b\x32\x17.silofed.v1.RoundResultH\x00\x12(\n\x05\x61\x62ort\x18\x08 \x01(\x0b\x32\x17.silofed.v1.AbortNoticeH\x00\x12\x31\n\rroster_update\x18\t \x01(\x0b\x32\x18.silofed.v1.RosterUpdateH\x00\x42\x06\n\x04kind\"F\n\x05Hello\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x15\n\rroster_digest\x18\x03 \x01(\x0c\"P\n\x07Welcome\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x0f\n\x07silo_id\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"6\n\x0cRosterUpdate\x12\x13\n\x0broster_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x04\"|\n\nBlobHeader\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.silofed.v1.BlobKind\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\"^\n\tBlobChunk\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.silofed.v1.BlobKind\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x89\x01\n\nRoundOffer\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x61ggregation\x18\x02 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x03 \x01(\x0c\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\x0c\x12\x13\n\x0bmodel_bytes\x18\x05 \x01(\x04\x12\x19\n\x11train_params_json\x18\x06 \x01(\t\"\xb3\x01\n\x0bTrainReport\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x35\n\x07metrics\x18\x03 \x03(\x0b\x32$.silofed.v1.TrainReport.MetricsEntry\x12\x15\n\rupdate_sha256\x18\x04 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\x0bSecAggFrame\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"r\n\x0bRoundResult\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x18\n\x10new_model_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsurvivors\x18\x04 \x03(\t\x12\x14\n\x0c\x61\x62ort_reason\x18\x05 \x01(\t\"?\n\x0b\x41\x62ortNotice\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"}\n\nSiloStatus\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x1c\n\x14\x63onnected_since_unix\x18\x02 \x01(\x01\x12\x1b\n\x13\x63\x65rt_not_after_unix\x18\x03 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x04 \x01(\x04\x12\x11\n\tbytes_out\x18\x05 \x01(\x04\"\xd6\x01\n\x0bStatusReply\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12%\n\x05silos\x18\x02 \x03(\x0b\x32\x16.silofed.v1.SiloStatus\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x1a\n\x12phase_started_unix\x18\x05 \x01(\x01\x12\x18\n\x10rounds_completed\x18\x06 \x01(\x04\x12\x18\n\x10\x61\x62orted_in_a_row\x18\x07 \x01(\r\x12\x13\n\x0b\x61\x62ort_cause\x18\x08 \x01(\t*`\n\x08\x42lobKind\x12\x19\n\x15\x42LOB_KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cGLOBAL_MODEL\x10\x01\x12\x14\n\x10PLAINTEXT_UPDATE\x10\x02\x12\x11\n\rMASKED_VECTOR\x10\x03\x32\x95\x01\n\nFederation\x12\x46\n\x07\x43onnect\x12\x17.silofed.v1.SiloMessage\x1a\x1e.silofed.v1.CoordinatorMessage(\x01\x30\x01\x12?\n\tGetStatus\x12\x19.silofed.v1.StatusRequest\x1a\x17.silofed.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/federation.proto\x12\nsilofed.v1\"\xc7\x02\n\x0bSiloMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.silofed.v1.HelloH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.silofed.v1.HeartbeatH\x00\x12-\n\x0b\x62lob_header\x18\x03 \x01(\x0b\x32\x16.silofed.v1.BlobHeaderH\x00\x12+\n\nblob_chunk\x18\x04 \x01(\x0b\x32\x15.silofed.v1.BlobChunkH\x00\x12/\n\x0ctrain_report\x18\x05 \x01(\x0b\x32\x17.silofed.v1.TrainReportH\x00\x12)\n\x06secagg\x18\x06 \x01(\x0b\x32\x17.silofed.v1.SecAggFrameH\x00\x12(\n\x05\x61\x62ort\x18\x07 \x01(\x0b\x32\x17.silofed.v1.AbortNoticeH\x00\x42\x06\n\x04kind\"\xb4\x03\n\x12\x43oordinatorMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.silofed.v1.WelcomeH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.silofed.v1.HeartbeatH\x00\x12-\n\x0b\x62lob_header\x18\x03 \x01(\x0b\x32\x16.silofed.v1.BlobHeaderH\x00\x12+\n\nblob_chunk\x18\x04 \x01(\x0b\x32\x15.silofed.v1.BlobChunkH\x00\x12-\n\x0bround_offer\x18\x05 \x01(\x0b\x32\x16.silofed.v1.RoundOfferH\x00\x12)\n\x06secagg\x18\x06 \x01(\x0b\x32\x17.silofed.v1.SecAggFrameH\x00\x12/\n\x0cround_result\x18\x07 \x01(\x0b\x32\x17.silofed.v1.RoundResultH\x00\x12(\n\x05\x61\x62ort\x18\x08 \x01(\x0b\x32\x17.silofed.v1.AbortNoticeH\x00\x12\x31\n\rroster_update\x18\t \x01(\x0b\x32\x18.silofed.v1.RosterUpdateH\x00\x42\x06\n\x04kind\"F\n\x05Hello\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x15\n\rroster_digest\x18\x03 \x01(\x0c\"P\n\x07Welcome\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12\x0f\n\x07silo_id\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\r\"6\n\x0cRosterUpdate\x12\x13\n\x0broster_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x04\"|\n\nBlobHeader\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.silofed.v1.BlobKind\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63hunk_count\x18\x05 \x01(\r\"^\n\tBlobChunk\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.silofed.v1.BlobKind\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xa1\x01\n\nRoundOffer\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x13\n\x0b\x61ggregation\x18\x02 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x03 \x01(\x0c\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\x0c\x12\x13\n\x0bmodel_bytes\x18\x05 \x01(\x04\x12\x19\n\x11train_params_json\x18\x06 \x01(\t\x12\x16\n\x0e\x62lame_evidence\x18\x07 \x03(\x0c\"\xb3\x01\n\x0bTrainReport\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x35\n\x07metrics\x18\x03 \x03(\x0b\x32$.silofed.v1.TrainReport.MetricsEntry\x12\x15\n\rupdate_sha256\x18\x04 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\x0bSecAggFrame\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"r\n\x0bRoundResult\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x18\n\x10new_model_sha256\x18\x03 \x01(\x0c\x12\x11\n\tsurvivors\x18\x04 \x03(\t\x12\x14\n\x0c\x61\x62ort_reason\x18\x05 \x01(\t\"?\n\x0b\x41\x62ortNotice\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"}\n\nSiloStatus\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x1c\n\x14\x63onnected_since_unix\x18\x02 \x01(\x01\x12\x1b\n\x13\x63\x65rt_not_after_unix\x18\x03 \x01(\x01\x12\x10\n\x08\x62ytes_in\x18\x04 \x01(\x04\x12\x11\n\tbytes_out\x18\x05 \x01(\x04\"\x82\x02\n\x0bStatusReply\x12\x15\n\rfederation_id\x18\x01 \x01(\t\x12%\n\x05silos\x18\x02 \x03(\x0b\x32\x16.silofed.v1.SiloStatus\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x1a\n\x12phase_started_unix\x18\x05 \x01(\x01\x12\x18\n\x10rounds_completed\x18\x06 \x01(\x04\x12\x18\n\x10\x61\x62orted_in_a_row\x18\x07 \x01(\r\x12\x13\n\x0b\x61\x62ort_cause\x18\x08 \x01(\t\x12*\n\x08\x65xcluded\x18\t \x03(\x0b\x32\x18.silofed.v1.ExcludedSilo\"K\n\x0c\x45xcludedSilo\x12\x0f\n\x07silo_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x18\n\x10\x65xcluded_at_unix\x18\x03 \x01(\x01*`\n\x08\x42lobKind\x12\x19\n\x15\x42LOB_KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cGLOBAL_MODEL\x10\x01\x12\x14\n\x10PLAINTEXT_UPDATE\x10\x02\x12\x11\n\rMASKED_VECTOR\x10\x03\x32\x95\x01\n\nFederation\x12\x46\n\x07\x43onnect\x12\x17.silofed.v1.SiloMessage\x1a\x1e.silofed.v1.CoordinatorMessage(\x01\x30\x01\x12?\n\tGetStatus\x12\x19.silofed.v1.StatusRequest\x1a\x17.silofed.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINREPORT_METRICSENTRY']._loaded_options = None
   _globals['_TRAINREPORT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_BLOBKIND']._serialized_start=2189
-  _globals['_BLOBKIND']._serialized_end=2285
+  _globals['_BLOBKIND']._serialized_start=2334
+  _globals['_BLOBKIND']._serialized_end=2430
   _globals['_SILOMESSAGE']._serialized_start=40
   _globals['_SILOMESSAGE']._serialized_end=367
   _globals['_COORDINATORMESSAGE']._serialized_start=370
@@ -52,23 +52,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOBCHUNK']._serialized_start=1179
   _globals['_BLOBCHUNK']._serialized_end=1273
   _globals['_ROUNDOFFER']._serialized_start=1276
-  _globals['_ROUNDOFFER']._serialized_end=1413
-  _globals['_TRAINREPORT']._serialized_start=1416
-  _globals['_TRAINREPORT']._serialized_end=1595
-  _globals['_TRAINREPORT_METRICSENTRY']._serialized_start=1549
-  _globals['_TRAINREPORT_METRICSENTRY']._serialized_end=1595
-  _globals['_SECAGGFRAME']._serialized_start=1597
-  _globals['_SECAGGFRAME']._serialized_end=1645
-  _globals['_ROUNDRESULT']._serialized_start=1647
-  _globals['_ROUNDRESULT']._serialized_end=1761
-  _globals['_ABORTNOTICE']._serialized_start=1763
-  _globals['_ABORTNOTICE']._serialized_end=1826
-  _globals['_STATUSREQUEST']._serialized_start=1828
-  _globals['_STATUSREQUEST']._serialized_end=1843
-  _globals['_SILOSTATUS']._serialized_start=1845
-  _globals['_SILOSTATUS']._serialized_end=1970
-  _globals['_STATUSREPLY']._serialized_start=1973
-  _globals['_STATUSREPLY']._serialized_end=2187
-  _globals['_FEDERATION']._serialized_start=2288
-  _globals['_FEDERATION']._serialized_end=2437
+  _globals['_ROUNDOFFER']._serialized_end=1437
+  _globals['_TRAINREPORT']._serialized_start=1440
+  _globals['_TRAINREPORT']._serialized_end=1619
+  _globals['_TRAINREPORT_METRICSENTRY']._serialized_start=1573
+  _globals['_TRAINREPORT_METRICSENTRY']._serialized_end=1619
+  _globals['_SECAGGFRAME']._serialized_start=1621
+  _globals['_SECAGGFRAME']._serialized_end=1669
+  _globals['_ROUNDRESULT']._serialized_start=1671
+  _globals['_ROUNDRESULT']._serialized_end=1785
+  _globals['_ABORTNOTICE']._serialized_start=1787
+  _globals['_ABORTNOTICE']._serialized_end=1850
+  _globals['_STATUSREQUEST']._serialized_start=1852
+  _globals['_STATUSREQUEST']._serialized_end=1867
+  _globals['_SILOSTATUS']._serialized_start=1869
+  _globals['_SILOSTATUS']._serialized_end=1994
+  _globals['_STATUSREPLY']._serialized_start=1997
+  _globals['_STATUSREPLY']._serialized_end=2255
+  _globals['_EXCLUDEDSILO']._serialized_start=2257
+  _globals['_EXCLUDEDSILO']._serialized_end=2332
+  _globals['_FEDERATION']._serialized_start=2433
+  _globals['_FEDERATION']._serialized_end=2582
 # @@protoc_insertion_point(module_scope)

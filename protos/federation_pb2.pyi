@@ -332,6 +332,7 @@ class RoundOffer(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
     MODEL_BYTES_FIELD_NUMBER: _builtins.int
     TRAIN_PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    BLAME_EVIDENCE_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     aggregation: _builtins.str
     """"secagg" (the default), "plaintext-insecure" (updates in the clear),"""
@@ -344,6 +345,13 @@ class RoundOffer(_message.Message):
     model_bytes: _builtins.int
     train_params_json: _builtins.str
     """the coordinator's [train] table, as JSON, for the task's train()"""
+    @_builtins.property
+    def blame_evidence(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Secure rounds: encoded secagg Blame messages, each proving that a silo sent an out-of-range
+        weight element in an earlier attempt on this same model (the coordinator excluded it). A
+        silo verifies each against its CA and roster, and ignores any it cannot verify.
+        """
+
     def __init__(
         self,
         *,
@@ -353,10 +361,11 @@ class RoundOffer(_message.Message):
         model_sha256: _builtins.bytes = ...,
         model_bytes: _builtins.int = ...,
         train_params_json: _builtins.str = ...,
+        blame_evidence: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "config", b"config", "model_bytes", b"model_bytes", "model_sha256", b"model_sha256", "round_id", b"round_id", "train_params_json", b"train_params_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aggregation", b"aggregation", "blame_evidence", b"blame_evidence", "config", b"config", "model_bytes", b"model_bytes", "model_sha256", b"model_sha256", "round_id", b"round_id", "train_params_json", b"train_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -559,6 +568,7 @@ class StatusReply(_message.Message):
     ROUNDS_COMPLETED_FIELD_NUMBER: _builtins.int
     ABORTED_IN_A_ROW_FIELD_NUMBER: _builtins.int
     ABORT_CAUSE_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     current_round: _builtins.int
     """0 when idle"""
@@ -571,6 +581,10 @@ class StatusReply(_message.Message):
     """their common cause, e.g. THRESHOLD_VIOLATION, REPLAY"""
     @_builtins.property
     def silos(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiloStatus]: ...
+    @_builtins.property
+    def excluded(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExcludedSilo]:
+        """silos this coordinator process no longer invites"""
+
     def __init__(
         self,
         *,
@@ -582,11 +596,42 @@ class StatusReply(_message.Message):
         rounds_completed: _builtins.int = ...,
         aborted_in_a_row: _builtins.int = ...,
         abort_cause: _builtins.str = ...,
+        excluded: _abc.Iterable[Global___ExcludedSilo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_cause", b"abort_cause", "aborted_in_a_row", b"aborted_in_a_row", "current_round", b"current_round", "federation_id", b"federation_id", "phase", b"phase", "phase_started_unix", b"phase_started_unix", "rounds_completed", b"rounds_completed", "silos", b"silos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_cause", b"abort_cause", "aborted_in_a_row", b"aborted_in_a_row", "current_round", b"current_round", "excluded", b"excluded", "federation_id", b"federation_id", "phase", b"phase", "phase_started_unix", b"phase_started_unix", "rounds_completed", b"rounds_completed", "silos", b"silos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class ExcludedSilo(_message.Message):
+    """A silo proven to have sent an out-of-range weight element: not invited again until the
+    coordinator restarts (revoke its certificate to keep it out for good).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SILO_ID_FIELD_NUMBER: _builtins.int
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    EXCLUDED_AT_UNIX_FIELD_NUMBER: _builtins.int
+    silo_id: _builtins.str
+    round_id: _builtins.int
+    """the aborted round whose evidence names it"""
+    excluded_at_unix: _builtins.float
+    def __init__(
+        self,
+        *,
+        silo_id: _builtins.str = ...,
+        round_id: _builtins.int = ...,
+        excluded_at_unix: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["excluded_at_unix", b"excluded_at_unix", "round_id", b"round_id", "silo_id", b"silo_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExcludedSilo: _TypeAlias = ExcludedSilo  # noqa: Y015

@@ -7,7 +7,10 @@ anything else is ignored and recorded in `rejected` (a misbehaving silo cannot a
 for the others). A phase closes when every expected silo has answered or the driver reports
 its deadline (`deadline_passed`); a participant set below the threshold aborts the round (the
 codes of docs/secagg-protocol.md §6). Masked vectors are added into ONE accumulator as they
-arrive, so memory is O(L) for any n.
+arrive, so memory is O(L) for any n. Element 0 (the weight) carries the self-mask only, so
+once the self-mask seeds are reconstructed each survivor's weight is known: a survivor whose
+weight is out of range aborts the round with OVERFLOW_RULE and `blamed` holds the evidence
+against it (secagg.blame), built from its own signed header and ShareKeys.
 
 Driver use::
 
@@ -16,6 +19,7 @@ Driver use::
     sends = rnd.add_masked_vector(peer_silo_id, header_bytes, vector)
     sends = rnd.deadline_passed(now)                           # close the current phase
     rnd.result  -> RoundOutcome once phase is DONE;  rnd.announce(new_model_sha256) -> M10s
+    rnd.blamed  -> {silo id: encoded Blame} after an OVERFLOW_RULE abort caused by those silos
 """
 
 from __future__ import annotations
@@ -30,12 +34,17 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg import encoding, shamir
-from secagg.config import GraphKind, RoundConfig
+from secagg.blame import decoded_weight, make_blame, weight_in_range
+from secagg.config import GraphKind, RoundConfig, Weighting
 from secagg.dp import DpReport, ddg_report
 from secagg.errors import AbortReason, BadKey, DecryptionFailed, MalformedMessage
 from secagg.graph import neighbours
 from secagg.identity import SiloId
 from secagg.messages import (
+    SIG_ADVERTISE,
+    SIG_CONSISTENCY,
+    SIG_MASKED,
+    SIG_SHAREKEYS,
     AbortNotice,
     Advertise,
     Consistency,
@@ -108,6 +117,10 @@ class _Silo:
     commit_b: bytes = b""
     cts: dict[int, bytes] = field(default_factory=dict)
     consistency: bytes = b""
+    # The raw signed ShareKeys and MaskedHeader envelopes: the evidence if this silo is blamed.
+    share_keys_envelope: bytes = b""
+    header_envelope: bytes = b""
+    weight_element: int = 0
 
 
 class CoordinatorRound:
@@ -136,6 +149,8 @@ class CoordinatorRound:
         self.participants: dict[str, tuple[SiloId, ...]] = {}
         self.dropouts: dict[SiloId, Phase] = {}
         self.result: RoundOutcome | None = None
+        # silo id -> encoded Blame: the survivors whose weight was out of range (secagg.blame)
+        self.blamed: dict[SiloId, bytes] = {}
         self._dp_rounds_before, self._dp_delta = dp_rounds_before, dp_delta
         self._keep_ring_sum = keep_ring_sum
         self._adverts: dict[SiloId, _Silo] = {}
@@ -174,7 +189,7 @@ class CoordinatorRound:
             if self.phase is Phase.ADVERTISE and isinstance(msg, SignedEnvelope):
                 return self._on_advertise(sid, msg, data, now)
             if self.phase is Phase.SHARE_KEYS and isinstance(msg, SignedEnvelope):
-                return self._on_share_keys(sid, msg, now)
+                return self._on_share_keys(sid, msg, data, now)
             if self.phase is Phase.CONSISTENCY and isinstance(msg, SignedEnvelope):
                 return self._on_consistency(sid, msg, data, now)
             if self.phase is Phase.UNMASK and isinstance(msg, UnmaskShares):
@@ -188,33 +203,43 @@ class CoordinatorRound:
     ) -> list[Send]:
         """A complete masked upload (step 3.8): checked, then added into the accumulator.
 
+        `header`: the encoded SignedEnvelope(MaskedHeader) the silo signed; it must describe
+        this session and exactly this vector, element 0 included.
         `vector_sha256`: the driver already hashed exactly these bytes as they arrived (the
         transport checks each blob's SHA-256), so they need not be hashed a second time."""
         sid = SiloId(silo_id)
         cfg = self.config
         if self.phase is not Phase.MASKED:
             return self._reject(sid, "masked vector outside the masked phase")
-        try:
-            h = decode_as(header, MaskedHeader)
-        except MalformedMessage as exc:
-            return self._reject(sid, f"bad masked header: {exc}")
         idx = self._index.get(sid)
         if idx is None or idx not in self._u2 or idx in self._u3:
             return self._reject(sid, "not in U2 or already uploaded")
-        if (h.session_id, h.index, h.length, h.ring_bits) != (
+        try:
+            env = decode_as(header, SignedEnvelope)
+            verify_signer(env, sid, SIG_MASKED, self.trust, self.started)
+            h = decode_as(env.payload, MaskedHeader)
+        except (MalformedMessage, DecryptionFailed) as exc:
+            return self._reject(sid, f"bad masked header (unsigned or undecodable): {exc}")
+        if (h.session_id, h.index, h.length, h.ring_bits, h.weight_scale, h.uniform) != (
             self.session_id,
             idx,
             cfg.length,
             cfg.ring_bits,
+            cfg.weight_scale,
+            cfg.weighting is Weighting.UNIFORM,
         ):
             return self._reject(sid, "masked header fields do not match the session")
         if vector.dtype != ring_dtype(cfg.ring_bits) or vector.shape != (cfg.length,):
             return self._reject(sid, "masked vector has the wrong dtype or length")
+        if int(vector[0]) != h.weight_element:
+            return self._reject(sid, "element 0 differs from the signed header's weight element")
         digest = sha256_array(vector) if vector_sha256 is None else vector_sha256
         if digest != h.vector_sha256:
             return self._reject(sid, "masked vector hash mismatch")
         assert self._acc is not None
         np.add(self._acc, vector, out=self._acc)
+        silo = self._silos[idx]
+        silo.header_envelope, silo.weight_element = header, h.weight_element
         self._u3.append(idx)
         return self._close_if_all_answered()
 
@@ -319,7 +344,7 @@ class CoordinatorRound:
         self, sid: SiloId, env: SignedEnvelope, raw: bytes, now: dt.datetime
     ) -> list[Send]:
         ad = decode_as(env.payload, Advertise)
-        verify_signer(env, sid, b"advertise", self.trust, now)
+        verify_signer(env, sid, SIG_ADVERTISE, self.trust, now)
         if ad.silo_id != sid or sid not in self.config.invited:
             return self._reject(sid, "Advertise names another or an uninvited silo")
         if ad.config_digest != self.config_digest or ad.round_id != self.config.round_id:
@@ -372,11 +397,13 @@ class CoordinatorRound:
 
     # --- phase 2 -----------------------------------------------------------------------------
 
-    def _on_share_keys(self, sid: SiloId, env: SignedEnvelope, now: dt.datetime) -> list[Send]:
+    def _on_share_keys(
+        self, sid: SiloId, env: SignedEnvelope, raw: bytes, now: dt.datetime
+    ) -> list[Send]:
         idx = self._index.get(sid)
         if idx is None:
             return self._reject(sid, "not in U1")
-        verify_signer(env, sid, b"sharekeys", self.trust, now)
+        verify_signer(env, sid, SIG_SHAREKEYS, self.trust, now)
         sk = decode_as(env.payload, ShareKeys)
         silo = self._silos[idx]
         if sk.index != idx or sk.session_id != self.session_id or silo.commit_b:
@@ -385,6 +412,7 @@ class CoordinatorRound:
             return self._reject(sid, "ciphertexts do not address exactly N(u)")
         silo.commit_b = sk.commit_b
         silo.cts = dict(sk.cts)
+        silo.share_keys_envelope = raw
         return self._close_if_all_answered()
 
     def _close_share_keys(self) -> list[Send]:
@@ -430,7 +458,7 @@ class CoordinatorRound:
         idx = self._index.get(sid)
         if idx is None or idx not in self._u3 or self._silos[idx].consistency:
             return self._reject(sid, "not in U3 or repeated")
-        verify_signer(env, sid, b"consistency", self.trust, now)
+        verify_signer(env, sid, SIG_CONSISTENCY, self.trust, now)
         c = decode_as(env.payload, Consistency)
         if (c.session_id, c.index, c.digest) != (self.session_id, idx, self._digest):
             return self._reject(sid, "consistency digest or index mismatch")
@@ -512,6 +540,11 @@ class CoordinatorRound:
             if got is None:
                 return self._fail_reconstruction(v)
             b_secrets[v] = got
+        # Each survivor's weight, from element 0 (self-masked only): the evidence against any
+        # silo whose weight no honest silo could have sent.
+        self.blamed = self._blame(b_secrets)
+        if self.blamed:
+            return self._abort(AbortReason.OVERFLOW_RULE, self._silos)
         for v in dropped:
             got = self._reconstruct(self._s_shares[v], "s", v)
             if got is None:
@@ -519,19 +552,20 @@ class CoordinatorRound:
             s_secrets[v] = got
         for v in u3:
             add_mask(acc, k_self(b_secrets[v], self.session_id, v), -1)
+        body = acc[1:]  # the pairwise masks cover elements 1..d (a contiguous view)
         try:
             for v in dropped:
                 sk = X25519PrivateKey.from_private_bytes(s_secrets[v])
                 for u in sorted(set(u3) & self._nbrs[v]):
                     key = k_pair(agree(sk, self._silos[u].s_pk), self.session_id, u, v)
-                    add_mask(acc, key, -1 if u < v else 1)  # remove sgn(u,v)·PRG
+                    add_mask(body, key, -1 if u < v else 1)  # remove sgn(u,v)·PRG
         except BadKey:
             return self._abort(AbortReason.BAD_KEY, self._silos)
         signed = encoding.to_signed(acc)
         ring_sum = signed.copy() if self._keep_ring_sum else None
         w = int(signed[0])
         if not 1 <= w <= len(u3) * cfg.weight_scale or (
-            cfg.weighting.name == "UNIFORM" and w != len(u3) * cfg.weight_scale
+            cfg.weighting is Weighting.UNIFORM and w != len(u3) * cfg.weight_scale
         ):
             return self._abort(AbortReason.OVERFLOW_RULE, self._silos)
         g, _ = encoding.decode(acc, cfg.scale, cfg.weight_scale)
@@ -556,6 +590,18 @@ class CoordinatorRound:
         self._s_shares.clear()
         self.phase = Phase.DONE
         return []
+
+    def _blame(self, b_secrets: Mapping[int, bytes]) -> dict[SiloId, bytes]:
+        """silo id -> encoded Blame for every survivor whose weight is out of range."""
+        cfg = self.config
+        uniform = cfg.weighting is Weighting.UNIFORM
+        out: dict[SiloId, bytes] = {}
+        for v, b in sorted(b_secrets.items()):
+            s = self._silos[v]
+            q = decoded_weight(s.weight_element, b, self.session_id, v, cfg.ring_bits)
+            if not weight_in_range(q, cfg.weight_scale, uniform):
+                out[s.silo_id] = make_blame(s.silo_id, s.header_envelope, s.share_keys_envelope, b)
+        return out
 
     def _fail_reconstruction(self, v: int) -> list[Send]:
         shares = {**self._b_shares.get(v, {}), **self._s_shares.get(v, {})}

@@ -3,8 +3,10 @@ dataclasses, each with a canonical binary form.
 
 Rule: a message on the wire is MAGIC ‖ u8(kind) ‖ fields (codec.py); `decode_message` returns
 exactly one dataclass or raises `MalformedMessage`. Signed payloads (Advertise, ShareKeys,
-Consistency) travel inside a SignedEnvelope whose `payload` bytes are verified before they are
-parsed. RoundOffer (M0) is carried by the driver: it passes the config bytes and model hash.
+MaskedHeader, Consistency) travel inside a SignedEnvelope whose `payload` bytes are verified
+before they are parsed. RoundOffer (M0) is carried by the driver: it passes the config bytes and
+model hash. `Blame` is the coordinator's proof that a silo sent an out-of-range weight element
+(secagg.blame checks it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from secagg.codec import Reader, Writer
 from secagg.errors import AbortReason, MalformedMessage
 
 MAGIC = b"SA1"
+
+# The signature domains (the `kind` of primitives.sign) of the signed payloads.
+SIG_ADVERTISE = b"advertise"
+SIG_SHAREKEYS = b"sharekeys"
+SIG_MASKED = b"masked"
+SIG_CONSISTENCY = b"consistency"
 
 
 class Kind(enum.IntEnum):
@@ -32,6 +40,7 @@ class Kind(enum.IntEnum):
     UNMASK_SHARES = 10
     ROUND_RESULT = 11
     ABORT = 12
+    BLAME = 13
 
 
 def _indexed(w: Writer, items: tuple[tuple[int, bytes], ...]) -> None:
@@ -52,6 +61,13 @@ def _ints(w: Writer, items: tuple[int, ...]) -> None:
 
 def _read_ints(r: Reader) -> tuple[int, ...]:
     return tuple(r.u32() for _ in range(r.count()))
+
+
+def _read_bool(r: Reader) -> bool:
+    v = r.u8()
+    if v > 1:
+        raise MalformedMessage(f"boolean field must be 0 or 1, got {v}")
+    return v == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +110,17 @@ class SharesForYou:
 
 @dataclass(frozen=True, slots=True)
 class MaskedHeader:
+    """M5's header, signed by the silo (SIG_MASKED). `weight_element` is element 0 of the vector
+    as sent (masked by the self-mask only), so the signer is bound to the weight it sent."""
+
     session_id: bytes
     index: int
     length: int
     ring_bits: int
     vector_sha256: bytes
+    weight_element: int
+    weight_scale: int
+    uniform: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +167,17 @@ class AbortNotice:
     reason: AbortReason
 
 
+@dataclass(frozen=True, slots=True)
+class Blame:
+    """Evidence that `silo_id` sent an out-of-range weight: its signed MaskedHeader and signed
+    ShareKeys envelopes (encoded) of one session, and its self-mask seed b revealed at unmasking."""
+
+    silo_id: str
+    header_envelope: bytes
+    share_keys_envelope: bytes
+    b_secret: bytes
+
+
 Message = (
     SignedEnvelope
     | Advertise
@@ -158,6 +191,7 @@ Message = (
     | UnmaskShares
     | RoundResult
     | AbortNotice
+    | Blame
 )
 
 
@@ -186,6 +220,7 @@ def encode_message(m: Message) -> bytes:
         case MaskedHeader():
             w.u8(Kind.MASKED_HEADER).fixed(m.session_id, 32).u32(m.index).u64(m.length)
             w.u8(m.ring_bits).fixed(m.vector_sha256, 32)
+            w.u64(m.weight_element).u32(m.weight_scale).u8(1 if m.uniform else 0)
         case SurvivorList():
             w.u8(Kind.SURVIVOR_LIST).fixed(m.session_id, 32)
             _ints(w, m.u2)
@@ -206,6 +241,9 @@ def encode_message(m: Message) -> bytes:
             w.u64(m.weight_sum).fixed(m.new_model_sha256, 32).blob(m.dp_report)
         case AbortNotice():
             w.u8(Kind.ABORT).blob(m.session_id).u8(m.reason)
+        case Blame():
+            w.u8(Kind.BLAME).text(m.silo_id).blob(m.header_envelope)
+            w.blob(m.share_keys_envelope).blob(m.b_secret)
     return w.bytes()
 
 
@@ -231,7 +269,9 @@ def decode_message(data: bytes) -> Message:
     elif k is Kind.SHARES_FOR_YOU:
         m = SharesForYou(r.fixed(32), _read_ints(r), _read_indexed(r))
     elif k is Kind.MASKED_HEADER:
-        m = MaskedHeader(r.fixed(32), r.u32(), r.u64(), r.u8(), r.fixed(32))
+        m = MaskedHeader(
+            r.fixed(32), r.u32(), r.u64(), r.u8(), r.fixed(32), r.u64(), r.u32(), _read_bool(r)
+        )
     elif k is Kind.SURVIVOR_LIST:
         m = SurvivorList(r.fixed(32), _read_ints(r), _read_ints(r))
     elif k is Kind.CONSISTENCY:
@@ -242,6 +282,8 @@ def decode_message(data: bytes) -> Message:
         m = UnmaskShares(r.fixed(32), r.u32(), _read_indexed(r), _read_indexed(r))
     elif k is Kind.ROUND_RESULT:
         m = RoundResult(r.fixed(32), r.u64(), _read_ints(r), r.u64(), r.fixed(32), r.blob())
+    elif k is Kind.BLAME:
+        m = Blame(r.text(), r.blob(), r.blob(), r.blob())
     else:
         sid = r.blob()
         try:
@@ -261,3 +303,14 @@ def decode_as(data: bytes, cls: type[_M]) -> _M:
     if not isinstance(m, cls):
         raise MalformedMessage(f"expected {cls.__name__}, got {type(m).__name__}")
     return m
+
+
+def masked_header_of(data: bytes) -> MaskedHeader | None:
+    """The MaskedHeader inside an encoded SignedEnvelope, WITHOUT verifying the signature (the
+    coordinator round does that); None when `data` is not such an envelope. For recognising
+    the frame that announces a masked vector, nothing more."""
+    try:
+        env = decode_as(data, SignedEnvelope)
+        return decode_as(env.payload, MaskedHeader)
+    except MalformedMessage:
+        return None

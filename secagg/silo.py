@@ -11,7 +11,8 @@ Driver use::
 
     s = SiloSession(identity, trust, policy, random_bytes=os.urandom, rng=gen, journal=persist)
     m1 = s.handle_offer(config_bytes, sha256(model_bytes), now=now,
-                        model_digest=digest_of_tensors)                    # -> send m1
+                        model_digest=digest_of_tensors,
+                        blame=offer_blame_evidence)                        # -> send m1
     s.train_params                                                         # train with these
     for reply in s.handle(m2_bytes, now=now): send(reply)                  # M2 -> [M3]
     s.handle(m4_bytes, now=now)                                            # M4 -> []
@@ -26,7 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -34,6 +35,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg import encoding, shamir
+from secagg.blame import InvalidBlame, verify_blame
 from secagg.config import (
     PROTOCOL,
     GraphKind,
@@ -53,6 +55,10 @@ from secagg.errors import (
 )
 from secagg.graph import neighbours
 from secagg.messages import (
+    SIG_ADVERTISE,
+    SIG_CONSISTENCY,
+    SIG_MASKED,
+    SIG_SHAREKEYS,
     AbortNotice,
     Advertise,
     Consistency,
@@ -94,8 +100,6 @@ from secagg.trust import SiloIdentity, Trust, verify_signer
 
 _T = TypeVar("_T")
 
-SIG_ADVERTISE, SIG_SHAREKEYS, SIG_CONSISTENCY = b"advertise", b"sharekeys", b"consistency"
-
 
 class SiloStage(enum.Enum):
     IDLE = "idle"
@@ -131,10 +135,15 @@ class SubmissionRecord:
     # U2 of that session (known when the input left): a retry must invite exactly U3, or U2
     # when U3 was never seen (records from before this field hold None: no member check).
     members: frozenset[str] | None = None
+    # Silos proven (secagg.blame) to have sent an out-of-range weight in that session: a retry
+    # goes ahead without them.
+    excluded: frozenset[str] = frozenset()
 
     def retry_members(self) -> frozenset[str] | None:
-        """The U1 a later session for the same model must have, for this silo to take part."""
-        return self.survivors if self.survivors is not None else self.members
+        """The U1 a later session for the same model must have, for this silo to take part:
+        that session's U3 (its U2 when U3 was never seen), less the excluded silos."""
+        wanted = self.survivors if self.survivors is not None else self.members
+        return None if wanted is None else wanted - self.excluded
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +167,15 @@ class SurvivorsRecorded:
     record: SubmissionRecord
 
 
-JournalEntry = RoundAccepted | MaskedInputRecorded | SurvivorsRecorded
+@dataclass(frozen=True, slots=True)
+class ExclusionRecorded:
+    """Update the submission-log record of `session_id` with its `excluded` silos (verified
+    blame evidence came with an offer for the same model)."""
+
+    record: SubmissionRecord
+
+
+JournalEntry = RoundAccepted | MaskedInputRecorded | SurvivorsRecorded | ExclusionRecorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +192,8 @@ class SiloPolicy:
     * `max_round_step`: how far ahead of `last_round_id` a round id may be.
     * `max_masked_inputs_per_model`: masked inputs this silo sends for one model digest (the
       retry rule of `SiloSession._on_survivors` applies to every one after the first).
+    * `allow_example_weighting`: take part in example-weighted rounds, where the coordinator
+      learns this silo's quantised, capped example count min(n, W_max)/W_max once it unmasks.
     """
 
     last_round_id: int
@@ -189,6 +208,7 @@ class SiloPolicy:
     train_limits: Mapping[str, float] = field(default_factory=dict)
     max_round_step: int = 10_000
     allow_sparse_graph: bool = False
+    allow_example_weighting: bool = True
 
     def __post_init__(self) -> None:
         if self.t_floor < 3:
@@ -220,7 +240,8 @@ class SiloPolicy:
 
 @dataclass(frozen=True, slots=True)
 class MaskedUpload:
-    """M5: the header bytes to send first, then the ring vector (chunk it for the stream)."""
+    """M5: the header bytes (SignedEnvelope(MaskedHeader)) to send first, then the ring vector
+    (chunk it for the stream)."""
 
     header: bytes
     vector: np.ndarray
@@ -284,6 +305,10 @@ class SiloSession:
         self._vector: np.ndarray | None = None
         self._precomputed = False
         self._record: SubmissionRecord | None = None
+        # Blame evidence that came with the offer: how many pieces proved nothing (ignored),
+        # and the silos it excluded from this model's earlier sessions.
+        self.blame_ignored = 0
+        self.blame_excluded: frozenset[str] = frozenset()
 
     # --- public API --------------------------------------------------------------------------
 
@@ -294,17 +319,23 @@ class SiloSession:
         *,
         now: dt.datetime,
         model_digest: bytes | None = None,
+        blame: Sequence[bytes] = (),
     ) -> bytes:
         """Phase 0 checks and M1. Returns the encoded SignedEnvelope(Advertise).
 
         `model_sha256` is the SHA-256 of the model bytes received (checked against the config);
         `model_digest`, the driver's digest of the model's tensors, keys the submission log
-        (the file hash does when it is None)."""
+        (the file hash does when it is None). `blame`: encoded Blame evidence the offer carried;
+        each piece that verifies excludes its silo from this model's earlier session it names
+        (journalled), the rest is ignored and counted in `blame_ignored`."""
         if self.stage is not SiloStage.IDLE:
             raise UsageError("handle_offer is only allowed once, on a new session")
         if model_digest is not None and len(model_digest) != 32:
             raise UsageError("model_digest must be 32 bytes")
-        return self._guard(lambda: self._offer(config_bytes, model_sha256, model_digest))
+        evidence = tuple(blame)
+        return self._guard(
+            lambda: self._offer(config_bytes, model_sha256, model_digest, evidence, now)
+        )
 
     def handle(self, data: bytes, *, now: dt.datetime) -> list[bytes]:
         """Process one coordinator message; returns the encoded replies to send (maybe none)."""
@@ -394,7 +425,14 @@ class SiloSession:
 
     # --- phase 0/1 ---------------------------------------------------------------------------
 
-    def _offer(self, config_bytes: bytes, model_sha256: bytes, model_digest: bytes | None) -> bytes:
+    def _offer(
+        self,
+        config_bytes: bytes,
+        model_sha256: bytes,
+        model_digest: bytes | None,
+        blame: tuple[bytes, ...],
+        now: dt.datetime,
+    ) -> bytes:
         # Every check runs before anything sized by the config is allocated (the masked vector
         # is claimed at M4), so a configuration declaring a huge model is refused cheaply.
         try:
@@ -481,6 +519,14 @@ class SiloSession:
                 f"n_colluders {cfg.n_colluders} is above this silo's cap {pol.n_colluders_max} "
                 "([secagg] n_colluders_max)",
             )
+        if cfg.weighting is Weighting.EXAMPLES and not pol.allow_example_weighting:
+            # Element 0 carries the self-mask only: the coordinator learns each survivor's
+            # quantised weight, which under example weighting is its capped example count.
+            raise _abort(
+                AbortReason.CONFIG_REJECTED,
+                "this silo does not take part in example-weighted rounds (the coordinator "
+                "would learn its capped example count; [secagg] allow_example_weighting = false)",
+            )
         if cfg.dp is None and pol.min_noise_multiplier > 0:
             raise _abort(AbortReason.CONFIG_REJECTED, "policy requires DP noise")
         if cfg.dp is not None and (
@@ -499,6 +545,8 @@ class SiloSession:
         # at M6 (`_on_survivors`).
         key = model_digest if model_digest is not None else cfg.model_sha256
         self._model_key = key
+        # Evidence first: the retry rule (here and at M2, M4, M6) reads the exclusions.
+        self._apply_blame(blame, cfg.model_sha256, now)
         earlier = self._earlier_records(cfg.model_sha256)
         if len(earlier) >= pol.max_masked_inputs_per_model:
             raise _abort(
@@ -540,6 +588,41 @@ class SiloSession:
                     f"{earlier.round_id}) must have the same {len(wanted)} members; missing "
                     f"{missing}, extra {extra}",
                 )
+
+    def _apply_blame(self, blame: tuple[bytes, ...], file_hash: bytes, now: dt.datetime) -> None:
+        """Exclude every silo that verified evidence proves sent an out-of-range weight from
+        this model's earlier session it names (only a session whose members or survivors held
+        it). Each changed record is journalled, and the session's own view of the log updated
+        so the retry rule of this session reads it. At most one piece per roster member is
+        looked at: a coordinator cannot make the offer arbitrarily expensive."""
+        records = {r.session_id: r for r in self._earlier_records(file_hash)}
+        limit = len(self.trust.roster.entries)
+        self.blame_ignored = max(0, len(blame) - limit)
+        excluded: set[str] = set()
+        for evidence in blame[:limit]:
+            try:
+                verdict = verify_blame(evidence, self.trust, now)
+            except InvalidBlame:
+                self.blame_ignored += 1
+                continue
+            rec = records.get(verdict.session_id)
+            if rec is None or verdict.silo_id not in (rec.members or set()) | (
+                rec.survivors or set()
+            ):
+                self.blame_ignored += 1  # proves nothing about a session of this silo's
+                continue
+            excluded.add(verdict.silo_id)
+            if verdict.silo_id in rec.excluded:
+                continue
+            rec = replace(rec, excluded=rec.excluded | {verdict.silo_id})
+            records[rec.session_id] = rec
+            self._journal(ExclusionRecorded(rec))
+            log = dict(self.policy.submission_log)
+            log[rec.model_digest] = tuple(
+                rec if r.session_id == rec.session_id else r for r in log.get(rec.model_digest, ())
+            )
+            self.policy = replace(self.policy, submission_log=log)
+        self.blame_excluded = frozenset(excluded)
 
     def _earlier_records(self, file_hash: bytes) -> tuple[SubmissionRecord, ...]:
         """The submission-log records of this session's model: those under its digest, and
@@ -709,9 +792,12 @@ class SiloSession:
         return []
 
     def _add_pairwise(self, acc: np.ndarray) -> None:
+        # Elements 1..d only: element 0 (the weight) carries the self-mask alone, so once b is
+        # revealed anyone can check the weight this silo signed (secagg.blame).
         me = self.index
+        body = acc[1:]
         for v in self._mask_set:
-            add_mask(acc, self._pair_keys[v], 1 if me < v else -1)
+            add_mask(body, self._pair_keys[v], 1 if me < v else -1)
 
     def _mask(self, cfg: RoundConfig, delta: np.ndarray, num_examples: int) -> MaskedUpload:
         assert self._b_u is not None
@@ -738,13 +824,21 @@ class SiloSession:
             self._add_pairwise(y)
         self._vector = None  # handed to the driver; the session keeps no copy
         header = MaskedHeader(
-            self.session_id, self.index, cfg.length, cfg.ring_bits, sha256_array(y)
+            self.session_id,
+            self.index,
+            cfg.length,
+            cfg.ring_bits,
+            sha256_array(y),
+            int(y[0]),
+            cfg.weight_scale,
+            cfg.weighting is Weighting.UNIFORM,
         )
+        signed_header = self.identity.seal(SIG_MASKED, encode_message(header))
         u2 = frozenset(self.u1[v].silo_id for v in self.u2)
         self._record = SubmissionRecord(self._model_key, cfg.round_id, self.session_id, members=u2)
         self._journal(MaskedInputRecorded(self._record))  # before the vector leaves (3.7)
         self.stage = SiloStage.MASKED_SENT
-        return MaskedUpload(encode_message(header), y)
+        return MaskedUpload(encode_message(signed_header), y)
 
     # --- phase 4 -----------------------------------------------------------------------------
 
@@ -782,13 +876,18 @@ class SiloSession:
         #   survivor sets can be formed from inputs on the same model with this silo's help;
         # * a record whose U3 is unknown (the silo never received that session's M6) does not
         #   block: this silo signed nothing and released no share in that session.
+        # Silos proven to have sent an out-of-range weight in the earlier session (its
+        # `excluded`) are left out of the comparison: their input could never be summed.
         # The U3 is recorded (journalled) before the signature leaves.
         for earlier in self._earlier_records(cfg.model_sha256):
-            if earlier.survivors is not None and earlier.survivors != survivors:
+            if earlier.survivors is None:
+                continue
+            wanted = earlier.survivors - earlier.excluded
+            if wanted != survivors:
                 raise _abort(
                     AbortReason.CONSISTENCY_FAILED,
                     f"retry for the same model with a different U3 ({len(survivors)} silos) "
-                    f"than round {earlier.round_id}'s ({len(earlier.survivors)} silos)",
+                    f"than round {earlier.round_id}'s ({len(wanted)} silos)",
                 )
         assert self._record is not None
         self._record = replace(self._record, survivors=survivors)

@@ -89,6 +89,9 @@ class SecAggPolicy:
     max_round_step: int = MAX_ROUND_STEP
     min_noise_multiplier: float = 0.0  # > 0: refuse rounds without DP noise of at least this z
     allow_sparse_graph: bool = False  # take part in Harary-graph rounds (opt-in)
+    # Example-weighted rounds tell the coordinator this silo's quantised, capped example count
+    # (its weight is decoded for the blame check); false refuses them (CONFIG_REJECTED).
+    allow_example_weighting: bool = True
     train_limits: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAIN_LIMITS))
 
 
@@ -183,6 +186,7 @@ class _SecAgg(StrictModel):
     max_round_step: PositiveInt = MAX_ROUND_STEP
     min_noise_multiplier: NonNegativeFloat = 0.0
     allow_sparse_graph: bool = False
+    allow_example_weighting: bool = True
 
     @model_validator(mode="after")
     def _colluder_bounds(self) -> Self:
@@ -228,6 +232,7 @@ def load_silo_config(path: Path) -> SiloConfig:
         max_round_step=s.max_round_step,
         min_noise_multiplier=s.min_noise_multiplier,
         allow_sparse_graph=s.allow_sparse_graph,
+        allow_example_weighting=s.allow_example_weighting,
         train_limits={**DEFAULT_TRAIN_LIMITS, **f.train_limits},
     )
     return SiloConfig(

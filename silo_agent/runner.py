@@ -359,6 +359,7 @@ class SiloRunner:
             max_round_step=policy.max_round_step,
             min_noise_multiplier=policy.min_noise_multiplier,
             allow_sparse_graph=policy.allow_sparse_graph,
+            allow_example_weighting=policy.allow_example_weighting,
         )
         identity, trust = self._secagg_credentials()
         session = SiloSession(

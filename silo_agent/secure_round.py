@@ -30,7 +30,7 @@ import torch
 from protos import federation_pb2 as pb
 from secagg.config import RoundConfig, TensorSpec
 from secagg.errors import ProtocolAbort, SecAggError
-from secagg.messages import MaskedHeader, decode_as
+from secagg.messages import masked_header_of
 from secagg.silo import TERMINAL, SiloStage
 from silo_agent.connection import OutBlob
 from silo_agent.ledger import SentLedger
@@ -183,9 +183,13 @@ class SiloSecureRound:
             self._refuse("LAYOUT_MISMATCH", f"the model is not this silo's model: {differs}")
             return
         digest = model_digest(self._received)
+        # Proofs that silos of an earlier attempt on this model sent out-of-range weights: the
+        # session verifies each (unverifiable ones are ignored) before its retry rule runs.
+        # Duplicates are dropped; the offer's size bounds the rest.
+        blame = tuple(dict.fromkeys(self.offer.blame_evidence))
         try:
             m1 = self.session.handle_offer(
-                self.offer.config, model_sha, now=_now(), model_digest=digest
+                self.offer.config, model_sha, now=_now(), model_digest=digest, blame=blame
             )
         except ProtocolAbort as exc:
             self._aborted(exc)
@@ -341,7 +345,9 @@ class SiloSecureRound:
             return
         del delta
         data = upload.vector.data.cast("B")
-        digest = decode_as(upload.header, MaskedHeader).vector_sha256  # hashed once, by secagg
+        header = masked_header_of(upload.header)  # inside the signed envelope secagg made
+        assert header is not None, "secagg made an upload header that is no MaskedHeader"
+        digest = header.vector_sha256  # hashed once, by secagg
         self._frame(upload.header)
         self._send(OutBlob(self.round_id, pb.MASKED_VECTOR, data, digest))
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))

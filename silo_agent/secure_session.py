@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -73,10 +73,12 @@ class SecureSession:
         *,
         now: dt.datetime,
         model_digest: bytes | None = None,
+        blame: Sequence[bytes] = (),
     ) -> bytes:
+        """SiloSession.handle_offer under the lock; `blame` is the offer's blame evidence."""
         with self._lock:
             return self.session.handle_offer(
-                config_bytes, model_sha256, now=now, model_digest=model_digest
+                config_bytes, model_sha256, now=now, model_digest=model_digest, blame=blame
             )
 
     def handle(self, data: bytes, *, now: dt.datetime) -> list[bytes]:

@@ -1,15 +1,17 @@
 """The silo's persisted secure-aggregation state: `last_round_id` and the submission log.
 
 Rule: every journal entry a `secagg.SiloSession` emits (round accepted, masked input recorded,
-survivors recorded) is written to ONE small JSON file in the silo's state dir, atomically
-(silofed.files: temporary file, fsync, rename) and BEFORE the session's next message leaves
-(docs/secagg-protocol.md §5 steps 0.2, 3.7, 4.3): a crash can lose a message, never the record
-that it may have been sent. The file holds hashes, round ids, session ids and silo ids only,
-never a model, a key or an update.
+survivors recorded, exclusion recorded) is written to ONE small JSON file in the silo's state
+dir, atomically (silofed.files: temporary file, fsync, rename) and BEFORE the session's next
+message leaves (docs/secagg-protocol.md §5 steps 0.2, 3.7, 4.3): a crash can lose a message,
+never the record that it may have been sent. The file holds hashes, round ids, session ids and
+silo ids only, never a model, a key or an update.
 
 Format 2 keys the submission log by `model_digest` (the digest of the model's tensors the driver
 computes); format 1 files are still read, their `model_sha256` (a hash of the model file) kept as
-the record's key, so inputs already sent stay counted.
+the record's key, so inputs already sent stay counted. A record's `excluded` (silos proven to
+have sent an out-of-range weight in that session) is optional: files written before it existed
+read as excluding no one, and an older agent that ignores it only refuses more retries.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from secagg.silo import (
+    ExclusionRecorded,
     JournalEntry,
     MaskedInputRecorded,
     RoundAccepted,
@@ -55,7 +58,7 @@ class SiloSecAggState:
         rec = entry.record
         if isinstance(entry, MaskedInputRecorded):
             log[rec.model_digest] = (*log.get(rec.model_digest, ()), rec)
-        elif isinstance(entry, SurvivorsRecorded):
+        elif isinstance(entry, SurvivorsRecorded | ExclusionRecorded):
             old = log.get(rec.model_digest, ())
             kept = tuple(r for r in old if r.session_id != rec.session_id)
             log[rec.model_digest] = (*kept, rec)
@@ -75,6 +78,7 @@ class SiloSecAggState:
                 "session_id": r.session_id.hex(),
                 "survivors": None if r.survivors is None else sorted(r.survivors),
                 "members": None if r.members is None else sorted(r.members),
+                "excluded": sorted(r.excluded),
             }
             for recs in self.submission_log.values()
             for r in recs
@@ -96,12 +100,16 @@ class SiloSecAggState:
             log: dict[bytes, tuple[SubmissionRecord, ...]] = {}
             for r in obj["submissions"]:
                 surv, members = r["survivors"], r.get("members")
+                excluded = r.get("excluded", [])
+                if not isinstance(excluded, list):
+                    raise ValueError(f"excluded must be a list of silo ids, got {excluded!r}")
                 rec = SubmissionRecord(
                     bytes.fromhex(r[digest_key]),
                     int(r["round_id"]),
                     bytes.fromhex(r["session_id"]),
                     None if surv is None else frozenset(str(s) for s in surv),
                     None if members is None else frozenset(str(s) for s in members),
+                    frozenset(str(s) for s in excluded),
                 )
                 log[rec.model_digest] = (*log.get(rec.model_digest, ()), rec)
         except (ValueError, KeyError, TypeError, AttributeError) as e:

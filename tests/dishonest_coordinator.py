@@ -72,7 +72,6 @@ from secagg.messages import (
     ConsistencySet,
     KeyList,
     Kind,
-    MaskedHeader,
     ShareKeys,
     SharesForYou,
     SignedEnvelope,
@@ -81,6 +80,7 @@ from secagg.messages import (
     decode_as,
     decode_message,
     encode_message,
+    masked_header_of,
 )
 from secagg.silo import SiloPolicy, SiloSession, SiloStage
 from secagg.transcript import consistency_digest, session_id
@@ -824,14 +824,10 @@ class _Run:
             self._lose(silo)
         elif item.kind == "secagg":
             payload = item.message.secagg.payload
-            try:
-                msg: object = decode_message(payload)
-            except MalformedMessage:
-                msg = None
             reason = secagg_abort_reason(payload)
             if reason is not None:
                 self._refused(silo, reason)
-            if isinstance(msg, MaskedHeader):
+            if masked_header_of(payload) is not None:
                 self.headers[silo] = payload
                 return
             self._to_round(silo, payload)

@@ -33,7 +33,7 @@ from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.chunking import chunk_count_for
 from secagg.identity import Roster, silo_id_for
-from secagg.messages import MaskedHeader, encode_message
+from secagg.messages import MaskedHeader, SignedEnvelope, encode_message
 from tests.federation_helpers import (
     Federation,
     InProcessCoordinator,
@@ -339,10 +339,12 @@ def test_a_member_that_never_reads_is_dropped_and_memory_stays_flat(
 
 def _masked_announcement(round_id: int, length: int) -> list[pb.SiloMessage]:
     """A MaskedHeader frame and a MASKED_VECTOR blob header, exactly sized, with no chunk after."""
-    header = MaskedHeader(b"\0" * 32, 0, length, 32, b"\0" * 32)
+    header = MaskedHeader(b"\0" * 32, 0, length, 32, b"\0" * 32, 0, 1 << 16, True)
+    # Wrapped like a real one (the signature is never checked: the upload is refused first).
+    signed = SignedEnvelope(encode_message(header), b"", ())
     total = length * 4
     return [
-        pb.SiloMessage(secagg=pb.SecAggFrame(round_id=round_id, payload=encode_message(header))),
+        pb.SiloMessage(secagg=pb.SecAggFrame(round_id=round_id, payload=encode_message(signed))),
         pb.SiloMessage(
             blob_header=pb.BlobHeader(
                 round_id=round_id,

@@ -143,7 +143,7 @@ def test_a_secure_round_is_recorded_message_by_message_with_share_recipients(
 def test_masked_header_abort_and_undecodable_frames(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
     ledger = SentLedger(path, FakeClock())
-    header = encode_message(MaskedHeader(b"\1" * 32, 2, 1000, 32, b"\2" * 32))
+    header = encode_message(MaskedHeader(b"\1" * 32, 2, 1000, 32, b"\2" * 32, 7, 1 << 16, True))
     abort = encode_message(AbortNotice(b"\3" * 32, AbortReason.TIMEOUT))
     garbage = b"not a secagg message"
     truncated = abort[:-1]

@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 
 from secagg.errors import AbortReason, ProtocolAbort
-from secagg.silo import SiloPolicy, SiloSession
+from secagg.silo import (
+    ExclusionRecorded,
+    MaskedInputRecorded,
+    SiloPolicy,
+    SiloSession,
+    SubmissionRecord,
+)
 from silo_agent.silo_state import STATE_FILENAME, SiloStateError, SiloStateStore
 from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config, round_floor
 from tests.secagg.pki import NOW, federation
@@ -170,3 +176,39 @@ def test_state_file_holds_no_vector_or_key(tmp_path: Path) -> None:
         assert len(text) < 2000  # hashes and ids only, whatever the model size
         assert "PRIVATE" not in text
     assert dataclasses.is_dataclass(SiloStateStore(next(iter(dirs.values()))).state)
+
+
+def test_an_exclusion_is_journalled_and_read_back(tmp_path: Path) -> None:
+    store = SiloStateStore(tmp_path)
+    rec = SubmissionRecord(b"T" * 32, 4, b"s" * 32, frozenset({"a", "b", "c"}), frozenset({"a"}))
+    store.journal(MaskedInputRecorded(rec))
+    store.journal(ExclusionRecorded(dataclasses.replace(rec, excluded=frozenset({"c"}))))
+    (back,) = SiloStateStore(tmp_path).state.submission_log[b"T" * 32]  # replaced, not added
+    assert back.excluded == frozenset({"c"})
+    assert back.retry_members() == frozenset({"a", "b"})
+    obj = json.loads((tmp_path / STATE_FILENAME).read_text())
+    assert obj["format"] == 2 and obj["submissions"][0]["excluded"] == ["c"]
+
+
+def test_a_format_2_file_without_exclusions_is_read(tmp_path: Path) -> None:
+    old = {
+        "format": 2,
+        "last_round_id": 4,
+        "submissions": [
+            {
+                "model_digest": "ab" * 32,
+                "round_id": 4,
+                "session_id": "cd" * 32,
+                "survivors": ["a", "b", "c"],
+                "members": ["a", "b", "c"],
+            }
+        ],
+    }
+    (tmp_path / STATE_FILENAME).write_text(json.dumps(old))
+    (rec,) = SiloStateStore(tmp_path).state.submission_log[bytes.fromhex("ab" * 32)]
+    assert rec.excluded == frozenset()
+    assert rec.retry_members() == frozenset({"a", "b", "c"})
+    old["submissions"][0]["excluded"] = "c"  # type: ignore[index]
+    (tmp_path / STATE_FILENAME).write_text(json.dumps(old))
+    with pytest.raises(SiloStateError, match="excluded must be a list"):
+        SiloStateStore(tmp_path)

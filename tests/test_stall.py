@@ -76,3 +76,17 @@ def test_too_few_survivors_because_silos_are_gone_is_one_cause_with_not_enough_s
     verdict = watch.observe(waited)
     assert isinstance(verdict, Diagnosis) and verdict.rounds == (1, 2)
     assert verdict.silos == ("s3",) and "start their agents again" in verdict.options
+
+
+def test_a_round_that_blamed_a_silo_clears_the_count_and_retries_at_once() -> None:
+    # The blamed silo is excluded by the driver: its round is no step towards a stall, and the
+    # retry without it need not wait. Without a blame the same abort counts as usual.
+    watch = StallWatch(limit=2, initial_s=1.0, max_s=5.0)
+    reason = "OVERFLOW_RULE in phase unmask"
+    assert isinstance(watch.observe(_aborted(1, reason)), Proceed)
+    blamed = watch.observe(_aborted(2, reason, blamed=("spiffe://f/silo/evil",)))
+    assert blamed == Proceed(0.0, 0, "OVERFLOW_RULE")
+    assert watch.aborted_in_a_row == 0
+    again = watch.observe(_aborted(3, reason))
+    assert isinstance(again, Proceed) and again.aborted_in_a_row == 1 and again.wait_s == 1.0
+    assert isinstance(watch.observe(_aborted(4, reason)), Diagnosis)

@@ -8,6 +8,8 @@ link. Also the reference of the message flow for the drivers' authors:
 phase ("advertise", "share_keys", "masked", "consistency", "unmask"); the harness then plays
 the driver's deadline by calling `deadline_passed`. A silo that refuses the offer sends its
 AbortNotice, as the driver does; `sent[silo_id]` lists every message a silo sent.
+`corrupt_upload[silo_id]` rewrites that silo's masked upload before the coordinator sees it (a
+patched agent); `blame` is the evidence every offer carries.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from secagg.config import RoundConfig, TensorSpec
 from secagg.coordinator import CoordinatorRound, Phase
 from secagg.errors import ProtocolAbort
-from secagg.silo import JournalEntry, SiloPolicy, SiloSession, SiloStage
+from secagg.silo import JournalEntry, MaskedUpload, SiloPolicy, SiloSession, SiloStage
 from secagg.trust import SiloIdentity
 from tests.secagg.pki import NOW, Federation
 
@@ -88,6 +90,12 @@ class Round:
     # A silo that goes silent is reported with `silo_lost` (as the driver does when its
     # stream breaks) instead of waiting for the phase deadline.
     report_lost: bool = False
+    # silo id -> how it rewrites its own upload after submit_update (a cheating agent)
+    corrupt_upload: dict[str, Callable[[MaskedUpload], MaskedUpload]] = field(default_factory=dict)
+    # the blame evidence the offer carries to every silo
+    blame: tuple[bytes, ...] = ()
+    # silo id -> the example count it reports (1 when absent)
+    examples: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.coordinator = CoordinatorRound(
@@ -111,6 +119,7 @@ class Round:
         self.deadline_calls = 0
         self.pending: list[tuple[str, bytes]] = []
         self.uploads: dict[str, np.ndarray] = {}
+        self.headers: dict[str, bytes] = {}  # the M5 header each silo sent
         self.sent: dict[str, list[bytes]] = {sid: [] for sid in self.config.invited}
 
     def _silent(self, sid: str, phase: str) -> bool:
@@ -134,7 +143,9 @@ class Round:
                 continue
             digest = self.model_digests.get(sid)
             try:
-                m1 = s.handle_offer(self.config.encode(), MODEL_SHA, now=NOW, model_digest=digest)
+                m1 = s.handle_offer(
+                    self.config.encode(), MODEL_SHA, now=NOW, model_digest=digest, blame=self.blame
+                )
             except ProtocolAbort as exc:
                 self.aborts[sid] = exc
                 assert s.abort_notice is not None
@@ -188,8 +199,12 @@ class Round:
             return []
         out = self._to_coord(sid, replies)
         if s.stage is SiloStage.KEYS_RECEIVED and not self._silent(sid, "masked"):
-            upload = s.submit_update(self.inputs[sid], 1)
+            upload = s.submit_update(self.inputs[sid], self.examples.get(sid, 1))
+            corrupt = self.corrupt_upload.get(sid)
+            if corrupt is not None:
+                upload = corrupt(upload)
             self.uploads[sid] = upload.vector
+            self.headers[sid] = upload.header
             out.extend(self.coordinator.add_masked_vector(sid, upload.header, upload.vector))
         return out
 

@@ -10,11 +10,12 @@ import numpy as np
 
 from secagg.coordinator import CoordinatorRound, Phase
 from secagg.messages import (
+    SIG_MASKED,
     Advertise,
-    MaskedHeader,
     UnmaskShares,
     decode_as,
     encode_message,
+    masked_header_of,
 )
 from secagg.silo import SiloPolicy
 from tests.secagg.harness import Round, exact_inputs, make_config
@@ -70,10 +71,22 @@ def test_masked_vector_with_wrong_hash_is_not_added() -> None:
     tampered[5] += 1
     assert rnd.add_masked_vector(sid, up.header, tampered) == []
     assert "hash" in rnd.rejected[-1].why
-    h = decode_as(up.header, MaskedHeader)
-    bad_header = encode_message(dataclasses.replace(h, index=h.index % 4 + 1))
-    rnd.add_masked_vector(sid, bad_header, up.vector)
-    assert "header" in rnd.rejected[-1].why
+    # the header is signed: a wrong field re-signed by the silo itself, the genuine header
+    # unsigned, and the genuine header signed by another silo are all refused
+    h = masked_header_of(up.header)
+    assert h is not None
+    identity = next(x for x in fed.silos if x.silo_id == sid)
+    other = next(x for x in fed.silos if x.silo_id == cfg.invited[1])
+    payload = encode_message(h)
+    wrong_index = dataclasses.replace(h, index=h.index % 4 + 1)
+    for bad_header, why in (
+        (encode_message(identity.seal(SIG_MASKED, encode_message(wrong_index))), "fields"),
+        (payload, "unsigned"),
+        (encode_message(other.seal(SIG_MASKED, payload)), "unsigned"),
+        (encode_message(identity.seal(b"sharekeys", payload)), "unsigned"),
+    ):
+        rnd.add_masked_vector(sid, bad_header, up.vector)
+        assert why in rnd.rejected[-1].why
     n_rejected = len(rnd.rejected)
     rnd.add_masked_vector(sid, up.header, up.vector)  # the genuine one is accepted
     assert len(rnd.rejected) == n_rejected

@@ -185,3 +185,41 @@ def test_round_config_v2_vector_and_reference_encoding() -> None:
     assert cfg.encode() == ref
     assert cfg.digest() == hashlib.sha256(b"secagg/v1/config\x00" + ref).digest()
     assert cfg.digest().hex() == "185decc0da2352ac557c170fe30dad285c14afbe7a2974bbe28936e5dc75a20c"
+
+
+def test_signed_masked_header_and_blame_encodings_match_the_reference() -> None:
+    # Added with the blame step: MaskedHeader gained weight_element, weight_scale, uniform.
+    from secagg.messages import Blame, MaskedHeader, encode_message
+
+    h = MaskedHeader(b"\x01" * 32, 3, 11, 32, b"\x02" * 32, 0xFFFF_FFFF, 1 << 16, True)
+    be = struct.pack
+    ref = b"SA1" + be(">B", 6) + b"\x01" * 32 + be(">IQB", 3, 11, 32) + b"\x02" * 32
+    ref += be(">QIB", 0xFFFF_FFFF, 1 << 16, 1)
+    assert encode_message(h) == ref
+    blame = Blame("s", b"hh", b"kkk", b"b" * 32)
+
+    def blob(x: bytes) -> bytes:
+        return be(">I", len(x)) + x
+
+    ref_blame = b"SA1" + be(">B", 13) + blob(b"s") + blob(b"hh") + blob(b"kkk") + blob(b"b" * 32)
+    assert encode_message(blame) == ref_blame
+
+
+def test_decoded_weight_vector_and_reference_self_mask() -> None:
+    from secagg.blame import decoded_weight
+
+    session, index, b = b"\x07" * 32, 2, KEY
+    for bits in (32, 64):
+        k_self = HKDF(
+            hashes.SHA256(), 32, session, b"secagg/v1/selfmask\x00" + struct.pack(">I", index)
+        ).derive(b)
+        first = (
+            Cipher(algorithms.AES(k_self), modes.CTR(bytes(16)))
+            .encryptor()
+            .update(bytes(bits // 8))
+        )
+        mask0 = int.from_bytes(first, "little")
+        y0 = (mask0 + (1 << 16)) % (1 << bits)  # an honest uniform weight under this mask
+        assert decoded_weight(y0, b, session, index, bits) == 1 << 16
+        assert decoded_weight((mask0 - 5) % (1 << bits), b, session, index, bits) == -5
+    assert decoded_weight(1234, b, session, index, 32) == -680052780
