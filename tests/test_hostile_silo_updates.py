@@ -609,8 +609,9 @@ MEMORY_BOUND_MB = 150
 
 class HostileTask:
     """One flat parameter of D floats. Training adds a seeded N(0, 0.01²) step (norm ~0.45);
-    with option `hostile`, from round 2 on it adds 12.5 to every coordinate instead (the
-    issue's figure), which only a patched agent sends unclipped."""
+    with option `hostile` true, from round 2 on it adds 12.5 to every coordinate instead (the
+    issue's figure), which only a patched agent sends unclipped; with `hostile = "once"`, in
+    round 2 only."""
 
     name = "hostile"
 
@@ -626,7 +627,8 @@ class HostileTask:
         from silo_agent.task import TrainResult
 
         round_id = int(params["round"])
-        if data.get("hostile") and round_id >= 2:
+        hostile = data.get("hostile")
+        if (hostile is True and round_id >= 2) or (hostile == "once" and round_id == 2):
             step = torch.full((D,), 12.5)
         else:
             gen = torch.Generator().manual_seed(100 * int(data["silo_index"]) + round_id)
@@ -725,7 +727,7 @@ def _run_with_a_patched_agent(
     mode: str,
     *,
     rounds: int,
-    hostile_task: bool,
+    hostile_task: bool | str,
     min_silos: int = 4,
     **rounds_extra: Any,
 ) -> _PatchedRun:
@@ -776,7 +778,7 @@ def _run_with_a_patched_agent(
                 fed.silos[name],
                 port=coordinator.port,
                 task_spec=HOSTILE_SPEC,
-                options={"silo_index": i, "hostile": patched and hostile_task},
+                options={"silo_index": i, "hostile": hostile_task if patched else False},
                 allow_plaintext_insecure=False,
             )
             if patched:
@@ -871,6 +873,41 @@ def test_a_persistent_unclipped_input_stops_the_federation_with_a_diagnosis(
     assert torch.equal(final["w"], after_r1["w"])
     assert float(after_r1["w"].double().norm()) <= SECURE_CLIP  # the initial model is zeros
     assert not list((state / "checkpoints").glob("round-00000[23].safetensors"))
+
+
+def test_one_unclipped_input_costs_one_round_and_the_federation_goes_on(tmp_path: Path) -> None:
+    """An unclipped input in round 2 only: that round is refused (AGGREGATE_OUT_OF_BOUND,
+    nothing applied), the same model is retried with the same four silos at once (round 3) and
+    completes, and so does every later round: no stall, no aggregate beyond the bound."""
+    run = _run_with_a_patched_agent(
+        tmp_path, "unclipped", rounds=3, hostile_task="once", max_consecutive_aborts=2
+    )
+    assert run.outcome == [Outcome.FINISHED]
+    log = RoundLog.open_readonly(run.state / "rounds.sqlite")
+    store = CheckpointStore(run.state / "checkpoints")
+    try:
+        details = [log.round_detail(r.round_id) for r in log.rounds()]
+        assert [d.status.value for d in details] == [
+            "completed",
+            "aborted",
+            "completed",
+            "completed",
+        ]
+        r1, r2, r3, _ = details
+        assert r2.abort_reason is not None and r2.abort_reason.startswith(AGGREGATE_OUT_OF_BOUND)
+        assert r2.checkpoint is None and r3.model_in_sha256 == r2.model_in_sha256
+        previous = r1.checkpoint
+        for d in details[2:]:
+            assert len(d.participants["finished"]) == 4, d.round_id
+            assert d.checkpoint is not None and previous is not None
+            new = store.load(d.checkpoint.path, d.checkpoint.sha256)["w"].double()
+            old = store.load(previous.path, previous.sha256)["w"].double()
+            assert float((new - old).norm()) <= SECURE_CLIP * (1 + 1e-3), d.round_id
+            previous = d.checkpoint
+    finally:
+        log.close()
+    assert bool(torch.isfinite(run.final["w"]).all())
+    assert run.peak_mb <= MEMORY_BOUND_MB, run.peak_mb
 
 
 @pytest.mark.parametrize(
