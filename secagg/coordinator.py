@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +75,7 @@ from secagg.transcript import consistency_digest, session_id
 from secagg.trust import Trust, verify_signer
 
 Send = tuple[SiloId, bytes]
-MAX_RECONSTRUCTION_TRIES = 9  # the first t-subset plus up to 8 others (step 5.6)
+MAX_RECONSTRUCTION_TRIES = 32  # the first t-subset, then leave-one-out ones, then others (5.6)
 
 
 class Phase(enum.Enum):
@@ -512,9 +512,7 @@ class CoordinatorRound:
 
     def _reconstruct(self, shares: dict[int, bytes], check: object, v: int) -> bytes | None:
         t = self._share_threshold()
-        for subset in itertools.islice(
-            itertools.combinations(sorted(shares), t), MAX_RECONSTRUCTION_TRIES
-        ):
+        for subset in itertools.islice(_subsets(sorted(shares), t), MAX_RECONSTRUCTION_TRIES):
             try:
                 secret = shamir.reconstruct({x: shares[x] for x in subset})
             except ValueError:
@@ -604,6 +602,23 @@ class CoordinatorRound:
         return out
 
     def _fail_reconstruction(self, v: int) -> list[Send]:
+        if self.waiting_for():
+            # Silos of U4 have not answered yet: their shares may make another t-subset that
+            # reconstructs (one wrong share among the first t must not end the round while a
+            # (t+1)-th share is on its way). `_on_unmask` calls `_finish` again on each answer.
+            return []
         shares = {**self._b_shares.get(v, {}), **self._s_shares.get(v, {})}
         self.inconsistent_share_senders.update(self._silos[i].silo_id for i in shares)
         return self._abort(AbortReason.CONSISTENCY_FAILED, self._silos)
+
+
+def _subsets(ids: list[int], t: int) -> Iterator[tuple[int, ...]]:
+    """t-subsets of `ids` to try, in an order that finds ONE wrong share fast: the first t,
+    then each of the first t + 1 with one left out, then the rest (step 5.6)."""
+    head = ids[: t + 1]
+    seen: set[tuple[int, ...]] = set()
+    firsts = [tuple(ids[:t])] + [tuple(x for x in head if x != left) for left in reversed(head)]
+    for subset in itertools.chain(firsts, itertools.combinations(ids, t)):
+        if len(subset) == t and subset not in seen:
+            seen.add(subset)
+            yield subset

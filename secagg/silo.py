@@ -590,15 +590,16 @@ class SiloSession:
                 )
 
     def _apply_blame(self, blame: tuple[bytes, ...], file_hash: bytes, now: dt.datetime) -> None:
-        """Exclude every silo that verified evidence proves sent an out-of-range weight from
-        this model's earlier session it names (only a session whose members or survivors held
-        it). Each changed record is journalled, and the session's own view of the log updated
-        so the retry rule of this session reads it. At most one piece per roster member is
-        looked at: a coordinator cannot make the offer arbitrarily expensive."""
+        """Exclude every silo that verified evidence proves dishonest (it signed an out-of-range
+        weight for one of this model's earlier sessions that held it) from every record of this
+        model that holds it: a second cheater in the retry must not leave the first one required
+        by the older record. Each changed record is journalled, and the session's own view of
+        the log updated so the retry rule of this session reads it. At most one piece per
+        roster member is looked at: a coordinator cannot make the offer arbitrarily expensive."""
         records = {r.session_id: r for r in self._earlier_records(file_hash)}
         limit = len(self.trust.roster.entries)
         self.blame_ignored = max(0, len(blame) - limit)
-        excluded: set[str] = set()
+        proven: set[str] = set()
         for evidence in blame[:limit]:
             try:
                 verdict = verify_blame(evidence, self.trust, now)
@@ -606,15 +607,15 @@ class SiloSession:
                 self.blame_ignored += 1
                 continue
             rec = records.get(verdict.session_id)
-            if rec is None or verdict.silo_id not in (rec.members or set()) | (
-                rec.survivors or set()
-            ):
+            if rec is None or verdict.silo_id not in _holders(rec):
                 self.blame_ignored += 1  # proves nothing about a session of this silo's
                 continue
-            excluded.add(verdict.silo_id)
-            if verdict.silo_id in rec.excluded:
+            proven.add(verdict.silo_id)
+        for rec in list(records.values()):
+            add = (proven & _holders(rec)) - rec.excluded
+            if not add:
                 continue
-            rec = replace(rec, excluded=rec.excluded | {verdict.silo_id})
+            rec = replace(rec, excluded=rec.excluded | add)
             records[rec.session_id] = rec
             self._journal(ExclusionRecorded(rec))
             log = dict(self.policy.submission_log)
@@ -622,7 +623,7 @@ class SiloSession:
                 rec if r.session_id == rec.session_id else r for r in log.get(rec.model_digest, ())
             )
             self.policy = replace(self.policy, submission_log=log)
-        self.blame_excluded = frozenset(excluded)
+        self.blame_excluded = frozenset(proven)
 
     def _earlier_records(self, file_hash: bytes) -> tuple[SubmissionRecord, ...]:
         """The submission-log records of this session's model: those under its digest, and
@@ -940,6 +941,11 @@ class SiloSession:
 
 
 _P = TypeVar("_P", Advertise, Consistency)
+
+
+def _holders(rec: SubmissionRecord) -> frozenset[str]:
+    """The silos a record's session held: its members (U2) and its survivors (U3)."""
+    return (rec.members or frozenset()) | (rec.survivors or frozenset())
 
 
 def _parse_payload(payload: bytes, cls: type[_P]) -> _P:

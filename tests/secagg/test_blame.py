@@ -587,3 +587,71 @@ def test_coordinator_refuses_a_header_for_another_weighting() -> None:
     n = len(rnd.rejected)
     rnd.add_masked_vector(sid, up.header, up.vector)
     assert len(rnd.rejected) == n  # the genuine header is accepted
+
+
+def test_two_cheaters_in_a_row_are_both_left_out_of_the_next_retry() -> None:
+    # C1 cheats in attempt A; C2 behaves in A and cheats in the retry B. The honest silos'
+    # record of A still held C2: the proof against C2 (from B) must exclude it there too, or
+    # the third attempt, without both, is refused and the model is stuck.
+    fed = federation()
+    n = 8
+    cfg = make_config(fed, n, D, round_id=20)
+    c1, c2 = cfg.invited[n - 1], cfg.invited[n - 2]
+    a = _round(cfg, {c1: 1 << 20}, model_digests=dict.fromkeys(cfg.invited, TENSORS))
+    assert a.coordinator.abort_reason is AbortReason.OVERFLOW_RULE
+    assert set(a.coordinator.blamed) == {c1}
+
+    def attempt(
+        prev: Any, k: int, rid: int, cheats: dict[str, int], blame: tuple[bytes, ...]
+    ) -> Any:
+        c = make_config(fed, k, D, round_id=rid)
+        pols = {
+            s: SiloPolicy(prev.config.round_id, submission_log={TENSORS: _records(prev, s)})
+            for s in c.invited
+        }
+        return _round(
+            c, cheats, seed=rid, policies=pols, blame=blame,
+            model_digests=dict.fromkeys(c.invited, TENSORS),
+        )  # fmt: skip
+
+    first = tuple(a.coordinator.blamed.values())
+    b = attempt(a, n - 1, 21, {c2: 1 << 20}, first)
+    assert set(b.coordinator.blamed) == {c2}
+    c = attempt(b, n - 2, 22, {}, first + tuple(b.coordinator.blamed.values()))
+    assert c.coordinator.phase is Phase.DONE, c.aborts
+    assert not ({c1, c2} & set(c.coordinator.result.survivors))
+
+
+def test_one_wrong_b_share_among_the_first_t_does_not_end_the_round() -> None:
+    # A hostile survivor releases a corrupted b-share for an honest silo and its unmask
+    # message is among the first t. The coordinator must neither blame the honest silo (its
+    # seed is checked against the commitment before any weight is decoded) nor abort while
+    # another share is still to come: a leave-one-out subset reconstructs, and the sum is exact.
+    fed = federation()
+    cfg = make_config(fed, N, D, round_id=20)
+    hostile, victim = cfg.invited[0], cfg.invited[1]
+
+    class WrongShare(Round):
+        def _to_coord(self, sid: str, replies: list[bytes]) -> list[tuple[str, bytes]]:
+            out = []
+            for raw in replies:
+                m = decode_message(raw)
+                if sid == hostile and isinstance(m, UnmaskShares):
+                    v = self.sessions[victim].index
+                    bad = tuple(
+                        (i, bytes([sh[0] ^ 1]) + sh[1:] if i == v else sh) for i, sh in m.b_shares
+                    )
+                    raw = encode_message(dataclasses.replace(m, b_shares=bad))
+                out.append(raw)
+            return super()._to_coord(sid, out)
+
+    inputs = exact_inputs(cfg, np.random.default_rng(0))
+    r = WrongShare(fed, cfg, inputs, model_digests=dict.fromkeys(cfg.invited, TENSORS))
+    rnd = r.run()
+    assert cfg.threshold < N
+    assert rnd.phase is Phase.DONE, rnd.abort_reason
+    assert rnd.blamed == {}
+    assert rnd.result is not None and rnd.result.ring_sum is not None
+    expected = sum(np.rint(inputs[s] * cfg.scale).astype(np.int64) for s in cfg.invited)
+    assert np.array_equal(rnd.result.ring_sum[1:].astype(np.int64), expected)
+    assert int(rnd.result.ring_sum[0]) == N * S_W
