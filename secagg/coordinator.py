@@ -4,7 +4,10 @@ machine.
 Rule: the coordinator relays and sums, it never trusts a silo: each message is accepted only
 from the authenticated peer it names, only in its phase, and only if every check of §5 holds;
 anything else is ignored and recorded in `rejected` (a misbehaving silo cannot abort the round
-for the others). A phase closes when every expected silo has answered or the driver reports
+for the others). Two tables at the end of the module are the state machine: `_ACCEPTS` names the
+handler of each (phase, message class) the round takes, and `_CLOSES` how each phase closes and
+which phase comes next; the phase moves nowhere else but to DONE (`_finish`) and ABORTED
+(`_abort`). A phase closes when every expected silo has answered or the driver reports
 its deadline (`deadline_passed`); a participant set below the threshold aborts the round (the
 codes of docs/secagg-protocol.md §6). Masked vectors are added into ONE accumulator as they
 arrive, so memory is O(L) for any n. Element 0 (the weight) carries the self-mask only, so
@@ -27,11 +30,10 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg import encoding, shamir
 from secagg.blame import decoded_weight, make_blame, weight_in_range
@@ -51,6 +53,7 @@ from secagg.messages import (
     ConsistencySet,
     KeyList,
     MaskedHeader,
+    Message,
     RoundResult,
     ShareKeys,
     SharesForYou,
@@ -70,6 +73,7 @@ from secagg.primitives import (
     raw_public,
     ring_dtype,
     sha256_array,
+    x25519_from_raw,
 )
 from secagg.transcript import consistency_digest, session_id
 from secagg.trust import Trust, verify_signer
@@ -183,20 +187,13 @@ class CoordinatorRound:
             msg = decode_message(data)
         except MalformedMessage as exc:
             return self._reject(sid, f"undecodable: {exc}")
-        if isinstance(msg, AbortNotice):
-            return self._drop(sid, f"silo aborted: {msg.reason.name}")
+        handler = _ACCEPTS.get((self.phase, type(msg)))
+        if handler is None:
+            return self._reject(sid, f"{type(msg).__name__} not expected in {self.phase.value}")
         try:
-            if self.phase is Phase.ADVERTISE and isinstance(msg, SignedEnvelope):
-                return self._on_advertise(sid, msg, data, now)
-            if self.phase is Phase.SHARE_KEYS and isinstance(msg, SignedEnvelope):
-                return self._on_share_keys(sid, msg, data, now)
-            if self.phase is Phase.CONSISTENCY and isinstance(msg, SignedEnvelope):
-                return self._on_consistency(sid, msg, data, now)
-            if self.phase is Phase.UNMASK and isinstance(msg, UnmaskShares):
-                return self._on_unmask(sid, msg)
+            return handler(self)(sid, msg, data, now)
         except (MalformedMessage, DecryptionFailed) as exc:
             return self._reject(sid, f"invalid message: {exc}")
-        return self._reject(sid, f"{type(msg).__name__} not expected in {self.phase.value}")
 
     def add_masked_vector(
         self, silo_id: str, header: bytes, vector: np.ndarray, *, vector_sha256: bytes | None = None
@@ -245,17 +242,13 @@ class CoordinatorRound:
 
     def deadline_passed(self, now: dt.datetime) -> list[Send]:
         """The driver's deadline for the current phase passed: close it with who answered."""
-        if self.phase is Phase.ADVERTISE:
-            return self._close_advertise()
-        if self.phase is Phase.SHARE_KEYS:
-            return self._close_share_keys()
-        if self.phase is Phase.MASKED:
-            return self._close_masked()
-        if self.phase is Phase.CONSISTENCY:
-            return self._close_consistency()
-        if self.phase is Phase.UNMASK:
-            return self._abort(AbortReason.TIMEOUT, self._silos)
-        return []
+        step = _CLOSES.get(self.phase)
+        if step is None:
+            return []  # DONE or ABORTED: nothing left to close
+        sends = step.close(self)()
+        if self.phase is not Phase.ABORTED:
+            self.phase = step.next
+        return sends
 
     def silo_lost(self, silo_id: str) -> list[Send]:
         """The driver knows `silo_id` will not answer again (its stream broke): it drops out
@@ -293,6 +286,12 @@ class CoordinatorRound:
     def _drop(self, sid: SiloId, why: str) -> list[Send]:
         self.rejected.append(Rejection(sid, self.phase, why))
         return self.silo_lost(sid)
+
+    def _on_abort_notice(
+        self, sid: SiloId, msg: Message, raw: bytes, now: dt.datetime
+    ) -> list[Send]:
+        assert isinstance(msg, AbortNotice)
+        return self._drop(sid, f"silo aborted: {msg.reason.name}")
 
     def waiting_for(self) -> set[SiloId]:
         """Silos the current phase still waits for (the lost ones are not waited for)."""
@@ -340,9 +339,8 @@ class CoordinatorRound:
 
     # --- phase 1 -----------------------------------------------------------------------------
 
-    def _on_advertise(
-        self, sid: SiloId, env: SignedEnvelope, raw: bytes, now: dt.datetime
-    ) -> list[Send]:
+    def _on_advertise(self, sid: SiloId, env: Message, raw: bytes, now: dt.datetime) -> list[Send]:
+        assert isinstance(env, SignedEnvelope)
         ad = decode_as(env.payload, Advertise)
         verify_signer(env, sid, SIG_ADVERTISE, self.trust, now)
         if ad.silo_id != sid or sid not in self.config.invited:
@@ -392,14 +390,12 @@ class CoordinatorRound:
                 tuple(self._silos[i].envelope for i in sorted(self._silos)),
             )
         )
-        self.phase = Phase.SHARE_KEYS
         return [(s.silo_id, msg) for _, s in sorted(self._silos.items())]
 
     # --- phase 2 -----------------------------------------------------------------------------
 
-    def _on_share_keys(
-        self, sid: SiloId, env: SignedEnvelope, raw: bytes, now: dt.datetime
-    ) -> list[Send]:
+    def _on_share_keys(self, sid: SiloId, env: Message, raw: bytes, now: dt.datetime) -> list[Send]:
+        assert isinstance(env, SignedEnvelope)
         idx = self._index.get(sid)
         if idx is None:
             return self._reject(sid, "not in U1")
@@ -423,7 +419,6 @@ class CoordinatorRound:
         if len(u2) < self.config.threshold:
             return self._abort(AbortReason.THRESHOLD_VIOLATION, self._silos)
         self._acc = np.zeros(self.config.length, dtype=ring_dtype(self.config.ring_bits))
-        self.phase = Phase.MASKED
         out = []
         for u in u2:
             cts = tuple((v, self._silos[v].cts[u]) for v in u2 if v in self._nbrs[u])
@@ -449,12 +444,12 @@ class CoordinatorRound:
             self.session_id, self.config_digest, self.config.model_sha256, self._u2, u3
         )
         msg = encode_message(SurvivorList(self.session_id, self._u2, tuple(u3)))
-        self.phase = Phase.CONSISTENCY
         return [(self._silos[i].silo_id, msg) for i in u3]
 
     def _on_consistency(
-        self, sid: SiloId, env: SignedEnvelope, raw: bytes, now: dt.datetime
+        self, sid: SiloId, env: Message, raw: bytes, now: dt.datetime
     ) -> list[Send]:
+        assert isinstance(env, SignedEnvelope)
         idx = self._index.get(sid)
         if idx is None or idx not in self._u3 or self._silos[idx].consistency:
             return self._reject(sid, "not in U3 or repeated")
@@ -474,12 +469,17 @@ class CoordinatorRound:
         msg = encode_message(
             ConsistencySet(self.session_id, tuple(self._silos[i].consistency for i in u4))
         )
-        self.phase = Phase.UNMASK
         return [(self._silos[i].silo_id, msg) for i in u4]
 
     # --- phase 5 -----------------------------------------------------------------------------
 
-    def _on_unmask(self, sid: SiloId, m: UnmaskShares) -> list[Send]:
+    def _close_unmask(self) -> list[Send]:
+        # The deadline passed before enough shares arrived (every U4 silo answering without
+        # enough shares is THRESHOLD_VIOLATION, in `_close_if_all_answered`).
+        return self._abort(AbortReason.TIMEOUT, self._silos)
+
+    def _on_unmask(self, sid: SiloId, m: Message, raw: bytes, now: dt.datetime) -> list[Send]:
+        assert isinstance(m, UnmaskShares)
         idx = self._index.get(sid)
         if idx is None or idx not in self._u4 or idx in self._unmask_from:
             return self._reject(sid, "not in U4 or repeated")
@@ -520,7 +520,7 @@ class CoordinatorRound:
             if check == "b" and commit_b(self.session_id, v, secret) == self._silos[v].commit_b:
                 return secret
             if check == "s":
-                key = X25519PrivateKey.from_private_bytes(secret)
+                key = x25519_from_raw(secret)
                 if raw_public(key) == self._silos[v].s_pk:
                     return secret
         return None
@@ -553,7 +553,7 @@ class CoordinatorRound:
         body = acc[1:]  # the pairwise masks cover elements 1..d (a contiguous view)
         try:
             for v in dropped:
-                sk = X25519PrivateKey.from_private_bytes(s_secrets[v])
+                sk = x25519_from_raw(s_secrets[v])
                 for u in sorted(set(u3) & self._nbrs[v]):
                     key = k_pair(agree(sk, self._silos[u].s_pk), self.session_id, u, v)
                     add_mask(body, key, -1 if u < v else 1)  # remove sgn(u,v)·PRG
@@ -622,3 +622,42 @@ def _subsets(ids: list[int], t: int) -> Iterator[tuple[int, ...]]:
         if len(subset) == t and subset not in seen:
             seen.add(subset)
             yield subset
+
+
+# --- the transition table ----------------------------------------------------------------------
+
+# Table values pick the method off the round (`lambda r: r._on_advertise`), not off the class:
+# a subclass's override (a test adversary's, say) is the one called.
+_Handler = Callable[[SiloId, Message, bytes, dt.datetime], list[Send]]
+
+# (phase, message class) -> the handler that takes it; `handle` rejects anything not listed
+# here ("X not expected in <phase>"). A handler never moves the phase itself: it records the
+# answer and closes the phase through `_CLOSES` once nobody else is awaited (or, in UNMASK,
+# finishes the round). Masked vectors arrive through `add_masked_vector`, not here.
+_LIVE = (Phase.ADVERTISE, Phase.SHARE_KEYS, Phase.MASKED, Phase.CONSISTENCY, Phase.UNMASK)
+_ACCEPTS: dict[tuple[Phase, type], Callable[[CoordinatorRound], _Handler]] = {
+    (Phase.ADVERTISE, SignedEnvelope): lambda r: r._on_advertise,
+    (Phase.SHARE_KEYS, SignedEnvelope): lambda r: r._on_share_keys,
+    (Phase.CONSISTENCY, SignedEnvelope): lambda r: r._on_consistency,
+    (Phase.UNMASK, UnmaskShares): lambda r: r._on_unmask,
+    # a silo that gives up drops out in whichever phase the round is in
+    **{(phase, AbortNotice): lambda r: r._on_abort_notice for phase in _LIVE},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    """How a phase closes (all answered, or its deadline passed): `close` builds what to send
+    and may abort; unless it did, the round moves to `next`."""
+
+    close: Callable[[CoordinatorRound], Callable[[], list[Send]]]
+    next: Phase
+
+
+_CLOSES: dict[Phase, _Close] = {
+    Phase.ADVERTISE: _Close(lambda r: r._close_advertise, Phase.SHARE_KEYS),
+    Phase.SHARE_KEYS: _Close(lambda r: r._close_share_keys, Phase.MASKED),
+    Phase.MASKED: _Close(lambda r: r._close_masked, Phase.CONSISTENCY),
+    Phase.CONSISTENCY: _Close(lambda r: r._close_consistency, Phase.UNMASK),
+    Phase.UNMASK: _Close(lambda r: r._close_unmask, Phase.ABORTED),
+}

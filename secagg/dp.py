@@ -21,16 +21,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from secagg.codec import Reader, Writer
+from secagg.primitives import aes_ctr_keystream
 
 SEED_BYTES = 32
 # Candidates per keystream chunk: 2 words of 8 bytes each, so 1 MiB of keystream and a handful
 # of float64 temporaries of the same length stay in cache while numpy works on them.
 _CHUNK = 1 << 16
-# A zero counter block is safe: every seed is fresh and keys exactly one call.
-_ZERO_BLOCK = bytes(16)
 _ULP53 = 2.0**-53
 
 ORDERS = tuple(
@@ -102,7 +100,8 @@ def sample_discrete_gaussian(sigma: float, size: int, seed: bytes) -> np.ndarray
     neg_inv_2var = -1.0 / (2.0 * sigma**2)
 
     out = np.empty(size, dtype=np.int64)
-    enc = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_BLOCK)).encryptor()
+    # a zero counter block is safe: every seed is fresh and keys exactly one call
+    enc = aes_ctr_keystream(seed)
     zeros = bytes(2 * _CHUNK * 8)
     buf = bytearray(len(zeros) + 15)  # update_into wants block_size - 1 spare bytes
     words = np.frombuffer(buf, dtype="<u8", count=2 * _CHUNK).reshape(_CHUNK, 2)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import struct
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-from secagg.primitives import k_graph
+from secagg.primitives import aes_ctr_keystream, k_graph
 
 
 def harary_permutation(session_id: bytes, n: int) -> list[int]:
     """π of 1..n by Fisher-Yates driven by 64-bit LE words of AES-256-CTR(k_graph, zero block)."""
-    enc = Cipher(algorithms.AES(k_graph(session_id)), modes.CTR(bytes(16))).encryptor()
+    enc = aes_ctr_keystream(k_graph(session_id))
     perm = list(range(1, n + 1))
     for m in range(n - 1, 0, -1):
         bound = m + 1

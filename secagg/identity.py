@@ -22,9 +22,9 @@ from typing import NewType
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from secagg.primitives import SigningKey, is_p256, signed_csr_pem, spki_der
 
 SiloId = NewType("SiloId", str)
 
@@ -66,10 +66,7 @@ def _lp(data: bytes) -> bytes:
 
 def spki_sha256(cert: x509.Certificate) -> bytes:
     """SHA-256 of the certificate's DER SubjectPublicKeyInfo (the roster's pin)."""
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).digest()
+    return hashlib.sha256(spki_der(cert.public_key())).digest()
 
 
 def uri_san(cert: x509.Certificate) -> str | None:
@@ -188,8 +185,7 @@ def check_certificate(
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise CertificateRejected(CertProblem.NOT_FROM_FEDERATION_CA, subject) from exc
-    key = cert.public_key()
-    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
+    if not is_p256(cert.public_key()):
         raise CertificateRejected(CertProblem.WRONG_KEY_TYPE, subject)
     silo_id = uri_san(cert)
     if silo_id is None:
@@ -228,16 +224,13 @@ def load_der_certificate(data: bytes) -> x509.Certificate:
     return x509.load_der_x509_certificate(data)
 
 
-SIGNATURE_ALGORITHM = ec.ECDSA(hashes.SHA256())
-
-
-def build_silo_csr(key: ec.EllipticCurvePrivateKey, federation_id: str, name: str) -> bytes:
+def build_silo_csr(key: SigningKey, federation_id: str, name: str) -> bytes:
     """The PEM CSR a silo sends to the federation CA: CN = name, one URI SAN = its silo id.
 
     One definition for both sides: `silofed-silo enroll` on a silo's machine, and the dev
     provisioning that plays every silo on one machine.
     """
-    csr = (
+    builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .add_extension(
@@ -246,6 +239,5 @@ def build_silo_csr(key: ec.EllipticCurvePrivateKey, federation_id: str, name: st
             ),
             critical=False,
         )
-        .sign(key, hashes.SHA256())
     )
-    return csr.public_bytes(serialization.Encoding.PEM)
+    return signed_csr_pem(builder, key)

@@ -7,6 +7,15 @@ MaskedHeader, Consistency) travel inside a SignedEnvelope whose `payload` bytes 
 before they are parsed. RoundOffer (M0) is carried by the driver: it passes the config bytes and
 model hash. `Blame` is the coordinator's proof that a silo sent an out-of-range weight element
 (secagg.blame checks it).
+
+Every message checks its fields when it is built (`__post_init__`), so decoding and every
+producer get the same checks, and a message that exists encodes: fixed fields are 32 bytes (an
+AbortNotice's session id may also be empty: none exists yet), integers fit their wire width
+(u8/u32/u64), blobs and lists fit the codec's limits, `ring_bits` is 32 or 64 and the weight
+element fits it, flags are booleans. A violation raises `MalformedMessage` naming the class and
+field. What a list holds and in which order (U2 ascending, ciphertexts addressing exactly N(u),
+32-byte public keys...) is NOT checked here: those are protocol checks the receiver makes
+against its own session, each with its own abort reason.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import enum
 from dataclasses import dataclass
 from typing import TypeVar
 
-from secagg.codec import Reader, Writer
+from secagg.codec import MAX_FIELD_BYTES, MAX_LIST_ITEMS, Reader, Writer
 from secagg.errors import AbortReason, MalformedMessage
 
 MAGIC = b"SA1"
@@ -41,6 +50,74 @@ class Kind(enum.IntEnum):
     ROUND_RESULT = 11
     ABORT = 12
     BLAME = 13
+
+
+DIGEST_BYTES = 32  # session ids, digests, commitments: every fixed field of the wire format
+RING_BITS = (32, 64)
+
+
+def _fail(owner: object, name: str, what: str) -> MalformedMessage:
+    return MalformedMessage(f"{type(owner).__name__}.{name} {what}")
+
+
+def _uint(owner: object, name: str, value: object, bits: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(owner, name, f"must be an int, got {type(value).__name__}")
+    if not 0 <= value < 1 << bits:
+        raise _fail(owner, name, f"must fit u{bits} (0 ≤ v < 2^{bits}), got {value}")
+
+
+def _blob(owner: object, name: str, value: object) -> None:
+    if not isinstance(value, bytes):
+        raise _fail(owner, name, f"must be bytes, got {type(value).__name__}")
+    if len(value) > MAX_FIELD_BYTES:
+        raise _fail(owner, name, f"is {len(value)} bytes, over the {MAX_FIELD_BYTES} limit")
+
+
+def _fixed(
+    owner: object, name: str, value: object, sizes: tuple[int, ...] = (DIGEST_BYTES,)
+) -> None:
+    _blob(owner, name, value)
+    assert isinstance(value, bytes)
+    if len(value) not in sizes:
+        want = " or ".join(map(str, sizes))
+        raise _fail(owner, name, f"must be {want} bytes, got {len(value)}")
+
+
+def _text(owner: object, name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise _fail(owner, name, f"must be a str, got {type(value).__name__}")
+    try:
+        _blob(owner, name, value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise _fail(owner, name, "is not encodable as UTF-8") from exc
+
+
+def _list(owner: object, name: str, items: object) -> tuple[object, ...]:
+    if not isinstance(items, tuple):
+        raise _fail(owner, name, f"must be a tuple, got {type(items).__name__}")
+    if len(items) > MAX_LIST_ITEMS:
+        raise _fail(owner, name, f"has {len(items)} items, over the {MAX_LIST_ITEMS} limit")
+    return items
+
+
+def _blobs(owner: object, name: str, items: object) -> None:
+    for item in _list(owner, name, items):
+        _blob(owner, f"{name}[]", item)
+
+
+def _u32s(owner: object, name: str, items: object) -> None:
+    for item in _list(owner, name, items):
+        _uint(owner, f"{name}[]", item, 32)
+
+
+def _pairs(owner: object, name: str, items: object) -> None:
+    """A list(u32 ‖ blob): (index, bytes) pairs."""
+    for item in _list(owner, name, items):
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise _fail(owner, f"{name}[]", "must be an (index, bytes) pair")
+        _uint(owner, f"{name}[].index", item[0], 32)
+        _blob(owner, f"{name}[].data", item[1])
 
 
 def _indexed(w: Writer, items: tuple[tuple[int, bytes], ...]) -> None:
@@ -76,6 +153,11 @@ class SignedEnvelope:
     signature: bytes
     cert_chain: tuple[bytes, ...]
 
+    def __post_init__(self) -> None:
+        _blob(self, "payload", self.payload)
+        _blob(self, "signature", self.signature)
+        _blobs(self, "cert_chain", self.cert_chain)
+
 
 @dataclass(frozen=True, slots=True)
 class Advertise:
@@ -85,12 +167,25 @@ class Advertise:
     c_pk: bytes
     s_pk: bytes
 
+    def __post_init__(self) -> None:
+        # c_pk/s_pk are blobs on the wire: their length is the receivers' protocol check
+        _fixed(self, "config_digest", self.config_digest)
+        _uint(self, "round_id", self.round_id, 64)
+        _text(self, "silo_id", self.silo_id)
+        _blob(self, "c_pk", self.c_pk)
+        _blob(self, "s_pk", self.s_pk)
+
 
 @dataclass(frozen=True, slots=True)
 class KeyList:
     config_digest: bytes
     round_id: int
     entries: tuple[bytes, ...]  # encoded SignedEnvelope(Advertise), sorted by silo id
+
+    def __post_init__(self) -> None:
+        _fixed(self, "config_digest", self.config_digest)
+        _uint(self, "round_id", self.round_id, 64)
+        _blobs(self, "entries", self.entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +195,23 @@ class ShareKeys:
     commit_b: bytes
     cts: tuple[tuple[int, bytes], ...]
 
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id)
+        _uint(self, "index", self.index, 32)
+        _fixed(self, "commit_b", self.commit_b)
+        _pairs(self, "cts", self.cts)
+
 
 @dataclass(frozen=True, slots=True)
 class SharesForYou:
     session_id: bytes
     u2: tuple[int, ...]
     cts: tuple[tuple[int, bytes], ...]
+
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id)
+        _u32s(self, "u2", self.u2)
+        _pairs(self, "cts", self.cts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +228,31 @@ class MaskedHeader:
     weight_scale: int
     uniform: bool
 
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id)
+        _uint(self, "index", self.index, 32)
+        _uint(self, "length", self.length, 64)
+        _uint(self, "ring_bits", self.ring_bits, 8)
+        if self.ring_bits not in RING_BITS:
+            raise _fail(self, "ring_bits", f"must be 32 or 64, got {self.ring_bits}")
+        _fixed(self, "vector_sha256", self.vector_sha256)
+        # element 0 of a vector in Z_2^b: an honest silo's is below 2^b by construction
+        _uint(self, "weight_element", self.weight_element, self.ring_bits)
+        _uint(self, "weight_scale", self.weight_scale, 32)
+        if not isinstance(self.uniform, bool):
+            raise _fail(self, "uniform", f"must be a bool, got {type(self.uniform).__name__}")
+
 
 @dataclass(frozen=True, slots=True)
 class SurvivorList:
     session_id: bytes
     u2: tuple[int, ...]
     u3: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id)
+        _u32s(self, "u2", self.u2)
+        _u32s(self, "u3", self.u3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +261,20 @@ class Consistency:
     index: int
     digest: bytes
 
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id)
+        _uint(self, "index", self.index, 32)
+        _fixed(self, "digest", self.digest)
+
 
 @dataclass(frozen=True, slots=True)
 class ConsistencySet:
     session_id: bytes
     sigs: tuple[bytes, ...]  # encoded SignedEnvelope(Consistency)
+
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id)
+        _blobs(self, "sigs", self.sigs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +283,12 @@ class UnmaskShares:
     index: int
     b_shares: tuple[tuple[int, bytes], ...]
     s_shares: tuple[tuple[int, bytes], ...]
+
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id)
+        _uint(self, "index", self.index, 32)
+        _pairs(self, "b_shares", self.b_shares)
+        _pairs(self, "s_shares", self.s_shares)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +300,24 @@ class RoundResult:
     new_model_sha256: bytes
     dp_report: bytes
 
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id)
+        _uint(self, "round_id", self.round_id, 64)
+        _u32s(self, "u3", self.u3)
+        _uint(self, "weight_sum", self.weight_sum, 64)
+        _fixed(self, "new_model_sha256", self.new_model_sha256)
+        _blob(self, "dp_report", self.dp_report)
+
 
 @dataclass(frozen=True, slots=True)
 class AbortNotice:
     session_id: bytes
     reason: AbortReason
+
+    def __post_init__(self) -> None:
+        _fixed(self, "session_id", self.session_id, (0, DIGEST_BYTES))  # empty: none yet
+        if not isinstance(self.reason, AbortReason):
+            raise _fail(self, "reason", f"must be an AbortReason, got {self.reason!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +329,13 @@ class Blame:
     header_envelope: bytes
     share_keys_envelope: bytes
     b_secret: bytes
+
+    def __post_init__(self) -> None:
+        # b_secret is a blob: its length is a check of secagg.blame, which says why it fails
+        _text(self, "silo_id", self.silo_id)
+        _blob(self, "header_envelope", self.header_envelope)
+        _blob(self, "share_keys_envelope", self.share_keys_envelope)
+        _blob(self, "b_secret", self.b_secret)
 
 
 Message = (
@@ -285,11 +445,12 @@ def decode_message(data: bytes) -> Message:
     elif k is Kind.BLAME:
         m = Blame(r.text(), r.blob(), r.blob(), r.blob())
     else:
-        sid = r.blob()
+        sid, code = r.blob(), r.u8()
         try:
-            m = AbortNotice(sid, AbortReason(r.u8()))
+            reason = AbortReason(code)
         except ValueError as exc:
-            raise MalformedMessage("unknown abort reason") from exc
+            raise MalformedMessage(f"unknown abort reason {code}") from exc
+        m = AbortNotice(sid, reason)
     r.end()
     return m
 

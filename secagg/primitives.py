@@ -1,5 +1,6 @@
-"""Every use of `cryptography.hazmat` in the protocol (docs/secagg-protocol.md §3), behind a small
-API.
+"""Every use of `cryptography.hazmat` in the secagg package (docs/secagg-protocol.md §3), behind a
+small API: no other module of the package imports the hazmat layer (a test keeps it so), and
+certificate handling elsewhere uses only `cryptography.x509` and the key types named here.
 
 Rule: keys and randomness come in as arguments; every decryption or signature failure raises
 the one opaque `DecryptionFailed`; the mask PRG (AES-256-CTR, zero counter block, little-endian
@@ -15,11 +16,13 @@ import struct
 from collections.abc import Callable
 
 import numpy as np
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secagg.errors import BadKey, DecryptionFailed
@@ -30,6 +33,11 @@ CHUNK_BYTES = 1 << 20
 _ZERO_BLOCK = bytes(16)
 _ECDSA = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 _ZEROS = bytes(CHUNK_BYTES)
+
+# The key types other modules name (annotations, isinstance) without importing the hazmat layer.
+X25519Key = X25519PrivateKey
+SigningKey = ec.EllipticCurvePrivateKey  # a silo's or the CA's ECDSA P-256 key
+VerifyingKey = ec.EllipticCurvePublicKey
 
 
 def u32(v: int) -> bytes:
@@ -63,6 +71,12 @@ def ring_dtype(ring_bits: int) -> np.dtype[np.unsignedinteger]:
 def new_x25519(random_bytes: RandomBytes) -> X25519PrivateKey:
     """A fresh key pair from 32 injected random bytes (X25519 clamps them itself)."""
     return X25519PrivateKey.from_private_bytes(random_bytes(32))
+
+
+def x25519_from_raw(secret: bytes) -> X25519PrivateKey:
+    """The private key whose raw 32 bytes are `secret` (a reconstructed s_u); ValueError if
+    `secret` is not 32 bytes."""
+    return X25519PrivateKey.from_private_bytes(secret)
 
 
 def raw_private(key: X25519PrivateKey) -> bytes:
@@ -137,21 +151,61 @@ def _sig_input(kind: bytes, message: bytes) -> bytes:
     return PID + b"/sig/" + kind + b"\x00" + message
 
 
-def sign(key: ec.EllipticCurvePrivateKey, kind: bytes, message: bytes) -> bytes:
-    """Deterministic ECDSA P-256/SHA-256 (RFC 6979): no hidden randomness."""
-    return key.sign(_sig_input(kind, message), _ECDSA)
+def ecdsa_sign(key: SigningKey, data: bytes) -> bytes:
+    """Deterministic ECDSA/SHA-256 (RFC 6979) over exactly `data`: no hidden randomness. The
+    caller prefixes its own domain (`sign` below, secagg.roster_sig)."""
+    return key.sign(data, _ECDSA)
 
 
-def verify(
-    public: ec.EllipticCurvePublicKey, signature: bytes, kind: bytes, message: bytes
-) -> None:
+def ecdsa_verify(public: VerifyingKey, signature: bytes, data: bytes) -> None:
+    """Raise DecryptionFailed unless `signature` is `public`'s ECDSA/SHA-256 over `data`."""
     try:
-        public.verify(signature, _sig_input(kind, message), _ECDSA)
+        public.verify(signature, data, _ECDSA)
     except (InvalidSignature, ValueError) as exc:
         raise DecryptionFailed() from exc
 
 
+def sign(key: SigningKey, kind: bytes, message: bytes) -> bytes:
+    """Deterministic ECDSA P-256/SHA-256 (RFC 6979): no hidden randomness."""
+    return ecdsa_sign(key, _sig_input(kind, message))
+
+
+def verify(public: VerifyingKey, signature: bytes, kind: bytes, message: bytes) -> None:
+    ecdsa_verify(public, signature, _sig_input(kind, message))
+
+
+# --- certificate keys ----------------------------------------------------------------------
+
+
+def verifying_key(key: CertificatePublicKeyTypes) -> VerifyingKey | None:
+    """A certificate's public key as an ECDSA verifying key; None for any other key type."""
+    return key if isinstance(key, ec.EllipticCurvePublicKey) else None
+
+
+def is_p256(key: CertificatePublicKeyTypes) -> bool:
+    """True for an ECDSA key on P-256, the only key type a silo or the CA may have."""
+    return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+
+
+def spki_der(key: CertificatePublicKeyTypes) -> bytes:
+    """The DER SubjectPublicKeyInfo of a public key (what the roster pins, hashed)."""
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def signed_csr_pem(builder: x509.CertificateSigningRequestBuilder, key: SigningKey) -> bytes:
+    """The CSR `builder` describes, signed by `key` with SHA-256, as PEM."""
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
 # --- mask PRG --------------------------------------------------------------------------------
+
+
+def aes_ctr_keystream(key: bytes) -> CipherContext:
+    """AES-CTR from a zero counter block: encrypting zeros yields the keystream (the mask PRG,
+    the Harary permutation's words, the DP noise sampler's words)."""
+    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
 
 
 def add_mask(acc: np.ndarray, key: bytes, sign_: int, chunk_bytes: int = CHUNK_BYTES) -> None:
@@ -163,7 +217,7 @@ def add_mask(acc: np.ndarray, key: bytes, sign_: int, chunk_bytes: int = CHUNK_B
         raise ValueError("sign must be +1 or -1")
     itemsize = acc.dtype.itemsize
     per_chunk = chunk_bytes // itemsize
-    enc = Cipher(algorithms.AES(key), modes.CTR(_ZERO_BLOCK)).encryptor()
+    enc = aes_ctr_keystream(key)
     buf = bytearray(per_chunk * itemsize + 15)
     zeros = memoryview(_ZEROS if chunk_bytes <= CHUNK_BYTES else bytes(chunk_bytes))
     ks_all = np.frombuffer(buf, dtype=acc.dtype, count=per_chunk)

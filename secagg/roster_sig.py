@@ -27,15 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from secagg.errors import DecryptionFailed
 from secagg.identity import Roster, SiloId, spki_sha256, uri_san
+from secagg.primitives import SigningKey, ecdsa_sign, ecdsa_verify, verifying_key
 
 DOMAIN = b"silofed/roster/v1\x00"
 SIGNATURE_SUFFIX = ".sig"  # roster.json -> roster.json.sig
-_ECDSA = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 
 
 class RosterRefusal(enum.Enum):
@@ -62,21 +60,21 @@ def _signed_input(roster_bytes: bytes) -> bytes:
     return DOMAIN + roster_bytes
 
 
-def sign_roster(ca_key: ec.EllipticCurvePrivateKey, roster_bytes: bytes) -> bytes:
+def sign_roster(ca_key: SigningKey, roster_bytes: bytes) -> bytes:
     """The detached signature (DER ECDSA) of a roster file's exact bytes by the CA key."""
-    return ca_key.sign(_signed_input(roster_bytes), _ECDSA)
+    return ecdsa_sign(ca_key, _signed_input(roster_bytes))
 
 
 def roster_signature_valid(
     ca_cert: x509.Certificate, roster_bytes: bytes, signature: bytes
 ) -> bool:
     """True when `signature` is the CA key's signature over exactly `roster_bytes`."""
-    key = ca_cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
+    key = verifying_key(ca_cert.public_key())
+    if key is None:
         return False
     try:
-        key.verify(signature, _signed_input(roster_bytes), _ECDSA)
-    except (InvalidSignature, ValueError):
+        ecdsa_verify(key, signature, _signed_input(roster_bytes))
+    except DecryptionFailed:
         return False
     return True
 

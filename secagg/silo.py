@@ -32,7 +32,6 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secagg import encoding, shamir
 from secagg.blame import InvalidBlame, verify_blame
@@ -78,6 +77,7 @@ from secagg.messages import (
 )
 from secagg.primitives import (
     RandomBytes,
+    X25519Key,
     add_mask,
     agree,
     commit_b,
@@ -293,8 +293,8 @@ class SiloSession:
         self.u3: tuple[int, ...] = ()
         self.digest_signed: bytes | None = None
         self._m1 = b""
-        self._c_sk: X25519PrivateKey | None = None
-        self._s_sk: X25519PrivateKey | None = None
+        self._c_sk: X25519Key | None = None
+        self._s_sk: X25519Key | None = None
         self._b_u: bytes | None = None
         self._nbrs: dict[int, frozenset[int]] = {}
         self._enc_keys: dict[int, tuple[bytes, bytes]] = {}  # v -> (k_enc(u,v), k_enc(v,u))

@@ -12,12 +12,11 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from secagg.errors import DecryptionFailed
 from secagg.identity import CertificateRejected, Roster, SiloId, check_certificate
 from secagg.messages import SignedEnvelope
-from secagg.primitives import sign, verify
+from secagg.primitives import SigningKey, sign, verify, verifying_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +33,7 @@ class SiloIdentity:
     """A silo's long-term identity: its id (URI SAN), P-256 signing key, DER chain (leaf first)."""
 
     silo_id: SiloId
-    signing_key: ec.EllipticCurvePrivateKey
+    signing_key: SigningKey
     cert_chain_der: tuple[bytes, ...]
 
     def seal(self, kind: bytes, payload: bytes) -> SignedEnvelope:
@@ -59,7 +58,7 @@ def verify_signer(
         )
     except (ValueError, CertificateRejected) as exc:
         raise DecryptionFailed() from exc
-    key = leaf.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
+    key = verifying_key(leaf.public_key())
+    if key is None:
         raise DecryptionFailed()
     verify(key, env.signature, kind, env.payload)
