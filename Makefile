@@ -23,8 +23,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m examples.hospital.demo
 
+# Two steps: the fast unit step first (in-process tests, real gRPC on loopback included), then the
+# end-to-end step (real coordinator and silo processes), so a unit failure is reported in seconds.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "e2e and not slow" $(PYTEST_ARGS)
 
 # Includes the slow-marked tests (50M-parameter round and the like).
 test-all: $(STAMP)

@@ -1,25 +1,21 @@
 """Global-model checkpoints: one safetensors file per round, named by its SHA-256 in the round log.
 
-Rule: the bytes are canonical. `state_to_bytes` is the only serialisation of a model state in
-silofed; its SHA-256 is the `model_sha256` everywhere (round log, offers, blobs streamed to silos),
-so the same state always yields the same bytes (sorted names, contiguous CPU tensors, no metadata).
-A checkpoint is written atomically (silofed.files: temp file, fsync, rename, fsync of the
-directory) so a crash leaves either the old file or the new one, never half of one; `load` checks
-the hash before it parses anything.
+Rule: the bytes are canonical (silofed.tensors: the one serialisation of a model state, whose
+SHA-256 is the `model_sha256` everywhere). A checkpoint is written atomically (silofed.files:
+temp file, fsync, rename, fsync of the directory) so a crash leaves either the old file or the
+new one, never half of one; `load` checks the hash before it parses anything.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 from silofed.files import write_atomically
+from silofed.tensors import StateDecodeError, sha256_hex, state_from_bytes, state_to_bytes
 
 
 class CheckpointCorrupt(Exception):
@@ -32,39 +28,6 @@ class Checkpoint:
 
     path: Path
     sha256: str
-
-
-def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Serialise a model state to canonical safetensors bytes.
-
-    Raises TypeError if a value is not a tensor.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    for name in sorted(state):
-        value = state[name]
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state entry {name!r} is {type(value).__name__}, not a torch.Tensor")
-        # clone: safetensors refuses tensors that share storage (tied weights, views).
-        tensors[name] = value.detach().to("cpu").contiguous().clone()
-    data: bytes = _st_save(tensors)
-    return data
-
-
-def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes into a state dict (CPU tensors).
-
-    Raises CheckpointCorrupt if the bytes are not a valid safetensors file.
-    """
-    try:
-        loaded: dict[str, torch.Tensor] = _st_load(bytes(data))
-    except Exception as exc:  # safetensors raises its own SafetensorError and others
-        raise CheckpointCorrupt(f"not a valid safetensors model state: {exc}") from exc
-    return dict(sorted(loaded.items()))
-
-
-def sha256_hex(data: bytes) -> str:
-    """The model hash used across silofed: SHA-256 of the canonical bytes, lowercase hex."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def checkpoint_name(round_id: int) -> str:
@@ -96,7 +59,11 @@ class CheckpointStore:
 
         Raises CheckpointCorrupt (naming the file) if it is missing, unreadable or altered.
         """
-        return state_from_bytes(self.load_bytes(path, expected_sha256))
+        data = self.load_bytes(path, expected_sha256)
+        try:
+            return state_from_bytes(data)
+        except StateDecodeError as exc:  # the recorded hash matched: it was written so
+            raise CheckpointCorrupt(f"checkpoint {path}: {exc}") from exc
 
     def load_bytes(self, path: Path, expected_sha256: str) -> bytes:
         """Read and verify a checkpoint's bytes without parsing them."""

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coordinator import logs
 from coordinator.config import ConfigError, load_coordinator_config
+from silofed import logs
 
 log = logging.getLogger("silofed.coordinator")
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from coordinator.rollback import RollbackError
     from coordinator.serve import serve
     from coordinator.server import ListenError
-    from coordinator.task import TaskLoadError
+    from silofed.task import TaskLoadError
 
     try:
         config = load_coordinator_config(args.config)

@@ -21,35 +21,18 @@ from pydantic import AfterValidator, Field, model_validator
 from coordinator.aggregation import AggregationError, PlaintextLimits, check_aggregation_name
 from coordinator.secure_round import SECAGG, SecAggSettings, WeightingMode
 from secagg.train_params import TrainParamsError, canonical_train_params, parse_train_params
-from silofed import config_schema
-from silofed.config_schema import (
-    ConfigPath,
-    ExistingFile,
-    HostPort,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    Problem,
-    StrictModel,
-    TaskSpec,
-    at_least,
-    load_model,
-    one_of,
-)
+from silofed import config_schema as schema
+from silofed.config_schema import Problem, StrictModel, TaskTable, TlsFiles, TlsPaths, load_model
 
 
-class ConfigError(config_schema.ConfigError):
+class ConfigError(schema.ConfigError):
     """A coordinator configuration file is missing, unparsable, or has bad keys; str() holds one
     `<file>: [table] key <problem>` line per problem (a silofed.config_schema.ConfigError)."""
 
 
 @dataclass(frozen=True, slots=True)
-class TlsConfig:
-    ca_cert: Path
-    cert: Path
-    key: Path
-    roster: Path
-    revoked: Path
+class TlsConfig(TlsPaths):
+    revoked: Path  # the serials this coordinator refuses (the file may not exist yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +56,6 @@ class Deadlines:
 
     offer_s: float = 60.0  # model download (+ the key advertisement under secagg)
     train_s: float = 300.0  # local training + upload (the masked phase under secagg)
-    heartbeat_s: float = 5.0
     share_keys_s: float = 60.0  # secagg phases that need no training:
     consistency_s: float = 60.0
     unmask_s: float = 60.0
@@ -155,39 +137,31 @@ def _train_table(train: dict[str, Any]) -> dict[str, Any]:
 
 class _Federation(StrictModel):
     id: Annotated[str, AfterValidator(_federation_id)]
-    state_dir: ConfigPath
+    state_dir: schema.ConfigPath
 
 
 class _Server(StrictModel):
-    listen: HostPort
-    hello_timeout_s: PositiveFloat = 10.0
-    handshake_timeout_s: PositiveFloat = 10.0
-    idle_connection_s: PositiveFloat = 60.0
-    max_pending_streams: PositiveInt = 32
+    listen: schema.HostPort
+    hello_timeout_s: schema.PositiveFloat = 10.0
+    handshake_timeout_s: schema.PositiveFloat = 10.0
+    idle_connection_s: schema.PositiveFloat = 60.0
+    max_pending_streams: schema.PositiveInt = 32
 
 
-class _Tls(StrictModel):
-    ca_cert: ExistingFile
-    cert: ExistingFile
-    key: ExistingFile
-    roster: ExistingFile
-    revoked: ConfigPath  # may not exist yet: no revocations
-
-
-class _Task(StrictModel):
-    spec: TaskSpec
+class _Tls(TlsFiles):
+    revoked: schema.ConfigPath  # may not exist yet: no revocations
 
 
 class _Rounds(StrictModel):
-    count: PositiveInt
-    min_silos: PositiveInt
+    count: schema.PositiveInt
+    min_silos: schema.PositiveInt
     aggregation: Annotated[str, AfterValidator(_aggregation)] = SECAGG
-    silos_per_round: PositiveInt | None = None
-    start_timeout_s: PositiveFloat = 120.0
-    start_silos: PositiveInt | None = None
-    max_consecutive_aborts: PositiveInt = 3
-    abort_backoff_initial_s: PositiveFloat = 1.0
-    abort_backoff_max_s: PositiveFloat = 60.0
+    silos_per_round: schema.PositiveInt | None = None
+    start_timeout_s: schema.PositiveFloat = 120.0
+    start_silos: schema.PositiveInt | None = None
+    max_consecutive_aborts: schema.PositiveInt = 3
+    abort_backoff_initial_s: schema.PositiveFloat = 1.0
+    abort_backoff_max_s: schema.PositiveFloat = 60.0
 
     @model_validator(mode="after")
     def _silo_counts(self) -> Self:
@@ -209,39 +183,38 @@ class _Rounds(StrictModel):
 
 
 class _Deadlines(StrictModel):
-    offer_s: PositiveFloat = 60.0
-    train_s: PositiveFloat = 300.0
-    heartbeat_s: PositiveFloat = 5.0
-    share_keys_s: PositiveFloat = 60.0
-    consistency_s: PositiveFloat = 60.0
-    unmask_s: PositiveFloat = 60.0
-    upload_progress_s: PositiveFloat = 30.0
+    offer_s: schema.PositiveFloat = 60.0
+    train_s: schema.PositiveFloat = 300.0
+    share_keys_s: schema.PositiveFloat = 60.0
+    consistency_s: schema.PositiveFloat = 60.0
+    unmask_s: schema.PositiveFloat = 60.0
+    upload_progress_s: schema.PositiveFloat = 30.0
 
 
 class _SecAgg(StrictModel):
-    clip_l2: PositiveFloat | None = None  # required with secagg: the file model checks it
-    threshold: Annotated[int, at_least(3, "the protocol's floor")] | None = None
-    n_colluders: NonNegativeInt | None = None
+    clip_l2: schema.PositiveFloat | None = None  # required with secagg: the file model checks it
+    threshold: Annotated[int, schema.at_least(3, "the protocol's floor")] | None = None
+    n_colluders: schema.NonNegativeInt | None = None
     ring_bits: Annotated[int, AfterValidator(_ring_bits)] = 32
-    weighting: Annotated[str, one_of([m.value for m in WeightingMode])] = "examples"
-    weight_max: PositiveInt = 100_000
-    noise_multiplier: PositiveFloat | None = None
-    noise_divisor: PositiveInt = 1
-    max_concurrent_uploads: PositiveInt = 2
+    weighting: Annotated[str, schema.one_of([m.value for m in WeightingMode])] = "uniform"
+    weight_max: schema.PositiveInt = 100_000
+    noise_multiplier: schema.PositiveFloat | None = None
+    noise_divisor: schema.PositiveInt = 1
+    max_concurrent_uploads: schema.PositiveInt = 2
 
 
 class _Plaintext(StrictModel):
     """Read only with aggregation = "plaintext-insecure": each update is refused whole above
     these (an insecure baseline, but not an unchecked one)."""
 
-    clip_l2: PositiveFloat | None = None  # None: no norm bound (values must still be finite)
-    weight_max: PositiveInt = 100_000
+    clip_l2: schema.PositiveFloat | None = None  # None: no norm bound (values must still be finite)
+    weight_max: schema.PositiveInt = 100_000
 
 
 class _Metrics(StrictModel):
     """Read again, for its listen address, by coordinator.metrics when the server starts."""
 
-    listen: HostPort
+    listen: schema.HostPort
 
 
 class _Debug(StrictModel):
@@ -255,7 +228,7 @@ class _CoordinatorFile(StrictModel):
     federation: _Federation
     server: _Server
     tls: _Tls
-    task: _Task
+    task: TaskTable
     rounds: _Rounds
     deadlines: _Deadlines = Field(default_factory=_Deadlines)
     secagg: _SecAgg = Field(default_factory=_SecAgg)
@@ -295,40 +268,16 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
             dp_noise_multiplier=s.noise_multiplier,
             dp_noise_divisor=s.noise_divisor,
         )
-    r, d = f.rounds, f.deadlines
+    # Where a table's keys are its dataclass's fields, the table is passed whole.
     return CoordinatorConfig(
         source=path,
         federation_id=f.federation.id,
         state_dir=f.federation.state_dir,
         listen=f.server.listen,
-        tls=TlsConfig(
-            ca_cert=f.tls.ca_cert,
-            cert=f.tls.cert,
-            key=f.tls.key,
-            roster=f.tls.roster,
-            revoked=f.tls.revoked,
-        ),
+        tls=TlsConfig(**f.tls.model_dump()),
         task_spec=f.task.spec,
-        rounds=RoundsConfig(
-            count=r.count,
-            min_silos=r.min_silos,
-            aggregation=r.aggregation,
-            silos_per_round=r.silos_per_round,
-            start_timeout_s=r.start_timeout_s,
-            start_silos=r.start_silos,
-            max_consecutive_aborts=r.max_consecutive_aborts,
-            abort_backoff_initial_s=r.abort_backoff_initial_s,
-            abort_backoff_max_s=r.abort_backoff_max_s,
-        ),
-        deadlines=Deadlines(
-            offer_s=d.offer_s,
-            train_s=d.train_s,
-            heartbeat_s=d.heartbeat_s,
-            share_keys_s=d.share_keys_s,
-            consistency_s=d.consistency_s,
-            unmask_s=d.unmask_s,
-            upload_progress_s=d.upload_progress_s,
-        ),
+        rounds=RoundsConfig(**f.rounds.model_dump()),
+        deadlines=Deadlines(**f.deadlines.model_dump()),
         train=dict(f.train),
         secagg=secagg,
         plaintext=PlaintextLimits(clip_l2=f.plaintext.clip_l2, weight_max=f.plaintext.weight_max),

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.checkpoints import sha256_hex
 from coordinator.roundlog import CheckpointRecord, RoundLog, RoundNotFound, RoundStatus
 from silofed.files import write_atomically
+from silofed.tensors import sha256_hex
 
 
 class ExportError(Exception):

@@ -69,7 +69,7 @@ class SecAggSettings:
     threshold: int | None = None
     n_colluders: int | None = None
     ring_bits: int = 32
-    weighting: WeightingMode = WeightingMode.EXAMPLES
+    weighting: WeightingMode = WeightingMode.UNIFORM
     weight_max: int = 100_000
     dp_noise_multiplier: float | None = None  # None: DP off
     dp_noise_divisor: int = 1

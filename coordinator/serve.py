@@ -41,14 +41,7 @@ from cryptography import x509
 
 from coordinator import malloc
 from coordinator.aggregation import AggregationError, AggregationProtocol, make_aggregation
-from coordinator.checkpoints import (
-    Checkpoint,
-    CheckpointCorrupt,
-    CheckpointStore,
-    sha256_hex,
-    state_from_bytes,
-    state_to_bytes,
-)
+from coordinator.checkpoints import Checkpoint, CheckpointCorrupt, CheckpointStore
 from coordinator.config import CoordinatorConfig
 from coordinator.debug_pause import DebugPause
 from coordinator.final_eval import EVALUATE, FinalEvaluationRun
@@ -87,6 +80,7 @@ from coordinator.secure_round import (
 from coordinator.servicer import RefusalCode, Refused
 from coordinator.stall import Diagnosis, Proceed, RoundEnd, StallWatch, Verdict
 from protos import federation_pb2 as pb
+from protos.names import aggregation_value
 from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
 from secagg.coordinator import Phase as SecAggPhase
 from secagg.errors import ConfigError, MalformedMessage
@@ -99,11 +93,12 @@ from secagg.identity import (
     uri_san,
 )
 from secagg.messages import AbortNotice as SecAggAbort
-from secagg.messages import decode_message, masked_header_of
+from secagg.messages import decode_message
 from secagg.primitives import ring_dtype
 from secagg.roster_sig import describe_roster, short_digest
 from secagg.train_params import canonical_train_params
 from secagg.trust import Trust
+from silofed.tensors import StateDecodeError, sha256_hex, state_from_bytes, state_to_bytes
 
 log = logging.getLogger("silofed.coordinator")
 
@@ -198,7 +193,8 @@ class Session:
     upload_moved_at: float = 0.0
     upload_started_at: float = 0.0  # when the watched upload was first seen
     metrics: dict[str, float] = field(default_factory=dict)
-    masked_header: bytes | None = None  # secagg: the MaskedHeader announcing the next vector
+    # secagg: the protocol's header of the masked vector being uploaded (from its BlobHeader)
+    masked_header: bytes | None = None
     upload_slot: bool = False  # secagg: holds one of the hub's buffered-upload slots
     upload_buffer: np.ndarray | None = None  # secagg: where that upload's chunks are copied
 
@@ -515,11 +511,7 @@ class Hub:
             return session
 
     def welcome(self, session: Session) -> pb.Welcome:
-        return pb.Welcome(
-            federation_id=self.config.federation_id,
-            silo_id=session.silo_id,
-            heartbeat_interval_ms=int(self.config.deadlines.heartbeat_s * 1000),
-        )
+        return pb.Welcome(federation_id=self.config.federation_id, silo_id=session.silo_id)
 
     # ---- stream events ---------------------------------------------------------------------
 
@@ -604,12 +596,11 @@ class Hub:
         elif kind == "abort":
             message = pb.SiloMessage(abort=clean_abort(message.abort))
         if kind == "blob_header" and message.blob_header.kind == pb.MASKED_VECTOR:
-            self._wait_for_upload_slot(session)  # before the lock: holds only this stream
+            # Before the lock: holds only this stream.
+            self._wait_for_upload_slot(session, message.blob_header)
         with self.lock:
             session.bytes_in += size
             session.round_bytes_in += size
-            if kind == "heartbeat":
-                return
             if self._final is not None and self._final.take(session.silo_id, message):
                 return  # an answer to the final evaluation (run_final_evaluation)
             if kind == "hello":
@@ -746,7 +737,7 @@ class Hub:
             # Checked whole before any of it is added (aggregation.check_update): a refused
             # update drops this silo from the round (INVALID) and leaves the accumulator as it was.
             agg.contribute(session.silo_id, int(report.num_examples), update)
-        except (AggregationError, CheckpointCorrupt) as exc:
+        except (AggregationError, StateDecodeError) as exc:
             self._reject(session, f"update refused: {exc}")
             return
         session.metrics = dict(report.metrics)
@@ -772,22 +763,18 @@ class Hub:
             decoded = None  # the protocol refuses it below, with the reason
         if isinstance(decoded, SecAggAbort):
             self._note_refusal(session, frame.round_id, decoded.reason.name)
-        # The signed MaskedHeader is only recognised here; secagg checks its signature when the
-        # vector it announces is added.
-        if masked_header_of(frame.payload) is not None:
-            session.masked_header = frame.payload  # the vector follows as a MASKED_VECTOR blob
-            return
         self._apply_secure(sr.handle(session.silo_id, frame.payload, self.clock()))
 
-    def _wait_for_upload_slot(self, session: Session) -> None:
+    def _wait_for_upload_slot(self, session: Session, header: pb.BlobHeader) -> None:
         """Block this silo's reader until a buffered-upload slot frees, for a silo the masked
-        phase waits for only: anyone else returns at once, without a slot, and
-        `_on_masked_header` refuses its vector. The wait ends with the phase (its deadline)."""
+        phase waits for only: anyone else (or a header without its protocol header) returns at
+        once, without a slot, and `_on_masked_header` refuses its vector. The wait ends with
+        the phase (its deadline)."""
         while True:
             with self.lock:
                 if (
                     session.upload_slot
-                    or session.masked_header is None
+                    or not header.protocol_header
                     or self._upload_refusal(session) is not None
                 ):
                     return
@@ -818,7 +805,7 @@ class Hub:
 
     def _end_upload(self, session: Session) -> None:
         """Give back the session's upload slot and buffer (the vector was added or refused)."""
-        session.upload_watched = None
+        session.upload_watched, session.masked_header = None, None
         if session.upload_buffer is not None:
             self._free_buffers.append(session.upload_buffer)
             session.upload_buffer = None
@@ -841,9 +828,9 @@ class Hub:
             )
             self._cancel_upload(session)  # whatever it was uploading, nothing waits for it
             return
-        if session.masked_header is None:
+        if not header.protocol_header:
             self._cancel_upload(session)
-            self._reject(session, "masked vector without its MaskedHeader frame")
+            self._reject(session, "masked vector header without its protocol_header")
             return
         if session.upload is not None:
             self._cancel_upload(session)
@@ -869,6 +856,8 @@ class Hub:
             buffer = self._take_buffer(sr.config.length, dtype)
             session.upload_buffer = buffer
             session.upload = Reassembler(meta, max_total_bytes=limit, into=buffer.data)
+            # Opaque here: secagg checks it (signature, session, length, digest) with the vector.
+            session.masked_header = bytes(header.protocol_header)
         except ChunkError as exc:
             self._cancel_upload(session)
             self._reject(session, f"bad masked vector header: {exc}")
@@ -1106,7 +1095,7 @@ class Hub:
             digest = bytes.fromhex(target.sha256)
             offer = pb.RoundOffer(
                 round_id=target.round_id,
-                aggregation=EVALUATE,
+                aggregation=aggregation_value(EVALUATE),
                 model_sha256=digest,
                 model_bytes=len(model),
             )
@@ -1249,7 +1238,7 @@ class Hub:
                 return
             offer = pb.RoundOffer(
                 round_id=round_id,
-                aggregation=cfg.aggregation,
+                aggregation=aggregation_value(cfg.aggregation),
                 config=round_config,
                 model_sha256=model_sha,
                 model_bytes=len(model_bytes),
@@ -1515,7 +1504,7 @@ class Hub:
         self._broadcast_result(
             pb.RoundResult(
                 round_id=round_id,
-                status="completed",
+                status=pb.ROUND_STATUS_COMPLETED,
                 new_model_sha256=bytes.fromhex(ckpt.sha256),
                 survivors=survivors,
             ),
@@ -1557,7 +1546,9 @@ class Hub:
             )
             log.warning("round %d aborted: %s; nothing was aggregated", round_id, reason)
             self._broadcast_result(
-                pb.RoundResult(round_id=round_id, status="aborted", abort_reason=reason),
+                pb.RoundResult(
+                    round_id=round_id, status=pb.ROUND_STATUS_ABORTED, abort_reason=reason
+                ),
                 invited,
             )
 
@@ -1700,13 +1691,12 @@ def serve(config: CoordinatorConfig, *, keep_serving: bool = False) -> int:
     from coordinator.progress import start_live_status
     from coordinator.server import ListenError, start_server
     from coordinator.servicer import FederationServicer
-    from coordinator.task import load_model_factory
+    from silofed.task import load_model_factory
 
     malloc.limit_arenas()
     hub = Hub(config, model_factory=load_model_factory(config.task_spec))
     servicer = FederationServicer(
         hub,
-        idle_heartbeat_s=config.deadlines.heartbeat_s,
         limits=config.server,
         # One stream per roster member, with room for the roster to grow while serving.
         max_silos=max(64, 2 * len(hub.roster.entries)),

@@ -26,8 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from coordinator.config import ServerLimits
 from coordinator.servicer import FederationServicer
 from protos import federation_pb2_grpc as pb_grpc
-
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+from silofed.wire import MAX_MESSAGE_BYTES
 
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -35,7 +34,12 @@ SERVER_OPTIONS = (
     # Detect dead silos within ~30 s even when no round is running.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # gRPC waits this long for any ping's answer (60 s by default, whatever the keepalive timeout).
+    ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A port another process already serves must fail to bind (exit 2, "cannot listen"), not be
+    # shared: gRPC sets SO_REUSEPORT by default.
+    ("grpc.so_reuseport", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     # No bandwidth-delay probing: it grows each stream's receive window to megabytes, so the

@@ -14,7 +14,9 @@ the roster plus that bound, whatever members do, and `stream_capacity` sizes the
 pool (server.py adds a reserve for status and health on top).
 
 Each admitted stream has a reader thread feeding the hub and a response generator draining the
-silo's outbound queue (heartbeats when idle). Nothing here knows about rounds.
+silo's outbound queue. Nothing here knows about rounds. Liveness is not checked here: the
+server's gRPC keepalive pings every connection and ends the streams of one whose peer stops
+answering (coordinator.server; docs/operations.md, transport).
 """
 
 from __future__ import annotations
@@ -121,17 +123,17 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
         self,
         hub: Hub[S],
         *,
-        idle_heartbeat_s: float = 5.0,
+        poll_s: float = 1.0,
         on_receive: ReceiveHook | None = None,
         limits: ServerLimits | None = None,
         max_silos: int = 64,
     ) -> None:
         """`max_silos`: admitted streams the server has workers for (at least the roster's
         size); `limits`: the [server] table's bounds on what a peer may hold (its defaults when
-        None)."""
+        None); `poll_s`: how often an idle stream's generator looks whether the stream ended."""
         limits = limits or ServerLimits()
         self._hub = hub
-        self._idle = idle_heartbeat_s
+        self._poll_s = poll_s
         self._on_receive = on_receive
         self._peer_log = PeerLog(log)  # one line per (cause, peer) per 10 s, with counts
         self._hello_timeout_s = limits.hello_timeout_s
@@ -268,15 +270,10 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
         reader.start()
         try:
             while not done.is_set() and context.is_active():
-                batch = session.next_messages(self._idle)
+                batch = session.next_messages(self._poll_s)
                 if batch is None:  # the hub closed this session
                     break
-                sent = False
-                for message in batch:
-                    sent = True
-                    yield message
-                if not sent:
-                    yield pb.CoordinatorMessage(heartbeat=pb.Heartbeat())
+                yield from batch
             if violation:
                 broken = violation[0]
                 context.abort(_STATUS[broken.code], clip_text(str(broken), DETAIL_MAX))

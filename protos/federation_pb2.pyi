@@ -14,8 +14,16 @@ stream. The header carries the SHA-256 of the whole payload; the receiver reasse
 checks it before anything else sees the bytes. Only one blob is in flight per direction per
 stream, so chunks need no blob id beyond (round_id, kind).
 
-Secure-aggregation messages are opaque bytes (SecAggFrame.payload): the `secagg` package owns
-their canonical, versioned binary encoding, and signatures are over those exact bytes.
+Secure-aggregation messages are opaque bytes (SecAggFrame.payload, BlobHeader.protocol_header):
+the `secagg` package owns their canonical, versioned binary encoding, and signatures are over
+those exact bytes.
+
+Liveness is the transport's: both ends send HTTP/2 keepalive pings (gRPC keepalive, on the
+silo's channel and on the coordinator's server) and drop a connection whose peer does not
+answer one in time. There is no application heartbeat (field numbers 2 of the stream messages
+and 3 of Welcome are reserved: they carried the heartbeats of earlier versions).
+
+Closed sets are enums, never strings: RoundOffer.aggregation, RoundResult.status.
 """
 
 from collections import abc as _abc
@@ -59,12 +67,62 @@ MASKED_VECTOR: BlobKind.ValueType  # 3
 """secure aggregation: the masked ring vector"""
 Global___BlobKind: _TypeAlias = BlobKind  # noqa: Y015
 
+class _Aggregation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AggregationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Aggregation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGGREGATION_UNSPECIFIED: _Aggregation.ValueType  # 0
+    """refused by a silo (DECLINED)"""
+    AGGREGATION_SECAGG: _Aggregation.ValueType  # 1
+    """secure aggregation: the coordinator learns only the sum"""
+    AGGREGATION_PLAINTEXT_INSECURE: _Aggregation.ValueType  # 2
+    """updates in the clear (a silo takes part only if allowed)"""
+    AGGREGATION_EVALUATE: _Aggregation.ValueType  # 3
+    """final evaluation: empty config, the last completed round's id"""
+
+class Aggregation(_Aggregation, metaclass=_AggregationEnumTypeWrapper):
+    """What a round asks of the silos. The coordinator's configuration and round log keep the names
+    "secagg", "plaintext-insecure" and "evaluate"; each side converts at the wire.
+    """
+
+AGGREGATION_UNSPECIFIED: Aggregation.ValueType  # 0
+"""refused by a silo (DECLINED)"""
+AGGREGATION_SECAGG: Aggregation.ValueType  # 1
+"""secure aggregation: the coordinator learns only the sum"""
+AGGREGATION_PLAINTEXT_INSECURE: Aggregation.ValueType  # 2
+"""updates in the clear (a silo takes part only if allowed)"""
+AGGREGATION_EVALUATE: Aggregation.ValueType  # 3
+"""final evaluation: empty config, the last completed round's id"""
+Global___Aggregation: _TypeAlias = Aggregation  # noqa: Y015
+
+class _RoundStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoundStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUND_STATUS_UNSPECIFIED: _RoundStatus.ValueType  # 0
+    ROUND_STATUS_COMPLETED: _RoundStatus.ValueType  # 1
+    """new_model_sha256 names the new global model"""
+    ROUND_STATUS_ABORTED: _RoundStatus.ValueType  # 2
+    """abort_reason says why (a sentence, led by a code)"""
+
+class RoundStatus(_RoundStatus, metaclass=_RoundStatusEnumTypeWrapper): ...
+
+ROUND_STATUS_UNSPECIFIED: RoundStatus.ValueType  # 0
+ROUND_STATUS_COMPLETED: RoundStatus.ValueType  # 1
+"""new_model_sha256 names the new global model"""
+ROUND_STATUS_ABORTED: RoundStatus.ValueType  # 2
+"""abort_reason says why (a sentence, led by a code)"""
+Global___RoundStatus: _TypeAlias = RoundStatus  # noqa: Y015
+
 @_typing.final
 class SiloMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HELLO_FIELD_NUMBER: _builtins.int
-    HEARTBEAT_FIELD_NUMBER: _builtins.int
     BLOB_HEADER_FIELD_NUMBER: _builtins.int
     BLOB_CHUNK_FIELD_NUMBER: _builtins.int
     TRAIN_REPORT_FIELD_NUMBER: _builtins.int
@@ -72,8 +130,6 @@ class SiloMessage(_message.Message):
     ABORT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
-    @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def blob_header(self) -> Global___BlobHeader: ...
     @_builtins.property
@@ -88,18 +144,17 @@ class SiloMessage(_message.Message):
         self,
         *,
         hello: Global___Hello | None = ...,
-        heartbeat: Global___Heartbeat | None = ...,
         blob_header: Global___BlobHeader | None = ...,
         blob_chunk: Global___BlobChunk | None = ...,
         train_report: Global___TrainReport | None = ...,
         secagg: Global___SecAggFrame | None = ...,
         abort: Global___AbortNotice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "secagg", b"secagg", "train_report", b"train_report"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "hello", b"hello", "kind", b"kind", "secagg", b"secagg", "train_report", b"train_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "secagg", b"secagg", "train_report", b"train_report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "hello", b"hello", "kind", b"kind", "secagg", b"secagg", "train_report", b"train_report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "blob_header", "blob_chunk", "train_report", "secagg", "abort"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "blob_header", "blob_chunk", "train_report", "secagg", "abort"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -110,7 +165,6 @@ class CoordinatorMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WELCOME_FIELD_NUMBER: _builtins.int
-    HEARTBEAT_FIELD_NUMBER: _builtins.int
     BLOB_HEADER_FIELD_NUMBER: _builtins.int
     BLOB_CHUNK_FIELD_NUMBER: _builtins.int
     ROUND_OFFER_FIELD_NUMBER: _builtins.int
@@ -120,8 +174,6 @@ class CoordinatorMessage(_message.Message):
     ROSTER_UPDATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
-    @_builtins.property
-    def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def blob_header(self) -> Global___BlobHeader: ...
     @_builtins.property
@@ -140,7 +192,6 @@ class CoordinatorMessage(_message.Message):
         self,
         *,
         welcome: Global___Welcome | None = ...,
-        heartbeat: Global___Heartbeat | None = ...,
         blob_header: Global___BlobHeader | None = ...,
         blob_chunk: Global___BlobChunk | None = ...,
         round_offer: Global___RoundOffer | None = ...,
@@ -149,11 +200,11 @@ class CoordinatorMessage(_message.Message):
         abort: Global___AbortNotice | None = ...,
         roster_update: Global___RosterUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "heartbeat", b"heartbeat", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "heartbeat", b"heartbeat", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "heartbeat", "blob_header", "blob_chunk", "round_offer", "secagg", "round_result", "abort", "roster_update"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "blob_header", "blob_chunk", "round_offer", "secagg", "round_result", "abort", "roster_update"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -192,21 +243,18 @@ class Welcome(_message.Message):
 
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     SILO_ID_FIELD_NUMBER: _builtins.int
-    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     silo_id: _builtins.str
     """the identity the coordinator read from the certificate"""
-    heartbeat_interval_ms: _builtins.int
     def __init__(
         self,
         *,
         federation_id: _builtins.str = ...,
         silo_id: _builtins.str = ...,
-        heartbeat_interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation_id", b"federation_id", "heartbeat_interval_ms", b"heartbeat_interval_ms", "silo_id", b"silo_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation_id", b"federation_id", "silo_id", b"silo_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,25 +290,6 @@ class RosterUpdate(_message.Message):
 Global___RosterUpdate: _TypeAlias = RosterUpdate  # noqa: Y015
 
 @_typing.final
-class Heartbeat(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SENT_UNIX_MS_FIELD_NUMBER: _builtins.int
-    sent_unix_ms: _builtins.int
-    def __init__(
-        self,
-        *,
-        sent_unix_ms: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_unix_ms", b"sent_unix_ms"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
-
-@_typing.final
 class BlobHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -269,12 +298,17 @@ class BlobHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     CHUNK_COUNT_FIELD_NUMBER: _builtins.int
+    PROTOCOL_HEADER_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     kind: Global___BlobKind.ValueType
     total_bytes: _builtins.int
     sha256: _builtins.bytes
     """over all total_bytes"""
     chunk_count: _builtins.int
+    protocol_header: _builtins.bytes
+    """MASKED_VECTOR only: the secagg protocol's signed header of this vector, opaque to the
+    transport (the coordinator hands it to secagg with the reassembled vector). Empty otherwise.
+    """
     def __init__(
         self,
         *,
@@ -283,10 +317,11 @@ class BlobHeader(_message.Message):
         total_bytes: _builtins.int = ...,
         sha256: _builtins.bytes = ...,
         chunk_count: _builtins.int = ...,
+        protocol_header: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "kind", b"kind", "round_id", b"round_id", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "kind", b"kind", "protocol_header", b"protocol_header", "round_id", b"round_id", "sha256", b"sha256", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,12 +369,9 @@ class RoundOffer(_message.Message):
     TRAIN_PARAMS_JSON_FIELD_NUMBER: _builtins.int
     BLAME_EVIDENCE_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
-    aggregation: _builtins.str
-    """"secagg" (the default), "plaintext-insecure" (updates in the clear),"""
+    aggregation: Global___Aggregation.ValueType
     config: _builtins.bytes
-    """or "evaluate" (final evaluation: empty config, the last completed round's id)
-    round configuration: secagg's RoundConfig encoding, or JSON for plaintext
-    """
+    """round configuration: secagg's RoundConfig encoding, or JSON for plaintext"""
     model_sha256: _builtins.bytes
     """the GLOBAL_MODEL blob that follows"""
     model_bytes: _builtins.int
@@ -356,7 +388,7 @@ class RoundOffer(_message.Message):
         self,
         *,
         round_id: _builtins.int = ...,
-        aggregation: _builtins.str = ...,
+        aggregation: Global___Aggregation.ValueType = ...,
         config: _builtins.bytes = ...,
         model_sha256: _builtins.bytes = ...,
         model_bytes: _builtins.int = ...,
@@ -375,8 +407,8 @@ Global___RoundOffer: _TypeAlias = RoundOffer  # noqa: Y015
 class TrainReport(_message.Message):
     """What a silo reports after local work: evaluation metrics of the global model it received
     (plaintext, documented as such) and, in the plaintext baseline only, its example count.
-    Under secagg the masked vector follows as a SecAggFrame carrying the MaskedHeader and then a
-    MASKED_VECTOR blob.
+    Under secagg the masked vector follows as one MASKED_VECTOR blob whose header carries the
+    protocol's signed header (BlobHeader.protocol_header).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -460,8 +492,7 @@ class RoundResult(_message.Message):
     SURVIVORS_FIELD_NUMBER: _builtins.int
     ABORT_REASON_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
-    status: _builtins.str
-    """"completed" | "aborted" """
+    status: Global___RoundStatus.ValueType
     new_model_sha256: _builtins.bytes
     abort_reason: _builtins.str
     @_builtins.property
@@ -470,7 +501,7 @@ class RoundResult(_message.Message):
         self,
         *,
         round_id: _builtins.int = ...,
-        status: _builtins.str = ...,
+        status: Global___RoundStatus.ValueType = ...,
         new_model_sha256: _builtins.bytes = ...,
         survivors: _abc.Iterable[_builtins.str] | None = ...,
         abort_reason: _builtins.str = ...,

@@ -14,8 +14,16 @@ stream. The header carries the SHA-256 of the whole payload; the receiver reasse
 checks it before anything else sees the bytes. Only one blob is in flight per direction per
 stream, so chunks need no blob id beyond (round_id, kind).
 
-Secure-aggregation messages are opaque bytes (SecAggFrame.payload): the `secagg` package owns
-their canonical, versioned binary encoding, and signatures are over those exact bytes.
+Secure-aggregation messages are opaque bytes (SecAggFrame.payload, BlobHeader.protocol_header):
+the `secagg` package owns their canonical, versioned binary encoding, and signatures are over
+those exact bytes.
+
+Liveness is the transport's: both ends send HTTP/2 keepalive pings (gRPC keepalive, on the
+silo's channel and on the coordinator's server) and drop a connection whose peer does not
+answer one in time. There is no application heartbeat (field numbers 2 of the stream messages
+and 3 of Welcome are reserved: they carried the heartbeats of earlier versions).
+
+Closed sets are enums, never strings: RoundOffer.aggregation, RoundResult.status.
 """
 
 from collections import abc as _abc

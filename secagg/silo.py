@@ -192,7 +192,8 @@ class SiloPolicy:
     * `max_round_step`: how far ahead of `last_round_id` a round id may be.
     * `max_masked_inputs_per_model`: masked inputs this silo sends for one model digest (the
       retry rule of `SiloSession._on_survivors` applies to every one after the first).
-    * `allow_example_weighting`: take part in example-weighted rounds, where the coordinator
+    * `allow_example_weighting` (off by default): take part in example-weighted rounds, where
+      the coordinator
       learns this silo's quantised, capped example count min(n, W_max)/W_max once it unmasks.
     """
 
@@ -208,7 +209,7 @@ class SiloPolicy:
     train_limits: Mapping[str, float] = field(default_factory=dict)
     max_round_step: int = 10_000
     allow_sparse_graph: bool = False
-    allow_example_weighting: bool = True
+    allow_example_weighting: bool = False
 
     def __post_init__(self) -> None:
         if self.t_floor < 3:

@@ -129,7 +129,7 @@ def check_reachable(config: SiloConfig, timeout_s: float) -> CheckResult:
 
 
 def check_task(config: SiloConfig) -> tuple[CheckResult, CheckResult]:
-    from silo_agent.task import TaskLoadError, load_task
+    from silofed.task import TaskLoadError, load_task
 
     try:
         task = load_task(config.task_spec)

@@ -16,8 +16,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from silo_agent import logs
 from silo_agent.config import ConfigError, load_silo_config
+from silofed import logs
 
 log = logging.getLogger("silofed.silo")
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     progress.configure(enabled=logs.progress_enabled(args.log_format), console=logs.console())
     from silo_agent.runner import EXIT_REFUSED, PreflightError, SiloRunner, preflight
     from silo_agent.state_lock import StateDirBusy, hold
-    from silo_agent.task import TaskLoadError, load_task
+    from silofed.task import TaskLoadError, load_task
 
     try:
         config = load_silo_config(args.config)
@@ -90,7 +90,7 @@ EXIT_BUSY = 4
 def _load_data(task: Any, config: Any) -> Any:
     """The task's `load_data`, whose failure (any exception: it is the task's own code) is a
     configuration problem of this silo, reported in one line rather than a traceback."""
-    from silo_agent.task import TaskLoadError
+    from silofed.task import TaskLoadError
 
     try:
         return task.load_data(config.task_options)

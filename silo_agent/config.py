@@ -17,35 +17,17 @@ from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from silofed import config_schema
-from silofed.config_schema import (
-    ConfigPath,
-    ExistingFile,
-    HostPort,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    Problem,
-    StrictModel,
-    TaskSpec,
-    at_least,
-    load_model,
-    one_of,
-)
+from silofed import config_schema as schema
+from silofed.config_schema import Problem, StrictModel, TaskTable, TlsFiles, TlsPaths, load_model
 
 
-class ConfigError(config_schema.ConfigError):
+class ConfigError(schema.ConfigError):
     """A silo configuration file is missing, unparsable, or has bad keys; str() holds one
     `<file>: [table] key <problem>` line per problem (a silofed.config_schema.ConfigError)."""
 
 
 @dataclass(frozen=True, slots=True)
-class SiloTls:
-    ca_cert: Path
-    cert: Path
-    key: Path
-    roster: Path
+class SiloTls(TlsPaths):
     # "signed": adopt a newer roster the coordinator delivers when the pinned CA signed it;
     # "manual": never change the pinned roster (silo_agent.roster_update).
     roster_updates: str = "signed"
@@ -91,7 +73,7 @@ class SecAggPolicy:
     allow_sparse_graph: bool = False  # take part in Harary-graph rounds (opt-in)
     # Example-weighted rounds tell the coordinator this silo's quantised, capped example count
     # (its weight is decoded for the blame check); false refuses them (CONFIG_REJECTED).
-    allow_example_weighting: bool = True
+    allow_example_weighting: bool = False
     train_limits: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAIN_LIMITS))
 
 
@@ -137,7 +119,7 @@ def _train_limit(value: object) -> float:
 class _Silo(StrictModel):
     name: str | None = None
     id: Annotated[str, AfterValidator(_spiffe_id)] | None = None
-    state_dir: ConfigPath
+    state_dir: schema.ConfigPath
     keep_final_model: bool = False
 
     @model_validator(mode="after")
@@ -148,26 +130,21 @@ class _Silo(StrictModel):
 
 
 class _Coordinator(StrictModel):
-    address: Annotated[HostPort, AfterValidator(_real_port)]
+    address: Annotated[schema.HostPort, AfterValidator(_real_port)]
     server_name: str | None = None
 
 
-class _Tls(StrictModel):
-    ca_cert: ExistingFile
-    cert: ExistingFile
-    key: ExistingFile
-    roster: ExistingFile
-    roster_updates: Annotated[str, one_of(ROSTER_UPDATE_MODES)] = "signed"
+class _Tls(TlsFiles):
+    roster_updates: Annotated[str, schema.one_of(ROSTER_UPDATE_MODES)] = "signed"
 
 
-class _Task(StrictModel):
-    spec: TaskSpec
+class _Task(TaskTable):
     options: dict[str, Any] = Field(default_factory=dict)  # [task.options]: the task's own
 
 
 class _Reconnect(StrictModel):
-    initial_s: PositiveFloat = 0.5
-    max_s: PositiveFloat = 30.0
+    initial_s: schema.PositiveFloat = 0.5
+    max_s: schema.PositiveFloat = 30.0
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -178,15 +155,15 @@ class _Reconnect(StrictModel):
 
 class _SecAgg(StrictModel):
     allow_plaintext_insecure: bool = False
-    max_masked_inputs_per_model: PositiveInt = 3
-    t_floor: Annotated[int, at_least(3, "the protocol's floor")] = 3
-    n_colluders_max: NonNegativeInt | None = None
-    n_colluders_min: NonNegativeInt | None = None
-    max_model_bytes: PositiveInt | None = None
-    max_round_step: PositiveInt = MAX_ROUND_STEP
-    min_noise_multiplier: NonNegativeFloat = 0.0
+    max_masked_inputs_per_model: schema.PositiveInt = 3
+    t_floor: Annotated[int, schema.at_least(3, "the protocol's floor")] = 3
+    n_colluders_max: schema.NonNegativeInt | None = None
+    n_colluders_min: schema.NonNegativeInt | None = None
+    max_model_bytes: schema.PositiveInt | None = None
+    max_round_step: schema.PositiveInt = MAX_ROUND_STEP
+    min_noise_multiplier: schema.NonNegativeFloat = 0.0
     allow_sparse_graph: bool = False
-    allow_example_weighting: bool = True
+    allow_example_weighting: bool = False
 
     @model_validator(mode="after")
     def _colluder_bounds(self) -> Self:
@@ -197,8 +174,8 @@ class _SecAgg(StrictModel):
 
 
 class _Debug(StrictModel):
-    pause_after_phase: Annotated[str, one_of(PAUSE_POINTS)] | None = None
-    pause_in_round: PositiveInt | None = None
+    pause_after_phase: Annotated[str, schema.one_of(PAUSE_POINTS)] | None = None
+    pause_in_round: schema.PositiveInt | None = None
 
 
 class _SiloFile(StrictModel):
@@ -221,19 +198,9 @@ def load_silo_config(path: Path) -> SiloConfig:
     every problem found (one line each)."""
     path = Path(path).resolve()
     f = load_model(_SiloFile, path, error=ConfigError)
-    s = f.secagg
+    # Where a table's keys are its dataclass's fields, the table is passed whole.
     policy = SecAggPolicy(
-        allow_plaintext_insecure=s.allow_plaintext_insecure,
-        max_masked_inputs_per_model=s.max_masked_inputs_per_model,
-        t_floor=s.t_floor,
-        n_colluders_max=s.n_colluders_max,
-        n_colluders_min=s.n_colluders_min,
-        max_model_bytes=s.max_model_bytes,
-        max_round_step=s.max_round_step,
-        min_noise_multiplier=s.min_noise_multiplier,
-        allow_sparse_graph=s.allow_sparse_graph,
-        allow_example_weighting=s.allow_example_weighting,
-        train_limits={**DEFAULT_TRAIN_LIMITS, **f.train_limits},
+        **f.secagg.model_dump(), train_limits={**DEFAULT_TRAIN_LIMITS, **f.train_limits}
     )
     return SiloConfig(
         source=path,
@@ -242,16 +209,10 @@ def load_silo_config(path: Path) -> SiloConfig:
         state_dir=f.silo.state_dir,
         address=f.coordinator.address,
         server_name=f.coordinator.server_name,
-        tls=SiloTls(
-            ca_cert=f.tls.ca_cert,
-            cert=f.tls.cert,
-            key=f.tls.key,
-            roster=f.tls.roster,
-            roster_updates=f.tls.roster_updates,
-        ),
+        tls=SiloTls(**f.tls.model_dump()),
         task_spec=f.task.spec,
         task_options=dict(f.task.options),
-        reconnect=Reconnect(f.reconnect.initial_s, f.reconnect.max_s),
+        reconnect=Reconnect(**f.reconnect.model_dump()),
         secagg=policy,
         pause_after_phase=f.debug.pause_after_phase,
         pause_in_round=f.debug.pause_in_round,

@@ -1,8 +1,11 @@
 """The silo's one outbound gRPC stream to the coordinator, over mTLS.
 
 Rule: the only silo module that imports grpc. It dials out (never listens), sends what the
-runner queues (heartbeats when idle; blobs expanded into header + chunks of at most 1 MiB only
-as they are sent) and yields what the coordinator sends. Every gRPC failure becomes a
+runner queues (blobs expanded into header + chunks of at most 1 MiB only as they are sent, a
+masked vector's protocol header inside its blob header) and yields what the coordinator sends.
+Liveness is gRPC keepalive's: the channel pings the coordinator every `keepalive_s` and fails
+the stream (UNAVAILABLE, a LinkError the runner reconnects after) when a ping is not answered
+within `keepalive_timeout_s`; there is no application heartbeat. Every gRPC failure becomes a
 `LinkError` with the status code's name and the coordinator's detail, so the runner never sees
 grpc types.
 
@@ -11,8 +14,8 @@ the previous one's send operation completed (its bytes passed HTTP/2 flow contro
 written to the socket) and never after the call failed. So the code after a `yield` runs only
 once that message has left this process, and `on_sent` is called there: for a message after its
 own send, for a blob after its header and last chunk. A message still queued, or being sent,
-when the stream breaks is never reported. Hello and heartbeats are reported too (the callback
-decides what to keep).
+when the stream breaks is never reported. Hello is reported too (the callback decides what to
+keep).
 """
 
 from __future__ import annotations
@@ -29,19 +32,33 @@ import grpc
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.chunking import BlobMeta, describe, split
+from silofed.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("silofed.silo")
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# A ping every 20 s (the coordinator accepts one every 5 s at most: coordinator.server), and a
+# coordinator that does not answer one within 10 s is gone: the stream fails within 30 s.
+KEEPALIVE_S = 20.0
+KEEPALIVE_TIMEOUT_S = 10.0
 
-CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+
+def channel_options(keepalive_s: float, keepalive_timeout_s: float) -> list[tuple[str, str | int]]:
+    """The channel's options: small message limits (payloads travel in chunks) and keepalive
+    pings that also run while no data flows, so a silent coordinator is noticed when idle."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
+        # gRPC waits this long for a ping's answer (60 s by default, whatever the line above).
+        ("grpc.http2.ping_timeout_ms", round(keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+# How often the request iterator, with nothing to send, looks whether the call ended.
+POLL_S = 1.0
 
 # Status codes after which trying again cannot help until an operator acts.
 FATAL_CODES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_ARGUMENT"})
@@ -66,6 +83,7 @@ class OutBlob:
     kind: pb.BlobKind.ValueType
     data: bytes | memoryview  # a byte view of a numpy vector is sent without a copy
     sha256: bytes | None = None  # when the sender already hashed `data` (not hashed again)
+    protocol_header: bytes = b""  # MASKED_VECTOR: secagg's signed header, sent in BlobHeader
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +102,11 @@ class Link:
         tls: TlsMaterial,
         *,
         server_name: str | None = None,
-        heartbeat_s: float = 5.0,
+        keepalive_s: float = KEEPALIVE_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         on_sent: Callable[[pb.SiloMessage | OutBlob], None] | None = None,
     ) -> None:
-        options: list[tuple[str, str | int]] = list(CHANNEL_OPTIONS)
+        options = channel_options(keepalive_s, keepalive_timeout_s)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         credentials = grpc.ssl_channel_credentials(
@@ -98,7 +117,6 @@ class Link:
         self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.FederationStub(self._channel)
         self._out: queue.Queue[pb.SiloMessage | OutBlob | None] = queue.Queue()
-        self._heartbeat_s = heartbeat_s
         self._on_sent = on_sent
         self._call: grpc.Future | None = None
         self.bytes_out = 0
@@ -111,11 +129,10 @@ class Link:
         self._sent(first)
         while True:
             try:
-                item = self._out.get(timeout=self._heartbeat_s)
-            except queue.Empty:
-                beat = pb.SiloMessage(heartbeat=pb.Heartbeat(sent_unix_ms=int(time.time() * 1000)))
-                yield beat
-                self._sent(beat)
+                item = self._out.get(timeout=POLL_S)
+            except queue.Empty:  # nothing to send: end with the call, else keep waiting
+                if self._call is not None and self._call.done():
+                    return
                 continue
             if item is None:
                 return
@@ -180,6 +197,7 @@ def _blob_messages(blob: OutBlob, meta: BlobMeta) -> Iterator[pb.SiloMessage]:
             total_bytes=meta.total_bytes,
             sha256=meta.sha256,
             chunk_count=meta.chunk_count,
+            protocol_header=blob.protocol_header,
         )
     )
     for index, data in enumerate(split(blob.data)):

@@ -1,7 +1,7 @@
 """The federation's final model on a silo: evaluated once when asked, kept if policy says so.
 
-Rule: a coordinator may ask for an evaluation (a RoundOffer with `aggregation = "evaluate"`)
-of ONE model only: the one announced by the last completed RoundResult this silo received
+Rule: a coordinator may ask for an evaluation (a RoundOffer of aggregation AGGREGATION_EVALUATE) of
+ONE model only: the one announced by the last completed RoundResult this silo received
 (`new_model_sha256`, with that result's round id). Any other model is refused with an
 AbortNotice `NOT_THE_FINAL_MODEL`, before a byte of it is used, so a coordinator cannot query
 this silo's data with models of its choosing. Each model is evaluated at most once: asked
@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from protos import federation_pb2 as pb
-from silo_agent.task import Task
-from silo_agent.tensors import prefixed, state_from_bytes
+from silo_agent.tensors import prefixed
 from silofed.files import write_atomically
+from silofed.task import Task
+from silofed.tensors import state_from_bytes
 
 log = logging.getLogger("silofed.silo")
 
-EVALUATE = "evaluate"
 NOT_THE_FINAL_MODEL = "NOT_THE_FINAL_MODEL"
 EVALUATION_FAILED = "EVALUATION_FAILED"
 STATE_FILENAME = "final-model.json"
@@ -83,7 +83,7 @@ class FinalModel:
 
     def on_result(self, result: pb.RoundResult) -> None:
         """Remember the model a completed round produced: the only one this silo evaluates."""
-        if result.status != "completed" or len(result.new_model_sha256) != 32:
+        if result.status != pb.ROUND_STATUS_COMPLETED or len(result.new_model_sha256) != 32:
             return
         sha = result.new_model_sha256.hex()
         known = self.announced
@@ -96,7 +96,7 @@ class FinalModel:
     def screen(self, offer: pb.RoundOffer, send: Send) -> bool:
         """False (and the refusal sent) for an "evaluate" offer of another model than the
         announced one, before its model is downloaded; True for any other offer."""
-        return offer.aggregation != EVALUATE or self.admits(offer, send)
+        return offer.aggregation != pb.AGGREGATION_EVALUATE or self.admits(offer, send)
 
     def admits(self, offer: pb.RoundOffer, send: Send) -> bool:
         """True if `offer` asks for the announced model; else refuse it (sent) and say False."""

@@ -7,7 +7,7 @@ What is recorded, and when: `SentLedger.on_sent` is the stream's (`connection.Li
 called once per item after gRPC has taken it — a message once its send completed, a blob once
 its header and every chunk were sent. So a line is the record of something that left, never of
 something queued: a message still in the queue when the stream broke or the process stopped is
-not listed. Hello and Heartbeat are not round data and are not recorded.
+not listed. Hello is not round data and is not recorded.
 
 Format 2 (written now): one JSON object per sent message, sorted keys: `format` (2), `round_id`
 (the id the message carried), `at` (unix s), `message` (e.g. `TrainReport`,
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from protos import federation_pb2 as pb
+from protos.names import EVALUATE, SECAGG
 from secagg.chunking import chunk_count_for
 from secagg.messages import (
     AbortNotice,
@@ -58,9 +59,9 @@ UPDATE_BLOBS = ("Blob(MASKED_VECTOR)", "Blob(PLAINTEXT_UPDATE)")
 # Lines with round id 0 record events of the silo that belong to no round (RosterAdopted);
 # round ids start at 1, so `verify` does not compare them with the export.
 NO_ROUND = 0
-# RoundOffer.aggregation of the final evaluation (silo_agent/final_model.py): not a round of its
+# The recorded aggregation of the final evaluation (silo_agent/final_model.py): not a round of its
 # own, it reuses the last completed round's id to evaluate the model that round produced.
-FINAL_EVALUATION = "evaluate"
+FINAL_EVALUATION = EVALUATE
 # How many rounds' offers and index maps are kept for labelling late messages (a TrainReport
 # can leave after its round was aborted); older rounds' lines carry null there.
 KEEP_ROUNDS = 16
@@ -70,7 +71,9 @@ _BASE = ("format", "round_id", "at", "message", "bytes", "sha256", "aggregation"
 _SET_NEEDS = {
     "U1": ("SecAggFrame(Advertise)",),
     "U2": ("SecAggFrame(ShareKeys)",),
-    "U3": ("SecAggFrame(MaskedHeader)", "Blob(MASKED_VECTOR)"),
+    # The masked vector's blob carries its signed MaskedHeader (older ledgers also list the
+    # header as a SecAggFrame of its own; the blob is what proves the upload either way).
+    "U3": ("Blob(MASKED_VECTOR)",),
     "U4": ("SecAggFrame(Consistency)",),
     "U5": ("SecAggFrame(UnmaskShares)",),
 }
@@ -252,17 +255,29 @@ _Described = tuple[int, str, int, str, dict[str, Any]]
 
 
 def _describe(item: pb.SiloMessage | OutBlob, rounds: Mapping[int, _Round]) -> _Described | None:
-    """(round id, message name, bytes, sha256 hex, details), or None for Hello/Heartbeat."""
+    """(round id, message name, bytes, sha256 hex, details), or None for Hello."""
     if isinstance(item, OutBlob):
         size = memoryview(item.data).nbytes
         # The Link fills in the digest it put in the blob header; hashing is the fallback.
         digest = item.sha256 if item.sha256 is not None else hashlib.sha256(item.data).digest()
         name = f"Blob({_blob_kind(item.kind)})"
-        return item.round_id, name, size, digest.hex(), {"chunks": chunk_count_for(size)}
+        details: dict[str, Any] = {"chunks": chunk_count_for(size)}
+        if item.protocol_header:  # a masked vector: what its signed header states, and its digest
+            r = rounds.get(item.round_id)
+            header_name, header_details = _secagg(
+                item.protocol_header, {} if r is None else r.indices
+            )
+            details["protocol_header"] = {
+                **header_details,
+                "message": header_name,
+                "bytes": len(item.protocol_header),
+                "sha256": hashlib.sha256(item.protocol_header).hexdigest(),
+            }
+        return item.round_id, name, size, digest.hex(), details
     kind = item.WhichOneof("kind")
     if kind == "train_report":
         report = item.train_report
-        details: dict[str, Any] = {
+        details = {
             "metrics": sorted(report.metrics),
             "num_examples": report.num_examples,
             "update_sha256": report.update_sha256.hex() or None,
@@ -281,12 +296,13 @@ def _describe(item: pb.SiloMessage | OutBlob, rounds: Mapping[int, _Round]) -> _
     if kind == "blob_header":  # the Link sends blobs as OutBlob; a raw one is still recorded
         header = item.blob_header
         name = f"BlobHeader({_blob_kind(header.kind)})"
-        return _proto(header.round_id, name, header, {"total_bytes": header.total_bytes})
+        extra = {"total_bytes": header.total_bytes}
+        return _proto(header.round_id, name, header, extra)
     if kind == "blob_chunk":
         chunk = item.blob_chunk
         name = f"BlobChunk({_blob_kind(chunk.kind)})"
         return _proto(chunk.round_id, name, chunk, {"index": chunk.index})
-    return None  # hello, heartbeat: not round data
+    return None  # hello: not round data
 
 
 def _proto(round_id: int, name: str, message: Any, details: dict[str, Any]) -> _Described:
@@ -341,6 +357,11 @@ def _secagg_details(m: Message, indices: Mapping[int, str]) -> dict[str, Any]:
                 "index": m.index,
                 "length": m.length,
                 "vector_sha256": m.vector_sha256.hex(),
+                # Element 0 as sent: masked by the self-mask only, so once the seed is released
+                # the coordinator decodes this silo's weight from it (docs/secagg-protocol.md §2.5).
+                "weight_element": m.weight_element,
+                "weight_scale": m.weight_scale,
+                "uniform_weighting": m.uniform,
             }
         case Consistency():
             return {"session_id": m.session_id.hex(), "index": m.index, "digest": m.digest.hex()}
@@ -415,7 +436,7 @@ def _format1(obj: Mapping[str, Any], where: str) -> LedgerEntry:
     update_bytes = _need(obj, "update_bytes", int, where)
     num_examples = _need(obj, "num_examples", int, where)
     at = _at(obj, where)
-    blob = "MASKED_VECTOR" if fields["aggregation"] == "secagg" else "PLAINTEXT_UPDATE"
+    blob = "MASKED_VECTOR" if fields["aggregation"] == SECAGG else "PLAINTEXT_UPDATE"
     return LedgerEntry(
         round_id=round_id,
         at=at,
@@ -557,8 +578,8 @@ def verify(
     so it is >= the blob); a final evaluation under that round id was of the model the round
     produced (`model_out_sha256`). Per round in the export: a round whose `participants.finished`
     names this silo has an update blob in the ledger, and every participant set U1..U5 that
-    names it has the message that set stands for (Advertise, ShareKeys, MaskedHeader and the
-    masked vector, Consistency, UnmaskShares) — the coordinator cannot count a message this
+    names it has the message that set stands for (Advertise, ShareKeys, the masked vector with its
+    signed header, Consistency, UnmaskShares) — the coordinator cannot count a message this
     silo never sent. Rounds read from format-1 lines (uploads only) skip the set check, and
     lines of no round (`NO_ROUND`: a roster adoption) are not compared.
     """

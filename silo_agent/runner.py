@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from protos import federation_pb2 as pb
+from protos.names import aggregation_name
 from secagg.chunking import BlobMeta, ChunkError, Reassembler
 from secagg.identity import (
     CertificateRejected,
@@ -45,15 +46,16 @@ from secagg.trust import SiloIdentity, Trust
 from silo_agent.backoff import Backoff
 from silo_agent.config import SiloConfig
 from silo_agent.connection import Link, LinkError, OutBlob, TlsMaterial
-from silo_agent.final_model import EVALUATE, FinalModel
+from silo_agent.final_model import FinalModel
 from silo_agent.ledger import LEDGER_FILENAME, SentLedger
 from silo_agent.progress import training_progress
 from silo_agent.roster_update import on_roster_update
 from silo_agent.secure_round import Pause, SiloSecureRound, TrainJob
 from silo_agent.secure_session import SecureSession
 from silo_agent.silo_state import SiloStateStore
-from silo_agent.task import Task
-from silo_agent.tensors import LocalModel, fresh_seed, prefixed, state_from_bytes, state_to_bytes
+from silo_agent.tensors import LocalModel, fresh_seed, prefixed
+from silofed.task import Task
+from silofed.tensors import state_from_bytes, state_to_bytes
 
 log = logging.getLogger("silofed.silo")
 
@@ -114,10 +116,6 @@ def _check_key_pair(config: SiloConfig) -> None:
             f"enrollments; point [tls] key and cert in {config.source} at the pair that "
             "`silofed-silo enroll` wrote (or re-enroll)"
         )
-
-
-SECAGG = "secagg"
-PLAINTEXT_INSECURE = "plaintext-insecure"
 
 
 @dataclass
@@ -259,7 +257,7 @@ class SiloRunner:
                 log.info(
                     "round %d offered (%s, model %d bytes)",
                     state.offer.round_id,
-                    state.offer.aggregation,
+                    aggregation_name(state.offer.aggregation),
                     state.offer.model_bytes,
                 )
                 if not self._offer_size_ok(link, state.offer) or not self._final_model().screen(
@@ -301,14 +299,17 @@ class SiloRunner:
         offer = state.offer
         assert offer is not None
         if self._sent_ledger is not None:
-            self._sent_ledger.note_round(offer.round_id, offer.aggregation, offer.model_sha256)
-        if offer.aggregation == EVALUATE:
+            # The ledger keeps the name the coordinator's round log and export use.
+            name = aggregation_name(offer.aggregation)
+            self._sent_ledger.note_round(offer.round_id, name, offer.model_sha256)
+        if offer.aggregation == pb.AGGREGATION_EVALUATE:
             self._final_model().evaluate(offer, model_bytes, link.send)
-        elif offer.aggregation == SECAGG:
+        elif offer.aggregation == pb.AGGREGATION_SECAGG:
             state.secure = self._secure_round(link, offer, model_bytes, pause)
             state.secure.start()
         elif (
-            offer.aggregation == PLAINTEXT_INSECURE and self.config.secagg.allow_plaintext_insecure
+            offer.aggregation == pb.AGGREGATION_PLAINTEXT_INSECURE
+            and self.config.secagg.allow_plaintext_insecure
         ):
             try:
                 params = _plaintext_train_params(offer, self.config.secagg.train_limits)
@@ -336,10 +337,12 @@ class SiloRunner:
                 "(to take part in the insecure baseline set [secagg] allow_plaintext_insecure "
                 "= true in %s)",
                 offer.round_id,
-                offer.aggregation,
+                aggregation_name(offer.aggregation),
                 self.config.source,
             )
-            detail = f"this silo does not take part in {offer.aggregation!r} rounds"
+            detail = (
+                f"this silo does not take part in {aggregation_name(offer.aggregation)!r} rounds"
+            )
             notice = pb.AbortNotice(round_id=offer.round_id, reason="DECLINED", detail=detail)
             link.send(pb.SiloMessage(abort=notice))
 
@@ -498,7 +501,7 @@ class SiloRunner:
 
     def _on_result(self, result: pb.RoundResult) -> bool:
         self._final_model().on_result(result)  # the one model a final evaluation may use
-        if result.status == "completed":
+        if result.status == pb.ROUND_STATUS_COMPLETED:
             took_part = self.silo_id in result.survivors
             if took_part:
                 self.rounds_done += 1

@@ -36,14 +36,14 @@ from silo_agent.connection import OutBlob
 from silo_agent.ledger import SentLedger
 from silo_agent.progress import training_progress
 from silo_agent.secure_session import SecureSession, flatten_update
-from silo_agent.task import Task, TrainingCancelled
 from silo_agent.tensors import (
     fresh_seed,
     layout_differences,
     model_digest,
     prefixed,
-    state_from_bytes,
 )
+from silofed.task import Task, TrainingCancelled
+from silofed.tensors import state_from_bytes
 
 log = logging.getLogger("silofed.silo")
 
@@ -348,8 +348,8 @@ class SiloSecureRound:
         header = masked_header_of(upload.header)  # inside the signed envelope secagg made
         assert header is not None, "secagg made an upload header that is no MaskedHeader"
         digest = header.vector_sha256  # hashed once, by secagg
-        self._frame(upload.header)
-        self._send(OutBlob(self.round_id, pb.MASKED_VECTOR, data, digest))
+        # One message announces the vector: its blob header carries secagg's signed header.
+        self._send(OutBlob(self.round_id, pb.MASKED_VECTOR, data, digest, upload.header))
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         log.info(
             "round %d: trained on %d examples in %.2f s; %s; uploading a %d-byte masked vector",

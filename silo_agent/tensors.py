@@ -1,4 +1,5 @@
-"""Model state <-> bytes on the silo, the silo's view of its own model, and metric naming.
+"""The silo's view of model tensors: its own model's layout, the digest of a received model, and
+metric naming (the bytes codec both roles share is silofed.tensors).
 
 Rule: shared by both aggregation paths; nothing here does I/O beyond reading the OS's
 randomness for a training seed."""
@@ -12,24 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from secagg.config import TensorSpec, layout_sha256
 from secagg.layout import layout_from
-from silo_agent.task import Task
-
-
-def state_to_bytes(state: Mapping[str, torch.Tensor]) -> bytes:
-    """Canonical safetensors bytes (sorted names, contiguous CPU copies, no metadata)."""
-    tensors = {k: state[k].detach().to("cpu").contiguous().clone() for k in sorted(state)}
-    data: bytes = st_save(tensors)
-    return data
-
-
-def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    loaded: dict[str, torch.Tensor] = st_load(bytes(data))
-    return loaded
+from silofed.task import Task
+from silofed.tensors import state_to_bytes
 
 
 def prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:

@@ -4,8 +4,9 @@ Rule: a configuration file is read once and validated whole against a strict pyd
 (`StrictModel`: unknown keys and tables refused, no coercion but int -> float), and every problem
 found becomes one line `<file>: [table] key <problem>` of a single ConfigError, so an operator
 fixes every typo in one pass. An unknown key or table gets a "did you mean" from the names its
-table knows. Relative paths resolve against the config file's folder. This module knows no role's
-keys: each role declares its tables as StrictModel subclasses and subclasses ConfigError.
+table knows. Relative paths resolve against the config file's folder. Of the roles' keys this
+module knows only those both have (`TlsFiles`, `TaskTable`): each role declares its tables as
+StrictModel subclasses (extending those two) and subclasses ConfigError.
 
 pydantic does the walking (types, ranges, unknown keys, with the exact location of each problem);
 what is ours is the wording, which speaks TOML (tables, keys) rather than Python.
@@ -44,6 +45,9 @@ __all__ = [
     "Problem",
     "StrictModel",
     "TaskSpec",
+    "TaskTable",
+    "TlsFiles",
+    "TlsPaths",
     "at_least",
     "check_host_port",
     "load_model",
@@ -128,6 +132,35 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+# ---- the tables both roles have ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPaths:
+    """[tls] as the rest of a role sees it; each role's dataclass adds its own keys' fields."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+    roster: Path
+
+
+class TlsFiles(StrictModel):
+    """[tls]: this side's CA, certificate and key, and the roster it pins; each role adds its own
+    keys by subclassing (with fields of the same names in its TlsPaths subclass)."""
+
+    ca_cert: ExistingFile
+    cert: ExistingFile
+    key: ExistingFile
+    roster: ExistingFile
+
+
+class TaskTable(StrictModel):
+    """[task]: the task the federation trains, as `package.module:attribute`."""
+
+    spec: TaskSpec
 
 
 def one_of(choices: Sequence[Any]) -> AfterValidator:

@@ -12,7 +12,7 @@ rewrites every line that arrives there as a JSON object (`logger` "grpc" with `l
 line's I/W/E/F prefix and `source` file:line; anything else, e.g. a crash traceback, line by line
 as `logger` "stderr", level WARNING) before writing it to the real stderr. Handshake causes are
 kept (grpc's INFO verbosity, set by the CLI, still applies) instead of being silenced.
-The redirect names no grpc module: it only rewrites lines that reach file descriptor 2.
+Nothing here imports grpc (silofed must not): the redirect only reads what reaches fd 2.
 """
 
 from __future__ import annotations

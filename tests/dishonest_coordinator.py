@@ -57,6 +57,7 @@ from coordinator.secure_round import (
 from coordinator.server import SERVER_OPTIONS
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
+from protos.names import STATUS
 from secagg import encoding, primitives, shamir
 from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
 from secagg.config import GraphKind, RoundConfig, TensorSpec
@@ -80,7 +81,6 @@ from secagg.messages import (
     decode_as,
     decode_message,
     encode_message,
-    masked_header_of,
 )
 from secagg.silo import SiloPolicy, SiloSession, SiloStage
 from secagg.transcript import consistency_digest, session_id
@@ -114,7 +114,7 @@ class AdversaryTestTask:
         return dict(options)
 
     def train(self, model: torch.nn.Module, data: Any, params: Mapping[str, Any]) -> Any:
-        from silo_agent.task import TrainResult
+        from silofed import TrainResult
 
         index = int(data["silo_index"])
         lr, epochs = float(params.get("lr", 0.1)), int(params.get("epochs", 1))
@@ -337,9 +337,7 @@ class HarnessServer(pb_grpc.FederationServicer):
         threading.Thread(
             target=self._read, args=(silo_id, request_iterator, out), daemon=True
         ).start()
-        welcome = pb.Welcome(
-            federation_id=self.federation_id, silo_id=silo_id, heartbeat_interval_ms=5000
-        )
+        welcome = pb.Welcome(federation_id=self.federation_id, silo_id=silo_id)
         try:
             yield pb.CoordinatorMessage(welcome=welcome)
             while not self._stopping.is_set() and context.is_active():
@@ -378,7 +376,7 @@ class HarnessServer(pb_grpc.FederationServicer):
 
     def _receive(self, silo_id: str, message: pb.SiloMessage) -> None:
         kind = message.WhichOneof("kind")
-        if kind in ("heartbeat", "hello", None):
+        if kind in ("hello", None):
             return
         if kind == "blob_header":
             h = message.blob_header
@@ -469,7 +467,7 @@ class HarnessServer(pb_grpc.FederationServicer):
         self,
         silo_id: str,
         round_id: int,
-        status: str,
+        status: str,  # "completed" | "aborted", as the coordinator's round log names them
         *,
         survivors: Sequence[str] = (),
         reason: str = "",
@@ -477,7 +475,7 @@ class HarnessServer(pb_grpc.FederationServicer):
     ) -> None:
         result = pb.RoundResult(
             round_id=round_id,
-            status=status,
+            status=STATUS[status],
             survivors=list(survivors),
             abort_reason=reason,
             new_model_sha256=new_model_sha256,
@@ -743,7 +741,6 @@ class _Run:
             for s in self.cfg.invited
             if s in harness.in_harness_ids
         }
-        self.headers: dict[str, bytes] = {}
         self.masked: dict[str, np.ndarray] = {}
         self.u2_told: dict[str, tuple[int, ...]] = {}
         self.commits: dict[int, bytes] = {}
@@ -787,7 +784,7 @@ class _Run:
                 params = plan.offer_params_for.get(sid, plan.offer_params)
                 offer = pb.RoundOffer(
                     round_id=self.round_id,
-                    aggregation="secagg",
+                    aggregation=pb.AGGREGATION_SECAGG,
                     config=cfg_for.encode(),
                     model_sha256=hashlib.sha256(model).digest(),
                     model_bytes=len(model),
@@ -827,13 +824,11 @@ class _Run:
             reason = secagg_abort_reason(payload)
             if reason is not None:
                 self._refused(silo, reason)
-            if masked_header_of(payload) is not None:
-                self.headers[silo] = payload
-                return
             self._to_round(silo, payload)
         elif item.kind == "blob" and item.message.blob_header.kind == pb.MASKED_VECTOR:
             vector = np.frombuffer(item.blob, dtype=primitives.ring_dtype(self.cfg.ring_bits))
-            self._masked(silo, self.headers.pop(silo, b""), vector.copy())
+            header = bytes(item.message.blob_header.protocol_header)  # secagg's signed M5 header
+            self._masked(silo, header, vector.copy())
 
     def _masked(self, silo: str, header: bytes, vector: np.ndarray) -> None:
         self.masked[silo] = vector
@@ -1247,7 +1242,7 @@ class Harness:
         for name in names:
             offer = pb.RoundOffer(
                 round_id=round_id,
-                aggregation="secagg",
+                aggregation=pb.AGGREGATION_SECAGG,
                 config=config,
                 model_sha256=hashlib.sha256(model).digest(),
                 model_bytes=len(model),

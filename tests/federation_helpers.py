@@ -18,8 +18,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -244,7 +246,6 @@ def write_coordinator_config(
     train_s: float = 60.0,
     train: Mapping[str, Any] | None = None,
     start_timeout_s: float = 60.0,
-    heartbeat_s: float = 2.0,
     start_silos: int | None = None,
     listen: str = "127.0.0.1:0",
     aggregation: str = "plaintext-insecure",
@@ -276,7 +277,6 @@ def write_coordinator_config(
         "deadlines": {
             "offer_s": offer_s,
             "train_s": train_s,
-            "heartbeat_s": heartbeat_s,
             **(deadlines or {}),
         },
         "train": dict(train or {}),
@@ -299,8 +299,10 @@ def write_silo_config(
     pause_after_phase: str | None = None,
     pause_in_round: int | None = None,
     keep_final_model: bool = False,
+    allow_example_weighting: bool = False,
 ) -> Path:
-    """A silo config; the tests' plaintext-baseline federations need the insecure opt-in."""
+    """A silo config; the tests' plaintext-baseline federations need the insecure opt-in, and
+    secure rounds with `weighting = "examples"` the silos' opt-in."""
     silo_table: dict[str, Any] = {"name": silo.name, "state_dir": state_dir or silo.dir / "state"}
     if keep_final_model:
         silo_table["keep_final_model"] = True
@@ -310,8 +312,12 @@ def write_silo_config(
         "tls": {"ca_cert": silo.ca_cert, "cert": silo.cert, "key": silo.key, "roster": silo.roster},
         "task": {"spec": task_spec},
         "task.options": dict(options or {}),
-        "reconnect": {"initial_s": 0.2, "max_s": 2.0},
-        "secagg": {"allow_plaintext_insecure": allow_plaintext_insecure},
+        # Short: a silo often starts before its coordinator listens (FederationRun).
+        "reconnect": {"initial_s": 0.2, "max_s": 1.0},
+        "secagg": {
+            "allow_plaintext_insecure": allow_plaintext_insecure,
+            "allow_example_weighting": allow_example_weighting,
+        },
     }
     if pause_after_phase is not None:
         debug: dict[str, Any] = {"pause_after_phase": pause_after_phase}
@@ -442,9 +448,19 @@ class Processes:
                 proc.popen.wait(timeout=10)
         return proc.popen.returncode
 
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to every process still running, then a wait for each (SIGKILL after the
+        grace period): they shut down in parallel, not one after the other."""
+        running = [p for p in reversed(self.procs) if p.popen.poll() is None]
+        for proc in running:
+            proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in running:
+            try:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(timeout=10)
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} =====\n{p.log()[-3000:]}" for p in self.procs)
@@ -517,7 +533,6 @@ class InProcessCoordinator:
 def coordinator_in_process(
     config_path: Path,
     *,
-    idle_heartbeat_s: float,
     on_receive: Callable[[str, pb.SiloMessage], None] | None = None,
     finished: bool = True,
 ) -> Iterator[InProcessCoordinator]:
@@ -529,11 +544,11 @@ def coordinator_in_process(
     from coordinator.serve import Hub
     from coordinator.server import start_server
     from coordinator.servicer import FederationServicer
-    from coordinator.task import load_model_factory
+    from silofed.task import load_model_factory
 
     config = load_coordinator_config(config_path)
     hub = Hub(config, model_factory=load_model_factory(config.task_spec))
-    servicer = FederationServicer(hub, idle_heartbeat_s=idle_heartbeat_s, on_receive=on_receive)
+    servicer = FederationServicer(hub, on_receive=on_receive)
     running = start_server(
         servicer,
         listen=config.listen,
@@ -570,6 +585,124 @@ def wait_for_port(state_dir: Path, coordinator: Proc, timeout_s: float = 60.0) -
     raise AssertionError("coordinator did not write its port:\n" + coordinator.log()[-4000:])
 
 
+# ---- one test's federation (the `federation` fixture) ----------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port free now, for a coordinator started together with its silos (they dial it
+    before it listens and retry) or restarted where its silos dial again.
+
+    Taken below the kernel's ephemeral range when one is free there: the coordinator binds it
+    seconds later, and in between any outgoing connection on this shared machine may be given
+    an ephemeral port as its own."""
+    for _ in range(50):
+        port = random.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class FederationRun:
+    """One test's federation: files under `root`, the coordinator's state in `root/coord`, every
+    process in `procs` (stopped by whoever owns `procs`, the `federation` fixture in conftest).
+
+    The coordinator listens on `port`, chosen before anything starts, so the silos start at the
+    same time as the coordinator instead of after it has bound (process start, mostly importing
+    torch, is most of an e2e test's time); the silos retry until it listens."""
+
+    root: Path
+    fed: Federation
+    procs: Processes
+    port: int = field(default_factory=free_port)
+
+    @classmethod
+    def provision(
+        cls, root: Path, procs: Processes, federation_id: str, names: Sequence[str]
+    ) -> FederationRun:
+        return cls(root, provision(root / "fed", federation_id, names), procs)
+
+    @property
+    def state(self) -> Path:
+        return self.root / "coord"
+
+    def coordinator_config(
+        self, file: str = "c.toml", *, task_spec: str | None = None, **config: Any
+    ) -> Path:
+        """`write_coordinator_config` for this federation, listening on `port` unless `config`
+        says where."""
+        config.setdefault("listen", f"127.0.0.1:{self.port}")
+        return write_coordinator_config(
+            self.root / file,
+            self.fed,
+            state_dir=self.state,
+            task_spec=task_spec or RECORDING_SPEC,
+            **config,
+        )
+
+    def start_coordinator(self, config: Path, *extra: str, name: str = "coordinator") -> Proc:
+        """`serve` on `config` (a stale port file of an earlier run removed first)."""
+        (self.state / "coordinator.port").unlink(missing_ok=True)
+        return self.procs.start(
+            name, ["-m", "coordinator", "serve", "--config", str(config), *extra]
+        )
+
+    def listening(self, coordinator: Proc) -> int:
+        """Waits until `coordinator` has bound and returns its port (this run's `port`)."""
+        port = wait_for_port(self.state, coordinator)
+        assert port == self.port, (port, self.port)
+        return port
+
+    def start_silo(self, name: str, *extra: str, **config: Any) -> Proc:
+        """Silo `name` on a config of its own (`write_silo_config` arguments in `config`;
+        RECORDING_SPEC unless `task_spec` is given), `extra` on its command line."""
+        config.setdefault("task_spec", RECORDING_SPEC)
+        toml = write_silo_config(
+            self.root / f"silo-{name}.toml", self.fed.silos[name], port=self.port, **config
+        )
+        return self.procs.silo(name, toml, *extra)
+
+    def start_recording_silos(
+        self,
+        examples: Mapping[str, int],
+        *extra: str,
+        run: int | None = None,
+        record_root: Path | None = None,
+        **config: Any,
+    ) -> dict[str, Proc]:
+        """One RECORDING_TASK silo per name in `examples` (its example count), recording under
+        `<record_root>/<name>` (`root/sent` by default); `run` tells the processes of a later
+        run apart (`<name>-<run>`), `config` are further `write_silo_config` arguments, `extra`
+        the command line's."""
+        started = {}
+        for name, count in examples.items():
+            label = name if run is None else f"{name}-{run}"
+            toml = write_recording_silo_config(
+                self.root / f"silo-{label}.toml",
+                self.fed,
+                name,
+                port=self.port,
+                num_examples=count,
+                record_root=record_root or self.root / "sent",
+                **config,
+            )
+            started[name] = self.procs.silo(label, toml, *extra)
+        return started
+
+    def logs(self) -> str:
+        return self.procs.logs()
+
+
+# What the `federation` fixture (tests/conftest.py) gives a test: `federation(id, names)`.
+NewFederation = Callable[[str, Sequence[str]], FederationRun]
+
+
 # ---- a task that records what it sent (for exactness over the real transport) -----------------
 
 
@@ -594,7 +727,7 @@ class RecordingTask:
         return dict(options)
 
     def train(self, model: torch.nn.Module, data: Any, params: Mapping[str, Any]) -> Any:
-        from silo_agent.task import TrainResult
+        from silofed import TrainResult
 
         round_id = int(params.get("round", 0))
         gen = torch.Generator().manual_seed(1000 * int(data["silo_index"]) + round_id)

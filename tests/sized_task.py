@@ -35,7 +35,7 @@ class SizedTask:
         return dict(options)
 
     def train(self, model: torch.nn.Module, data: Any, params: Mapping[str, Any]) -> Any:
-        from silo_agent.task import TrainResult
+        from silofed import TrainResult
 
         seed = 1000 * int(data.get("silo_index", 0)) + int(params.get("round", 0))
         step = torch.randn(self.n, generator=torch.Generator().manual_seed(seed)) * 1e-3

@@ -41,7 +41,7 @@ import pytest
 from coordinator.checkpoints import checkpoint_name
 from coordinator.debug_pause import POINTS
 from coordinator.roundlog import RoundDetail, RoundLog, RoundStatus
-from coordinator.secure_round import SecAggSettings
+from coordinator.secure_round import SecAggSettings, WeightingMode
 from tests.federation_helpers import (
     RECORDING_SPEC,
     Federation,
@@ -60,10 +60,21 @@ pytestmark = pytest.mark.e2e
 
 EXAMPLES = {"s1": 40, "s2": 7, "s3": 13}
 THRESHOLD, WEIGHT_MAX, CLIP_L2 = 3, 40, 100.0
-SECAGG = {"clip_l2": CLIP_L2, "threshold": THRESHOLD, "n_colluders": 0, "weight_max": WEIGHT_MAX}
+# Example weighting: the silos opt in (silo_config), the check uses each silo's count.
+SECAGG = {
+    "clip_l2": CLIP_L2,
+    "threshold": THRESHOLD,
+    "n_colluders": 0,
+    "weight_max": WEIGHT_MAX,
+    "weighting": "examples",
+}
 # SECAGG as the coordinator reads it (to rebuild each round's configuration and its bound).
 SETTINGS = SecAggSettings(
-    clip_l2=CLIP_L2, threshold=THRESHOLD, n_colluders=0, weight_max=WEIGHT_MAX
+    clip_l2=CLIP_L2,
+    threshold=THRESHOLD,
+    n_colluders=0,
+    weight_max=WEIGHT_MAX,
+    weighting=WeightingMode.EXAMPLES,
 )
 NAMES = ("s1", "s2", "s3")
 STARTUP_S = 90.0  # a process start (Python, torch) on 2 cores shared with other test runs
@@ -130,7 +141,7 @@ class Chaos:
                 "start_timeout_s": start_timeout_s,
                 **(stall or {}),
             },
-            "deadlines": {"offer_s": 60.0, "train_s": 60.0, "heartbeat_s": 2.0},
+            "deadlines": {"offer_s": 60.0, "train_s": 60.0},
             "secagg": SECAGG,
         }
         if pause is not None:
@@ -161,6 +172,7 @@ class Chaos:
             record_root=self.tmp / "sent",
             state_dir=self.silo_state(name),
             allow_plaintext_insecure=False,
+            allow_example_weighting=True,
             pause_after_phase=pause,
             pause_in_round=in_round,
         )

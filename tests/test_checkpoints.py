@@ -11,13 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.checkpoints import (
-    CheckpointCorrupt,
-    CheckpointStore,
-    checkpoint_name,
-    state_from_bytes,
-    state_to_bytes,
-)
+from coordinator.checkpoints import CheckpointCorrupt, CheckpointStore, checkpoint_name
+from silofed.tensors import StateDecodeError, state_from_bytes, state_to_bytes
 
 
 def sample_state() -> dict[str, torch.Tensor]:
@@ -71,9 +66,19 @@ def test_non_tensor_entry_is_refused_by_name() -> None:
         state_to_bytes({"oops": [1.0, 2.0]})  # type: ignore[dict-item]
 
 
-def test_garbage_bytes_raise_checkpoint_corrupt() -> None:
-    with pytest.raises(CheckpointCorrupt):
-        state_from_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+GARBAGE = b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"
+
+
+def test_garbage_bytes_raise_state_decode_error() -> None:
+    with pytest.raises(StateDecodeError):
+        state_from_bytes(GARBAGE)
+
+
+def test_a_checkpoint_that_does_not_decode_is_corrupt_and_named(tmp_path: Path) -> None:
+    # Its hash matches the log (it was written so), yet it is no model state.
+    ckpt = CheckpointStore(tmp_path).save_bytes(3, GARBAGE)
+    with pytest.raises(CheckpointCorrupt, match="round-000003.safetensors"):
+        CheckpointStore(tmp_path).load(ckpt.path, ckpt.sha256)
 
 
 @settings(max_examples=40, deadline=None)

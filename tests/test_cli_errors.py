@@ -11,13 +11,14 @@ from typing import Any
 import pytest
 import torch
 
-from silo_agent.task import TrainResult
+from silofed import TrainResult
 from tests.federation_helpers import (
     RECORDING_SPEC,
     Federation,
+    NewFederation,
+    free_port,
     processes,
     provision,
-    wait_for_port,
     write_coordinator_config,
     write_silo_config,
 )
@@ -104,7 +105,7 @@ def test_a_second_agent_on_one_state_dir_is_refused_with_the_first_ones_pid(
     tmp_path: Path,
 ) -> None:
     fed = _fed(tmp_path)
-    toml = _silo_toml(tmp_path, fed, "a", port=_free_port())  # nobody listens: it retries
+    toml = _silo_toml(tmp_path, fed, "a", port=free_port())  # nobody listens: it retries
     with processes(tmp_path / "logs") as procs:
         first = procs.silo("a", toml)
         first.wait_for_log(r"starting; coordinator", 60)
@@ -146,49 +147,26 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
     _no_traceback(log)
 
 
-def test_serve_forever_takes_part_in_the_next_federation_run(tmp_path: Path) -> None:
+def test_serve_forever_takes_part_in_the_next_federation_run(federation: NewFederation) -> None:
     """With --serve-forever a silo stays up when a run finishes and joins the next one."""
-    fed = _fed(tmp_path)
-    state = tmp_path / "coord"
+    run = federation("errs", NAMES)
+    state, procs = run.state, run.procs
     plain = {"aggregation": "plaintext-insecure"}
-    cfg = write_coordinator_config(
-        tmp_path / "c.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=1,
-        min_silos=3, **plain,
-    )  # fmt: skip
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        port = wait_for_port(state, coordinator)
-        silos = []
-        for i, name in enumerate(NAMES):
-            toml = _silo_toml(
-                tmp_path,
-                fed,
-                name,
-                port=port,
-                options={"silo_index": i, "num_examples": 5, "record_dir": str(tmp_path / name)},
-            )
-            extra = ("--serve-forever",) if name == "a" else ()
-            silos.append(procs.silo(name, toml, *extra))
-        assert coordinator.wait(120) == 0, procs.logs()
-        for silo in silos[1:]:
-            assert silo.wait(60) == 0, silo.log()
-        silos[0].wait_for_log(r"--serve-forever: waiting for the next run", 30)
-        assert silos[0].popen.poll() is None
-        # the next run: the same federation, one more round, on the same port
-        (state / "coordinator.port").unlink()
-        cfg2 = write_coordinator_config(
-            tmp_path / "c2.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=2,
-            min_silos=1, listen=f"127.0.0.1:{port}", **plain,
-        )  # fmt: skip
-        coordinator2 = procs.start(
-            "coordinator-2", ["-m", "coordinator", "serve", "--config", str(cfg2)]
-        )
-        assert coordinator2.wait(120) == 0, procs.logs()
-        silos[0].wait_for_log(r"round 2 completed with 1 silos \(included us\)", 30)
-        assert silos[0].popen.poll() is None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    cfg = run.coordinator_config(rounds=1, min_silos=3, **plain)
+    coordinator = run.start_coordinator(cfg)
+    silos = [
+        *run.start_recording_silos({"a": 5}, "--serve-forever").values(),
+        *run.start_recording_silos({"b": 5, "c": 5}).values(),
+    ]
+    assert coordinator.wait(120) == 0, procs.logs()
+    for silo in silos[1:]:
+        assert silo.wait(60) == 0, silo.log()
+    silos[0].wait_for_log(r"--serve-forever: waiting for the next run", 30)
+    assert silos[0].popen.poll() is None
+    # the next run: the same federation, one more round, on the same port (the run's)
+    (state / "coordinator.port").unlink()
+    cfg2 = run.coordinator_config("c2.toml", rounds=2, min_silos=1, **plain)
+    coordinator2 = run.start_coordinator(cfg2, name="coordinator-2")
+    assert coordinator2.wait(120) == 0, procs.logs()
+    silos[0].wait_for_log(r"round 2 completed with 1 silos \(included us\)", 30)
+    assert silos[0].popen.poll() is None

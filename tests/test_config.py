@@ -279,9 +279,9 @@ def test_silo_takes_example_weighted_rounds_unless_refused(tmp_path: Path) -> No
     _files(tmp_path)
     path = tmp_path / "s.toml"
     path.write_text(SILO)
-    assert load_silo_config(path).secagg.allow_example_weighting is True
-    path.write_text(SILO + "\n[secagg]\nallow_example_weighting = false\n")
     assert load_silo_config(path).secagg.allow_example_weighting is False
+    path.write_text(SILO + "\n[secagg]\nallow_example_weighting = true\n")
+    assert load_silo_config(path).secagg.allow_example_weighting is True
     path.write_text(SILO + '\n[secagg]\nallow_example_weighting = "no"\n')
     with pytest.raises(SiloConfigError, match=r"\[secagg\] allow_example_weighting must be bool"):
         load_silo_config(path)

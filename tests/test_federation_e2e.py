@@ -19,51 +19,28 @@ import torch
 from coordinator.checkpoints import CheckpointStore
 from coordinator.roundlog import CheckpointRecord, RoundLog
 from silo_agent.ledger import read_ledger
-from tests.federation_helpers import (
-    RECORDING_SPEC,
-    processes,
-    provision,
-    wait_for_port,
-    write_coordinator_config,
-    write_silo_config,
-)
+from tests.federation_helpers import NewFederation
 
 pytestmark = pytest.mark.e2e
 
 NAMES = ("a", "b", "c")
 
 
-def test_hospital_rounds_complete_with_all_silos(tmp_path: Path) -> None:
-    fed = provision(tmp_path / "fed", "e2e", NAMES)
-    state = tmp_path / "coord"
+def test_hospital_rounds_complete_with_all_silos(federation: NewFederation) -> None:
+    run = federation("e2e", NAMES)
+    fed, state, procs = run.fed, run.state, run.procs
     spec = "examples.hospital.task:TASK"
-    cfg = write_coordinator_config(
-        tmp_path / "c.toml",
-        fed,
-        state_dir=state,
-        task_spec=spec,
-        rounds=3,
-        min_silos=3,
-        train={"epochs": 1},
-    )
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        port = wait_for_port(state, coordinator)
-        silos = []
-        for i, name in enumerate(NAMES):
-            toml = write_silo_config(
-                tmp_path / f"{name}.toml",
-                fed.silos[name],
-                port=port,
-                task_spec=spec,
-                options={"silo_index": i, "num_silos": 3},
-            )
-            silos.append(procs.silo(name, toml))
-        assert coordinator.wait(120) == 0, procs.logs()
-        for silo in silos:
-            assert silo.wait(30) == 0, procs.logs()
-            assert "the coordinator says the federation finished" in silo.log()
-        coordinator.wait_for_log(r"round 3 completed: 3 silos", 1)
+    cfg = run.coordinator_config(task_spec=spec, rounds=3, min_silos=3, train={"epochs": 1})
+    coordinator = run.start_coordinator(cfg)
+    silos = [
+        run.start_silo(name, task_spec=spec, options={"silo_index": i, "num_silos": 3})
+        for i, name in enumerate(NAMES)
+    ]
+    assert coordinator.wait(120) == 0, procs.logs()
+    for silo in silos:
+        assert silo.wait(30) == 0, procs.logs()
+        assert "the coordinator says the federation finished" in silo.log()
+    coordinator.wait_for_log(r"round 3 completed: 3 silos", 1)
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     try:
         rounds = log.rounds()
@@ -82,44 +59,21 @@ def test_hospital_rounds_complete_with_all_silos(tmp_path: Path) -> None:
         assert sorted({e.round_id for e in entries if e.is_update}) == [1, 2, 3]
 
 
-def test_killed_silo_is_a_dropout_and_aggregation_is_exact(tmp_path: Path) -> None:
-    fed = provision(tmp_path / "fed", "e2e", NAMES)
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "c.toml",
-        fed,
-        state_dir=state,
-        task_spec=RECORDING_SPEC,
-        rounds=3,
-        min_silos=2,
-        start_silos=3,
-        train={"sleep_s": 1.0},
-        train_s=20.0,
+def test_killed_silo_is_a_dropout_and_aggregation_is_exact(federation: NewFederation) -> None:
+    run = federation("e2e", NAMES)
+    tmp_path, state, procs = run.root, run.state, run.procs
+    cfg = run.coordinator_config(
+        rounds=3, min_silos=2, start_silos=3, train={"sleep_s": 1.0}, train_s=20.0
     )
     weights = {"a": 50, "b": 7, "c": 13}
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        port = wait_for_port(state, coordinator)
-        silos = {}
-        for i, name in enumerate(NAMES):
-            toml = write_silo_config(
-                tmp_path / f"{name}.toml",
-                fed.silos[name],
-                port=port,
-                task_spec=RECORDING_SPEC,
-                options={
-                    "silo_index": i,
-                    "num_examples": weights[name],
-                    "record_dir": str(tmp_path / "sent" / name),
-                },
-            )
-            silos[name] = procs.silo(name, toml)
-        for name in NAMES:
-            silos[name].wait_for_log(r"round 1 completed", 60)
-        silos["c"].wait_for_log(r"round 2 offered", 30)
-        silos["c"].popen.kill()  # SIGKILL while it trains round 2
-        assert coordinator.wait(90) == 0, procs.logs()
-        coordinator.wait_for_log(r"round 2: spiffe://e2e/silo/c dropped in phase train", 1)
+    coordinator = run.start_coordinator(cfg)
+    silos = run.start_recording_silos(weights)  # records under tmp_path / "sent"
+    for name in NAMES:
+        silos[name].wait_for_log(r"round 1 completed", 60)
+    silos["c"].wait_for_log(r"round 2 offered", 30)
+    silos["c"].popen.kill()  # SIGKILL while it trains round 2
+    assert coordinator.wait(90) == 0, procs.logs()
+    coordinator.wait_for_log(r"round 2: spiffe://e2e/silo/c dropped in phase train", 1)
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     store = CheckpointStore(state / "checkpoints")
     try:

@@ -24,7 +24,7 @@ def test_only_eval_answers_of_asked_silos_for_the_round_count() -> None:
     assert not run.take(A, report(5, eval_acc=0.1, train_loss=2.0))
     assert not run.take(A, report(4, eval_acc=0.1))
     assert not run.take(D, report(5, eval_acc=0.1))
-    assert not run.take(A, pb.SiloMessage(heartbeat=pb.Heartbeat()))
+    assert not run.take(A, pb.SiloMessage(secagg=pb.SecAggFrame(round_id=5, payload=b"x")))
     assert run.take(A, report(5, eval_acc=0.9))
     assert not run.take(A, report(5, eval_acc=0.1))  # the first answer stands
     assert run.take(B, abort(5, "NOT_THE_FINAL_MODEL"))

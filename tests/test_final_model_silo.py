@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from coordinator.checkpoints import state_to_bytes
 from coordinator.serve import _Blob, _blob_messages
 from protos import federation_pb2 as pb
 from silo_agent.backoff import Backoff
@@ -25,7 +24,8 @@ from silo_agent.connection import OutBlob
 from silo_agent.final_model import DIGEST_FILENAME, MODEL_FILENAME, NOT_THE_FINAL_MODEL
 from silo_agent.runner import SiloRunner, _RoundState
 from silo_agent.secure_round import Pause
-from silo_agent.task import TrainResult
+from silofed import TrainResult
+from silofed.tensors import state_to_bytes
 from tests.federation_helpers import provision, write_silo_config
 
 FED = "fm"
@@ -79,7 +79,7 @@ def model(seed: int) -> bytes:
 def result(round_id: int, data: bytes) -> pb.CoordinatorMessage:
     sha = hashlib.sha256(data).digest()
     done = pb.RoundResult(
-        round_id=round_id, status="completed", new_model_sha256=sha, survivors=[ME]
+        round_id=round_id, status=pb.ROUND_STATUS_COMPLETED, new_model_sha256=sha, survivors=[ME]
     )
     return pb.CoordinatorMessage(round_result=done)
 
@@ -88,7 +88,10 @@ def evaluate_offer(round_id: int, data: bytes) -> list[pb.CoordinatorMessage]:
     """What the coordinator sends for a final evaluation: the offer, then the model blob."""
     sha = hashlib.sha256(data).digest()
     offer = pb.RoundOffer(
-        round_id=round_id, aggregation="evaluate", model_sha256=sha, model_bytes=len(data)
+        round_id=round_id,
+        aggregation=pb.AGGREGATION_EVALUATE,
+        model_sha256=sha,
+        model_bytes=len(data),
     )
     blob = _Blob(round_id, pb.GLOBAL_MODEL, data, sha)
     return [pb.CoordinatorMessage(round_offer=offer), *_blob_messages(blob)]
@@ -190,7 +193,7 @@ def plaintext_offer(round_id: int, data: bytes) -> list[pb.CoordinatorMessage]:
     sha = hashlib.sha256(data).digest()
     offer = pb.RoundOffer(
         round_id=round_id,
-        aggregation="plaintext-insecure",
+        aggregation=pb.AGGREGATION_PLAINTEXT_INSECURE,
         model_sha256=sha,
         model_bytes=len(data),
         train_params_json="{}",

@@ -128,7 +128,7 @@ def test_a_declared_10_gib_model_is_refused_before_buffering(h: Harness) -> None
     baseline = peak = h.rss(name)
     offer = pb.RoundOffer(
         round_id=rid,
-        aggregation="secagg",
+        aggregation=pb.AGGREGATION_SECAGG,
         config=cfg.encode(),
         model_sha256=fake_sha,
         model_bytes=DECLARED_MODEL_BYTES,

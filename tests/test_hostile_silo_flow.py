@@ -26,7 +26,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.final_eval import EVALUATE
 from coordinator.roundlog import RoundDetail, RoundLog
 from coordinator.serve import Hub, Outcome
 from protos import federation_pb2 as pb
@@ -109,7 +108,7 @@ class RawMember:
             for message in self.call:
                 self.received += 1
                 if message.HasField("round_offer"):
-                    if message.round_offer.aggregation == EVALUATE:
+                    if message.round_offer.aggregation == pb.AGGREGATION_EVALUATE:
                         # The rounds are over: leave, so the final evaluation waits for no one.
                         self._closed.set()
                         self.call.cancel()
@@ -123,7 +122,7 @@ class RawMember:
 
     def ended(self, timeout_s: float) -> grpc.StatusCode | None:
         """Read what is left of the stream now: the status it ended with, or None when it is
-        still open after `timeout_s` (the coordinator keeps sending heartbeats on a live one)."""
+        still open after `timeout_s`."""
         ended: list[grpc.StatusCode] = []
 
         def drain() -> None:
@@ -244,7 +243,7 @@ def federation(
     )
     with (
         processes(tmp_path / "logs") as procs,
-        coordinator_in_process(config, idle_heartbeat_s=2.0) as coordinator,
+        coordinator_in_process(config) as coordinator,
     ):
         yield Run(fed, state, coordinator, procs)
 
@@ -338,13 +337,12 @@ def test_a_member_that_never_reads_is_dropped_and_memory_stays_flat(
 
 
 def _masked_announcement(round_id: int, length: int) -> list[pb.SiloMessage]:
-    """A MaskedHeader frame and a MASKED_VECTOR blob header, exactly sized, with no chunk after."""
+    """A MASKED_VECTOR blob header carrying a MaskedHeader, exactly sized, with no chunk after."""
     header = MaskedHeader(b"\0" * 32, 0, length, 32, b"\0" * 32, 0, 1 << 16, True)
     # Wrapped like a real one (the signature is never checked: the upload is refused first).
     signed = SignedEnvelope(encode_message(header), b"", ())
     total = length * 4
     return [
-        pb.SiloMessage(secagg=pb.SecAggFrame(round_id=round_id, payload=encode_message(signed))),
         pb.SiloMessage(
             blob_header=pb.BlobHeader(
                 round_id=round_id,
@@ -352,6 +350,7 @@ def _masked_announcement(round_id: int, length: int) -> list[pb.SiloMessage]:
                 total_bytes=total,
                 sha256=b"\0" * 32,
                 chunk_count=chunk_count_for(total),
+                protocol_header=encode_message(signed),
             )
         ),
     ]

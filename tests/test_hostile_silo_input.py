@@ -45,10 +45,10 @@ from coordinator.roundlog import RoundLog
 from coordinator.serve import Hub, Outcome
 from coordinator.server import RunningServer, start_server
 from coordinator.servicer import FederationServicer
-from coordinator.task import load_model_factory
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.identity import Roster, silo_id_for
+from silofed.task import load_model_factory
 from tests.federation_helpers import (
     Federation,
     RecordingTask,
@@ -183,7 +183,7 @@ def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Liv
     cfg = write_coordinator_config(
         tmp_path / "c.toml", fed, state_dir=state, task_spec=SPEC, rounds=1000, min_silos=3,
         aggregation="secagg", secagg={"clip_l2": 10.0}, offer_s=3.0, train_s=30.0,
-        heartbeat_s=1.0, start_timeout_s=120.0,
+        start_timeout_s=120.0,
         deadlines={"share_keys_s": 15.0, "consistency_s": 15.0, "unmask_s": 15.0},
     )  # fmt: skip
     config = load_coordinator_config(cfg)
@@ -195,7 +195,7 @@ def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Liv
         with count_lock:
             live_received[silo_id] += 1
 
-    servicer = FederationServicer(hub, idle_heartbeat_s=1.0, on_receive=count)
+    servicer = FederationServicer(hub, on_receive=count)
     running = start_server(
         servicer,
         listen=config.listen,
@@ -533,7 +533,6 @@ def _garbage(round_id: int) -> list[pb.SiloMessage]:
             )
     return [
         pb.SiloMessage(hello=pb.Hello(silo_id=huge, agent_version=huge, roster_digest=b"\0" * 99)),
-        pb.SiloMessage(heartbeat=pb.Heartbeat(sent_unix_ms=big)),
         *blobs,
         pb.SiloMessage(
             train_report=pb.TrainReport(

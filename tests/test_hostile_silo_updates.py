@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.checkpoints import CheckpointStore, state_to_bytes
+from coordinator.checkpoints import CheckpointStore
 from coordinator.roundlog import RoundLog
 from coordinator.secure_round import (
     AGGREGATE_OUT_OF_BOUND,
@@ -66,6 +66,7 @@ from secagg.messages import SIG_MASKED, encode_message, masked_header_of
 from secagg.primitives import sha256_array
 from secagg.silo import MaskedUpload, SiloSession, SubmissionRecord
 from silo_agent.silo_state import SiloStateStore
+from silofed.tensors import state_to_bytes
 from tests.federation_helpers import (
     RECORDING_SPEC,
     RECORDING_TASK,
@@ -491,7 +492,7 @@ def test_poisoned_plaintext_updates_are_refused_whole(tmp_path: Path) -> None:
     answers: dict[int, pb.CoordinatorMessage] = {}
     outcome: list[Outcome] = []
     with (
-        coordinator_in_process(cfg, idle_heartbeat_s=2.0) as coordinator,
+        coordinator_in_process(cfg) as coordinator,
         processes(tmp_path / "logs") as procs,
     ):
         for name, examples in HONEST.items():
@@ -562,7 +563,7 @@ def test_without_a_clip_a_non_finite_model_is_refused_and_the_model_kept(tmp_pat
     plan = [_scaled(3e38), _scaled(3e38), lambda m: (_small(m), 10)]
     answers: dict[int, pb.CoordinatorMessage] = {}
     outcome: list[Outcome] = []
-    with coordinator_in_process(cfg, idle_heartbeat_s=2.0) as coordinator:
+    with coordinator_in_process(cfg) as coordinator:
         raw = RawSilo(fed, "raw", coordinator.port)
         try:
             done = coordinator.drive(lambda hub: outcome.append(hub.run_rounds()))
@@ -573,9 +574,9 @@ def test_without_a_clip_a_non_finite_model_is_refused_and_the_model_kept(tmp_pat
         final = dict(coordinator.hub.global_state)
     assert outcome == [Outcome.FINISHED]
     assert [answers[r].round_result.status for r in (1, 2, 3)] == [
-        "completed",
-        "aborted",
-        "completed",
+        pb.ROUND_STATUS_COMPLETED,
+        pb.ROUND_STATUS_ABORTED,
+        pb.ROUND_STATUS_COMPLETED,
     ]
     assert answers[2].round_result.abort_reason.startswith(
         "NON_FINITE_MODEL: tensor 'weight' of the new model is not finite in float32"
@@ -624,7 +625,7 @@ class HostileTask:
         return dict(options)
 
     def train(self, model: torch.nn.Module, data: Any, params: Mapping[str, Any]) -> Any:
-        from silo_agent.task import TrainResult
+        from silofed import TrainResult
 
         round_id = int(params["round"])
         hostile = data.get("hostile")
@@ -766,9 +767,7 @@ def _run_with_a_patched_agent(
 
     outcome: list[Outcome] = []
     with (
-        coordinator_in_process(
-            cfg, idle_heartbeat_s=2.0, finished=False, on_receive=record
-        ) as coordinator,
+        coordinator_in_process(cfg, finished=False, on_receive=record) as coordinator,
         processes(tmp_path / "logs") as procs,
     ):
         for i, name in enumerate(names):
@@ -780,6 +779,7 @@ def _run_with_a_patched_agent(
                 task_spec=HOSTILE_SPEC,
                 options={"silo_index": i, "hostile": hostile_task if patched else False},
                 allow_plaintext_insecure=False,
+                allow_example_weighting=True,  # the coordinator runs example weighting
             )
             if patched:
                 procs.start("silo-patched", ["-c", code, mode, str(toml)])

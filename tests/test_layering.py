@@ -1,15 +1,22 @@
 """The dependency rules between the packages, enforced by walking every import in them.
 
-coordinator -> silofed, secagg, protos;  silo_agent -> silofed, secagg, protos;  examples ->
-silofed;  silofed -> secagg (never coordinator, silo_agent, grpc or protos: it is the neutral
-package both sides import);  secagg -> (cryptography, numpy, stdlib, dp_accounting) only.
-coordinator and silo_agent never import each other, and only the servicer, the server builder and
-the silo's connection module touch grpc.
+secagg <- silofed <- coordinator | silo_agent:  coordinator -> silofed, secagg, protos;
+silo_agent -> silofed, secagg, protos;  silofed -> secagg (never coordinator, silo_agent, grpc or
+protos: it is the neutral package both sides import);  secagg -> (cryptography, numpy, stdlib,
+dp_accounting) only;  examples (tasks) -> silofed.  coordinator and silo_agent never import each
+other, and only the servicer, the server builder and the silo's connection module touch grpc.
+The walk sees what a file names; a child process checks what a role actually loads, tasks
+included.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +26,14 @@ FORBIDDEN = {
     "silofed": {"grpc", "grpc_health", "protos", "coordinator", "silo_agent"},
     "coordinator": {"silo_agent"},
     "silo_agent": {"coordinator"},
+    # A task is loaded by both roles: it may see only the task API (silofed).
+    "examples": {"coordinator", "silo_agent", "grpc", "grpc_health", "protos"},
 }
+# The demo drives a federation as its operator would (provisioning, reading the round log); it is
+# a script, never loaded by a role, so the tasks' rule does not bind it.
+EXEMPT = {"examples/hospital/demo.py"}
+# The tasks shipped in examples/: the roles' processes below load each of them.
+EXAMPLE_TASKS = ("examples.hospital.task:TASK", "examples.noop.task:TASK")
 # secagg must also stay free of I/O: no sockets, files, clocks or global randomness.
 SECAGG_NO_IO = {
     "socket",
@@ -65,10 +79,48 @@ def test_packages_respect_dependency_direction() -> None:
         f"{path.relative_to(ROOT)} imports {name}"
         for package, forbidden in FORBIDDEN.items()
         for path in package_files(package)
+        if str(path.relative_to(ROOT)) not in EXEMPT
         for name in imports_of(path)
         if top(name) in forbidden
     ]
     assert not broken, "layering broken:\n" + "\n".join(broken)
+
+
+# Imports what a role's process imports (its console script, its runtime, every example task,
+# the model loaded the way the role loads it) and prints the top-level packages then loaded.
+ROLE_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import {modules}
+    from silofed.task import load_model_factory, load_task
+    for spec in {specs!r}:
+        {load}(spec){build}
+    print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}})))
+    """
+)
+
+
+def loaded_by(modules: str, load: str, build: str) -> set[str]:
+    code = ROLE_CHILD.format(modules=modules, specs=EXAMPLE_TASKS, load=load, build=build)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SILOFED_NOOP_PARAMS": "100"}
+    child = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr
+    loaded: list[str] = json.loads(child.stdout.splitlines()[-1])
+    return set(loaded)
+
+
+def test_the_coordinator_process_does_not_load_silo_agent() -> None:
+    loaded = loaded_by("coordinator.cli, coordinator.serve", "load_model_factory", "()")
+    assert {"coordinator", "silofed", "examples", "torch"} <= loaded  # the child did its work
+    assert "silo_agent" not in loaded
+
+
+def test_the_silo_process_does_not_load_coordinator() -> None:
+    loaded = loaded_by("silo_agent.cli, silo_agent.runner", "load_task", ".build_model()")
+    assert {"silo_agent", "silofed", "examples", "torch"} <= loaded
+    assert "coordinator" not in loaded
 
 
 def test_every_ruled_package_is_walked() -> None:
@@ -118,15 +170,5 @@ def test_only_transport_modules_touch_grpc() -> None:
 def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
     # The walker itself must see imports, or every test above would pass vacuously.
     sample = tmp_path / "sample.py"
-    sample.write_text("import grpc\nfrom silo_agent.task import Task\n")
-    assert {"grpc", "silo_agent.task"} <= imports_of(sample)
-
-
-def test_the_two_logging_setups_stay_identical() -> None:
-    """coordinator/logs.py and silo_agent/logs.py do I/O (stderr redirection), so by the layering
-    rule each side owns its copy; this keeps the copies from drifting apart (all but the
-    docstring's first line, which names the side)."""
-    root = Path(__file__).resolve().parent.parent
-    coordinator = (root / "coordinator" / "logs.py").read_text().splitlines()[1:]
-    silo = (root / "silo_agent" / "logs.py").read_text().splitlines()[1:]
-    assert coordinator == silo
+    sample.write_text("import grpc\nfrom silo_agent.runner import SiloRunner\n")
+    assert {"grpc", "silo_agent.runner"} <= imports_of(sample)

@@ -28,11 +28,11 @@ import pytest
 from coordinator.server import start_server
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
+from protos.names import aggregation_name
 from secagg.errors import AbortReason
 from secagg.messages import AbortNotice, MaskedHeader, encode_message
 from silo_agent.config import load_silo_config
 from silo_agent.connection import Link, OutBlob, TlsMaterial
-from silo_agent.final_model import EVALUATE
 from silo_agent.ledger import (
     FINAL_EVALUATION,
     LedgerEntry,
@@ -168,6 +168,26 @@ def test_masked_header_abort_and_undecodable_frames(tmp_path: Path) -> None:
 # ---- SentLedger on protobuf messages and blobs ---------------------------------------------
 
 
+def test_a_masked_vector_is_one_line_with_its_signed_header(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    ledger = SentLedger(path, FakeClock())
+    ledger.note_round(6, "secagg", "00" * 32)
+    header = encode_message(MaskedHeader(b"\1" * 32, 2, 2, 32, b"\2" * 32, 7, 1 << 16, True))
+    vector = memoryview(b"\5" * 8)
+    ledger.on_sent(OutBlob(6, pb.MASKED_VECTOR, vector, b"\x09" * 32, header))
+    (line,) = _lines(path)
+    assert (line["message"], line["bytes"], line["sha256"]) == ("Blob(MASKED_VECTOR)", 8, "09" * 32)
+    shown = line["protocol_header"]
+    assert shown["message"] == "MaskedHeader" and shown["index"] == 2
+    assert shown["vector_sha256"] == "02" * 32 and shown["length"] == 2
+    assert (shown["weight_element"], shown["weight_scale"], shown["uniform_weighting"]) == (
+        7,
+        1 << 16,
+        True,
+    )
+    assert shown["bytes"] == len(header) and shown["sha256"] == hashlib.sha256(header).hexdigest()
+
+
 def test_reports_aborts_and_blobs_but_not_hello_or_heartbeat(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
     ledger = SentLedger(path, FakeClock())
@@ -182,7 +202,6 @@ def test_reports_aborts_and_blobs_but_not_hello_or_heartbeat(tmp_path: Path) -> 
     notice = pb.AbortNotice(round_id=4, reason="DECLINED", detail="no plaintext here")
     update = bytes(range(256)) * 10_000  # 2.5 MB: three chunks of at most 1 MiB
     ledger.on_sent(pb.SiloMessage(hello=pb.Hello(silo_id="spiffe://x/silo/a")))
-    ledger.on_sent(pb.SiloMessage(heartbeat=pb.Heartbeat(sent_unix_ms=1)))
     ledger.on_sent(pb.SiloMessage(train_report=report))
     ledger.on_sent(OutBlob(3, pb.PLAINTEXT_UPDATE, update))  # no digest given: hashed here
     ledger.on_sent(OutBlob(4, pb.MASKED_VECTOR, memoryview(b"\0" * 8), b"\x09" * 32))
@@ -349,7 +368,8 @@ def test_verify_agrees_then_names_each_disagreement() -> None:
 
 
 def test_a_final_evaluation_is_checked_against_the_model_its_round_produced() -> None:
-    assert FINAL_EVALUATION == EVALUATE
+    # The runner records an offer's aggregation by this name: the final evaluation's is this.
+    assert aggregation_name(pb.AGGREGATION_EVALUATE) == FINAL_EVALUATION
     answer = _entry(1, "TrainReport", aggregation=FINAL_EVALUATION, model_in_sha256="cd" * 32)
     assert verify([*SECURE_ROUND, answer], _export(model_out_sha256="cd" * 32), SILO) == []
     (wrong,) = verify([*SECURE_ROUND, answer], _export(model_out_sha256="ef" * 32), SILO)
@@ -427,9 +447,7 @@ def test_a_message_that_cannot_leave_is_not_recorded(tmp_path: Path) -> None:
         seen.append("blob" if isinstance(item, OutBlob) else str(item.WhichOneof("kind")))
         ledger.on_sent(item)
 
-    link = Link(
-        f"127.0.0.1:{running.port}", tls, server_name="localhost", heartbeat_s=60, on_sent=on_sent
-    )
+    link = Link(f"127.0.0.1:{running.port}", tls, server_name="localhost", on_sent=on_sent)
     try:
         replies = link.open(pb.Hello(silo_id="spiffe://hold/silo/a"))
         assert next(replies).WhichOneof("kind") == "welcome"

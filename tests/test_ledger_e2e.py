@@ -142,7 +142,7 @@ def test_ledgers_list_exactly_what_the_coordinator_received(tmp_path: Path) -> N
     states = {n: fed.silos[n].dir / "state" for n in NAMES}
     configs: dict[str, Path] = {}
     with (
-        coordinator_in_process(cfg_path, idle_heartbeat_s=2.0, on_receive=record) as coordinator,
+        coordinator_in_process(cfg_path, on_receive=record) as coordinator,
         processes(tmp_path / "logs") as procs,
     ):
         for i, name in enumerate(NAMES):

@@ -12,26 +12,15 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import grpc
 import pytest
 
-from coordinator import logs as coordinator_logs
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
-from silo_agent import logs as silo_logs
-from tests.federation_helpers import (
-    RECORDING_SPEC,
-    REPO,
-    child_env,
-    processes,
-    provision,
-    wait_for_port,
-    write_coordinator_config,
-)
+from silofed.logs import foreign_line_to_json
+from tests.federation_helpers import REPO, NewFederation, child_env
 
-MODULES = ["coordinator.logs", "silo_agent.logs"]
 GRPC_LINE = (
     "I0000 00:00:1764749234.123456   12345 ssl_transport_security.cc:1653] "
     "Handshake failed with error SSL_ERROR_SSL: error:100000f7:SSL routines:"
@@ -39,9 +28,8 @@ GRPC_LINE = (
 )
 
 
-@pytest.mark.parametrize("module", [coordinator_logs, silo_logs], ids=MODULES)
-def test_foreign_lines_become_json(module: object) -> None:
-    convert = module.foreign_line_to_json  # type: ignore[attr-defined]
+def test_foreign_lines_become_json() -> None:
+    convert = foreign_line_to_json
     doc = json.loads(convert(GRPC_LINE + "\n", 1764749234.5))
     assert doc["logger"] == "grpc" and doc["level"] == "INFO"
     assert doc["source"] == "ssl_transport_security.cc:1653"
@@ -58,7 +46,7 @@ def test_foreign_lines_become_json(module: object) -> None:
 CHILD = textwrap.dedent(
     """
     import logging, os, sys
-    from {module} import setup_logging
+    from silofed.logs import setup_logging
     setup_logging("INFO", "json")
     logging.getLogger("silofed.test").info("from logging", extra={{"round": 7}})
     os.write(2, {grpc_line!r}.encode() + b"\\n")
@@ -68,10 +56,9 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_every_stderr_line_is_json_in_a_child(module: str) -> None:
+def test_every_stderr_line_is_json_in_a_child() -> None:
     child = subprocess.run(
-        [sys.executable, "-c", CHILD.format(module=module, grpc_line=GRPC_LINE)],
+        [sys.executable, "-c", CHILD.format(grpc_line=GRPC_LINE)],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
@@ -85,14 +72,14 @@ def test_every_stderr_line_is_json_in_a_child(module: str) -> None:
         assert {"ts", "level", "logger", "message"} <= set(doc), doc
         by_logger.setdefault(str(doc["logger"]), []).append(doc)
     assert by_logger["silofed.test"][0]["round"] == 7
-    assert by_logger["grpc"][0]["message"].startswith("Handshake failed")  # type: ignore[union-attr]
+    assert str(by_logger["grpc"][0]["message"]).startswith("Handshake failed")
     texts = [d["message"] for d in by_logger["stderr"]]
     assert "a print to stderr" in texts and "RuntimeError: boom" in texts, texts
 
 
 def test_text_mode_leaves_stderr_alone() -> None:
     code = (
-        "import logging, os\nfrom coordinator.logs import setup_logging\n"
+        "import logging, os\nfrom silofed.logs import setup_logging\n"
         "setup_logging('INFO', 'text')\nlogging.getLogger('t').info('plain')\n"
         f"os.write(2, {GRPC_LINE!r}.encode() + b'\\n')\n"
     )
@@ -105,23 +92,19 @@ def test_text_mode_leaves_stderr_alone() -> None:
 
 
 @pytest.mark.e2e
-def test_coordinator_handshake_refusal_is_logged_as_json(tmp_path: Path) -> None:
-    fed = provision(tmp_path / "fed", "jsonfed", ["a"])
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=1,
-        min_silos=1, start_timeout_s=120,
-    )  # fmt: skip
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg, "--log-format", "json")
-        port = wait_for_port(state, coordinator)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.FederationStub(channel)
-            with pytest.raises(grpc.RpcError):
-                list(stub.Connect(iter([pb.SiloMessage(hello=pb.Hello())]), timeout=10))
-        # grpc core's INFO line with the cause, now a JSON object.
-        coordinator.wait_for_log(r'"logger": "grpc".*Handshake failed.*WRONG_VERSION_NUMBER', 20)
-        procs.stop(coordinator)
+def test_coordinator_handshake_refusal_is_logged_as_json(federation: NewFederation) -> None:
+    run = federation("jsonfed", ["a"])
+    procs = run.procs
+    cfg = run.coordinator_config("coord.toml", rounds=1, min_silos=1, start_timeout_s=120)
+    coordinator = run.start_coordinator(cfg, "--log-format", "json")
+    port = run.listening(coordinator)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.FederationStub(channel)
+        with pytest.raises(grpc.RpcError):
+            list(stub.Connect(iter([pb.SiloMessage(hello=pb.Hello())]), timeout=10))
+    # grpc core's INFO line with the cause, now a JSON object.
+    coordinator.wait_for_log(r'"logger": "grpc".*Handshake failed.*WRONG_VERSION_NUMBER', 20)
+    procs.stop(coordinator)
     lines = [x for x in coordinator.log().splitlines() if x.strip()]
     docs = [json.loads(x) for x in lines]  # every line, grpc's included
     assert any(d["logger"] == "silofed.coordinator" for d in docs)

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from coordinator import task as coordinator_task
 from examples.noop.task import (
     DEFAULT_PARAMS,
     PARAMS_ENV,
@@ -15,7 +14,7 @@ from examples.noop.task import (
     NoopOptionsError,
     NoopTask,
 )
-from silo_agent import task as silo_task
+from silofed.task import load_model_factory, load_task
 
 SPEC = "examples.noop.task:TASK"
 
@@ -25,7 +24,7 @@ def _numel(model: torch.nn.Module) -> int:
 
 
 def test_model_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    task = silo_task.load_task(SPEC)
+    task = load_task(SPEC)
     monkeypatch.delenv(PARAMS_ENV, raising=False)
     assert _numel(task.build_model()) == DEFAULT_PARAMS
     monkeypatch.setenv(PARAMS_ENV, "12345")
@@ -37,8 +36,8 @@ def test_model_size_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) 
 
 def test_coordinator_and_silo_build_the_same_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PARAMS_ENV, "100")
-    silo_model = silo_task.load_task(SPEC).build_model()
-    coordinator_model = coordinator_task.load_model_factory(SPEC)()
+    silo_model = load_task(SPEC).build_model()
+    coordinator_model = load_model_factory(SPEC)()
     a, b = silo_model.state_dict(), coordinator_model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)

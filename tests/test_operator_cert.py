@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import stat
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +27,9 @@ from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from tests.federation_helpers import (
     RECORDING_SPEC,
-    REPO,
-    child_env,
-    processes,
+    NewFederation,
     provision,
-    wait_for_port,
+    run_module,
     write_coordinator_config,
 )
 
@@ -40,14 +37,7 @@ NOW = dt.datetime.now(dt.UTC)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_module("coordinator", *args, timeout_s=60)
 
 
 def creds(ca: Path, cert: Path, key: Path) -> Credentials:
@@ -137,48 +127,47 @@ def connect_as(address: str, c: Credentials, silo_id: str) -> grpc.RpcError:
     raise AssertionError("the coordinator accepted the stream")
 
 
-def test_status_is_for_operators_only_on_a_running_coordinator(tmp_path: Path) -> None:
-    fed = provision(tmp_path / "fed", "livefed", ["a"])
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=1,
-        min_silos=1, start_timeout_s=120,
-    )  # fmt: skip
+@pytest.mark.e2e
+def test_status_is_for_operators_only_on_a_running_coordinator(
+    federation: NewFederation,
+) -> None:
+    run = federation("livefed", ["a"])
+    fed, procs = run.fed, run.procs
+    cfg = run.coordinator_config("coord.toml", rounds=1, min_silos=1, start_timeout_s=120)
     op_dir = fed.root / "operators" / "operator"
     operator = creds(fed.ca_cert, op_dir / "operator.pem", op_dir / "operator.key")
     silo = creds(fed.ca_cert, fed.silos["a"].cert, fed.silos["a"].key)
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        address = f"127.0.0.1:{wait_for_port(state, coordinator)}"
+    coordinator = run.start_coordinator(cfg)
+    address = f"127.0.0.1:{run.listening(coordinator)}"
 
-        reply = fetch_status(address, operator, timeout_s=10)
-        assert reply.federation_id == "livefed" and reply.current_round == 0
+    reply = fetch_status(address, operator, timeout_s=10)
+    assert reply.federation_id == "livefed" and reply.current_round == 0
 
-        with pytest.raises(StatusUnavailable) as refused:
-            fetch_status(address, silo, timeout_s=10)
-        text = str(refused.value)
-        assert "PERMISSION_DENIED" in text and "operators only" in text
-        assert "spiffe://livefed/silo/a" in text and "issue-operator-cert" in text
-        # The health probe stays open to any client certificate from the CA (liveness).
-        assert probe_health(address, silo, timeout_s=10) == "SERVING"
+    with pytest.raises(StatusUnavailable) as refused:
+        fetch_status(address, silo, timeout_s=10)
+    text = str(refused.value)
+    assert "PERMISSION_DENIED" in text and "operators only" in text
+    assert "spiffe://livefed/silo/a" in text and "issue-operator-cert" in text
+    # The health probe stays open to any client certificate from the CA (liveness).
+    assert probe_health(address, silo, timeout_s=10) == "SERVING"
 
-        # An operator certificate cannot join rounds: it is not on the roster.
-        err = connect_as(address, operator, "spiffe://livefed/operator/operator")
-        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
-        assert "roster" in (err.details() or "")
+    # An operator certificate cannot join rounds: it is not on the roster.
+    err = connect_as(address, operator, "spiffe://livefed/operator/operator")
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+    assert "roster" in (err.details() or "")
 
-        # The CLI with --config only finds the dev operator under <fed>/operators/operator/.
-        shown = cli("status", "--config", str(cfg), "--json", "--timeout", "10")
-        assert shown.returncode == 0, shown.stderr + procs.logs()
-        assert json.loads(shown.stdout)["federation_id"] == "livefed"
-        as_silo = cli(
-            "status", "--config", str(cfg), "--cert", str(fed.silos["a"].cert),
-            "--key", str(fed.silos["a"].key), "--timeout", "10",
-        )  # fmt: skip
-        assert as_silo.returncode == 1 and "refused" in as_silo.stderr, as_silo.stderr
-        assert "operators only" in as_silo.stderr
-        coordinator.wait_for_log(r"refused status to .*spiffe://livefed/silo/a", 10)
-        procs.stop(coordinator)
+    # The CLI with --config only finds the dev operator under <fed>/operators/operator/.
+    shown = cli("status", "--config", str(cfg), "--json", "--timeout", "10")
+    assert shown.returncode == 0, shown.stderr + procs.logs()
+    assert json.loads(shown.stdout)["federation_id"] == "livefed"
+    as_silo = cli(
+        "status", "--config", str(cfg), "--cert", str(fed.silos["a"].cert),
+        "--key", str(fed.silos["a"].key), "--timeout", "10",
+    )  # fmt: skip
+    assert as_silo.returncode == 1 and "refused" in as_silo.stderr, as_silo.stderr
+    assert "operators only" in as_silo.stderr
+    coordinator.wait_for_log(r"refused status to .*spiffe://livefed/silo/a", 10)
+    procs.stop(coordinator)
 
 
 def test_status_names_a_missing_operator_dir(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,16 +18,14 @@ import pytest
 from coordinator.roundlog import RoundLog
 from tests.federation_helpers import (
     RECORDING_SPEC,
-    REPO,
-    Federation,
+    FederationRun,
+    NewFederation,
     Proc,
-    Processes,
-    child_env,
     processes,
     provision,
+    run_module,
     wait_for_port,
     write_coordinator_config,
-    write_silo_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -37,34 +34,18 @@ GRPC_CORE = re.compile(r"^[IWEF]\d{4} ")
 
 
 def coordinator_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_module("coordinator", *args, timeout_s=60)
 
 
-def run_federation(
-    tmp: Path, fed: Federation, cfg: Path, procs: Processes, *extra: str
-) -> list[Proc]:
-    state = tmp / "coord"
-    (state / "coordinator.port").unlink(missing_ok=True)
-    coordinator = procs.coordinator(cfg, *extra)
-    port = wait_for_port(state, coordinator)
-    silos = []
-    for i, name in enumerate(NAMES):
-        toml = write_silo_config(
-            tmp / f"{name}.toml", fed.silos[name], port=port, task_spec=RECORDING_SPEC,
-            options={"silo_index": i, "num_examples": 4 + i, "record_dir": str(tmp / name)},
-        )  # fmt: skip
-        silos.append(procs.silo(name, toml, *extra[-2:]))
-    assert coordinator.wait(120) == 0, procs.logs()
-    for silo in silos:
-        assert silo.wait(30) == 0, procs.logs()
-    return [coordinator, *silos]
+def run_federation(run: FederationRun, cfg: Path, number: int, *extra: str) -> list[Proc]:
+    """The coordinator and both silos started together (run `number`, for their logs' names),
+    until all three have exited."""
+    coordinator = run.start_coordinator(cfg, *extra, name=f"coordinator-{number}")
+    silos = run.start_recording_silos({"a": 4, "b": 5}, *extra[-2:], run=number)
+    assert coordinator.wait(120) == 0, run.logs()
+    for silo in silos.values():
+        assert silo.wait(30) == 0, run.logs()
+    return [coordinator, *silos.values()]
 
 
 def json_lines(proc: Proc) -> list[dict[str, object]]:
@@ -75,15 +56,11 @@ def json_lines(proc: Proc) -> list[dict[str, object]]:
     return [json.loads(x) for x in lines]
 
 
-def test_rollback_to_round_1(tmp_path: Path) -> None:
-    fed = provision(tmp_path / "fed", "rollbackfed", NAMES)
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=3,
-        min_silos=2,
-    )  # fmt: skip
-    with processes(tmp_path / "logs1") as procs:
-        run_federation(tmp_path, fed, cfg, procs)
+def test_rollback_to_round_1(federation: NewFederation) -> None:
+    run = federation("rollbackfed", NAMES)
+    state = run.state
+    cfg = run.coordinator_config("coord.toml", rounds=3, min_silos=2)
+    run_federation(run, cfg, 1)
 
     bad = coordinator_cli("rollback", "--config", str(cfg), "--to", "9")
     assert bad.returncode == 1 and "round 9 is not in the log" in bad.stderr
@@ -93,8 +70,7 @@ def test_rollback_to_round_1(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["next_round"] == 4
 
-    with processes(tmp_path / "logs2") as procs:
-        second = run_federation(tmp_path, fed, cfg, procs, "--rounds", "4", "--log-format", "json")
+    second = run_federation(run, cfg, 2, "--rounds", "4", "--log-format", "json")
     assert not (state / "rollback.json").exists(), "the intent must be used once only"
 
     with RoundLog.open_readonly(state / "rounds.sqlite") as log:
@@ -151,7 +127,7 @@ def test_serve_and_rollback_refuse_a_damaged_intent(tmp_path: Path) -> None:
     state.mkdir()
     cfg = write_coordinator_config(
         tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=1,
-        min_silos=2, start_timeout_s=5,
+        min_silos=2, start_timeout_s=1,
     )  # fmt: skip
     intent = state / "rollback.json"
     intent.write_bytes(b'{"to": "one"}')
@@ -178,5 +154,5 @@ def test_serve_and_rollback_refuse_a_damaged_intent(tmp_path: Path) -> None:
     with processes(tmp_path / "logs2") as procs:
         coordinator = procs.coordinator(cfg)
         wait_for_port(state, coordinator)
-        assert coordinator.wait(60) == 1, coordinator.log()  # no silos within 5 s
+        assert coordinator.wait(60) == 1, coordinator.log()  # no silos within 1 s
     assert "is damaged" not in coordinator.log()

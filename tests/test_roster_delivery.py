@@ -39,7 +39,7 @@ from tests.federation_helpers import (
 )
 from tests.test_roster_update import FED, reenroll
 
-HEARTBEAT_S = 0.3
+QUIET_S = 0.3  # how long "nothing else arrives" is watched, in units
 WAIT_S = 20.0
 
 
@@ -60,9 +60,8 @@ def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
         task_spec=RECORDING_SPEC,
         rounds=1,
         min_silos=3,
-        heartbeat_s=HEARTBEAT_S,
     )
-    with coordinator_in_process(cfg, idle_heartbeat_s=HEARTBEAT_S, finished=False) as running:
+    with coordinator_in_process(cfg, finished=False) as running:
         yield Coordinator(fed, running.hub, running.port)
 
 
@@ -72,7 +71,7 @@ def link(
 ) -> Iterator[queue.Queue[pb.CoordinatorMessage]]:
     """A bare stream for `silo` whose hello pins `pinned`; what arrives is put in the queue."""
     tls = TlsMaterial(silo.ca_cert.read_bytes(), silo.cert.read_bytes(), silo.key.read_bytes())
-    conn = Link(f"127.0.0.1:{port}", tls, server_name="localhost", heartbeat_s=HEARTBEAT_S)
+    conn = Link(f"127.0.0.1:{port}", tls, server_name="localhost")
     hello = pb.Hello(silo_id=f"spiffe://{FED}/silo/{silo.name}", roster_digest=pinned.digest())
     inbox: queue.Queue[pb.CoordinatorMessage] = queue.Queue()
 
@@ -92,10 +91,10 @@ def link(
         reader.join(10)
 
 
-def non_heartbeats(
+def first_messages(
     inbox: queue.Queue[pb.CoordinatorMessage], n: int, within_s: float
 ) -> list[pb.CoordinatorMessage]:
-    """The first `n` messages other than heartbeats (fewer if `within_s` runs out)."""
+    """The first `n` messages (fewer if `within_s` runs out)."""
     found: list[pb.CoordinatorMessage] = []
     deadline = time.monotonic() + within_s
     while len(found) < n and (left := deadline - time.monotonic()) > 0:
@@ -103,8 +102,7 @@ def non_heartbeats(
             message = inbox.get(timeout=left)
         except queue.Empty:
             break
-        if message.WhichOneof("kind") != "heartbeat":
-            found.append(message)
+        found.append(message)
     return found
 
 
@@ -155,7 +153,7 @@ def test_a_silo_pinning_an_older_roster_gets_the_signed_one_right_after_welcome(
         pinned = _roster(silo.roster)
         reenroll(c.fed.root, tmp_path / "site-c", "c")  # the coordinator's roster: v4, signed
         with link(c.port, silo, pinned) as inbox:
-            got = non_heartbeats(inbox, 2, WAIT_S)
+            got = first_messages(inbox, 2, WAIT_S)
         assert kinds(got) == ["welcome", "roster_update"]
         update = got[1]
         assert update.roster_update.roster_json == c.fed.roster.read_bytes()
@@ -163,7 +161,7 @@ def test_a_silo_pinning_an_older_roster_gets_the_signed_one_right_after_welcome(
         assert update.roster_update.signature == signature
         # A silo pinning the coordinator's roster gets none.
         with link(c.port, c.fed.silos["b"], _roster(c.fed.roster)) as inbox:
-            assert kinds(non_heartbeats(inbox, 2, 6 * HEARTBEAT_S)) == ["welcome"]
+            assert kinds(first_messages(inbox, 2, 6 * QUIET_S)) == ["welcome"]
 
 
 def test_the_runner_adopts_the_roster_and_its_next_round_uses_it(
@@ -197,7 +195,7 @@ def test_a_changed_roster_goes_to_every_connected_silo(
             roster = reenroll(c.fed.root, c_files.dir, "c")
             pki.write_public(c_files.roster, c.fed.roster.read_bytes())
             with link(c.port, c_files, roster) as inbox:
-                assert kinds(non_heartbeats(inbox, 1, WAIT_S)) == ["welcome"]
+                assert kinds(first_messages(inbox, 1, WAIT_S)) == ["welcome"]
                 wait_until(lambda: _roster(a.roster).version == 4, "a to adopt roster v4")
         assert "sent the signed roster version 4 to 1 connected silos" in caplog.text
 
@@ -212,6 +210,6 @@ def test_an_unsigned_roster_is_not_sent_and_the_coordinator_says_why(
         reenroll(c.fed.root, tmp_path / "site-c", "c")
         pki.roster_signature_path(c.fed.roster).unlink()
         with link(c.port, silo, pinned) as inbox:
-            assert kinds(non_heartbeats(inbox, 2, 6 * HEARTBEAT_S)) == ["welcome"]
+            assert kinds(first_messages(inbox, 2, 6 * QUIET_S)) == ["welcome"]
         assert "roster version 4 cannot be sent to silos" in caplog.text
         assert "sign-roster" in caplog.text

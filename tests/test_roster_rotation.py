@@ -13,38 +13,35 @@ coordinator.secure_round.quantisation_bound.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from coordinator import pki
 from coordinator.cli import main as coordinator_cli
 from coordinator.roundlog import RoundLog
-from coordinator.secure_round import SecAggSettings
+from coordinator.secure_round import SecAggSettings, WeightingMode
 from secagg.identity import Roster
 from silo_agent.enroll import generate_key_and_csr
 from silo_agent.ledger import LEDGER_FILENAME, read_ledger
 from silo_agent.roster_update import backup_path
-from tests.federation_helpers import (
-    RECORDING_SPEC,
-    Federation,
-    Proc,
-    check_fedavg,
-    processes,
-    provision,
-    wait_for_port,
-    write_coordinator_config,
-    write_recording_silo_config,
-)
+from tests.federation_helpers import Federation, NewFederation, Proc, check_fedavg
 
 pytestmark = pytest.mark.e2e
 
 FED = "rot"
 NAMES = ("a", "b", "c", "d")
 EXAMPLES = {"a": 31, "b": 7, "c": 19, "d": 40}
-SECAGG = {"clip_l2": 100.0, "threshold": 3, "n_colluders": 1, "weight_max": 40}
+# Example weighting: the silos opt in (start), the check uses each silo's count.
+SECAGG = {
+    "clip_l2": 100.0,
+    "threshold": 3,
+    "n_colluders": 1,
+    "weight_max": 40,
+    "weighting": "examples",
+}
 # SECAGG as the coordinator reads it (to rebuild each round's configuration and its bound).
-SETTINGS = SecAggSettings(clip_l2=100.0, threshold=3, n_colluders=1, weight_max=40)
+SETTINGS = SecAggSettings(
+    clip_l2=100.0, threshold=3, n_colluders=1, weight_max=40, weighting=WeightingMode.EXAMPLES
+)
 ROUNDS = 3
 
 
@@ -68,16 +65,12 @@ def _reenroll(fed: Federation, name: str) -> Roster:
 
 
 def test_a_reenrolled_silo_comes_back_and_the_others_adopt_the_signed_roster(
-    tmp_path: Path,
+    federation: NewFederation,
 ) -> None:
-    fed = provision(tmp_path / "fed", FED, NAMES)
+    run = federation(FED, NAMES)
+    tmp_path, fed, state = run.root, run.fed, run.state
     assert Roster.from_json(fed.roster.read_text()).version == 4
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "c.toml",
-        fed,
-        state_dir=state,
-        task_spec=RECORDING_SPEC,
+    cfg = run.coordinator_config(
         rounds=ROUNDS,
         min_silos=4,  # every round waits for all four: the last ones need c's new identity
         aggregation="secagg",
@@ -86,33 +79,29 @@ def test_a_reenrolled_silo_comes_back_and_the_others_adopt_the_signed_roster(
         train_s=30.0,
         start_timeout_s=60.0,
     )
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        port = wait_for_port(state, coordinator)
+    procs = run.procs
+    coordinator = run.start_coordinator(cfg)
 
-        def start(name: str, run: int, *extra: str) -> Proc:
-            toml = write_recording_silo_config(
-                tmp_path / f"{name}-{run}.toml",
-                fed,
-                name,
-                port=port,
-                num_examples=EXAMPLES[name],
-                record_root=tmp_path / "sent",
-                allow_plaintext_insecure=False,
-            )
-            return procs.silo(f"{name}-{run}", toml, *extra)
+    def start(name: str, number: int, *extra: str) -> Proc:
+        examples = {name: EXAMPLES[name]}  # recorded under tmp_path / "sent"
+        started = run.start_recording_silos(
+            examples,
+            *extra,
+            run=number,
+            allow_plaintext_insecure=False,
+            allow_example_weighting=True,
+        )
+        return started[name]
 
-        silos = {
-            name: start(name, 0, *(("--rounds", "1") if name == "c" else ())) for name in NAMES
-        }
-        assert silos["c"].wait(90) == 0, procs.logs()  # c took part in round 1 and left
-        new_roster = _reenroll(fed, "c")
-        assert new_roster.version == 5
-        silos["c"] = start("c", 1)
-        assert coordinator.wait(120) == 0, procs.logs()
-        for name, proc in silos.items():
-            assert proc.wait(30) == 0, (name, procs.logs())
-        logs = {name: proc.log() for name, proc in silos.items()}
+    silos = {name: start(name, 0, *(("--rounds", "1") if name == "c" else ())) for name in NAMES}
+    assert silos["c"].wait(90) == 0, procs.logs()  # c took part in round 1 and left
+    new_roster = _reenroll(fed, "c")
+    assert new_roster.version == 5
+    silos["c"] = start("c", 1)
+    assert coordinator.wait(120) == 0, procs.logs()
+    for name, proc in silos.items():
+        assert proc.wait(30) == 0, (name, procs.logs())
+    logs = {name: proc.log() for name, proc in silos.items()}
 
     # The coordinator's round log: every round completed, none refused for the roster.
     log = RoundLog.open_readonly(state / "rounds.sqlite")

@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from coordinator.roundlog import RoundLog
-from coordinator.secure_round import SecAggSettings
+from coordinator.secure_round import SecAggSettings, WeightingMode
 from tests.federation_helpers import (
-    RECORDING_SPEC,
+    FederationRun,
     Proc,
     Processes,
     check_fedavg,
     processes,
-    provision,
     run_module,
-    wait_for_port,
-    write_coordinator_config,
-    write_recording_silo_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -49,9 +46,18 @@ KILLS = (
 ABORT_ROUND, ABORT_KILLED = 6, ("s1", "s2", "s3")
 # n_colluders 1 is the silos' default floor for 5 invited (⌊(5−1)/3⌋), so t = ⌊(5+1)/2⌋+1 = 4:
 # one silo lost per round is survivable, three are not.
-SECAGG = {"clip_l2": 100.0, "threshold": 4, "n_colluders": 1, "weight_max": 40}
+# Example weighting: the silos opt in (start), the check uses each silo's count.
+SECAGG = {
+    "clip_l2": 100.0,
+    "threshold": 4,
+    "n_colluders": 1,
+    "weight_max": 40,
+    "weighting": "examples",
+}
 # SECAGG as the coordinator reads it (to rebuild each round's configuration and its bound).
-SETTINGS = SecAggSettings(clip_l2=100.0, threshold=4, n_colluders=1, weight_max=40)
+SETTINGS = SecAggSettings(
+    clip_l2=100.0, threshold=4, n_colluders=1, weight_max=40, weighting=WeightingMode.EXAMPLES
+)
 
 
 def _silo_id(name: str) -> str:
@@ -62,13 +68,14 @@ def _silo_id(name: str) -> str:
 def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Runs the whole federation once; returns its folder (the coordinator's state in coord/)."""
     tmp_path = tmp_path_factory.mktemp("secure")
-    fed = provision(tmp_path / "fed", "sec", NAMES)
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "c.toml",
-        fed,
-        state_dir=state,
-        task_spec=RECORDING_SPEC,
+    with processes(tmp_path / "logs") as procs:
+        _run_secure_federation(FederationRun.provision(tmp_path, procs, "sec", NAMES))
+    return tmp_path
+
+
+def _run_secure_federation(run: FederationRun) -> None:
+    fed, procs = run.fed, run.procs
+    cfg = run.coordinator_config(
         rounds=6,  # completed rounds: 7 rounds in all with the aborted one
         min_silos=5,  # wait for all five (restarted ones too) before each round
         aggregation="secagg",
@@ -76,38 +83,34 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         offer_s=60.0,
         train_s=60.0,
         start_timeout_s=120.0,
+        # The backoff after round 6's abort is not what this test looks at.
+        rounds_extra={"abort_backoff_initial_s": 0.2},
     )
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        port = wait_for_port(state, coordinator)
+    coordinator = run.start_coordinator(cfg)
 
-        def start(name: str, pause: str | None, in_round: int | None, run: int) -> Proc:
-            toml = write_recording_silo_config(
-                tmp_path / f"{name}-{run}.toml",
-                fed,
-                name,
-                port=port,
-                num_examples=EXAMPLES[name],
-                record_root=tmp_path / "sent",
-                allow_plaintext_insecure=False,
-                pause_after_phase=pause,
-                pause_in_round=in_round,
-            )
-            return procs.silo(f"{name}-{run}", toml)
+    def start(name: str, pause: str | None, in_round: int | None, number: int) -> Proc:
+        started = run.start_recording_silos(
+            {name: EXAMPLES[name]},  # recorded under tmp_path / "sent"
+            run=number,
+            allow_plaintext_insecure=False,
+            allow_example_weighting=True,
+            pause_after_phase=pause,
+            pause_in_round=in_round,
+        )
+        return started[name]
 
-        silos = {}
-        for round_id, name, point, _ in KILLS:
-            silos[name] = start(name, point, round_id, 0)
-        for _round, name, point, _ in KILLS:
-            _kill_when_paused(procs, silos[name], fed.silos[name].dir / "state", point)
-            # Restarted; s1-s3 will freeze after advertising in the aborting round.
-            again = ("advertise", ABORT_ROUND) if name in ABORT_KILLED else (None, None)
-            silos[name] = start(name, *again, run=1)
-        for name in ABORT_KILLED:
-            _kill_when_paused(procs, silos[name], fed.silos[name].dir / "state", "advertise")
-            silos[name] = start(name, None, None, run=2)
-        assert coordinator.wait(180) == 0, procs.logs()
-    return tmp_path
+    silos = {}
+    for round_id, name, point, _ in KILLS:
+        silos[name] = start(name, point, round_id, 0)
+    for _round, name, point, _ in KILLS:
+        _kill_when_paused(procs, silos[name], fed.silos[name].dir / "state", point)
+        # Restarted; s1-s3 will freeze after advertising in the aborting round.
+        again = ("advertise", ABORT_ROUND) if name in ABORT_KILLED else (None, None)
+        silos[name] = start(name, *again, number=1)
+    for name in ABORT_KILLED:
+        _kill_when_paused(procs, silos[name], fed.silos[name].dir / "state", "advertise")
+        silos[name] = start(name, None, None, number=2)
+    assert coordinator.wait(180) == 0, procs.logs()
 
 
 def test_kill_a_silo_after_each_phase_then_three(secure_run: Path) -> None:
@@ -200,16 +203,29 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_auditor_commands_on_the_secure_federations_log(secure_run: Path) -> None:
     """Issue 5 on a real log with dropouts at every phase and an aborted round."""
     state = str(secure_run / "coord")
-    listed = _cli("rounds", "list", "--state-dir", state, "--json")
+    png = secure_run / "score.png"
+    commands = {
+        "list": ("rounds", "list", "--state-dir", state, "--json"),
+        "show aborted": ("rounds", "show", str(ABORT_ROUND), "--state-dir", state),
+        "show 3": ("rounds", "show", "3", "--state-dir", state, "--json"),
+        "export": ("rounds", "export", "--format", "csv", "--state-dir", state),
+        "plot": ("rounds", "plot", "--metric", "eval_score", "-o", str(png), "--state-dir", state),
+        "show 99": ("rounds", "show", "99", "--state-dir", state),
+    }
+    # Read-only commands on one finished log, independent of each other: they run at once (each
+    # is mostly a Python process start).
+    with ThreadPoolExecutor(len(commands)) as pool:
+        ran = dict(zip(commands, pool.map(lambda a: _cli(*a), commands.values()), strict=True))
+    listed = ran["list"]
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)["rounds"]
     assert [r["status"] for r in rows] == ["completed"] * 5 + ["aborted", "completed"]
     assert [r["dropped"] for r in rows[:4]] == [1, 1, 1, 1]
 
-    aborted = _cli("rounds", "show", str(ABORT_ROUND), "--state-dir", state)
+    aborted = ran["show aborted"]
     assert aborted.returncode == 0, aborted.stderr
     assert "THRESHOLD_VIOLATION in phase share_keys" in aborted.stdout
-    shown = json.loads(_cli("rounds", "show", "3", "--state-dir", state, "--json").stdout)
+    shown = json.loads(ran["show 3"].stdout)
     assert shown["aggregation"] == "secagg"
     assert [(d["silo_id"], d["phase"]) for d in shown["dropouts"]] == [(_silo_id("s3"), "masked")]
     assert set(shown["participants"]) >= {"invited", "U1", "U2", "U3", "U4", "U5", "finished"}
@@ -217,13 +233,12 @@ def test_auditor_commands_on_the_secure_federations_log(secure_run: Path) -> Non
         "advertise", "share_keys", "masked", "consistency", "unmask"
     ]  # fmt: skip
 
-    csv_out = _cli("rounds", "export", "--format", "csv", "--state-dir", state)
+    csv_out = ran["export"]
     assert csv_out.returncode == 0 and "THRESHOLD_VIOLATION" in csv_out.stdout
-    png = secure_run / "score.png"
-    plotted = _cli("rounds", "plot", "--metric", "eval_score", "-o", str(png), "--state-dir", state)
+    plotted = ran["plot"]
     assert plotted.returncode == 0, plotted.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "5 silos" in plotted.stdout and "dropouts marked" in plotted.stdout
 
-    missing = _cli("rounds", "show", "99", "--state-dir", state)
+    missing = ran["show 99"]
     assert missing.returncode != 0 and "99" in missing.stderr

@@ -10,53 +10,29 @@ that will not send its update in the clear.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
 from coordinator.roundlog import RoundLog
-from tests.federation_helpers import (
-    RECORDING_SPEC,
-    processes,
-    provision,
-    wait_for_port,
-    write_coordinator_config,
-    write_recording_silo_config,
-)
+from tests.federation_helpers import NewFederation
 
 pytestmark = pytest.mark.e2e
 
 NAMES = ("a", "b", "c")
 
 
-def test_dp_rounds_record_noise_and_privacy_spent(tmp_path: Path) -> None:
-    fed = provision(tmp_path / "fed", "dp", NAMES)
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "c.toml",
-        fed,
-        state_dir=state,
-        task_spec=RECORDING_SPEC,
+def test_dp_rounds_record_noise_and_privacy_spent(federation: NewFederation) -> None:
+    run = federation("dp", NAMES)
+    state = run.state
+    cfg = run.coordinator_config(
         rounds=2,
         min_silos=3,
         aggregation="secagg",
         secagg={"clip_l2": 1.0, "noise_multiplier": 1.5},
     )
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        port = wait_for_port(state, coordinator)
-        for name in NAMES:
-            toml = write_recording_silo_config(
-                tmp_path / f"{name}.toml",
-                fed,
-                name,
-                port=port,
-                num_examples=10,
-                record_root=tmp_path / "sent",
-                allow_plaintext_insecure=False,
-            )
-            procs.silo(name, toml)
-        assert coordinator.wait(120) == 0, procs.logs()
+    coordinator = run.start_coordinator(cfg)
+    run.start_recording_silos(dict.fromkeys(NAMES, 10), allow_plaintext_insecure=False)
+    assert coordinator.wait(120) == 0, run.logs()
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     try:
         privacy = [log.round_detail(r).privacy for r in (1, 2)]
@@ -77,46 +53,30 @@ def test_dp_rounds_record_noise_and_privacy_spent(tmp_path: Path) -> None:
 
 
 def test_a_round_that_cannot_be_configured_is_logged_once_and_the_coordinator_gives_up(
-    tmp_path: Path,
+    federation: NewFederation,
 ) -> None:
     """[secagg] threshold 4 with 3 silos: each attempt is recorded as aborted with the reason,
     the coordinator backs off between attempts instead of spinning, and after
     [rounds] max_consecutive_aborts attempts of that one cause it exits 4 with a diagnosis that
     says what to fix (also kept in the last round's log entry)."""
-    fed = provision(tmp_path / "fed", "bad", NAMES)
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "c.toml",
-        fed,
-        state_dir=state,
-        task_spec=RECORDING_SPEC,
+    run = federation("bad", NAMES)
+    state = run.state
+    cfg = run.coordinator_config(
         rounds=1,
         min_silos=3,
         aggregation="secagg",
         secagg={"clip_l2": 1.0, "threshold": 4, "n_colluders": 0},
         rounds_extra={"max_consecutive_aborts": 3, "abort_backoff_initial_s": 0.5},
     )
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        port = wait_for_port(state, coordinator)
-        for name in NAMES:
-            toml = write_recording_silo_config(
-                tmp_path / f"{name}.toml",
-                fed,
-                name,
-                port=port,
-                num_examples=10,
-                record_root=tmp_path,
-                allow_plaintext_insecure=False,
-            )
-            procs.silo(name, toml)
-        assert coordinator.wait(60) == 4, procs.logs()
-        coordinator.wait_for_log(
-            r"stopping: the federation cannot make progress: 3 rounds in a row \(1-3\) aborted "
-            r"with cause CANNOT_CONFIGURE",
-            1,
-        )
-        coordinator.wait_for_log(r"What to do: no secure round can be configured", 1)
+    coordinator = run.start_coordinator(cfg)
+    run.start_recording_silos(dict.fromkeys(NAMES, 10), allow_plaintext_insecure=False)
+    assert coordinator.wait(60) == 4, run.logs()
+    coordinator.wait_for_log(
+        r"stopping: the federation cannot make progress: 3 rounds in a row \(1-3\) aborted "
+        r"with cause CANNOT_CONFIGURE",
+        1,
+    )
+    coordinator.wait_for_log(r"What to do: no secure round can be configured", 1)
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     try:
         rounds = log.rounds()
@@ -135,36 +95,24 @@ def test_a_round_that_cannot_be_configured_is_logged_once_and_the_coordinator_gi
     assert stalled["rounds"] == [1, 2, 3]
 
 
-def test_a_silo_declines_the_plaintext_baseline_unless_it_opted_in(tmp_path: Path) -> None:
-    fed = provision(tmp_path / "fed", "plain", NAMES)
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "c.toml",
-        fed,
-        state_dir=state,
-        task_spec=RECORDING_SPEC,
-        rounds=1,
-        min_silos=2,
-        start_silos=3,
-        aggregation="plaintext-insecure",
+def test_a_silo_declines_the_plaintext_baseline_unless_it_opted_in(
+    federation: NewFederation,
+) -> None:
+    run = federation("plain", NAMES)
+    tmp_path, state = run.root, run.state
+    cfg = run.coordinator_config(
+        rounds=1, min_silos=2, start_silos=3, aggregation="plaintext-insecure"
     )
-    with processes(tmp_path / "logs") as procs:
-        coordinator = procs.coordinator(cfg)
-        port = wait_for_port(state, coordinator)
-        silos = {}
-        for name in NAMES:
-            toml = write_recording_silo_config(
-                tmp_path / f"{name}.toml",
-                fed,
-                name,
-                port=port,
-                num_examples=10,
-                record_root=tmp_path,
-                allow_plaintext_insecure=name != "c",  # c keeps the default: masked only
-            )
-            silos[name] = procs.silo(name, toml)
-        assert coordinator.wait(120) == 0, procs.logs()
-        silos["c"].wait_for_log(r"declining aggregation 'plaintext-insecure'", 10)
+    coordinator = run.start_coordinator(cfg)
+    silos = {
+        **run.start_recording_silos({"a": 10, "b": 10}, record_root=tmp_path),
+        # c keeps the default: masked only
+        **run.start_recording_silos(
+            {"c": 10}, record_root=tmp_path, allow_plaintext_insecure=False
+        ),
+    }
+    assert coordinator.wait(120) == 0, run.logs()
+    silos["c"].wait_for_log(r"declining aggregation 'plaintext-insecure'", 10)
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     try:
         detail = log.round_detail(1)

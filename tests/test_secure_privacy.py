@@ -54,7 +54,7 @@ class WideRecordingTask:
         return dict(options)
 
     def train(self, model: torch.nn.Module, data: Any, params: Mapping[str, Any]) -> Any:
-        from silo_agent.task import TrainResult
+        from silofed import TrainResult
 
         gen = torch.Generator().manual_seed(17 + int(data["silo_index"]))
         step = torch.randn(D, generator=gen) * 0.01
@@ -99,7 +99,7 @@ def test_masked_vectors_are_independent_of_updates_yet_sum_right(tmp_path: Path)
 
     outcome: list[Outcome] = []
     with (
-        coordinator_in_process(cfg_path, idle_heartbeat_s=2.0, on_receive=record) as coordinator,
+        coordinator_in_process(cfg_path, on_receive=record) as coordinator,
         processes(tmp_path / "logs") as procs,
     ):
         for i, name in enumerate(NAMES):

@@ -82,7 +82,7 @@ def test_new_global_equals_fedavg_over_survivors(drop: str | None) -> None:
 def test_defaults_follow_secagg_section_9() -> None:
     cfg = _config(5)
     assert cfg.n_colluders == 1 and cfg.threshold == 4
-    assert cfg.ring_bits == 32 and cfg.weighting == Weighting.EXAMPLES
+    assert cfg.ring_bits == 32 and cfg.weighting == Weighting.UNIFORM
     assert list(cfg.invited) == sorted(cfg.invited, key=str.encode)
     assert [s.name for s in cfg.layout] == list(_model_state())
 

@@ -1,4 +1,5 @@
-"""Task specs: both loaders resolve real tasks and name the spec and the fault otherwise."""
+"""Task specs: both loaders (the silo's whole task, the coordinator's model factory) resolve real
+tasks and name the spec and the fault otherwise."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator import task as coordinator_task
-from silo_agent import task as silo_task
-from silo_agent.task import TrainResult
+from silofed import Task, TrainResult
+from silofed.task import TaskLoadError, load_model_factory, load_task
 
 HOSPITAL = "examples.hospital.task:TASK"
 
@@ -31,18 +31,18 @@ NESTED = _Namespace()
 
 
 def test_silo_loader_returns_a_usable_task() -> None:
-    task = silo_task.load_task(HOSPITAL)
-    assert isinstance(task, silo_task.Task)
+    task = load_task(HOSPITAL)
+    assert isinstance(task, Task)
     assert task.name == "hospital-breast-cancer"
     assert isinstance(task.build_model(), torch.nn.Module)
 
 
 def test_coordinator_factory_builds_identical_models() -> None:
-    factory = coordinator_task.load_model_factory(HOSPITAL)
+    factory = load_model_factory(HOSPITAL)
     a, b = factory().state_dict(), factory().state_dict()
     assert sorted(a) == sorted(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    silo_side = silo_task.load_task(HOSPITAL).build_model().state_dict()
+    silo_side = load_task(HOSPITAL).build_model().state_dict()
     assert all(torch.equal(a[k], silo_side[k]) for k in a)
 
 
@@ -59,23 +59,23 @@ def test_coordinator_factory_builds_identical_models() -> None:
     ],
 )
 def test_bad_specs_name_the_spec_and_the_fault(spec: str, fragment: str) -> None:
-    for load in (silo_task.load_task, coordinator_task.load_model_factory):
-        with pytest.raises((silo_task.TaskLoadError, coordinator_task.TaskLoadError)) as info:
+    for load in (load_task, load_model_factory):
+        with pytest.raises(TaskLoadError) as info:
             load(spec)
         assert repr(spec) in str(info.value)
         assert fragment in str(info.value)
 
 
 def test_object_without_task_methods_is_refused() -> None:
-    with pytest.raises(silo_task.TaskLoadError, match="lacks.*load_data, train, evaluate"):
-        silo_task.load_task("tests.test_task:NOT_A_MODEL")
-    with pytest.raises(coordinator_task.TaskLoadError, match="has no build_model"):
-        coordinator_task.load_model_factory("math:pi")
+    with pytest.raises(TaskLoadError, match="lacks.*load_data, train, evaluate"):
+        load_task("tests.test_task:NOT_A_MODEL")
+    with pytest.raises(TaskLoadError, match="has no build_model"):
+        load_model_factory("math:pi")
 
 
 def test_factory_refuses_a_non_module_model() -> None:
-    factory = coordinator_task.load_model_factory("tests.test_task:NESTED.inner")
-    with pytest.raises(coordinator_task.TaskLoadError, match="returned str"):
+    factory = load_model_factory("tests.test_task:NESTED.inner")
+    with pytest.raises(TaskLoadError, match="returned str"):
         factory()
 
 
@@ -85,10 +85,10 @@ def test_import_error_inside_the_task_module_is_reported(
     (tmp_path / "broken_task_mod.py").write_text("raise RuntimeError('needs a GPU')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "broken_task_mod", raising=False)
-    with pytest.raises(silo_task.TaskLoadError, match="RuntimeError: needs a GPU"):
-        silo_task.load_task("broken_task_mod:TASK")
-    with pytest.raises(coordinator_task.TaskLoadError, match="RuntimeError: needs a GPU"):
-        coordinator_task.load_model_factory("broken_task_mod:TASK")
+    with pytest.raises(TaskLoadError, match="RuntimeError: needs a GPU"):
+        load_task("broken_task_mod:TASK")
+    with pytest.raises(TaskLoadError, match="RuntimeError: needs a GPU"):
+        load_model_factory("broken_task_mod:TASK")
 
 
 def test_train_result_validates() -> None:

@@ -73,7 +73,7 @@ def coordinator_config(fed: Any, state: Path) -> dict[str, Mapping[str, Any]]:
             "aggregation": AGGREGATION,
             "start_timeout_s": 60,
         },
-        "deadlines": {"offer_s": 30, "train_s": 60, "heartbeat_s": 5},
+        "deadlines": {"offer_s": 30, "train_s": 60},
         "train": dict(TRAIN),
         "secagg": dict(SECAGG),
     }

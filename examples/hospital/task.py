@@ -32,7 +32,7 @@ from examples.hospital.data import (
     Split,
     silo_data,
 )
-from silo_agent.task import TrainResult
+from silofed import TrainResult
 
 HIDDEN = 16
 MODEL_SEED = 1729

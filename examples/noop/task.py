@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from silo_agent.task import TrainResult
+from silofed import TrainResult
 
 PARAMS_ENV = "SILOFED_NOOP_PARAMS"
 DEFAULT_PARAMS = 1_000_000

@@ -83,7 +83,10 @@ class Round:
     tamper: Callable[[str, bytes], bytes] | None = None
     policies: dict[str, SiloPolicy] = field(default_factory=dict)
     # the policy of every silo not in `policies`
-    default_policy: SiloPolicy = field(default_factory=lambda: SiloPolicy(last_round_id=0))
+    # Example-weighted rounds need the silos' opt-in; the harness's silos give it.
+    default_policy: SiloPolicy = field(
+        default_factory=lambda: SiloPolicy(last_round_id=0, allow_example_weighting=True)
+    )
     # silo id -> the digest of the model's tensors the driver would pass (None: the file hash)
     model_digests: dict[str, bytes] = field(default_factory=dict)
     keep_ring_sum: bool = True  # tests check the exact ring sum; benchmarks turn it off

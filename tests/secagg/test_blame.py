@@ -544,7 +544,7 @@ def test_a_silo_may_refuse_example_weighted_rounds() -> None:
     assert "allow_example_weighting" in str(exc.value)
     assert offer(uniform, False).stage is SiloStage.ADVERTISED
     assert offer(examples, True).stage is SiloStage.ADVERTISED
-    assert SiloPolicy(0).allow_example_weighting
+    assert not SiloPolicy(0).allow_example_weighting  # the default: refuse
 
 
 # --- messages -------------------------------------------------------------------------------
