@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from coordinator.roundlog import RoundDetail, RoundLog  # noqa: E402
+from coordinator.storage.roundlog import RoundDetail, RoundLog  # noqa: E402
 from examples.noop.task import PARAMS_ENV  # noqa: E402
 from tests.federation_helpers import (  # noqa: E402
     Proc,

@@ -14,7 +14,11 @@ import os
 # command module can import grpc, so those causes reach the coordinator's log.
 os.environ.setdefault("GRPC_VERBOSITY", "INFO")
 
-from coordinator import cmd_pki, cmd_rollback, cmd_rounds, cmd_serve, cmd_status
+from coordinator.commands import pki as cmd_pki
+from coordinator.commands import rollback as cmd_rollback
+from coordinator.commands import rounds as cmd_rounds
+from coordinator.commands import serve as cmd_serve
+from coordinator.commands import status as cmd_status
 from silofed.cli import Program
 
 PROGRAM = Program(

@@ -5,8 +5,9 @@ as `<file>: [table] key <problem>` (`ConfigError`, one line per problem). Unknow
 are refused with a "did you mean". Relative paths are resolved against the config file's folder.
 The file's schema is the strict models below (silofed.config_schema); the rest of the
 coordinator sees only the frozen dataclasses. Nothing else in the coordinator reads TOML or
-environment variables, except coordinator.metrics rereading `[metrics] listen` and
-coordinator.debug_pause rereading `[debug] pause_after_phase` (their tables are checked here too).
+environment variables, except coordinator.observability.metrics rereading `[metrics] listen` and
+coordinator.runtime.debug_pause rereading `[debug] pause_after_phase` (their tables are checked
+here too).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
-from coordinator.aggregation import AggregationError, PlaintextLimits, check_aggregation_name
-from coordinator.secure_round import SECAGG, SecAggSettings, WeightingMode
+from coordinator.rounds.fedavg import AggregationError, PlaintextLimits, check_aggregation_name
+from coordinator.rounds.secure_config import SECAGG, SecAggSettings, WeightingMode
 from secagg.train_params import TrainParamsError, canonical_train_params, parse_train_params
 from silofed import config_schema as schema
 from silofed.config_schema import Problem, StrictModel, TaskTable, TlsFiles, TlsPaths, load_model
@@ -212,13 +213,15 @@ class _Plaintext(StrictModel):
 
 
 class _Metrics(StrictModel):
-    """Read again, for its listen address, by coordinator.metrics when the server starts."""
+    """Read again, for its listen address, by coordinator.observability.metrics when the server
+    starts."""
 
     listen: schema.HostPort
 
 
 class _Debug(StrictModel):
-    """Fault injection for tests. The point's name is checked by coordinator.debug_pause, which
+    """Fault injection for tests. The point's name is checked by coordinator.runtime.debug_pause,
+    which
     reads it from the file again (it imports this module, so the names cannot live here)."""
 
     pause_after_phase: str | None = None

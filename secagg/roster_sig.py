@@ -2,9 +2,9 @@
 before it adopts a roster version the coordinator delivered.
 
 Pure: bytes and parsed objects in, values or exceptions out; nothing here reads files, clocks or
-sockets. The signer (coordinator.pki) writes the signature beside the roster as
+sockets. The signer (coordinator.pki.authority) writes the signature beside the roster as
 `roster.json.sig`; the coordinator relays both over the stream; the silo checks them with
-`check_update` and writes them itself (silo_agent.roster_update).
+`check_update` and writes them itself (silo_agent.pki.roster_update).
 
 The signature is ECDSA P-256/SHA-256 (deterministic, RFC 6979) by the federation CA key over
 `DOMAIN ‖ the exact roster file bytes`. The domain prefix keeps it from ever being valid as any

@@ -7,7 +7,10 @@ process exit code.
 
 from __future__ import annotations
 
-from silo_agent import cmd_check, cmd_enroll, cmd_ledger, cmd_run
+from silo_agent.commands import check as cmd_check
+from silo_agent.commands import enroll as cmd_enroll
+from silo_agent.commands import ledger as cmd_ledger
+from silo_agent.commands import run as cmd_run
 from silofed.cli import Program
 
 PROGRAM = Program(

@@ -29,7 +29,7 @@ class ConfigError(schema.ConfigError):
 @dataclass(frozen=True, slots=True)
 class SiloTls(TlsPaths):
     # "signed": adopt a newer roster the coordinator delivers when the pinned CA signed it;
-    # "manual": never change the pinned roster (silo_agent.roster_update).
+    # "manual": never change the pinned roster (silo_agent.pki.roster_update).
     roster_updates: str = "signed"
 
 

@@ -22,7 +22,8 @@ silo agent sets itself (the coordinator may not send them):
   coordinator chose, so a retrained update never repeats bit for bit at the coordinator's wish;
 - ``params["progress"]``: a callable ``progress(done, total)`` the task SHOULD call as training
   advances (two numbers in any unit it likes: batches, steps, epochs; ``done <= total``). On a
-  terminal the silo draws a progress bar from it (silo_agent.progress). Once the round is over
+  terminal the silo draws a progress bar from it (silo_agent.observability.progress). Once the
+  round is over
   (aborted, or finished without this silo) it raises `TrainingCancelled`: let it propagate, so
   an abandoned round stops training at the next step instead of running to the end. It must not
   be stored beyond the call to `train`. Check ``callable(params.get("progress"))`` first: a task

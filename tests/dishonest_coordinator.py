@@ -47,14 +47,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from safetensors.torch import save as st_save
 
-from coordinator.secure_round import (
+from coordinator.rounds.secure_config import (
     SecAggSettings,
     WeightingMode,
     build_round_config,
     layout_of,
     quantisation_bound,
 )
-from coordinator.server import SERVER_OPTIONS
+from coordinator.transport.server import SERVER_OPTIONS
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from protos.names import STATUS

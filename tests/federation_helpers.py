@@ -5,7 +5,8 @@ SIGKILL after a grace period); every wait is bounded in time. Processes run the 
 entry points (`python -m coordinator serve`, `python -m silo_agent run`) with PYTHONPATH set to
 the repository root, and write their logs to files the test can read and print on failure.
 
-Certificates come from `coordinator.pki.provision_dev`; `make_ca` and `issue_silo_cert` make
+Certificates come from `coordinator.pki.authority.provision_dev`; `make_ca` and `issue_silo_cert`
+make
 the deliberately bad ones (expired, foreign CA, not on the roster) with `cryptography` directly.
 
 Coordinator and silo processes import this module for `RECORDING_TASK`, so what only tests use
@@ -43,9 +44,9 @@ from secagg.identity import Roster, silo_id_for, spki_sha256
 if TYPE_CHECKING:
     import pytest
 
-    from coordinator.roundlog import RoundDetail
-    from coordinator.secure_round import SecAggSettings
-    from coordinator.serve import Hub
+    from coordinator.rounds.secure_config import SecAggSettings
+    from coordinator.runtime.hub import Hub
+    from coordinator.storage.roundlog import RoundDetail
     from protos import federation_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,8 +167,8 @@ def issue_silo_cert(
 
 
 def provision(root: Path, federation_id: str, names: Sequence[str]) -> Federation:
-    """A dev federation under `root`, made by `coordinator.pki.provision_dev`."""
-    from coordinator.pki import provision_dev
+    """A dev federation under `root`, made by `coordinator.pki.authority.provision_dev`."""
+    from coordinator.pki.authority import provision_dev
 
     dev = provision_dev(root, federation_id, list(names), now=dt.datetime.now(UTC))
     return Federation(
@@ -496,7 +497,7 @@ def run_rounds_command(
     """`silofed-coordinator rounds ...` in this process: its exit code, stdout and stderr."""
     import argparse
 
-    from coordinator import cmd_rounds
+    from coordinator.commands import rounds as cmd_rounds
 
     parser = argparse.ArgumentParser(prog="silofed-coordinator")
     cmd_rounds.register(parser.add_subparsers(dest="command", required=True))
@@ -541,9 +542,9 @@ def coordinator_in_process(
     stream (telling the silos the federation `finished`, or not), stop the server, join the
     drivers, close the round log."""
     from coordinator.config import load_coordinator_config
-    from coordinator.serve import Hub
-    from coordinator.server import start_server
-    from coordinator.servicer import FederationServicer
+    from coordinator.runtime.hub import Hub
+    from coordinator.transport.server import start_server
+    from coordinator.transport.servicer import FederationServicer
     from silofed.task import load_model_factory
 
     config = load_coordinator_config(config_path)
@@ -771,8 +772,8 @@ def check_fedavg(
     import numpy as np
     import pytest
 
-    from coordinator.checkpoints import CheckpointStore
-    from coordinator.secure_round import build_round_config, layout_of, quantisation_bound
+    from coordinator.rounds.secure_config import build_round_config, layout_of, quantisation_bound
+    from coordinator.storage.checkpoints import CheckpointStore
 
     store = CheckpointStore(state_dir / "checkpoints")
     old_path = _checkpoint_path(state_dir / "rounds.sqlite", detail.model_in_sha256)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from protos import federation_pb2 as pb
 from secagg.chunking import BlobMeta
-from silo_agent import connection
+from silo_agent.transport import connection
 
 STALL_S = float(os.environ.get("SILOFED_TEST_STALL_S", "15"))
 # With SILOFED_TEST_TRICKLE_S instead: every chunk of the first masked upload after the first

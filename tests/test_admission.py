@@ -1,4 +1,4 @@
-"""coordinator.admission: one stream per identity, bounded pending and open streams."""
+"""coordinator.transport.admission: one stream per identity, bounded pending and open streams."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from coordinator.admission import Busy, StreamTable
+from coordinator.transport.admission import Busy, StreamTable
 
 
 def test_a_new_stream_replaces_the_identitys_pending_one() -> None:

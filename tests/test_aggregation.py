@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.aggregation import (
+from coordinator.rounds.fedavg import (
     PLAINTEXT,
     AggregationError,
     PlaintextFedAvg,

@@ -14,7 +14,8 @@ b. a silo SIGKILLed right after its masked upload and restarted: that round abor
    the next attempt with the same model completes;
 c. a second agent on one silo's state directory exits 4 at once, naming the folder and the
    first one's pid; the federation never notices;
-d. the coordinator SIGKILLed at each point of `coordinator.debug_pause` (one test per point, one
+d. the coordinator SIGKILLed at each point of `coordinator.runtime.debug_pause` (one test per
+point, one
    federation whose silo agents stay up throughout) and restarted: the interrupted round is
    marked, no unrecorded checkpoint is used, the silos reconnect by themselves;
 e. a silo gone for good with t = n = 3: the coordinator stops with exit code 4 after at most
@@ -38,10 +39,10 @@ from typing import Any
 
 import pytest
 
-from coordinator.checkpoints import checkpoint_name
-from coordinator.debug_pause import POINTS
-from coordinator.roundlog import RoundDetail, RoundLog, RoundStatus
-from coordinator.secure_round import SecAggSettings, WeightingMode
+from coordinator.rounds.secure_config import SecAggSettings, WeightingMode
+from coordinator.runtime.debug_pause import POINTS
+from coordinator.storage.checkpoints import checkpoint_name
+from coordinator.storage.roundlog import RoundDetail, RoundLog, RoundStatus
 from tests.federation_helpers import (
     RECORDING_SPEC,
     Federation,
@@ -475,7 +476,7 @@ def test_silo_gone_for_good_stops_with_a_diagnosis(tmp_path: Path) -> None:
 
 
 def test_debug_table_is_checked(tmp_path: Path) -> None:
-    from coordinator.debug_pause import DebugConfigError, pause_after_phase
+    from coordinator.runtime.debug_pause import DebugConfigError, pause_after_phase
 
     path = tmp_path / "c.toml"
     path.write_text('[debug]\npause_after_phase = "unmask"\n')

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.checkpoints import CheckpointCorrupt, CheckpointStore, checkpoint_name
+from coordinator.storage.checkpoints import CheckpointCorrupt, CheckpointStore, checkpoint_name
 from silofed.tensors import StateDecodeError, state_from_bytes, state_to_bytes
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from coordinator import cmd_rounds
-from coordinator.roundlog import LOG_FILENAME, RoundLog
+from coordinator.commands import rounds as cmd_rounds
+from coordinator.storage.roundlog import LOG_FILENAME, RoundLog
 from tests.federation_helpers import run_rounds_command
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -181,7 +181,7 @@ def test_missing_and_unparsable_files(tmp_path: Path) -> None:
 
 
 def test_reconnect_backoff_is_exponential_with_full_jitter_and_capped() -> None:
-    from silo_agent.backoff import Backoff
+    from silo_agent.runtime.backoff import Backoff
 
     draws = iter([1.0 - 1e-9, 0.5, 1.0 - 1e-9, 1.0 - 1e-9, 1.0 - 1e-9, 0.0])
     b = Backoff(initial_s=0.5, max_s=3.0, rng=lambda: next(draws))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load as st_load
 
-from coordinator.secure_round import quantisation_bound
+from coordinator.rounds.secure_config import quantisation_bound
 from secagg.config import GraphKind, RoundConfig
 from tests.dishonest_coordinator import (
     HONEST_TRAIN,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.checkpoints import CheckpointStore
-from coordinator.roundlog import CheckpointRecord, RoundLog
-from silo_agent.ledger import read_ledger
+from coordinator.storage.checkpoints import CheckpointStore
+from coordinator.storage.roundlog import CheckpointRecord, RoundLog
+from silo_agent.storage.ledger import read_ledger
 from tests.federation_helpers import NewFederation
 
 pytestmark = pytest.mark.e2e

@@ -1,8 +1,9 @@
-"""The coordinator's rules for answers to the final evaluation (coordinator/final_eval.py)."""
+"""The coordinator's rules for answers to the final evaluation
+(coordinator/runtime/final_evaluation.py)."""
 
 from __future__ import annotations
 
-from coordinator.final_eval import FinalEvaluationRun, mean_eval
+from coordinator.runtime.final_evaluation import FinalEvaluationRun, mean_eval
 from protos import federation_pb2 as pb
 
 A, B, C, D = (f"spiffe://r/silo/{n}" for n in "abcd")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.roundlog import (
+from coordinator.storage.roundlog import (
     LOG_FILENAME,
     SCHEMA_VERSION,
     RoundLog,

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from coordinator.roundlog import RoundLog
-from silo_agent.ledger import read_ledger, verify
+from coordinator.storage.roundlog import RoundLog
+from silo_agent.storage.ledger import read_ledger, verify
 from tests.federation_helpers import (
     RECORDING_SPEC,
     Federation,

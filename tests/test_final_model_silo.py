@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from coordinator.serve import _Blob, _blob_messages
+from coordinator.runtime.hub import _Blob, _blob_messages
 from protos import federation_pb2 as pb
-from silo_agent.backoff import Backoff
 from silo_agent.config import load_silo_config
-from silo_agent.connection import OutBlob
-from silo_agent.final_model import DIGEST_FILENAME, MODEL_FILENAME, NOT_THE_FINAL_MODEL
-from silo_agent.runner import SiloRunner, _RoundState
-from silo_agent.secure_round import Pause
+from silo_agent.runtime.backoff import Backoff
+from silo_agent.runtime.final_model import DIGEST_FILENAME, MODEL_FILENAME, NOT_THE_FINAL_MODEL
+from silo_agent.runtime.runner import SiloRunner, _RoundState
+from silo_agent.runtime.secure_round import Pause
+from silo_agent.transport.connection import OutBlob
 from silofed import TrainResult
 from silofed.tensors import state_to_bytes
 from tests.federation_helpers import provision, write_silo_config

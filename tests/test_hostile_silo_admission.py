@@ -22,12 +22,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.pki import OPERATOR_CERT, OPERATOR_KEY, operator_dir
-from coordinator.status_client import Credentials, fetch_status
+from coordinator.pki.authority import OPERATOR_CERT, OPERATOR_KEY, operator_dir
+from coordinator.transport.status_client import Credentials, fetch_status
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.identity import silo_id_for
-from silo_agent.connection import Link, TlsMaterial
+from silo_agent.transport.connection import Link, TlsMaterial
 from tests.federation_helpers import (
     RECORDING_SPEC,
     Federation,

@@ -26,8 +26,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.roundlog import RoundDetail, RoundLog
-from coordinator.serve import Hub, Outcome
+from coordinator.runtime.hub import Hub, Outcome
+from coordinator.storage.roundlog import RoundDetail, RoundLog
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.chunking import chunk_count_for

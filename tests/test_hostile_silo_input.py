@@ -40,11 +40,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.config import load_coordinator_config
-from coordinator.peer_input import MAX_METRICS, valid_metric_name
-from coordinator.roundlog import RoundLog
-from coordinator.serve import Hub, Outcome
-from coordinator.server import RunningServer, start_server
-from coordinator.servicer import FederationServicer
+from coordinator.runtime.hub import Hub, Outcome
+from coordinator.runtime.peer_input import MAX_METRICS, valid_metric_name
+from coordinator.storage.roundlog import RoundLog
+from coordinator.transport.server import RunningServer, start_server
+from coordinator.transport.servicer import FederationServicer
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.identity import Roster, silo_id_for

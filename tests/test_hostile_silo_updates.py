@@ -13,7 +13,8 @@ rounds of 3e38 end in NON_FINITE_MODEL and the model is kept.
 Secure aggregation (acceptance 4), at the protocol level: the in-memory harness of tests/secagg
 (real crypto, real sessions) with a tampering silo that adds an unclipped vector or a crafted
 weight element to its masked input (and signs the header that states it), then
-`coordinator.secure_round.check_aggregate`: honest inputs at the clip always pass, an unclipped
+`coordinator.rounds.secure_config.check_aggregate`: honest inputs at the clip always pass, an
+unclipped
 input beyond the bound is refused, one inside it passes (what docs/secagg-protocol.md §2.5 says
 it can still do), an out-of-range weight element aborts cleanly with OVERFLOW_RULE and evidence
 naming the silo that any silo verifies (secagg/blame.py). End to end, three honest agents and
@@ -43,9 +44,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.checkpoints import CheckpointStore
-from coordinator.roundlog import RoundLog
-from coordinator.secure_round import (
+from coordinator.rounds.secure_config import (
     AGGREGATE_OUT_OF_BOUND,
     ResultRefused,
     SecAggSettings,
@@ -55,7 +54,9 @@ from coordinator.secure_round import (
     check_aggregate,
     layout_of,
 )
-from coordinator.serve import Outcome
+from coordinator.runtime.hub import Outcome
+from coordinator.storage.checkpoints import CheckpointStore
+from coordinator.storage.roundlog import RoundLog
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.blame import verify_blame
@@ -65,7 +66,7 @@ from secagg.errors import AbortReason
 from secagg.messages import SIG_MASKED, encode_message, masked_header_of
 from secagg.primitives import sha256_array
 from secagg.silo import MaskedUpload, SiloSession, SubmissionRecord
-from silo_agent.silo_state import SiloStateStore
+from silo_agent.storage.silo_state import SiloStateStore
 from silofed.tensors import state_to_bytes
 from tests.federation_helpers import (
     RECORDING_SPEC,
@@ -719,7 +720,8 @@ class _PatchedRun:
     status: dict[str, Any]  # `silofed-coordinator status --json` after the rounds
     status_table: str  # the same, as the table
     peak_mb: float  # the coordinator's peak memory above its RSS when the rounds started
-    # silo name -> its persisted submission records (silo_agent/silo_state.py), after the run
+    # silo name -> its persisted submission records (silo_agent/storage/silo_state.py), after the
+    # run
     records: dict[str, list[SubmissionRecord]]
 
 

@@ -1,7 +1,9 @@
 """Liveness is gRPC keepalive's, on both ends: a peer that stops answering is dropped in time.
 
-There is no application heartbeat on the wire. The coordinator's server (coordinator.server's
-options) and the silo's channel (silo_agent.connection) both send HTTP/2 keepalive pings, also
+There is no application heartbeat on the wire. The coordinator's server
+(coordinator.transport.server's
+options) and the silo's channel (silo_agent.transport.connection) both send HTTP/2 keepalive pings,
+also
 while no data flows, and end the connection when a ping is not answered within the timeout.
 Here the real coordinator (hub, servicer, server over mTLS on loopback) and a real silo `Link`
 talk through a TCP relay that the test can freeze: it stops moving bytes but keeps both
@@ -23,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import server
+from coordinator.transport import server
 from protos import federation_pb2 as pb
-from silo_agent.connection import Link, LinkError, TlsMaterial
+from silo_agent.transport.connection import Link, LinkError, TlsMaterial
 from tests.federation_helpers import (
     RECORDING_SPEC,
     coordinator_in_process,

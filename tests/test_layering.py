@@ -112,13 +112,13 @@ def loaded_by(modules: str, load: str, build: str) -> set[str]:
 
 
 def test_the_coordinator_process_does_not_load_silo_agent() -> None:
-    loaded = loaded_by("coordinator.cli, coordinator.serve", "load_model_factory", "()")
+    loaded = loaded_by("coordinator.cli, coordinator.runtime.hub", "load_model_factory", "()")
     assert {"coordinator", "silofed", "examples", "torch"} <= loaded  # the child did its work
     assert "silo_agent" not in loaded
 
 
 def test_the_silo_process_does_not_load_coordinator() -> None:
-    loaded = loaded_by("silo_agent.cli, silo_agent.runner", "load_task", ".build_model()")
+    loaded = loaded_by("silo_agent.cli, silo_agent.runtime.runner", "load_task", ".build_model()")
     assert {"silo_agent", "silofed", "examples", "torch"} <= loaded
     assert "coordinator" not in loaded
 
@@ -152,10 +152,10 @@ def test_secagg_reads_no_clock() -> None:
 
 def test_only_transport_modules_touch_grpc() -> None:
     allowed = {
-        "coordinator/servicer.py",
-        "coordinator/server.py",
-        "coordinator/status_client.py",
-        "silo_agent/connection.py",
+        "coordinator/transport/servicer.py",
+        "coordinator/transport/server.py",
+        "coordinator/transport/status_client.py",
+        "silo_agent/transport/connection.py",
     }
     broken = [
         str(path.relative_to(ROOT))
@@ -170,5 +170,5 @@ def test_only_transport_modules_touch_grpc() -> None:
 def test_the_rules_catch_a_violation(tmp_path: Path) -> None:
     # The walker itself must see imports, or every test above would pass vacuously.
     sample = tmp_path / "sample.py"
-    sample.write_text("import grpc\nfrom silo_agent.runner import SiloRunner\n")
-    assert {"grpc", "silo_agent.runner"} <= imports_of(sample)
+    sample.write_text("import grpc\nfrom silo_agent.runtime.runner import SiloRunner\n")
+    assert {"grpc", "silo_agent.runtime.runner"} <= imports_of(sample)

@@ -25,15 +25,14 @@ import grpc
 import numpy as np
 import pytest
 
-from coordinator.server import start_server
+from coordinator.transport.server import start_server
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from protos.names import aggregation_name
 from secagg.errors import AbortReason
 from secagg.messages import AbortNotice, MaskedHeader, encode_message
 from silo_agent.config import load_silo_config
-from silo_agent.connection import Link, OutBlob, TlsMaterial
-from silo_agent.ledger import (
+from silo_agent.storage.ledger import (
     FINAL_EVALUATION,
     LedgerEntry,
     LedgerError,
@@ -43,6 +42,7 @@ from silo_agent.ledger import (
     record_roster_adopted,
     verify,
 )
+from silo_agent.transport.connection import Link, OutBlob, TlsMaterial
 from tests.federation_helpers import (
     RECORDING_SPEC,
     processes,

@@ -25,7 +25,7 @@ import pytest
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.identity import silo_id_for
-from silo_agent.connection import Link, LinkError, TlsMaterial
+from silo_agent.transport.connection import Link, LinkError, TlsMaterial
 from tests.federation_helpers import (
     RECORDING_SPEC,
     Federation,

@@ -19,10 +19,15 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from coordinator import pki
-from coordinator.operator import NotAnOperator, check_operator, operator_name
-from coordinator.servicer import FederationServicer
-from coordinator.status_client import Credentials, StatusUnavailable, fetch_status, probe_health
+from coordinator.pki import authority as pki
+from coordinator.pki.operator import NotAnOperator, check_operator, operator_name
+from coordinator.transport.servicer import FederationServicer
+from coordinator.transport.status_client import (
+    Credentials,
+    StatusUnavailable,
+    fetch_status,
+    probe_health,
+)
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from tests.federation_helpers import (
@@ -198,7 +203,7 @@ class FakeHub:
 
 
 def test_a_revoked_operator_is_refused_over_mtls(tmp_path: Path) -> None:
-    from coordinator.server import start_server
+    from coordinator.transport.server import start_server
 
     fed = pki.provision_dev(tmp_path / "fed", "revfed", ["a"], now=NOW)
     assert fed.operator is not None

@@ -1,4 +1,5 @@
-"""The bounded outbound queue (coordinator/outbound.py): one model plus slack, then overflow."""
+"""The bounded outbound queue (coordinator/runtime/outbound.py): one model plus slack, then
+overflow."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import queue
 
 import pytest
 
-from coordinator.outbound import OutboundQueue, Overflow
+from coordinator.runtime.outbound import OutboundQueue, Overflow
 
 MODEL = 8 << 20
 SLACK = 1 << 20

@@ -1,4 +1,5 @@
-"""coordinator.peer_input: what a silo sends comes out bounded, finite and printable; nothing
+"""coordinator.runtime.peer_input: what a silo sends comes out bounded, finite and printable;
+nothing
 raises (issue 10, "validate at the edge")."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.peer_input import (
+from coordinator.runtime.peer_input import (
     MAX_METRIC_NAME,
     MAX_METRICS,
     check_metrics,
@@ -19,7 +20,7 @@ from coordinator.peer_input import (
     finite_mean,
     valid_metric_name,
 )
-from coordinator.roundlog import _metrics_json
+from coordinator.storage.roundlog import _metrics_json
 from protos import federation_pb2 as pb
 
 

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from coordinator import pki
+from coordinator.pki import authority as pki
 from secagg.identity import CertificateRejected, CertProblem, check_certificate, spki_sha256
-from silo_agent.enroll import EnrollError, csr_pin, generate_key_and_csr
+from silo_agent.pki.enrollment import EnrollError, csr_pin, generate_key_and_csr
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 

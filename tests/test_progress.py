@@ -20,12 +20,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from coordinator import progress as coordinator_progress
-from coordinator.progress import LiveStatus, describe, start_live_status
+from coordinator.observability import progress as coordinator_progress
+from coordinator.observability.progress import LiveStatus, describe, start_live_status
 from examples.hospital.data import silo_data
 from examples.hospital.task import TASK
 from protos import federation_pb2 as pb
-from silo_agent.progress import TrainingProgress
+from silo_agent.observability.progress import TrainingProgress
 from silofed import logs
 from tests.federation_helpers import (
     RECORDING_SPEC,

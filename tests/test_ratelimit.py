@@ -1,4 +1,5 @@
-"""coordinator.ratelimit: one line per (cause, peer) per interval, with the count of what it
+"""coordinator.observability.ratelimit: one line per (cause, peer) per interval, with the count of
+what it
 stands for; an injected clock makes the intervals exact (issue 10, "rate-limited logging")."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ import logging
 
 import pytest
 
-from coordinator.ratelimit import OTHER_PEERS, PeerLog, exception_line
+from coordinator.observability.ratelimit import OTHER_PEERS, PeerLog, exception_line
 
 
 class Clock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.roundlog import RoundLog
+from coordinator.storage.roundlog import RoundLog
 from tests.federation_helpers import NewFederation
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.roundlog import RoundLog
+from coordinator.storage.roundlog import RoundLog
 from tests.federation_helpers import (
     RECORDING_SPEC,
     FederationRun,
@@ -108,7 +108,7 @@ DAMAGED = {
 
 @pytest.mark.parametrize("content", DAMAGED.values(), ids=DAMAGED.keys())
 def test_a_damaged_intent_is_named_with_the_fix(tmp_path: Path, content: bytes) -> None:
-    from coordinator.rollback import IntentDamaged, discard, pending
+    from coordinator.storage.rollback import IntentDamaged, discard, pending
 
     (tmp_path / "rollback.json").write_bytes(content)
     with pytest.raises(IntentDamaged) as damaged:

@@ -3,7 +3,8 @@
 The coordinator's hub and gRPC server run in this process (no rounds are driven); silos connect
 over real mTLS on loopback, either as the real silo runner (`SiloRunner`, in a thread) or as a
 bare `Link` when a test needs the exact message order. Certificates are made here by
-`coordinator.pki`; a "re-enrollment" is a new key signed by the CA, pinned one roster version up.
+`coordinator.pki.authority`; a "re-enrollment" is a new key signed by the CA, pinned one roster
+version up.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import pki
-from coordinator.serve import Hub
+from coordinator.pki import authority as pki
+from coordinator.runtime.hub import Hub
 from protos import federation_pb2 as pb
 from secagg.identity import Roster
 from silo_agent.config import load_silo_config
-from silo_agent.connection import Link, TlsMaterial
-from silo_agent.ledger import LEDGER_FILENAME, read_ledger
-from silo_agent.runner import SiloRunner
+from silo_agent.runtime.runner import SiloRunner
+from silo_agent.storage.ledger import LEDGER_FILENAME, read_ledger
+from silo_agent.transport.connection import Link, TlsMaterial
 from tests.federation_helpers import (
     RECORDING_SPEC,
     RECORDING_TASK,

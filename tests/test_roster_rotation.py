@@ -2,27 +2,27 @@
 
 Four silo processes and a coordinator process over mTLS on loopback, secure aggregation (t = 3),
 three rounds, and every round needs all four silos connected to start. Silo c leaves after round
-1 (`--rounds 1`) and re-enrolls: a new key and CSR (`silo_agent.enroll`), signed by the
+1 (`--rounds 1`) and re-enrolls: a new key and CSR (`silo_agent.pki.enrollment`), signed by the
 federation CA with the coordinator's own `sign` command, which pins the new key in roster version
 5 and signs it. c restarts with its new certificate and roster — the scenario's one operator step.
 a, b and d still pin version 4: they receive version 5 over the stream, check the CA's signature,
 adopt it (a log line and a ledger line each) and the federation completes its rounds, the last
 one with c's new identity, each new model equal to FedAvg of its round's survivors within
-coordinator.secure_round.quantisation_bound.
+coordinator.rounds.secure_config.quantisation_bound.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator import pki
 from coordinator.cli import main as coordinator_cli
-from coordinator.roundlog import RoundLog
-from coordinator.secure_round import SecAggSettings, WeightingMode
+from coordinator.pki import authority as pki
+from coordinator.rounds.secure_config import SecAggSettings, WeightingMode
+from coordinator.storage.roundlog import RoundLog
 from secagg.identity import Roster
-from silo_agent.enroll import generate_key_and_csr
-from silo_agent.ledger import LEDGER_FILENAME, read_ledger
-from silo_agent.roster_update import backup_path
+from silo_agent.pki.enrollment import generate_key_and_csr
+from silo_agent.pki.roster_update import backup_path
+from silo_agent.storage.ledger import LEDGER_FILENAME, read_ledger
 from tests.federation_helpers import Federation, NewFederation, Proc, check_fedavg
 
 pytestmark = pytest.mark.e2e

@@ -1,6 +1,7 @@
 """Signed rosters (secagg.roster_sig): the CA's signature and the rule a silo adopts by.
 
-Every key and certificate is made here; the rosters are the files `coordinator.pki` writes.
+Every key and certificate is made here; the rosters are the files `coordinator.pki.authority`
+writes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator import pki
+from coordinator.pki import authority as pki
 from secagg.identity import Roster, SiloId
 from secagg.roster_sig import (
     DOMAIN,

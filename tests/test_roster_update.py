@@ -1,8 +1,9 @@
-"""Signing rosters (coordinator.pki, the `sign` and `sign-roster` commands) and a silo adopting
-or refusing a delivered roster (silo_agent.roster_update), on real files.
+"""Signing rosters (coordinator.pki.authority, the `sign` and `sign-roster` commands) and a silo
+adopting
+or refusing a delivered roster (silo_agent.pki.roster_update), on real files.
 
 Each test provisions its own federation; a "re-enrollment" is a new key and CSR signed by the
-federation CA through `coordinator.pki`, which pins the new key one roster version up.
+federation CA through `coordinator.pki.authority`, which pins the new key one roster version up.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator import pki
 from coordinator.cli import main as coordinator_cli
+from coordinator.pki import authority as pki
 from protos import federation_pb2 as pb
 from secagg.identity import Roster, spki_sha256
 from secagg.roster_sig import roster_signature_valid, sign_roster
 from silo_agent.config import ConfigError, SiloConfig, load_silo_config
-from silo_agent.enroll import generate_key_and_csr
-from silo_agent.ledger import LEDGER_FILENAME, read_ledger
-from silo_agent.roster_update import backup_path, offered_path, on_roster_update, signature_path
+from silo_agent.pki.enrollment import generate_key_and_csr
+from silo_agent.pki.roster_update import backup_path, offered_path, on_roster_update, signature_path
+from silo_agent.storage.ledger import LEDGER_FILENAME, read_ledger
 from tests.federation_helpers import (
     RECORDING_SPEC,
     SiloFiles,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.roundlog import (
+from coordinator.storage.roundlog import (
     PHASE_SETS,
     RoundLog,
     RoundLogError,
@@ -283,7 +283,7 @@ def test_schema_has_no_place_for_an_update(log: RoundLog) -> None:
 CRASHER = """
 import os, sys
 from pathlib import Path
-from coordinator.roundlog import RoundLog
+from coordinator.storage.roundlog import RoundLog
 log = RoundLog(Path(sys.argv[1]))
 start = log.last_round_id() + 1
 for r in range(start, start + 2):

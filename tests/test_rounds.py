@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.rounds import (
+from coordinator.rounds.phases import (
     Dropped,
     DropReason,
     Phase,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from coordinator.checkpoints import CheckpointStore
-from coordinator.roundlog import LOG_FILENAME, RoundLog
+from coordinator.storage.checkpoints import CheckpointStore
+from coordinator.storage.roundlog import LOG_FILENAME, RoundLog
 from tests.federation_helpers import REPO, run_module, run_rounds_command
 
 SILOS = ["spiffe://m/silo/a", "spiffe://m/silo/b"]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.roundlog import RoundLog
-from coordinator.secure_round import SecAggSettings, WeightingMode
+from coordinator.rounds.secure_config import SecAggSettings, WeightingMode
+from coordinator.storage.roundlog import RoundLog
 from tests.federation_helpers import (
     FederationRun,
     Proc,

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from coordinator.roundlog import RoundLog
+from coordinator.storage.roundlog import RoundLog
 from tests.federation_helpers import NewFederation
 
 pytestmark = pytest.mark.e2e

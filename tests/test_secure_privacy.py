@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.checkpoints import CheckpointStore
-from coordinator.roundlog import RoundLog
-from coordinator.secure_round import SecAggSettings, WeightingMode, quantisation_bound
-from coordinator.serve import Outcome
+from coordinator.rounds.secure_config import SecAggSettings, WeightingMode, quantisation_bound
+from coordinator.runtime.hub import Outcome
+from coordinator.storage.checkpoints import CheckpointStore
+from coordinator.storage.roundlog import RoundLog
 from protos import federation_pb2 as pb
 from tests.federation_helpers import (
     coordinator_in_process,
@@ -145,7 +145,7 @@ def test_masked_vectors_are_independent_of_updates_yet_sum_right(tmp_path: Path)
         log.close()
     mean = np.mean([u.astype(np.float64) for u in updates.values()], axis=0)
     got = new["w"].double().numpy()  # the initial model is zeros: new = ḡ
-    from coordinator.secure_round import build_round_config, layout_of
+    from coordinator.rounds.secure_config import build_round_config, layout_of
 
     round_config = build_round_config(
         SecAggSettings(clip_l2=100.0, weighting=WeightingMode.UNIFORM),

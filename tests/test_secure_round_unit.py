@@ -1,4 +1,5 @@
-"""coordinator.secure_round: a real in-memory secagg round (real crypto, real sessions) built
+"""coordinator.rounds.secure_config: a real in-memory secagg round (real crypto, real sessions)
+built
 from a torch model's state dict, with a dropout after keys; the next global state must equal
 old + FedAvg over the survivors within the stated quantisation bound."""
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.secure_round import (
+from coordinator.rounds.secure_config import (
     SecAggSettings,
     SecureRoundError,
     WeightingMode,

@@ -1,4 +1,4 @@
-"""silo_agent.secure_session: real SiloSessions behind the driver in a real in-memory round;
+"""silo_agent.runtime.secure_session: real SiloSessions behind the driver in a real in-memory round;
 masks are precomputed on the background thread and the decoded sum is still exact."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from secagg.config import TensorSpec
-from silo_agent.secure_session import SecureSession, SecureSessionError, flatten_update
+from silo_agent.runtime.secure_session import SecureSession, SecureSessionError, flatten_update
 from tests.secagg.harness import Round, exact_inputs, make_config
 from tests.secagg.pki import federation
 
@@ -42,7 +42,7 @@ def test_flatten_update_names_the_wrong_tensor() -> None:
 
 def test_silo_deadlines_abort_before_upload_and_erase_after() -> None:
     from secagg.silo import SiloStage
-    from silo_agent.secure_round import overdue
+    from silo_agent.runtime.secure_round import overdue
 
     d = (10, 20, 300, 30, 40)
     # Waiting for M2 (advertise + share_keys deadlines), for M4, and training/uploading.

@@ -20,7 +20,7 @@ from secagg.silo import (
     SiloSession,
     SubmissionRecord,
 )
-from silo_agent.silo_state import STATE_FILENAME, SiloStateError, SiloStateStore
+from silo_agent.storage.silo_state import STATE_FILENAME, SiloStateError, SiloStateStore
 from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config, round_floor
 from tests.secagg.pki import NOW, federation
 

@@ -1,10 +1,10 @@
-"""The coordinator's stall watch (coordinator/stall.py): backoff, causes, the diagnosis."""
+"""The coordinator's stall watch (coordinator/rounds/stall.py): backoff, causes, the diagnosis."""
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator.stall import Diagnosis, Proceed, RoundEnd, StallWatch
+from coordinator.rounds.stall import Diagnosis, Proceed, RoundEnd, StallWatch
 
 
 def _aborted(

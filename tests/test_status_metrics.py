@@ -20,8 +20,8 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.roundlog import RoundLog
-from coordinator.status_client import Credentials, StatusUnavailable, probe_health
+from coordinator.storage.roundlog import RoundLog
+from coordinator.transport.status_client import Credentials, StatusUnavailable, probe_health
 from tests.federation_helpers import REPO, NewFederation, child_env, run_module
 
 pytestmark = pytest.mark.e2e
@@ -154,7 +154,7 @@ def test_metrics_endpoint_matches_the_round_log(federation: NewFederation) -> No
 def test_dropouts_are_counted_by_phase_from_the_round_log(tmp_path: Path) -> None:
     """The dropout counter at non-zero values: a round log with recorded dropouts (written with
     the RoundLog API the coordinator uses), scraped over HTTP from the real endpoint."""
-    from coordinator.metrics import start_metrics
+    from coordinator.observability.metrics import start_metrics
     from protos import federation_pb2 as pb
 
     silos = [f"spiffe://dropfed/silo/{n}" for n in "abc"]

@@ -138,7 +138,7 @@ def _follow(log_path: Path, offset: int) -> int:
 
 def run_federation(root: Path, state: Path) -> Path:
     """Provision, run coordinator + silos to completion; return the coordinator state dir."""
-    from coordinator.pki import provision_dev
+    from coordinator.pki.authority import provision_dev
 
     if state.exists():
         shutil.rmtree(state)
@@ -217,8 +217,8 @@ def main() -> int:
     except RuntimeError as exc:
         print(f"demo failed: {exc} (logs in {state / 'logs'})", file=sys.stderr)
         return 1
-    from coordinator.checkpoints import CheckpointStore
-    from coordinator.roundlog import RoundLog
+    from coordinator.storage.checkpoints import CheckpointStore
+    from coordinator.storage.roundlog import RoundLog
     from examples.hospital.baselines import heldout_accuracy, summary_line
 
     log = RoundLog.open_readonly(coord_state / "rounds.sqlite")

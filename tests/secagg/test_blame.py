@@ -46,7 +46,7 @@ from secagg.silo import (
     SurvivorsRecorded,
 )
 from secagg.trust import SiloIdentity
-from silo_agent.silo_state import STATE_FILENAME, SiloStateStore
+from silo_agent.storage.silo_state import STATE_FILENAME, SiloStateStore
 from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config, round_floor
 from tests.secagg.pki import NOW, federation
 

@@ -1,0 +1,3 @@
+"""The coordinator operator's CLI verbs: parse arguments, call the runtime, map errors to exit
+codes.
+"""

@@ -1,0 +1,236 @@
+"""PKI commands for the coordinator operator: provision-dev, init-ca, issue-server-cert,
+issue-operator-cert, sign, sign-roster, revoke.
+
+Every command prints what it made and where, never key material, and exits 1 with a sentence
+saying what to fix when it is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from coordinator.pki import authority as pki
+from coordinator.pki.operator import DEFAULT_OPERATOR_NAME
+from secagg.identity import Roster, spki_sha256, uri_san
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _federation_of(directory: Path) -> str:
+    return pki.load_roster(directory / pki.ROSTER_FILE).federation_id
+
+
+def run_provision_dev(args: argparse.Namespace) -> int:
+    names = (
+        [n.strip() for n in args.silo_names.split(",") if n.strip()]
+        if args.silo_names
+        else [f"hospital-{i}" for i in range(1, args.silos + 1)]
+    )
+    fed = pki.provision_dev(Path(args.dir), args.federation, names, now=_now(), force=args.force)
+    print(f"dev federation {fed.federation_id!r} in {fed.dir}")
+    print(f"  CA certificate:          {fed.ca_cert}")
+    print(f"  coordinator certificate: {fed.coordinator_cert}")
+    print(f"  roster:                  {fed.roster}")
+    for name, paths in fed.silos.items():
+        print(f"  silo {name}: {paths.dir} (key, certificate, pinned CA and roster)")
+    if fed.operator is not None:
+        print(f"  operator {fed.operator.operator_id}: {fed.operator.dir} (for `status`)")
+    return 0
+
+
+def run_init_ca(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    ca = pki.create_ca(directory, args.federation, now=_now(), force=args.force)
+    roster_path = directory / pki.ROSTER_FILE
+    if not roster_path.exists() or args.force:
+        pki.write_roster(roster_path, Roster(args.federation, 0, {}), ca)
+    print(f"CA for federation {args.federation!r}: {directory / pki.CA_DIR / 'ca.pem'}")
+    print(f"empty roster: {roster_path} (signed: {pki.roster_signature_path(roster_path)})")
+    return 0
+
+
+def run_issue_server_cert(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    ca = pki.load_ca(directory, _federation_of(directory))
+    cert, _key = pki.issue_coordinator_cert(
+        ca,
+        directory / pki.COORDINATOR_DIR,
+        now=_now(),
+        hosts=args.host or ("localhost", "127.0.0.1"),
+    )
+    print(f"coordinator certificate: {cert}")
+    return 0
+
+
+def run_issue_operator_cert(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    ca = pki.load_ca(directory, _federation_of(directory))
+    out = Path(args.out) if args.out else pki.operator_dir(directory, args.name)
+    op = pki.issue_operator_cert(
+        ca, out, name=args.name, now=_now(), valid_days=args.days, force=args.force
+    )
+    cert = x509.load_pem_x509_certificate(op.cert.read_bytes())
+    print(f"operator {op.operator_id} (valid until {cert.not_valid_after_utc:%Y-%m-%d})")
+    print(f"  certificate: {op.cert}")
+    print(f"  key:         {op.key} (mode 0600; keep it on the operator's machine)")
+    print(f"  CA:          {op.ca_cert}")
+    print(
+        "  use: silofed-coordinator status --config coordinator.toml "
+        f"--cert {op.cert} --key {op.key}"
+    )
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    federation_id = _federation_of(directory)
+    ca = pki.load_ca(directory, federation_id)
+    try:
+        csr_pem = Path(args.csr).read_bytes()
+    except OSError as exc:
+        raise pki.PkiError(f"cannot read CSR {args.csr}: {exc.strerror}") from exc
+    cert_pem = pki.sign_csr(
+        ca, csr_pem, federation_id=federation_id, now=_now(), valid_days=args.days
+    )
+    pki.write_public(Path(args.out), cert_pem)
+    roster_path = directory / pki.ROSTER_FILE
+    roster = pki.add_to_roster(roster_path, cert_pem, ca=ca)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    print(f"signed {uri_san(cert)} -> {args.out} (valid until {cert.not_valid_after_utc:%Y-%m-%d})")
+    print(f"  roster pin (SHA-256 of the public key): {spki_sha256(cert).hex()}")
+    print(f"  roster version {roster.version}, digest {roster.digest().hex()}")
+    print(f"  roster signed by the CA: {pki.roster_signature_path(roster_path)}")
+    print(
+        "  give this silo its certificate, ca.pem and the new roster.json; connected silos "
+        "receive the signed roster from the coordinator (unless they set [tls] roster_updates "
+        '= "manual": give them roster.json too)'
+    )
+    return 0
+
+
+def run_sign_roster(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    roster_path = directory / pki.ROSTER_FILE
+    ca = pki.load_ca(directory, _federation_of(directory))
+    roster = pki.sign_roster_file(roster_path, ca)
+    print(f"signed roster version {roster.version} ({len(roster.entries)} silos)")
+    print(f"  digest    {roster.digest().hex()}")
+    print(f"  signature {pki.roster_signature_path(roster_path)}")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    if args.cert:
+        try:
+            cert = x509.load_pem_x509_certificate(Path(args.cert).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise pki.PkiError(f"cannot read certificate {args.cert}: {exc}") from exc
+        serial, silo_id = cert.serial_number, uri_san(cert) or "?"
+    else:
+        try:
+            serial, silo_id = int(args.serial, 16), "?"
+        except ValueError as exc:
+            raise pki.PkiError(f"--serial {args.serial!r} is not hexadecimal") from exc
+    pki.revoke(
+        directory / pki.REVOKED_FILE, serial=serial, silo_id=silo_id, now=_now(), reason=args.reason
+    )
+    print(f"revoked serial {serial:x} ({silo_id}); the coordinator refuses it from its next check")
+    return 0
+
+
+def _guard(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code: int = func(args)
+        except pki.PkiError as exc:
+            print(f"error: {exc}")
+            return 1
+        return code
+
+    return run
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser(
+        "provision-dev",
+        help="one-command dev federation: CA, coordinator certificate and N enrolled silos",
+    )
+    p.add_argument("--dir", required=True, help="directory to write the federation into")
+    p.add_argument("--federation", default="demo", help="federation id (default: demo)")
+    p.add_argument("--silos", type=int, default=3, help="number of silos (default: 3)")
+    p.add_argument("--silo-names", help="comma-separated silo names (default hospital-1..N)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA in --dir")
+    p.set_defaults(func=_guard(run_provision_dev))
+
+    p = sub.add_parser("init-ca", help="create the federation CA and an empty roster")
+    p.add_argument("--dir", required=True, help="federation directory")
+    p.add_argument("--federation", required=True, help="federation id")
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.set_defaults(func=_guard(run_init_ca))
+
+    p = sub.add_parser("issue-server-cert", help="issue the coordinator's TLS certificate")
+    p.add_argument("--dir", required=True, help="federation directory (with ca/ and roster.json)")
+    p.add_argument(
+        "--host", action="append", help="DNS name or IP for the certificate (repeatable)"
+    )
+    p.set_defaults(func=_guard(run_issue_server_cert))
+
+    p = sub.add_parser(
+        "issue-operator-cert",
+        help="issue an operator client certificate (for `status` and health probes)",
+        description="Make an operator key (0600) and a client certificate from the federation "
+        "CA with URI SAN spiffe://<federation>/operator/<name>. The coordinator answers "
+        "`status` for it; it is never on the roster, so it cannot join rounds.",
+    )
+    p.add_argument("--dir", required=True, help="federation directory (with ca/ and roster.json)")
+    p.add_argument(
+        "--name",
+        default=DEFAULT_OPERATOR_NAME,
+        help=f"operator name (default: {DEFAULT_OPERATOR_NAME})",
+    )
+    p.add_argument(
+        "--out",
+        help="directory for operator.key, operator.pem, ca.pem (default: DIR/operators/NAME)",
+    )
+    p.add_argument(
+        "--days",
+        type=int,
+        default=pki.OPERATOR_VALID_DAYS,
+        help=f"validity in days (default: {pki.OPERATOR_VALID_DAYS})",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing operator key")
+    p.set_defaults(func=_guard(run_issue_operator_cert))
+
+    p = sub.add_parser("sign", help="sign a silo's CSR and pin it in the roster")
+    p.add_argument("--dir", required=True, help="federation directory")
+    p.add_argument("--csr", required=True, help="the silo's CSR (from `silofed-silo enroll`)")
+    p.add_argument("--out", required=True, help="where to write the signed certificate")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    p.set_defaults(func=_guard(run_sign))
+
+    p = sub.add_parser(
+        "sign-roster",
+        help="sign roster.json with the federation CA (after editing it by hand)",
+        description="Write roster.json.sig: the CA's signature over roster.json as it is. The "
+        "coordinator delivers a signed roster to silos pinning an older version; `sign` and "
+        "`init-ca` sign the roster they write, so this is needed only after a manual edit "
+        "(which must also raise its version).",
+    )
+    p.add_argument("--dir", required=True, help="federation directory (with ca/ and roster.json)")
+    p.set_defaults(func=_guard(run_sign_roster))
+
+    p = sub.add_parser("revoke", help="revoke a silo certificate")
+    p.add_argument("--dir", required=True, help="federation directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cert", help="the certificate to revoke (PEM)")
+    group.add_argument("--serial", help="the serial number to revoke (hex)")
+    p.add_argument("--reason", required=True, help="why (recorded in revoked.json)")
+    p.set_defaults(func=_guard(run_revoke))

@@ -1,0 +1,1 @@
+"""Metrics, the live progress line and rate-limited peer logging."""

@@ -1,0 +1,1 @@
+"""The federation CA, rosters, revocations and operator identities."""

@@ -1,0 +1,1 @@
+"""The coordinator at run time: the hub, its streams and the round driver thread."""

@@ -1,0 +1,120 @@
+"""Fault injection for tests: `[debug] pause_after_phase` freezes the coordinator at one point.
+
+Rule: off unless the configuration names a point (never set it in production). The first time
+a round reaches that point, the thread that reached it writes `<state_dir>/paused-<point>`,
+logs one warning and blocks until the coordinator is stopped by a signal, so a test can SIGKILL
+it exactly there. The phase points are reached inside the hub's lock (by whichever thread closed
+the phase: a silo's stream reader or the round driver on a deadline), so the round driver and
+every stream's reader wait behind the paused thread: nothing moves the round on.
+
+The points, in round order:
+  offer        the round's offers are queued to the silos
+  advertise    the secagg phase of that name closed (the next phase's frames are queued)
+  share_keys   ditto
+  masked       ditto: the masked uploads are in the accumulator
+  consistency  ditto
+  unmask       the unmasking shares were collected; the new model is not applied yet
+  checkpoint   the new model's checkpoint file is written; the round log does not record it yet
+  roundlog     the round log records the round completed; no silo was sent its RoundResult yet
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.rounds.phases import Event, PhaseEnded
+
+log = logging.getLogger("silofed.coordinator")
+
+POINTS = (
+    "offer",
+    "advertise",
+    "share_keys",
+    "masked",
+    "consistency",
+    "unmask",
+    "checkpoint",
+    "roundlog",
+)
+# The points that are the end of a secagg phase (a PhaseEnded event of that name).
+PHASE_POINTS = frozenset({"advertise", "share_keys", "masked", "consistency"})
+_KEYS = ("pause_after_phase",)
+
+
+class DebugConfigError(ConfigError):
+    """`[debug]` in the coordinator config is wrong; str() names the file, table and key."""
+
+
+def pause_after_phase(config_source: Path) -> str | None:
+    """`[debug] pause_after_phase` of a coordinator TOML file, or None when absent."""
+    with config_source.open("rb") as fh:
+        table = tomllib.load(fh).get("debug")
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise DebugConfigError(f"{config_source}: [debug] must be a table")
+    unknown = sorted(set(table) - set(_KEYS))
+    if unknown:
+        raise DebugConfigError(
+            f"{config_source}: [debug] {unknown[0]} is not a known key of [debug] "
+            f"(known: {', '.join(_KEYS)})"
+        )
+    point = table.get("pause_after_phase")
+    if point is None:
+        return None
+    if not isinstance(point, str) or point not in POINTS:
+        raise DebugConfigError(
+            f"{config_source}: [debug] pause_after_phase must be one of {list(POINTS)}, "
+            f"got {point!r}"
+        )
+    return point
+
+
+def configured_point(config: CoordinatorConfig) -> str | None:
+    """The pause point `config` asks for. Read from the file itself (the `[debug]` table is not
+    in the loaded configuration); a configuration built in memory, without a file, has none."""
+    source = Path(config.source)
+    return pause_after_phase(source) if source.is_file() else None
+
+
+class DebugPause:
+    """Blocks at `point` (None: never) until `stop` is set (the coordinator's stop signal)."""
+
+    def __init__(self, point: str | None, state_dir: Path, stop: threading.Event) -> None:
+        if point is not None and point not in POINTS:
+            raise ValueError(f"pause point must be one of {list(POINTS)}, got {point!r}")
+        self.point = point
+        self.state_dir = state_dir
+        self.stop = stop
+        self._reached = threading.Event()
+
+    @classmethod
+    def from_config(cls, config: CoordinatorConfig, stop: threading.Event) -> DebugPause:
+        return cls(configured_point(config), config.state_dir, stop)
+
+    def at(self, point: str) -> None:
+        """Called where `point` is reached: blocks there if it is the configured point."""
+        if point != self.point or self._reached.is_set():
+            return
+        self._reached.set()  # once: after a signal the coordinator goes on and stops
+        log.warning(
+            "[debug] pause_after_phase = %s: paused; the coordinator does nothing more", point
+        )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / f"paused-{point}").write_text(f"{time.time()}\n")
+        self.stop.wait()
+
+    def after_phases(self, events: Sequence[Event]) -> None:
+        """Called with the events a protocol step produced: blocks if a phase that is the
+        configured point has just ended."""
+        if self.point not in PHASE_POINTS:
+            return
+        for event in events:
+            if isinstance(event, PhaseEnded) and event.phase == self.point:
+                self.at(event.phase)

@@ -1,0 +1,3 @@
+"""The only coordinator code that imports grpc: the servicer, the server builder, the status
+client.
+"""

@@ -1,0 +1,1 @@
+"""The silo operator's CLI verbs."""

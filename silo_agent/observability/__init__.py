@@ -1,0 +1,1 @@
+"""Local training progress on the operator's terminal."""

@@ -1,0 +1,1 @@
+"""The silo's identity: enrollment and adopting delivered rosters."""

@@ -1,0 +1,535 @@
+"""The silo agent's main loop: dial out, take rounds, train and evaluate locally, upload.
+
+Rule: the runner knows rounds and tasks, never grpc (that is `connection.py`). It checks its
+own certificate against the pinned CA and roster before dialing, so an expired, foreign or
+unlisted certificate is reported here with its precise cause instead of as an opaque TLS error.
+It reconnects with exponential backoff and full jitter; it stops on `stop`, after `max_rounds`
+completed rounds, or when the coordinator says the federation finished.
+
+Per round it reports `eval_*` = its evaluation, on its local held-out data, of the global model
+it RECEIVED this round, and `train_*` from local training. The update is `trained - received`.
+Each upload is appended to `<state_dir>/ledger.jsonl` so the silo operator can check what left
+the site.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from protos import federation_pb2 as pb
+from protos.names import aggregation_name
+from secagg.chunking import BlobMeta, ChunkError, Reassembler
+from secagg.identity import (
+    CertificateRejected,
+    Roster,
+    SiloId,
+    check_certificate,
+    load_pem_certificate,
+    silo_id_for,
+)
+from secagg.silo import SiloPolicy, SiloSession
+from secagg.train_params import TrainParamsError, parse_train_params
+from secagg.trust import SiloIdentity, Trust
+from silo_agent.config import SiloConfig
+from silo_agent.observability.progress import training_progress
+from silo_agent.pki.roster_update import on_roster_update
+from silo_agent.runtime.backoff import Backoff
+from silo_agent.runtime.final_model import FinalModel
+from silo_agent.runtime.local_model import LocalModel, fresh_seed, prefixed
+from silo_agent.runtime.secure_round import Pause, SiloSecureRound, TrainJob
+from silo_agent.runtime.secure_session import SecureSession
+from silo_agent.storage.ledger import LEDGER_FILENAME, SentLedger
+from silo_agent.storage.silo_state import SiloStateStore
+from silo_agent.transport.connection import Link, LinkError, OutBlob, TlsMaterial
+from silofed.task import Task
+from silofed.tensors import state_from_bytes, state_to_bytes
+
+log = logging.getLogger("silofed.silo")
+
+AGENT_VERSION = "silofed-silo/0.1"
+FEDERATION_FINISHED = "FEDERATION_FINISHED"
+
+EXIT_OK = 0
+EXIT_REFUSED = 3  # the coordinator or our own pre-flight check refused this identity
+EXIT_STOPPED = 130
+FLUSH_TIMEOUT_S = 30.0
+
+
+class PreflightError(Exception):
+    """This silo's own certificate cannot work; str() names the cause and the fix."""
+
+
+def preflight(config: SiloConfig, *, now: dt.datetime) -> str:
+    """Check our certificate against the pinned CA and roster; return our silo id.
+
+    Raises PreflightError with the precise cause (expired, not from the federation CA, not on
+    the pinned roster, wrong silo) before anything is sent over the network.
+    """
+    cert = load_pem_certificate(config.tls.cert.read_bytes())
+    ca = load_pem_certificate(config.tls.ca_cert.read_bytes())
+    roster = Roster.from_json(config.tls.roster.read_text())
+    expected = config.silo_id
+    if expected is None and config.name is not None:
+        expected = silo_id_for(roster.federation_id, config.name)
+    try:
+        silo_id = check_certificate(cert, ca, now=now, roster=roster, expected_silo_id=expected)
+    except CertificateRejected as exc:
+        raise PreflightError(
+            f"refusing to dial: this silo's {config.tls.cert} — {exc}. "
+            "Re-enroll the silo (silofed-silo enroll) or fix [tls] in "
+            f"{config.source}."
+        ) from exc
+    _check_key_pair(config)
+    return silo_id
+
+
+def _check_key_pair(config: SiloConfig) -> None:
+    """The private key must belong to the certificate: with another key every TLS handshake
+    fails, and the agent would otherwise retry forever without saying why."""
+    tls = config.tls
+    try:
+        key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise PreflightError(
+            f"{tls.key}: not a readable unencrypted PEM private key ({exc}); fix [tls] key in "
+            f"{config.source}"
+        ) from exc
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    cert_key = load_pem_certificate(tls.cert.read_bytes()).public_key().public_bytes(der, spki)
+    if key.public_key().public_bytes(der, spki) != cert_key:
+        raise PreflightError(
+            f"{tls.key} is not the private key of {tls.cert}: the two files belong to different "
+            f"enrollments; point [tls] key and cert in {config.source} at the pair that "
+            "`silofed-silo enroll` wrote (or re-enroll)"
+        )
+
+
+@dataclass
+class _RoundState:
+    offer: pb.RoundOffer | None = None
+    download: Reassembler | None = None
+    secure: SiloSecureRound | None = None
+
+    def end_secure(self, round_id: int | None = None) -> None:
+        """The secure round (`round_id`'s, or whichever) is over: erase its secrets."""
+        if self.secure is not None and round_id in (None, self.secure.round_id):
+            self.secure.round_over()
+            self.secure = None
+
+
+@dataclass
+class SiloRunner:
+    config: SiloConfig
+    task: Task
+    data: Any
+    silo_id: str
+    max_rounds: int | None = None
+    serve_forever: bool = False  # a finished federation run: wait for the next, do not exit
+    stop: threading.Event = field(default_factory=threading.Event)
+    rng: Callable[[], float] = random.random
+    clock: Callable[[], float] = time.time
+    rounds_done: int = 0
+    _link: Link | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _credentials: tuple[SiloIdentity, Trust] | None = None  # read once, for secure rounds
+    _model_profile: LocalModel | None = None  # built once, at the first offer
+    _sent_ledger: SentLedger | None = None  # what left the site; made by run()
+    _final: FinalModel | None = (
+        None  # the final evaluation's rules (silo_agent/runtime/final_model.py)
+    )
+
+    def request_stop(self) -> None:
+        """Stop from another thread (signal handler): closes the stream so reading returns."""
+        self.stop.set()
+        with self._lock:
+            if self._link is not None:
+                self._link.close()
+
+    def run(self) -> int:
+        backoff = Backoff(self.config.reconnect.initial_s, self.config.reconnect.max_s, self.rng)
+        tls = TlsMaterial(
+            ca_pem=self.config.tls.ca_cert.read_bytes(),
+            cert_pem=self.config.tls.cert.read_bytes(),
+            key_pem=self.config.tls.key.read_bytes(),
+        )
+        ledger = SentLedger(self.config.state_dir / LEDGER_FILENAME, self.clock)
+        self._sent_ledger = ledger
+        while not self.stop.is_set():
+            link = Link(
+                self.config.address,
+                tls,
+                server_name=self.config.server_name,
+                on_sent=ledger.on_sent,  # each message is recorded once gRPC has taken it
+            )
+            with self._lock:
+                self._link = link
+            try:
+                finished = self._session(link.open(self._hello()), link, backoff)
+                if not finished:
+                    log.warning("coordinator closed the stream")
+                elif not self._wait_for_next_run():
+                    return EXIT_OK
+            except LinkError as exc:
+                if self.stop.is_set():
+                    break
+                if exc.fatal:
+                    log.error("coordinator refused this silo (%s): %s", exc.code, exc.detail)
+                    return EXIT_REFUSED
+                log.warning("connection to %s failed: %s", self.config.address, exc)
+            finally:
+                with self._lock:
+                    self._link = None
+                link.close()
+            if self.stop.is_set():
+                break
+            delay = backoff.next_delay()
+            log.info("reconnecting in %.2f s (attempt %d)", delay, backoff.attempt)
+            self.stop.wait(delay)
+        log.info("stopped after %d completed rounds", self.rounds_done)
+        return EXIT_STOPPED
+
+    def _hello(self) -> pb.Hello:
+        # Read at every connection: an adopted roster update replaces the pinned file.
+        roster = Roster.from_json(self.config.tls.roster.read_text())
+        return pb.Hello(
+            silo_id=self.silo_id, agent_version=AGENT_VERSION, roster_digest=roster.digest()
+        )
+
+    def _wait_for_next_run(self) -> bool:
+        """After a finished run (or --rounds reached): True when --serve-forever keeps the
+        agent up to reconnect (with backoff) for the coordinator's next run."""
+        limit_reached = self.max_rounds is not None and self.rounds_done >= self.max_rounds
+        if not self.serve_forever or limit_reached:
+            return False
+        log.info("the federation run finished; --serve-forever: waiting for the next run")
+        return True
+
+    def _session(
+        self, messages: Iterator[pb.CoordinatorMessage], link: Link, backoff: Backoff
+    ) -> bool:
+        """Handle one stream. True when done for good (finished or round limit reached)."""
+        state = _RoundState()
+        pause = Pause(
+            self.config.pause_after_phase,
+            self.config.pause_in_round,
+            self.config.state_dir,
+            self.stop,
+            lambda: link.flush(FLUSH_TIMEOUT_S),
+        )
+        try:
+            return self._pump(messages, link, backoff, state, pause)
+        finally:
+            state.end_secure()  # the stream is gone: erase the round's secrets
+
+    def _pump(
+        self,
+        messages: Iterator[pb.CoordinatorMessage],
+        link: Link,
+        backoff: Backoff,
+        state: _RoundState,
+        pause: Pause,
+    ) -> bool:
+        for message in messages:
+            pause.wait_if_frozen()
+            kind = message.WhichOneof("kind")
+            if kind == "welcome":
+                backoff.reset()
+                log.info(
+                    "connected to federation %s as %s",
+                    message.welcome.federation_id,
+                    message.welcome.silo_id,
+                )
+            elif kind == "round_offer":
+                state.end_secure()
+                state.offer, state.download = message.round_offer, None
+                log.info(
+                    "round %d offered (%s, model %d bytes)",
+                    state.offer.round_id,
+                    aggregation_name(state.offer.aggregation),
+                    state.offer.model_bytes,
+                )
+                if not self._offer_size_ok(link, state.offer) or not self._final_model().screen(
+                    state.offer, link.send
+                ):  # too large, or a final evaluation of another model than the announced
+                    state.offer = None
+            elif kind == "blob_header":
+                self._on_header(state, message.blob_header)
+            elif kind == "blob_chunk":
+                data = self._on_chunk(state, message.blob_chunk)
+                if data is not None and state.offer is not None:
+                    self._take_part(link, state, data, pause)
+            elif kind == "secagg":
+                frame = message.secagg
+                if state.secure is not None and frame.round_id == state.secure.round_id:
+                    state.secure.on_frame(frame.payload)
+            elif kind == "round_result":
+                state.end_secure(message.round_result.round_id)
+                if self._on_result(message.round_result):
+                    return True
+            elif kind == "roster_update":
+                if on_roster_update(self.config, message.roster_update, clock=self.clock):
+                    self._credentials = None  # the next secure round reads the adopted roster
+            elif kind == "abort":
+                notice = message.abort
+                if notice.reason == FEDERATION_FINISHED:
+                    log.info("the coordinator says the federation finished")
+                    return True
+                log.warning(
+                    "round %d aborted by the coordinator: %s (%s)",
+                    notice.round_id,
+                    notice.reason,
+                    notice.detail,
+                )
+                state.end_secure(notice.round_id)
+        return False
+
+    def _take_part(self, link: Link, state: _RoundState, model_bytes: bytes, pause: Pause) -> None:
+        offer = state.offer
+        assert offer is not None
+        if self._sent_ledger is not None:
+            # The ledger keeps the name the coordinator's round log and export use.
+            name = aggregation_name(offer.aggregation)
+            self._sent_ledger.note_round(offer.round_id, name, offer.model_sha256)
+        if offer.aggregation == pb.AGGREGATION_EVALUATE:
+            self._final_model().evaluate(offer, model_bytes, link.send)
+        elif offer.aggregation == pb.AGGREGATION_SECAGG:
+            state.secure = self._secure_round(link, offer, model_bytes, pause)
+            state.secure.start()
+        elif (
+            offer.aggregation == pb.AGGREGATION_PLAINTEXT_INSECURE
+            and self.config.secagg.allow_plaintext_insecure
+        ):
+            try:
+                params = _plaintext_train_params(offer, self.config.secagg.train_limits)
+            except OfferRefused as exc:
+                log.warning("round %d: declined: %s", offer.round_id, exc)
+                notice = pb.AbortNotice(
+                    round_id=offer.round_id, reason="TRAIN_PARAMS_REJECTED", detail=str(exc)
+                )
+                link.send(pb.SiloMessage(abort=notice))
+                return
+            try:
+                self._train_and_upload(link, offer, model_bytes, params)
+            except Exception as exc:  # bad model bytes or layout, a task bug: drop this round only
+                log.warning("round %d: plaintext round failed: %s: %s", offer.round_id,
+                            type(exc).__name__, exc)  # fmt: skip
+                detail = f"local training failed: {type(exc).__name__}: {exc}"[:512]
+                notice = pb.AbortNotice(
+                    round_id=offer.round_id, reason="TRAINING_FAILED", detail=detail
+                )
+                link.send(pb.SiloMessage(abort=notice))
+        else:
+            # Never send the update in the clear unless this silo's operator said so.
+            log.warning(
+                "round %d: declining aggregation %r: this silo only sends masked updates "
+                "(to take part in the insecure baseline set [secagg] allow_plaintext_insecure "
+                "= true in %s)",
+                offer.round_id,
+                aggregation_name(offer.aggregation),
+                self.config.source,
+            )
+            detail = (
+                f"this silo does not take part in {aggregation_name(offer.aggregation)!r} rounds"
+            )
+            notice = pb.AbortNotice(round_id=offer.round_id, reason="DECLINED", detail=detail)
+            link.send(pb.SiloMessage(abort=notice))
+
+    def _secure_round(
+        self, link: Link, offer: pb.RoundOffer, model_bytes: bytes, pause: Pause
+    ) -> SiloSecureRound:
+        policy = self.config.secagg
+        store = SiloStateStore(self.config.state_dir)
+        base = SiloPolicy(
+            last_round_id=0,
+            t_floor=policy.t_floor,
+            n_colluders_max=policy.n_colluders_max,
+            n_colluders_min=policy.n_colluders_min,
+            max_masked_inputs_per_model=policy.max_masked_inputs_per_model,
+            expected_layout_sha256=self._local_model().layout_sha256,
+            train_limits=policy.train_limits,
+            max_round_step=policy.max_round_step,
+            min_noise_multiplier=policy.min_noise_multiplier,
+            allow_sparse_graph=policy.allow_sparse_graph,
+            allow_example_weighting=policy.allow_example_weighting,
+        )
+        identity, trust = self._secagg_credentials()
+        session = SiloSession(
+            identity,
+            trust,
+            store.state.policy(base),
+            random_bytes=os.urandom,
+            rng=np.random.Generator(np.random.PCG64DXSM(int.from_bytes(os.urandom(32), "big"))),
+            journal=store.journal,
+        )
+        job = TrainJob(
+            self.task, self.data, self._sent_ledger, self.clock, self._local_model().layout
+        )
+        return SiloSecureRound(offer, model_bytes, SecureSession(session), job, link.send, pause)
+
+    def _local_model(self) -> LocalModel:
+        """This silo's own model, built once: the layout a round must have and the largest
+        model download it accepts ([secagg] max_model_bytes, default 2 × its size + 1 MiB)."""
+        if self._model_profile is None:
+            self._model_profile = LocalModel.of(self.task, self.config.secagg.max_model_bytes)
+        return self._model_profile
+
+    def _secagg_credentials(self) -> tuple[SiloIdentity, Trust]:
+        """This silo's signing identity and its pinned CA + roster (the same files as its TLS)."""
+        if self._credentials is None:
+            tls = self.config.tls
+            key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):  # preflight checked the cert
+                raise PreflightError(f"{tls.key}: not an ECDSA P-256 key; re-enroll the silo")
+            der = load_pem_certificate(tls.cert.read_bytes()).public_bytes(
+                serialization.Encoding.DER
+            )
+            identity = SiloIdentity(SiloId(self.silo_id), key, (der,))
+            ca = load_pem_certificate(tls.ca_cert.read_bytes())
+            self._credentials = identity, Trust(ca, Roster.from_json(tls.roster.read_text()))
+        return self._credentials
+
+    def _offer_size_ok(self, link: Link, offer: pb.RoundOffer) -> bool:
+        """Refuse, before buffering a byte, a model larger than this silo accepts."""
+        limit = self._local_model().max_model_bytes
+        if offer.model_bytes <= limit:
+            return True
+        detail = (
+            f"the offered model has {offer.model_bytes} bytes; this silo accepts at most {limit} "
+            "([secagg] max_model_bytes)"
+        )
+        log.warning("round %d: declined: %s", offer.round_id, detail)
+        notice = pb.AbortNotice(round_id=offer.round_id, reason="MODEL_TOO_LARGE", detail=detail)
+        link.send(pb.SiloMessage(abort=notice))
+        return False
+
+    def _on_header(self, state: _RoundState, header: pb.BlobHeader) -> None:
+        offer = state.offer
+        if offer is None or header.round_id != offer.round_id or header.kind != pb.GLOBAL_MODEL:
+            log.warning("ignoring an unexpected blob for round %d", header.round_id)
+            state.download = None
+            return
+        if header.total_bytes != offer.model_bytes:
+            log.warning("model blob size differs from the round offer; ignoring the round")
+            state.download = None
+            return
+        if header.sha256 != offer.model_sha256:
+            log.warning("model blob hash differs from the round offer; ignoring the round")
+            state.download = None
+            return
+        try:
+            meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+            state.download = Reassembler(meta, max_total_bytes=offer.model_bytes)
+        except ChunkError as exc:
+            log.warning("bad model header: %s", exc)
+            state.download = None
+
+    def _on_chunk(self, state: _RoundState, chunk: pb.BlobChunk) -> bytes | None:
+        download = state.download
+        if download is None:
+            return None
+        try:
+            download.add(chunk.index, chunk.data)
+            if not download.complete:
+                return None
+            data = download.finish()
+        except ChunkError as exc:
+            log.warning("model download failed: %s", exc)
+            state.download = None
+            return None
+        state.download = None
+        return data
+
+    def _train_and_upload(
+        self, link: Link, offer: pb.RoundOffer, model_bytes: bytes, params: Mapping[str, Any]
+    ) -> None:
+        round_id = offer.round_id
+        received = state_from_bytes(model_bytes)
+        model = self.task.build_model()
+        model.load_state_dict(received)
+        started = time.monotonic()
+        evaluated = prefixed(self.task.evaluate(model, self.data), "eval_")
+        with training_progress(round_id) as tick:  # a bar on a terminal; else a no-op
+            own = {"round": round_id, "seed": fresh_seed(), "progress": tick}
+            result = self.task.train(model, self.data, {**params, **own})
+        trained = model.state_dict()
+        delta = {k: trained[k].detach() - received[k] for k in received}
+        update = state_to_bytes(delta)
+        digest = hashlib.sha256(update).digest()
+        metrics = {**evaluated, **prefixed(result.metrics, "train_")}
+        link.send(
+            pb.SiloMessage(
+                train_report=pb.TrainReport(
+                    round_id=round_id,
+                    num_examples=result.num_examples,
+                    metrics=metrics,
+                    update_sha256=digest,
+                )
+            )
+        )
+        link.send(OutBlob(round_id, pb.PLAINTEXT_UPDATE, update))
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        log.info(
+            "round %d: trained on %d examples in %.2f s; %s; uploading %d bytes",
+            round_id,
+            result.num_examples,
+            time.monotonic() - started,
+            shown,
+            len(update),
+        )
+
+    def _final_model(self) -> FinalModel:
+        if self._final is None:
+            self._final = FinalModel(
+                self.config.state_dir,
+                keep=self.config.keep_final_model,
+                task=self.task,
+                data=self.data,
+            )
+        return self._final
+
+    def _on_result(self, result: pb.RoundResult) -> bool:
+        self._final_model().on_result(result)  # the one model a final evaluation may use
+        if result.status == pb.ROUND_STATUS_COMPLETED:
+            took_part = self.silo_id in result.survivors
+            if took_part:
+                self.rounds_done += 1
+            log.info(
+                "round %d completed with %d silos (%s); new model %s",
+                result.round_id,
+                len(result.survivors),
+                "included us" if took_part else "without us",
+                result.new_model_sha256.hex()[:12],
+            )
+        else:
+            log.warning("round %d aborted: %s", result.round_id, result.abort_reason)
+        if self.max_rounds is not None and self.rounds_done >= self.max_rounds:
+            log.info("reached --rounds %d; stopping", self.max_rounds)
+            return True
+        return False
+
+
+class OfferRefused(Exception):
+    """A plaintext offer this silo will not train on; str() says why (sent to the coordinator)."""
+
+
+def _plaintext_train_params(offer: pb.RoundOffer, limits: Mapping[str, float]) -> dict[str, Any]:
+    """The coordinator's [train] table of a plaintext round, under the same rules as a secure
+    round's signed parameters (secagg.train_params). Raises OfferRefused."""
+    try:
+        return dict(parse_train_params(offer.train_params_json.encode() or b"{}", limits))
+    except TrainParamsError as exc:
+        raise OfferRefused(str(exc)) from exc

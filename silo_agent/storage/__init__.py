@@ -1,0 +1,1 @@
+"""What the silo keeps on disk: its ledger, its secure-aggregation state, its lock."""

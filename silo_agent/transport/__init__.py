@@ -1,0 +1,1 @@
+"""The only silo code that imports grpc: its one outbound stream."""

@@ -1,0 +1,206 @@
+"""The silo's one outbound gRPC stream to the coordinator, over mTLS.
+
+Rule: the only silo module that imports grpc. It dials out (never listens), sends what the
+runner queues (blobs expanded into header + chunks of at most 1 MiB only as they are sent, a
+masked vector's protocol header inside its blob header) and yields what the coordinator sends.
+Liveness is gRPC keepalive's: the channel pings the coordinator every `keepalive_s` and fails
+the stream (UNAVAILABLE, a LinkError the runner reconnects after) when a ping is not answered
+within `keepalive_timeout_s`; there is no application heartbeat. Every gRPC failure becomes a
+`LinkError` with the status code's name and the coordinator's detail, so the runner never sees
+grpc types.
+
+"Handed to gRPC", for `on_sent`: gRPC asks the request iterator for its next message only after
+the previous one's send operation completed (its bytes passed HTTP/2 flow control and were
+written to the socket) and never after the call failed. So the code after a `yield` runs only
+once that message has left this process, and `on_sent` is called there: for a message after its
+own send, for a blob after its header and last chunk. A message still queued, or being sent,
+when the stream breaks is never reported. Hello is reported too (the callback decides what to
+keep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from protos import federation_pb2 as pb
+from protos import federation_pb2_grpc as pb_grpc
+from secagg.chunking import BlobMeta, describe, split
+from silofed.wire import MAX_MESSAGE_BYTES
+
+log = logging.getLogger("silofed.silo")
+
+# A ping every 20 s (the coordinator accepts one every 5 s at most: coordinator.transport.server),
+# and a
+# coordinator that does not answer one within 10 s is gone: the stream fails within 30 s.
+KEEPALIVE_S = 20.0
+KEEPALIVE_TIMEOUT_S = 10.0
+
+
+def channel_options(keepalive_s: float, keepalive_timeout_s: float) -> list[tuple[str, str | int]]:
+    """The channel's options: small message limits (payloads travel in chunks) and keepalive
+    pings that also run while no data flows, so a silent coordinator is noticed when idle."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(keepalive_timeout_s * 1000)),
+        # gRPC waits this long for a ping's answer (60 s by default, whatever the line above).
+        ("grpc.http2.ping_timeout_ms", round(keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+# How often the request iterator, with nothing to send, looks whether the call ended.
+POLL_S = 1.0
+
+# Status codes after which trying again cannot help until an operator acts.
+FATAL_CODES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_ARGUMENT"})
+
+
+class LinkError(Exception):
+    """The stream failed or was refused. `code` is the gRPC status name, `detail` its text."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+    @property
+    def fatal(self) -> bool:
+        return self.code in FATAL_CODES
+
+
+@dataclass(frozen=True, slots=True)
+class OutBlob:
+    round_id: int
+    kind: pb.BlobKind.ValueType
+    data: bytes | memoryview  # a byte view of a numpy vector is sent without a copy
+    sha256: bytes | None = None  # when the sender already hashed `data` (not hashed again)
+    protocol_header: bytes = b""  # MASKED_VECTOR: secagg's signed header, sent in BlobHeader
+
+
+@dataclass(frozen=True, slots=True)
+class TlsMaterial:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+
+class Link:
+    """One connection attempt: open() starts the stream, messages() yields what arrives."""
+
+    def __init__(
+        self,
+        address: str,
+        tls: TlsMaterial,
+        *,
+        server_name: str | None = None,
+        keepalive_s: float = KEEPALIVE_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+        on_sent: Callable[[pb.SiloMessage | OutBlob], None] | None = None,
+    ) -> None:
+        options = channel_options(keepalive_s, keepalive_timeout_s)
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca_pem,
+            private_key=tls.key_pem,
+            certificate_chain=tls.cert_pem,
+        )
+        self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.FederationStub(self._channel)
+        self._out: queue.Queue[pb.SiloMessage | OutBlob | None] = queue.Queue()
+        self._on_sent = on_sent
+        self._call: grpc.Future | None = None
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def _requests(self, hello: pb.Hello) -> Iterator[pb.SiloMessage]:
+        # Each `self._sent(...)` follows the `yield` of what it reports: see the module docstring.
+        first = pb.SiloMessage(hello=hello)
+        yield first
+        self._sent(first)
+        while True:
+            try:
+                item = self._out.get(timeout=POLL_S)
+            except queue.Empty:  # nothing to send: end with the call, else keep waiting
+                if self._call is not None and self._call.done():
+                    return
+                continue
+            if item is None:
+                return
+            if isinstance(item, OutBlob):
+                meta = describe(item.data, item.sha256)
+                yield from _blob_messages(item, meta)
+                self.bytes_out += len(item.data)
+                self._sent(dataclasses.replace(item, sha256=meta.sha256))  # the digest it carried
+            else:
+                self.bytes_out += item.ByteSize()
+                yield item
+                self._sent(item)
+            self._out.task_done()  # gRPC took everything of this item (and it was reported)
+
+    def _sent(self, item: pb.SiloMessage | OutBlob) -> None:
+        if self._on_sent is None:
+            return
+        try:
+            self._on_sent(item)
+        except Exception:  # noqa: BLE001 - an exception here would make gRPC cancel the stream
+            log.exception("the on_sent callback failed; the stream goes on")
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until gRPC has taken every queued message (bounded); True when it has."""
+        deadline = time.monotonic() + timeout_s
+        while self._out.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self._out.unfinished_tasks
+
+    def open(self, hello: pb.Hello) -> Iterator[pb.CoordinatorMessage]:
+        """Start the stream; iterate the result for coordinator messages (raises LinkError)."""
+        self._call = self._stub.Connect(self._requests(hello))
+        return self._messages()
+
+    def _messages(self) -> Iterator[pb.CoordinatorMessage]:
+        assert self._call is not None
+        try:
+            for message in self._call:
+                self.bytes_in += message.ByteSize()
+                yield message
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise LinkError(code.name if code is not None else "UNKNOWN", detail or "") from None
+
+    def send(self, message: pb.SiloMessage | OutBlob) -> None:
+        self._out.put(message)
+
+    def close(self) -> None:
+        """End our half of the stream, cancel the call and close the channel."""
+        self._out.put(None)
+        if self._call is not None:
+            self._call.cancel()
+        self._channel.close()
+
+
+def _blob_messages(blob: OutBlob, meta: BlobMeta) -> Iterator[pb.SiloMessage]:
+    yield pb.SiloMessage(
+        blob_header=pb.BlobHeader(
+            round_id=blob.round_id,
+            kind=blob.kind,
+            total_bytes=meta.total_bytes,
+            sha256=meta.sha256,
+            chunk_count=meta.chunk_count,
+            protocol_header=blob.protocol_header,
+        )
+    )
+    for index, data in enumerate(split(blob.data)):
+        chunk = pb.BlobChunk(round_id=blob.round_id, kind=blob.kind, index=index, data=data)
+        yield pb.SiloMessage(blob_chunk=chunk)
