@@ -52,6 +52,12 @@ def recommended_scale(
     s = float(math.floor((2 ** (ring_bits - 1) - 1 - n_max) / denom))
     if ring_bits == 64:
         s = min(s, float(math.floor(2.0**40 / clip_l2)))
+    # The division is exact in reals but not in floats: for a clip like 0.001 the rounded S can
+    # break the rule it was derived from by an ulp. Step down until the rule holds as checked.
+    for _ in range(64):
+        if s <= 0 or overflow_ok(n_max, s, clip_l2, 1, ring_bits, noise_multiplier, noise_divisor):
+            break
+        s = float(math.floor(s - max(1.0, s * 2.0**-44)))
     return s
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -72,3 +73,16 @@ def test_pairwise_masks_cancel(n: int, length: int, bits: int) -> None:
         if n > 1 and length > 8:
             assert np.any(y != 0)
     assert not np.any(total)
+
+
+@pytest.mark.parametrize(
+    ("n", "clip", "bits", "z", "n_h"),
+    [(5, 0.001, 32, 0.0, 1), (7, 0.003, 32, 0.0, 1), (10, 1e-4, 64, 0.0, 1), (9, 0.01, 32, 1.0, 4)],
+)
+def test_the_recommended_scale_meets_the_rule_it_comes_from(
+    n: int, clip: float, bits: int, z: float, n_h: int
+) -> None:
+    # Found by hypothesis: for clip 0.001 the float division rounded S one ulp past the rule, and
+    # the coordinator's own default configuration was refused with OVERFLOW_RULE.
+    s = encoding.recommended_scale(n, clip, bits, z, n_h)
+    assert s > 0 and encoding.overflow_ok(n, s, clip, 1, bits, z, n_h)
