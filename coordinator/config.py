@@ -5,13 +5,12 @@ as `<file>: [table] key <problem>` (`ConfigError`, one line per problem). Unknow
 are refused with a "did you mean". Relative paths are resolved against the config file's folder.
 The file's schema is the strict models below (silofed.config_schema); the rest of the
 coordinator sees only the frozen dataclasses. Nothing else in the coordinator reads TOML or
-environment variables, except coordinator.observability.metrics rereading `[metrics] listen` and
-coordinator.runtime.debug_pause rereading `[debug] pause_after_phase` (their tables are checked
-here too).
+environment variables.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
-from coordinator.rounds.fedavg import AggregationError, PlaintextLimits, check_aggregation_name
-from coordinator.rounds.secure_config import SECAGG, SecAggSettings, WeightingMode
+from protos.names import PLAINTEXT_INSECURE, SECAGG
 from secagg.train_params import TrainParamsError, canonical_train_params, parse_train_params
 from silofed import config_schema as schema
 from silofed.config_schema import Problem, StrictModel, TaskTable, TlsFiles, TlsPaths, load_model
@@ -29,6 +27,88 @@ from silofed.config_schema import Problem, StrictModel, TaskTable, TlsFiles, Tls
 class ConfigError(schema.ConfigError):
     """A coordinator configuration file is missing, unparsable, or has bad keys; str() holds one
     `<file>: [table] key <problem>` line per problem (a silofed.config_schema.ConfigError)."""
+
+
+class WeightingMode(enum.Enum):
+    EXAMPLES = "examples"
+    UNIFORM = "uniform"
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggSettings:
+    """Coordinator `[secagg]` settings (validated by the config loader)."""
+
+    clip_l2: float
+    threshold: int | None = None
+    n_colluders: int | None = None
+    ring_bits: int = 32
+    weighting: WeightingMode = WeightingMode.UNIFORM
+    weight_max: int = 100_000
+    dp_noise_multiplier: float | None = None  # None: DP off
+    dp_noise_divisor: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PlaintextLimits:
+    """What one silo's plaintext update may be: `[plaintext]` (validated by the config loader).
+
+    `clip_l2`: the largest L2 norm of an update (all its tensors, in float64); None sets no norm
+    bound (values must still be finite). `weight_max`: the largest example count a silo may
+    report; a larger one is refused, not capped."""
+
+    clip_l2: float | None = None
+    weight_max: int = 100_000
+
+
+# Secure aggregation (the default) is driven by coordinator.rounds.secure; the plaintext baseline
+# by coordinator.rounds.fedavg.
+KNOWN_AGGREGATIONS = (SECAGG, PLAINTEXT_INSECURE)
+# Names refused with an explanation rather than "unknown": they used to select (or look like
+# they select) the in-the-clear baseline, which must now be named as insecure.
+_RENAMED = {
+    "plaintext": (
+        "the plaintext baseline sends every silo's update IN THE CLEAR to the coordinator "
+        f"(it is insecure); to select it anyway, name it {PLAINTEXT_INSECURE!r}"
+    ),
+}
+
+
+def check_aggregation_name(name: str) -> str:
+    """`name` if it names a known aggregation; else ValueError saying what to write."""
+    if name in _RENAMED:
+        raise ValueError(f"{name!r} is refused: {_RENAMED[name]}")
+    if name not in KNOWN_AGGREGATIONS:
+        raise ValueError(f"must be one of {list(KNOWN_AGGREGATIONS)}, got {name!r}")
+    return name
+
+
+# Where `[debug] pause_after_phase` may freeze the coordinator, in round order (what each point
+# is: coordinator.runtime.debug_pause).
+PAUSE_POINTS = (
+    "offer",
+    "advertise",
+    "share_keys",
+    "masked",
+    "consistency",
+    "unmask",
+    "checkpoint",
+    "roundlog",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """`[metrics]`: the Prometheus endpoint (coordinator.observability.metrics); off when absent."""
+
+    listen: str  # host:port; port 0 picks a free one, written to <state_dir>/metrics.port
+
+
+@dataclass(frozen=True, slots=True)
+class DebugConfig:
+    """`[debug]`: fault injection for tests (coordinator.runtime.debug_pause); never in production
+    configurations."""
+
+    pause_after_phase: str | None = None  # one of PAUSE_POINTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +174,8 @@ class CoordinatorConfig:
         2  # masked vectors buffered at once (docs/secagg-protocol.md §5 step 3.8: P)
     )
     server: ServerLimits = field(default_factory=ServerLimits)
+    metrics: MetricsConfig | None = None
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
     def host(self) -> str:
@@ -111,13 +193,6 @@ def _federation_id(value: str) -> str:
     if not value or "/" in value:
         raise ValueError(f"must be a non-empty name without '/', got {value!r}")
     return value
-
-
-def _aggregation(value: str) -> str:
-    try:
-        return check_aggregation_name(value)
-    except AggregationError as exc:
-        raise ValueError(str(exc)) from None
 
 
 def _ring_bits(value: int) -> int:
@@ -156,7 +231,7 @@ class _Tls(TlsFiles):
 class _Rounds(StrictModel):
     count: schema.PositiveInt
     min_silos: schema.PositiveInt
-    aggregation: Annotated[str, AfterValidator(_aggregation)] = SECAGG
+    aggregation: Annotated[str, AfterValidator(check_aggregation_name)] = SECAGG
     silos_per_round: schema.PositiveInt | None = None
     start_timeout_s: schema.PositiveFloat = 120.0
     start_silos: schema.PositiveInt | None = None
@@ -213,18 +288,11 @@ class _Plaintext(StrictModel):
 
 
 class _Metrics(StrictModel):
-    """Read again, for its listen address, by coordinator.observability.metrics when the server
-    starts."""
-
     listen: schema.HostPort
 
 
 class _Debug(StrictModel):
-    """Fault injection for tests. The point's name is checked by coordinator.runtime.debug_pause,
-    which
-    reads it from the file again (it imports this module, so the names cannot live here)."""
-
-    pause_after_phase: str | None = None
+    pause_after_phase: Annotated[str, schema.one_of(PAUSE_POINTS)] | None = None
 
 
 class _CoordinatorFile(StrictModel):
@@ -291,4 +359,6 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
             idle_connection_s=f.server.idle_connection_s,
             max_pending_streams=f.server.max_pending_streams,
         ),
+        metrics=None if f.metrics is None else MetricsConfig(listen=f.metrics.listen),
+        debug=DebugConfig(pause_after_phase=f.debug.pause_after_phase),
     )

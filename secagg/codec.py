@@ -23,21 +23,21 @@ class Writer:
     def __init__(self) -> None:
         self._parts: list[bytes] = []
 
-    def u8(self, v: int) -> Writer:
-        self._parts.append(struct.pack(">B", v))
+    def _pack(self, fmt: str, v: float) -> Writer:
+        self._parts.append(struct.pack(fmt, v))
         return self
+
+    def u8(self, v: int) -> Writer:
+        return self._pack(">B", v)
 
     def u32(self, v: int) -> Writer:
-        self._parts.append(struct.pack(">I", v))
-        return self
+        return self._pack(">I", v)
 
     def u64(self, v: int) -> Writer:
-        self._parts.append(struct.pack(">Q", v))
-        return self
+        return self._pack(">Q", v)
 
     def f64(self, v: float) -> Writer:
-        self._parts.append(struct.pack(">d", v))
-        return self
+        return self._pack(">d", v)
 
     def fixed(self, data: bytes, size: int) -> Writer:
         if len(data) != size:

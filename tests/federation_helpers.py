@@ -494,15 +494,11 @@ def run_module(
 def run_rounds_command(
     argv: Sequence[str], capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str, str]:
-    """`silofed-coordinator rounds ...` in this process: its exit code, stdout and stderr."""
-    import argparse
+    """`silofed-coordinator rounds ...` in this process, errors mapped to exit codes by the
+    CLI's table: its exit code, stdout and stderr."""
+    from coordinator.cli import PROGRAM
 
-    from coordinator.commands import rounds as cmd_rounds
-
-    parser = argparse.ArgumentParser(prog="silofed-coordinator")
-    cmd_rounds.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    code: int = args.func(args)
+    code = PROGRAM.main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -589,21 +585,44 @@ def wait_for_port(state_dir: Path, coordinator: Proc, timeout_s: float = 60.0) -
 # ---- one test's federation (the `federation` fixture) ----------------------------------------
 
 
+# Ports handed out below the kernel's ephemeral range (32768 and up on Linux): the coordinator
+# binds one seconds after it was found free, and in between any outgoing connection on this
+# machine may be given an ephemeral port as its own.
+PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
+def worker_ports(worker: str | None = None, workers: str | None = None) -> range:
+    """This test process's share of PORTS: under pytest-xdist each worker (PYTEST_XDIST_WORKER
+    "gw<i>" of PYTEST_XDIST_WORKER_COUNT) draws from its own slice, so two workers never hand
+    out the same port between the check and the coordinator's bind; all of PORTS otherwise."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER") if worker is None else worker
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT") if workers is None else workers
+    if not worker or not workers:
+        return PORTS
+    index, count = int(worker.removeprefix("gw")), int(workers)
+    span = len(PORTS) // count
+    return range(PORTS.start + index * span, PORTS.start + (index + 1) * span)
+
+
 def free_port() -> int:
     """A loopback port free now, for a coordinator started together with its silos (they dial it
     before it listens and retry) or restarted where its silos dial again.
 
-    Taken below the kernel's ephemeral range when one is free there: the coordinator binds it
-    seconds later, and in between any outgoing connection on this shared machine may be given
-    an ephemeral port as its own."""
-    for _ in range(50):
-        port = random.randrange(20000, 32768)
+    From this process's slice of PORTS (worker_ports), never one it handed out before: a port
+    is free when checked but only bound by the coordinator seconds later."""
+    ports = worker_ports()
+    for _ in range(100):
+        port = random.choice(ports)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

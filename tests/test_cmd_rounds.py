@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.commands import rounds as cmd_rounds
+from coordinator.commands.rounds_views import CSV_FIELDS
 from coordinator.storage.roundlog import LOG_FILENAME, RoundLog
 from tests.federation_helpers import run_rounds_command
 
@@ -199,7 +199,7 @@ def test_export_csv_long_format(state_dir: Path, capsys: pytest.CaptureFixture[s
     )
     assert code == 0 and "wrote 3 rounds as csv" in err
     rows = list(csv.DictReader(io.StringIO(target.read_text())))
-    assert tuple(rows[0]) == cmd_rounds.CSV_FIELDS
+    assert tuple(rows[0]) == CSV_FIELDS
     facts: dict[tuple[str, str, str, str], str] = {
         (r["round"], r["scope"], r["subject"], r["field"]): r["value"] for r in rows
     }

@@ -18,7 +18,7 @@ import torch
 
 from coordinator.storage.checkpoints import CheckpointStore
 from coordinator.storage.roundlog import CheckpointRecord, RoundLog
-from silo_agent.storage.ledger import read_ledger
+from silo_agent.storage.ledger_verify import read_ledger
 from tests.federation_helpers import NewFederation
 
 pytestmark = pytest.mark.e2e

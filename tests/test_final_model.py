@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from coordinator.storage.roundlog import RoundLog
-from silo_agent.storage.ledger import read_ledger, verify
+from silo_agent.storage.ledger_verify import read_ledger, verify
 from tests.federation_helpers import (
     RECORDING_SPEC,
     Federation,

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from coordinator.runtime.hub import _Blob, _blob_messages
+from coordinator.runtime.stream import Blob, _blob_messages
 from protos import federation_pb2 as pb
 from silo_agent.config import load_silo_config
 from silo_agent.runtime.backoff import Backoff
@@ -93,7 +93,7 @@ def evaluate_offer(round_id: int, data: bytes) -> list[pb.CoordinatorMessage]:
         model_sha256=sha,
         model_bytes=len(data),
     )
-    blob = _Blob(round_id, pb.GLOBAL_MODEL, data, sha)
+    blob = Blob(round_id, pb.GLOBAL_MODEL, data, sha)
     return [pb.CoordinatorMessage(round_offer=offer), *_blob_messages(blob)]
 
 
@@ -198,7 +198,7 @@ def plaintext_offer(round_id: int, data: bytes) -> list[pb.CoordinatorMessage]:
         model_bytes=len(data),
         train_params_json="{}",
     )
-    blob = _Blob(round_id, pb.GLOBAL_MODEL, data, sha)
+    blob = Blob(round_id, pb.GLOBAL_MODEL, data, sha)
     return [pb.CoordinatorMessage(round_offer=offer), *_blob_messages(blob)]
 
 

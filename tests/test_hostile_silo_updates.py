@@ -54,7 +54,7 @@ from coordinator.rounds.secure_config import (
     check_aggregate,
     layout_of,
 )
-from coordinator.runtime.hub import Outcome
+from coordinator.runtime.serve import Outcome
 from coordinator.storage.checkpoints import CheckpointStore
 from coordinator.storage.roundlog import RoundLog
 from protos import federation_pb2 as pb

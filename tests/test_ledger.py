@@ -32,16 +32,8 @@ from protos.names import aggregation_name
 from secagg.errors import AbortReason
 from secagg.messages import AbortNotice, MaskedHeader, encode_message
 from silo_agent.config import load_silo_config
-from silo_agent.storage.ledger import (
-    FINAL_EVALUATION,
-    LedgerEntry,
-    LedgerError,
-    SentLedger,
-    by_round,
-    read_ledger,
-    record_roster_adopted,
-    verify,
-)
+from silo_agent.storage.ledger import FINAL_EVALUATION, SentLedger, record_roster_adopted
+from silo_agent.storage.ledger_verify import LedgerEntry, LedgerError, by_round, read_ledger, verify
 from silo_agent.transport.connection import Link, OutBlob, TlsMaterial
 from tests.federation_helpers import (
     RECORDING_SPEC,

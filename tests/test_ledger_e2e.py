@@ -35,7 +35,7 @@ import pytest
 from coordinator.runtime.hub import Hub
 from protos import federation_pb2 as pb
 from secagg.messages import SignedEnvelope, UnmaskShares, decode_as, decode_message
-from silo_agent.storage.ledger import LedgerError, read_ledger
+from silo_agent.storage.ledger_verify import LedgerError, read_ledger
 from tests.federation_helpers import (
     RECORDING_SPEC,
     REPO,

@@ -26,7 +26,8 @@ from protos import federation_pb2 as pb
 from secagg.identity import Roster
 from silo_agent.config import load_silo_config
 from silo_agent.runtime.runner import SiloRunner
-from silo_agent.storage.ledger import LEDGER_FILENAME, read_ledger
+from silo_agent.storage.ledger import LEDGER_FILENAME
+from silo_agent.storage.ledger_verify import read_ledger
 from silo_agent.transport.connection import Link, TlsMaterial
 from tests.federation_helpers import (
     RECORDING_SPEC,

@@ -22,7 +22,8 @@ from coordinator.storage.roundlog import RoundLog
 from secagg.identity import Roster
 from silo_agent.pki.enrollment import generate_key_and_csr
 from silo_agent.pki.roster_update import backup_path
-from silo_agent.storage.ledger import LEDGER_FILENAME, read_ledger
+from silo_agent.storage.ledger import LEDGER_FILENAME
+from silo_agent.storage.ledger_verify import read_ledger
 from tests.federation_helpers import Federation, NewFederation, Proc, check_fedavg
 
 pytestmark = pytest.mark.e2e

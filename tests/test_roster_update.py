@@ -25,7 +25,8 @@ from secagg.roster_sig import roster_signature_valid, sign_roster
 from silo_agent.config import ConfigError, SiloConfig, load_silo_config
 from silo_agent.pki.enrollment import generate_key_and_csr
 from silo_agent.pki.roster_update import backup_path, offered_path, on_roster_update, signature_path
-from silo_agent.storage.ledger import LEDGER_FILENAME, read_ledger
+from silo_agent.storage.ledger import LEDGER_FILENAME
+from silo_agent.storage.ledger_verify import read_ledger
 from tests.federation_helpers import (
     RECORDING_SPEC,
     SiloFiles,

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from coordinator.rounds.secure_config import SecAggSettings, WeightingMode, quantisation_bound
-from coordinator.runtime.hub import Outcome
+from coordinator.runtime.serve import Outcome
 from coordinator.storage.checkpoints import CheckpointStore
 from coordinator.storage.roundlog import RoundLog
 from protos import federation_pb2 as pb

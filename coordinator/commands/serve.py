@@ -1,7 +1,8 @@
 """`silofed-coordinator serve`: run the coordinator from its TOML configuration.
 
 Rule: argument parsing, logging and progress-display setup only; the work is
-`coordinator.runtime.hub.serve`. Configuration errors, task-loading errors, a damaged rollback
+`coordinator.runtime.serve.serve`. Errors are raised, not caught: coordinator.cli's EXIT_CODES
+maps them to exit codes. Configuration errors, task-loading errors, a damaged rollback
 intent (`<state_dir>/rollback.json`) and an address that cannot be bound (the port in use) end
 the process with exit code 2 and one line naming the file and key (or the task spec) to fix.
 Exit codes: 0 finished, 1 too few silos connected in time, 2 as above, 4 stalled (the same cause
@@ -11,15 +12,12 @@ aborted [rounds] max_consecutive_aborts rounds in a row; the diagnosis is logged
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from coordinator.config import ConfigError, load_coordinator_config
 from silofed import logs
-
-log = logging.getLogger("silofed.coordinator")
 
 # TLS refusals (a foreign CA, an expired certificate, a plain-TCP client) happen inside grpc
 # core before any Python code runs; grpc logs their cause ("Handshake failed ... certificate has
@@ -43,35 +41,24 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serve until the federation ends; the exit codes of its errors are coordinator.cli's
+    EXIT_CODES."""
     logs.setup_logging(args.log_level, args.log_format)
     from dataclasses import replace
 
     from coordinator.observability import progress
-    from coordinator.runtime.hub import serve
-    from coordinator.storage.rollback import RollbackError
-    from coordinator.transport.server import ListenError
-    from silofed.task import TaskLoadError
+    from coordinator.runtime.serve import serve
 
-    try:
-        config = load_coordinator_config(args.config)
-        if args.rounds is not None:
-            if args.rounds <= 0:
-                raise ConfigError("--rounds must be > 0")
-            config = replace(config, rounds=replace(config.rounds, count=args.rounds))
-        # The live line (round, phase, time in phase, silos) on a terminal only; serve()
-        # starts it with the hub's status.
-        progress.configure(
-            enabled=logs.progress_enabled(args.log_format),
-            total_rounds=config.rounds.count,
-            console=logs.console(),
-        )
-        return serve(config, keep_serving=args.keep_serving)
-    except (ConfigError, TaskLoadError) as exc:
-        log.error("%s", exc)
-        return 2
-    except RollbackError as exc:  # a damaged or unusable <state_dir>/rollback.json
-        log.error("cannot start: %s", exc)
-        return 2
-    except ListenError as exc:  # the port is taken, or the address is not this machine's
-        log.error("cannot start: %s", exc)
-        return 2
+    config = load_coordinator_config(args.config)
+    if args.rounds is not None:
+        if args.rounds <= 0:
+            raise ConfigError("--rounds must be > 0")
+        config = replace(config, rounds=replace(config.rounds, count=args.rounds))
+    # The live line (round, phase, time in phase, silos) on a terminal only; serve() starts it
+    # with the hub's status.
+    progress.configure(
+        enabled=logs.progress_enabled(args.log_format),
+        total_rounds=config.rounds.count,
+        console=logs.console(),
+    )
+    return serve(config, keep_serving=args.keep_serving)

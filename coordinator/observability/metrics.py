@@ -2,7 +2,8 @@
 
 Rule: metrics are computed at scrape time from the two sources of truth, never kept in
 parallel: the round log (durations, phases, dropouts, bytes — finished rounds are immutable, so
-their figures are cached) and the Hub's live status (connected silos, certificate expiry). The
+their figures are summed once and a scrape reads only the rounds after them) and the Hub's live
+status (connected silos, certificate expiry). The
 runtime needs one call, `start_metrics_from_config(config, hub.status)`; the HTTP server runs in
 a daemon thread and writes its bound port to `<state_dir>/metrics.port` (listen port 0 works).
 
@@ -15,12 +16,12 @@ silofed_rounds_completed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from coordinator.config import ConfigError
+from coordinator.config import CoordinatorConfig
 from coordinator.storage.roundlog import (
     LOG_FILENAME,
     RoundDetail,
@@ -50,102 +51,111 @@ ROUND_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0
 PHASE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-class MetricsConfigError(ConfigError):
-    """`[metrics]` in the coordinator config is wrong; str() names the file and key."""
+@dataclass(slots=True)
+class _Histogram:
+    """Cumulative bucket counts and sum of one histogram's observations, per label values."""
+
+    buckets: Sequence[float]
+    counts: dict[tuple[str, ...], list[int]] = field(default_factory=dict)
+    sums: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+    def add(self, labels: tuple[str, ...], value: float) -> None:
+        # The last slot is +Inf (every observation).
+        counts = self.counts.setdefault(labels, [0] * (len(self.buckets) + 1))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += 1
+        counts[-1] += 1
+        self.sums[labels] = self.sums.get(labels, 0.0) + value
+
+    def family(self, name: str, doc: str, labels: Sequence[str]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc, labels=list(labels))
+        bounds = [*(str(b) for b in self.buckets), "+Inf"]
+        for label_values, counts in sorted(self.counts.items()):
+            family.add_metric(
+                list(label_values),
+                [(b, float(n)) for b, n in zip(bounds, counts, strict=True)],
+                sum_value=self.sums[label_values],
+            )
+        return family
 
 
-def metrics_listen(config_source: Path) -> str | None:
-    """`[metrics] listen` of a coordinator TOML file, or None when metrics are off."""
-    with config_source.open("rb") as fh:
-        table = tomllib.load(fh).get("metrics")
-    if table is None:
-        return None
-    listen = table.get("listen") if isinstance(table, dict) else None
-    host, sep, port = listen.rpartition(":") if isinstance(listen, str) else ("", "", "")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise MetricsConfigError(
-            f'{config_source}: [metrics] listen must be host:port (e.g. "127.0.0.1:9464"), '
-            f"got {listen!r}"
-        )
-    unknown = sorted(set(table) - {"listen"})
-    if unknown:
-        raise MetricsConfigError(f"{config_source}: [metrics] {unknown[0]} is not a known key")
-    return str(listen)
+@dataclass(slots=True)
+class _Totals:
+    """Every round-log figure the endpoint exports, summed over the rounds added to it."""
 
+    rounds: _Histogram = field(default_factory=lambda: _Histogram(ROUND_BUCKETS))
+    phases: _Histogram = field(default_factory=lambda: _Histogram(PHASE_BUCKETS))
+    dropouts: dict[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    completed: int = 0
 
-def _histogram(
-    name: str, doc: str, samples: dict[tuple[str, ...], list[float]], labels: Sequence[str],
-    buckets: Sequence[float],
-) -> HistogramMetricFamily:  # fmt: skip
-    family = HistogramMetricFamily(name, doc, labels=list(labels))
-    for label_values, values in sorted(samples.items()):
-        counts = [(str(b), float(sum(1 for v in values if v <= b))) for b in buckets]
-        counts.append(("+Inf", float(len(values))))
-        family.add_metric(list(label_values), counts, sum_value=sum(values))
-    return family
+    def add(self, d: RoundDetail) -> None:
+        if d.status is RoundStatus.COMPLETED:
+            self.completed += 1
+        if d.status is not RoundStatus.RUNNING and d.duration_s is not None:
+            self.rounds.add((d.status.value,), d.duration_s)
+        for p in d.phases:
+            self.phases.add((p.phase,), p.duration_s)
+        for drop in d.dropouts:
+            self.dropouts[drop.phase] = self.dropouts.get(drop.phase, 0) + 1
+        self.bytes_in += sum(s.bytes_in for s in d.silos)
+        self.bytes_out += sum(s.bytes_out for s in d.silos)
 
 
 @dataclass(eq=False)  # the registry keys collectors by identity
 class FederationCollector(Collector):
-    """Builds every metric from the round log at `log_path` and `status()` at scrape time."""
+    """Builds every metric from the round log at `log_path` and `status()` at scrape time.
+
+    A scrape costs the same however many rounds the log holds: the finished rounds (which never
+    change) are added to `_done` once, in order, and only the rounds after them are read again
+    (the running one, if any)."""
 
     log_path: Path
     status: Callable[[], pb.StatusReply]
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
-        self._finished: dict[int, RoundDetail] = {}
+        self._done = _Totals()
+        self._done_through = 0  # rounds 1.._done_through are finished and in _done
         self._lock = threading.Lock()
 
-    def _details(self) -> list[RoundDetail]:
+    def _totals(self) -> _Totals:
+        """The totals over every round in the log: `_done` plus the rounds after it."""
         if not self.log_path.exists():
-            return []
+            return _Totals()
         with self._lock, RoundLog.open_readonly(self.log_path) as rl:
-            out: list[RoundDetail] = []
-            for summary in rl.rounds():
-                cached = self._finished.get(summary.round_id)
-                if cached is None:
-                    cached = rl.round_detail(summary.round_id)
-                    if cached.status is not RoundStatus.RUNNING:
-                        self._finished[summary.round_id] = cached
-                out.append(cached)
-            return out
+            later: list[RoundDetail] = []
+            for d in rl.rounds_after(self._done_through):
+                if not later and d.status is not RoundStatus.RUNNING:
+                    self._done.add(d)
+                    self._done_through = d.round_id
+                else:
+                    later.append(d)
+            # A copy: a concurrent scrape may add to _done while this one builds its families.
+            totals = copy.deepcopy(self._done)
+            for d in later:
+                totals.add(d)
+            return totals
 
     def collect(self) -> Iterator[Metric]:
         try:
-            details = self._details()
+            totals = self._totals()
         except RoundLogError as exc:
             log.warning("metrics: cannot read the round log: %s", exc)
-            details = []
-        rounds: dict[tuple[str, ...], list[float]] = {}
-        phases: dict[tuple[str, ...], list[float]] = {}
-        dropouts: dict[str, int] = {}
-        bytes_in = bytes_out = 0
-        completed = 0
-        for d in details:
-            if d.status is RoundStatus.COMPLETED:
-                completed += 1
-            if d.status is not RoundStatus.RUNNING and d.duration_s is not None:
-                rounds.setdefault((d.status.value,), []).append(d.duration_s)
-            for p in d.phases:
-                if p.duration_s is not None:
-                    phases.setdefault((p.phase,), []).append(p.duration_s)
-            for drop in d.dropouts:
-                dropouts[drop.phase] = dropouts.get(drop.phase, 0) + 1
-            bytes_in += sum(s.bytes_in for s in d.silos)
-            bytes_out += sum(s.bytes_out for s in d.silos)
-        yield _histogram(
+            totals = _Totals()
+        yield totals.rounds.family(
             "silofed_round_duration_seconds", "Duration of finished rounds, by final status.",
-            rounds, ["status"], ROUND_BUCKETS,
+            ["status"],
         )  # fmt: skip
-        yield _histogram(
-            "silofed_phase_duration_seconds", "Duration of round phases.", phases, ["phase"],
-            PHASE_BUCKETS,
-        )  # fmt: skip
+        yield totals.phases.family(
+            "silofed_phase_duration_seconds", "Duration of round phases.", ["phase"]
+        )
         drops = CounterMetricFamily(
             "silofed_dropouts", "Silos that dropped out of a round, by phase.", labels=["phase"]
         )
-        for phase, n in sorted(dropouts.items()):
+        for phase, n in sorted(totals.dropouts.items()):
             drops.add_metric([phase], float(n))
         yield drops
         traffic = CounterMetricFamily(
@@ -153,12 +163,13 @@ class FederationCollector(Collector):
             "Protocol bytes of logged rounds as counted by the coordinator (in = from silos).",
             labels=["direction"],
         )
-        traffic.add_metric(["in"], float(bytes_in))
-        traffic.add_metric(["out"], float(bytes_out))
+        traffic.add_metric(["in"], float(totals.bytes_in))
+        traffic.add_metric(["out"], float(totals.bytes_out))
         yield traffic
         yield GaugeMetricFamily(
-            "silofed_rounds_completed", "Completed rounds in the log.", value=float(completed)
-        )
+            "silofed_rounds_completed", "Completed rounds in the log.",
+            value=float(totals.completed),
+        )  # fmt: skip
         yield from self._live()
 
     def _live(self) -> Iterator[Metric]:
@@ -216,10 +227,9 @@ def start_metrics(
 
 
 def start_metrics_from_config(
-    config: Any, status: Callable[[], pb.StatusReply]
+    config: CoordinatorConfig, status: Callable[[], pb.StatusReply]
 ) -> MetricsServer | None:
     """The runtime's one hook: start the endpoint when the config has `[metrics] listen`."""
-    listen = metrics_listen(Path(config.source))
-    if listen is None:
+    if config.metrics is None:
         return None
-    return start_metrics(listen, Path(config.state_dir), status)
+    return start_metrics(config.metrics.listen, config.state_dir, status)

@@ -7,7 +7,8 @@ produces the new global state. Nothing here knows about gRPC, files or clocks.
 `plaintext-insecure` is weighted FedAvg over updates sent IN THE CLEAR: the coordinator sees
 each silo's update. It is an explicitly insecure baseline for benchmarks; its name says so and
 is recorded on every round it produces. The old name `plaintext` is refused with an explanation
-(`check_aggregation_name`) so no configuration selects the baseline without naming it insecure.
+(`coordinator.config.check_aggregation_name`) so no configuration selects the baseline without
+naming it insecure.
 
 Insecure is not unchecked: each update is checked WHOLE before any of it is added (exactly the
 model's tensor names, dtypes and shapes; every value finite; its L2 norm within `[plaintext]
@@ -24,36 +25,15 @@ from typing import Protocol
 
 import torch
 
-from coordinator.rounds.secure_config import NON_FINITE_MODEL, SECAGG, sum_of_squares
+from coordinator.config import PlaintextLimits, check_aggregation_name
+from coordinator.rounds.secure_config import NON_FINITE_MODEL, sum_of_squares
 
 PLAINTEXT = "plaintext-insecure"
-# Names refused with an explanation rather than "unknown": they used to select (or look like
-# they select) the in-the-clear baseline, which must now be named as insecure.
-_RENAMED = {
-    "plaintext": (
-        "the plaintext baseline sends every silo's update IN THE CLEAR to the coordinator "
-        f"(it is insecure); to select it anyway, name it {PLAINTEXT!r}"
-    ),
-}
-
-
 _NAME_SHOWN = 64  # a tensor name in a message is cut here: a silo chooses its names
 
 
 class AggregationError(ValueError):
     """A contribution cannot be aggregated (wrong tensors, bad weight); str() says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class PlaintextLimits:
-    """What one silo's plaintext update may be: `[plaintext]` (validated by the config loader).
-
-    `clip_l2`: the largest L2 norm of an update (all its tensors, in float64); None sets no norm
-    bound (values must still be finite). `weight_max`: the largest example count a silo may
-    report; a larger one is refused, not capped."""
-
-    clip_l2: float | None = None
-    weight_max: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,23 +223,17 @@ def _shown(name: str) -> str:
 
 
 AGGREGATIONS = {PLAINTEXT: PlaintextFedAvg}
-# Secure aggregation (the default) is driven by coordinator.rounds.secure, not by this protocol:
-# the coordinator never holds a contribution it could fold in one at a time.
-KNOWN_AGGREGATIONS = (SECAGG, PLAINTEXT)
-
-
-def check_aggregation_name(name: str) -> str:
-    """`name` if it names a known aggregation; else AggregationError saying what to write."""
-    if name in _RENAMED:
-        raise AggregationError(f"{name!r} is refused: {_RENAMED[name]}")
-    if name not in KNOWN_AGGREGATIONS:
-        raise AggregationError(f"must be one of {list(KNOWN_AGGREGATIONS)}, got {name!r}")
-    return name
 
 
 def make_aggregation(name: str, limits: PlaintextLimits | None = None) -> AggregationProtocol:
     """A fresh plaintext protocol instance for one round, checking each update against `limits`
     (default: no norm bound, weight_max 100 000); AggregationError for another name."""
-    if check_aggregation_name(name) not in AGGREGATIONS:
+    try:
+        check_aggregation_name(name)
+    except ValueError as exc:
+        raise AggregationError(str(exc)) from None
+    # Secure aggregation (the default) is driven by coordinator.rounds.secure, not by this
+    # protocol: the coordinator never holds a contribution it could fold in one at a time.
+    if name not in AGGREGATIONS:
         raise AggregationError(f"{name!r} is not a contribution-by-contribution aggregation")
     return AGGREGATIONS[name](limits)

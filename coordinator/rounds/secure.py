@@ -1,26 +1,61 @@
-"""One secure-aggregation round as the hub drives it: `secagg.CoordinatorRound` plus deadlines.
+"""Secure aggregation as a round kind: `secagg.CoordinatorRound` plus deadlines and the outcome.
 
 Rule: pure (no gRPC, no files; the clock comes in as `now`). The hub hands over what arrived on
 the silos' streams (protocol frames, complete masked vectors, broken streams) and the passing
 of time; it gets back the frames to send and, in the runtime's own terms
-(`coordinator.rounds.phases`
-events), what to record: each phase that ended with its participant set (U1..U5) and timings,
-and each silo that dropped out, with the phase and why. Each phase has its own deadline
-(`[deadlines]`): `offer_s` covers the model download and the key advertisement, `train_s` the
-local training and the masked upload.
+(`coordinator.rounds.phases` events), what to record: each phase that ended with its
+participant set (U1..U5) and timings, and each silo that dropped out, with the phase and why.
+Each phase has its own deadline (`[deadlines]`): `offer_s` covers the model download and the key
+advertisement, `train_s` the local training and the masked upload.
+
+`SecureRound` is the protocol with its deadlines (the hub's driver API until the hub drives
+`RoundKind`s); `SecureKind` is the same round behind `RoundKind`: it keeps the metrics of the
+invited silos' reports and the reason codes of the silos that refused the round, says who may
+upload a masked vector (`status().uploads`: the masked phase waits for it, exactly the ring
+vector's size), and builds the outcome: the decoded aggregate ḡ is applied only if clipped
+inputs can produce it and the new model is finite (else the round is aborted and the model
+kept); an abort caused by an out-of-range weight names the silos it proves sent one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
-from coordinator.rounds.phases import Dropped, DropReason, Event, PhaseEnded
+from coordinator.rounds.events import Step as Step  # the hub imports it from here until 2f
+from coordinator.rounds.events import ignoring
+from coordinator.rounds.kind import (
+    Aborted,
+    Completed,
+    Frame,
+    Loss,
+    ModelDelivered,
+    Outcome,
+    PlaintextUpdate,
+    PrivacyRecord,
+    Reported,
+    RoundStatus,
+    Upload,
+    UploadSpec,
+)
+from coordinator.rounds.phases import Dropped, DropReason, Event, PhaseEnded, RoundId
+from coordinator.rounds.secure_config import (
+    SECAGG,
+    SecureRoundError,
+    apply_aggregate,
+    check_aggregate,
+    check_finite,
+)
 from secagg.config import RoundConfig
 from secagg.coordinator import CoordinatorRound, Phase, RoundOutcome, Send
+from secagg.errors import MalformedMessage
+from secagg.messages import AbortNotice as SecAggAbort
+from secagg.messages import decode_message
+from secagg.primitives import ring_dtype
 from secagg.trust import Trust
 
 # Each secagg phase, the [deadlines] key bounding it, and the participant set it produces.
@@ -38,12 +73,6 @@ PARTICIPANT_SET_OF: Mapping[Phase, str] = {
     Phase.CONSISTENCY: "U4",
     Phase.UNMASK: "U5",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    sends: list[Send] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
 
 
 def _utc(now: float) -> dt.datetime:
@@ -96,6 +125,10 @@ class SecureRound:
         return None if reason is None else f"{reason.name} in phase {self._aborted_in}"
 
     @property
+    def cancelled(self) -> bool:
+        return bool(self._cancelled)
+
+    @property
     def deadline(self) -> float:
         return self.phase_started_at + self.deadlines_s.get(self.phase, 0.0)
 
@@ -122,12 +155,15 @@ class SecureRound:
         return self._step(sends, now)
 
     def lost(self, silo_id: str, now: float, why: str = "stream closed") -> Step:
-        self._why.setdefault(silo_id, (DropReason.DISCONNECTED, why))
-        return self._step(self.round.silo_lost(silo_id), now)
+        return self.drop(silo_id, DropReason.DISCONNECTED, why, now)
 
     def failed(self, silo_id: str, now: float, why: str) -> Step:
         """The hub refused what `silo_id` sent (outside the protocol's own checks)."""
-        self._why.setdefault(silo_id, (DropReason.INVALID, why))
+        return self.drop(silo_id, DropReason.INVALID, why, now)
+
+    def drop(self, silo_id: str, reason: DropReason, why: str, now: float) -> Step:
+        """`silo_id` will not answer again this round, for `reason`."""
+        self._why.setdefault(silo_id, (reason, why))
         return self._step(self.round.silo_lost(silo_id), now)
 
     def tick(self, now: float) -> Step:
@@ -175,3 +211,181 @@ class SecureRound:
             self.phase = self.round.phase
             self.phase_started_at = now
         return Step(sends, events)
+
+
+class SecureKind:
+    """A secure-aggregation round behind `RoundKind` (coordinator.rounds.kind). Not thread-safe."""
+
+    aggregation = SECAGG
+    train_params_json = ""  # inside the signed round config
+
+    def __init__(
+        self,
+        config: RoundConfig,
+        trust: Trust,
+        deadlines_s: Mapping[str, float],
+        global_state: Mapping[str, torch.Tensor],
+        *,
+        now: float,
+        dp_rounds_before: int = 0,
+    ) -> None:
+        self.driver = SecureRound(
+            config, trust, deadlines_s, now=now, dp_rounds_before=dp_rounds_before
+        )
+        self.round_id = RoundId(config.round_id)
+        self.offer_config = config.encode()
+        self._config = config
+        self._invited = frozenset(config.invited)
+        self._global_state = global_state
+        self._ring = ring_dtype(config.ring_bits)
+        self._metrics: dict[str, dict[str, float]] = {}
+        self._refusals: dict[str, str] = {}
+        self._outcome: Outcome | None = None
+
+    # ---- inputs ----------------------------------------------------------------------------
+
+    def start(self, invited: Sequence[str], now: float) -> Step:
+        del invited  # the signed config names them
+        self.driver.phase_started_at = now  # the offer is queued: the first deadline begins
+        return Step()
+
+    def frame(self, silo_id: str, frame: Frame, now: float) -> Step:
+        if isinstance(frame, ModelDelivered):
+            return Step()  # the advertisement proves it
+        if isinstance(frame, Reported):
+            # Under secagg a report carries evaluation metrics only (plaintext by design: the
+            # silo's score of the global model it received, not its update).
+            if frame.round_id == self.round_id and silo_id in self._invited:
+                self._metrics[silo_id] = dict(frame.metrics)
+            return Step()
+        if frame.round_id != self.round_id:
+            why = f"ignoring a secagg frame from {silo_id} for round {frame.round_id}"
+            return ignoring(silo_id, "stray secagg frame", why)
+        if self.driver.over:
+            return Step()
+        try:
+            decoded = decode_message(frame.payload)
+        except MalformedMessage:
+            decoded = None  # the protocol refuses it, with the reason
+        if isinstance(decoded, SecAggAbort) and silo_id in self._invited:
+            self._refusals[silo_id] = decoded.reason.name[:64]
+        return self.driver.handle(silo_id, frame.payload, now)
+
+    def upload(self, silo_id: str, upload: Upload, now: float) -> Step:
+        if isinstance(upload, PlaintextUpdate):
+            return ignoring(
+                silo_id, "stray blob", f"ignoring blob from {silo_id} for round {upload.round_id}"
+            )
+        refusal = self._upload_refusal(silo_id)
+        if refusal is not None:
+            why = f"refused a masked vector from {silo_id} for round {upload.round_id}: {refusal}"
+            return ignoring(silo_id, "masked vector refused", why, warning=True)
+        if not upload.header:
+            return self._failed(silo_id, "masked vector header without its protocol_header", now)
+        if upload.round_id != self.round_id:
+            why = f"masked vector for round {upload.round_id} during round {self.round_id}"
+            return self._failed(silo_id, why, now)
+        vector, length = upload.vector, self._config.length
+        if vector.dtype != self._ring or vector.shape != (length,):
+            why = (
+                f"bad masked vector header: a masked vector has {length} elements of "
+                f"{self._ring}, it has {vector.shape} of {vector.dtype}"
+            )
+            return self._failed(silo_id, why, now)
+        # The transport hashed exactly these bytes as they arrived: no second pass.
+        return self.driver.masked_vector(
+            silo_id, upload.header, vector, now, vector_sha256=upload.sha256
+        )
+
+    def _upload_refusal(self, silo_id: str) -> str | None:
+        """Why `silo_id` may not upload a masked vector now; None when the masked phase waits
+        for its vector (it is in U2, not dropped, not uploaded yet)."""
+        d = self.driver
+        if d.over or d.round.phase is not Phase.MASKED:
+            return f"round {self.round_id} is in phase {d.phase_name}, not masked"
+        if silo_id not in d.round.waiting_for():
+            return (
+                f"round {self.round_id} waits for no masked vector from it (not in U2, "
+                "dropped, or already uploaded)"
+            )
+        return None
+
+    def lost(self, silo_id: str, loss: Loss, now: float) -> Step:
+        if silo_id not in self._invited or self.driver.over:
+            return Step()  # a connected silo that is not in this round
+        if loss.refusal is not None:
+            self._refusals[silo_id] = loss.refusal[:64]
+        return self.driver.drop(silo_id, loss.reason, loss.detail, now)
+
+    def _failed(self, silo_id: str, detail: str, now: float) -> Step:
+        return self.lost(silo_id, Loss(DropReason.INVALID, detail), now)
+
+    def tick(self, now: float) -> Step:
+        return self.driver.tick(now)
+
+    def cancel(self, why: str, now: float) -> Step:
+        return self.driver.cancel(now, why)
+
+    # ---- what the hub asks -----------------------------------------------------------------
+
+    def outcome(self) -> Outcome | None:
+        if not self.driver.over:
+            return None
+        if self._outcome is None:
+            self._outcome = self._finish()
+        return self._outcome
+
+    def _finish(self) -> Outcome:
+        d, cfg = self.driver, self._config
+        metrics, refusals = dict(self._metrics), dict(self._refusals)
+        result = None if d.cancelled else d.result
+        if result is None:
+            # silo id -> its encoded Blame: empty unless the round proved who sent a bad weight
+            blamed = {} if d.cancelled else {str(k): v for k, v in d.round.blamed.items()}
+            return Aborted(d.abort_reason or "aborted", metrics, blamed, refusals)
+        survivors = tuple(str(s) for s in result.survivors)
+        try:
+            # ḡ is the weighted mean of the survivors' updates: all the coordinator ever
+            # decodes. Applied only if clipped inputs can produce it and the new model is
+            # finite; else the round is aborted, the model kept.
+            check_aggregate(cfg, result.aggregate, result.weight_sum, len(survivors))
+            new_state = apply_aggregate(self._global_state, result.aggregate, cfg.layout)
+            check_finite(new_state)
+        except SecureRoundError as exc:
+            return Aborted(str(exc), metrics, refusals=refusals)
+        finally:
+            # Free the accumulator (ḡ lives in it) before the model is serialised.
+            d.round.result = dataclasses.replace(result, aggregate=np.empty(0, np.float32))
+        report = result.dp_report
+        privacy = None
+        if report is not None:
+            privacy = PrivacyRecord(
+                mechanism="distributed discrete Gaussian",
+                noise_multiplier=report.noise_multiplier,
+                clip_norm=cfg.clip_l2,
+                epsilon=report.epsilon,
+                delta=report.delta,
+                details={
+                    "noise_divisor": report.noise_divisor,
+                    "honest_survivors": report.honest_survivors,
+                    "effective_multiplier": report.effective_multiplier,
+                    "rounds_composed": report.rounds,
+                },
+            )
+        weight_sum = result.weight_sum / cfg.weight_scale * cfg.weight_max
+        return Completed(new_state, weight_sum, survivors, metrics, privacy, self._announce)
+
+    def _announce(self, new_model_sha256: bytes) -> Step:
+        return Step(self.driver.round.announce(new_model_sha256))
+
+    def status(self) -> RoundStatus:
+        d = self.driver
+        waiting = frozenset() if d.over else frozenset(str(s) for s in d.round.waiting_for())
+        uploads: dict[str, UploadSpec] = {}
+        if not d.over and d.round.phase is Phase.MASKED:
+            size = self._config.length * self._ring.itemsize
+            spec = UploadSpec(size, size, self._ring, self._config.length)
+            uploads = dict.fromkeys(waiting, spec)
+        return RoundStatus(
+            self.round_id, d.phase_name, d.phase_started_at, d.deadline, d.over, waiting, uploads
+        )

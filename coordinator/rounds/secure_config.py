@@ -16,14 +16,13 @@ docs/secagg-protocol.md §2.5), and `check_finite` a new state that is not finit
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from coordinator.config import SecAggSettings, WeightingMode
 from secagg.config import (
     DdgNoise,
     RoundConfig,
@@ -54,25 +53,6 @@ class SecureRoundError(ValueError):
 class ResultRefused(SecureRoundError):
     """A round's decoded result must not become the global model; str() starts with the code
     (AGGREGATE_OUT_OF_BOUND or NON_FINITE_MODEL)."""
-
-
-class WeightingMode(enum.Enum):
-    EXAMPLES = "examples"
-    UNIFORM = "uniform"
-
-
-@dataclass(frozen=True, slots=True)
-class SecAggSettings:
-    """Coordinator `[secagg]` settings (validated by the config loader)."""
-
-    clip_l2: float
-    threshold: int | None = None
-    n_colluders: int | None = None
-    ring_bits: int = 32
-    weighting: WeightingMode = WeightingMode.UNIFORM
-    weight_max: int = 100_000
-    dp_noise_multiplier: float | None = None  # None: DP off
-    dp_noise_divisor: int = 1
 
 
 _TORCH_DTYPES: Mapping[str, torch.dtype] = {

@@ -27,21 +27,12 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.config import PAUSE_POINTS, ConfigError, CoordinatorConfig
 from coordinator.rounds.phases import Event, PhaseEnded
 
 log = logging.getLogger("silofed.coordinator")
 
-POINTS = (
-    "offer",
-    "advertise",
-    "share_keys",
-    "masked",
-    "consistency",
-    "unmask",
-    "checkpoint",
-    "roundlog",
-)
+POINTS = PAUSE_POINTS  # the configuration checks `[debug] pause_after_phase` against them
 # The points that are the end of a secagg phase (a PhaseEnded event of that name).
 PHASE_POINTS = frozenset({"advertise", "share_keys", "masked", "consistency"})
 _KEYS = ("pause_after_phase",)
@@ -77,10 +68,8 @@ def pause_after_phase(config_source: Path) -> str | None:
 
 
 def configured_point(config: CoordinatorConfig) -> str | None:
-    """The pause point `config` asks for. Read from the file itself (the `[debug]` table is not
-    in the loaded configuration); a configuration built in memory, without a file, has none."""
-    source = Path(config.source)
-    return pause_after_phase(source) if source.is_file() else None
+    """The pause point `config` asks for (`[debug] pause_after_phase`), None for none."""
+    return config.debug.pause_after_phase
 
 
 class DebugPause:

@@ -9,12 +9,12 @@ refusal is an `ExportError` whose message says what to do.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.storage.roundlog import CheckpointRecord, RoundLog, RoundNotFound, RoundStatus
 from silofed.files import write_atomically
-from silofed.tensors import sha256_hex
 
 
 class ExportError(Exception):
@@ -58,7 +58,8 @@ def export_model(
             f"{exc.strerror or exc}); nothing was written: restore the file from a backup of "
             f"{checkpoints_dir} (its SHA-256 must be {record.sha256})"
         ) from None
-    actual = sha256_hex(data)
+    # silofed.tensors.sha256_hex's digest, without loading torch into the operator's command.
+    actual = hashlib.sha256(data).hexdigest()
     if actual != record.sha256:
         raise ExportError(
             f"checkpoint {source} has SHA-256 {actual}, but the round log records "

@@ -20,14 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from secagg.identity import (
-    CertificateRejected,
-    Roster,
-    check_certificate,
-    load_pem_certificate,
-    silo_id_for,
-)
+from secagg.identity import CertificateRejected, check_certificate, load_pem_certificate
 from silo_agent.config import ConfigError, SiloConfig, load_silo_config
+from silo_agent.pki.preflight import PinnedFiles
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -68,14 +63,10 @@ def check_certificate_validity(config: SiloConfig, now: dt.datetime) -> CheckRes
 
 
 def check_roster_pin(config: SiloConfig, now: dt.datetime) -> CheckResult:
-    cert = load_pem_certificate(config.tls.cert.read_bytes())
-    ca = load_pem_certificate(config.tls.ca_cert.read_bytes())
-    roster = Roster.from_json(config.tls.roster.read_text())
-    expected = config.silo_id
-    if expected is None and config.name is not None:
-        expected = silo_id_for(roster.federation_id, config.name)
+    pinned = PinnedFiles.read(config)  # the files and the check the agent uses before dialing
+    roster = pinned.roster
     try:
-        check_certificate(cert, ca, now=now, roster=roster, expected_silo_id=expected)
+        pinned.check(now)
     except CertificateRejected as exc:
         return CheckResult(
             "roster pin",
@@ -86,7 +77,8 @@ def check_roster_pin(config: SiloConfig, now: dt.datetime) -> CheckResult:
     return CheckResult(
         "roster pin",
         True,
-        f"{expected} pinned in roster v{roster.version} ({roster.digest().hex()[:12]})",
+        f"{pinned.expected_silo_id} pinned in roster v{roster.version} "
+        f"({roster.digest().hex()[:12]})",
     )
 
 

@@ -1,6 +1,7 @@
 """`silofed-silo ledger [show|verify]`: what left this site, and whether the coordinator agrees.
 
-Rule: reading and printing only; the file format and the comparison live in `ledger.py`.
+Rule: reading and printing only; the file format is in `storage/ledger.py`, the comparison in
+`storage/ledger_verify.py`.
 `ledger` (= `ledger show`) prints one row per round: when its first message left, aggregation,
 model-in hash, the update blob (bytes, digest), every message sent in order, and the key shares
 released for other silos. `ledger verify --export FILE` compares the ledger with a
@@ -21,12 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from secagg.identity import load_pem_certificate, uri_san
-from silo_agent.config import ConfigError, load_silo_config
-from silo_agent.storage.ledger import (
-    FINAL_EVALUATION,
-    LEDGER_FILENAME,
-    NO_ROUND,
-    LedgerError,
+from silo_agent.config import load_silo_config
+from silo_agent.storage.ledger import FINAL_EVALUATION, LEDGER_FILENAME, NO_ROUND
+from silo_agent.storage.ledger_verify import (
     RoundRecord,
     by_round,
     load_export,
@@ -47,10 +45,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         parents=[common],
         help="what left this site per round; `ledger verify` checks it against the coordinator",
     )
-    p.set_defaults(func=_guard(show))
+    p.set_defaults(func=_to_stdout(show))
     verbs = p.add_subparsers(dest="ledger_command", required=False, metavar="ACTION")
     s = verbs.add_parser("show", parents=[common], help="print the ledger (the default)")
-    s.set_defaults(func=_guard(show))
+    s.set_defaults(func=_to_stdout(show))
     v = verbs.add_parser(
         "verify",
         parents=[common],
@@ -62,21 +60,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=None,
         help="this silo's spiffe:// id (default: the URI SAN of the certificate in --config)",
     )
-    v.set_defaults(func=_guard(verify_cmd))
+    v.set_defaults(func=_to_stdout(verify_cmd))
 
 
-class _UsageError(Exception):
-    pass
+class UsageError(Exception):
+    """The command line does not say which silo; the message says what to pass."""
 
 
-def _guard(command: Any) -> Any:
+def _to_stdout(command: Any) -> Any:
+    """`command` printing to stdout; its errors (LedgerError, ConfigError, UsageError) end it
+    with silo_agent.cli's EXIT_CODES."""
+
     def run(args: argparse.Namespace) -> int:
-        try:
-            code: int = command(args, sys.stdout)
-            return code
-        except (LedgerError, ConfigError, _UsageError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        code: int = command(args, sys.stdout)
+        return code
 
     return run
 
@@ -87,7 +84,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
         return path
     if args.config is not None:
         return load_silo_config(args.config).state_dir
-    raise _UsageError("say which silo: --config FILE (the silo's TOML) or --state-dir DIR")
+    raise UsageError("say which silo: --config FILE (the silo's TOML) or --state-dir DIR")
 
 
 def _silo_id(args: argparse.Namespace) -> str:
@@ -95,11 +92,11 @@ def _silo_id(args: argparse.Namespace) -> str:
         silo_id: str = args.silo_id
         return silo_id
     if args.config is None:
-        raise _UsageError("pass --silo-id spiffe://... or --config FILE (its certificate names it)")
+        raise UsageError("pass --silo-id spiffe://... or --config FILE (its certificate names it)")
     config = load_silo_config(args.config)
     found = uri_san(load_pem_certificate(config.tls.cert.read_bytes()))
     if found is None:
-        raise _UsageError(f"{config.tls.cert} has no URI SAN; pass --silo-id")
+        raise UsageError(f"{config.tls.cert} has no URI SAN; pass --silo-id")
     return found
 
 

@@ -45,27 +45,20 @@ def run(args: argparse.Namespace) -> int:
 
     # A local-training progress bar on a terminal only (never in JSON mode or when piped).
     progress.configure(enabled=logs.progress_enabled(args.log_format), console=logs.console())
-    from silo_agent.runtime.runner import EXIT_REFUSED, PreflightError, SiloRunner, preflight
-    from silo_agent.storage.state_lock import StateDirBusy, hold
-    from silofed.task import TaskLoadError, load_task
+    from silo_agent.pki.preflight import preflight
+    from silo_agent.runtime.runner import SiloRunner
+    from silo_agent.storage.state_lock import hold
+    from silofed.task import load_task
 
-    try:
-        config = load_silo_config(args.config)
-        if args.rounds is not None and args.rounds <= 0:
-            raise ConfigError("--rounds must be > 0")
-        lock = hold(config.state_dir)  # held until the process exits
-        silo_id = preflight(config, now=dt.datetime.now(dt.UTC))
-        task = load_task(config.task_spec)
-        data = _load_data(task, config)
-    except (ConfigError, TaskLoadError) as exc:
-        log.error("%s", exc)
-        return 2
-    except StateDirBusy as exc:
-        log.error("%s", exc)
-        return EXIT_BUSY
-    except PreflightError as exc:
-        log.error("%s", exc)
-        return EXIT_REFUSED
+    # ConfigError, TaskLoadError, StateDirBusy and PreflightError end the command with the exit
+    # codes of silo_agent.cli's EXIT_CODES.
+    config = load_silo_config(args.config)
+    if args.rounds is not None and args.rounds <= 0:
+        raise ConfigError("--rounds must be > 0")
+    lock = hold(config.state_dir)  # held until the process exits
+    silo_id = preflight(config, now=dt.datetime.now(dt.UTC))
+    task = load_task(config.task_spec)
+    data = _load_data(task, config)
     runner = SiloRunner(
         config, task, data, silo_id, max_rounds=args.rounds, serve_forever=args.serve_forever
     )
@@ -82,9 +75,6 @@ def run(args: argparse.Namespace) -> int:
         return runner.run()
     finally:
         lock.close()
-
-
-EXIT_BUSY = 4
 
 
 def _load_data(task: Any, config: Any) -> Any:

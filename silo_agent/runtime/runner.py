@@ -1,10 +1,11 @@
 """The silo agent's main loop: dial out, take rounds, train and evaluate locally, upload.
 
-Rule: the runner knows rounds and tasks, never grpc (that is `connection.py`). It checks its
-own certificate against the pinned CA and roster before dialing, so an expired, foreign or
-unlisted certificate is reported here with its precise cause instead of as an opaque TLS error.
-It reconnects with exponential backoff and full jitter; it stops on `stop`, after `max_rounds`
-completed rounds, or when the coordinator says the federation finished.
+Rule: the runner knows rounds and tasks, never grpc (that is `connection.py`). Its own
+certificate is checked against the pinned CA and roster before it dials
+(`silo_agent.pki.preflight`). It dispatches each offer to the round that takes it
+(`secure_round.py`, `plaintext_round.py`, `final_model.py`). It reconnects with exponential
+backoff and full jitter; it stops on `stop`, after `max_rounds` completed rounds, or when the
+coordinator says the federation finished.
 
 Per round it reports `eval_*` = its evaluation, on its local held-out data, of the global model
 it RECEIVED this round, and `train_*` from local training. The update is `trained - received`.
@@ -14,48 +15,36 @@ the site.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from protos import federation_pb2 as pb
 from protos.names import aggregation_name
 from secagg.chunking import BlobMeta, ChunkError, Reassembler
-from secagg.identity import (
-    CertificateRejected,
-    Roster,
-    SiloId,
-    check_certificate,
-    load_pem_certificate,
-    silo_id_for,
-)
+from secagg.identity import Roster
 from secagg.silo import SiloPolicy, SiloSession
-from secagg.train_params import TrainParamsError, parse_train_params
 from secagg.trust import SiloIdentity, Trust
 from silo_agent.config import SiloConfig
-from silo_agent.observability.progress import training_progress
+from silo_agent.pki.preflight import secagg_credentials
 from silo_agent.pki.roster_update import on_roster_update
 from silo_agent.runtime.backoff import Backoff
 from silo_agent.runtime.final_model import FinalModel
-from silo_agent.runtime.local_model import LocalModel, fresh_seed, prefixed
+from silo_agent.runtime.local_model import LocalModel
+from silo_agent.runtime.plaintext_round import PlaintextRound
 from silo_agent.runtime.secure_round import Pause, SiloSecureRound, TrainJob
 from silo_agent.runtime.secure_session import SecureSession
 from silo_agent.storage.ledger import LEDGER_FILENAME, SentLedger
 from silo_agent.storage.silo_state import SiloStateStore
-from silo_agent.transport.connection import Link, LinkError, OutBlob, TlsMaterial
+from silo_agent.transport.connection import Link, LinkError, TlsMaterial
 from silofed.task import Task
-from silofed.tensors import state_from_bytes, state_to_bytes
 
 log = logging.getLogger("silofed.silo")
 
@@ -66,56 +55,6 @@ EXIT_OK = 0
 EXIT_REFUSED = 3  # the coordinator or our own pre-flight check refused this identity
 EXIT_STOPPED = 130
 FLUSH_TIMEOUT_S = 30.0
-
-
-class PreflightError(Exception):
-    """This silo's own certificate cannot work; str() names the cause and the fix."""
-
-
-def preflight(config: SiloConfig, *, now: dt.datetime) -> str:
-    """Check our certificate against the pinned CA and roster; return our silo id.
-
-    Raises PreflightError with the precise cause (expired, not from the federation CA, not on
-    the pinned roster, wrong silo) before anything is sent over the network.
-    """
-    cert = load_pem_certificate(config.tls.cert.read_bytes())
-    ca = load_pem_certificate(config.tls.ca_cert.read_bytes())
-    roster = Roster.from_json(config.tls.roster.read_text())
-    expected = config.silo_id
-    if expected is None and config.name is not None:
-        expected = silo_id_for(roster.federation_id, config.name)
-    try:
-        silo_id = check_certificate(cert, ca, now=now, roster=roster, expected_silo_id=expected)
-    except CertificateRejected as exc:
-        raise PreflightError(
-            f"refusing to dial: this silo's {config.tls.cert} — {exc}. "
-            "Re-enroll the silo (silofed-silo enroll) or fix [tls] in "
-            f"{config.source}."
-        ) from exc
-    _check_key_pair(config)
-    return silo_id
-
-
-def _check_key_pair(config: SiloConfig) -> None:
-    """The private key must belong to the certificate: with another key every TLS handshake
-    fails, and the agent would otherwise retry forever without saying why."""
-    tls = config.tls
-    try:
-        key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise PreflightError(
-            f"{tls.key}: not a readable unencrypted PEM private key ({exc}); fix [tls] key in "
-            f"{config.source}"
-        ) from exc
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    cert_key = load_pem_certificate(tls.cert.read_bytes()).public_key().public_bytes(der, spki)
-    if key.public_key().public_bytes(der, spki) != cert_key:
-        raise PreflightError(
-            f"{tls.key} is not the private key of {tls.cert}: the two files belong to different "
-            f"enrollments; point [tls] key and cert in {config.source} at the pair that "
-            "`silofed-silo enroll` wrote (or re-enroll)"
-        )
 
 
 @dataclass
@@ -313,25 +252,9 @@ class SiloRunner:
             offer.aggregation == pb.AGGREGATION_PLAINTEXT_INSECURE
             and self.config.secagg.allow_plaintext_insecure
         ):
-            try:
-                params = _plaintext_train_params(offer, self.config.secagg.train_limits)
-            except OfferRefused as exc:
-                log.warning("round %d: declined: %s", offer.round_id, exc)
-                notice = pb.AbortNotice(
-                    round_id=offer.round_id, reason="TRAIN_PARAMS_REJECTED", detail=str(exc)
-                )
-                link.send(pb.SiloMessage(abort=notice))
-                return
-            try:
-                self._train_and_upload(link, offer, model_bytes, params)
-            except Exception as exc:  # bad model bytes or layout, a task bug: drop this round only
-                log.warning("round %d: plaintext round failed: %s: %s", offer.round_id,
-                            type(exc).__name__, exc)  # fmt: skip
-                detail = f"local training failed: {type(exc).__name__}: {exc}"[:512]
-                notice = pb.AbortNotice(
-                    round_id=offer.round_id, reason="TRAINING_FAILED", detail=detail
-                )
-                link.send(pb.SiloMessage(abort=notice))
+            PlaintextRound(
+                self.task, self.data, self.config.secagg.train_limits, link.send
+            ).take_part(offer, model_bytes)
         else:
             # Never send the update in the clear unless this silo's operator said so.
             log.warning(
@@ -390,16 +313,7 @@ class SiloRunner:
     def _secagg_credentials(self) -> tuple[SiloIdentity, Trust]:
         """This silo's signing identity and its pinned CA + roster (the same files as its TLS)."""
         if self._credentials is None:
-            tls = self.config.tls
-            key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):  # preflight checked the cert
-                raise PreflightError(f"{tls.key}: not an ECDSA P-256 key; re-enroll the silo")
-            der = load_pem_certificate(tls.cert.read_bytes()).public_bytes(
-                serialization.Encoding.DER
-            )
-            identity = SiloIdentity(SiloId(self.silo_id), key, (der,))
-            ca = load_pem_certificate(tls.ca_cert.read_bytes())
-            self._credentials = identity, Trust(ca, Roster.from_json(tls.roster.read_text()))
+            self._credentials = secagg_credentials(self.config, self.silo_id)
         return self._credentials
 
     def _offer_size_ok(self, link: Link, offer: pb.RoundOffer) -> bool:
@@ -453,44 +367,6 @@ class SiloRunner:
         state.download = None
         return data
 
-    def _train_and_upload(
-        self, link: Link, offer: pb.RoundOffer, model_bytes: bytes, params: Mapping[str, Any]
-    ) -> None:
-        round_id = offer.round_id
-        received = state_from_bytes(model_bytes)
-        model = self.task.build_model()
-        model.load_state_dict(received)
-        started = time.monotonic()
-        evaluated = prefixed(self.task.evaluate(model, self.data), "eval_")
-        with training_progress(round_id) as tick:  # a bar on a terminal; else a no-op
-            own = {"round": round_id, "seed": fresh_seed(), "progress": tick}
-            result = self.task.train(model, self.data, {**params, **own})
-        trained = model.state_dict()
-        delta = {k: trained[k].detach() - received[k] for k in received}
-        update = state_to_bytes(delta)
-        digest = hashlib.sha256(update).digest()
-        metrics = {**evaluated, **prefixed(result.metrics, "train_")}
-        link.send(
-            pb.SiloMessage(
-                train_report=pb.TrainReport(
-                    round_id=round_id,
-                    num_examples=result.num_examples,
-                    metrics=metrics,
-                    update_sha256=digest,
-                )
-            )
-        )
-        link.send(OutBlob(round_id, pb.PLAINTEXT_UPDATE, update))
-        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
-        log.info(
-            "round %d: trained on %d examples in %.2f s; %s; uploading %d bytes",
-            round_id,
-            result.num_examples,
-            time.monotonic() - started,
-            shown,
-            len(update),
-        )
-
     def _final_model(self) -> FinalModel:
         if self._final is None:
             self._final = FinalModel(
@@ -520,16 +396,3 @@ class SiloRunner:
             log.info("reached --rounds %d; stopping", self.max_rounds)
             return True
         return False
-
-
-class OfferRefused(Exception):
-    """A plaintext offer this silo will not train on; str() says why (sent to the coordinator)."""
-
-
-def _plaintext_train_params(offer: pb.RoundOffer, limits: Mapping[str, float]) -> dict[str, Any]:
-    """The coordinator's [train] table of a plaintext round, under the same rules as a secure
-    round's signed parameters (secagg.train_params). Raises OfferRefused."""
-    try:
-        return dict(parse_train_params(offer.train_params_json.encode() or b"{}", limits))
-    except TrainParamsError as exc:
-        raise OfferRefused(str(exc)) from exc

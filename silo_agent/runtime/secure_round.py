@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ _WAITING_FOR = {
 Send = Callable[[pb.SiloMessage | OutBlob], None]
 
 
+@dataclass(frozen=True, slots=True)
 class Pause:
     """`[debug] pause_after_phase` (in round `pause_in_round`, or any round when unset): freeze
     everything at one point until the process is killed.
@@ -69,20 +70,12 @@ class Pause:
     message of that point, then `hold(point)`: flush the stream, write
     `<state_dir>/paused-<point>` for the test to see, and block until the runner stops."""
 
-    def __init__(
-        self,
-        point: str | None,
-        round_id: int | None,
-        state_dir: Path,
-        stop: threading.Event,
-        flush: Callable[[], object],
-    ) -> None:
-        self.point = point
-        self.round_id = round_id
-        self.state_dir = state_dir
-        self.stop = stop
-        self.flush = flush
-        self.frozen = threading.Event()
+    point: str | None
+    round_id: int | None
+    state_dir: Path
+    stop: threading.Event
+    flush: Callable[[], object]
+    frozen: threading.Event = field(default_factory=threading.Event)
 
     def freeze(self, point: str, round_id: int) -> bool:
         if point != self.point or self.round_id not in (None, round_id):
@@ -94,9 +87,10 @@ class Pause:
         if point != self.point or not self.frozen.is_set():
             return
         self.flush()
-        log.warning("[debug] pause_after_phase = %s: paused; this silo does nothing more", point)
+        # The marker first: a test that sees the log line may look for the file at once.
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / f"paused-{point}").write_text(f"{time.time()}\n")
+        log.warning("[debug] pause_after_phase = %s: paused; this silo does nothing more", point)
         self.stop.wait()
 
     def at(self, point: str, round_id: int) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +48,23 @@ def flatten_update(
     return out
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(
+    method: Callable[Concatenate[SiloSession, _P], _R],
+) -> Callable[Concatenate[SecureSession, _P], _R]:
+    """`method` of the wrapped SiloSession, called under the SecureSession's lock."""
+
+    def under_lock(self: SecureSession, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self.session, *args, **kwargs)
+
+    under_lock.__name__, under_lock.__doc__ = method.__name__, method.__doc__
+    return under_lock
+
+
 class SecureSession:
     """Serialised access to one SiloSession plus the background mask precomputation."""
 
@@ -66,20 +84,9 @@ class SecureSession:
         """The signed round configuration's training parameters, checked against the policy."""
         return self.session.train_params
 
-    def handle_offer(
-        self,
-        config_bytes: bytes,
-        model_sha256: bytes,
-        *,
-        now: dt.datetime,
-        model_digest: bytes | None = None,
-        blame: Sequence[bytes] = (),
-    ) -> bytes:
-        """SiloSession.handle_offer under the lock; `blame` is the offer's blame evidence."""
-        with self._lock:
-            return self.session.handle_offer(
-                config_bytes, model_sha256, now=now, model_digest=model_digest, blame=blame
-            )
+    # The session's own calls, each under the lock (same signature and docstring).
+    handle_offer = _locked(SiloSession.handle_offer)
+    deadline_passed = _locked(SiloSession.deadline_passed)
 
     def handle(self, data: bytes, *, now: dt.datetime) -> list[bytes]:
         with self._lock:
@@ -99,11 +106,6 @@ class SecureSession:
                     self.precomputed_in_background = True
         except BaseException as e:  # surfaced by submit(); the thread must not die silently
             self._mask_error = e
-
-    def deadline_passed(self, *, round_over: bool = False) -> None:
-        """SiloSession.deadline_passed under the lock (raises ProtocolAbort when it aborts)."""
-        with self._lock:
-            self.session.deadline_passed(round_over=round_over)
 
     def submit_update(self, delta: np.ndarray, num_examples: int) -> MaskedUpload:
         """Wait for the masks, then encode, mask and journal (before the caller sends it)."""

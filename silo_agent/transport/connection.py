@@ -31,7 +31,8 @@ import grpc
 
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
-from secagg.chunking import BlobMeta, describe, split
+from protos.blobs import blob_messages
+from secagg.chunking import describe
 from silofed.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("silofed.silo")
@@ -139,7 +140,14 @@ class Link:
                 return
             if isinstance(item, OutBlob):
                 meta = describe(item.data, item.sha256)
-                yield from _blob_messages(item, meta)
+                yield from blob_messages(
+                    pb.SiloMessage,
+                    round_id=item.round_id,
+                    kind=item.kind,
+                    data=item.data,
+                    meta=meta,
+                    protocol_header=item.protocol_header,
+                )
                 self.bytes_out += len(item.data)
                 self._sent(dataclasses.replace(item, sha256=meta.sha256))  # the digest it carried
             else:
@@ -188,19 +196,3 @@ class Link:
         if self._call is not None:
             self._call.cancel()
         self._channel.close()
-
-
-def _blob_messages(blob: OutBlob, meta: BlobMeta) -> Iterator[pb.SiloMessage]:
-    yield pb.SiloMessage(
-        blob_header=pb.BlobHeader(
-            round_id=blob.round_id,
-            kind=blob.kind,
-            total_bytes=meta.total_bytes,
-            sha256=meta.sha256,
-            chunk_count=meta.chunk_count,
-            protocol_header=blob.protocol_header,
-        )
-    )
-    for index, data in enumerate(split(blob.data)):
-        chunk = pb.BlobChunk(round_id=blob.round_id, kind=blob.kind, index=index, data=data)
-        yield pb.SiloMessage(blob_chunk=chunk)

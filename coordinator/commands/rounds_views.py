@@ -1,0 +1,405 @@
+"""What `silofed-coordinator rounds` shows, computed from the round log's records: the rows of
+`list`, the tables of `list` and `show`, the long-format CSV of `export`, the series of `plot`.
+
+Rule: pure presentation: a function here reads only the records (or the log's read queries) it
+is given and returns rows or prints to the console it is given; argument parsing, files and exit
+codes are coordinator.commands.rounds'.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.storage.roundlog import FinalEvaluation, RoundDetail, RoundLog, RoundSummary
+from secagg.identity import SiloId
+
+# Silo agents report their evaluation of the received global model as `eval_*`; tasks name
+# their metrics freely, so `rounds list` picks the first of these the log holds.
+PREFERRED_METRICS = ("eval_accuracy", "accuracy")
+CSV_FIELDS = ("round", "scope", "subject", "field", "value")
+
+
+def console_for(out: TextIO) -> Console:
+    terminal = out.isatty()
+    return Console(file=out, force_terminal=terminal, width=None if terminal else 160)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses and errors get worse as they grow; everything else (accuracy, AUC…) as it falls."""
+    name = metric.lower()
+    return "loss" in name or "error" in name
+
+
+def worst_silo(summary: RoundSummary, metric: str) -> tuple[str, float] | None:
+    """The silo whose `metric` is worst this round, or None if no silo reported it."""
+    return _worst(summary.silo_metrics, metric)
+
+
+def _worst(
+    silo_metrics: Mapping[SiloId, Mapping[str, float]], metric: str
+) -> tuple[str, float] | None:
+    values = [
+        (silo, m[metric])
+        for silo, m in silo_metrics.items()
+        if metric in m and not math.isnan(m[metric])
+    ]
+    if not values:
+        return None
+    pick = max if lower_is_better(metric) else min
+    return pick(values, key=lambda item: item[1])
+
+
+def _metric_columns(
+    metric: str, global_value: float | None, worst: tuple[str, float] | None
+) -> dict[str, Any]:
+    """The columns every `rounds list` row ends with: the metric, globally and its worst silo."""
+    return {
+        "metric": metric,
+        "global": global_value,
+        "worst_silo": None if worst is None else worst[0],
+        "worst_silo_value": None if worst is None else worst[1],
+    }
+
+
+# -- list -------------------------------------------------------------------------------------
+
+
+def list_rows(summaries: Sequence[RoundSummary], metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for s in summaries:
+        worst = worst_silo(s, metric)
+        rows.append(
+            {
+                "round": s.round_id,
+                "status": s.status.value,
+                "started_at": s.started_at,
+                "duration_s": s.duration_s,
+                "aggregation": s.aggregation,
+                "invited": s.invited,
+                "finished": s.finished,
+                "dropped": s.dropped,
+                **_metric_columns(metric, s.global_metrics.get(metric), worst),
+            }
+        )
+    return rows
+
+
+def default_metric(
+    summaries: Sequence[RoundSummary], finals: Sequence[FinalEvaluation] = ()
+) -> str:
+    """The metric `rounds list` shows when none is asked for."""
+    names: set[str] = set()
+    for s in summaries:
+        names.update(s.global_metrics)
+        for m in s.silo_metrics.values():
+            names.update(m)
+    for f in finals:
+        names.update(f.global_metrics)
+    for preferred in PREFERRED_METRICS:
+        if preferred in names:
+            return preferred
+    return min(names) if names else PREFERRED_METRICS[-1]
+
+
+def final_rows(finals: Sequence[FinalEvaluation], metric: str) -> list[dict[str, Any]]:
+    """`rounds list`'s closing line(s): the final evaluation of the federation's model."""
+    rows = []
+    for f in finals:
+        worst = _worst(f.silo_metrics, metric)
+        rows.append(
+            {
+                "round": f.round_id,
+                "model_sha256": f.model_sha256,
+                "started_at": f.started_at,
+                "duration_s": f.duration_s,
+                "asked": len(f.asked),
+                "answered": len(f.answered),
+                "refused": len(f.refusals),
+                **_metric_columns(metric, f.global_metrics.get(metric), worst),
+            }
+        )
+    return rows
+
+
+def print_rounds(
+    console: Console,
+    path: Path,
+    rows: Sequence[Mapping[str, Any]],
+    final: Sequence[Mapping[str, Any]],
+    metric: str,
+) -> None:
+    """`rounds list` as a table: `list_rows` then `final_rows`, under one header."""
+    if not rows:
+        console.print(f"The round log {path} holds no rounds yet.")
+        return
+    table = Table(title=f"rounds in {path}")
+    for header in ("#", "status", "started (UTC)", "duration", "invited", "finished", "dropped"):
+        table.add_column(header, justify="right" if header not in ("status",) else "left")
+    table.add_column(f"global {metric}", justify="right")
+    table.add_column(f"worst silo {metric}", justify="left")
+    for r in rows:
+        worst = (
+            "-" if r["worst_silo"] is None else f"{_num(r['worst_silo_value'])} ({r['worst_silo']})"
+        )
+        table.add_row(
+            str(r["round"]),
+            r["status"],
+            _when(r["started_at"]),
+            "-" if r["duration_s"] is None else f"{r['duration_s']:.1f} s",
+            str(r["invited"]),
+            str(r["finished"]),
+            str(r["dropped"]),
+            _num(r["global"]),
+            worst,
+        )
+    if final:
+        table.add_section()
+    for f in final:
+        worst = (
+            "-" if f["worst_silo"] is None else f"{_num(f['worst_silo_value'])} ({f['worst_silo']})"
+        )
+        # The final evaluation is not a round: its columns are silos asked / answered / not.
+        table.add_row(
+            f"final ({f['round']})",
+            "evaluated",
+            _when(f["started_at"]),
+            f"{f['duration_s']:.1f} s",
+            str(f["asked"]),
+            str(f["answered"]),
+            str(f["asked"] - f["answered"]),
+            _num(f["global"]),
+            worst,
+        )
+    console.print(table)
+    if final:
+        console.print(
+            "final (N): the federation's final model, round N's, evaluated by the silos "
+            "(invited = asked, finished = answered, dropped = no answer); not a round"
+        )
+
+
+# -- show -------------------------------------------------------------------------------------
+
+
+def print_detail(console: Console, d: RoundDetail) -> None:
+    head = Table(title=f"round {d.round_id}", show_header=False)
+    head.add_column("field")
+    head.add_column("value")
+    duration = "-" if d.duration_s is None else f"{d.duration_s:.2f} s"
+    fields: list[tuple[str, str]] = [
+        ("status", d.status.value),
+        ("started (UTC)", _when(d.started_at)),
+        ("ended (UTC)", _when(d.ended_at)),
+        ("duration", duration),
+        ("aggregation", d.aggregation),
+        ("config digest", d.config_digest),
+        ("model in", d.model_in_sha256),
+        ("model out", d.model_out_sha256 or "-"),
+        ("weight sum", _num(d.weight_sum, 2)),
+        ("checkpoint", "-" if d.checkpoint is None else f"{d.checkpoint.path}"),
+    ]
+    if d.rollback_of is not None:
+        fields.append(("rolls back to", f"round {d.rollback_of}"))
+    if d.abort_reason:
+        fields.append(("abort reason", d.abort_reason))
+    for key, metric_value in sorted(d.global_metrics.items()):
+        fields.append((f"global {key}", _num(metric_value)))
+    for key, extra in sorted(d.extra.items()):
+        fields.append((key, json.dumps(extra, sort_keys=True)))
+    for key, text in fields:
+        head.add_row(key, text)
+    console.print(head)
+
+    if d.phases:
+        phases = Table(title="phases")
+        for header in ("phase", "started (UTC)", "duration"):
+            phases.add_column(header)
+        for p in d.phases:
+            phases.add_row(p.phase, _when(p.started_at), f"{p.duration_s:.3f} s")
+        console.print(phases)
+
+    sets = Table(title="participants")
+    sets.add_column("set")
+    sets.add_column("count", justify="right")
+    sets.add_column("silos")
+    for name, members in d.participants.items():
+        sets.add_row(name, str(len(members)), ", ".join(members))
+    console.print(sets)
+
+    if d.dropouts:
+        drops = Table(title="dropouts")
+        for header in ("silo", "phase", "reason"):
+            drops.add_column(header)
+        for x in d.dropouts:
+            drops.add_row(x.silo_id, x.phase, x.reason)
+        console.print(drops)
+
+    if d.silos:
+        names = sorted({k for s in d.silos for k in s.metrics})
+        silos = Table(title="silos (bytes as seen by the coordinator)")
+        silos.add_column("silo")
+        silos.add_column("bytes in", justify="right")
+        silos.add_column("bytes out", justify="right")
+        for name in names:
+            silos.add_column(name, justify="right")
+        for s in d.silos:
+            silos.add_row(
+                s.silo_id,
+                f"{s.bytes_in:,}",
+                f"{s.bytes_out:,}",
+                *(_num(s.metrics.get(n)) for n in names),
+            )
+        console.print(silos)
+
+    if d.privacy is not None:
+        pv = d.privacy
+        console.print(
+            f"privacy: {pv.mechanism} noise multiplier {pv.noise_multiplier:g}, clip norm "
+            f"{pv.clip_norm:g}, spent epsilon {pv.epsilon:.4g} at delta {pv.delta:g}"
+        )
+    if d.final_evaluation is not None:
+        _print_final(console, d.final_evaluation)
+
+
+def _print_final(console: Console, f: FinalEvaluation) -> None:
+    shown = ", ".join(f"{k} {_num(v)}" for k, v in sorted(f.global_metrics.items())) or "-"
+    console.print(
+        f"final evaluation of this round's model {f.model_sha256[:12]} "
+        f"({_when(f.started_at)} UTC, {f.duration_s:.2f} s): {len(f.answered)} of "
+        f"{len(f.asked)} silos answered; global {shown}"
+    )
+    names = sorted({k for m in f.silo_metrics.values() for k in m})
+    table = Table(title="final evaluation per silo")
+    table.add_column("silo")
+    table.add_column("answer")
+    for name in names:
+        table.add_column(name, justify="right")
+    for silo in f.asked:
+        metrics = f.silo_metrics.get(silo)
+        if metrics is not None:
+            answer = "metrics"
+        elif silo in f.refusals:
+            answer = f"refused: {f.refusals[silo]}"
+        else:
+            answer = "no answer"
+        table.add_row(silo, answer, *(_num((metrics or {}).get(n)) for n in names))
+    console.print(table)
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def csv_facts(export: Mapping[str, Any]) -> Iterator[tuple[object, ...]]:
+    """The export as long-format facts: (round, scope, subject, field, value)."""
+    for c in export["checkpoints"]:
+        yield (c["round"], "checkpoint", "", "path", c["path"])
+        yield (c["round"], "checkpoint", "", "sha256", c["sha256"])
+    for r in export["rounds"]:
+        n = r["round"]
+        for key in (
+            "status", "started_at", "ended_at", "duration_s", "aggregation", "config_digest",
+            "model_in_sha256", "model_out_sha256", "rollback_of", "weight_sum", "abort_reason",
+        ):  # fmt: skip
+            yield (n, "round", "", key, r[key])
+        for key, value in sorted(r["global_metrics"].items()):
+            yield (n, "global_metric", "", key, value)
+        for key, value in sorted(r["extra"].items()):
+            yield (n, "extra", "", key, json.dumps(value, sort_keys=True))
+        for p in r["phases"]:
+            for key in ("started_at", "ended_at", "duration_s"):
+                yield (n, "phase", p["phase"], key, p[key])
+        for name, silos in r["participants"].items():
+            for silo in silos:
+                yield (n, "participant", name, "silo_id", silo)
+        for d in r["dropouts"]:
+            yield (n, "dropout", d["silo_id"], "phase", d["phase"])
+            yield (n, "dropout", d["silo_id"], "reason", d["reason"])
+        for s in r["silos"]:
+            yield (n, "silo", s["silo_id"], "bytes_in", s["bytes_in"])
+            yield (n, "silo", s["silo_id"], "bytes_out", s["bytes_out"])
+            for key, value in sorted(s["metrics"].items()):
+                yield (n, "silo_metric", s["silo_id"], key, value)
+        if r["privacy"] is not None:
+            for key, value in sorted(r["privacy"].items()):
+                shown = json.dumps(value, sort_keys=True) if key == "details" else value
+                yield (n, "privacy", "", key, shown)
+        final = r.get("final_evaluation")
+        if final is not None:
+            for key in ("model_sha256", "started_at", "ended_at", "duration_s"):
+                yield (n, "final_evaluation", "", key, final[key])
+            for name in ("asked", "answered"):
+                for silo in final[name]:
+                    yield (n, "final_participant", name, "silo_id", silo)
+            for silo, reason in final["refusals"].items():
+                yield (n, "final_refusal", silo, "reason", reason)
+            for key, value in sorted(final["global_metrics"].items()):
+                yield (n, "final_global_metric", "", key, value)
+            for s in final["silos"]:
+                for key, value in sorted(s["metrics"].items()):
+                    yield (n, "final_silo_metric", s["silo_id"], key, value)
+
+
+def export_csv(export: Mapping[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for fact in csv_facts(export):
+        writer.writerow(["" if v is None else v for v in fact])
+    return buffer.getvalue()
+
+
+# -- plot -------------------------------------------------------------------------------------
+
+
+def plot_series(
+    log: RoundLog, metric: str
+) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[int, str, str]], list[int]]:
+    """(series by name — "global" and each silo —, dropouts (round, silo, phase), bad rounds)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    dropouts: list[tuple[int, str, str]] = []
+    not_completed: list[int] = []
+    for s in log.rounds():
+        if s.status.value != "completed":
+            not_completed.append(s.round_id)
+        value = s.global_metrics.get(metric)
+        if value is not None and not math.isnan(value):
+            series.setdefault("global", []).append((s.round_id, value))
+        for silo, metrics in sorted(s.silo_metrics.items()):
+            v = metrics.get(metric)
+            if v is not None and not math.isnan(v):
+                series.setdefault(silo, []).append((s.round_id, v))
+        if s.dropped:
+            for d in log.round_detail(s.round_id).dropouts:
+                dropouts.append((s.round_id, d.silo_id, d.phase))
+    return series, dropouts, not_completed
+
+
+def known_metrics(log: RoundLog) -> list[str]:
+    names: set[str] = set()
+    for s in log.rounds():
+        names.update(s.global_metrics)
+        for m in s.silo_metrics.values():
+            names.update(m)
+    return sorted(names)

@@ -1,0 +1,167 @@
+"""One admitted silo's stream as the hub sees it: its outbound queue, counters and upload state.
+
+Rule: a `SiloStream` is mutated only under the hub's lock (its queue is thread-safe on its own);
+it frames what it sends lazily (protos/blobs.py), so a model offered to every silo is held once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.observability.ratelimit import PeerLog
+from coordinator.runtime.outbound import OutboundQueue, Overflow
+from protos import federation_pb2 as pb
+from protos.blobs import blob_messages
+from secagg.chunking import Reassembler, describe
+
+log = logging.getLogger("silofed.coordinator")
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    """A payload queued for a silo; expanded into header + chunks only as the stream sends it."""
+
+    round_id: int
+    kind: pb.BlobKind.ValueType
+    data: bytes
+    sha256: bytes  # hashed once per round, not once per silo
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """Marker: everything queued before it has been handed to the silo's stream."""
+
+    round_id: int
+
+
+Item = pb.CoordinatorMessage | Blob | Delivered | None
+# A silo that reconnects only to stop reading again overflows once per round at most; still,
+# one line per silo per interval.
+_overflow_log = PeerLog(log)
+
+
+@dataclass(eq=False)
+class SiloStream:
+    """One admitted silo stream. The hub mutates it only under its lock.
+
+    Its outbound queue is bounded in bytes (coordinator/runtime/outbound.py): past about one model
+    the
+    session closes itself (`overflow` says why), drops what it queued and cancels its stream when
+    the servicer attached one; the hub then drops the silo like a disconnected one."""
+
+    silo_id: str
+    connected_since: float
+    cert_not_after: float
+    on_delivered: Callable[[SiloStream, int], None]
+    cert_serial: int = 0  # what `silofed-coordinator revoke --serial` takes
+    queue: OutboundQueue[Item] = field(default_factory=OutboundQueue)
+    closed: bool = False
+    overflow: Overflow | None = None  # set once the outbound queue passed its bound
+    cancel_stream: Callable[[], object] | None = None  # ends the RPC even while a send blocks
+    bytes_in: int = 0
+    bytes_out: int = 0
+    round_bytes_in: int = 0
+    round_bytes_out: int = 0
+    report: pb.TrainReport | None = None
+    upload: Reassembler | None = None
+    # The upload the hub's progress watch last saw and when it last moved (a chunk arrived).
+    upload_watched: Reassembler | None = None
+    upload_moved_at: float = 0.0
+    upload_started_at: float = 0.0  # when the watched upload was first seen
+    metrics: dict[str, float] = field(default_factory=dict)
+    # secagg: the protocol's header of the masked vector being uploaded (from its BlobHeader)
+    masked_header: bytes | None = None
+    upload_slot: bool = False  # secagg: holds one of the hub's buffered-upload slots
+    upload_buffer: np.ndarray | None = None  # secagg: where that upload's chunks are copied
+
+    def upload_moved(self, upload: Reassembler, now: float) -> None:
+        """`upload` received its header or a chunk at `now` (the progress and total bounds)."""
+        if self.upload_watched is not upload:
+            self.upload_started_at = now
+        self.upload_watched, self.upload_moved_at = upload, now
+
+    def attach_stream(self, cancel: Callable[[], object]) -> None:
+        """The servicer's way to end this stream from the hub's side (`context.cancel`): a
+        silo that does not read blocks its stream inside gRPC, where no queued item reaches."""
+        self.cancel_stream = cancel
+        if self.overflow is not None:
+            cancel()
+
+    def send(self, item: Item) -> None:
+        """Queue `item` for the stream. A closed session takes only the end marker (None)."""
+        if item is None:
+            self.queue.put_last(None)
+            return
+        if self.closed:
+            return
+        if isinstance(item, Blob):
+            accepted = self.queue.put(item, len(item.data), blob_bytes=len(item.data))
+        elif isinstance(item, Delivered):
+            accepted = self.queue.put(item, 0)
+        else:
+            accepted = self.queue.put(item, item.ByteSize())
+        if not accepted:
+            self._overflowed()
+
+    def _overflowed(self) -> None:
+        """Past the bound: close now, free the queue, end the stream (its end drops the silo
+        from the round, like any disconnection; without a stream to cancel, the hub's next tick
+        does: `uploads.watch_streams`)."""
+        self.overflow = self.queue.overflow
+        self.closed = True
+        self.queue.put_last(None)
+        _overflow_log.warning(
+            "outbound queue overflow",
+            self.silo_id,
+            "%s: %s; dropped from the round and disconnected",
+            self.silo_id,
+            self.overflow,
+        )
+        if self.cancel_stream is not None:
+            self.cancel_stream()
+
+    def next_messages(self, timeout_s: float) -> Iterable[pb.CoordinatorMessage] | None:
+        """The next message(s) to send; empty when idle for `timeout_s`; None once closed.
+
+        A blob is expanded lazily, chunk by chunk, as the stream sends it: the model's bytes
+        are shared by every silo's queue and never copied whole per silo; they count against
+        this queue's bound until the stream has taken them.
+        """
+        try:
+            item = self.queue.get(timeout_s)
+        except queue.Empty:
+            return ()
+        if item is None:
+            return None
+        if isinstance(item, Delivered):
+            self.on_delivered(self, item.round_id)
+            return ()
+        if isinstance(item, Blob):
+            return self._counted(_blob_messages(item))
+        self._count_out(item.ByteSize())
+        return (item,)
+
+    def _counted(
+        self, messages: Iterator[pb.CoordinatorMessage]
+    ) -> Iterator[pb.CoordinatorMessage]:
+        for message in messages:
+            self._count_out(message.ByteSize())
+            if message.HasField("blob_chunk"):
+                self.queue.taken(len(message.blob_chunk.data))
+            yield message
+
+    def _count_out(self, n: int) -> None:
+        self.bytes_out += n
+        self.round_bytes_out += n
+
+
+def _blob_messages(blob: Blob) -> Iterator[pb.CoordinatorMessage]:
+    meta = describe(blob.data, blob.sha256)
+    return blob_messages(
+        pb.CoordinatorMessage, round_id=blob.round_id, kind=blob.kind, data=blob.data, meta=meta
+    )
