@@ -201,8 +201,9 @@ def what_the_coordinator_saw(log: Any) -> str:
     masked = max((s.bytes_in for s in last.silos), default=0)
     return (
         f"what the coordinator saw ({last.aggregation}): in each of {len(rounds)} rounds only the "
-        f"SUM of k = {k} hospitals' updates (it decodes nothing else), their total weight "
-        f"(about {last.weight_sum:.0f} examples), who took part in each phase, and each hospital's "
+        f"SUM of k = {k} hospitals' updates, each counted equally (uniform weighting: the one "
+        "weight it decodes per hospital is the same constant for all), who took part in each "
+        "phase, and each hospital's "
         "evaluation of the model it received. It did NOT see any hospital's update or data: each "
         f"update reached it masked (about {masked // 1024} KiB per hospital per round, "
         "indistinguishable from random without the other hospitals' masks)."
