@@ -197,9 +197,12 @@ class FakeHub:
     """Just enough hub for GetStatus: the real servicer and server run around it."""
 
     revoked: frozenset[int]
+    federation_id: str = "revfed"
+    asked: int = 0  # status() calls: none for a refused caller
 
     def status(self) -> pb.StatusReply:
-        return pb.StatusReply(federation_id="revfed", rounds_completed=3)
+        self.asked += 1
+        return pb.StatusReply(federation_id=self.federation_id, rounds_completed=3)
 
 
 def test_a_revoked_operator_is_refused_over_mtls(tmp_path: Path) -> None:
@@ -220,8 +223,10 @@ def test_a_revoked_operator_is_refused_over_mtls(tmp_path: Path) -> None:
     try:
         address = f"127.0.0.1:{running.port}"
         assert fetch_status(address, op, timeout_s=10).rounds_completed == 3
+        assert hub.asked == 1
         hub.revoked = frozenset({serial})
         with pytest.raises(StatusUnavailable, match="PERMISSION_DENIED.*revoked"):
             fetch_status(address, op, timeout_s=10)
+        assert hub.asked == 1  # refused before any status was built
     finally:
         running.stop()

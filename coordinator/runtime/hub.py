@@ -401,6 +401,10 @@ class Hub:
                 s.closed = True
                 s.send(None)
 
+    @property
+    def federation_id(self) -> str:
+        return self.config.federation_id
+
     def status(self) -> pb.StatusReply:
         with self.lock:
             round_id, phase, since = 0, "", 0.0

@@ -93,6 +93,9 @@ class Hub(Protocol[S]):
 
     def status(self) -> pb.StatusReply: ...
 
+    @property
+    def federation_id(self) -> str: ...
+
 
 def _peer_cert(context: grpc.ServicerContext) -> bytes | None:
     certs = context.auth_context().get("x509_pem_cert")
@@ -330,10 +333,10 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
         del request
         from coordinator.pki.operator import NotAnOperator, check_operator
 
-        reply = self._hub.status()
+        # The caller is checked before any status is built: a silo's certificate costs nothing.
         revoked: frozenset[int] = getattr(self._hub, "revoked", frozenset())
         try:
-            check_operator(_peer_cert(context), reply.federation_id, revoked)
+            check_operator(_peer_cert(context), self._hub.federation_id, revoked)
         except NotAnOperator as exc:
             self._peer_log.warning(
                 "refused status",
@@ -343,7 +346,7 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
                 str(exc),
             )
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        return reply
+        return self._hub.status()
 
 
 def abort_details(exc: Any) -> str:
