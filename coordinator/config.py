@@ -14,7 +14,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
@@ -259,6 +259,10 @@ class _Rounds(StrictModel):
 
 
 class _Deadlines(StrictModel):
+    retired_keys: ClassVar[dict[str, str]] = {
+        "heartbeat_s": "it was removed (liveness is gRPC keepalive now, docs/operations.md); "
+        "delete the line"
+    }
     offer_s: schema.PositiveFloat = 60.0
     train_s: schema.PositiveFloat = 300.0
     share_keys_s: schema.PositiveFloat = 60.0

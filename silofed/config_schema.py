@@ -282,6 +282,10 @@ def _unknown(loc: tuple[str, ...], model: type[BaseModel], value: object) -> str
         return f"[{name}] is not a known table (known: {tables})"
     table = ".".join(parents)
     head = f"[{table}] {name} is not a known key of [{table}]"
+    # A table may name keys it no longer has, with why (a ClassVar `retired_keys`).
+    retired: dict[str, str] = getattr(table_model, "retired_keys", {})
+    if name in retired:
+        return f"{head}: {retired[name]}"
     if close:
         return f"{head}; did you mean {close[0]!r}?"
     # Right key, wrong table (e.g. max_concurrent_uploads under [rounds]): name the right one.

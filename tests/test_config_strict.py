@@ -262,3 +262,12 @@ def test_the_documented_examples_use_only_known_keys(
     path = tmp_path / "example.toml"
     path.write_text(example)
     load(path)  # raises, naming the key, if the docs show one the loader does not know
+
+
+def test_a_retired_key_says_why_it_is_gone(tmp_path: Path) -> None:
+    exc = refusal(tmp_path, "coordinator", with_key(COORD, "deadlines", "heartbeat_s = 5", ""))
+    path = tmp_path / "coordinator.toml"
+    assert list(exc.problems) == [
+        f"{path}: [deadlines] heartbeat_s is not a known key of [deadlines]: it was removed "
+        "(liveness is gRPC keepalive now, docs/operations.md); delete the line"
+    ]
