@@ -252,12 +252,19 @@ class CoordinatorRound:
 
     def silo_lost(self, silo_id: str) -> list[Send]:
         """The driver knows `silo_id` will not answer again (its stream broke): it drops out
-        in the current phase, and the phase closes now if everyone else has answered."""
+        in the first phase it does not answer, and the phase closes now if everyone else has
+        answered.
+
+        A silo that already answered the current phase (its stream broke while others were
+        still answering) is recorded when the next phase closes without it, so the round log
+        never says a silo dropped in a phase whose message it delivered."""
         sid = SiloId(silo_id)
         if self.phase in (Phase.DONE, Phase.ABORTED) or sid in self._lost:
             return []
+        owes_this_phase = sid in self.waiting_for()
         self._lost.add(sid)
-        self.dropouts.setdefault(sid, self.phase)
+        if owes_this_phase:
+            self.dropouts.setdefault(sid, self.phase)
         return self._close_if_all_answered()
 
     def announce(self, new_model_sha256: bytes) -> list[Send]:

@@ -344,11 +344,13 @@ def test_second_agent_on_one_state_dir_is_refused_at_once(tmp_path: Path) -> Non
         first = c.start_silo("s1")
         s1 = _silo_id(c.fed, "s1")
         coordinator.wait_for_log(f"silo connected: {s1} ", RUN_S)
-        # The copy starts while the first agent is connected and the others join: the first
-        # round usually runs while it is still starting.
+        # The copy starts while the first agent is connected and a second silo joins. The last
+        # silo (min_silos is 3) starts only once the copy has exited: a federation that
+        # finished before the copy reached the lock would let it take the lock legitimately.
         duplicate = c.procs.silo("s1-duplicate", c.silo_config("s1"))
-        others = [c.start_silo(name) for name in c.names[1:]]
+        others = [c.start_silo(c.names[1])]
         assert _exit_code(duplicate, STARTUP_S, c) == 4, c.logs()
+        others += [c.start_silo(name) for name in c.names[2:]]
         text = duplicate.log()
         assert f"state_dir {c.silo_state('s1')}" in text, text
         assert f"pid {first.pid}" in text, text

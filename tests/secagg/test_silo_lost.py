@@ -8,8 +8,8 @@ import pytest
 from secagg.coordinator import Phase
 from secagg.errors import AbortReason
 from secagg.silo import SiloPolicy
-from tests.secagg.harness import PHASES, Round, exact_inputs, make_config
-from tests.secagg.pki import federation
+from tests.secagg.harness import MODEL_SHA, PHASES, Round, exact_inputs, make_config
+from tests.secagg.pki import NOW, federation
 
 PHASE_OF = {p.value: p for p in Phase}
 # These rounds assume no colluder (t = 3 of 5), below the silos' default floor of 1.
@@ -57,3 +57,39 @@ def test_a_lost_silo_is_reported_once_and_late_reports_change_nothing() -> None:
     assert rnd.silo_lost(cfg.invited[0]) == []
     assert rnd.dropouts == {cfg.invited[0]: Phase.ADVERTISE}
     assert rnd.phase is Phase.ADVERTISE
+
+
+def test_a_silo_lost_after_answering_an_open_phase_drops_in_the_next_one() -> None:
+    """Its message was delivered: the round log must not say it dropped in that phase (a silo
+    killed right after advertising, while others still advertise, dropped in share_keys)."""
+    fed = federation()
+    cfg = make_config(fed, 5, 50, threshold=3, n_colluders=0)
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(6)), default_policy=NO_COLLUDERS)
+    rnd, early = r.coordinator, cfg.invited[0]
+    m1 = r.sessions[early].handle_offer(cfg.encode(), MODEL_SHA, now=NOW)
+    assert rnd.handle(early, m1, now=NOW) == []
+    assert rnd.silo_lost(early) == []
+    assert rnd.phase is Phase.ADVERTISE and rnd.dropouts == {}
+    r.dead.add(early)  # the rest of the round runs without it
+    rnd = r.run()
+    assert rnd.phase is Phase.DONE, (rnd.abort_reason, rnd.rejected)
+    assert early in rnd.participants["U1"] and early not in rnd.participants["U2"]
+    assert rnd.dropouts == {early: Phase.SHARE_KEYS}
+
+
+def test_a_silo_lost_after_its_unmask_shares_is_no_dropout() -> None:
+    fed = federation()
+    cfg = make_config(fed, 5, 50, threshold=4, n_colluders=0)
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(7)), default_policy=NO_COLLUDERS)
+    rnd = r.run(stop_at=Phase.UNMASK)
+    # Deliver the unmask requests one by one; the first silo to answer then loses its stream.
+    first: str | None = None
+    queue = list(r.pending)
+    while queue and rnd.phase is Phase.UNMASK:
+        sid, data = queue.pop(0)
+        queue.extend(r._deliver(sid, data))
+        if first is None and sid in rnd.participants.get("U4", ()):
+            first = sid
+            queue.extend(rnd.silo_lost(first))
+    assert first is not None and rnd.phase is Phase.DONE, rnd.abort_reason
+    assert first not in rnd.dropouts
