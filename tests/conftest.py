@@ -114,3 +114,10 @@ def pytest_runtest_protocol(
         return (yield)
     with lock.hold(exclusive=item.get_closest_marker("serial") is not None):
         return (yield)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """End the process launcher (tests/launcher.py) this pytest process started, if any."""
+    from tests import launcher
+
+    launcher.stop_launcher()

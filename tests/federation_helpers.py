@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from secagg.identity import Roster, silo_id_for, spki_sha256
+from tests import launcher
 
 if TYPE_CHECKING:
     import pytest
@@ -358,7 +360,7 @@ def write_recording_silo_config(
 @dataclass
 class Proc:
     name: str
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | launcher.LaunchedProcess
     log_path: Path
 
     @property
@@ -416,15 +418,20 @@ class Processes:
     def start(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        with log_path.open("ab") as fh:
-            popen = subprocess.Popen(
-                [sys.executable, *args],
-                cwd=REPO,
-                env=child_env(env),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        popen: subprocess.Popen[bytes] | launcher.LaunchedProcess
+        if launcher.enabled() and args[:1] == ["-m"]:
+            status_dir = Path(tempfile.gettempdir()) / f"silofed-launcher-{os.getpid()}"
+            popen = launcher.launch(list(args), child_env(env), REPO, log_path, status_dir)
+        else:
+            with log_path.open("ab") as fh:
+                popen = subprocess.Popen(
+                    [sys.executable, *args],
+                    cwd=REPO,
+                    env=child_env(env),
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
         return proc
