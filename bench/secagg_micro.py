@@ -133,14 +133,18 @@ def main() -> int:
     gbps = [bench_mask(args.d) for _ in range(args.runs)]
     sigma = dp_sigma(args.n, args.d)
     dp_noise = [bench_dp_noise(sigma, args.d) for _ in range(args.runs)]
-    print(f"n: {args.n}")
-    print(f"d: {args.d}")
-    print(f"silo_encode_mask_s: {_median(silo):.4f}")
-    print(f"silo_encode_mask_precomputed_s: {_median(silo_pre):.4f}")
-    print(f"coordinator_unmask_s: {_median(unmask):.4f}")
-    print(f"coordinator_unmask_one_dropout_s: {_median(unmask_drop):.4f}")
-    print(f"mask_gbps: {_median(gbps):.2f}")
-    print(f"dp_noise_s: {_median(dp_noise):.4f}")
+    figures = {
+        "n": str(args.n),
+        "d": str(args.d),
+        "silo_encode_mask_s": f"{_median(silo):.4f}",
+        "silo_encode_mask_precomputed_s": f"{_median(silo_pre):.4f}",
+        "coordinator_unmask_s": f"{_median(unmask):.4f}",
+        "coordinator_unmask_one_dropout_s": f"{_median(unmask_drop):.4f}",
+        "mask_gbps": f"{_median(gbps):.2f}",
+        "dp_noise_s": f"{_median(dp_noise):.4f}",
+    }
+    for key, value in figures.items():
+        print(f"{key}: {value}")
     return 0
 
 

@@ -36,34 +36,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from secagg import encoding, shamir
+from secagg import messages as msgs
 from secagg.blame import decoded_weight, make_blame, weight_in_range
 from secagg.config import GraphKind, RoundConfig, Weighting
 from secagg.dp import DpReport, ddg_report
 from secagg.errors import AbortReason, BadKey, DecryptionFailed, MalformedMessage
 from secagg.graph import neighbours
 from secagg.identity import SiloId
-from secagg.messages import (
-    SIG_ADVERTISE,
-    SIG_CONSISTENCY,
-    SIG_MASKED,
-    SIG_SHAREKEYS,
-    AbortNotice,
-    Advertise,
-    Consistency,
-    ConsistencySet,
-    KeyList,
-    MaskedHeader,
-    Message,
-    RoundResult,
-    ShareKeys,
-    SharesForYou,
-    SignedEnvelope,
-    SurvivorList,
-    UnmaskShares,
-    decode_as,
-    decode_message,
-    encode_message,
-)
 from secagg.primitives import (
     add_mask,
     agree,
@@ -184,7 +163,7 @@ class CoordinatorRound:
         if self.phase in (Phase.DONE, Phase.ABORTED):
             return self._reject(sid, "round is over")
         try:
-            msg = decode_message(data)
+            msg = msgs.decode_message(data)
         except MalformedMessage as exc:
             return self._reject(sid, f"undecodable: {exc}")
         handler = _ACCEPTS.get((self.phase, type(msg)))
@@ -212,9 +191,9 @@ class CoordinatorRound:
         if idx is None or idx not in self._u2 or idx in self._u3:
             return self._reject(sid, "not in U2 or already uploaded")
         try:
-            env = decode_as(header, SignedEnvelope)
-            verify_signer(env, sid, SIG_MASKED, self.trust, self.started)
-            h = decode_as(env.payload, MaskedHeader)
+            env = msgs.decode_as(header, msgs.SignedEnvelope)
+            verify_signer(env, sid, msgs.SIG_MASKED, self.trust, self.started)
+            h = msgs.decode_as(env.payload, msgs.MaskedHeader)
         except (MalformedMessage, DecryptionFailed) as exc:
             return self._reject(sid, f"bad masked header (unsigned or undecodable): {exc}")
         if (h.session_id, h.index, h.length, h.ring_bits, h.weight_scale, h.uniform) != (
@@ -272,8 +251,8 @@ class CoordinatorRound:
         if self.result is None:
             raise RuntimeError("no result to announce")
         dp = self.result.dp_report.encode() if self.result.dp_report else b""
-        msg = encode_message(
-            RoundResult(
+        msg = msgs.encode_message(
+            msgs.RoundResult(
                 self.session_id,
                 self.config.round_id,
                 tuple(sorted(self._u3)),
@@ -295,9 +274,9 @@ class CoordinatorRound:
         return self.silo_lost(sid)
 
     def _on_abort_notice(
-        self, sid: SiloId, msg: Message, raw: bytes, now: dt.datetime
+        self, sid: SiloId, msg: msgs.Message, raw: bytes, now: dt.datetime
     ) -> list[Send]:
-        assert isinstance(msg, AbortNotice)
+        assert isinstance(msg, msgs.AbortNotice)
         return self._drop(sid, f"silo aborted: {msg.reason.name}")
 
     def waiting_for(self) -> set[SiloId]:
@@ -332,7 +311,7 @@ class CoordinatorRound:
         self._acc = None
         self._b_shares.clear()
         self._s_shares.clear()
-        notice = encode_message(AbortNotice(self.session_id, reason))
+        notice = msgs.encode_message(msgs.AbortNotice(self.session_id, reason))
         return [(s.silo_id, notice) for _, s in sorted(to.items())]
 
     def _threshold_ok(self, count: int) -> bool:
@@ -346,10 +325,12 @@ class CoordinatorRound:
 
     # --- phase 1 -----------------------------------------------------------------------------
 
-    def _on_advertise(self, sid: SiloId, env: Message, raw: bytes, now: dt.datetime) -> list[Send]:
-        assert isinstance(env, SignedEnvelope)
-        ad = decode_as(env.payload, Advertise)
-        verify_signer(env, sid, SIG_ADVERTISE, self.trust, now)
+    def _on_advertise(
+        self, sid: SiloId, env: msgs.Message, raw: bytes, now: dt.datetime
+    ) -> list[Send]:
+        assert isinstance(env, msgs.SignedEnvelope)
+        ad = msgs.decode_as(env.payload, msgs.Advertise)
+        verify_signer(env, sid, msgs.SIG_ADVERTISE, self.trust, now)
         if ad.silo_id != sid or sid not in self.config.invited:
             return self._reject(sid, "Advertise names another or an uninvited silo")
         if ad.config_digest != self.config_digest or ad.round_id != self.config.round_id:
@@ -390,8 +371,8 @@ class CoordinatorRound:
         )
         harary = self.config.graph_k if self.config.graph is GraphKind.HARARY else None
         self._nbrs = neighbours(len(ids), self.session_id, harary)
-        msg = encode_message(
-            KeyList(
+        msg = msgs.encode_message(
+            msgs.KeyList(
                 self.config_digest,
                 self.config.round_id,
                 tuple(self._silos[i].envelope for i in sorted(self._silos)),
@@ -401,13 +382,15 @@ class CoordinatorRound:
 
     # --- phase 2 -----------------------------------------------------------------------------
 
-    def _on_share_keys(self, sid: SiloId, env: Message, raw: bytes, now: dt.datetime) -> list[Send]:
-        assert isinstance(env, SignedEnvelope)
+    def _on_share_keys(
+        self, sid: SiloId, env: msgs.Message, raw: bytes, now: dt.datetime
+    ) -> list[Send]:
+        assert isinstance(env, msgs.SignedEnvelope)
         idx = self._index.get(sid)
         if idx is None:
             return self._reject(sid, "not in U1")
-        verify_signer(env, sid, SIG_SHAREKEYS, self.trust, now)
-        sk = decode_as(env.payload, ShareKeys)
+        verify_signer(env, sid, msgs.SIG_SHAREKEYS, self.trust, now)
+        sk = msgs.decode_as(env.payload, msgs.ShareKeys)
         silo = self._silos[idx]
         if sk.index != idx or sk.session_id != self.session_id or silo.commit_b:
             return self._reject(sid, "ShareKeys index/session wrong or repeated")
@@ -430,7 +413,10 @@ class CoordinatorRound:
         for u in u2:
             cts = tuple((v, self._silos[v].cts[u]) for v in u2 if v in self._nbrs[u])
             out.append(
-                (self._silos[u].silo_id, encode_message(SharesForYou(self.session_id, u2, cts)))
+                (
+                    self._silos[u].silo_id,
+                    msgs.encode_message(msgs.SharesForYou(self.session_id, u2, cts)),
+                )
             )
         return out
 
@@ -450,18 +436,18 @@ class CoordinatorRound:
         self._digest = consistency_digest(
             self.session_id, self.config_digest, self.config.model_sha256, self._u2, u3
         )
-        msg = encode_message(SurvivorList(self.session_id, self._u2, tuple(u3)))
+        msg = msgs.encode_message(msgs.SurvivorList(self.session_id, self._u2, tuple(u3)))
         return [(self._silos[i].silo_id, msg) for i in u3]
 
     def _on_consistency(
-        self, sid: SiloId, env: Message, raw: bytes, now: dt.datetime
+        self, sid: SiloId, env: msgs.Message, raw: bytes, now: dt.datetime
     ) -> list[Send]:
-        assert isinstance(env, SignedEnvelope)
+        assert isinstance(env, msgs.SignedEnvelope)
         idx = self._index.get(sid)
         if idx is None or idx not in self._u3 or self._silos[idx].consistency:
             return self._reject(sid, "not in U3 or repeated")
-        verify_signer(env, sid, SIG_CONSISTENCY, self.trust, now)
-        c = decode_as(env.payload, Consistency)
+        verify_signer(env, sid, msgs.SIG_CONSISTENCY, self.trust, now)
+        c = msgs.decode_as(env.payload, msgs.Consistency)
         if (c.session_id, c.index, c.digest) != (self.session_id, idx, self._digest):
             return self._reject(sid, "consistency digest or index mismatch")
         self._silos[idx].consistency = raw
@@ -473,8 +459,8 @@ class CoordinatorRound:
         self.participants["U4"] = tuple(self._silos[i].silo_id for i in u4)
         if len(u4) < self.config.threshold:
             return self._abort(AbortReason.THRESHOLD_VIOLATION, {i: self._silos[i] for i in u4})
-        msg = encode_message(
-            ConsistencySet(self.session_id, tuple(self._silos[i].consistency for i in u4))
+        msg = msgs.encode_message(
+            msgs.ConsistencySet(self.session_id, tuple(self._silos[i].consistency for i in u4))
         )
         return [(self._silos[i].silo_id, msg) for i in u4]
 
@@ -485,8 +471,8 @@ class CoordinatorRound:
         # enough shares is THRESHOLD_VIOLATION, in `_close_if_all_answered`).
         return self._abort(AbortReason.TIMEOUT, self._silos)
 
-    def _on_unmask(self, sid: SiloId, m: Message, raw: bytes, now: dt.datetime) -> list[Send]:
-        assert isinstance(m, UnmaskShares)
+    def _on_unmask(self, sid: SiloId, m: msgs.Message, raw: bytes, now: dt.datetime) -> list[Send]:
+        assert isinstance(m, msgs.UnmaskShares)
         idx = self._index.get(sid)
         if idx is None or idx not in self._u4 or idx in self._unmask_from:
             return self._reject(sid, "not in U4 or repeated")
@@ -635,7 +621,7 @@ def _subsets(ids: list[int], t: int) -> Iterator[tuple[int, ...]]:
 
 # Table values pick the method off the round (`lambda r: r._on_advertise`), not off the class:
 # a subclass's override (a test adversary's, say) is the one called.
-_Handler = Callable[[SiloId, Message, bytes, dt.datetime], list[Send]]
+_Handler = Callable[[SiloId, msgs.Message, bytes, dt.datetime], list[Send]]
 
 # (phase, message class) -> the handler that takes it; `handle` rejects anything not listed
 # here ("X not expected in <phase>"). A handler never moves the phase itself: it records the
@@ -643,12 +629,12 @@ _Handler = Callable[[SiloId, Message, bytes, dt.datetime], list[Send]]
 # finishes the round). Masked vectors arrive through `add_masked_vector`, not here.
 _LIVE = (Phase.ADVERTISE, Phase.SHARE_KEYS, Phase.MASKED, Phase.CONSISTENCY, Phase.UNMASK)
 _ACCEPTS: dict[tuple[Phase, type], Callable[[CoordinatorRound], _Handler]] = {
-    (Phase.ADVERTISE, SignedEnvelope): lambda r: r._on_advertise,
-    (Phase.SHARE_KEYS, SignedEnvelope): lambda r: r._on_share_keys,
-    (Phase.CONSISTENCY, SignedEnvelope): lambda r: r._on_consistency,
-    (Phase.UNMASK, UnmaskShares): lambda r: r._on_unmask,
+    (Phase.ADVERTISE, msgs.SignedEnvelope): lambda r: r._on_advertise,
+    (Phase.SHARE_KEYS, msgs.SignedEnvelope): lambda r: r._on_share_keys,
+    (Phase.CONSISTENCY, msgs.SignedEnvelope): lambda r: r._on_consistency,
+    (Phase.UNMASK, msgs.UnmaskShares): lambda r: r._on_unmask,
     # a silo that gives up drops out in whichever phase the round is in
-    **{(phase, AbortNotice): lambda r: r._on_abort_notice for phase in _LIVE},
+    **{(phase, msgs.AbortNotice): lambda r: r._on_abort_notice for phase in _LIVE},
 }
 
 

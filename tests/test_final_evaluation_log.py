@@ -19,6 +19,7 @@ from coordinator.storage.roundlog import (
     RoundLogUnavailable,
     RoundNotFound,
 )
+from coordinator.storage.roundlog_schema import _upgrade
 from tests.federation_helpers import run_rounds_command
 
 A, B, C = (f"spiffe://demo/silo/{n}" for n in ("a", "b", "c"))
@@ -206,6 +207,37 @@ def test_a_newer_schema_is_still_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(RoundLogUnavailable, match="newer"):
         RoundLog(path)
+
+
+def test_a_failed_upgrade_step_is_rolled_back_and_releases_the_file(tmp_path: Path) -> None:
+    path = tmp_path / LOG_FILENAME
+    write_v1_log(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    # A stray table of the step's name makes its CREATE TABLE fail inside the transaction.
+    conn.execute("CREATE TABLE final_evaluations (x)")
+    conn.close()
+    with pytest.raises(RoundLogUnavailable, match="already exists"):
+        RoundLog(path)
+    check = sqlite3.connect(path, timeout=0.5)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 1
+    # The failed writer left no transaction open: another writer takes the lock at once.
+    check.execute("DROP TABLE final_evaluations")
+    check.commit()
+    check.close()
+    with RoundLog(path) as log:
+        assert [r.round_id for r in log.rounds()] == [1, 2]
+        assert log._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION
+
+
+def test_an_upgrade_that_finds_the_log_already_upgraded_commits_and_stops(tmp_path: Path) -> None:
+    # Another writer may upgrade the file between this writer's version read and its lock.
+    path = tmp_path / LOG_FILENAME
+    RoundLog(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    _upgrade(conn, SCHEMA_VERSION - 1)
+    assert not conn.in_transaction
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
 
 
 # ---- rounds list / show / export ------------------------------------------------------------

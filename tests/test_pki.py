@@ -53,6 +53,38 @@ def test_coordinator_cert_names_loopback(tmp_path: Path) -> None:
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
 
+def _usage(cert: x509.Certificate) -> tuple[bool, int | None, set[str]]:
+    """(is a CA, its path length, the key usages it allows) as the certificate states them."""
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert basic.critical and usage.critical
+    names = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+    )
+    allowed = {n for n in names if getattr(usage.value, n)}
+    return basic.value.ca, basic.value.path_length, allowed
+
+
+def test_the_ca_only_signs_certificates_and_every_leaf_only_signs_handshakes(
+    tmp_path: Path,
+) -> None:
+    fed = pki.provision_dev(tmp_path, "demo", ["a"], now=NOW)
+    assert fed.operator is not None
+    ca = x509.load_pem_x509_certificate(fed.ca_cert.read_bytes())
+    assert _usage(ca) == (True, 0, {"key_cert_sign", "crl_sign"})
+    assert ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    for leaf_path in (fed.coordinator_cert, fed.operator.cert, fed.silos["a"].cert):
+        leaf = x509.load_pem_x509_certificate(leaf_path.read_bytes())
+        assert _usage(leaf) == (False, None, {"digital_signature"}), leaf_path
+        assert leaf.issuer == ca.subject
+
+
 def test_enroll_sign_and_pin(tmp_path: Path) -> None:
     fed = pki.provision_dev(tmp_path / "fed", "demo", [], now=NOW)
     ca = pki.load_ca(fed.dir, "demo")

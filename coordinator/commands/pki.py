@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,39 +159,65 @@ def _guard(func: Any) -> Any:
     return run
 
 
+# The --dir help of each command: where it reads the CA (ca/) and the roster, or writes them.
+_DIR = "federation directory"
+_DIR_WITH_CA = "federation directory (with ca/ and roster.json)"
+
+
+def _command(
+    sub: argparse._SubParsersAction[Any],
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    summary: str,
+    dir_help: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """Add one PKI command: each works on a federation directory (`--dir`, its first option) and
+    exits 1 with the reason when the PKI refuses it (`_guard`); the caller adds the rest."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=summary, description=description)
+    p.add_argument("--dir", required=True, help=dir_help)
+    p.set_defaults(func=_guard(run))
+    return p
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "provision-dev",
-        help="one-command dev federation: CA, coordinator certificate and N enrolled silos",
+        run_provision_dev,
+        "one-command dev federation: CA, coordinator certificate and N enrolled silos",
+        "directory to write the federation into",
     )
-    p.add_argument("--dir", required=True, help="directory to write the federation into")
     p.add_argument("--federation", default="demo", help="federation id (default: demo)")
     p.add_argument("--silos", type=int, default=3, help="number of silos (default: 3)")
     p.add_argument("--silo-names", help="comma-separated silo names (default hospital-1..N)")
     p.add_argument("--force", action="store_true", help="replace an existing CA in --dir")
-    p.set_defaults(func=_guard(run_provision_dev))
 
-    p = sub.add_parser("init-ca", help="create the federation CA and an empty roster")
-    p.add_argument("--dir", required=True, help="federation directory")
+    p = _command(sub, "init-ca", run_init_ca, "create the federation CA and an empty roster", _DIR)
     p.add_argument("--federation", required=True, help="federation id")
     p.add_argument("--force", action="store_true", help="replace an existing CA")
-    p.set_defaults(func=_guard(run_init_ca))
 
-    p = sub.add_parser("issue-server-cert", help="issue the coordinator's TLS certificate")
-    p.add_argument("--dir", required=True, help="federation directory (with ca/ and roster.json)")
+    p = _command(
+        sub,
+        "issue-server-cert",
+        run_issue_server_cert,
+        "issue the coordinator's TLS certificate",
+        _DIR_WITH_CA,
+    )
     p.add_argument(
         "--host", action="append", help="DNS name or IP for the certificate (repeatable)"
     )
-    p.set_defaults(func=_guard(run_issue_server_cert))
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "issue-operator-cert",
-        help="issue an operator client certificate (for `status` and health probes)",
+        run_issue_operator_cert,
+        "issue an operator client certificate (for `status` and health probes)",
+        _DIR_WITH_CA,
         description="Make an operator key (0600) and a client certificate from the federation "
         "CA with URI SAN spiffe://<federation>/operator/<name>. The coordinator answers "
         "`status` for it; it is never on the roster, so it cannot join rounds.",
     )
-    p.add_argument("--dir", required=True, help="federation directory (with ca/ and roster.json)")
     p.add_argument(
         "--name",
         default=DEFAULT_OPERATOR_NAME,
@@ -207,30 +234,26 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help=f"validity in days (default: {pki.OPERATOR_VALID_DAYS})",
     )
     p.add_argument("--force", action="store_true", help="replace an existing operator key")
-    p.set_defaults(func=_guard(run_issue_operator_cert))
 
-    p = sub.add_parser("sign", help="sign a silo's CSR and pin it in the roster")
-    p.add_argument("--dir", required=True, help="federation directory")
+    p = _command(sub, "sign", run_sign, "sign a silo's CSR and pin it in the roster", _DIR)
     p.add_argument("--csr", required=True, help="the silo's CSR (from `silofed-silo enroll`)")
     p.add_argument("--out", required=True, help="where to write the signed certificate")
     p.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
-    p.set_defaults(func=_guard(run_sign))
 
-    p = sub.add_parser(
+    _command(
+        sub,
         "sign-roster",
-        help="sign roster.json with the federation CA (after editing it by hand)",
+        run_sign_roster,
+        "sign roster.json with the federation CA (after editing it by hand)",
+        _DIR_WITH_CA,
         description="Write roster.json.sig: the CA's signature over roster.json as it is. The "
         "coordinator delivers a signed roster to silos pinning an older version; `sign` and "
         "`init-ca` sign the roster they write, so this is needed only after a manual edit "
         "(which must also raise its version).",
     )
-    p.add_argument("--dir", required=True, help="federation directory (with ca/ and roster.json)")
-    p.set_defaults(func=_guard(run_sign_roster))
 
-    p = sub.add_parser("revoke", help="revoke a silo certificate")
-    p.add_argument("--dir", required=True, help="federation directory")
+    p = _command(sub, "revoke", run_revoke, "revoke a silo certificate", _DIR)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--cert", help="the certificate to revoke (PEM)")
     group.add_argument("--serial", help="the serial number to revoke (hex)")
     p.add_argument("--reason", required=True, help="why (recorded in revoked.json)")
-    p.set_defaults(func=_guard(run_revoke))

@@ -13,12 +13,12 @@ import datetime as dt
 import io
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from coordinator.storage.roundlog import FinalEvaluation, RoundDetail, RoundLog, RoundSummary
 from secagg.identity import SiloId
@@ -203,10 +203,26 @@ def print_rounds(
 # -- show -------------------------------------------------------------------------------------
 
 
+def _table(
+    title: str,
+    columns: Sequence[str | Column],
+    rows: Iterable[Sequence[str]],
+    *,
+    show_header: bool = True,
+) -> Table:
+    """A titled table of `rows`: a str column is left-justified, a Column says its own way."""
+    table = Table(*columns, title=title, show_header=show_header)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _right(header: str) -> Column:
+    """A right-justified column (counts, bytes, metrics)."""
+    return Column(header, justify="right")
+
+
 def print_detail(console: Console, d: RoundDetail) -> None:
-    head = Table(title=f"round {d.round_id}", show_header=False)
-    head.add_column("field")
-    head.add_column("value")
     duration = "-" if d.duration_s is None else f"{d.duration_s:.2f} s"
     fields: list[tuple[str, str]] = [
         ("status", d.status.value),
@@ -228,50 +244,39 @@ def print_detail(console: Console, d: RoundDetail) -> None:
         fields.append((f"global {key}", _num(metric_value)))
     for key, extra in sorted(d.extra.items()):
         fields.append((key, json.dumps(extra, sort_keys=True)))
-    for key, text in fields:
-        head.add_row(key, text)
-    console.print(head)
+    console.print(_table(f"round {d.round_id}", ("field", "value"), fields, show_header=False))
 
     if d.phases:
-        phases = Table(title="phases")
-        for header in ("phase", "started (UTC)", "duration"):
-            phases.add_column(header)
-        for p in d.phases:
-            phases.add_row(p.phase, _when(p.started_at), f"{p.duration_s:.3f} s")
-        console.print(phases)
+        phases = [(p.phase, _when(p.started_at), f"{p.duration_s:.3f} s") for p in d.phases]
+        console.print(_table("phases", ("phase", "started (UTC)", "duration"), phases))
 
-    sets = Table(title="participants")
-    sets.add_column("set")
-    sets.add_column("count", justify="right")
-    sets.add_column("silos")
-    for name, members in d.participants.items():
-        sets.add_row(name, str(len(members)), ", ".join(members))
-    console.print(sets)
+    sets = [
+        (name, str(len(members)), ", ".join(members)) for name, members in d.participants.items()
+    ]
+    console.print(_table("participants", ("set", _right("count"), "silos"), sets))
 
     if d.dropouts:
-        drops = Table(title="dropouts")
-        for header in ("silo", "phase", "reason"):
-            drops.add_column(header)
-        for x in d.dropouts:
-            drops.add_row(x.silo_id, x.phase, x.reason)
-        console.print(drops)
+        drops = [(x.silo_id, x.phase, x.reason) for x in d.dropouts]
+        console.print(_table("dropouts", ("silo", "phase", "reason"), drops))
 
     if d.silos:
         names = sorted({k for s in d.silos for k in s.metrics})
-        silos = Table(title="silos (bytes as seen by the coordinator)")
-        silos.add_column("silo")
-        silos.add_column("bytes in", justify="right")
-        silos.add_column("bytes out", justify="right")
-        for name in names:
-            silos.add_column(name, justify="right")
-        for s in d.silos:
-            silos.add_row(
+        columns: list[str | Column] = [
+            "silo",
+            _right("bytes in"),
+            _right("bytes out"),
+            *map(_right, names),
+        ]
+        stats = [
+            (
                 s.silo_id,
                 f"{s.bytes_in:,}",
                 f"{s.bytes_out:,}",
                 *(_num(s.metrics.get(n)) for n in names),
             )
-        console.print(silos)
+            for s in d.silos
+        ]
+        console.print(_table("silos (bytes as seen by the coordinator)", columns, stats))
 
     if d.privacy is not None:
         pv = d.privacy
@@ -291,11 +296,7 @@ def _print_final(console: Console, f: FinalEvaluation) -> None:
         f"{len(f.asked)} silos answered; global {shown}"
     )
     names = sorted({k for m in f.silo_metrics.values() for k in m})
-    table = Table(title="final evaluation per silo")
-    table.add_column("silo")
-    table.add_column("answer")
-    for name in names:
-        table.add_column(name, justify="right")
+    rows: list[tuple[str, ...]] = []
     for silo in f.asked:
         metrics = f.silo_metrics.get(silo)
         if metrics is not None:
@@ -304,8 +305,9 @@ def _print_final(console: Console, f: FinalEvaluation) -> None:
             answer = f"refused: {f.refusals[silo]}"
         else:
             answer = "no answer"
-        table.add_row(silo, answer, *(_num((metrics or {}).get(n)) for n in names))
-    console.print(table)
+        rows.append((silo, answer, *(_num((metrics or {}).get(n)) for n in names)))
+    columns: list[str | Column] = ["silo", "answer", *map(_right, names)]
+    console.print(_table("final evaluation per silo", columns, rows))
 
 
 # -- export -----------------------------------------------------------------------------------

@@ -17,21 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from coordinator.storage.roundlog_records import (
-    CheckpointRecord,
-    Dropout,
-    FinalEvaluation,
-    PhaseTiming,
-    PrivacyRecord,
-    RoundDetail,
-    RoundLogUnavailable,
-    RoundNotFound,
-    RoundStatus,
-    RoundSummary,
-    SiloStats,
-    _final_evaluation,
-    _metrics_from_json,
-)
+from coordinator.storage import roundlog_records as records
 from coordinator.storage.roundlog_schema import PHASE_SETS, SCHEMA_VERSION, check_version, migrate
 from secagg.identity import SiloId
 
@@ -52,7 +38,7 @@ class RoundLogQueries:
         self._completed: tuple[int, int] | None = None
         if _readonly:
             if not self.path.is_file():
-                raise RoundLogUnavailable(
+                raise records.RoundLogUnavailable(
                     f"no round log at {self.path}; pass the coordinator's --state-dir "
                     "(the log is <state_dir>/rounds.sqlite) or --log with the file's path"
                 )
@@ -65,7 +51,7 @@ class RoundLogQueries:
                 )
                 check_version(self.path, self._conn.execute("PRAGMA user_version").fetchone()[0])
             except sqlite3.Error as exc:
-                raise RoundLogUnavailable(
+                raise records.RoundLogUnavailable(
                     f"cannot read round log {self.path}: {exc}; check the file is a silofed "
                     "round log and readable by this user"
                 ) from exc
@@ -81,7 +67,9 @@ class RoundLogQueries:
                 with self._lock:
                     migrate(self._conn, self.path)
             except sqlite3.Error as exc:
-                raise RoundLogUnavailable(f"cannot open round log {self.path}: {exc}") from exc
+                raise records.RoundLogUnavailable(
+                    f"cannot open round log {self.path}: {exc}"
+                ) from exc
 
     @classmethod
     def open_readonly(cls, path: Path) -> Self:
@@ -116,13 +104,15 @@ class RoundLogQueries:
             try:
                 return list(self._conn.execute(sql, tuple(args)).fetchall())
             except sqlite3.Error as exc:
-                raise RoundLogUnavailable(f"cannot read round log {self.path}: {exc}") from exc
+                raise records.RoundLogUnavailable(
+                    f"cannot read round log {self.path}: {exc}"
+                ) from exc
 
     def last_round_id(self) -> int:
         """The highest round number in the log (0 when empty)."""
         return int(self._read("SELECT coalesce(max(round_id), 0) FROM rounds")[0][0])
 
-    def latest_checkpoint(self) -> CheckpointRecord | None:
+    def latest_checkpoint(self) -> records.CheckpointRecord | None:
         """The checkpoint to resume from: that of the latest completed round, else round 0."""
         rows = self._read(
             "SELECT c.round_id, c.path, c.sha256 FROM checkpoints c"
@@ -133,14 +123,16 @@ class RoundLogQueries:
         if not rows:
             return None
         round_id, path, sha = rows[0]
-        return CheckpointRecord(round_id=int(round_id), path=Path(path), sha256=str(sha))
+        return records.CheckpointRecord(round_id=int(round_id), path=Path(path), sha256=str(sha))
 
-    def checkpoint(self, round_id: int) -> CheckpointRecord | None:
+    def checkpoint(self, round_id: int) -> records.CheckpointRecord | None:
         """The checkpoint recorded for `round_id` (0: the initial model), or None."""
         rows = self._read("SELECT path, sha256 FROM checkpoints WHERE round_id=?", (round_id,))
         if not rows:
             return None
-        return CheckpointRecord(round_id=round_id, path=Path(rows[0][0]), sha256=str(rows[0][1]))
+        return records.CheckpointRecord(
+            round_id=round_id, path=Path(rows[0][0]), sha256=str(rows[0][1])
+        )
 
     def count_completed(self) -> int:
         """How many rounds completed, without reading them: counted once, then again only after
@@ -152,7 +144,7 @@ class RoundLogQueries:
                 self._completed = (version, int(rows[0][0]))
             return self._completed[1]
 
-    def rounds_after(self, round_id: int) -> list[RoundDetail]:
+    def rounds_after(self, round_id: int) -> list[records.RoundDetail]:
         """Everything recorded about each round numbered above `round_id`, in order: a reader
         that keeps what it read of finished rounds (they never change) asks only for the rest."""
         ids = self._read(
@@ -168,19 +160,19 @@ class RoundLogQueries:
         )
         return int(rows[0][0])
 
-    def final_evaluations(self) -> list[FinalEvaluation]:
+    def final_evaluations(self) -> list[records.FinalEvaluation]:
         """Every recorded final evaluation, by round (at most one per federation run)."""
         if not self._has_table("final_evaluations"):
             return []
         return [
-            _final_evaluation(row)
+            records._final_evaluation(row)
             for row in self._read(
                 "SELECT round_id, model_sha256, started_at, ended_at, asked, answered, refusals,"
                 " silo_metrics, global_metrics FROM final_evaluations ORDER BY round_id"
             )
         ]
 
-    def final_evaluation(self, round_id: int) -> FinalEvaluation | None:
+    def final_evaluation(self, round_id: int) -> records.FinalEvaluation | None:
         """The final evaluation of round `round_id`'s model, or None."""
         if not self._has_table("final_evaluations"):
             return None
@@ -189,9 +181,9 @@ class RoundLogQueries:
             " silo_metrics, global_metrics FROM final_evaluations WHERE round_id=?",
             (round_id,),
         )
-        return _final_evaluation(rows[0]) if rows else None
+        return records._final_evaluation(rows[0]) if rows else None
 
-    def rounds(self) -> list[RoundSummary]:
+    def rounds(self) -> list[records.RoundSummary]:
         """A summary of every round, in order."""
         counts: dict[tuple[int, str], int] = {
             (int(r), str(s)): int(n)
@@ -208,30 +200,30 @@ class RoundLogQueries:
         for r, silo, text in self._read(
             "SELECT round_id, silo_id, metrics FROM silo_stats ORDER BY round_id, silo_id"
         ):
-            silo_metrics.setdefault(int(r), {})[SiloId(silo)] = _metrics_from_json(text)
-        out: list[RoundSummary] = []
+            silo_metrics.setdefault(int(r), {})[SiloId(silo)] = records._metrics_from_json(text)
+        out: list[records.RoundSummary] = []
         for r, status, started, ended, aggregation, metrics in self._read(
             "SELECT round_id, status, started_at, ended_at, aggregation, global_metrics"
             " FROM rounds ORDER BY round_id"
         ):
             rid = int(r)
             out.append(
-                RoundSummary(
+                records.RoundSummary(
                     round_id=rid,
-                    status=RoundStatus(status),
+                    status=records.RoundStatus(status),
                     started_at=float(started),
                     ended_at=None if ended is None else float(ended),
                     aggregation=str(aggregation),
                     invited=counts.get((rid, "invited"), 0),
                     finished=counts.get((rid, "finished"), 0),
                     dropped=dropped.get(rid, 0),
-                    global_metrics=_metrics_from_json(metrics),
+                    global_metrics=records._metrics_from_json(metrics),
                     silo_metrics=silo_metrics.get(rid, {}),
                 )
             )
         return out
 
-    def round_detail(self, round_id: int) -> RoundDetail:
+    def round_detail(self, round_id: int) -> records.RoundDetail:
         """Everything recorded about one round; raises RoundNotFound."""
         rows = self._read(
             "SELECT status, started_at, ended_at, aggregation, config_digest, model_in_sha256,"
@@ -240,7 +232,7 @@ class RoundLogQueries:
             (round_id,),
         )
         if not rows:
-            raise RoundNotFound(round_id, self.last_round_id())
+            raise records.RoundNotFound(round_id, self.last_round_id())
         status, started, ended, aggregation, digest, m_in, m_out = rows[0][:7]
         rollback, wsum, gm, reason, ex = rows[0][7:]
         participants: dict[str, list[SiloId]] = {}
@@ -257,9 +249,9 @@ class RoundLogQueries:
         checkpoint_rows = self._read(
             "SELECT path, sha256 FROM checkpoints WHERE round_id=?", (round_id,)
         )
-        return RoundDetail(
+        return records.RoundDetail(
             round_id=round_id,
-            status=RoundStatus(status),
+            status=records.RoundStatus(status),
             started_at=float(started),
             ended_at=None if ended is None else float(ended),
             aggregation=str(aggregation),
@@ -268,11 +260,11 @@ class RoundLogQueries:
             model_out_sha256=None if m_out is None else str(m_out),
             rollback_of=None if rollback is None else int(rollback),
             weight_sum=None if wsum is None else float(wsum),
-            global_metrics=_metrics_from_json(gm),
+            global_metrics=records._metrics_from_json(gm),
             abort_reason=None if reason is None else str(reason),
             extra=dict(json.loads(ex)),
             phases=tuple(
-                PhaseTiming(phase=str(p), started_at=float(s), ended_at=float(e))
+                records.PhaseTiming(phase=str(p), started_at=float(s), ended_at=float(e))
                 for p, s, e in self._read(
                     "SELECT phase, started_at, ended_at FROM phases WHERE round_id=? ORDER BY seq",
                     (round_id,),
@@ -280,18 +272,18 @@ class RoundLogQueries:
             ),
             participants={k: tuple(participants[k]) for k in PHASE_SETS if k in participants},
             dropouts=tuple(
-                Dropout(silo_id=SiloId(s), phase=str(p), reason=str(why))
+                records.Dropout(silo_id=SiloId(s), phase=str(p), reason=str(why))
                 for s, p, why in self._read(
                     "SELECT silo_id, phase, reason FROM dropouts WHERE round_id=? ORDER BY silo_id",
                     (round_id,),
                 )
             ),
             silos=tuple(
-                SiloStats(
+                records.SiloStats(
                     silo_id=SiloId(s),
                     bytes_in=int(bi),
                     bytes_out=int(bo),
-                    metrics=_metrics_from_json(m),
+                    metrics=records._metrics_from_json(m),
                 )  # fmt: skip
                 for s, bi, bo, m in self._read(
                     "SELECT silo_id, bytes_in, bytes_out, metrics FROM silo_stats"
@@ -301,7 +293,7 @@ class RoundLogQueries:
             ),
             privacy=None
             if not privacy_rows
-            else PrivacyRecord(
+            else records.PrivacyRecord(
                 mechanism=str(privacy_rows[0][0]),
                 noise_multiplier=float(privacy_rows[0][1]),
                 clip_norm=float(privacy_rows[0][2]),
@@ -311,7 +303,7 @@ class RoundLogQueries:
             ),
             checkpoint=None
             if not checkpoint_rows
-            else CheckpointRecord(
+            else records.CheckpointRecord(
                 round_id=round_id,
                 path=Path(checkpoint_rows[0][0]),
                 sha256=str(checkpoint_rows[0][1]),

@@ -8,7 +8,8 @@ file of a newer version than this silofed knows is refused, never guessed at.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from coordinator.storage.roundlog_records import RoundLogUnavailable
@@ -125,17 +126,12 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
                 f"{path} is an SQLite database but not a silofed round log; "
                 "choose another state_dir"
             )
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(FINAL_EVALUATIONS)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
     else:
         check_version(path, version)
         _upgrade(conn, version)
@@ -145,18 +141,25 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
     """Bring a log written by an older silofed to SCHEMA_VERSION, one step per transaction
     (a crash between steps leaves a consistent log of the intermediate version)."""
     while version < SCHEMA_VERSION:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             # Re-read under the write lock: another writer may have upgraded it meanwhile.
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version >= SCHEMA_VERSION:
-                conn.execute("COMMIT")
                 break
             for statement in MIGRATIONS[version]:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={version + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         version += 1
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One schema step as a write transaction: committed when the block ends (also by `break`),
+    rolled back on any exception, a failed COMMIT included."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
