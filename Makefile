@@ -25,14 +25,16 @@ demo: $(STAMP)
 
 # Two steps: the fast unit step first (in-process tests, real gRPC on loopback included), then the
 # end-to-end step (real coordinator and silo processes), so a unit failure is reported in seconds.
-# Both run on pytest-xdist workers; `--dist loadfile` keeps a file's tests on one worker, so a
-# module-scoped federation starts once. The e2e step's workers mostly wait on their processes,
-# hence more workers than cores. TEST_WORKERS / E2E_WORKERS=0 runs a step in this process.
+# Both run on pytest-xdist workers. The unit step keeps a file's tests on one worker
+# (`--dist loadfile`); the e2e step hands out single tests (`--dist loadgroup`: a long file does
+# not hold one worker while the others idle) except those sharing a module-scoped federation,
+# which tests/conftest.py groups so it starts once. The e2e step's workers mostly wait on their
+# processes, hence more workers than cores. TEST_WORKERS / E2E_WORKERS=0 runs a step in this process.
 TEST_WORKERS ?= 2
 E2E_WORKERS ?= 3
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not e2e" $(PYTEST_ARGS)
-	$(PY) -m pytest -q -n $(E2E_WORKERS) --dist loadfile -m "e2e and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(E2E_WORKERS) --dist loadgroup -m "e2e and not slow" $(PYTEST_ARGS)
 
 # Line coverage of `make test`'s tests, the coordinator and silo processes they start included
 # ([tool.coverage] in pyproject.toml: patch = subprocess); in one process, as the figures

@@ -63,6 +63,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.split("[", 1)[0] in SERIAL:
             item.add_marker(pytest.mark.serial)
+        # `make test` distributes single tests (`--dist loadgroup`), not whole files, so one long
+        # file does not hold a worker while the others idle; a test that shares a module-scoped
+        # fixture (one federation run that several tests read) stays with that fixture's others.
+        if _uses_a_shared_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
+def _uses_a_shared_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        defs and defs[-1].scope in ("module", "package", "class")
+        for defs in info.name2fixturedefs.values()
+    )
 
 
 class RunLock:
