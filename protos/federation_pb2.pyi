@@ -23,7 +23,8 @@ silo's channel and on the coordinator's server) and drop a connection whose peer
 answer one in time. There is no application heartbeat (field numbers 2 of the stream messages
 and 3 of Welcome are reserved: they carried the heartbeats of earlier versions).
 
-Closed sets are enums, never strings: RoundOffer.aggregation, RoundResult.status.
+Closed sets are enums, never strings: RoundOffer.aggregation, RoundResult.status, the abort
+reason (AbortNotice.code, RoundResult.abort_code).
 """
 
 from collections import abc as _abc
@@ -107,7 +108,7 @@ class _RoundStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundStat
     ROUND_STATUS_COMPLETED: _RoundStatus.ValueType  # 1
     """new_model_sha256 names the new global model"""
     ROUND_STATUS_ABORTED: _RoundStatus.ValueType  # 2
-    """abort_reason says why (a sentence, led by a code)"""
+    """abort_code and abort_reason say why"""
 
 class RoundStatus(_RoundStatus, metaclass=_RoundStatusEnumTypeWrapper): ...
 
@@ -115,8 +116,153 @@ ROUND_STATUS_UNSPECIFIED: RoundStatus.ValueType  # 0
 ROUND_STATUS_COMPLETED: RoundStatus.ValueType  # 1
 """new_model_sha256 names the new global model"""
 ROUND_STATUS_ABORTED: RoundStatus.ValueType  # 2
-"""abort_reason says why (a sentence, led by a code)"""
+"""abort_code and abort_reason say why"""
 Global___RoundStatus: _TypeAlias = RoundStatus  # noqa: Y015
+
+class _AbortReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AbortReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AbortReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ABORT_REASON_UNSPECIFIED: _AbortReason.ValueType  # 0
+    """never sent on purpose"""
+    ABORT_REASON_STALE_ROUND: _AbortReason.ValueType  # 1
+    ABORT_REASON_ROSTER_MISMATCH: _AbortReason.ValueType  # 2
+    ABORT_REASON_CONFIG_REJECTED: _AbortReason.ValueType  # 3
+    """also: the offer's round id is not its signed config's"""
+    ABORT_REASON_MODEL_HASH_MISMATCH: _AbortReason.ValueType  # 4
+    """also: the offered model does not decode"""
+    ABORT_REASON_SIGNATURE_INVALID: _AbortReason.ValueType  # 5
+    ABORT_REASON_DUPLICATE_KEYS: _AbortReason.ValueType  # 6
+    ABORT_REASON_BAD_KEY: _AbortReason.ValueType  # 7
+    ABORT_REASON_THRESHOLD_VIOLATION: _AbortReason.ValueType  # 8
+    ABORT_REASON_OVERFLOW_RULE: _AbortReason.ValueType  # 9
+    ABORT_REASON_SET_INCONSISTENT: _AbortReason.ValueType  # 10
+    ABORT_REASON_DECRYPT_FAILED: _AbortReason.ValueType  # 11
+    ABORT_REASON_CONSISTENCY_FAILED: _AbortReason.ValueType  # 12
+    ABORT_REASON_REPLAY: _AbortReason.ValueType  # 13
+    ABORT_REASON_ALREADY_UNMASKED: _AbortReason.ValueType  # 14
+    ABORT_REASON_TIMEOUT: _AbortReason.ValueType  # 15
+    """also: the coordinator dropped a silo past a deadline"""
+    ABORT_REASON_INTERNAL: _AbortReason.ValueType  # 16
+    ABORT_REASON_COLLUSION_BELOW_POLICY: _AbortReason.ValueType  # 17
+    ABORT_REASON_LAYOUT_MISMATCH: _AbortReason.ValueType  # 18
+    """also: the offered model is not the silo's model"""
+    ABORT_REASON_TRAIN_PARAMS_REJECTED: _AbortReason.ValueType  # 19
+    """also: a plaintext round's [train] table"""
+    ABORT_REASON_ROUND_ID_JUMP: _AbortReason.ValueType  # 20
+    ABORT_REASON_DISCONNECTED: _AbortReason.ValueType  # 100
+    """Coordinator -> silo: the silo is dropped from the round.
+    its stream broke
+    """
+    ABORT_REASON_INVALID: _AbortReason.ValueType  # 101
+    """it sent something the round refuses (the detail says what)"""
+    ABORT_REASON_DECLINED: _AbortReason.ValueType  # 102
+    """Silo -> coordinator: the silo does not take part in this round.
+    a plaintext-insecure round without allow_plaintext_insecure
+    """
+    ABORT_REASON_TRAINING_FAILED: _AbortReason.ValueType  # 103
+    """the task raised while training"""
+    ABORT_REASON_MODEL_TOO_LARGE: _AbortReason.ValueType  # 104
+    """the model is above [secagg] max_model_bytes"""
+    ABORT_REASON_FEDERATION_FINISHED: _AbortReason.ValueType  # 105
+    """Coordinator -> silo, with no round id: the stream ends.
+    every round ran: the silo exits (or waits for the next run)
+    """
+    ABORT_REASON_COORDINATOR_STOPPING: _AbortReason.ValueType  # 106
+    """the silo reconnects later, with backoff"""
+    ABORT_REASON_NOT_THE_FINAL_MODEL: _AbortReason.ValueType  # 107
+    """Silo -> coordinator: refusals of a final evaluation.
+    not the model of the last completed round announced
+    """
+    ABORT_REASON_EVALUATION_FAILED: _AbortReason.ValueType  # 108
+    """the task raised while evaluating"""
+    ABORT_REASON_NOT_ENOUGH_SILOS: _AbortReason.ValueType  # 109
+    """RoundResult.abort_code: the coordinator's runtime ends the round.
+    fewer silos connected than the round needs
+    """
+    ABORT_REASON_CANNOT_CONFIGURE: _AbortReason.ValueType  # 110
+    """the round's configuration cannot be built"""
+    ABORT_REASON_AGGREGATE_OUT_OF_BOUND: _AbortReason.ValueType  # 111
+    """the decoded sum's norm is above what clipping allows"""
+    ABORT_REASON_NON_FINITE_MODEL: _AbortReason.ValueType  # 112
+    """the new model would hold a NaN or an infinity"""
+
+class AbortReason(_AbortReason, metaclass=_AbortReasonEnumTypeWrapper):
+    """Why a round, an offer or a stream ends early. Stored records (round log, silo ledger) keep the
+    NAME without the prefix ("TIMEOUT", "DECLINED"); protos/names.py converts both ways. A receiver
+    reads a number it does not know as the name "UNKNOWN(n)" and never fails on it, so a newer
+    peer may add codes.
+
+    1-20 are the secure-aggregation protocol's codes, EQUAL to secagg.errors.AbortReason (the
+    byte of a secagg AbortNotice frame); a test keeps them equal. Codes from 100 are the runtime's.
+    """
+
+ABORT_REASON_UNSPECIFIED: AbortReason.ValueType  # 0
+"""never sent on purpose"""
+ABORT_REASON_STALE_ROUND: AbortReason.ValueType  # 1
+ABORT_REASON_ROSTER_MISMATCH: AbortReason.ValueType  # 2
+ABORT_REASON_CONFIG_REJECTED: AbortReason.ValueType  # 3
+"""also: the offer's round id is not its signed config's"""
+ABORT_REASON_MODEL_HASH_MISMATCH: AbortReason.ValueType  # 4
+"""also: the offered model does not decode"""
+ABORT_REASON_SIGNATURE_INVALID: AbortReason.ValueType  # 5
+ABORT_REASON_DUPLICATE_KEYS: AbortReason.ValueType  # 6
+ABORT_REASON_BAD_KEY: AbortReason.ValueType  # 7
+ABORT_REASON_THRESHOLD_VIOLATION: AbortReason.ValueType  # 8
+ABORT_REASON_OVERFLOW_RULE: AbortReason.ValueType  # 9
+ABORT_REASON_SET_INCONSISTENT: AbortReason.ValueType  # 10
+ABORT_REASON_DECRYPT_FAILED: AbortReason.ValueType  # 11
+ABORT_REASON_CONSISTENCY_FAILED: AbortReason.ValueType  # 12
+ABORT_REASON_REPLAY: AbortReason.ValueType  # 13
+ABORT_REASON_ALREADY_UNMASKED: AbortReason.ValueType  # 14
+ABORT_REASON_TIMEOUT: AbortReason.ValueType  # 15
+"""also: the coordinator dropped a silo past a deadline"""
+ABORT_REASON_INTERNAL: AbortReason.ValueType  # 16
+ABORT_REASON_COLLUSION_BELOW_POLICY: AbortReason.ValueType  # 17
+ABORT_REASON_LAYOUT_MISMATCH: AbortReason.ValueType  # 18
+"""also: the offered model is not the silo's model"""
+ABORT_REASON_TRAIN_PARAMS_REJECTED: AbortReason.ValueType  # 19
+"""also: a plaintext round's [train] table"""
+ABORT_REASON_ROUND_ID_JUMP: AbortReason.ValueType  # 20
+ABORT_REASON_DISCONNECTED: AbortReason.ValueType  # 100
+"""Coordinator -> silo: the silo is dropped from the round.
+its stream broke
+"""
+ABORT_REASON_INVALID: AbortReason.ValueType  # 101
+"""it sent something the round refuses (the detail says what)"""
+ABORT_REASON_DECLINED: AbortReason.ValueType  # 102
+"""Silo -> coordinator: the silo does not take part in this round.
+a plaintext-insecure round without allow_plaintext_insecure
+"""
+ABORT_REASON_TRAINING_FAILED: AbortReason.ValueType  # 103
+"""the task raised while training"""
+ABORT_REASON_MODEL_TOO_LARGE: AbortReason.ValueType  # 104
+"""the model is above [secagg] max_model_bytes"""
+ABORT_REASON_FEDERATION_FINISHED: AbortReason.ValueType  # 105
+"""Coordinator -> silo, with no round id: the stream ends.
+every round ran: the silo exits (or waits for the next run)
+"""
+ABORT_REASON_COORDINATOR_STOPPING: AbortReason.ValueType  # 106
+"""the silo reconnects later, with backoff"""
+ABORT_REASON_NOT_THE_FINAL_MODEL: AbortReason.ValueType  # 107
+"""Silo -> coordinator: refusals of a final evaluation.
+not the model of the last completed round announced
+"""
+ABORT_REASON_EVALUATION_FAILED: AbortReason.ValueType  # 108
+"""the task raised while evaluating"""
+ABORT_REASON_NOT_ENOUGH_SILOS: AbortReason.ValueType  # 109
+"""RoundResult.abort_code: the coordinator's runtime ends the round.
+fewer silos connected than the round needs
+"""
+ABORT_REASON_CANNOT_CONFIGURE: AbortReason.ValueType  # 110
+"""the round's configuration cannot be built"""
+ABORT_REASON_AGGREGATE_OUT_OF_BOUND: AbortReason.ValueType  # 111
+"""the decoded sum's norm is above what clipping allows"""
+ABORT_REASON_NON_FINITE_MODEL: AbortReason.ValueType  # 112
+"""the new model would hold a NaN or an infinity"""
+Global___AbortReason: _TypeAlias = AbortReason  # noqa: Y015
 
 @_typing.final
 class SiloMessage(_message.Message):
@@ -491,10 +637,14 @@ class RoundResult(_message.Message):
     NEW_MODEL_SHA256_FIELD_NUMBER: _builtins.int
     SURVIVORS_FIELD_NUMBER: _builtins.int
     ABORT_REASON_FIELD_NUMBER: _builtins.int
+    ABORT_CODE_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
     status: Global___RoundStatus.ValueType
     new_model_sha256: _builtins.bytes
     abort_reason: _builtins.str
+    """ABORTED: a sentence for the operator, led by the code's name if any"""
+    abort_code: Global___AbortReason.ValueType
+    """ABORTED: the code, or UNSPECIFIED when no code names the cause"""
     @_builtins.property
     def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -505,10 +655,11 @@ class RoundResult(_message.Message):
         new_model_sha256: _builtins.bytes = ...,
         survivors: _abc.Iterable[_builtins.str] | None = ...,
         abort_reason: _builtins.str = ...,
+        abort_code: Global___AbortReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "new_model_sha256", b"new_model_sha256", "round_id", b"round_id", "status", b"status", "survivors", b"survivors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_code", b"abort_code", "abort_reason", b"abort_reason", "new_model_sha256", b"new_model_sha256", "round_id", b"round_id", "status", b"status", "survivors", b"survivors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -519,23 +670,22 @@ class AbortNotice(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUND_ID_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     round_id: _builtins.int
-    reason: _builtins.str
-    """a stable code, e.g. TIMEOUT, SIGNATURE_INVALID"""
+    code: Global___AbortReason.ValueType
     detail: _builtins.str
     """a sentence for the operator"""
     def __init__(
         self,
         *,
         round_id: _builtins.int = ...,
-        reason: _builtins.str = ...,
+        code: Global___AbortReason.ValueType = ...,
         detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "reason", b"reason", "round_id", b"round_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "detail", b"detail", "round_id", b"round_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

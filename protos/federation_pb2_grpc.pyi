@@ -23,7 +23,8 @@ silo's channel and on the coordinator's server) and drop a connection whose peer
 answer one in time. There is no application heartbeat (field numbers 2 of the stream messages
 and 3 of Welcome are reserved: they carried the heartbeats of earlier versions).
 
-Closed sets are enums, never strings: RoundOffer.aggregation, RoundResult.status.
+Closed sets are enums, never strings: RoundOffer.aggregation, RoundResult.status, the abort
+reason (AbortNotice.code, RoundResult.abort_code).
 """
 
 from collections import abc as _abc

@@ -57,7 +57,7 @@ from coordinator.rounds.secure_config import (
 from coordinator.transport.server import SERVER_OPTIONS
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
-from protos.names import STATUS
+from protos.names import STATUS, abort_code_in, abort_name
 from secagg import encoding, primitives, shamir
 from secagg.chunking import BlobMeta, ChunkError, Reassembler, describe, split
 from secagg.config import GraphKind, RoundConfig, TensorSpec
@@ -235,9 +235,10 @@ class Received:
         return None
 
     def refusal(self) -> str | None:
-        """The reason code when this is an abort: a secagg AbortNotice frame or a proto one."""
+        """The reason code's name when this is an abort: a secagg AbortNotice frame or a proto
+        one (UNSPECIFIED from a silo that set no code)."""
         if self.kind == "abort":
-            return str(self.message.abort.reason)
+            return abort_name(self.message.abort.code)
         if self.kind == "secagg":
             return secagg_abort_reason(self.message.secagg.payload)
         return None
@@ -459,8 +460,10 @@ class HarnessServer(pb_grpc.FederationServicer):
         frame = pb.SecAggFrame(round_id=round_id, payload=payload)
         self.send(silo_id, pb.CoordinatorMessage(secagg=frame))
 
-    def abort(self, silo_id: str, round_id: int, reason: str, detail: str = "") -> None:
-        notice = pb.AbortNotice(round_id=round_id, reason=reason, detail=detail)
+    def abort(
+        self, silo_id: str, round_id: int, code: pb.AbortReason.ValueType, detail: str = ""
+    ) -> None:
+        notice = pb.AbortNotice(round_id=round_id, code=code, detail=detail)
         self.send(silo_id, pb.CoordinatorMessage(abort=notice))
 
     def round_result(
@@ -470,7 +473,8 @@ class HarnessServer(pb_grpc.FederationServicer):
         status: str,  # "completed" | "aborted", as the coordinator's round log names them
         *,
         survivors: Sequence[str] = (),
-        reason: str = "",
+        reason: str = "",  # the sentence
+        code: pb.AbortReason.ValueType = pb.ABORT_REASON_UNSPECIFIED,
         new_model_sha256: bytes = b"",
     ) -> None:
         result = pb.RoundResult(
@@ -478,6 +482,7 @@ class HarnessServer(pb_grpc.FederationServicer):
             status=STATUS[status],
             survivors=list(survivors),
             abort_reason=reason,
+            abort_code=code,
             new_model_sha256=new_model_sha256,
         )
         self.send(silo_id, pb.CoordinatorMessage(round_result=result))
@@ -817,7 +822,7 @@ class _Run:
         if item.round_id != self.round_id or silo not in self.cfg.invited:
             return
         if item.kind == "abort":
-            self._refused(silo, item.message.abort.reason)
+            self._refused(silo, abort_name(item.message.abort.code))
             self._lose(silo)
         elif item.kind == "secagg":
             payload = item.message.secagg.payload
@@ -1011,11 +1016,12 @@ class _Run:
                 )
         else:
             reason = rnd.abort_reason.name if rnd.abort_reason is not None else "HARNESS_ENDED"
+            code = abort_code_in(reason)  # the secagg code's, as the coordinator sends it
             out.abort_reason = (
                 reason if rnd.phase is Phase.ABORTED else f"stopped in {rnd.phase.value}"
             )
             for sid in self.offered_real:
-                self.h.server.round_result(sid, self.round_id, "aborted", reason=reason)
+                self.h.server.round_result(sid, self.round_id, "aborted", reason=reason, code=code)
         if self.plan.victim is not None:
             out.recovered = self._unmask_victim(self.plan.victim)
 

@@ -46,7 +46,7 @@ from tests import launcher
 if TYPE_CHECKING:
     import pytest
 
-    from coordinator.rounds.secure_config import SecAggSettings
+    from coordinator.config import SecAggSettings
     from coordinator.runtime.hub import Hub
     from coordinator.storage.roundlog import RoundDetail
     from protos import federation_pb2 as pb
@@ -454,7 +454,7 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait(timeout=10)
-        return proc.popen.returncode
+        return proc.popen.wait(timeout=0)
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         """SIGTERM to every process still running, then a wait for each (SIGKILL after the

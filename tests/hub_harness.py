@@ -7,14 +7,14 @@ drains it with `next_messages(0)` as the servicer's writer would, and answers th
 `Hub.on_message` as the servicer's reader would. Time is a `FakeClock`: deadlines pass when a
 test advances it.
 
-The round is run by the hub's own `run_one_round` on a driver thread (`RoundThread`): the hub
-has no call that starts a round and returns yet. Its clock's `wait` gives the other threads a
-turn (at most 10 ms of real time, ended early by a notify) without moving the clock
-(`DriverClock`), so the driver ticks at the test's pace and no deadline passes unless the test
-advances the clock. A masked header that must wait for an upload slot is sent from a thread of
-its own, as the servicer's reader for that silo would. Loops that need no second thread
-(`Hub.run_rounds` without silos, backoff) run on the plain `FakeClock`, whose `wait` advances
-time. Every wait for another thread is bounded (`WAIT_S`).
+The round is run by the driver's own `run_one_round` on a driver thread (`RoundThread`), as
+`run_rounds` runs it. Its clock's `wait` gives the other threads a turn (at most 10 ms of real
+time, ended early by a notify) without moving the clock (`DriverClock`), so the driver ticks at
+the test's pace and no deadline passes unless the test advances the clock. A masked header that
+must wait for an upload slot is sent from a thread of its own, as the servicer's reader for that
+silo would. Loops that need no second thread (`Hub.run_rounds` without silos, backoff) run on the
+plain `FakeClock`, whose `wait` advances time. Every wait for another thread is bounded
+(`WAIT_S`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.config import CoordinatorConfig, load_coordinator_config
 from coordinator.observability.ratelimit import PeerLog
+from coordinator.runtime import driver
 from coordinator.runtime.hub import Hub
 from coordinator.runtime.stream import SiloStream
 from protos import federation_pb2 as pb
@@ -339,7 +340,7 @@ class HubHarness:
 
     @contextmanager
     def round_thread(self) -> Iterator[RoundThread]:
-        """`Hub.run_one_round` on a driver thread; on leaving, the round must have ended."""
+        """`driver.run_one_round` on a driver thread; on leaving, the round must have ended."""
         thread = RoundThread(self.hub)
         thread.start()
         try:
@@ -365,7 +366,7 @@ class RoundThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.hub.run_one_round(self.completed_before)
+            driver.run_one_round(self.hub, self.completed_before)
         except BaseException as exc:  # reported by the test thread
             self.error = exc
         finally:

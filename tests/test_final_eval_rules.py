@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from coordinator.runtime.final_evaluation import FinalEvaluationRun, mean_eval
 from protos import federation_pb2 as pb
+from protos.names import abort_value
 
 A, B, C, D = (f"spiffe://r/silo/{n}" for n in "abcd")
 
@@ -14,7 +15,7 @@ def report(round_id: int, **metrics: float) -> pb.SiloMessage:
 
 
 def abort(round_id: int, reason: str) -> pb.SiloMessage:
-    return pb.SiloMessage(abort=pb.AbortNotice(round_id=round_id, reason=reason))
+    return pb.SiloMessage(abort=pb.AbortNotice(round_id=round_id, code=abort_value(reason)))
 
 
 def test_only_eval_answers_of_asked_silos_for_the_round_count() -> None:

@@ -20,7 +20,7 @@ from coordinator.runtime.stream import Blob, _blob_messages
 from protos import federation_pb2 as pb
 from silo_agent.config import load_silo_config
 from silo_agent.runtime.backoff import Backoff
-from silo_agent.runtime.final_model import DIGEST_FILENAME, MODEL_FILENAME, NOT_THE_FINAL_MODEL
+from silo_agent.runtime.final_model import DIGEST_FILENAME, MODEL_FILENAME
 from silo_agent.runtime.runner import SiloRunner, _RoundState
 from silo_agent.runtime.secure_round import Pause
 from silo_agent.transport.connection import OutBlob
@@ -135,13 +135,16 @@ def test_only_the_announced_model_is_evaluated_and_only_once(fed: Any, tmp_path:
     # Before any round completed: nothing may be evaluated.
     early = pump(runner, evaluate_offer(3, final))
     (refusal,) = [m.abort for m in early.sent if isinstance(m, pb.SiloMessage)]
-    assert refusal.reason == NOT_THE_FINAL_MODEL and "none announced" in refusal.detail
+    assert (
+        refusal.code == pb.ABORT_REASON_NOT_THE_FINAL_MODEL and "none announced" in refusal.detail
+    )
 
     # Round 3 completed with `final`; the coordinator asks for another model, then for the right
     # model under another round's id: both refused, the task never runs.
     link = pump(runner, [result(3, final), *evaluate_offer(3, other), *evaluate_offer(2, final)])
     assert link.kinds() == ["abort", "abort"]
-    assert all(m.abort.reason == NOT_THE_FINAL_MODEL for m in link.sent)  # type: ignore[union-attr]
+    codes = [m.abort.code for m in link.sent]  # type: ignore[union-attr]
+    assert codes == [pb.ABORT_REASON_NOT_THE_FINAL_MODEL] * 2
     assert [m.abort.round_id for m in link.sent] == [3, 2]  # type: ignore[union-attr]
     assert task.evaluations == 0
 
@@ -226,5 +229,24 @@ def test_a_bad_plaintext_model_costs_the_round_not_the_agent(
     runner = SiloRunner(config=load_silo_config(path), task=ScoringTask(), data={}, silo_id=ME)
     link = pump(runner, [*plaintext_offer(5, data), result(5, model(1))])
     aborts = [m.abort for m in link.sent if isinstance(m, pb.SiloMessage) and m.HasField("abort")]
-    assert [a.reason for a in aborts] == ["TRAINING_FAILED"], link.kinds()
+    assert [a.code for a in aborts] == [pb.ABORT_REASON_TRAINING_FAILED], link.kinds()
     assert not any(isinstance(m, OutBlob) for m in link.sent)  # nothing was uploaded
+
+
+def _stops(runner: SiloRunner, notice: pb.AbortNotice) -> bool:
+    """Whether the runner's stream loop ends for good on `notice` (True), rather than at the
+    end of the stream (False)."""
+    pause = Pause(None, None, runner.config.state_dir, threading.Event(), lambda: True)
+    stream = iter([pb.CoordinatorMessage(abort=notice)])
+    backoff = Backoff(0.1, 1.0, random.random)
+    return runner._pump(stream, Recorder(), backoff, _RoundState(), pause)  # type: ignore[arg-type]
+
+
+def test_the_silo_ends_on_the_coordinators_finished_code(fed: Any, tmp_path: Path) -> None:
+    runner = make_runner(fed, tmp_path, ScoringTask(), keep=False)
+    finished = pb.ABORT_REASON_FEDERATION_FINISHED
+    assert _stops(runner, pb.AbortNotice(code=finished, detail="all rounds ran"))
+    assert not _stops(runner, pb.AbortNotice(code=pb.ABORT_REASON_COORDINATOR_STOPPING))
+    assert not _stops(runner, pb.AbortNotice(round_id=7, code=pb.ABORT_REASON_TIMEOUT))
+    # A newer coordinator's code this silo does not know is one more abort, not a crash.
+    assert not _stops(runner, pb.AbortNotice(round_id=7, code=999))  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from protos import federation_pb2 as pb
+from protos.names import abort_name
 from secagg.chunking import MAX_CHUNK_BYTES, chunk_count_for
 from secagg.config import RoundConfig, TensorSpec
 from secagg.messages import MAGIC, Kind
@@ -39,12 +40,13 @@ from tests.dishonest_coordinator import (
 
 pytestmark = pytest.mark.e2e
 
-# The reason codes of the refusals (secagg AbortReason names, or proto AbortNotice reasons).
-TRAIN_PARAMS_REJECTED = "TRAIN_PARAMS_REJECTED"
-LAYOUT_MISMATCH = "LAYOUT_MISMATCH"
-MODEL_TOO_LARGE = "MODEL_TOO_LARGE"
-ROUND_ID_JUMP = "ROUND_ID_JUMP"
-CONFIG_REJECTED = "CONFIG_REJECTED"
+# The names of the refusals' codes (`Received.refusal()`: of a secagg AbortNotice frame, or of
+# the AbortReason of a gRPC AbortNotice; the numbers are equal).
+TRAIN_PARAMS_REJECTED = abort_name(pb.ABORT_REASON_TRAIN_PARAMS_REJECTED)
+LAYOUT_MISMATCH = abort_name(pb.ABORT_REASON_LAYOUT_MISMATCH)
+MODEL_TOO_LARGE = abort_name(pb.ABORT_REASON_MODEL_TOO_LARGE)
+ROUND_ID_JUMP = abort_name(pb.ABORT_REASON_ROUND_ID_JUMP)
+CONFIG_REJECTED = abort_name(pb.ABORT_REASON_CONFIG_REJECTED)
 ANSWER_TIMEOUT_S = 8.0
 RSS_SLACK_BYTES = 64 * 1024 * 1024
 DECLARED_MODEL_BYTES = 10 * 1024**3
@@ -195,9 +197,11 @@ def test_training_stops_promptly_when_the_round_is_aborted(h: Harness, how: str)
     aborted_at = time.time()
     for n in REAL_SILOS:
         if how == "round_result":
-            h.server.round_result(h.silo_id(n), rid, "aborted", reason="HARNESS_ABORT")
+            h.server.round_result(
+                h.silo_id(n), rid, "aborted", reason="the harness aborts the round"
+            )
         else:
-            h.server.abort(h.silo_id(n), rid, "HARNESS_ABORT", "the harness aborts the round")
+            h.server.abort(h.silo_id(n), rid, pb.ABORT_REASON_TIMEOUT, "the harness aborts it")
     time.sleep(STOP_WITHIN_S + 1.0)
     late = {}
     for n in REAL_SILOS:

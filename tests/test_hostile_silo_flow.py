@@ -26,7 +26,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.runtime.hub import Hub, Outcome
+from coordinator.runtime.hub import Hub
+from coordinator.runtime.serve import Outcome
 from coordinator.storage.roundlog import RoundDetail, RoundLog
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
@@ -283,8 +284,8 @@ def test_a_member_that_never_reads_is_dropped_and_memory_stays_flat(
 
         def sample() -> None:
             while not stop.wait(0.05):
-                sr = run.hub.secure
-                samples.append((None if sr is None else sr.config.round_id, _rss_bytes()[0]))
+                rnd = run.hub.round
+                samples.append((None if rnd is None else rnd.round_id, _rss_bytes()[0]))
 
         with raw_members(run.fed, ["idle"], run.coordinator.port, reads=False) as (idle,):
             run.wait_connected(["idle"], 10)
@@ -388,12 +389,15 @@ def test_members_not_invited_cannot_take_the_upload_slots(
                     session = run.hub.sessions.get(member.silo_id)
                     if session is not None and session.upload_slot:
                         held.add(member.silo_id)
-                sr = run.hub.secure
-                if sr is not None and (sr.config.round_id, sr.phase_name) not in announced:
+                with run.hub.lock:
+                    st = None if run.hub.round is None else run.hub.round.status()
+                    # L = d + 1: the model's elements and the weight (secagg RoundConfig.length)
+                    length = 1 + sum(t.numel() for t in run.hub.global_state.values())
+                if st is not None and (st.round_id, st.phase) not in announced:
                     # Once per phase: early enough to be first in line for the slots.
-                    announced.add((sr.config.round_id, sr.phase_name))
+                    announced.add((st.round_id, st.phase))
                     for member in hostile:
-                        for message in _masked_announcement(sr.config.round_id, sr.config.length):
+                        for message in _masked_announcement(st.round_id, length):
                             member.send(message)
                 time.sleep(0.02)
             assert done.is_set(), run.procs.logs()

@@ -40,8 +40,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.config import load_coordinator_config
-from coordinator.runtime.hub import Hub, Outcome
+from coordinator.rounds.kind import Frame, SecAggPayload
+from coordinator.runtime.hub import Hub
 from coordinator.runtime.peer_input import MAX_METRICS, valid_metric_name
+from coordinator.runtime.serve import Outcome
 from coordinator.storage.roundlog import RoundLog
 from coordinator.transport.server import RunningServer, start_server
 from coordinator.transport.servicer import FederationServicer
@@ -546,8 +548,8 @@ def _garbage(round_id: int) -> list[pb.SiloMessage]:
         pb.SiloMessage(secagg=pb.SecAggFrame(round_id=round_id, payload=os.urandom(3 << 20))),
         pb.SiloMessage(secagg=pb.SecAggFrame(round_id=round_id, payload=b"")),
         pb.SiloMessage(secagg=pb.SecAggFrame(round_id=big, payload=b"SA1" + os.urandom(100))),
-        pb.SiloMessage(abort=pb.AbortNotice(round_id=round_id, reason=huge, detail=huge)),
-        pb.SiloMessage(abort=pb.AbortNotice(round_id=big, reason="", detail="")),
+        pb.SiloMessage(abort=pb.AbortNotice(round_id=round_id, code=2**31 - 1, detail=huge)),  # type: ignore[arg-type]
+        pb.SiloMessage(abort=pb.AbortNotice(round_id=big, code=-7, detail="")),  # type: ignore[arg-type]
         pb.SiloMessage(),  # no field of the oneof at all
     ]
 
@@ -577,14 +579,15 @@ def test_garbage_in_every_field_costs_only_x(
 ) -> None:
     with coordinator(tmp_path, monkeypatch) as live:
         hub = live.hub
-        real_on_secagg = hub._on_secagg
+        real_on_frame = hub.on_frame
 
-        def failing_on_secagg(session: Any, frame: pb.SecAggFrame) -> None:
-            if frame.payload == FAULT:  # stands in for a handler bug that a message triggers
+        def failing_on_frame(silo_id: str, frame: Frame) -> bool:
+            if isinstance(frame, SecAggPayload) and frame.payload == FAULT:
+                # Stands in for a handler bug that a message triggers.
                 raise RuntimeError("injected fault " + "q" * 1_000_000)
-            real_on_secagg(session, frame)
+            return real_on_frame(silo_id, frame)
 
-        monkeypatch.setattr(hub, "_on_secagg", failing_on_secagg)
+        monkeypatch.setattr(hub, "on_frame", failing_on_frame)
         attack = _begin(live)
         with raw_silo(live) as x:
             round_id = x.next_offer()

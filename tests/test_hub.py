@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from coordinator.rounds.stall import Diagnosis, Proceed
+from coordinator.runtime import driver as round_driver
 from coordinator.runtime.hub import Hub
 from coordinator.runtime.serve import Outcome
 from coordinator.transport.servicer import RefusalCode, Refused
 from protos import federation_pb2 as pb
+from protos.names import abort_name
 from tests.fakes import FakeClock
 from tests.hub_harness import (
     DRIVER_THREAD,
@@ -111,8 +113,8 @@ def test_a_secure_round_with_too_few_silos_for_its_threshold_is_recorded_as_abor
         rounds_extra={"max_consecutive_aborts": 2, "abort_backoff_initial_s": 3.0},
     )
     silos = h.connect("a", "b", "c")
-    # No offer goes out: run_one_round returns at once, on this thread.
-    h.hub.run_one_round(0)
+    # No offer goes out: the round returns at once, on this thread.
+    round_driver.run_one_round(h.hub, 0)
     detail = h.hub.roundlog.round_detail(1)
     assert detail.status.value == "aborted"
     assert detail.abort_reason is not None
@@ -127,7 +129,7 @@ def test_a_secure_round_with_too_few_silos_for_its_threshold_is_recorded_as_abor
         assert [r.status for r in s.results()] == [pb.ROUND_STATUS_ABORTED]
     assert h.hub.status().aborted_in_a_row == 1
     # The same cause again reaches max_consecutive_aborts: the stall verdict, in the log too.
-    h.hub.run_one_round(0)
+    round_driver.run_one_round(h.hub, 0)
     assert isinstance(h.hub.verdict, Diagnosis)
     assert "stalled" in h.hub.roundlog.round_detail(2).extra
 
@@ -155,7 +157,7 @@ def test_a_silo_that_misses_the_train_deadline_is_dropped_with_a_notice_and_a_ro
         (b.silo_id, "train", "TIMEOUT")
     ]
     b.drain()
-    assert [(n.round_id, n.reason) for n in b.aborts()] == [(round_id, "TIMEOUT")]
+    assert [(n.round_id, abort_name(n.code)) for n in b.aborts()] == [(round_id, "TIMEOUT")]
     assert detail.participants["finished"] == (a.silo_id,)
 
 
@@ -175,7 +177,7 @@ def test_a_round_whose_silos_all_miss_the_offer_deadline_is_aborted(tmp_path: Pa
     ]
     assert detail.extra["cause"] and detail.extra["aborted_in_a_row"] == 1
     a.drain()
-    assert [n.reason for n in a.aborts()] == ["TIMEOUT"]
+    assert [abort_name(n.code) for n in a.aborts()] == ["TIMEOUT"]
     assert [r.status for r in a.results()] == [pb.ROUND_STATUS_ABORTED]
     assert a.results()[0].abort_reason == detail.abort_reason
     assert h.hub.completed_rounds() == 0
@@ -188,7 +190,11 @@ def test_a_silo_that_aborts_is_dropped_and_its_refusal_kept_for_the_diagnosis(
     (a,) = h.connect("a")
     with h.round_thread() as driver:
         round_id = _offered(h, a)
-        a.send(abort=pb.AbortNotice(round_id=round_id, reason="DECLINED", detail="not today"))
+        a.send(
+            abort=pb.AbortNotice(
+                round_id=round_id, code=pb.ABORT_REASON_DECLINED, detail="not today"
+            )
+        )
         driver.finish()
     detail = h.hub.roundlog.round_detail(round_id)
     assert [(d.phase, d.reason) for d in detail.dropouts] == [("train", "INVALID")]
@@ -433,6 +439,69 @@ def test_a_stalled_masked_upload_frees_its_slot_after_upload_progress_s(tmp_path
     assert "upload stalled: no chunk for 20.0 s" in a.aborts()[-1].detail
 
 
+def test_a_secure_silo_that_disconnects_in_the_masked_phase_aborts_the_round(
+    tmp_path: Path,
+) -> None:
+    """Threshold 3 of 3: the round cannot finish without c; nothing is aggregated."""
+    h, (a, b, c) = _secure(tmp_path)
+    before = {k: v.clone() for k, v in h.hub.global_state.items()}
+    with h.round_thread() as driver:
+        round_id = _until_masked(h, [a, b, c])
+        status = h.hub.status()
+        assert (status.current_round, status.phase) == (round_id, "masked")
+        for s in (a, b):
+            s.masked_upload(1.0)
+            s.send_masked_header(round_id)
+            s.send_masked_chunks(round_id)
+        assert c.stream is not None
+        h.hub.on_disconnect(c.stream, "stream ended")
+        _until_over(h, [a, b], driver)
+    detail = h.hub.roundlog.round_detail(round_id)
+    assert detail.status.value == "aborted"
+    assert [(d.silo_id, d.phase, d.reason) for d in detail.dropouts] == [
+        (c.silo_id, "masked", "DISCONNECTED")
+    ]
+    assert detail.participants["U2"] == tuple(sorted(s.silo_id for s in (a, b, c)))
+    assert h.hub.completed_rounds() == 0 and h.hub.status().current_round == 0
+    for name, old in before.items():
+        assert torch.equal(h.hub.global_state[name], old)
+    a.drain()
+    assert [r.status for r in a.results()] == [pb.ROUND_STATUS_ABORTED]
+    assert a.results()[-1].abort_reason == detail.abort_reason
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "phase", "ended"),
+    [("plaintext-insecure", "train", ["offer"]), ("secagg", "advertise", ["advertise"])],
+)
+def test_a_coordinator_that_stops_mid_round_cancels_it_and_records_it_aborted(
+    tmp_path: Path, aggregation: str, phase: str, ended: list[str]
+) -> None:
+    secure = aggregation == "secagg"
+    h = make_harness(
+        tmp_path,
+        ("a", "b", "c"),
+        min_silos=3,
+        aggregation=aggregation,
+        secagg={"clip_l2": 10.0} if secure else None,
+    )
+    silos = h.connect("a", "b", "c")
+    with h.round_thread() as driver:
+        round_id = _offered(h, *silos)  # the models are read; no silo answers
+        _in_phase(h, phase)
+        assert h.hub.status().current_round == round_id
+        h.hub.stopping.set()
+        driver.finish()
+    detail = h.hub.roundlog.round_detail(round_id)
+    assert detail.status.value == "aborted" and detail.dropouts == ()
+    assert (detail.abort_reason or "").startswith("the coordinator is stopping")
+    assert [p.phase for p in detail.phases] == ended
+    assert h.hub.status().current_round == 0
+    for s in silos:
+        s.drain()
+        assert [r.status for r in s.results()] == [pb.ROUND_STATUS_ABORTED]
+
+
 # ---- the driver loop on the advancing fake clock (one thread, nothing sleeps) --------------------
 
 
@@ -527,7 +596,7 @@ def test_the_final_evaluation_records_answers_refusals_and_silence(tmp_path: Pat
         asked = _offered(h, a, b, c)
         assert asked == round_id and a.offers()[-1].aggregation == pb.AGGREGATION_EVALUATE
         a.send(train_report=pb.TrainReport(round_id=round_id, metrics={"eval_score": 0.75}))
-        b.send(abort=pb.AbortNotice(round_id=round_id, reason="NOT_THE_FINAL_MODEL"))
+        b.send(abort=pb.AbortNotice(round_id=round_id, code=pb.ABORT_REASON_NOT_THE_FINAL_MODEL))
         h.ticks()
         assert evaluation.is_alive()  # c has not answered, the deadline has not passed
         h.clock.advance(90.0)

@@ -191,7 +191,7 @@ def test_reports_aborts_and_blobs_but_not_hello_or_heartbeat(tmp_path: Path) -> 
         update_sha256=b"\7" * 32,
     )
     metrics_only = pb.TrainReport(round_id=4, metrics={"eval_loss": 1.0})
-    notice = pb.AbortNotice(round_id=4, reason="DECLINED", detail="no plaintext here")
+    notice = pb.AbortNotice(round_id=4, code=pb.ABORT_REASON_DECLINED, detail="no plaintext here")
     update = bytes(range(256)) * 10_000  # 2.5 MB: three chunks of at most 1 MiB
     ledger.on_sent(pb.SiloMessage(hello=pb.Hello(silo_id="spiffe://x/silo/a")))
     ledger.on_sent(pb.SiloMessage(train_report=report))

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.runtime import driver
 from coordinator.runtime.hub import Hub
 from protos import federation_pb2 as pb
 from secagg.messages import SignedEnvelope, UnmaskShares, decode_as, decode_message
@@ -136,8 +137,8 @@ def test_ledgers_list_exactly_what_the_coordinator_received(tmp_path: Path) -> N
 
     def drive(hub: Hub) -> None:
         if hub.wait_for_silos(len(NAMES), 60):
-            hub.run_one_round(0)  # d cut from U3
-            hub.run_one_round(hub.completed_rounds())  # aborted
+            driver.run_one_round(hub, 0)  # d cut from U3
+            driver.run_one_round(hub, hub.completed_rounds())  # aborted
 
     states = {n: fed.silos[n].dir / "state" for n in NAMES}
     configs: dict[str, Path] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from coordinator.runtime.peer_input import (
 )
 from coordinator.storage.roundlog import _metrics_json
 from protos import federation_pb2 as pb
+from protos.names import abort_name
 
 
 def test_valid_metrics_pass_unchanged() -> None:
@@ -94,10 +96,10 @@ def test_clip_text_bounds_and_flattens() -> None:
 
 
 def test_clean_abort_and_hello_are_bounded() -> None:
-    notice = clean_abort(pb.AbortNotice(round_id=3, reason="R\n" * 1_000_000, detail="d" * 10**6))
-    assert notice.round_id == 3
-    assert len(notice.reason) < 100 and "\n" not in notice.reason
-    assert len(notice.detail) < 600
+    sent = pb.AbortNotice(round_id=3, code=pb.ABORT_REASON_DECLINED, detail="d\n" * 10**6)
+    notice = clean_abort(sent)
+    assert notice.round_id == 3 and notice.code == pb.ABORT_REASON_DECLINED
+    assert len(notice.detail) < 600 and "\n" not in notice.detail
     hello = clean_hello(
         pb.Hello(silo_id="s" * 10**6, agent_version="v" * 10**6, roster_digest=b"\0" * 33)
     )
@@ -105,6 +107,14 @@ def test_clean_abort_and_hello_are_bounded() -> None:
     assert hello.roster_digest == b""
     ok = pb.Hello(silo_id="spiffe://f/silo/a", agent_version="1.0", roster_digest=b"\1" * 32)
     assert clean_hello(ok) == ok
+
+
+@pytest.mark.parametrize("code", [113, 2**31 - 1, -1, 99])
+def test_clean_abort_keeps_an_unknown_code_and_names_it(code: int) -> None:
+    """A newer silo's code (or any number a peer sends) is kept, logged as UNKNOWN(n)."""
+    notice = clean_abort(pb.AbortNotice(round_id=2, code=code))  # type: ignore[arg-type]
+    assert notice.code == code and abort_name(notice.code) == f"UNKNOWN({code})"
+    assert pb.AbortNotice.FromString(notice.SerializeToString()).code == code
 
 
 def test_finite_mean() -> None:

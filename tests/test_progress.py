@@ -12,6 +12,7 @@ import os
 import pty
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,12 +28,13 @@ from examples.hospital.task import TASK
 from protos import federation_pb2 as pb
 from silo_agent.observability.progress import TrainingProgress
 from silofed import logs
+from tests import launcher
 from tests.federation_helpers import (
     RECORDING_SPEC,
     REPO,
     child_env,
+    free_port,
     provision,
-    wait_for_port,
     write_coordinator_config,
     write_silo_config,
 )
@@ -170,31 +172,47 @@ def test_hospital_task_reports_batches_without_changing_training() -> None:
 # ---- end to end on a pseudo terminal ---------------------------------------------------------
 
 
-class PtyProcess:
-    """A child whose stdout and stderr are a pseudo terminal; its output is read on a thread."""
+class OutputProcess:
+    """A child whose stdout and stderr are one pseudo terminal (`tty`) or one pipe (a FIFO under
+    `tmp`); its output is read on a thread. Forked from the tests' warm launcher (it does not
+    import torch again), which opens that terminal or pipe by path as the child's fd 1 and 2."""
 
-    def __init__(self, args: list[str]) -> None:
-        master, slave = pty.openpty()
+    def __init__(self, args: list[str], *, tty: bool, tmp: Path, name: str) -> None:
         env = child_env({"TERM": "xterm-256color", "COLUMNS": "160"})
-        self.popen = subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-            stdout=slave, stderr=slave, start_new_session=True,
-        )  # fmt: skip
-        os.close(slave)
-        self._master = master
         self._chunks: list[bytes] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._keep: int | None = None  # our copy of the terminal's child end, closed in stop()
+        if tty:
+            master, self._keep = pty.openpty()
+            path = Path(os.ttyname(self._keep))
+            self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
+        else:
+            path = tmp / f"{name}.fifo"
+            os.mkfifo(path)
+            self._reader = threading.Thread(target=self._read_fifo, args=(path,), daemon=True)
         self._reader.start()
+        self.popen: subprocess.Popen[bytes] | launcher.LaunchedProcess
+        if launcher.enabled():
+            status_dir = Path(tempfile.gettempdir()) / f"silofed-launcher-{os.getpid()}"
+            self.popen = launcher.launch(args, env, REPO, path, status_dir)
+        else:
+            with path.open("wb", buffering=0) as out:
+                self.popen = subprocess.Popen(
+                    [sys.executable, *args], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=out, start_new_session=True,
+                )  # fmt: skip
 
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self._master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            self._chunks.append(data)
+    def _read(self, fd: int) -> None:
+        try:
+            while data := os.read(fd, 65536):
+                self._chunks.append(data)
+        except OSError:  # EIO: no process holds the terminal's child end any more
+            pass
+        finally:
+            os.close(fd)
+
+    def _read_fifo(self, path: Path) -> None:
+        with path.open("rb", buffering=0) as fifo:  # returns once the child has opened it
+            self._read(os.dup(fifo.fileno()))
 
     def output(self) -> str:
         return b"".join(self._chunks).decode(errors="replace")
@@ -204,8 +222,16 @@ class PtyProcess:
         while time.monotonic() < deadline:
             if text in self.output():
                 return
-            time.sleep(0.1)
-        raise AssertionError(f"{text!r} not shown in {timeout_s} s:\n{self.output()[-3000:]}")
+            if self.popen.poll() is not None:
+                self._reader.join(timeout=5)
+                if text in self.output():
+                    return
+                break
+            time.sleep(0.05)
+        raise AssertionError(
+            f"{text!r} not shown in {timeout_s} s (exit {self.popen.poll()}):\n"
+            + self.output()[-3000:]
+        )
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -215,29 +241,33 @@ class PtyProcess:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout=10)
+        if self._keep is not None:
+            os.close(self._keep)
+            self._keep = None
         self._reader.join(timeout=5)
-        os.close(self._master)
 
 
 @pytest.mark.e2e
 def test_serve_and_run_draw_progress_on_a_terminal(tmp_path: Path) -> None:
     fed = provision(tmp_path / "fed", "ptyfed", ["a"])
-    state = tmp_path / "coord"
+    port = free_port()  # known before the coordinator binds: the silo starts alongside it
     cfg = write_coordinator_config(
-        tmp_path / "coord.toml", fed, state_dir=state, task_spec="examples.hospital.task:TASK",
-        rounds=3, min_silos=1, train={"epochs": 40, "batch_size": 8},
+        tmp_path / "coord.toml", fed, state_dir=tmp_path / "coord",
+        task_spec="examples.hospital.task:TASK", rounds=3, min_silos=1,
+        train={"epochs": 40, "batch_size": 8}, listen=f"127.0.0.1:{port}",
     )  # fmt: skip
-    started: list[PtyProcess] = []
+    toml = write_silo_config(
+        tmp_path / "a.toml", fed.silos["a"], port=port,
+        task_spec="examples.hospital.task:TASK", options={"silo_index": 0},
+    )  # fmt: skip
+    started: list[OutputProcess] = []
     try:
-        coordinator = PtyProcess(["-m", "coordinator", "serve", "--config", str(cfg)])
-        started.append(coordinator)
-        port = wait_for_port(state, _AsProc(coordinator))
-        toml = write_silo_config(
-            tmp_path / "a.toml", fed.silos["a"], port=port,
-            task_spec="examples.hospital.task:TASK", options={"silo_index": 0},
-        )  # fmt: skip
-        silo = PtyProcess(["-m", "silo_agent", "run", "--config", str(toml)])
-        started.append(silo)
+        for name, args in (
+            ("coordinator", ["-m", "coordinator", "serve", "--config", str(cfg)]),
+            ("silo", ["-m", "silo_agent", "run", "--config", str(toml)]),
+        ):
+            started.append(OutputProcess(args, tty=True, tmp=tmp_path, name=name))
+        coordinator, silo = started
         coordinator.wait_for("(0/3 completed) · phase", 60)
         silo.wait_for("local training", 60)
         assert coordinator.popen.wait(timeout=120) == 0, coordinator.output()[-3000:]
@@ -247,36 +277,48 @@ def test_serve_and_run_draw_progress_on_a_terminal(tmp_path: Path) -> None:
             proc.stop()
 
 
-class _AsProc:
-    """Enough of federation_helpers.Proc for wait_for_port."""
-
-    def __init__(self, proc: PtyProcess) -> None:
-        self.popen = proc.popen
-
-    def log(self) -> str:
-        return ""
-
-
 @pytest.mark.e2e
 def test_no_progress_when_piped_or_json(tmp_path: Path) -> None:
     fed = provision(tmp_path / "fed", "pipefed", ["a"])
-    state = tmp_path / "coord"
-    cfg = write_coordinator_config(
-        tmp_path / "coord.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=1,
-        min_silos=1, start_timeout_s=1.5,  # three polls of the live line (POLL_S) if it were on
-    )  # fmt: skip
-    piped = subprocess.run(
-        [sys.executable, "-m", "coordinator", "serve", "--config", str(cfg)],
-        cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert piped.returncode == 1  # gave up waiting for silos
-    assert "idle (" not in piped.stderr and "\x1b[" not in piped.stderr, piped.stderr
-    (state / "coordinator.port").unlink()
-    on_tty = PtyProcess(
-        ["-m", "coordinator", "serve", "--config", str(cfg), "--log-format", "json"]
-    )
+    configs = [
+        write_coordinator_config(
+            tmp_path / f"{name}.toml",
+            fed,
+            state_dir=tmp_path / name,
+            task_spec=RECORDING_SPEC,
+            rounds=1,
+            min_silos=1,
+            start_timeout_s=1.5,  # three polls of the live line (POLL_S) if it were on
+        )  # fmt: skip
+        for name in ("piped", "tty")
+    ]
+    # Side by side, each on its own state directory: serve with its output on a pipe, and serve
+    # on a terminal asked for JSON logs. Both give up waiting for silos.
+    started: list[OutputProcess] = []
     try:
-        assert on_tty.popen.wait(timeout=60) == 1
+        started.append(
+            OutputProcess(
+                ["-m", "coordinator", "serve", "--config", str(configs[0])],
+                tty=False,
+                tmp=tmp_path,
+                name="piped",
+            )  # fmt: skip
+        )
+        started.append(
+            OutputProcess(
+                ["-m", "coordinator", "serve", "--config", str(configs[1]), "--log-format", "json"],
+                tty=True,
+                tmp=tmp_path,
+                name="tty",
+            )  # fmt: skip
+        )
+        piped, on_tty = started
+        assert piped.popen.wait(timeout=60) == 1, piped.output()  # gave up waiting for silos
+        assert on_tty.popen.wait(timeout=60) == 1, on_tty.output()
     finally:
-        on_tty.stop()
+        for proc in reversed(started):
+            proc.stop()
+    # What was read is the processes' output (the check below is not about an empty capture).
+    assert "listening on" in piped.output() and "listening on" in on_tty.output()
+    assert "idle (" not in piped.output() and "\x1b[" not in piped.output(), piped.output()
     assert "idle (" not in on_tty.output() and "\x1b[" not in on_tty.output()

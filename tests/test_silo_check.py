@@ -2,22 +2,24 @@
 
 A ready silo gets one OK line per check and exit 0; an expired certificate, a stopped
 coordinator and a bad task spec each get a FAIL line naming what to fix and a non-zero exit.
+
+Each `check` is its own process (forked from the tests' warm launcher, so it does not pay for
+importing torch again); its stdout and stderr go to one log, so a check's output is asserted
+with nothing else mixed in.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.federation_helpers import (
     RECORDING_SPEC,
-    REPO,
-    child_env,
+    Processes,
     issue_silo_cert,
     processes,
     provision,
@@ -30,18 +32,22 @@ pytestmark = pytest.mark.e2e
 CHECKS = ["config", "certificate", "roster pin", "coordinator", "task", "data"]
 
 
-def check(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "silo_agent", "check", "--config", str(config), *extra],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@dataclass(frozen=True)
+class Checked:
+    returncode: int
+    stdout: str  # stdout and stderr, in the order written
 
 
-def verdicts(done: subprocess.CompletedProcess[str]) -> dict[str, tuple[bool, str]]:
+def checks(procs: Processes, runs: dict[str, list[str]]) -> dict[str, Checked]:
+    """`python -m silo_agent check <args>` for each run (name: args), all started at once, each
+    waited for to its end (120 s at most)."""
+    started = {
+        name: procs.start(name, ["-m", "silo_agent", "check", *a]) for name, a in runs.items()
+    }
+    return {name: Checked(p.wait(timeout_s=120), p.log()) for name, p in started.items()}
+
+
+def verdicts(done: Checked) -> dict[str, tuple[bool, str]]:
     doc = json.loads(done.stdout)
     return {c["check"]: (c["ok"], c["detail"]) for c in doc["checks"]}
 
@@ -67,16 +73,28 @@ def test_check_against_a_running_coordinator(tmp_path: Path) -> None:
             tmp_path / "a.toml", fed.silos["a"], port=port, task_spec=RECORDING_SPEC,
             options=options,
         )  # fmt: skip
-        done = check(good)
-        assert done.returncode == 0, done.stdout + done.stderr
+        old = write_silo_config(
+            tmp_path / "old.toml", expired, port=port, task_spec=RECORDING_SPEC, options=options
+        )
+        no_task = write_silo_config(
+            tmp_path / "nt.toml", fed.silos["a"], port=port, task_spec="no_such_module:TASK"
+        )
+        # Three independent silos' checks against the same running coordinator, side by side.
+        ran = checks(
+            procs,
+            {
+                "check-good": ["--config", str(good)],
+                "check-expired": ["--config", str(old), "--json"],
+                "check-no-task": ["--config", str(no_task), "--json"],
+            },
+        )
+        done = ran["check-good"]
+        assert done.returncode == 0, done.stdout
         lines = done.stdout.splitlines()
         assert [line.split()[0] for line in lines] == ["OK"] * len(CHECKS), done.stdout
         assert "spiffe://checkfed/silo/a" in done.stdout and "days)" in done.stdout
 
-        old = write_silo_config(
-            tmp_path / "old.toml", expired, port=port, task_spec=RECORDING_SPEC, options=options
-        )
-        bad = check(old, "--json")
+        bad = ran["check-expired"]
         assert bad.returncode == 1
         got = verdicts(bad)
         assert list(got) == CHECKS
@@ -84,10 +102,7 @@ def test_check_against_a_running_coordinator(tmp_path: Path) -> None:
         assert "re-enroll" in got["certificate"][1]
         assert got["task"][0] and got["data"][0]
 
-        no_task = write_silo_config(
-            tmp_path / "nt.toml", fed.silos["a"], port=port, task_spec="no_such_module:TASK"
-        )
-        bad = check(no_task, "--json")
+        bad = ran["check-no-task"]
         assert bad.returncode == 1
         got = verdicts(bad)
         assert got["coordinator"][0] and got["certificate"][0]
@@ -95,7 +110,9 @@ def test_check_against_a_running_coordinator(tmp_path: Path) -> None:
         assert not got["data"][0]
 
         procs.stop(coordinator)
-        down = check(good, "--timeout", "2")
+        down = checks(procs, {"check-down": ["--config", str(good), "--timeout", "2"]})[
+            "check-down"
+        ]
         assert down.returncode == 1
         line = next(x for x in down.stdout.splitlines() if "coordinator" in x)
         assert line.startswith("FAIL") and "is the coordinator running" in line
@@ -104,6 +121,7 @@ def test_check_against_a_running_coordinator(tmp_path: Path) -> None:
 def test_check_names_a_broken_config(tmp_path: Path) -> None:
     broken = tmp_path / "silo.toml"
     broken.write_text("[silo]\nname = 'a'\n")
-    done = check(broken)
+    with processes(tmp_path / "logs") as procs:
+        done = checks(procs, {"check-broken": ["--config", str(broken)]})["check-broken"]
     assert done.returncode == 1
     assert done.stdout.startswith("FAIL config") and "[coordinator]" in done.stdout

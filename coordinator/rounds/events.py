@@ -4,13 +4,14 @@ Rule: plain values, no behaviour. A round kind (coordinator.rounds.kind) answers
 with one `Step`: the protocol frames it produced for silos (the hub wraps each in a
 `SecAggFrame` of the round), the round-log events (`coordinator.rounds.phases`: dropouts and
 phase ends, in order), and what it did not take (`Ignored`: a stray or late message, logged
-rate-limited by `cause`, never a dropout).
+rate-limited by `cause`, never a dropout). `PrivacyRecord` is what a completed private round
+hands over for the round log (storage reads it back as the same type).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from coordinator.rounds.phases import Event
 
@@ -24,8 +25,14 @@ class Ignored:
 
     silo_id: str
     cause: str  # a short stable key ("stray report"): the hub rate-limits its log per cause
-    detail: str  # the log line
+    template: str  # the log line's %-template (log records keep it: operators grep for it)
+    args: tuple[object, ...] = ()
     warning: bool = False  # a silo doing something it must not (else a late message: info)
+
+    @property
+    def detail(self) -> str:
+        """The log line."""
+        return self.template % self.args
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,19 @@ class Step:
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
-def ignoring(silo_id: str, cause: str, detail: str, *, warning: bool = False) -> Step:
-    """The Step of a message the round did not take."""
-    return Step(ignored=(Ignored(silo_id, cause, detail, warning),))
+def ignoring(silo_id: str, cause: str, template: str, *args: object, warning: bool = False) -> Step:
+    """The Step of a message the round did not take, logged as `template % args`."""
+    return Step(ignored=(Ignored(silo_id, cause, template, args, warning),))
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyRecord:
+    """Differential-privacy figures of a round: the noise added and the privacy spent so far
+    (the round log's `privacy` row)."""
+
+    mechanism: str
+    noise_multiplier: float
+    clip_norm: float
+    epsilon: float
+    delta: float
+    details: Mapping[str, object] = field(default_factory=dict)

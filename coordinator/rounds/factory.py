@@ -50,41 +50,22 @@ def build_round(
     """Round `round_id` of the configured aggregation over `invited`, offering the model of
     `model_bytes` bytes with digest `model_sha256`. `dp_rounds_before`: the private rounds the
     round log holds (the privacy accounting composes them)."""
-    if config.rounds.aggregation == SECAGG:
-        try:
-            return _secure(config, trust, global_state, round_id, invited, model_sha256, now,
-                           dp_rounds_before)  # fmt: skip
-        except SecureRoundError as exc:
-            return CannotStart(f"{CANNOT_CONFIGURE}: {exc}")
-    deadlines = config.deadlines
-    return PlaintextRound(
-        round_id,
-        make_aggregation(config.rounds.aggregation, config.plaintext),
-        global_state,
-        deadlines_s={k: float(v) for k, v in dataclasses.asdict(deadlines).items()},
-        min_silos=config.rounds.min_silos,
-        model_bytes=model_bytes,
-        offer_config=json.dumps({"aggregation": config.rounds.aggregation}).encode(),
-        train_params_json=canonical_train_params(config.train).decode(),
-    )
-
-
-def _secure(
-    config: CoordinatorConfig,
-    trust: Trust,
-    global_state: Mapping[str, torch.Tensor],
-    round_id: RoundId,
-    invited: Sequence[str],
-    model_sha256: bytes,
-    now: float,
-    dp_rounds_before: int,
-) -> SecureKind:
-    """Raises SecureRoundError when the round cannot be configured."""
-    settings = config.secagg
-    if settings is None:  # the config loader requires [secagg] for secagg
-        raise SecureRoundError("[secagg] is missing from the configuration")
     d = config.deadlines
+    if config.rounds.aggregation != SECAGG:
+        return PlaintextRound(
+            round_id,
+            make_aggregation(config.rounds.aggregation, config.plaintext),
+            global_state,
+            deadlines_s={k: float(v) for k, v in dataclasses.asdict(d).items()},
+            min_silos=config.rounds.min_silos,
+            model_bytes=model_bytes,
+            offer_config=json.dumps({"aggregation": config.rounds.aggregation}).encode(),
+            train_params_json=canonical_train_params(config.train).decode(),
+        )
+    settings = config.secagg
     try:
+        if settings is None:  # the config loader requires [secagg] for secagg
+            raise SecureRoundError("[secagg] is missing from the configuration")
         round_config = build_round_config(
             settings,
             federation_id=config.federation_id,
@@ -107,8 +88,8 @@ def _secure(
             train_params=canonical_train_params(config.train),
             roster_size=len(trust.roster.entries),
         )
-    except ConfigError as exc:  # RoundConfig's own checks
-        raise SecureRoundError(str(exc)) from exc
+    except (SecureRoundError, ConfigError) as exc:  # ConfigError: RoundConfig's own checks
+        return CannotStart(f"{CANNOT_CONFIGURE}: {exc}")
     return SecureKind(
         round_config,
         trust,

@@ -36,12 +36,8 @@ class AggregationError(ValueError):
     """A contribution cannot be aggregated (wrong tensors, bad weight); str() says why."""
 
 
-@dataclass(frozen=True, slots=True)
-class PhaseSpec:
-    """One phase of a round after the model is offered: its name and its `[deadlines]` key."""
-
-    name: str
-    deadline_key: str
+# One phase of a round after the model is offered: its name and its `[deadlines]` key.
+PhaseSpec = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +70,7 @@ class PlaintextFedAvg:
     """
 
     name = PLAINTEXT
-    phases: Sequence[PhaseSpec] = (PhaseSpec("train", "train_s"),)
+    phases: Sequence[PhaseSpec] = (("train", "train_s"),)
 
     def __init__(self, limits: PlaintextLimits | None = None) -> None:
         self._limits = limits or PlaintextLimits()

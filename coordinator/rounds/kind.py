@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from coordinator.rounds.events import Step
+from coordinator.rounds.events import PrivacyRecord, Step, ignoring
 from coordinator.rounds.phases import DropReason, RoundId
 
 # ---- what arrives on a silo's stream ----------------------------------------------------------
@@ -59,7 +59,8 @@ Frame = SecAggPayload | ModelDelivered | Reported
 
 @dataclass(frozen=True, slots=True)
 class PlaintextUpdate:
-    """A complete plaintext update blob (safetensors bytes) and the digest it arrived with."""
+    """A complete plaintext update blob (safetensors bytes) and the digest it arrived with: the
+    transport hashed it as it arrived; the round compares it with the report's."""
 
     round_id: int
     data: bytes
@@ -78,6 +79,24 @@ class MaskedVector:
 
 
 Upload = PlaintextUpdate | MaskedVector
+
+
+def stray(silo_id: str, item: Frame | Upload, why: str = "no secure round is running") -> Step:
+    """The Step of a message no round takes now: another round's, a phase's the silo is not
+    in, or any while no round runs (`why`: what a refused masked vector is told)."""
+    rid = item.round_id
+    if isinstance(item, SecAggPayload):
+        template = "ignoring a secagg frame from %s for round %d"
+        return ignoring(silo_id, "stray secagg frame", template, silo_id, rid)
+    if isinstance(item, Reported):
+        template = "ignoring late or stray report from %s for round %d"
+        return ignoring(silo_id, "stray report", template, silo_id, rid)
+    if isinstance(item, PlaintextUpdate):
+        return ignoring(silo_id, "stray blob", "ignoring blob from %s for round %d", silo_id, rid)
+    if isinstance(item, MaskedVector):
+        template = "refused a masked vector from %s for round %d: %s"
+        return ignoring(silo_id, "masked vector refused", template, silo_id, rid, why, warning=True)
+    return Step()  # a delivery marker: nothing to say
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +124,11 @@ class UploadSpec:
     length: int | None = None
     sha256: bytes | None = None
 
+    @property
+    def buffered(self) -> bool:
+        """A vector reassembled into one of the hub's reused buffers (it holds an upload slot)."""
+        return self.exact_bytes is not None and self.length is not None
+
 
 @dataclass(frozen=True, slots=True)
 class RoundStatus:
@@ -115,18 +139,6 @@ class RoundStatus:
     over: bool  # completed or aborted: `outcome()` says which
     waiting_for: frozenset[str]  # the silos the phase still waits for
     uploads: Mapping[str, UploadSpec]  # silo -> what it may upload now (absent: nothing)
-
-
-@dataclass(frozen=True, slots=True)
-class PrivacyRecord:
-    """The differential-privacy figures of a completed round (round log `privacy` row)."""
-
-    mechanism: str
-    noise_multiplier: float
-    clip_norm: float
-    epsilon: float
-    delta: float
-    details: Mapping[str, float | int]
 
 
 @dataclass(frozen=True, slots=True)

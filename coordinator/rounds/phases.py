@@ -59,10 +59,14 @@ class Dropped:
 
 @dataclass(frozen=True, slots=True)
 class PhaseEnded:
+    """`participant_set`: the round-log name of the set `survivors` is (secagg's U1..U5), ""
+    for a phase whose survivors the log does not keep as a set."""
+
     phase: str
     started_at: float
     ended_at: float
     survivors: tuple[str, ...]
+    participant_set: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from coordinator.rounds.events import Ignored, Step, ignoring
+from coordinator.rounds.events import Step
 from coordinator.rounds.fedavg import AggregationError, AggregationProtocol
 from coordinator.rounds.kind import (
     Aborted,
@@ -31,6 +31,7 @@ from coordinator.rounds.kind import (
     SecAggPayload,
     Upload,
     UploadSpec,
+    stray,
 )
 from coordinator.rounds.phases import (
     OFFER_PHASE,
@@ -68,7 +69,7 @@ class PlaintextRound:
         train_params_json: str,
     ) -> None:
         phases = [Phase(OFFER_PHASE, deadlines_s["offer_s"])] + [
-            Phase(p.name, float(deadlines_s[p.deadline_key])) for p in aggregation.phases
+            Phase(name, float(deadlines_s[key])) for name, key in aggregation.phases
         ]
         self.round_id = round_id
         self.aggregation = aggregation.name
@@ -76,7 +77,7 @@ class PlaintextRound:
         self.train_params_json = train_params_json
         self.machine = RoundMachine(round_id, phases, min_silos)
         self._protocol = aggregation
-        self._train = aggregation.phases[0].name  # the phase of the report and the update
+        self._train = aggregation.phases[0][0]  # the phase of the report and the update
         self._max_update_bytes = 2 * model_bytes + UPDATE_OVERHEAD
         self._reports: dict[str, Reported] = {}
         self._metrics: dict[str, dict[str, float]] = {}
@@ -94,32 +95,25 @@ class PlaintextRound:
         if isinstance(frame, ModelDelivered):
             return Step(events=m.done(silo_id, frame.round_id, OFFER_PHASE, now)[1])
         if isinstance(frame, SecAggPayload):
-            why = f"ignoring a secagg frame from {silo_id} for round {frame.round_id}"
-            return ignoring(silo_id, "stray secagg frame", why)
+            return stray(silo_id, frame)
         events: list[Event] = []
         if m.expects(silo_id, frame.round_id, OFFER_PHASE):
             # A report proves the model arrived, even before the stream's delivery marker.
             events += m.done(silo_id, frame.round_id, OFFER_PHASE, now)[1]
         if not m.expects(silo_id, frame.round_id, self._train):
-            why = f"ignoring late or stray report from {silo_id} for round {frame.round_id}"
-            return Step(events=events, ignored=(Ignored(silo_id, "stray report", why),))
+            return Step(events=events, ignored=stray(silo_id, frame).ignored)
         self._reports[silo_id] = frame  # a second report replaces the first
         return Step(events=events)
 
     def upload(self, silo_id: str, upload: Upload, now: float) -> Step:
         if isinstance(upload, MaskedVector):
-            why = (
-                f"refused a masked vector from {silo_id} for round {upload.round_id}: "
-                "no secure round is running"
-            )
-            return ignoring(silo_id, "masked vector refused", why, warning=True)
+            return stray(silo_id, upload)
         return self._update(silo_id, upload, now)
 
     def _update(self, silo_id: str, upload: PlaintextUpdate, now: float) -> Step:
         report = self._reports.get(silo_id)
         if report is None or not self.machine.expects(silo_id, upload.round_id, self._train):
-            why = f"ignoring blob from {silo_id} for round {upload.round_id}"
-            return ignoring(silo_id, "stray blob", why)
+            return stray(silo_id, upload)
         if upload.sha256 != report.update_sha256:
             return self._failed(silo_id, "update blob does not match its train report", now)
         if len(upload.data) > self._max_update_bytes:

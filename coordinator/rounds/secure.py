@@ -8,11 +8,11 @@ participant set (U1..U5) and timings, and each silo that dropped out, with the p
 Each phase has its own deadline (`[deadlines]`): `offer_s` covers the model download and the key
 advertisement, `train_s` the local training and the masked upload.
 
-`SecureRound` is the protocol with its deadlines (the hub's driver API until the hub drives
-`RoundKind`s); `SecureKind` is the same round behind `RoundKind`: it keeps the metrics of the
-invited silos' reports and the reason codes of the silos that refused the round, says who may
-upload a masked vector (`status().uploads`: the masked phase waits for it, exactly the ring
-vector's size), and builds the outcome: the decoded aggregate ḡ is applied only if clipped
+`SecureRound` is the protocol with its deadlines; `SecureKind` is that round behind
+`RoundKind` (what the hub drives): it keeps the metrics of the invited silos' reports and the
+reason codes of the silos that refused the round, says who may upload a masked vector
+(`status().uploads`: the masked phase waits for it, exactly the ring vector's size), and builds
+the outcome: the decoded aggregate ḡ is applied only if clipped
 inputs can produce it and the new model is finite (else the round is aborted and the model
 kept); an abort caused by an out-of-range weight names the silos it proves sent one.
 """
@@ -26,8 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from coordinator.rounds.events import Step as Step  # the hub imports it from here until 2f
-from coordinator.rounds.events import ignoring
+from coordinator.rounds.events import PrivacyRecord, Step
 from coordinator.rounds.kind import (
     Aborted,
     Completed,
@@ -36,11 +35,11 @@ from coordinator.rounds.kind import (
     ModelDelivered,
     Outcome,
     PlaintextUpdate,
-    PrivacyRecord,
     Reported,
     RoundStatus,
     Upload,
     UploadSpec,
+    stray,
 )
 from coordinator.rounds.phases import Dropped, DropReason, Event, PhaseEnded, RoundId
 from coordinator.rounds.secure_config import (
@@ -154,13 +153,6 @@ class SecureRound:
         self._note_rejections(before)
         return self._step(sends, now)
 
-    def lost(self, silo_id: str, now: float, why: str = "stream closed") -> Step:
-        return self.drop(silo_id, DropReason.DISCONNECTED, why, now)
-
-    def failed(self, silo_id: str, now: float, why: str) -> Step:
-        """The hub refused what `silo_id` sent (outside the protocol's own checks)."""
-        return self.drop(silo_id, DropReason.INVALID, why, now)
-
     def drop(self, silo_id: str, reason: DropReason, why: str, now: float) -> Step:
         """`silo_id` will not answer again this round, for `reason`."""
         self._why.setdefault(silo_id, (reason, why))
@@ -180,7 +172,8 @@ class SecureRound:
             return Step()
         # The CoordinatorRound is dropped with this object: its accumulator and shares go too.
         self._aborted_in, self._cancelled = self.phase_name, why
-        events: list[Event] = [PhaseEnded(self.phase_name, self.phase_started_at, now, ())]
+        u = PARTICIPANT_SET_OF.get(self.phase, "")
+        events: list[Event] = [PhaseEnded(self.phase_name, self.phase_started_at, now, (), u)]
         self.phase = Phase.ABORTED
         return Step([], events)
 
@@ -206,8 +199,9 @@ class SecureRound:
             ended = self.phase
             if self.round.phase is Phase.ABORTED:
                 self._aborted_in = ended.value
-            survivors = self.round.participants.get(PARTICIPANT_SET_OF.get(ended, ""), ())
-            events.append(PhaseEnded(ended.value, self.phase_started_at, now, tuple(survivors)))
+            u = PARTICIPANT_SET_OF.get(ended, "")
+            survivors = tuple(self.round.participants.get(u, ()))
+            events.append(PhaseEnded(ended.value, self.phase_started_at, now, survivors, u))
             self.phase = self.round.phase
             self.phase_started_at = now
         return Step(sends, events)
@@ -259,8 +253,7 @@ class SecureKind:
                 self._metrics[silo_id] = dict(frame.metrics)
             return Step()
         if frame.round_id != self.round_id:
-            why = f"ignoring a secagg frame from {silo_id} for round {frame.round_id}"
-            return ignoring(silo_id, "stray secagg frame", why)
+            return stray(silo_id, frame)
         if self.driver.over:
             return Step()
         try:
@@ -272,14 +265,9 @@ class SecureKind:
         return self.driver.handle(silo_id, frame.payload, now)
 
     def upload(self, silo_id: str, upload: Upload, now: float) -> Step:
-        if isinstance(upload, PlaintextUpdate):
-            return ignoring(
-                silo_id, "stray blob", f"ignoring blob from {silo_id} for round {upload.round_id}"
-            )
         refusal = self._upload_refusal(silo_id)
-        if refusal is not None:
-            why = f"refused a masked vector from {silo_id} for round {upload.round_id}: {refusal}"
-            return ignoring(silo_id, "masked vector refused", why, warning=True)
+        if isinstance(upload, PlaintextUpdate) or refusal is not None:
+            return stray(silo_id, upload, refusal or "")
         if not upload.header:
             return self._failed(silo_id, "masked vector header without its protocol_header", now)
         if upload.round_id != self.round_id:
@@ -373,10 +361,14 @@ class SecureKind:
                 },
             )
         weight_sum = result.weight_sum / cfg.weight_scale * cfg.weight_max
-        return Completed(new_state, weight_sum, survivors, metrics, privacy, self._announce)
+        protocol = d.round
 
-    def _announce(self, new_model_sha256: bytes) -> Step:
-        return Step(self.driver.round.announce(new_model_sha256))
+        def announce(new_model_sha256: bytes) -> Step:
+            return Step(protocol.announce(new_model_sha256))
+
+        # Not a bound method: the cached outcome must not keep this round (its buffers, the
+        # old model) alive in a reference cycle once the hub drops it.
+        return Completed(new_state, weight_sum, survivors, metrics, privacy, announce)
 
     def status(self) -> RoundStatus:
         d = self.driver

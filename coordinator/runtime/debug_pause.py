@@ -13,7 +13,8 @@ The points, in round order:
   share_keys   ditto
   masked       ditto: the masked uploads are in the accumulator
   consistency  ditto
-  unmask       the unmasking shares were collected; the new model is not applied yet
+  unmask       the round's outcome is the next model (secagg: the unmasking shares were
+               collected); the model is not checkpointed or applied yet
   checkpoint   the new model's checkpoint file is written; the round log does not record it yet
   roundlog     the round log records the round completed; no silo was sent its RoundResult yet
 """
@@ -23,11 +24,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.config import PAUSE_POINTS, ConfigError, CoordinatorConfig
+from coordinator.config import PAUSE_POINTS, CoordinatorConfig
 from coordinator.rounds.phases import Event, PhaseEnded
 
 log = logging.getLogger("silofed.coordinator")
@@ -35,36 +35,6 @@ log = logging.getLogger("silofed.coordinator")
 POINTS = PAUSE_POINTS  # the configuration checks `[debug] pause_after_phase` against them
 # The points that are the end of a secagg phase (a PhaseEnded event of that name).
 PHASE_POINTS = frozenset({"advertise", "share_keys", "masked", "consistency"})
-_KEYS = ("pause_after_phase",)
-
-
-class DebugConfigError(ConfigError):
-    """`[debug]` in the coordinator config is wrong; str() names the file, table and key."""
-
-
-def pause_after_phase(config_source: Path) -> str | None:
-    """`[debug] pause_after_phase` of a coordinator TOML file, or None when absent."""
-    with config_source.open("rb") as fh:
-        table = tomllib.load(fh).get("debug")
-    if table is None:
-        return None
-    if not isinstance(table, dict):
-        raise DebugConfigError(f"{config_source}: [debug] must be a table")
-    unknown = sorted(set(table) - set(_KEYS))
-    if unknown:
-        raise DebugConfigError(
-            f"{config_source}: [debug] {unknown[0]} is not a known key of [debug] "
-            f"(known: {', '.join(_KEYS)})"
-        )
-    point = table.get("pause_after_phase")
-    if point is None:
-        return None
-    if not isinstance(point, str) or point not in POINTS:
-        raise DebugConfigError(
-            f"{config_source}: [debug] pause_after_phase must be one of {list(POINTS)}, "
-            f"got {point!r}"
-        )
-    return point
 
 
 def configured_point(config: CoordinatorConfig) -> str | None:

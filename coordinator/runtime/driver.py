@@ -3,46 +3,31 @@
 Rule: one thread (`run_rounds`) drives the rounds; it takes the hub's lock to start, tick and
 record, and finishes a round (aggregate, checkpoint) outside it. After an aborted round the next
 waits (backoff, or until a silo that was away connects); the stall watch decides when to stop.
-One round can also be stepped (tests): `begin_round`, then `poll` until it returns True (each
-call is one tick at the hub clock's time), then `finish`; `run_one_round` is exactly that loop
-with `clock.wait(TICK_S)` between the polls.
+The round is one `RoundKind` (coordinator.rounds.kind), built by `rounds.factory.build_round`;
+the driver never asks which kind: it starts, ticks and cancels it and acts on its `outcome()`
+(Completed: checkpoint, record, announce; Aborted: record, exclude the blamed). One round can
+also be stepped (tests): `begin_round`, then `poll` until it returns True (each call is one tick
+at the hub clock's time), then `finish`; `run_one_round` is exactly that loop with
+`clock.wait(TICK_S)` between the polls.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import logging
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from coordinator.rounds.fedavg import AggregationError, AggregationProtocol, make_aggregation
-from coordinator.rounds.phases import OFFER_PHASE, Phase, RoundId, RoundMachine, Stage
-from coordinator.rounds.secure import PHASE_DEADLINE_KEYS, SecureRound, Step
-from coordinator.rounds.secure_config import (
-    SECAGG,
-    SecureRoundError,
-    apply_aggregate,
-    build_round_config,
-    check_aggregate,
-    check_finite,
-    layout_of,
-)
+from coordinator.rounds.factory import build_round
+from coordinator.rounds.kind import Aborted, CannotStart, Completed
+from coordinator.rounds.phases import RoundId
 from coordinator.rounds.stall import Diagnosis, Verdict
 from coordinator.runtime import malloc, recorder, uploads
-from coordinator.runtime.recorder import CANNOT_CONFIGURE
 from coordinator.runtime.serve import Outcome
 from coordinator.runtime.stream import Blob, Delivered
 from coordinator.storage.rollback import take_pending
 from protos import federation_pb2 as pb
 from protos.names import aggregation_value
-from secagg.errors import ConfigError
-from secagg.train_params import canonical_train_params
 from secagg.trust import Trust
 from silofed.tensors import state_to_bytes
 
@@ -97,7 +82,7 @@ def run_rounds(hub: Hub) -> Outcome:
             # diagnosis (which names them), after waiting start_timeout_s for them.
             recorder.record_missing_silos(hub, need)
         else:
-            hub.run_one_round(done)
+            run_one_round(hub, done)
         hub.ran_any = True
         malloc.trim()
         verdict = hub.verdict
@@ -133,6 +118,7 @@ class StartedRound:
 
     round_id: RoundId
     invited: tuple[str, ...]
+    model_sha256: bytes  # the model offered: blame proofs go with its later offers
 
 
 def run_one_round(hub: Hub, completed_before: int) -> None:
@@ -148,7 +134,7 @@ def run_one_round(hub: Hub, completed_before: int) -> None:
 
 
 def _over(hub: Hub) -> bool:
-    return round_over(hub) or hub.stopping.is_set()
+    return hub.round is None or hub.round.status().over or hub.stopping.is_set()
 
 
 def poll(hub: Hub) -> bool:
@@ -156,22 +142,11 @@ def poll(hub: Hub) -> bool:
     True once the round is over or the coordinator is stopping: then call `finish`."""
     with hub.lock:
         if not _over(hub):
-            tick(hub, hub.clock.now())
+            now = hub.clock.now()
+            uploads.watch_streams(hub, now)
+            if hub.round is not None:
+                hub.apply(hub.round.tick(now))
         return _over(hub)
-
-
-def finish(hub: Hub, started: StartedRound) -> Verdict:
-    """End the round `begin_round` started (cancelled if the coordinator is stopping):
-    aggregate outside the lock, checkpoint, record, tell the silos. Returns what should
-    happen next (also `hub.verdict`)."""
-    round_id, invited = started.round_id, list(started.invited)
-    with hub.lock:
-        cancel(hub, "the coordinator is stopping")
-    if hub.secure is not None:
-        finish_secure(hub, round_id, hub.secure, invited)
-    elif hub.machine is not None and hub.aggregation is not None:
-        finish_plaintext(hub, round_id, hub.machine, hub.aggregation, invited)
-    return hub.verdict
 
 
 def begin_round(hub: Hub, completed_before: int) -> StartedRound | None:
@@ -182,29 +157,31 @@ def begin_round(hub: Hub, completed_before: int) -> StartedRound | None:
     round_id = RoundId(hub.roundlog.last_round_id() + 1)
     model_bytes = hub.next_offer or state_to_bytes(hub.global_state)
     hub.next_offer = None
-    hub.model_len = len(model_bytes)
     model_sha = hashlib.sha256(model_bytes).digest()
     with hub.lock:
         hub.refresh_trust()
         invited = hub.eligible()[: cfg.silos_per_round or None]
         now = hub.clock.now()
         for s in hub.sessions.values():  # a stalled upload of an earlier round holds no slot
-            s.upload = None
-            uploads.end_upload(hub, s)
-        cannot_start = ""
-        hub.refusals = {}
-        if cfg.aggregation == SECAGG:
-            try:
-                round_config = begin_secure(hub, round_id, invited, model_sha, now)
-            except SecureRoundError as exc:  # too few silos for the threshold, and the like
-                round_config, cannot_start = b"", f"{CANNOT_CONFIGURE}: {exc}"
-        else:
-            round_config = begin_plaintext(hub, round_id)
+            uploads.cancel_upload(hub, s)
+        trust = Trust(hub.trust.ca_cert, hub.roster, tuple(hub.revoked))
+        rnd = build_round(
+            hub.config,
+            trust,
+            hub.global_state,
+            round_id,
+            invited,
+            model_sha256=model_sha,
+            model_bytes=len(model_bytes),
+            now=now,
+            dp_rounds_before=hub.roundlog.private_rounds_completed(),
+        )
+        offer_config = b"" if isinstance(rnd, CannotStart) else rnd.offer_config
         hub.roundlog.start_round(
             round_id,
             started_at=now,
             aggregation=cfg.aggregation,
-            config_digest=hashlib.sha256(round_config).hexdigest(),
+            config_digest=hashlib.sha256(offer_config).hexdigest(),
             model_in_sha256=model_sha.hex(),
             invited=invited,
             rollback_of=take_pending(hub.config.state_dir),  # `rollback --to N`, once
@@ -219,211 +196,80 @@ def begin_round(hub: Hub, completed_before: int) -> StartedRound | None:
             len(invited),
             ", ".join(invited),
         )
-        if cannot_start:
-            recorder.finish_aborted(hub, round_id, invited, cannot_start)
+        if isinstance(rnd, CannotStart):
+            recorder.finish_aborted(hub, round_id, invited, rnd.reason)
             return None
         offer = pb.RoundOffer(
             round_id=round_id,
             aggregation=aggregation_value(cfg.aggregation),
-            config=round_config,
+            config=offer_config,
             model_sha256=model_sha,
             model_bytes=len(model_bytes),
-            # Plaintext rounds only: a secure round's parameters are in its signed config.
-            train_params_json=""
-            if cfg.aggregation == SECAGG
-            else canonical_train_params(hub.config.train).decode(),
+            train_params_json=rnd.train_params_json,  # "": inside a signed config
             # Why the honest silos may retry this model without the silos excluded in an
             # earlier attempt on it (each silo verifies the proofs itself).
             blame_evidence=hub.blame_evidence if model_sha == hub.blame_model else (),
         )
+        hub.round = rnd
         for silo_id in invited:
             s = hub.sessions[silo_id]
             s.round_bytes_in = s.round_bytes_out = 0
-            s.report, s.metrics, s.masked_header = None, {}, None
             s.send(pb.CoordinatorMessage(round_offer=offer))
             s.send(Blob(round_id, pb.GLOBAL_MODEL, model_bytes, model_sha))
             s.send(Delivered(round_id))
         hub.pause.at("offer")
         # The streams hold the bytes until sent; dropping ours frees them during the round.
         del model_bytes
-        if hub.machine is not None:
-            hub.apply(hub.machine.start(invited, now))
-        return StartedRound(round_id, tuple(invited))
+        hub.apply(rnd.start(invited, now))
+        return StartedRound(round_id, tuple(invited), model_sha)
 
 
-def begin_plaintext(hub: Hub, round_id: RoundId) -> bytes:
-    cfg, deadlines = hub.config.rounds, hub.config.deadlines
-    aggregation = make_aggregation(cfg.aggregation, hub.config.plaintext)
-    phases = [Phase(OFFER_PHASE, deadlines.offer_s)] + [
-        Phase(p.name, float(getattr(deadlines, p.deadline_key))) for p in aggregation.phases
-    ]
-    hub.machine = RoundMachine(round_id, phases, cfg.min_silos)
-    hub.aggregation = aggregation
-    aggregation.begin(hub.global_state)
-    return json.dumps({"aggregation": cfg.aggregation}).encode()
-
-
-def begin_secure(
-    hub: Hub, round_id: RoundId, invited: Sequence[str], model_sha: bytes, now: float
-) -> bytes:
-    """The round's secagg configuration (the offer's `config`). Raises SecureRoundError when
-    the round cannot be configured (the caller records it as started and aborted)."""
-    settings = hub.config.secagg
-    assert settings is not None  # the config loader requires [secagg] for secagg
-    d = hub.config.deadlines
-    try:
-        config = build_round_config(
-            settings,
-            federation_id=hub.config.federation_id,
-            roster_version=hub.roster.version,
-            roster_digest=hub.roster.digest(),
-            round_id=round_id,
-            invited=invited,
-            model_version=round_id - 1,
-            model_sha256=model_sha,
-            layout=layout_of(hub.global_state),
-            deadlines_s=(
-                _whole_s(d.offer_s),
-                _whole_s(d.share_keys_s),
-                _whole_s(d.train_s),
-                _whole_s(d.consistency_s),
-                _whole_s(d.unmask_s),
-            ),
-            # Inside the signed configuration: every silo checks that all others trained
-            # with the same parameters (the consistency digest covers the config).
-            train_params=canonical_train_params(hub.config.train),
-            roster_size=len(hub.roster.entries),
-        )
-    except ConfigError as exc:  # RoundConfig's own checks
-        raise SecureRoundError(str(exc)) from exc
-    trust = Trust(hub.ca_cert, hub.roster, tuple(hub.revoked))
-    hub.secure = SecureRound(
-        config,
-        trust,
-        {k: float(getattr(d, k)) for k in PHASE_DEADLINE_KEYS.values()},
-        now=now,
-        dp_rounds_before=hub.roundlog.private_rounds_completed(),
-    )
-    return config.encode()
-
-
-def round_over(hub: Hub) -> bool:
-    if hub.secure is not None:
-        return hub.secure.over
-    return hub.machine is None or hub.machine.over
-
-
-def tick(hub: Hub, now: float) -> None:
-    uploads.watch_streams(hub, now)
-    if hub.machine is not None:
-        hub.apply(hub.machine.tick(now))
-    if hub.secure is not None:
-        hub.apply_secure(hub.secure.tick(now))
-
-
-def cancel(hub: Hub, why: str) -> None:
-    if hub.machine is not None:
-        hub.apply(hub.machine.cancel(why))
-    if hub.secure is not None:
-        hub.apply_secure(hub.secure.cancel(hub.clock.now(), why))
-
-
-def finish_secure(hub: Hub, round_id: RoundId, sr: SecureRound, invited: Sequence[str]) -> None:
-    outcome = sr.result
-    if outcome is None:
-        # silo id -> its encoded Blame: empty unless the round proved who sent a bad weight
-        blamed = {str(k): v for k, v in sr.round.blamed.items()}
+def finish(hub: Hub, started: StartedRound) -> Verdict:
+    """End the round `begin_round` started (cancelled if the coordinator is stopping): its
+    outcome outside the lock (aggregating is heavy), then checkpoint, record, tell the
+    silos. Returns what should happen next (also `hub.verdict`)."""
+    round_id, invited = started.round_id, list(started.invited)
+    with hub.lock:
+        rnd = hub.round
+        if rnd is not None:
+            hub.apply(rnd.cancel("the coordinator is stopping", hub.clock.now()))
+    outcome = None if rnd is None else rnd.outcome()
+    if not isinstance(outcome, Completed):
+        aborted = outcome if isinstance(outcome, Aborted) else Aborted("aborted", {})
         with hub.lock:
-            hub.secure = None
-            recorder.exclude(hub, round_id, sr.config.model_sha256, blamed)
+            hub.round = None
+            recorder.exclude(hub, round_id, started.model_sha256, aborted.blamed)
         recorder.finish_aborted(
-            hub, round_id, invited, sr.abort_reason or "aborted", blamed=sorted(blamed)
-        )
-        return
-    hub.pause.at("unmask")
-    cfg = sr.config
-    survivors = [str(s) for s in outcome.survivors]
-    try:
-        # ḡ is the weighted mean of the survivors' updates: all the coordinator ever
-        # decodes. Applied only if clipped inputs can produce it (docs/secagg-protocol.md
-        # §2.5) and the new model is finite; else the round is aborted, the model kept.
-        check_aggregate(cfg, outcome.aggregate, outcome.weight_sum, len(survivors))
-        new_state = apply_aggregate(hub.global_state, outcome.aggregate, cfg.layout)
-        check_finite(new_state)
-    except SecureRoundError as exc:
-        sr.round.result = dataclasses.replace(outcome, aggregate=np.empty(0, np.float32))
-        with hub.lock:
-            hub.secure = None
-        recorder.finish_aborted(hub, round_id, invited, str(exc))
-        return
-    weight_sum = outcome.weight_sum / cfg.weight_scale * cfg.weight_max
-    report = outcome.dp_report
-    # Free the accumulator (ḡ lives in it) before serialising the new model.
-    sr.round.result = dataclasses.replace(outcome, aggregate=np.empty(0, np.float32))
-    del outcome
-    data = state_to_bytes(new_state)
-    ckpt = hub.checkpoints.save_bytes(round_id, data)
-    hub.pause.at("checkpoint")
-    hub.next_offer = data
-    del data
-    with hub.lock:
-        if report is not None:
-            hub.roundlog.record_privacy(
-                round_id,
-                mechanism="distributed discrete Gaussian",
-                noise_multiplier=report.noise_multiplier,
-                clip_norm=cfg.clip_l2,
-                epsilon=report.epsilon,
-                delta=report.delta,
-                details={
-                    "noise_divisor": report.noise_divisor,
-                    "honest_survivors": report.honest_survivors,
-                    "effective_multiplier": report.effective_multiplier,
-                    "rounds_composed": report.rounds,
-                },
-            )
-        hub.apply_secure(Step(sr.round.announce(bytes.fromhex(ckpt.sha256))))
-        hub.secure = None
-        recorder.complete(hub, round_id, invited, survivors, new_state, ckpt, weight_sum)
-
-
-def finish_plaintext(
-    hub: Hub,
-    round_id: RoundId,
-    machine: RoundMachine,
-    aggregation: AggregationProtocol,
-    invited: Sequence[str],
-) -> None:
-    if machine.stage is not Stage.READY:
-        with hub.lock:
-            hub.machine, hub.aggregation = None, None
-        recorder.finish_aborted(hub, round_id, invited, machine.abort_reason or "aborted")
-        return
-    try:
-        result = aggregation.finish()
-    except AggregationError as exc:  # NON_FINITE_MODEL: the old model is kept, no checkpoint
-        with hub.lock:
-            hub.machine, hub.aggregation = None, None
-        recorder.finish_aborted(hub, round_id, invited, str(exc))
-        return
-    data = state_to_bytes(result.new_state)
-    ckpt = hub.checkpoints.save_bytes(round_id, data)
-    hub.pause.at("checkpoint")
-    hub.next_offer = data
-    del data
-    with hub.lock:
-        hub.machine, hub.aggregation = None, None
-        recorder.complete(
             hub,
             round_id,
             invited,
-            list(result.contributors),
-            result.new_state,
-            ckpt,
-            result.weight_sum,
+            aborted.reason,
+            metrics=aborted.metrics,
+            refusals=aborted.refusals,
+            blamed=sorted(aborted.blamed),
         )
-
-
-def _whole_s(seconds: float) -> int:
-    """A deadline as whole seconds for the round config (silos time out a little later)."""
-    return max(1, math.ceil(seconds))
+        return hub.verdict
+    hub.pause.at("unmask")
+    data = state_to_bytes(outcome.new_state)
+    ckpt = hub.checkpoints.save_bytes(round_id, data)
+    hub.pause.at("checkpoint")
+    hub.next_offer = data
+    del data
+    with hub.lock:
+        if outcome.privacy is not None:
+            p = outcome.privacy
+            hub.roundlog.record_privacy(
+                round_id,
+                mechanism=p.mechanism,
+                noise_multiplier=p.noise_multiplier,
+                clip_norm=p.clip_norm,
+                epsilon=p.epsilon,
+                delta=p.delta,
+                details=p.details,
+            )
+        hub.apply(outcome.announce(bytes.fromhex(ckpt.sha256)))
+        hub.round = None
+        survivors = list(outcome.survivors)
+        state, weight = outcome.new_state, outcome.weight_sum
+        recorder.complete(hub, round_id, invited, survivors, state, ckpt, weight, outcome.metrics)
+    return hub.verdict

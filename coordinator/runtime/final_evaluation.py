@@ -26,7 +26,7 @@ from coordinator.runtime.driver import TICK_S
 from coordinator.runtime.stream import Blob
 from coordinator.storage.checkpoints import CheckpointCorrupt
 from protos import federation_pb2 as pb
-from protos.names import aggregation_value
+from protos.names import abort_name, aggregation_value
 
 if TYPE_CHECKING:
     from coordinator.runtime.hub import Hub
@@ -35,7 +35,6 @@ log = logging.getLogger("silofed.coordinator")
 
 EVALUATE = "evaluate"  # RoundOffer.aggregation of the final evaluation
 EVAL_PREFIX = "eval_"
-REASON_MAX = 64  # refusal codes are short; a longer text is cut, never stored whole
 
 
 @dataclass
@@ -68,7 +67,9 @@ class FinalEvaluationRun:
         if kind == "abort" and message.abort.round_id == self.round_id:
             if silo_id in self.refusals:
                 return False
-            self.refusals[silo_id] = (message.abort.reason or "REFUSED")[:REASON_MAX]
+            self.refusals[silo_id] = (
+                abort_name(message.abort.code) if message.abort.code else "REFUSED"
+            )
             return True
         return False
 

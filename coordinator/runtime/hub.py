@@ -1,23 +1,18 @@
 """The coordinator at run time: admits silos, feeds their messages to the round in progress.
 
 Rule: `Hub` is the façade the servicer (transport/servicer.py) and the driver share: the
-connected silos' streams (stream.py), trust (trust.py), the current round's `RoundMachine`
-(rounds/phases.py) and aggregation protocol (rounds/fedavg.py) or `SecureRound`
-(rounds/secure.py), all under ONE lock, and the clock everything reads (clock.py). The work is
-in the modules beside it, each given the hub: uploads.py (slots, buffers, reassembly),
-recorder.py (the round log, results, blame exclusions), driver.py (the round-driver thread),
-final_evaluation.py, resume.py; serve.py is the process around it.
+connected silos' streams (stream.py), trust (trust.py) and the current round, one `RoundKind`
+(rounds/kind.py) whichever kind it is, all under ONE lock, and the clock everything reads
+(clock.py). The hub never asks which kind of round runs: it hands the round what arrived
+(`on_frame`, `on_upload`, `on_loss`) and carries out the `Step` it answers (`apply`: frames to
+send, messages it ignored to log, events to record). The work is in the modules beside it, each
+given the hub: uploads.py (slots, buffers, reassembly), recorder.py (the round log, results,
+blame exclusions), driver.py (the round-driver thread), final_evaluation.py, resume.py;
+serve.py is the process around it.
 
 Resuming: at start, rounds left running by a crash are marked interrupted and the global model
 comes from the round log's latest checkpoint, so a restarted coordinator continues until the
-log holds `[rounds] count` completed rounds.
-
-Blame: a secure round that aborts with silos proven to have sent an out-of-range weight element
-(`CoordinatorRound.blamed`, secagg/blame.py) excludes them from every later round and the final
-evaluation of this process (`Hub.excluded`, shown by `status`), and the proofs go with every
-later offer of the same model, so the honest silos accept a retry of it without them; a
-completed round drops the proofs. Exclusion lasts until the coordinator stops: revoking the
-silo's certificate is what keeps it out for good.
+log holds `[rounds] count` completed rounds. Blame exclusions (`excluded`): recorder.py.
 """
 
 from __future__ import annotations
@@ -26,22 +21,29 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from cryptography import x509
 
 from coordinator.config import CoordinatorConfig
 from coordinator.observability.ratelimit import PeerLog, exception_line
-from coordinator.rounds.fedavg import AggregationProtocol
-from coordinator.rounds.phases import OFFER_PHASE, Event, RoundMachine
-from coordinator.rounds.secure import SecureRound, Step
+from coordinator.rounds.events import Step
+from coordinator.rounds.kind import (
+    Frame,
+    Loss,
+    ModelDelivered,
+    RoundKind,
+    SecAggPayload,
+    Upload,
+    stray,
+)
+from coordinator.rounds.phases import DropReason
 from coordinator.rounds.stall import Proceed, StallWatch, Verdict
-from coordinator.runtime import driver, final_evaluation, recorder, resume, uploads
+from coordinator.runtime import driver, final_evaluation, recorder, resume, status, uploads
 from coordinator.runtime.clock import SYSTEM_CLOCK, Clock
 from coordinator.runtime.debug_pause import DebugPause
 from coordinator.runtime.final_evaluation import FinalEvaluationRun
 from coordinator.runtime.peer_input import clean_abort, clean_report
-from coordinator.runtime.recorder import CANNOT_CONFIGURE, Exclusion
+from coordinator.runtime.recorder import Exclusion
 from coordinator.runtime.serve import Outcome
 from coordinator.runtime.stream import SiloStream
 from coordinator.runtime.trust import TrustStore, peer_certificate
@@ -49,15 +51,10 @@ from coordinator.storage.checkpoints import CheckpointStore
 from coordinator.storage.roundlog import RoundLog
 from coordinator.transport.servicer import RefusalCode, Refused
 from protos import federation_pb2 as pb
-from secagg.errors import MalformedMessage
+from protos.names import abort_name
 from secagg.identity import Roster
-from secagg.messages import AbortNotice as SecAggAbort
-from secagg.messages import decode_message
 
 log = logging.getLogger("silofed.coordinator")
-
-FEDERATION_FINISHED = "FEDERATION_FINISHED"
-COORDINATOR_STOPPING = "COORDINATOR_STOPPING"
 
 
 class Hub:
@@ -82,25 +79,16 @@ class Hub:
         self.global_state = resume.resume_global_state(
             self.roundlog, self.checkpoints, config.state_dir, model_factory, now=clock.now()
         )
-        self.machine: RoundMachine | None = None  # plaintext-insecure rounds
-        self.aggregation: AggregationProtocol | None = None
-        self.secure: SecureRound | None = None  # secagg rounds
-        # At most P masked vectors are buffered at once (docs/secagg-protocol.md §5 step 3.8):
-        # memory stays (P+1)·L words for any number of silos; other uploads wait, held by flow
-        # control.
-        self.upload_slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
-        self.free_buffers: list[np.ndarray] = []  # reused round after round (at most P)
+        self.round: RoundKind | None = None  # the round in progress, of whichever kind
+        self.slots = uploads.Slots(config.max_concurrent_uploads)  # buffered uploads
         self.next_offer: bytes | None = None  # the last checkpoint's bytes = the next offer
-        self.phase_started = 0.0
         self.stopping = threading.Event()
-        self.model_len = 0  # size of the offered model: bounds what an update may be
         self.ran_any = False
         rc = config.rounds
         self.stall = StallWatch(
             rc.max_consecutive_aborts, rc.abort_backoff_initial_s, rc.abort_backoff_max_s
         )
         self.verdict: Verdict = Proceed(0.0, 0)  # how the last round ended, for status
-        self.refusals: dict[str, str] = {}  # this round: silo -> the reason code it sent
         self.pause = DebugPause.from_config(config, self.stopping)  # [debug]: tests only
         self.final: FinalEvaluationRun | None = None  # while the final evaluation runs
         # What silos do wrong is logged at most once per (cause, silo) per 10 s, with counts.
@@ -114,10 +102,6 @@ class Hub:
     @property
     def roster(self) -> Roster:
         return self.trust.roster
-
-    @property
-    def ca_cert(self) -> x509.Certificate:
-        return self.trust.ca_cert
 
     @property
     def revoked(self) -> frozenset[int]:
@@ -192,7 +176,7 @@ class Hub:
             uploads.end_upload(self, session)
             # A replaced stream must not drop the silo's new stream from the round.
             if current:
-                self._lost(session.silo_id, why)
+                self.on_loss(session.silo_id, Loss(DropReason.DISCONNECTED, why))
 
     def _replace(self, session: SiloStream) -> None:
         """Close a silo's previous stream; its work in the current round is lost with it."""
@@ -201,21 +185,11 @@ class Hub:
         if session.cancel_stream is not None:  # it may be stuck sending to a silo gone silent
             session.cancel_stream()
         uploads.end_upload(self, session)
-        self._lost(session.silo_id, "replaced by a new stream")
-
-    def _lost(self, silo_id: str, why: str) -> None:
-        if self.machine is not None:
-            self.apply(self.machine.disconnected(silo_id, self.clock.now()))
-        if self.secure is not None:
-            self.apply_secure(self.secure.lost(silo_id, self.clock.now(), why))
+        self.on_loss(session.silo_id, Loss(DropReason.DISCONNECTED, "replaced by a new stream"))
 
     def _delivered(self, session: SiloStream, round_id: int) -> None:
         with self.lock:
-            if self.machine is not None:
-                _, events = self.machine.done(
-                    session.silo_id, round_id, OFFER_PHASE, self.clock.now()
-                )
-                self.apply(events)
+            self.on_frame(session.silo_id, ModelDelivered(round_id))
 
     def on_message(self, session: SiloStream, message: pb.SiloMessage) -> None:
         """Handle one message from `session`'s stream. Whatever a silo sends, this raises only
@@ -278,32 +252,29 @@ class Hub:
             elif kind == "blob_chunk":
                 uploads.on_chunk(self, session, message.blob_chunk)
             elif kind == "secagg":
-                self._on_secagg(session, message.secagg)
+                frame = message.secagg
+                self.on_frame(session.silo_id, SecAggPayload(frame.round_id, frame.payload))
             elif kind == "abort":
-                self.peer_log.warning(
-                    "silo aborted",
-                    session.silo_id,
-                    "%s aborted round %d: %s %s",
-                    session.silo_id,
-                    message.abort.round_id,
-                    message.abort.reason,
-                    message.abort.detail,
-                )
-                self._note_refusal(session, message.abort.round_id, message.abort.reason)
-                self._failed(session, f"silo aborted: {message.abort.reason}")
+                self._aborted(session, message.abort)
             else:
                 self.reject(session, f"unexpected message {kind!r}")
 
-    def _note_refusal(self, session: SiloStream, round_id: int, reason: str) -> None:
-        """Remember why a silo refused the current round (the stall diagnosis names it)."""
-        current = self._current_round_id()
-        if current is not None and round_id == current:
-            self.refusals[session.silo_id] = reason[:64]
-
-    def _current_round_id(self) -> int | None:
-        if self.secure is not None:
-            return self.secure.config.round_id
-        return None if self.machine is None else self.machine.round_id
+    def _aborted(self, session: SiloStream, abort: pb.AbortNotice) -> None:
+        """The silo refused the round: it drops out, and its reason code, if it names the
+        round in progress, is kept for the stall diagnosis."""
+        reason = abort_name(abort.code)  # "UNKNOWN(n)" for a code this version does not know
+        self.peer_log.warning(
+            "silo aborted",
+            session.silo_id,
+            "%s aborted round %d: %s %s",
+            session.silo_id,
+            abort.round_id,
+            reason,
+            abort.detail,
+        )
+        current = self.round is not None and abort.round_id == self.round.round_id
+        why = f"silo aborted: {reason}"
+        self.on_loss(session.silo_id, Loss(DropReason.INVALID, why, reason if current else None))
 
     def reject(self, session: SiloStream, detail: str) -> None:
         # The cause is the detail up to its first colon ("bad update chunk: ...").
@@ -313,48 +284,44 @@ class Hub:
         self._failed(session, detail)
 
     def _failed(self, session: SiloStream, detail: str) -> None:
-        if self.machine is not None:
-            self.apply(self.machine.failed(session.silo_id, detail, self.clock.now()))
-        if self.secure is not None:
-            self.apply_secure(self.secure.failed(session.silo_id, self.clock.now(), detail))
+        self.on_loss(session.silo_id, Loss(DropReason.INVALID, detail))
 
-    def _on_secagg(self, session: SiloStream, frame: pb.SecAggFrame) -> None:
-        sr = self.secure
-        if sr is None or frame.round_id != sr.config.round_id:
-            self.peer_log.info(
-                "stray secagg frame",
-                session.silo_id,
-                "ignoring a secagg frame from %s for round %d",
-                session.silo_id,
-                frame.round_id,
+    # ---- the round in progress: what arrived goes in, its Step comes out (under the lock) ----
+
+    def on_frame(self, silo_id: str, frame: Frame) -> bool:
+        """Whether the round took `frame` (a stray one is logged and ignored)."""
+        rnd, now = self.round, self.clock.now()
+        step = stray(silo_id, frame) if rnd is None else rnd.frame(silo_id, frame, now)
+        self.apply(step)
+        return not step.ignored
+
+    def on_upload(self, silo_id: str, upload: Upload) -> None:
+        """A complete upload (uploads.py reassembled and hashed it)."""
+        rnd, now = self.round, self.clock.now()
+        self.apply(stray(silo_id, upload) if rnd is None else rnd.upload(silo_id, upload, now))
+
+    def on_loss(self, silo_id: str, loss: Loss) -> None:
+        if self.round is not None:
+            self.apply(self.round.lost(silo_id, loss, self.clock.now()))
+
+    def apply(self, step: Step) -> None:
+        """Carry out what the round answered: log what it ignored (rate-limited per cause and
+        silo), send its protocol frames, record its events."""
+        for ignored in step.ignored:
+            level = logging.WARNING if ignored.warning else logging.INFO
+            self.peer_log.log(
+                level, ignored.cause, ignored.silo_id, ignored.template, *ignored.args
             )
+        rnd = self.round
+        if rnd is None:
             return
-        try:
-            decoded = decode_message(frame.payload)
-        except MalformedMessage:
-            decoded = None  # the protocol refuses it below, with the reason
-        if isinstance(decoded, SecAggAbort):
-            self._note_refusal(session, frame.round_id, decoded.reason.name)
-        self.apply_secure(sr.handle(session.silo_id, frame.payload, self.clock.now()))
-
-    def apply_secure(self, step: Step) -> None:
-        """Send what the protocol produced and record what happened (under the lock)."""
-        sr = self.secure
-        if sr is None:
-            return
-        round_id = sr.config.round_id
         for silo_id, payload in step.sends:
             s = self.sessions.get(silo_id)
             if s is not None and not s.closed:
-                frame = pb.SecAggFrame(round_id=round_id, payload=payload)
+                frame = pb.SecAggFrame(round_id=rnd.round_id, payload=payload)
                 s.send(pb.CoordinatorMessage(secagg=frame))
-        recorder.record_events(self, round_id, step.events)
+        recorder.record_events(self, rnd.round_id, step.events)
         self.pause.after_phases(step.events)
-
-    def apply(self, events: Sequence[Event]) -> None:
-        """Record what the machine decided (called under the lock)."""
-        if self.machine is not None:
-            recorder.record_events(self, self.machine.round_id, events)
 
     # ---- the round driver (driver.py) and the final evaluation (final_evaluation.py) ------
 
@@ -365,10 +332,6 @@ class Hub:
     def run_rounds(self) -> Outcome:
         """Run rounds until the log holds `[rounds] count` completed ones (driver.py)."""
         return driver.run_rounds(self)
-
-    def run_one_round(self, completed_before: int) -> None:
-        """One round, start to end; `self.verdict` says what should happen next."""
-        driver.run_one_round(self, completed_before)
 
     def run_final_evaluation(self) -> None:
         """Have the connected silos evaluate the last completed round's model, once per model."""
@@ -390,14 +353,17 @@ class Hub:
     def close_all(self, *, finished: bool) -> None:
         """Close every silo stream. With `finished`, tell the silos the federation is over so
         they exit; otherwise (the coordinator is stopping) they reconnect with backoff."""
-        reason, detail = (
-            (FEDERATION_FINISHED, "the federation finished all its rounds")
+        code, detail = (
+            (pb.ABORT_REASON_FEDERATION_FINISHED, "the federation finished all its rounds")
             if finished
-            else (COORDINATOR_STOPPING, "the coordinator is stopping; reconnect later")
+            else (
+                pb.ABORT_REASON_COORDINATOR_STOPPING,
+                "the coordinator is stopping; reconnect later",
+            )
         )
         with self.lock:
             for s in list(self.sessions.values()):
-                s.send(pb.CoordinatorMessage(abort=pb.AbortNotice(reason=reason, detail=detail)))
+                self.send_abort(s, 0, code, detail)
                 s.closed = True
                 s.send(None)
 
@@ -406,42 +372,12 @@ class Hub:
         return self.config.federation_id
 
     def status(self) -> pb.StatusReply:
-        with self.lock:
-            round_id, phase, since = 0, "", 0.0
-            if self.machine is not None:
-                m = self.machine
-                round_id, phase, since = m.round_id, m.phase.name, m.phase_started_at
-            if self.secure is not None:
-                sr = self.secure
-                round_id, phase, since = sr.config.round_id, sr.phase_name, sr.phase_started_at
-            verdict = self.verdict
-            if isinstance(verdict, Proceed) and verdict.aborted_in_a_row and not round_id:
-                phase = f"backoff after {verdict.aborted_in_a_row} aborted rounds ({verdict.cause})"
-            return pb.StatusReply(
-                aborted_in_a_row=verdict.aborted_in_a_row if isinstance(verdict, Proceed) else 0,
-                abort_cause=verdict.cause,
-                federation_id=self.config.federation_id,
-                silos=[
-                    pb.SiloStatus(
-                        silo_id=s.silo_id,
-                        connected_since_unix=s.connected_since,
-                        cert_not_after_unix=s.cert_not_after,
-                        bytes_in=s.bytes_in,
-                        bytes_out=s.bytes_out,
-                    )
-                    for s in self.sessions.values()
-                ],
-                current_round=round_id,
-                phase=phase,
-                phase_started_unix=since,
-                rounds_completed=self.completed_rounds(),
-                excluded=[
-                    pb.ExcludedSilo(silo_id=e.silo_id, round_id=e.round_id, excluded_at_unix=e.at)
-                    for _, e in sorted(self.excluded.items())
-                ],
-            )
+        return status.status_reply(self)
 
-
-# Names importers found here before the split (their homes: recorder, serve, stream).
-Session = SiloStream
-__all__ = ["CANNOT_CONFIGURE", "FEDERATION_FINISHED", "Hub", "Outcome", "Session", "SiloStream"]
+    def send_abort(
+        self, stream: SiloStream, round_id: int, code: pb.AbortReason.ValueType, detail: str
+    ) -> None:
+        """Tell a silo that its round (`round_id`), or with 0 its stream, ends and why: the
+        one place the coordinator builds an AbortNotice."""
+        notice = pb.AbortNotice(round_id=round_id, code=code, detail=detail)
+        stream.send(pb.CoordinatorMessage(abort=notice))

@@ -7,8 +7,10 @@ here first, and comes out bounded:
 - metric names: 1 to `MAX_METRIC_NAME` characters from `METRIC_NAME_CHARS`;
 - metric values: finite numbers (a proto `double` can be NaN or ±inf: those are dropped);
 - at most `MAX_METRICS` metrics per report (the first valid names in sorted order are kept);
-- free text (an abort notice's reason and detail, hello's fields): one printable line cut to a
-  bound, with a marker saying how much was cut.
+- free text (an abort notice's detail, hello's fields): one printable line cut to a bound,
+  with a marker saying how much was cut;
+- an abort notice's code: any number passes (its name is "UNKNOWN(n)" when this version does
+  not know it), so a newer silo's code is logged, never a crash.
 
 What is dropped is counted, with one example, so the hub can say it in one (rate-limited) line
 instead of storing it or failing later on it.
@@ -28,7 +30,6 @@ MAX_METRIC_NAME = 64
 MAX_METRICS = 64
 METRIC_NAME_CHARS = "A-Za-z0-9_.:/-"
 _NAME = re.compile(f"[{METRIC_NAME_CHARS}]{{1,{MAX_METRIC_NAME}}}")
-REASON_MAX = 64  # abort reasons are codes such as TRAINING_FAILED
 DETAIL_MAX = 512  # an abort's sentence for the operator
 SILO_ID_MAX = 256  # a claimed silo id (only compared with the certificate's)
 AGENT_VERSION_MAX = 64
@@ -137,10 +138,13 @@ def clean_report(report: pb.TrainReport) -> tuple[pb.TrainReport, Metrics]:
 
 
 def clean_abort(notice: pb.AbortNotice) -> pb.AbortNotice:
-    """An abort notice whose reason and detail are bounded printable lines."""
+    """An abort notice whose detail is a bounded printable line and whose code is kept as sent:
+    a number this version does not know is no error (a newer silo's code), its name reads
+    "UNKNOWN(n)" (`protos.names.abort_name`).
+    """
     return pb.AbortNotice(
         round_id=notice.round_id,
-        reason=clip_text(notice.reason, REASON_MAX),
+        code=notice.code,
         detail=clip_text(notice.detail, DETAIL_MAX),
     )
 

@@ -2,7 +2,15 @@
 
 Rule: these functions write the round log (dropouts, phases, participants, per-silo stats, the
 end of a round), broadcast the round's result, and keep the blame exclusions; they run under the
-hub's lock (`finish_aborted` and `record_missing_silos` take it).
+hub's lock (`finish_aborted` and `record_missing_silos` take it). What to record comes with the
+events and the outcome of the round (coordinator.rounds.kind), whichever kind it is.
+
+Blame: a round that aborts with silos proven to have sent an out-of-range weight element
+(`Aborted.blamed`, secagg/blame.py) excludes them from every later round and the final
+evaluation of this process (`Hub.excluded`, shown by `status`), and the proofs go with every
+later offer of the same model, so the honest silos accept a retry of it without them; a
+completed round drops the proofs. Exclusion lasts until the coordinator stops: revoking the
+silo's certificate is what keeps it out for good.
 """
 
 from __future__ import annotations
@@ -16,11 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from coordinator.rounds.phases import Dropped, Event, PhaseEnded, RoundId
-from coordinator.rounds.secure import PARTICIPANT_SET_OF
 from coordinator.rounds.stall import Diagnosis, RoundEnd
 from coordinator.runtime.peer_input import finite_mean
 from coordinator.storage.checkpoints import Checkpoint
 from protos import federation_pb2 as pb
+from protos.names import abort_code_in, abort_value
 from silofed.tensors import state_to_bytes
 
 if TYPE_CHECKING:
@@ -28,10 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("silofed.coordinator")
 
-CANNOT_CONFIGURE = "CANNOT_CONFIGURE"
 NOT_ENOUGH_SILOS = "NOT_ENOUGH_SILOS"
-# The round-log participant set each secagg phase produces, by phase name.
-SET_OF_PHASE = {phase.value: name for phase, name in PARTICIPANT_SET_OF.items()}
+# Per silo, the metrics of its report the round kept (`Completed.metrics`, `Aborted.metrics`).
+Metrics = Mapping[str, Mapping[str, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,21 +66,13 @@ def record_events(hub: Hub, round_id: int, events: Sequence[Event]) -> None:
             )
             s = hub.sessions.get(event.silo_id)
             if s is not None and not s.closed:
-                s.send(
-                    pb.CoordinatorMessage(
-                        abort=pb.AbortNotice(
-                            round_id=round_id, reason=event.reason.value, detail=event.detail
-                        )
-                    )
-                )
+                hub.send_abort(s, round_id, abort_value(event.reason.value), event.detail)
         elif isinstance(event, PhaseEnded):
             hub.roundlog.record_phase(
                 round_id, event.phase, started_at=event.started_at, ended_at=event.ended_at
             )
-            if hub.secure is not None and event.phase in SET_OF_PHASE:
-                hub.roundlog.record_participants(
-                    round_id, SET_OF_PHASE[event.phase], event.survivors
-                )
+            if event.participant_set:
+                hub.roundlog.record_participants(round_id, event.participant_set, event.survivors)
             log.info(
                 "round %d: phase %s ended with %d silos (%.2f s)",
                 round_id,
@@ -92,14 +91,14 @@ def complete(
     new_state: dict[str, torch.Tensor],
     ckpt: Checkpoint,
     weight_sum: float,
+    metrics: Metrics,
 ) -> None:
     """Record a completed round and tell the silos (under the lock)."""
     hub.verdict = hub.stall.observe(RoundEnd(round_id, completed=True))
     # The next model is a new one: no silo needs the proofs of this one's attempts.
     hub.blame_model, hub.blame_evidence = b"", []
-    metrics = {s: hub.sessions[s].metrics for s in survivors if s in hub.sessions}
-    global_metrics = _mean_eval(metrics.values())
-    record_stats(hub, round_id, invited)
+    global_metrics = _mean_eval(metrics.get(s, {}) for s in survivors if s in hub.sessions)
+    record_stats(hub, round_id, invited, metrics)
     hub.roundlog.record_participants(round_id, "finished", survivors)
     hub.roundlog.finish_round(
         round_id,
@@ -139,15 +138,20 @@ def finish_aborted(
     invited: Sequence[str],
     reason: str,
     *,
+    metrics: Metrics | None = None,
+    refusals: Mapping[str, str] | None = None,
     missing: Sequence[str] = (),
     blamed: Sequence[str] = (),
 ) -> None:
+    """Record an aborted round (`refusals`: silo -> the reason code it refused the round
+    with, for the stall diagnosis) and tell the silos."""
     with hub.lock:
-        record_stats(hub, round_id, invited)
+        record_stats(hub, round_id, invited, metrics or {})
         detail = hub.roundlog.round_detail(round_id)
         dropped = (*(d.silo_id for d in detail.dropouts), *missing)
         absent = tuple(s for s in dropped if s not in hub.sessions)
-        end = RoundEnd(round_id, False, reason, dict(hub.refusals), dropped, absent, tuple(blamed))
+        why = dict(refusals or {})
+        end = RoundEnd(round_id, False, reason, why, dropped, absent, tuple(blamed))
         hub.verdict = verdict = hub.stall.observe(end)
         # The log says what happens next: the backoff, or why the federation stopped.
         extra: dict[str, object] = (
@@ -166,12 +170,17 @@ def finish_aborted(
         )
         log.warning("round %d aborted: %s; nothing was aggregated", round_id, reason)
         hub.broadcast_result(
-            pb.RoundResult(round_id=round_id, status=pb.ROUND_STATUS_ABORTED, abort_reason=reason),
+            pb.RoundResult(
+                round_id=round_id,
+                status=pb.ROUND_STATUS_ABORTED,
+                abort_reason=reason,
+                abort_code=abort_code_in(reason),
+            ),
             invited,
         )
 
 
-def record_stats(hub: Hub, round_id: int, invited: Sequence[str]) -> None:
+def record_stats(hub: Hub, round_id: int, invited: Sequence[str], metrics: Metrics) -> None:
     for silo_id in invited:
         s = hub.sessions.get(silo_id)
         if s is None:
@@ -181,7 +190,7 @@ def record_stats(hub: Hub, round_id: int, invited: Sequence[str]) -> None:
             silo_id,
             bytes_in=s.round_bytes_in,
             bytes_out=s.round_bytes_out,
-            metrics=s.metrics,
+            metrics=metrics.get(silo_id, {}),
         )
 
 
@@ -222,7 +231,6 @@ def record_missing_silos(hub: Hub, need: int) -> None:
         missing = sorted(set(hub.roster.entries) - set(connected) - set(hub.excluded))
         round_id = RoundId(hub.roundlog.last_round_id() + 1)
         model = hub.next_offer or state_to_bytes(hub.global_state)
-        hub.refusals = {}
         hub.roundlog.start_round(
             round_id,
             started_at=hub.clock.now(),

@@ -67,17 +67,16 @@ class SiloStream:
     bytes_out: int = 0
     round_bytes_in: int = 0
     round_bytes_out: int = 0
-    report: pb.TrainReport | None = None
     upload: Reassembler | None = None
     # The upload the hub's progress watch last saw and when it last moved (a chunk arrived).
     upload_watched: Reassembler | None = None
     upload_moved_at: float = 0.0
     upload_started_at: float = 0.0  # when the watched upload was first seen
-    metrics: dict[str, float] = field(default_factory=dict)
-    # secagg: the protocol's header of the masked vector being uploaded (from its BlobHeader)
-    masked_header: bytes | None = None
-    upload_slot: bool = False  # secagg: holds one of the hub's buffered-upload slots
-    upload_buffer: np.ndarray | None = None  # secagg: where that upload's chunks are copied
+    # A buffered upload (a vector): the protocol's header from its BlobHeader, opaque to the
+    # hub; whether it holds one of the hub's upload slots; where its chunks are copied.
+    protocol_header: bytes | None = None
+    upload_slot: bool = False
+    upload_buffer: np.ndarray | None = None
 
     def upload_moved(self, upload: Reassembler, now: float) -> None:
         """`upload` received its header or a chunk at `now` (the progress and total bounds)."""

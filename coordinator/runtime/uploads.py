@@ -1,27 +1,27 @@
-"""Uploads from silos: the plaintext update of a round and the masked vectors of a secure one.
+"""Uploads from silos: a blob reassembled on the silo's stream, then handed to the round whole.
 
-Rule: at most `[server] max_concurrent_uploads` masked vectors are buffered at once (slots);
-their buffers are reused round after round, and a slot is freed when its upload completes, is
-refused, or stops moving (`[deadlines] upload_progress_s`, and a total bound at
-`UPLOAD_MIN_RATE`). The functions take the hub and run under its lock, except
+Rule: what a silo may upload now is the round's answer alone (`RoundKind.status().uploads`, an
+`UploadSpec`); any other blob is refused at its header and its chunks are ignored. A vector
+(`UploadSpec.buffered`: the masked vector of a secure round) is copied into one of at most
+`[server] max_concurrent_uploads` buffers, reused round after round, while it holds an upload
+slot; any other blob is reassembled in memory, up to the spec's `max_bytes`. A slot is freed
+when its upload completes, is refused, or stops moving (`[deadlines] upload_progress_s`, and a
+total bound at `UPLOAD_MIN_RATE`). The functions take the hub and run under its lock, except
 `wait_for_upload_slot` (a silo's reader thread, before it takes the lock).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from coordinator.rounds.fedavg import AggregationError
-from coordinator.rounds.phases import OFFER_PHASE
+from coordinator.rounds.kind import MaskedVector, PlaintextUpdate, Reported, UploadSpec
 from coordinator.runtime.stream import SiloStream
 from protos import federation_pb2 as pb
 from secagg.chunking import BlobMeta, ChunkError, Reassembler
-from secagg.coordinator import Phase as SecAggPhase
-from secagg.primitives import ring_dtype
-from silofed.tensors import StateDecodeError, state_from_bytes
 
 if TYPE_CHECKING:
     from coordinator.runtime.hub import Hub
@@ -34,146 +34,155 @@ UPLOAD_MIN_RATE = 1 << 20  # bytes per second
 UPLOAD_SLOT_POLL_S = 0.2
 
 
-def current_phase(hub: Hub, session: SiloStream, round_id: int) -> bool:
-    m = hub.machine
-    return m is not None and m.expects(session.silo_id, round_id, "train")
+class Slots:
+    """At most P vectors are buffered at once (docs/secagg-protocol.md §5 step 3.8): memory
+    stays (P+1)·L words for any number of silos; other uploads wait, held by flow control."""
+
+    def __init__(self, count: int) -> None:
+        self.semaphore = threading.BoundedSemaphore(count)
+        self.free: list[np.ndarray] = []  # reused round after round (at most P)
+
+    def take_buffer(self, length: int, dtype: np.dtype[Any]) -> np.ndarray:
+        while self.free:
+            buffer = self.free.pop()
+            if buffer.shape == (length,) and buffer.dtype == dtype:
+                return buffer
+        return np.empty(length, dtype=dtype)
+
+
+def upload_spec(hub: Hub, session: SiloStream) -> tuple[UploadSpec | None, str]:
+    """What `session`'s silo may upload now; else None and why not."""
+    if session.closed or hub.stopping.is_set():
+        return None, "its stream is closing"
+    if hub.round is None:
+        return None, "no round is running"
+    st = hub.round.status()
+    spec = st.uploads.get(session.silo_id)
+    if spec is None:
+        return None, f"round {st.round_id}, in phase {st.phase}, waits for no upload from it"
+    return spec, ""
 
 
 def on_report(hub: Hub, session: SiloStream, report: pb.TrainReport) -> None:
-    sr = hub.secure
-    if sr is not None:
-        # Under secagg a report carries evaluation metrics only (plaintext by design: they
-        # are the silo's score of the global model it received, not its update).
-        if report.round_id == sr.config.round_id and session.silo_id in sr.config.invited:
-            session.metrics = dict(report.metrics)
-        return
-    m = hub.machine
-    if m is not None and m.expects(session.silo_id, report.round_id, OFFER_PHASE):
-        # A report proves the model arrived, even if the stream's delivery marker has not
-        # been processed yet.
-        hub.apply(m.done(session.silo_id, report.round_id, OFFER_PHASE, hub.clock.now())[1])
-    if not current_phase(hub, session, report.round_id):
-        hub.peer_log.info(
-            "stray report",
-            session.silo_id,
-            "ignoring late or stray report from %s for round %d",
-            session.silo_id,
-            report.round_id,
-        )
-        return
-    session.report = report
-    session.upload = None
+    taken = hub.on_frame(
+        session.silo_id,
+        Reported(report.round_id, report.num_examples, report.update_sha256, dict(report.metrics)),
+    )
+    if taken and session.upload_buffer is None:
+        session.upload = None  # a report announces the blob to come: one in progress is void
 
 
 def wait_for_upload_slot(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> None:
-    """Block this silo's reader until a buffered-upload slot frees, for a silo the masked
-    phase waits for only: anyone else (or a header without its protocol header) returns at
-    once, without a slot, and `on_masked_header` refuses its vector. The wait ends with
-    the phase (its deadline)."""
+    """Block this silo's reader until a buffered-upload slot frees, for a vector the round
+    waits for from this silo only: anything else (or a header without its protocol header)
+    returns at once, without a slot, and `on_blob_header` refuses it. The wait ends with the
+    phase (its deadline)."""
+    if header.kind != pb.MASKED_VECTOR or not header.protocol_header:
+        return
     with hub.lock:
-        while True:
-            if (
-                session.upload_slot
-                or not header.protocol_header
-                or upload_refusal(hub, session) is not None
-            ):
+        while not session.upload_slot:
+            spec, _ = upload_spec(hub, session)
+            if spec is None or not spec.buffered:
                 return
-            if hub.upload_slots.acquire(blocking=False):
+            if hub.slots.semaphore.acquire(blocking=False):
                 session.upload_slot = True
                 return
             # `end_upload` notifies when it frees a slot; the poll bounds a missed wake-up.
             hub.clock.wait(hub.changed, UPLOAD_SLOT_POLL_S)
 
 
-def upload_refusal(hub: Hub, session: SiloStream) -> str | None:
-    """Why `session` may not upload a masked vector now; None when the masked phase of the
-    current round waits for its vector (it is in U2, not dropped, not uploaded yet)."""
-    sr = hub.secure
-    if session.closed or hub.stopping.is_set():
-        return "its stream is closing"
-    if sr is None:
-        return "no secure round is running"
-    if sr.round.phase is not SecAggPhase.MASKED:
-        return f"round {sr.config.round_id} is in phase {sr.phase_name}, not masked"
-    if session.silo_id not in sr.round.waiting_for():
-        return (
-            f"round {sr.config.round_id} waits for no masked vector from it (not in U2, "
-            "dropped, or already uploaded)"
-        )
-    return None
-
-
 def end_upload(hub: Hub, session: SiloStream) -> None:
     """Give back the session's upload slot and buffer (the vector was added or refused)."""
-    session.upload_watched, session.masked_header = None, None
+    session.upload_watched, session.protocol_header = None, None
     if session.upload_buffer is not None:
-        hub.free_buffers.append(session.upload_buffer)
+        hub.slots.free.append(session.upload_buffer)
         session.upload_buffer = None
     if session.upload_slot:
         session.upload_slot = False
-        hub.upload_slots.release()
+        hub.slots.semaphore.release()
         with hub.lock:  # a reader may wait for the slot (`wait_for_upload_slot`)
             hub.changed.notify_all()
-
-
-def on_masked_header(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> None:
-    sr = hub.secure
-    refusal = upload_refusal(hub, session)
-    if sr is None or refusal is not None:
-        # Not an upload this round waits for: no slot, no buffer; its chunks are ignored.
-        hub.peer_log.warning(
-            "masked vector refused",
-            session.silo_id,
-            "refused a masked vector from %s for round %d: %s",
-            session.silo_id,
-            header.round_id,
-            refusal or "no secure round is running",
-        )
-        cancel_upload(hub, session)  # whatever it was uploading, nothing waits for it
-        return
-    if not header.protocol_header:
-        cancel_upload(hub, session)
-        hub.reject(session, "masked vector header without its protocol_header")
-        return
-    if session.upload is not None:
-        cancel_upload(hub, session)
-        hub.reject(session, "a second masked vector began before the first was complete")
-        return
-    if header.round_id != sr.config.round_id:
-        cancel_upload(hub, session)
-        hub.reject(
-            session,
-            f"masked vector for round {header.round_id} during round {sr.config.round_id}",
-        )
-        return
-    if not session.upload_slot:  # the stream or the coordinator is stopping
-        return
-    dtype = ring_dtype(sr.config.ring_bits)
-    try:
-        meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
-        limit = sr.config.length * dtype.itemsize
-        if meta.total_bytes != limit:
-            raise ChunkError(
-                f"a masked vector has {limit} bytes, the header says {meta.total_bytes}"
-            )
-        buffer = take_buffer(hub, sr.config.length, dtype)
-        session.upload_buffer = buffer
-        session.upload = Reassembler(meta, max_total_bytes=limit, into=buffer.data)
-        # Opaque here: secagg checks it (signature, session, length, digest) with the vector.
-        session.masked_header = bytes(header.protocol_header)
-    except ChunkError as exc:
-        cancel_upload(hub, session)
-        hub.reject(session, f"bad masked vector header: {exc}")
-        return
-    # The slot is held from here: the progress watch (`watch_streams`) frees it when
-    # chunks stop arriving.
-    if session.upload is not None:
-        session.upload_moved(session.upload, hub.clock.now())
 
 
 def cancel_upload(hub: Hub, session: SiloStream) -> None:
     session.upload = None
     end_upload(hub, session)
+
+
+def on_blob_header(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> None:
+    spec, why = upload_spec(hub, session)
+    vector = header.kind == pb.MASKED_VECTOR
+    if hub.round is None or spec is None or spec.buffered != vector:
+        _refuse(hub, session, header, why or "the round waits for another kind of upload")
+    elif header.round_id != hub.round.round_id and not vector:
+        _refuse(hub, session, header, why)  # a late blob of an earlier round
+    elif vector:
+        _vector_header(hub, session, header, spec, hub.round.round_id)
+    elif header.kind != pb.PLAINTEXT_UPDATE or spec.sha256 not in (None, header.sha256):
+        hub.reject(session, "update blob does not match its train report")
+    else:
+        try:
+            meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+            session.upload = Reassembler(meta, max_total_bytes=spec.max_bytes)
+        except ChunkError as exc:
+            hub.reject(session, f"bad update header: {exc}")
+
+
+def _refuse(hub: Hub, session: SiloStream, header: pb.BlobHeader, why: str) -> None:
+    """Not an upload the round waits for: no slot, no buffer; its chunks are ignored, and
+    whatever the silo was uploading is void (nothing waits for it)."""
+    cancel_upload(hub, session)
+    silo_id = session.silo_id
+    if header.kind == pb.MASKED_VECTOR:
+        hub.peer_log.warning(
+            "masked vector refused",
+            silo_id,
+            "refused a masked vector from %s for round %d: %s",
+            silo_id,
+            header.round_id,
+            why,
+        )
+    else:
+        hub.peer_log.info(
+            "stray blob", silo_id, "ignoring blob from %s for round %d", silo_id, header.round_id
+        )
+
+
+def _vector_header(
+    hub: Hub, session: SiloStream, header: pb.BlobHeader, spec: UploadSpec, round_id: int
+) -> None:
+    exact, length, dtype = spec.exact_bytes, spec.length, spec.dtype
+    assert exact is not None and length is not None and dtype is not None  # spec.buffered
+    if not header.protocol_header:
+        why = "masked vector header without its protocol_header"
+    elif session.upload is not None:
+        why = "a second masked vector began before the first was complete"
+    elif header.round_id != round_id:
+        why = f"masked vector for round {header.round_id} during round {round_id}"
+    elif not session.upload_slot:  # the stream or the coordinator is stopping
+        return
+    else:
+        try:
+            meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+            if meta.total_bytes != exact:
+                raise ChunkError(
+                    f"a masked vector has {exact} bytes, the header says {meta.total_bytes}"
+                )
+            buffer = hub.slots.take_buffer(length, dtype)
+            session.upload_buffer = buffer
+            upload = Reassembler(meta, max_total_bytes=exact, into=buffer.data)
+        except ChunkError as exc:
+            why = f"bad masked vector header: {exc}"
+        else:
+            session.upload = upload
+            # Opaque here: the round checks it (signature, session, length, digest).
+            session.protocol_header = bytes(header.protocol_header)
+            # The slot is held from here: the progress watch (`watch_streams`) frees it when
+            # chunks stop arriving.
+            session.upload_moved(upload, hub.clock.now())
+            return
+    cancel_upload(hub, session)
+    hub.reject(session, why)
 
 
 def watch_streams(hub: Hub, now: float) -> None:
@@ -213,90 +222,29 @@ def watch_streams(hub: Hub, now: float) -> None:
             )
 
 
-def take_buffer(hub: Hub, length: int, dtype: np.dtype[Any]) -> np.ndarray:
-    while hub.free_buffers:
-        buffer = hub.free_buffers.pop()
-        if buffer.shape == (length,) and buffer.dtype == dtype:
-            return buffer
-    return np.empty(length, dtype=dtype)
-
-
-def on_masked_vector(hub: Hub, session: SiloStream, sha256: bytes) -> None:
-    sr, masked_header, vector = hub.secure, session.masked_header, session.upload_buffer
-    session.masked_header = None
-    try:
-        if sr is None or masked_header is None or vector is None:
-            return
-        # The transport hashed exactly these bytes as they arrived: no second pass.
-        step = sr.masked_vector(
-            session.silo_id, masked_header, vector, hub.clock.now(), vector_sha256=sha256
-        )
-    finally:
-        end_upload(hub, session)  # added into the accumulator (or refused): reused
-    hub.apply_secure(step)
-
-
-def on_blob_header(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> None:
-    if header.kind == pb.MASKED_VECTOR:
-        on_masked_header(hub, session, header)
-        return
-    report = session.report
-    if report is None or not current_phase(hub, session, header.round_id):
-        hub.peer_log.info(
-            "stray blob",
-            session.silo_id,
-            "ignoring blob from %s for round %d",
-            session.silo_id,
-            header.round_id,
-        )
-        session.upload = None
-        return
-    if header.kind != pb.PLAINTEXT_UPDATE or header.sha256 != report.update_sha256:
-        hub.reject(session, "update blob does not match its train report")
-        return
-    try:
-        meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
-        limit = 2 * hub.model_len + (1 << 20)
-        session.upload = Reassembler(meta, max_total_bytes=limit)
-    except ChunkError as exc:
-        hub.reject(session, f"bad update header: {exc}")
-
-
 def on_chunk(hub: Hub, session: SiloStream, chunk: pb.BlobChunk) -> None:
     upload = session.upload
     if upload is None:
         return  # a blob we decided to ignore
-    masked = session.upload_buffer is not None
+    vector, header = session.upload_buffer, session.protocol_header
     try:
         upload.add(chunk.index, chunk.data)
         session.upload_moved(upload, hub.clock.now())  # it moves
         if not upload.complete:
             return
-        data = upload.finish_into() if masked else upload.finish()
+        data = upload.finish_into() if vector is not None else upload.finish()
     except ChunkError as exc:
         cancel_upload(hub, session)
         hub.reject(session, f"bad update chunk: {exc}")
         return
     session.upload = None
-    if masked:
-        on_masked_vector(hub, session, upload.sha256)
-    else:
+    if vector is None:
         assert isinstance(data, bytes)
-        on_update(hub, session, chunk.round_id, data)
-
-
-def on_update(hub: Hub, session: SiloStream, round_id: int, data: bytes) -> None:
-    m, agg, report = hub.machine, hub.aggregation, session.report
-    if m is None or agg is None or report is None or not current_phase(hub, session, round_id):
+        hub.on_upload(session.silo_id, PlaintextUpdate(chunk.round_id, data, upload.sha256))
         return
     try:
-        update = state_from_bytes(data)
-        # Checked whole before any of it is added (aggregation.check_update): a refused
-        # update drops this silo from the round (INVALID) and leaves the accumulator as it was.
-        agg.contribute(session.silo_id, int(report.num_examples), update)
-    except (AggregationError, StateDecodeError) as exc:
-        hub.reject(session, f"update refused: {exc}")
-        return
-    session.metrics = dict(report.metrics)
-    _, events = m.done(session.silo_id, round_id, "train", hub.clock.now())
-    hub.apply(events)
+        # The transport hashed exactly these bytes as they arrived: no second pass.
+        masked = MaskedVector(chunk.round_id, header or b"", vector, upload.sha256)
+        hub.on_upload(session.silo_id, masked)
+    finally:
+        end_upload(hub, session)  # added into the accumulator (or refused): reused

@@ -12,10 +12,11 @@ import enum
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.rounds.events import PrivacyRecord as PrivacyRecord  # the round's own record
 from secagg.identity import SiloId
 
 
@@ -80,18 +81,6 @@ class SiloStats:
     bytes_in: int
     bytes_out: int
     metrics: Mapping[str, float]
-
-
-@dataclass(frozen=True, slots=True)
-class PrivacyRecord:
-    """Differential-privacy figures of a round: the noise added and the privacy spent so far."""
-
-    mechanism: str
-    noise_multiplier: float
-    clip_norm: float
-    epsilon: float
-    delta: float
-    details: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

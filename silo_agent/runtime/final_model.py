@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from protos import federation_pb2 as pb
+from protos.names import abort_name
 from silo_agent.runtime.local_model import prefixed
 from silofed.files import write_atomically
 from silofed.task import Task
@@ -34,8 +35,6 @@ from silofed.tensors import state_from_bytes
 
 log = logging.getLogger("silofed.silo")
 
-NOT_THE_FINAL_MODEL = "NOT_THE_FINAL_MODEL"
-EVALUATION_FAILED = "EVALUATION_FAILED"
 STATE_FILENAME = "final-model.json"
 MODEL_FILENAME = "final-model.safetensors"
 DIGEST_FILENAME = "final-model.sha256"
@@ -116,7 +115,7 @@ class FinalModel:
             f"({expected}); asked for round {offer.round_id}'s model "
             f"{offer.model_sha256.hex()[:12]}"
         )
-        self._refuse(offer, NOT_THE_FINAL_MODEL, detail, send)
+        self._refuse(offer, pb.ABORT_REASON_NOT_THE_FINAL_MODEL, detail, send)
         return False
 
     def evaluate(self, offer: pb.RoundOffer, model_bytes: bytes, send: Send) -> None:
@@ -128,7 +127,10 @@ class FinalModel:
         if hashlib.sha256(model_bytes).hexdigest() != known.model_sha256:
             # The transport checked the blob against the offer; this guards the rule itself.
             self._refuse(
-                offer, NOT_THE_FINAL_MODEL, "its bytes are not the announced model's", send
+                offer,
+                pb.ABORT_REASON_NOT_THE_FINAL_MODEL,
+                "its bytes are not the announced model's",
+                send,
             )
             return
         if self.keep:
@@ -149,7 +151,8 @@ class FinalModel:
                 metrics = prefixed(self.task.evaluate(model, self.data), "eval_")
             except Exception as exc:  # noqa: BLE001 - a task bug must not stop the agent
                 log.exception("final evaluation of round %d's model failed", offer.round_id)
-                self._refuse(offer, EVALUATION_FAILED, f"{type(exc).__name__}: {exc}", send)
+                failure = f"{type(exc).__name__}: {exc}"
+                self._refuse(offer, pb.ABORT_REASON_EVALUATION_FAILED, failure, send)
                 return
             self._save(replace(known, metrics=metrics))
         else:
@@ -160,9 +163,16 @@ class FinalModel:
         log.info("final evaluation of round %d's model: %s", offer.round_id, shown)
 
     @staticmethod
-    def _refuse(offer: pb.RoundOffer, reason: str, detail: str, send: Send) -> None:
-        log.warning("final evaluation of round %d declined: %s: %s", offer.round_id, reason, detail)
-        notice = pb.AbortNotice(round_id=offer.round_id, reason=reason, detail=detail)
+    def _refuse(
+        offer: pb.RoundOffer, code: pb.AbortReason.ValueType, detail: str, send: Send
+    ) -> None:
+        log.warning(
+            "final evaluation of round %d declined: %s: %s",
+            offer.round_id,
+            abort_name(code),
+            detail,
+        )
+        notice = pb.AbortNotice(round_id=offer.round_id, code=code, detail=detail)
         send(pb.SiloMessage(abort=notice))
 
     # ---- files ---------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class PlaintextRound:
         except OfferRefused as exc:
             log.warning("round %d: declined: %s", offer.round_id, exc)
             notice = pb.AbortNotice(
-                round_id=offer.round_id, reason="TRAIN_PARAMS_REJECTED", detail=str(exc)
+                round_id=offer.round_id, code=pb.ABORT_REASON_TRAIN_PARAMS_REJECTED, detail=str(exc)
             )
             self.send(pb.SiloMessage(abort=notice))
             return
@@ -55,7 +55,7 @@ class PlaintextRound:
                         type(exc).__name__, exc)  # fmt: skip
             detail = f"local training failed: {type(exc).__name__}: {exc}"[:512]
             notice = pb.AbortNotice(
-                round_id=offer.round_id, reason="TRAINING_FAILED", detail=detail
+                round_id=offer.round_id, code=pb.ABORT_REASON_TRAINING_FAILED, detail=detail
             )
             self.send(pb.SiloMessage(abort=notice))
 

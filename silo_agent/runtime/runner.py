@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from protos import federation_pb2 as pb
-from protos.names import aggregation_name
+from protos.names import abort_name, aggregation_name
 from secagg.chunking import BlobMeta, ChunkError, Reassembler
 from secagg.identity import Roster
 from secagg.silo import SiloPolicy, SiloSession
@@ -49,7 +49,6 @@ from silofed.task import Task
 log = logging.getLogger("silofed.silo")
 
 AGENT_VERSION = "silofed-silo/0.1"
-FEDERATION_FINISHED = "FEDERATION_FINISHED"
 
 EXIT_OK = 0
 EXIT_REFUSED = 3  # the coordinator or our own pre-flight check refused this identity
@@ -224,13 +223,14 @@ class SiloRunner:
                     self._credentials = None  # the next secure round reads the adopted roster
             elif kind == "abort":
                 notice = message.abort
-                if notice.reason == FEDERATION_FINISHED:
+                reason = _coordinator_abort_name(notice)
+                if reason == abort_name(pb.ABORT_REASON_FEDERATION_FINISHED):
                     log.info("the coordinator says the federation finished")
                     return True
                 log.warning(
                     "round %d aborted by the coordinator: %s (%s)",
                     notice.round_id,
-                    notice.reason,
+                    reason,
                     notice.detail,
                 )
                 state.end_secure(notice.round_id)
@@ -268,7 +268,9 @@ class SiloRunner:
             detail = (
                 f"this silo does not take part in {aggregation_name(offer.aggregation)!r} rounds"
             )
-            notice = pb.AbortNotice(round_id=offer.round_id, reason="DECLINED", detail=detail)
+            notice = pb.AbortNotice(
+                round_id=offer.round_id, code=pb.ABORT_REASON_DECLINED, detail=detail
+            )
             link.send(pb.SiloMessage(abort=notice))
 
     def _secure_round(
@@ -326,7 +328,9 @@ class SiloRunner:
             "([secagg] max_model_bytes)"
         )
         log.warning("round %d: declined: %s", offer.round_id, detail)
-        notice = pb.AbortNotice(round_id=offer.round_id, reason="MODEL_TOO_LARGE", detail=detail)
+        notice = pb.AbortNotice(
+            round_id=offer.round_id, code=pb.ABORT_REASON_MODEL_TOO_LARGE, detail=detail
+        )
         link.send(pb.SiloMessage(abort=notice))
         return False
 
@@ -396,3 +400,9 @@ class SiloRunner:
             log.info("reached --rounds %d; stopping", self.max_rounds)
             return True
         return False
+
+
+def _coordinator_abort_name(notice: pb.AbortNotice) -> str:
+    """The name of the coordinator's abort code ("UNKNOWN(n)" for one this version does not
+    know: never the finished code, so the silo does not exit on it)."""
+    return abort_name(notice.code)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from protos import federation_pb2 as pb
+from protos.names import abort_name
 from secagg.config import RoundConfig, TensorSpec
 from secagg.errors import ProtocolAbort, SecAggError
 from secagg.messages import masked_header_of
@@ -168,13 +169,15 @@ class SiloSecureRound:
             # Keyed on the tensors, not the file: a re-serialised model is the same model.
             self._received = state_from_bytes(self._model_bytes)
         except Exception as exc:  # undecodable model bytes from the coordinator
-            self._refuse("MODEL_HASH_MISMATCH", f"the model does not decode: {exc}")
+            self._refuse(pb.ABORT_REASON_MODEL_HASH_MISMATCH, f"the model does not decode: {exc}")
             return
         # The same names, shapes and dtypes as this silo's own model (a float64 copy of the
         # same values would otherwise be a "new" model to the differencing guard).
         differs = layout_differences(self._received, self.job.layout)
         if differs:
-            self._refuse("LAYOUT_MISMATCH", f"the model is not this silo's model: {differs}")
+            self._refuse(
+                pb.ABORT_REASON_LAYOUT_MISMATCH, f"the model is not this silo's model: {differs}"
+            )
             return
         digest = model_digest(self._received)
         # Proofs that silos of an earlier attempt on this model sent out-of-range weights: the
@@ -270,15 +273,15 @@ class SiloSecureRound:
         if signed_round == self.round_id:
             return True
         self._refuse(
-            "CONFIG_REJECTED",
+            pb.ABORT_REASON_CONFIG_REJECTED,
             f"the offer says round {self.round_id}, its signed configuration round {signed_round}",
         )
         return False
 
-    def _refuse(self, reason: str, detail: str) -> None:
+    def _refuse(self, code: pb.AbortReason.ValueType, detail: str) -> None:
         """Refuse the offer before any session exists (nothing secret to erase)."""
-        log.warning("round %d: refused the offer: %s (%s)", self.round_id, reason, detail)
-        notice = pb.AbortNotice(round_id=self.round_id, reason=reason, detail=detail)
+        log.warning("round %d: refused the offer: %s (%s)", self.round_id, abort_name(code), detail)
+        notice = pb.AbortNotice(round_id=self.round_id, code=code, detail=detail)
         self._send(pb.SiloMessage(abort=notice))
         self._over.set()
 
@@ -306,7 +309,9 @@ class SiloSecureRound:
         except Exception as exc:  # a task bug must not kill the agent; the round drops this silo
             log.exception("round %d: local training failed", self.round_id)
             detail = f"local training failed: {type(exc).__name__}: {exc}"
-            notice = pb.AbortNotice(round_id=self.round_id, reason="TRAINING_FAILED", detail=detail)
+            notice = pb.AbortNotice(
+                round_id=self.round_id, code=pb.ABORT_REASON_TRAINING_FAILED, detail=detail
+            )
             self._send(pb.SiloMessage(abort=notice))
 
     def _train_and_upload_inner(self) -> None:

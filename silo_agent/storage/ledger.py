@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from protos import federation_pb2 as pb
-from protos.names import EVALUATE
+from protos.names import EVALUATE, abort_name
 from secagg.chunking import chunk_count_for
 from secagg.messages import (
     AbortNotice,
@@ -220,7 +220,8 @@ def _describe(item: pb.SiloMessage | OutBlob, rounds: Mapping[int, _Round]) -> _
         return _proto(report.round_id, "TrainReport", report, details)
     if kind == "abort":
         notice = item.abort
-        details = {"reason": notice.reason, "detail": notice.detail}
+        # The code's name, as the ledger always recorded it ("DECLINED"); the wire carries a number.
+        details = {"reason": abort_name(notice.code), "detail": notice.detail}
         return _proto(notice.round_id, "AbortNotice", notice, details)
     if kind == "secagg":
         frame = item.secagg
