@@ -5,9 +5,25 @@ the task API (`from silofed import Task, TrainResult`), the tensor codec (silofe
 config schema base (silofed.config_schema), logging setup (silofed.logs), atomic file writes
 (silofed.files), wire constants (silofed.wire) and the console scripts' shape (silofed.cli).
 Nothing here imports `coordinator`, `silo_agent`, grpc or `protos`; it may use secagg's pure
-pieces. Importing `silofed` itself loads neither torch nor any submodule but the task API.
+pieces. Importing `silofed` itself loads neither torch nor any submodule but the task API;
+`ProximalTerm` (FedProx, silofed.proximal, which needs torch) is loaded on first use.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from silofed.task import Task, TaskLoadError, TrainingCancelled, TrainResult
 
-__all__ = ["Task", "TaskLoadError", "TrainResult", "TrainingCancelled"]
+if TYPE_CHECKING:
+    from silofed.proximal import ProximalTerm
+
+__all__ = ["ProximalTerm", "Task", "TaskLoadError", "TrainResult", "TrainingCancelled"]
+
+
+def __getattr__(name: str) -> Any:
+    # `from silofed import ProximalTerm` imports torch only then, never at `import silofed`
+    # (the operator's commands that only read a config must not pay torch's import time).
+    if name == "ProximalTerm":
+        from silofed.proximal import ProximalTerm
+
+        return ProximalTerm
+    raise AttributeError(f"module 'silofed' has no attribute {name!r}")

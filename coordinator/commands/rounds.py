@@ -2,9 +2,11 @@
 
 Rule: every subcommand opens the log read-only (safe while the coordinator runs), takes
 `--state-dir DIR` (the log is DIR/rounds.sqlite) or `--log FILE`, and `--json` for machines.
-Human output is rich tables. Errors (no log, unreadable log, no such round, unknown metric, a
-checkpoint that does not match the log) go to stderr as one sentence saying what to do, with
-exit code 1. `model` writes only the file it is asked to (coordinator/storage/model_export.py).
+Human output is rich tables; every view of per-silo metrics also gives their spread across
+silos (coordinator.commands.rounds_spread). Errors (no log, unreadable log, no such round,
+unknown metric, a checkpoint that does not match the log) go to stderr as one sentence saying
+what to do, with exit code 1. `model` writes only the file it is asked to
+(coordinator/storage/model_export.py).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from coordinator.commands.rounds_views import (
     console_for,
     default_metric,
     export_csv,
+    export_with_spread,
     final_rows,
     known_metrics,
     list_rows,
     plot_series,
     print_detail,
     print_rounds,
+    with_spread,
 )
 from coordinator.storage.model_export import ExportError, export_model
 from coordinator.storage.roundlog import LOG_FILENAME, RoundLog
@@ -55,22 +59,34 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = verbs.add_parser("list", parents=[common], help="one row per round")
     p.add_argument(
         "--metric",
-        help="metric shown as global / worst silo (default: eval_accuracy, else accuracy, "
-        "else the first metric in the log)",
+        help="metric shown as global / worst silo / spread across silos (default: "
+        "eval_accuracy, else accuracy, else the first eval_* metric, else the first metric "
+        "in the log)",
     )
     p.set_defaults(func=_run(cmd_list))
 
-    p = verbs.add_parser("show", parents=[common], help="everything recorded about round N")
+    p = verbs.add_parser(
+        "show",
+        parents=[common],
+        help="everything recorded about round N, with each eval_* metric's spread across silos",
+    )
     p.add_argument("round", type=int, metavar="N", help="round number (see `rounds list`)")
     p.set_defaults(func=_run(cmd_show))
 
-    p = verbs.add_parser("export", parents=[common], help="the whole log as JSON or CSV")
+    p = verbs.add_parser(
+        "export",
+        parents=[common],
+        help="the whole log as JSON or CSV, with each eval_* metric's spread across silos",
+    )
     p.add_argument("--format", choices=("json", "csv"), default="json")
     p.add_argument("-o", "--output", type=Path, help="write to FILE instead of stdout")
     p.set_defaults(func=_run(cmd_export))
 
     p = verbs.add_parser(
-        "plot", parents=[common], help="plot the global and per-silo metric per round (PNG)"
+        "plot",
+        parents=[common],
+        help="plot the global and per-silo metric per round, with the silos' mean and their "
+        "worst-best band (PNG)",
     )
     p.add_argument("--metric", required=True, help="metric name, e.g. accuracy or loss")
     p.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
@@ -152,7 +168,7 @@ def cmd_list(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
 def cmd_show(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
     detail = log.round_detail(args.round)
     if args.json:
-        out.write(_dumps(detail.to_dict()) + "\n")
+        out.write(_dumps(with_spread(detail.to_dict())) + "\n")
         return 0
     print_detail(console_for(out), detail)
     return 0
@@ -162,7 +178,7 @@ def cmd_show(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_export(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
-    export = log.export()
+    export = export_with_spread(log.export())
     fmt = "json" if args.json else args.format
     text = _dumps(export, indent=2) + "\n" if fmt == "json" else export_csv(export)
     if args.output is None:
@@ -210,7 +226,8 @@ def cmd_model(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_plot(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
     metric: str = args.metric
-    series, dropouts, not_completed = plot_series(log, metric)
+    data = plot_series(log, metric)
+    series, dropouts, not_completed = data.series, data.dropouts, data.not_completed
     if not series:
         known = known_metrics(log)
         hint = f"metrics in this log: {', '.join(known)}" if known else "the log has no metrics"
@@ -225,6 +242,18 @@ def cmd_plot(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     try:
+        if data.spreads:
+            # Behind the lines: how far apart the silos are, round by round (fairness); in a
+            # colour outside the per-silo lines' cycle, and not the grey of failed rounds.
+            rounds_x = [r for r, _ in data.spreads]
+            ax.fill_between(
+                rounds_x, [x.worst for _, x in data.spreads], [x.best for _, x in data.spreads],
+                color="goldenrod", alpha=0.2, zorder=1, label="silos: worst to best",
+            )  # fmt: skip
+            ax.plot(
+                rounds_x, [x.mean for _, x in data.spreads], "--", color="darkgoldenrod",
+                linewidth=1.5, zorder=2, label="silos: mean",
+            )  # fmt: skip
         for name, points in series.items():
             xs, ys = zip(*points, strict=True)
             if name == "global":
@@ -265,13 +294,16 @@ def cmd_plot(log: RoundLog, args: argparse.Namespace, out: TextIO) -> int:
         "series": {k: len(v) for k, v in series.items()},
         "dropouts": [{"round": r, "silo_id": s, "phase": p} for r, s, p in dropouts],
         "not_completed": not_completed,
+        "spread": [{"round": r, **x.to_dict()} for r, x in data.spreads],
     }
     if args.json:
         out.write(_dumps(summary) + "\n")
     else:
+        silos = len(series) - ("global" in series)
         out.write(
-            f"wrote {args.output}: {metric} of {len(series) - ('global' in series)} silos"
-            f"{' and the global model' if 'global' in series else ''}, "
+            f"wrote {args.output}: {metric} of {silos} silos"
+            f"{' and the global model' if 'global' in series else ''}"
+            f"{', their mean and worst-best band' if data.spreads else ''}, "
             f"{len(dropouts)} dropouts marked\n"
         )
     return 0

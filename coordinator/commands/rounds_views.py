@@ -3,7 +3,8 @@
 
 Rule: pure presentation: a function here reads only the records (or the log's read queries) it
 is given and returns rows or prints to the console it is given; argument parsing, files and exit
-codes are coordinator.commands.rounds'.
+codes are coordinator.commands.rounds'. The spread across silos (mean, worst, best, std, n) is
+computed only by coordinator.commands.rounds_spread.spread, for all four subcommands.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import io
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Column, Table
 
+from coordinator.commands.rounds_spread import (
+    EVAL_PREFIX,
+    Spread,
+    eval_spreads,
+    lower_is_better,
+    spread,
+    spread_columns,
+)
 from coordinator.storage.roundlog import FinalEvaluation, RoundDetail, RoundLog, RoundSummary
 from secagg.identity import SiloId
 
@@ -46,41 +56,37 @@ def _num(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
-def lower_is_better(metric: str) -> bool:
-    """Losses and errors get worse as they grow; everything else (accuracy, AUC…) as it falls."""
-    name = metric.lower()
-    return "loss" in name or "error" in name
-
-
-def worst_silo(summary: RoundSummary, metric: str) -> tuple[str, float] | None:
-    """The silo whose `metric` is worst this round, or None if no silo reported it."""
-    return _worst(summary.silo_metrics, metric)
-
-
-def _worst(
-    silo_metrics: Mapping[SiloId, Mapping[str, float]], metric: str
-) -> tuple[str, float] | None:
-    values = [
-        (silo, m[metric])
-        for silo, m in silo_metrics.items()
-        if metric in m and not math.isnan(m[metric])
-    ]
-    if not values:
-        return None
-    pick = max if lower_is_better(metric) else min
-    return pick(values, key=lambda item: item[1])
-
-
 def _metric_columns(
-    metric: str, global_value: float | None, worst: tuple[str, float] | None
+    metric: str, global_value: float | None, across: Spread | None
 ) -> dict[str, Any]:
-    """The columns every `rounds list` row ends with: the metric, globally and its worst silo."""
+    """The columns every `rounds list` row ends with: the metric globally, its worst silo, and
+    its spread across silos."""
     return {
         "metric": metric,
-        "global": global_value,
-        "worst_silo": None if worst is None else worst[0],
-        "worst_silo_value": None if worst is None else worst[1],
+        "global": None if global_value is None or math.isnan(global_value) else global_value,
+        "worst_silo": None if across is None else across.worst_silo,
+        "worst_silo_value": None if across is None else across.worst,
+        "spread": None if across is None else across.to_dict(),
     }
+
+
+def _worst_cell(row: Mapping[str, Any]) -> str:
+    """The worst silo's value and name (its id's last segment: the table must fit a terminal;
+    `--json` has the whole id)."""
+    if row["worst_silo"] is None:
+        return "-"
+    return f"{_num(row['worst_silo_value'])} ({_short(row['worst_silo'])})"
+
+
+def _short(silo_id: str) -> str:
+    return silo_id.rsplit("/", 1)[-1]
+
+
+def _spread_cell(across: Mapping[str, Any] | None) -> str:
+    """`rounds list`'s compact spread column: mean ± std (n); the worst has its own column."""
+    if across is None:
+        return "-"
+    return f"{_num(across['mean'])} ± {_num(across['std'])} ({across['n']})"
 
 
 # -- list -------------------------------------------------------------------------------------
@@ -89,7 +95,6 @@ def _metric_columns(
 def list_rows(summaries: Sequence[RoundSummary], metric: str) -> list[dict[str, Any]]:
     rows = []
     for s in summaries:
-        worst = worst_silo(s, metric)
         rows.append(
             {
                 "round": s.round_id,
@@ -100,7 +105,9 @@ def list_rows(summaries: Sequence[RoundSummary], metric: str) -> list[dict[str, 
                 "invited": s.invited,
                 "finished": s.finished,
                 "dropped": s.dropped,
-                **_metric_columns(metric, s.global_metrics.get(metric), worst),
+                **_metric_columns(
+                    metric, s.global_metrics.get(metric), spread(s.silo_metrics, metric)
+                ),
             }
         )
     return rows
@@ -109,7 +116,8 @@ def list_rows(summaries: Sequence[RoundSummary], metric: str) -> list[dict[str, 
 def default_metric(
     summaries: Sequence[RoundSummary], finals: Sequence[FinalEvaluation] = ()
 ) -> str:
-    """The metric `rounds list` shows when none is asked for."""
+    """The metric `rounds list` shows when none is asked for: eval_accuracy, else accuracy,
+    else the first `eval_*` metric, else the first metric (alphabetically)."""
     names: set[str] = set()
     for s in summaries:
         names.update(s.global_metrics)
@@ -120,6 +128,9 @@ def default_metric(
     for preferred in PREFERRED_METRICS:
         if preferred in names:
             return preferred
+    evaluated = sorted(n for n in names if n.startswith(EVAL_PREFIX))
+    if evaluated:
+        return evaluated[0]
     return min(names) if names else PREFERRED_METRICS[-1]
 
 
@@ -127,7 +138,6 @@ def final_rows(finals: Sequence[FinalEvaluation], metric: str) -> list[dict[str,
     """`rounds list`'s closing line(s): the final evaluation of the federation's model."""
     rows = []
     for f in finals:
-        worst = _worst(f.silo_metrics, metric)
         rows.append(
             {
                 "round": f.round_id,
@@ -137,7 +147,9 @@ def final_rows(finals: Sequence[FinalEvaluation], metric: str) -> list[dict[str,
                 "asked": len(f.asked),
                 "answered": len(f.answered),
                 "refused": len(f.refusals),
-                **_metric_columns(metric, f.global_metrics.get(metric), worst),
+                **_metric_columns(
+                    metric, f.global_metrics.get(metric), spread(f.silo_metrics, metric)
+                ),
             }
         )
     return rows
@@ -159,10 +171,9 @@ def print_rounds(
         table.add_column(header, justify="right" if header not in ("status",) else "left")
     table.add_column(f"global {metric}", justify="right")
     table.add_column(f"worst silo {metric}", justify="left")
+    table.add_column("silos: mean ± std (n)", justify="right")
     for r in rows:
-        worst = (
-            "-" if r["worst_silo"] is None else f"{_num(r['worst_silo_value'])} ({r['worst_silo']})"
-        )
+        worst = _worst_cell(r)
         table.add_row(
             str(r["round"]),
             r["status"],
@@ -173,13 +184,12 @@ def print_rounds(
             str(r["dropped"]),
             _num(r["global"]),
             worst,
+            _spread_cell(r["spread"]),
         )
     if final:
         table.add_section()
     for f in final:
-        worst = (
-            "-" if f["worst_silo"] is None else f"{_num(f['worst_silo_value'])} ({f['worst_silo']})"
-        )
+        worst = _worst_cell(f)
         # The final evaluation is not a round: its columns are silos asked / answered / not.
         table.add_row(
             f"final ({f['round']})",
@@ -191,6 +201,7 @@ def print_rounds(
             str(f["asked"] - f["answered"]),
             _num(f["global"]),
             worst,
+            _spread_cell(f["spread"]),
         )
     console.print(table)
     if final:
@@ -198,6 +209,10 @@ def print_rounds(
             "final (N): the federation's final model, round N's, evaluated by the silos "
             "(invited = asked, finished = answered, dropped = no answer); not a round"
         )
+    console.print(
+        f"worst silo, silos: {metric} across every silo that reported it (n of them; "
+        f"population std); the worst is the {'highest' if lower_is_better(metric) else 'lowest'}"
+    )
 
 
 # -- show -------------------------------------------------------------------------------------
@@ -277,6 +292,9 @@ def print_detail(console: Console, d: RoundDetail) -> None:
             for s in d.silos
         ]
         console.print(_table("silos (bytes as seen by the coordinator)", columns, stats))
+        _print_spreads(
+            console, "eval_* metrics across silos", {s.silo_id: s.metrics for s in d.silos}
+        )
 
     if d.privacy is not None:
         pv = d.privacy
@@ -308,9 +326,68 @@ def _print_final(console: Console, f: FinalEvaluation) -> None:
         rows.append((silo, answer, *(_num((metrics or {}).get(n)) for n in names)))
     columns: list[str | Column] = ["silo", "answer", *map(_right, names)]
     console.print(_table("final evaluation per silo", columns, rows))
+    _print_spreads(console, "final evaluation: eval_* metrics across silos", f.silo_metrics)
 
 
-# -- export -----------------------------------------------------------------------------------
+def _print_spreads(
+    console: Console, title: str, silo_metrics: Mapping[SiloId, Mapping[str, float]]
+) -> None:
+    """One row per `eval_*` metric: n, mean, std, worst and best with their silos."""
+    spreads = eval_spreads(silo_metrics)
+    if not spreads:
+        return
+    columns: list[str | Column] = [
+        "metric",
+        _right("n"),
+        _right("mean"),
+        _right("std"),
+        _right("worst"),
+        "worst silo",
+        _right("best"),
+        "best silo",
+    ]
+    rows = [
+        (
+            f"{name} ({'higher' if lower_is_better(name) else 'lower'} is worse)",
+            str(x.n),
+            _num(x.mean),
+            _num(x.std),
+            _num(x.worst),
+            x.worst_silo,
+            _num(x.best),
+            x.best_silo,
+        )
+        for name, x in spreads.items()
+    ]
+    console.print(_table(title, columns, rows))
+
+
+# -- export (and `show --json`) -----------------------------------------------------------------
+
+
+def with_spread(round_doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A round in its export form (`RoundDetail.to_dict`) with `spread` added: every `eval_*`
+    metric's `<metric>_n/_mean/_std/_worst/_worst_silo/_best/_best_silo` across its silos; its
+    final evaluation, if any, gets its own `spread` the same way."""
+    doc = dict(round_doc)
+    doc["spread"] = spread_columns(_silo_metrics(doc["silos"]))
+    final = doc.get("final_evaluation")
+    if final is not None:
+        doc["final_evaluation"] = {**final, "spread": spread_columns(_silo_metrics(final["silos"]))}
+    return doc
+
+
+def export_with_spread(export: Mapping[str, Any]) -> dict[str, Any]:
+    """`RoundLog.export()` with `with_spread` applied to every round."""
+    return {**export, "rounds": [with_spread(r) for r in export["rounds"]]}
+
+
+def _silo_metrics(silos: Iterable[Mapping[str, Any]]) -> dict[SiloId, dict[str, float]]:
+    # The export writes a non-finite metric as null; the spread leaves those out anyway.
+    return {
+        SiloId(s["silo_id"]): {k: float(v) for k, v in s["metrics"].items() if v is not None}
+        for s in silos
+    }
 
 
 def csv_facts(export: Mapping[str, Any]) -> Iterator[tuple[object, ...]]:
@@ -343,6 +420,8 @@ def csv_facts(export: Mapping[str, Any]) -> Iterator[tuple[object, ...]]:
             yield (n, "silo", s["silo_id"], "bytes_out", s["bytes_out"])
             for key, value in sorted(s["metrics"].items()):
                 yield (n, "silo_metric", s["silo_id"], key, value)
+        for key, value in r.get("spread", {}).items():
+            yield (n, "spread", "", key, value)
         if r["privacy"] is not None:
             for key, value in sorted(r["privacy"].items()):
                 shown = json.dumps(value, sort_keys=True) if key == "details" else value
@@ -361,6 +440,8 @@ def csv_facts(export: Mapping[str, Any]) -> Iterator[tuple[object, ...]]:
             for s in final["silos"]:
                 for key, value in sorted(s["metrics"].items()):
                     yield (n, "final_silo_metric", s["silo_id"], key, value)
+            for key, value in final.get("spread", {}).items():
+                yield (n, "final_spread", "", key, value)
 
 
 def export_csv(export: Mapping[str, Any]) -> str:
@@ -375,16 +456,28 @@ def export_csv(export: Mapping[str, Any]) -> str:
 # -- plot -------------------------------------------------------------------------------------
 
 
-def plot_series(
-    log: RoundLog, metric: str
-) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[int, str, str]], list[int]]:
-    """(series by name — "global" and each silo —, dropouts (round, silo, phase), bad rounds)."""
+@dataclass(frozen=True, slots=True)
+class PlotData:
+    """What `rounds plot` draws for one metric."""
+
+    series: dict[str, list[tuple[int, float]]]  # "global" and each silo: (round, value)
+    dropouts: list[tuple[int, str, str]]  # (round, silo, phase)
+    not_completed: list[int]  # rounds shaded grey
+    spreads: list[tuple[int, Spread]]  # (round, the metric across silos), rounds with one
+
+
+def plot_series(log: RoundLog, metric: str) -> PlotData:
+    """Everything `rounds plot` draws for `metric`, from the log's rounds."""
     series: dict[str, list[tuple[int, float]]] = {}
     dropouts: list[tuple[int, str, str]] = []
     not_completed: list[int] = []
+    spreads: list[tuple[int, Spread]] = []
     for s in log.rounds():
         if s.status.value != "completed":
             not_completed.append(s.round_id)
+        across = spread(s.silo_metrics, metric)
+        if across is not None:
+            spreads.append((s.round_id, across))
         value = s.global_metrics.get(metric)
         if value is not None and not math.isnan(value):
             series.setdefault("global", []).append((s.round_id, value))
@@ -395,7 +488,7 @@ def plot_series(
         if s.dropped:
             for d in log.round_detail(s.round_id).dropouts:
                 dropouts.append((s.round_id, d.silo_id, d.phase))
-    return series, dropouts, not_completed
+    return PlotData(series, dropouts, not_completed, spreads)
 
 
 def known_metrics(log: RoundLog) -> list[str]:
