@@ -11,6 +11,7 @@ environment variables.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,79 @@ PAUSE_POINTS = (
 )
 
 
+# [server_optimizer]: how the next global model is made from a round's FedAvg result, which
+# secure aggregation produces without any silo's own update (coordinator.rounds.server_optimizer;
+# Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2). Each method -> the keys it
+# uses, with their defaults; any other key is refused for that method. fedavg (the default) takes
+# the FedAvg result as it is.
+SERVER_OPTIMIZERS: dict[str, dict[str, float]] = {
+    "fedavg": {},
+    "fedavgm": {"lr": 1.0, "momentum": 0.9},
+    "fedadam": {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
+    "fedyogi": {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
+    "fedadagrad": {"lr": 0.1, "beta1": 0.9, "tau": 1e-3},
+}
+_SERVER_OPTIMIZER_KEYS = ("lr", "momentum", "beta1", "beta2", "tau")
+
+
+def server_optimizer_problem(key: str, value: float) -> str | None:
+    """What is wrong with `value` for the server optimizer's `key`, or None: `lr` and `tau` are
+    finite and > 0; `momentum`, `beta1` and `beta2` are decay rates in [0, 1)."""
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if key in ("lr", "tau"):
+        return None if value > 0 else f"must be > 0, got {value:g}"
+    return None if 0 <= value < 1 else f"must be in [0, 1), got {value:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptimizerSettings:
+    """`[server_optimizer]`: the method and exactly the hyperparameters it uses (sorted, every
+    default filled in). Build it with `of`; an unknown method, a missing or foreign key or a value
+    out of range is a ValueError saying which."""
+
+    method: str = "fedavg"
+    params: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"server optimizer method must be one of {list(SERVER_OPTIMIZERS)}, "
+                f"got {self.method!r}"
+            )
+        wanted = sorted(SERVER_OPTIMIZERS[self.method])
+        if [key for key, _ in self.params] != wanted:
+            raise ValueError(
+                f"server optimizer {self.method!r} takes exactly {wanted} (sorted), got "
+                f"{[key for key, _ in self.params]}"
+            )
+        for key, value in self.params:
+            problem = server_optimizer_problem(key, value)
+            if problem is not None:
+                raise ValueError(f"server optimizer {self.method!r}: {key} {problem}")
+
+    @classmethod
+    def of(cls, method: str, **given: float) -> ServerOptimizerSettings:
+        """`method` with the hyperparameters `given`, the others at their defaults."""
+        defaults = SERVER_OPTIMIZERS.get(method)
+        if defaults is None:
+            return cls(method)  # refused by __post_init__, naming the methods
+        foreign = sorted(set(given) - set(defaults))
+        if foreign:
+            raise ValueError(
+                f"server optimizer {method!r} does not use {foreign}; it uses {sorted(defaults)}"
+            )
+        values = {**defaults, **given}
+        return cls(method, tuple((key, float(values[key])) for key in sorted(values)))
+
+    def param(self, key: str) -> float:
+        """The value of hyperparameter `key`; KeyError if this method does not use it."""
+        for name, value in self.params:
+            if name == key:
+                return value
+        raise KeyError(f"server optimizer {self.method!r} has no hyperparameter {key!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """`[metrics]`: the Prometheus endpoint (coordinator.observability.metrics); off when absent."""
@@ -176,6 +250,8 @@ class CoordinatorConfig:
     server: ServerLimits = field(default_factory=ServerLimits)
     metrics: MetricsConfig | None = None
     debug: DebugConfig = field(default_factory=DebugConfig)
+    # [server_optimizer]: the step from a round's FedAvg result to the next global model
+    server_optimizer: ServerOptimizerSettings = field(default_factory=ServerOptimizerSettings)
 
     @property
     def host(self) -> str:
@@ -291,6 +367,44 @@ class _Plaintext(StrictModel):
     weight_max: schema.PositiveInt = 100_000
 
 
+def _server_optimizer_value(key: str) -> AfterValidator:
+    def check(value: float) -> float:
+        problem = server_optimizer_problem(key, value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
+
+
+class _ServerOptimizer(StrictModel):
+    """Only the keys `method` uses may be set (SERVER_OPTIMIZERS); absent ones take its defaults."""
+
+    method: Annotated[str, schema.one_of(list(SERVER_OPTIMIZERS))] = "fedavg"
+    lr: Annotated[float, _server_optimizer_value("lr")] | None = None
+    momentum: Annotated[float, _server_optimizer_value("momentum")] | None = None
+    beta1: Annotated[float, _server_optimizer_value("beta1")] | None = None
+    beta2: Annotated[float, _server_optimizer_value("beta2")] | None = None
+    tau: Annotated[float, _server_optimizer_value("tau")] | None = None
+
+    @model_validator(mode="after")
+    def _only_the_method_s_keys(self) -> Self:
+        uses = SERVER_OPTIMIZERS[self.method]
+        for key in _SERVER_OPTIMIZER_KEYS:
+            if getattr(self, key) is not None and key not in uses:
+                takes = f"it uses {', '.join(sorted(uses))}" if uses else "it takes no keys"
+                raise Problem(
+                    key, f"is not used by method = {self.method!r} ({takes}); delete the line"
+                )
+        return self
+
+    def settings(self) -> ServerOptimizerSettings:
+        given = {
+            k: getattr(self, k) for k in _SERVER_OPTIMIZER_KEYS if getattr(self, k) is not None
+        }
+        return ServerOptimizerSettings.of(self.method, **given)
+
+
 class _Metrics(StrictModel):
     listen: schema.HostPort
 
@@ -310,6 +424,7 @@ class _CoordinatorFile(StrictModel):
     plaintext: _Plaintext = Field(default_factory=_Plaintext)
     metrics: _Metrics | None = None
     debug: _Debug = Field(default_factory=_Debug)
+    server_optimizer: _ServerOptimizer = Field(default_factory=_ServerOptimizer)
     train: Annotated[dict[str, Any], AfterValidator(_train_table)] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -365,4 +480,5 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
         ),
         metrics=None if f.metrics is None else MetricsConfig(listen=f.metrics.listen),
         debug=DebugConfig(pause_after_phase=f.debug.pause_after_phase),
+        server_optimizer=f.server_optimizer.settings(),
     )

@@ -33,6 +33,7 @@ COORD_TABLES: dict[str, tuple[str, str, str]] = {
     "metrics": ("listen", "listne", 'listen = "127.0.0.1:0"'),
     "debug": ("pause_after_phase", "pause_after_phse", ""),
     "plaintext": ("clip_l2", "clip_l", ""),
+    "server_optimizer": ("method", "metod", ""),
 }
 COORD_FREE = {"train"}
 
