@@ -34,11 +34,17 @@ EXIT_CODES = (
         logged=True,
     ),
     # A damaged or unusable <state_dir>/rollback.json; a port in use or an address not this
-    # machine's.
+    # machine's; a checkpoint or a server optimizer state that is damaged or belongs to another
+    # method, layout or model.
     ExitOn(
         "serve",
         2,
-        ("coordinator.storage.rollback:RollbackError", "coordinator.transport.server:ListenError"),
+        (
+            "coordinator.storage.rollback:RollbackError",
+            "coordinator.transport.server:ListenError",
+            "coordinator.storage.checkpoints:CheckpointCorrupt",
+            "coordinator.rounds.server_optimizer:ServerOptimizerStateError",
+        ),
         logged=True,
         prefix="cannot start: ",
     ),

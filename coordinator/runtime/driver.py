@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from coordinator.rounds.factory import build_round
 from coordinator.rounds.kind import Aborted, CannotStart, Completed
 from coordinator.rounds.phases import RoundId
+from coordinator.rounds.server_optimizer import ServerOptimizerError
 from coordinator.rounds.stall import Diagnosis, Verdict
 from coordinator.runtime import malloc, recorder, uploads
 from coordinator.runtime.serve import Outcome
@@ -250,8 +251,20 @@ def finish(hub: Hub, started: StartedRound) -> Verdict:
         )
         return hub.verdict
     hub.pause.at("unmask")
-    data = state_to_bytes(outcome.new_state)
+    try:
+        # The server optimizer makes the next model from the round's FedAvg result (FedAvg
+        # itself passes it through); it sees only the aggregate, never a silo's update.
+        new_state, opt_state = hub.server_optimizer.step(
+            hub.global_state, outcome.new_state, hub.server_opt_state
+        )
+    except ServerOptimizerError as exc:  # NON_FINITE_MODEL: the model and its state are kept
+        with hub.lock:
+            hub.round = None
+        recorder.finish_aborted(hub, round_id, invited, str(exc), metrics=outcome.metrics)
+        return hub.verdict
+    data = state_to_bytes(new_state)
     ckpt = hub.checkpoints.save_bytes(round_id, data)
+    hub.checkpoints.save_server_state(round_id, opt_state.to_saved(), model_sha256=ckpt.sha256)
     hub.pause.at("checkpoint")
     hub.next_offer = data
     del data
@@ -269,7 +282,9 @@ def finish(hub: Hub, started: StartedRound) -> Verdict:
             )
         hub.apply(outcome.announce(bytes.fromhex(ckpt.sha256)))
         hub.round = None
-        survivors = list(outcome.survivors)
-        state, weight = outcome.new_state, outcome.weight_sum
-        recorder.complete(hub, round_id, invited, survivors, state, ckpt, weight, outcome.metrics)
+        survivors, weight = list(outcome.survivors), outcome.weight_sum
+        hub.server_opt_state = opt_state
+        recorder.complete(
+            hub, round_id, invited, survivors, new_state, ckpt, weight, outcome.metrics
+        )
     return hub.verdict

@@ -37,6 +37,7 @@ from coordinator.rounds.kind import (
     stray,
 )
 from coordinator.rounds.phases import DropReason
+from coordinator.rounds.server_optimizer import build_server_optimizer
 from coordinator.rounds.stall import Proceed, StallWatch, Verdict
 from coordinator.runtime import driver, final_evaluation, recorder, resume, status, uploads
 from coordinator.runtime.clock import SYSTEM_CLOCK, Clock
@@ -76,8 +77,16 @@ class Hub:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.roundlog = RoundLog(config.state_dir / "rounds.sqlite")
         self.checkpoints = CheckpointStore(config.state_dir / "checkpoints")
-        self.global_state = resume.resume_global_state(
-            self.roundlog, self.checkpoints, config.state_dir, model_factory, now=clock.now()
+        # How the next model is made from a round's FedAvg result ([server_optimizer]), and its
+        # state (moments), saved beside each checkpoint.
+        self.server_optimizer = build_server_optimizer(config)
+        self.global_state, self.server_opt_state = resume.resume_global_state(
+            self.roundlog,
+            self.checkpoints,
+            config.state_dir,
+            model_factory,
+            self.server_optimizer,
+            now=clock.now(),
         )
         self.round: RoundKind | None = None  # the round in progress, of whichever kind
         self.slots = uploads.Slots(config.max_concurrent_uploads)  # buffered uploads
