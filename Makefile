@@ -21,7 +21,7 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m examples.hospital.demo
+	$(PY) -m examples.digits.demo
 
 # Two steps: the fast unit step first (in-process tests, real gRPC on loopback included), then the
 # end-to-end step (real coordinator and silo processes), so a unit failure is reported in seconds.
@@ -38,10 +38,12 @@ test: $(STAMP)
 
 # Line coverage of `make test`'s tests, the coordinator and silo processes they start included
 # ([tool.coverage] in pyproject.toml: patch = subprocess); in one process, as the figures
-# before and after were taken. A SIGKILLed process (the chaos tests) records nothing.
+# before and after were taken. A SIGKILLed process (the chaos tests) records nothing. The
+# e2e processes start as fresh interpreters here (SILOFED_TEST_NO_LAUNCHER=1), which is how
+# coverage.py's subprocess patch follows them (tests/launcher.py forks instead).
 coverage: $(STAMP)
 	rm -f .coverage .coverage.*
-	$(VENV)/bin/coverage run -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	SILOFED_TEST_NO_LAUNCHER=1 $(VENV)/bin/coverage run -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report
 

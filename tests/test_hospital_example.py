@@ -113,6 +113,20 @@ def test_bad_train_params_are_named() -> None:
         TASK.train(TASK.build_model(), data, {"epochs": 0})
 
 
+def test_lr_decay_scales_the_step_size_by_round() -> None:
+    # Round 3 with lr 0.1 decaying by 0.5 a round trains exactly as lr 0.025 without decay.
+    data = TASK.load_data({"silo_index": 0})
+    states = []
+    for lr, decay in ((0.1, 0.5), (0.025, 1.0), (0.1, 1.0)):
+        model = TASK.build_model()
+        TASK.train(model, data, {**PARAMS, "round": 3, "lr": lr, "lr_decay": decay})
+        states.append(model.state_dict())
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
+    assert any(not torch.allclose(states[0][k], states[2][k]) for k in states[0])
+    with pytest.raises(TrainParamsError, match="lr_decay"):
+        TASK.train(TASK.build_model(), data, {"lr_decay": 0})
+
+
 def fedavg(rounds: int, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     datas = [TASK.load_data({"silo_index": i, "num_silos": SILOS}) for i in range(SILOS)]
     global_state = TASK.build_model().state_dict()

@@ -31,9 +31,13 @@ FORBIDDEN = {
 }
 # The demo drives a federation as its operator would (provisioning, reading the round log); it is
 # a script, never loaded by a role, so the tasks' rule does not bind it.
-EXEMPT = {"examples/hospital/demo.py"}
+EXEMPT = {"examples/digits/demo.py"}
 # The tasks shipped in examples/: the roles' processes below load each of them.
-EXAMPLE_TASKS = ("examples.hospital.task:TASK", "examples.noop.task:TASK")
+EXAMPLE_TASKS = (
+    "examples.hospital.task:TASK",
+    "examples.digits.task:TASK",
+    "examples.noop.task:TASK",
+)
 # secagg must also stay free of I/O: no sockets, files, clocks or global randomness.
 SECAGG_NO_IO = {
     "socket",

@@ -1,5 +1,7 @@
-"""Reference figures the demo prints next to the federation's: held-out accuracy of a state,
-centralized training, and the best silo training alone.
+"""Reference figures for the hospital example (its tests use them): held-out accuracy of a
+state, centralized training, and the best silo training alone. (`make demo` runs the digits
+example; its baselines, with the best silo chosen on its own validation split, are in
+examples/digits/baselines.py.)
 
 Rule: every baseline gets the same budget as the federation (`rounds` x `params["epochs"]` local
 epochs, same optimiser settings, same initial weights) and is measured on the same fixed held-out

@@ -8,9 +8,13 @@ Data and the fixed, silo-independent preprocessing are in `data.py`.
 
 Silo options (``[task.options]``): ``silo_index`` (0-based, required), ``num_silos`` (default 3).
 Train params (the coordinator's ``[train]`` table), all optional:
-``epochs`` (local epochs per round, default 2), ``lr`` (default 0.05), ``batch_size``
-(default 32), ``momentum`` (default 0.9); the agent sets ``seed`` and ``round`` itself
-(defaults 0 outside the agent).
+``epochs`` (local epochs per round, default 2), ``lr`` (default 0.05), ``lr_decay`` (default 1.0:
+round r trains with ``lr * lr_decay ** (r - 1)``, so a federation anneals its step size by round
+number alone, the same at every silo), ``batch_size`` (default 32), ``momentum`` (default 0.9),
+``proximal_mu`` (default 0: FedAvg; > 0 adds FedProx's proximal term, silofed.proximal, to the
+loss); the agent sets ``seed`` and ``round`` itself (defaults 0 outside the agent).
+`train_split` is the examples' shared SGD loop: the digits task (examples.digits) trains with it
+too, so both accept the same ``[train]`` keys.
 When the runtime passes a callable ``progress``, training reports ``progress(done, total)`` in
 batches after each batch (the silo's terminal progress bar); it does not affect the result.
 """
@@ -32,13 +36,14 @@ from examples.hospital.data import (
     Split,
     silo_data,
 )
-from silofed import TrainResult
+from silofed import ProximalTerm, TrainResult
 
 HIDDEN = 16
 MODEL_SEED = 1729
 DEFAULT_PARAMS: Mapping[str, Any] = {
     "epochs": 2,
     "lr": 0.05,
+    "lr_decay": 1.0,
     "batch_size": 32,
     "momentum": 0.9,
     "seed": 0,
@@ -100,17 +105,24 @@ def train_split(model: nn.Module, split: Split, params: Mapping[str, Any]) -> di
 def _train_split(model: nn.Module, split: Split, params: Mapping[str, Any]) -> dict[str, float]:
     epochs = _param(params, "epochs", int)
     lr = _param(params, "lr", float)
+    lr_decay = _param(params, "lr_decay", float)
     batch_size = _param(params, "batch_size", int)
     momentum = _param(params, "momentum", float)
     seed = _param(params, "seed", int)
     round_id = _param(params, "round", int)
-    if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= momentum < 1:
+    if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= momentum < 1 or not 0 < lr_decay <= 1:
         raise TrainParamsError(
-            f"[train] needs epochs >= 1, batch_size >= 1, lr > 0, 0 <= momentum < 1; got "
-            f"epochs={epochs}, batch_size={batch_size}, lr={lr}, momentum={momentum}"
+            f"[train] needs epochs >= 1, batch_size >= 1, lr > 0, 0 < lr_decay <= 1, "
+            f"0 <= momentum < 1; got epochs={epochs}, batch_size={batch_size}, lr={lr}, "
+            f"lr_decay={lr_decay}, momentum={momentum}"
         )
     generator = torch.Generator().manual_seed((seed * 1_000_003 + round_id) % 2**63)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    step_size = lr * lr_decay ** max(round_id - 1, 0)  # rounds count from 1; 0 = outside the agent
+    try:  # before the first step: the term anchors to the global model the round started from
+        proximal = ProximalTerm.from_params(model, params)
+    except ValueError as exc:
+        raise TrainParamsError(str(exc)) from exc
+    optimizer = torch.optim.SGD(model.parameters(), lr=step_size, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
     report = params.get("progress")
     batches = epochs * -(-len(split) // batch_size)
@@ -125,8 +137,8 @@ def _train_split(model: nn.Module, split: Split, params: Mapping[str, Any]) -> d
             x, y = split.x[batch], split.y[batch]
             optimizer.zero_grad()
             logits = model(x)
-            loss = loss_fn(logits, y)
-            loss.backward()
+            loss = loss_fn(logits, y)  # reported without the proximal term: the data's loss
+            (loss + proximal(model)).backward()
             optimizer.step()
             total_loss += float(loss.item()) * len(batch)
             correct += int((logits.argmax(dim=1) == y).sum().item())
