@@ -280,6 +280,12 @@ def _ring_bits(value: int) -> int:
 def _train_table(train: dict[str, Any]) -> dict[str, Any]:
     """[train]: flat scalars only, sent to every silo inside the signed round configuration.
     `seed` and `round` are the silo's own (its training randomness is never the coordinator's)."""
+    mu = train.get("proximal_mu")
+    # FedProx's μ: a bad value would fail every silo's training, round after round.
+    if mu is not None and (
+        isinstance(mu, bool) or not isinstance(mu, int | float) or not 0 <= mu < float("inf")
+    ):
+        raise ValueError(f"proximal_mu must be a finite number >= 0 (FedProx's μ), got {mu!r}")
     try:
         parse_train_params(canonical_train_params(train), {})
     except (TrainParamsError, TypeError, ValueError) as exc:

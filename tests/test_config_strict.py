@@ -172,6 +172,9 @@ def test_free_tables_still_check_their_values(tmp_path: Path) -> None:
     assert str(exc).endswith("[train_limits] epochs must be a number > 0, got 0")
     exc = refusal(tmp_path, "coordinator", with_key(COORD, "train", "seed = 1", ""))
     assert "[train] cannot be sent to the silos: training parameter 'seed'" in str(exc)
+    for bad in ("-0.1", "nan", "true", '"0.1"'):
+        exc = refusal(tmp_path, "coordinator", with_key(COORD, "train", f"proximal_mu = {bad}", ""))
+        assert "[train] proximal_mu must be a finite number >= 0" in str(exc), (bad, exc)
 
 
 def test_the_keys_added_for_recovery_are_read_and_checked(tmp_path: Path) -> None:
