@@ -62,6 +62,7 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/secagg_micro.py
 	$(PY) bench/round.py --silos 3 --params 1000000
+	$(PY) -m bench.convergence
 
 lock:
 	$(PIP) freeze --exclude-editable | grep -v '^torch==' > requirements.lock

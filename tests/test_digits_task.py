@@ -11,16 +11,18 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from examples.common import TrainParamsError
 from examples.digits.data import (
     LOCAL_EVAL_FRACTION,
+    MIN_DIRICHLET_SHARE,
     DataOptionsError,
     heldout_test,
     pooled_training_data,
     silo_data,
+    silo_indices,
     transform,
 )
 from examples.digits.task import TASK
-from examples.hospital.task import TrainParamsError
 from silofed.task import load_model_factory, load_task
 
 SPEC = "examples.digits.task:TASK"
@@ -52,6 +54,31 @@ def test_each_silo_holds_exactly_k_digits_and_together_all_ten(num_silos: int, k
     assert set().union(*held) == set(range(10))
 
 
+def test_dirichlet_split_partitions_the_pool_with_label_skew_that_alpha_sets() -> None:
+    pool_size = len(load_digits().target) - len(heldout_test())
+    top_share = {}
+    for alpha in (0.1, 100.0):
+        shares = [silo_indices(i, 10, split="dirichlet", alpha=alpha) for i in range(10)]
+        assert sorted(np.concatenate(shares).tolist()) == list(range(pool_size))
+        assert min(len(s) for s in shares) >= MIN_DIRICHLET_SHARE
+        # How much of a silo's share its most common digit is, averaged over the silos.
+        labels = [TASK.load_data(opts).train.y.numpy() for opts in _dirichlet(alpha)]
+        top_share[alpha] = float(np.mean([np.bincount(y).max() / y.size for y in labels]))
+    assert top_share[0.1] > 0.5 > 0.2 > top_share[100.0], top_share
+
+
+def _dirichlet(alpha: float) -> list[dict[str, object]]:
+    return [
+        {"silo_index": i, "num_silos": 10, "split": "dirichlet", "alpha": alpha} for i in range(10)
+    ]
+
+
+def test_the_default_split_is_the_classes_split() -> None:
+    default, explicit = silo_data(1), TASK.load_data({"silo_index": 1, "split": "classes"})
+    assert torch.equal(default.train.x, explicit.train.x)
+    assert torch.equal(default.evaluation.y, explicit.evaluation.y)
+
+
 def test_heldout_set_is_stratified() -> None:
     counts = np.bincount(heldout_test().y.numpy(), minlength=10)
     per_digit = np.bincount(load_digits().target, minlength=10)
@@ -81,6 +108,20 @@ def test_transform_standardises_with_fixed_constants() -> None:
         ({"silo_index": 0, "classes_per_silo": 11}, r"classes_per_silo must be in 1\.\.10"),
         ({"silo_index": True}, "silo_index must be an integer"),
         ({"silo_index": 0, "num_silos": "3"}, "num_silos must be an integer"),
+        ({"silo_index": 0, "split": "iid"}, "split must be one of 'classes', 'dirichlet'"),
+        ({"silo_index": 0, "split": "dirichlet"}, "needs alpha, a number > 0, got None"),
+        ({"silo_index": 0, "split": "dirichlet", "alpha": 0}, "needs alpha, a number > 0"),
+        ({"silo_index": 0, "split": "dirichlet", "alpha": "0.1"}, "needs alpha"),
+        ({"silo_index": 0, "split": "dirichlet", "alpha": float("inf")}, "alpha must be finite"),
+        ({"silo_index": 0, "alpha": 0.1}, "alpha applies to split = 'dirichlet' only"),
+        (
+            {"silo_index": 0, "split": "dirichlet", "alpha": 0.1, "classes_per_silo": 4},
+            "classes_per_silo applies to split = 'classes' only",
+        ),
+        (
+            {"silo_index": 0, "num_silos": 200, "split": "dirichlet", "alpha": 0.1},
+            "cannot split the digits",
+        ),
     ],
 )
 def test_load_data_options_are_checked(options: dict[str, object], message: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from examples.common import evaluate_split, train_split
 from examples.digits.data import (
     DEFAULT_CLASSES_PER_SILO,
     Split,
@@ -29,7 +30,6 @@ from examples.digits.data import (
     silo_data,
 )
 from examples.digits.task import DEFAULT_PARAMS, build_cnn
-from examples.hospital.task import evaluate_split, train_split
 
 
 @dataclass(frozen=True, slots=True)

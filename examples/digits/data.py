@@ -6,11 +6,16 @@ talking.
 
 * Held-out test set: a stratified 25 % of the 1,797 images (seed `SPLIT_SEED`), used only to
   report the federation's accuracy (demo, baselines). No silo trains or evaluates on it.
-* The remaining 1,347 images go to `num_silos` silos by the pathological non-IID split
-  `silofed.partition.k_classes_per_silo`: each silo holds exactly `classes_per_silo` of the ten
-  digits (all their images shared evenly with the other silos holding that digit), and every
-  digit is held by some silo. With the defaults (3 silos, 4 digits each) a silo alone can
-  recognise at most 4 digits of 10.
+* The remaining 1,347 images go to `num_silos` silos by one of two non-IID splits (the
+  option ``split``), both from `silofed.partition`:
+  - ``"classes"`` (the default, the demo's): the pathological split `k_classes_per_silo`: each
+    silo holds exactly `classes_per_silo` of the ten digits (all their images shared evenly
+    with the other silos holding that digit), and every digit is held by some silo. With the
+    defaults (3 silos, 4 digits each) a silo alone can recognise at most 4 digits of 10.
+  - ``"dirichlet"``: label skew `dirichlet_label_skew` with concentration ``alpha`` (required):
+    each digit's images are shared out in Dirichlet(alpha) proportions, so with a small alpha
+    (0.1) most silos hold a few digits and sizes differ widely. Every silo gets at least
+    `MIN_DIRICHLET_SHARE` images (a draw that gives one fewer is redrawn, seeded).
 * Each silo keeps a stratified 20 % of its share as its local validation split.
 
 Preprocessing needs no other silo's data: pixels (0..16) are scaled to [0, 1] and then
@@ -21,15 +26,14 @@ and standard deviation, written down once, not fitted), identical at every site 
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-from examples.hospital.data import SiloData, Split
-from silofed.partition import PartitionError, k_classes_per_silo
+from examples.common import SiloData, Source, Split, local_split, pooled
+from silofed.partition import PartitionError, dirichlet_label_skew, k_classes_per_silo
 
 NUM_CLASSES = 10
 IMAGE_SIDE = 8
@@ -38,12 +42,18 @@ LOCAL_EVAL_FRACTION = 0.2
 SPLIT_SEED = 20261128
 DEFAULT_NUM_SILOS = 3
 DEFAULT_CLASSES_PER_SILO = 4
+SPLITS = ("classes", "dirichlet")
+DEFAULT_SPLIT = "classes"
+# A Dirichlet share this small still leaves a silo a training split and a validation split of
+# at least 2 images; smaller shares would make the local validation figure meaningless.
+MIN_DIRICHLET_SHARE = 10
 # Fixed standardisation of pixels already scaled to [0, 1]: centring and unit-ish scale made
 # the small CNN converge in half the rounds (federated and centralized alike).
 PIXEL_CENTER = 0.3
 PIXEL_SCALE = 0.4
 
 __all__ = [
+    "SPLITS",
     "DataOptionsError",
     "SiloData",
     "Split",
@@ -66,32 +76,18 @@ def transform(raw: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
     return out
 
 
-def _to_split(x: npt.NDArray[np.float64], y: npt.NDArray[np.int64]) -> Split:
-    return Split(x=torch.from_numpy(transform(x)), y=torch.from_numpy(y.astype(np.int64)))
-
-
-@functools.cache  # read-only arrays: every caller indexes, none mutates
-def _pool() -> tuple[
-    npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]
-]:
-    bunch = load_digits()
-    x = np.asarray(bunch.data, dtype=np.float64)
-    y = np.asarray(bunch.target, dtype=np.int64)
-    x_pool, x_test, y_pool, y_test = train_test_split(
-        x, y, test_size=HELDOUT_FRACTION, stratify=y, random_state=SPLIT_SEED
-    )
-    for array in (x_pool, y_pool, x_test, y_test):
-        array.flags.writeable = False
-    return x_pool, y_pool, x_test, y_test
+SOURCE = Source(load_digits, transform, HELDOUT_FRACTION, SPLIT_SEED)
+_pool = SOURCE.pool
 
 
 def heldout_test() -> Split:
     """The fixed held-out test set (never seen by any silo)."""
-    _, _, x_test, y_test = _pool()
-    return _to_split(x_test, y_test)
+    return SOURCE.heldout_test()
 
 
-def _check_options(silo_index: int, num_silos: int, classes_per_silo: int) -> None:
+def _check_options(
+    silo_index: int, num_silos: int, classes_per_silo: int, split: str, alpha: float | None
+) -> None:
     for key, value in (
         ("silo_index", silo_index),
         ("num_silos", num_silos),
@@ -109,6 +105,19 @@ def _check_options(silo_index: int, num_silos: int, classes_per_silo: int) -> No
             f"[task.options] silo_index must be in 0..{num_silos - 1} for "
             f"num_silos={num_silos}, got {silo_index}"
         )
+    if split not in SPLITS:
+        raise DataOptionsError(
+            f"[task.options] split must be one of {', '.join(map(repr, SPLITS))}, got {split!r}"
+        )
+    if split == "dirichlet":
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+            raise DataOptionsError(
+                f'[task.options] split = "dirichlet" needs alpha, a number > 0, got {alpha!r} '
+                "(e.g. alpha = 0.1: the smaller, the fewer digits each silo holds)"
+            )
+        if not math.isfinite(alpha):
+            raise DataOptionsError(f"[task.options] alpha must be finite, got {alpha}")
+        return
     if not 1 <= classes_per_silo <= NUM_CLASSES or num_silos * classes_per_silo < NUM_CLASSES:
         raise DataOptionsError(
             f"[task.options] classes_per_silo must be in 1..{NUM_CLASSES} and num_silos x "
@@ -118,10 +127,18 @@ def _check_options(silo_index: int, num_silos: int, classes_per_silo: int) -> No
 
 
 @functools.cache
-def _partition(num_silos: int, classes_per_silo: int) -> tuple[npt.NDArray[np.int64], ...]:
+def _partition(
+    num_silos: int, classes_per_silo: int, alpha: float | None
+) -> tuple[npt.NDArray[np.int64], ...]:
+    """alpha None: the classes split; otherwise the Dirichlet one (classes_per_silo unused)."""
     _, y_pool, _, _ = _pool()
     try:
-        parts = k_classes_per_silo(y_pool, num_silos, classes_per_silo, SPLIT_SEED)
+        if alpha is None:
+            parts = k_classes_per_silo(y_pool, num_silos, classes_per_silo, SPLIT_SEED)
+        else:
+            parts = dirichlet_label_skew(
+                y_pool, num_silos, alpha, SPLIT_SEED, min_size=MIN_DIRICHLET_SHARE
+            )
     except PartitionError as exc:  # e.g. more holders of a digit than it has images
         raise DataOptionsError(f"[task.options] cannot split the digits: {exc}") from exc
     for part in parts:
@@ -133,40 +150,54 @@ def silo_indices(
     silo_index: int,
     num_silos: int = DEFAULT_NUM_SILOS,
     classes_per_silo: int = DEFAULT_CLASSES_PER_SILO,
+    *,
+    split: str = DEFAULT_SPLIT,
+    alpha: float | None = None,
 ) -> npt.NDArray[np.int64]:
     """Indices, into the non-held-out pool, of silo `silo_index`'s share (train + validation).
 
+    `classes_per_silo` is used by ``split="classes"``, `alpha` by ``split="dirichlet"``.
     Raises DataOptionsError naming the option if one is out of range.
     """
-    _check_options(silo_index, num_silos, classes_per_silo)
-    return _partition(num_silos, classes_per_silo)[silo_index]
+    _check_options(silo_index, num_silos, classes_per_silo, split, alpha)
+    if split == "dirichlet":
+        assert alpha is not None  # checked above
+        return _partition(num_silos, 0, float(alpha))[silo_index]
+    return _partition(num_silos, classes_per_silo, None)[silo_index]
 
 
 def silo_data(
     silo_index: int,
     num_silos: int = DEFAULT_NUM_SILOS,
     classes_per_silo: int = DEFAULT_CLASSES_PER_SILO,
+    *,
+    split: str = DEFAULT_SPLIT,
+    alpha: float | None = None,
 ) -> SiloData:
-    """Silo `silo_index`'s training split and local validation split.
+    """Silo `silo_index`'s training split and local validation split (options as silo_indices).
 
     Raises DataOptionsError naming the option if one is out of range.
     """
-    idx = silo_indices(silo_index, num_silos, classes_per_silo)
+    idx = silo_indices(silo_index, num_silos, classes_per_silo, split=split, alpha=alpha)
     x_pool, y_pool, _, _ = _pool()
     x, y = x_pool[idx], y_pool[idx]
     # Stratify when every digit of the share can be on both sides (tiny shares: plain split).
     counts = np.bincount(y)[np.unique(y)]
-    fits = counts.min() >= 2 and LOCAL_EVAL_FRACTION * y.size >= counts.size
-    stratify = y if fits else None
-    x_tr, x_ev, y_tr, y_ev = train_test_split(
-        x, y, test_size=LOCAL_EVAL_FRACTION, stratify=stratify, random_state=SPLIT_SEED + silo_index
-    )
-    return SiloData(train=_to_split(x_tr, y_tr), evaluation=_to_split(x_ev, y_ev))
+    fits = bool(counts.min() >= 2 and LOCAL_EVAL_FRACTION * y.size >= counts.size)
+    return local_split(x, y, LOCAL_EVAL_FRACTION, SPLIT_SEED + silo_index, transform, stratify=fits)
 
 
 def pooled_training_data(
-    num_silos: int = DEFAULT_NUM_SILOS, classes_per_silo: int = DEFAULT_CLASSES_PER_SILO
+    num_silos: int = DEFAULT_NUM_SILOS,
+    classes_per_silo: int = DEFAULT_CLASSES_PER_SILO,
+    *,
+    split: str = DEFAULT_SPLIT,
+    alpha: float | None = None,
 ) -> Split:
     """All silos' training splits together: what a centralized trainer would see."""
-    parts = [silo_data(i, num_silos, classes_per_silo).train for i in range(num_silos)]
-    return Split(x=torch.cat([p.x for p in parts]), y=torch.cat([p.y for p in parts]))
+    return pooled(
+        [
+            silo_data(i, num_silos, classes_per_silo, split=split, alpha=alpha).train
+            for i in range(num_silos)
+        ]
+    )

@@ -2,11 +2,14 @@
 
 Rule: deterministic given its inputs, like the hospital task: `build_model` seeds its own
 generator and never touches torch's global RNG; training is the examples' shared SGD loop
-(`examples.hospital.task.train_split`), seeded from ``params["seed"]`` and ``params["round"]``,
-on one thread. Data and the fixed preprocessing are in `data.py`.
+(`examples.common.train_split`), seeded from ``params["seed"]`` and ``params["round"]``, on one
+thread. Data and the fixed preprocessing are in `data.py`.
 
 Silo options (``[task.options]``): ``silo_index`` (0-based, required), ``num_silos`` (default 3),
-``classes_per_silo`` (default 4: the digits each silo holds, see data.py).
+``split`` (``"classes"``, the default, or ``"dirichlet"``; see data.py), then for
+``split = "classes"`` ``classes_per_silo`` (default 4: the digits each silo holds), for
+``split = "dirichlet"`` ``alpha`` (required: the Dirichlet concentration, e.g. 0.1). An option
+the chosen split does not use is refused rather than ignored.
 Train params (the coordinator's ``[train]`` table): those of the shared loop — ``epochs``,
 ``lr``, ``lr_decay``, ``batch_size``, ``momentum`` — with this task's defaults in
 `DEFAULT_PARAMS` (the demo's settings: one epoch per round, lr 0.05 decaying by 0.95 a round).
@@ -15,22 +18,20 @@ Train params (the coordinator's ``[train]`` table): those of the shared loop —
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from examples.common import ClassifierTask, SiloData
 from examples.digits.data import (
     DEFAULT_CLASSES_PER_SILO,
     DEFAULT_NUM_SILOS,
+    DEFAULT_SPLIT,
     NUM_CLASSES,
     DataOptionsError,
-    SiloData,
     silo_data,
 )
-from examples.hospital.task import evaluate_split, train_split
-from silofed import TrainResult
 
 MODEL_SEED = 1729
 CHANNELS = (16, 32)
@@ -85,33 +86,31 @@ def _option(options: Mapping[str, Any], key: str, default: int | None) -> int:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class DigitsTask:
-    """The task object named by ``examples.digits.task:TASK``."""
-
-    name: str = "digits-cnn"
-
-    def build_model(self) -> nn.Module:
-        return build_cnn()
-
-    def load_data(self, options: Mapping[str, Any]) -> SiloData:
-        """Raises DataOptionsError naming the option if one is missing or out of range."""
-        return silo_data(
-            _option(options, "silo_index", None),
-            _option(options, "num_silos", DEFAULT_NUM_SILOS),
-            _option(options, "classes_per_silo", DEFAULT_CLASSES_PER_SILO),
-        )
-
-    def train(self, model: nn.Module, data: Any, params: Mapping[str, Any]) -> TrainResult:
-        if not isinstance(data, SiloData):
-            raise TypeError(f"digits task expects SiloData, got {type(data).__name__}")
-        metrics = train_split(model, data.train, {**DEFAULT_PARAMS, **params})
-        return TrainResult(num_examples=len(data.train), metrics=metrics)
-
-    def evaluate(self, model: nn.Module, data: Any) -> dict[str, float]:
-        if not isinstance(data, SiloData):
-            raise TypeError(f"digits task expects SiloData, got {type(data).__name__}")
-        return evaluate_split(model, data.evaluation)
+# The option only one split reads: given with the other split it would be silently ignored.
+_ONLY_FOR = {"classes_per_silo": "classes", "alpha": "dirichlet"}
 
 
-TASK = DigitsTask()
+def load_options(options: Mapping[str, Any]) -> SiloData:
+    """The silo's share from its ``[task.options]``.
+
+    Raises DataOptionsError naming the option if one is missing, out of range, or not used by
+    the chosen split."""
+    split = options.get("split", DEFAULT_SPLIT)
+    for key, wanted in _ONLY_FOR.items():
+        if key in options and split != wanted:
+            raise DataOptionsError(
+                f"[task.options] {key} applies to split = {wanted!r} only, but split = "
+                f"{split!r}; remove {key} or set split = {wanted!r}"
+            )
+    return silo_data(
+        _option(options, "silo_index", None),
+        _option(options, "num_silos", DEFAULT_NUM_SILOS),
+        _option(options, "classes_per_silo", DEFAULT_CLASSES_PER_SILO),
+        split=split,
+        alpha=options.get("alpha"),
+    )
+
+
+TASK = ClassifierTask(
+    name="digits-cnn", model=build_cnn, data=load_options, defaults=DEFAULT_PARAMS
+)

@@ -1,10 +1,10 @@
 """The hospital example's data: scikit-learn's bundled breast-cancer set, split like real sites.
 
-Rule: everything here is a pure function of fixed seeds, so every silo, the coordinator's demo
-and the baselines derive the same held-out test set and the same partition without talking.
+Rule: everything here is a pure function of fixed seeds, so every silo and every test
+derive the same held-out test set and the same partition without talking.
 
-* Held-out test set: a stratified 25 % of the 569 cases (seed 20261128), used only by
-  `baselines.py` to report the federation's accuracy. No silo trains or evaluates on it.
+* Held-out test set: a stratified 25 % of the 569 cases (seed 20261128), used only to report
+  the federation's accuracy (tests/test_hospital_example.py). No silo trains or evaluates on it.
 * The remaining 426 cases go to `num_silos` silos with label skew (non-IID). Class c is shared
   out in proportions `LABEL_SKEW[c]` (for 3 silos: malignant 60/30/10 %, benign 15/35/50 %), so
   silo 0 is a referral centre seeing mostly malignant cases and the last silo a screening site
@@ -21,14 +21,18 @@ different input space. log1p tames the heavy tails of the area and standard-erro
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import numpy as np
 import numpy.typing as npt
-import torch
 from sklearn.datasets import load_breast_cancer
-from sklearn.model_selection import train_test_split
+
+from examples.common import (
+    IntArray,
+    SiloData,
+    Source,
+    Split,
+    local_split,
+    pooled,
+)
 
 NUM_FEATURES = 30
 HELDOUT_FRACTION = 0.25
@@ -49,34 +53,21 @@ PUBLISHED_RANGES: tuple[tuple[float, float], ...] = (
 LABEL_SKEW: tuple[tuple[float, ...], tuple[float, ...]] = ((0.6, 0.3, 0.1), (0.15, 0.35, 0.5))
 
 FloatArray = npt.NDArray[np.float32]
-IntArray = npt.NDArray[np.int64]
+
+__all__ = [
+    "DataOptionsError",
+    "SiloData",
+    "Split",
+    "heldout_test",
+    "pooled_training_data",
+    "silo_data",
+    "skew_shares",
+    "transform",
+]
 
 
 class DataOptionsError(ValueError):
     """The silo's [task.options] for the hospital task are missing or out of range."""
-
-
-@dataclass(frozen=True, slots=True)
-class Split:
-    """Features (already transformed) and labels of one split, as tensors."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"{self.x.shape[0]} feature rows but {self.y.shape[0]} labels")
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-
-@dataclass(frozen=True, slots=True)
-class SiloData:
-    """What one silo holds: its training split and its local evaluation split."""
-
-    train: Split
-    evaluation: Split
 
 
 def transform(raw: npt.NDArray[np.float64]) -> FloatArray:
@@ -88,29 +79,13 @@ def transform(raw: npt.NDArray[np.float64]) -> FloatArray:
     return out
 
 
-def _to_split(x: npt.NDArray[np.float64], y: npt.NDArray[np.int64]) -> Split:
-    return Split(x=torch.from_numpy(transform(x)), y=torch.from_numpy(y.astype(np.int64)))
-
-
-@functools.cache  # read-only arrays: every caller indexes, none mutates
-def _pool() -> tuple[
-    npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]
-]:
-    bunch = load_breast_cancer()
-    x = np.asarray(bunch.data, dtype=np.float64)
-    y = np.asarray(bunch.target, dtype=np.int64)
-    x_pool, x_test, y_pool, y_test = train_test_split(
-        x, y, test_size=HELDOUT_FRACTION, stratify=y, random_state=SPLIT_SEED
-    )
-    for array in (x_pool, y_pool, x_test, y_test):
-        array.flags.writeable = False
-    return x_pool, y_pool, x_test, y_test
+SOURCE = Source(load_breast_cancer, transform, HELDOUT_FRACTION, SPLIT_SEED)
+_pool = SOURCE.pool
 
 
 def heldout_test() -> Split:
     """The fixed held-out test set (never seen by any silo)."""
-    _, _, x_test, y_test = _pool()
-    return _to_split(x_test, y_test)
+    return SOURCE.heldout_test()
 
 
 def skew_shares(num_silos: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -152,14 +127,12 @@ def silo_data(silo_index: int, num_silos: int) -> SiloData:
     x_pool, y_pool, _, _ = _pool()
     idx = _partition_indices(y_pool, num_silos)[silo_index]
     x, y = x_pool[idx], y_pool[idx]
-    stratify = y if np.bincount(y, minlength=2).min() >= 2 else None
-    x_tr, x_ev, y_tr, y_ev = train_test_split(
-        x, y, test_size=LOCAL_EVAL_FRACTION, stratify=stratify, random_state=SPLIT_SEED + silo_index
+    stratify = bool(np.bincount(y, minlength=2).min() >= 2)
+    return local_split(
+        x, y, LOCAL_EVAL_FRACTION, SPLIT_SEED + silo_index, transform, stratify=stratify
     )
-    return SiloData(train=_to_split(x_tr, y_tr), evaluation=_to_split(x_ev, y_ev))
 
 
 def pooled_training_data(num_silos: int) -> Split:
     """All silos' training splits together: what a centralized trainer would see."""
-    parts = [silo_data(i, num_silos).train for i in range(num_silos)]
-    return Split(x=torch.cat([p.x for p in parts]), y=torch.cat([p.y for p in parts]))
+    return pooled([silo_data(i, num_silos).train for i in range(num_silos)])
