@@ -6,7 +6,7 @@ from the authenticated peer it names, only in its phase, and only if every check
 anything else is ignored and recorded in `rejected` (a misbehaving silo cannot abort the round
 for the others). Two tables at the end of the module are the state machine: `_ACCEPTS` names the
 handler of each (phase, message class) the round takes, and `_CLOSES` how each phase closes and
-which phase comes next; the phase moves nowhere else but to DONE (`_finish`) and ABORTED
+which phase comes next; the phase moves nowhere else but to DONE (`finish`) and ABORTED
 (`_abort`). A phase closes when every expected silo has answered or the driver reports
 its deadline (`deadline_passed`); a participant set below the threshold aborts the round (the
 codes of docs/secagg-protocol.md §6). Masked vectors are added into ONE accumulator as they
@@ -15,12 +15,21 @@ once the self-mask seeds are reconstructed each survivor's weight is known: a su
 weight is out of range aborts the round with OVERFLOW_RULE and `blamed` holds the evidence
 against it (secagg.blame), built from its own signed header and ShareKeys.
 
+The unmask (reconstructing the seeds, removing the masks, decoding) is the round's one heavy
+step, so no message handler runs it: once UNMASK holds enough shares the round says so
+(`unmask_ready`) and waits, phase still UNMASK, until the driver calls `finish` from its own
+thread. `finish` either ends the round (DONE or ABORTED) or, when a wrong share defeats the
+reconstruction while U4 silos have yet to answer, goes back to waiting for their shares (the
+leave-one-out retry of step 5.6): `unmask_ready` turns True again on the next answer. While
+ready, the unmask deadline closes nothing: the shares are in; `finish` decides.
+
 Driver use::
 
     rnd = CoordinatorRound(config, trust, now=now)
     sends = rnd.handle(peer_silo_id, message_bytes, now=now)   # -> [(silo_id, bytes)]
     sends = rnd.add_masked_vector(peer_silo_id, header_bytes, vector)
     sends = rnd.deadline_passed(now)                           # close the current phase
+    if rnd.unmask_ready: sends = rnd.finish()                  # the unmask (driver's thread)
     rnd.result  -> RoundOutcome once phase is DONE;  rnd.announce(new_model_sha256) -> M10s
     rnd.blamed  -> {silo id: encoded Blame} after an OVERFLOW_RULE abort caused by those silos
 """
@@ -149,6 +158,7 @@ class CoordinatorRound:
         self._b_shares: dict[int, dict[int, bytes]] = {}
         self._s_shares: dict[int, dict[int, bytes]] = {}
         self._unmask_from: set[int] = set()
+        self._ready = False  # UNMASK holds enough shares: `finish` unmasks
         self._lost: set[SiloId] = set()  # will not answer again this round (gone or aborted)
 
     # --- public API --------------------------------------------------------------------------
@@ -219,8 +229,26 @@ class CoordinatorRound:
         self._u3.append(idx)
         return self._close_if_all_answered()
 
+    @property
+    def unmask_ready(self) -> bool:
+        """UNMASK holds enough shares to unmask: the driver should call `finish`."""
+        return self._ready and self.phase is Phase.UNMASK
+
+    def finish(self) -> list[Send]:
+        """The unmask, called by the driver (off the message handlers) once `unmask_ready`:
+        reconstruct the seeds, remove the masks, decode. The round ends DONE or ABORTED, or,
+        when a wrong share defeats a reconstruction while silos of U4 have yet to answer, it
+        stays in UNMASK waiting for their shares (not ready until the next one arrives).
+        A no-op returning [] when the round is not ready."""
+        if not self.unmask_ready:
+            return []
+        self._ready = False
+        return self._finish()
+
     def deadline_passed(self, now: dt.datetime) -> list[Send]:
         """The driver's deadline for the current phase passed: close it with who answered."""
+        if self.unmask_ready:
+            return []  # the shares are in: `finish` decides, not the clock
         step = _CLOSES.get(self.phase)
         if step is None:
             return []  # DONE or ABORTED: nothing left to close
@@ -297,11 +325,11 @@ class CoordinatorRound:
         return pending - self._lost
 
     def _close_if_all_answered(self) -> list[Send]:
-        if self.waiting_for():
+        if self.waiting_for() or self.unmask_ready:
             return []
         if self.phase is Phase.UNMASK:
             # Every silo of U4 that can answer has; had they sent enough shares, the round
-            # would be DONE already.
+            # would be ready to unmask (or, after a failed try, `finish` would have aborted).
             return self._abort(AbortReason.THRESHOLD_VIOLATION, self._silos)
         return self.deadline_passed(self.started)  # closes the phase with who answered
 
@@ -501,7 +529,10 @@ class CoordinatorRound:
         enough = all(len(self._b_shares.get(v, {})) >= t for v in u3) and all(
             len(self._s_shares.get(v, {})) >= t for v in dropped
         )
-        return self._finish() if enough else self._close_if_all_answered()
+        if enough:
+            self._ready = True  # the driver unmasks (`finish`); later shares are kept for it
+            return []
+        return self._close_if_all_answered()
 
     def _reconstruct(self, shares: dict[int, bytes], check: object, v: int) -> bytes | None:
         t = self._share_threshold()
@@ -598,7 +629,7 @@ class CoordinatorRound:
         if self.waiting_for():
             # Silos of U4 have not answered yet: their shares may make another t-subset that
             # reconstructs (one wrong share among the first t must not end the round while a
-            # (t+1)-th share is on its way). `_on_unmask` calls `_finish` again on each answer.
+            # (t+1)-th share is on its way). Each answer makes the round ready again (`finish`).
             return []
         shares = {**self._b_shares.get(v, {}), **self._s_shares.get(v, {})}
         self.inconsistent_share_senders.update(self._silos[i].silo_id for i in shares)
@@ -626,7 +657,8 @@ _Handler = Callable[[SiloId, msgs.Message, bytes, dt.datetime], list[Send]]
 # (phase, message class) -> the handler that takes it; `handle` rejects anything not listed
 # here ("X not expected in <phase>"). A handler never moves the phase itself: it records the
 # answer and closes the phase through `_CLOSES` once nobody else is awaited (or, in UNMASK,
-# finishes the round). Masked vectors arrive through `add_masked_vector`, not here.
+# makes the round ready for the driver's `finish`). Masked vectors arrive through
+# `add_masked_vector`, not here.
 _LIVE = (Phase.ADVERTISE, Phase.SHARE_KEYS, Phase.MASKED, Phase.CONSISTENCY, Phase.UNMASK)
 _ACCEPTS: dict[tuple[Phase, type], Callable[[CoordinatorRound], _Handler]] = {
     (Phase.ADVERTISE, msgs.SignedEnvelope): lambda r: r._on_advertise,

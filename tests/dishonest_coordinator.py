@@ -807,6 +807,9 @@ class _Run:
                 return  # the split takes over from the survivor lists
             if rnd.phase is not phase:
                 phase, phase_started = rnd.phase, time.monotonic()
+            if rnd.unmask_ready:  # the shares are in: unmask, as the coordinator's driver does
+                self._dispatch(rnd.finish())
+                continue
             silenced = self.lost | ((self.ignored or set()) if rnd.phase is Phase.MASKED else set())
             overdue = time.monotonic() - phase_started > plan.phase_timeout_s
             if not (rnd.waiting_for() - silenced) or overdue:

@@ -19,9 +19,14 @@ from coordinator.rounds.stall import Diagnosis, Proceed
 from coordinator.runtime import driver as round_driver
 from coordinator.runtime.hub import Hub
 from coordinator.runtime.serve import Outcome
+from coordinator.runtime.stream import SiloStream
 from coordinator.transport.servicer import RefusalCode, Refused
 from protos import federation_pb2 as pb
 from protos.names import abort_name
+from secagg.chunking import Reassembler, split
+from secagg.coordinator import CoordinatorRound
+from secagg.identity import SiloId
+from silofed.tensors import state_to_bytes
 from tests.fakes import FakeClock
 from tests.hub_harness import (
     DRIVER_THREAD,
@@ -261,6 +266,111 @@ def test_a_stalled_plaintext_upload_is_dropped_after_upload_progress_s(tmp_path:
     assert detail.status.value == "completed"
 
 
+# ---- chunks off the hub's lock -------------------------------------------------------------------
+
+
+class _HeldAdd:
+    """Makes one upload's `Reassembler.add` wait, once entered, until `release` is set: a chunk
+    "being copied" for as long as the test needs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, upload: Reassembler) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        real = upload.add
+
+        def add(index: int, data: bytes) -> None:
+            self.entered.set()
+            assert self.release.wait(WAIT_S), "the test never released the chunk"
+            real(index, data)
+
+        monkeypatch.setattr(upload, "add", add)
+
+
+def _chunk_thread(hub: Hub, stream: SiloStream, round_id: int, data: bytes) -> threading.Thread:
+    """The chunks of `data` sent on `stream` from a thread of their own (its reader's)."""
+
+    def send() -> None:
+        for index, piece in enumerate(split(data)):
+            chunk = pb.BlobChunk(
+                round_id=round_id, kind=pb.PLAINTEXT_UPDATE, index=index, data=piece
+            )
+            hub.on_message(stream, pb.SiloMessage(blob_chunk=chunk))
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_chunk_is_copied_and_hashed_without_the_hub_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a's chunk is being added, the lock is free: the driver ticks and b's whole upload
+    is taken; a's completes afterwards and both are aggregated."""
+    h = make_harness(tmp_path, ("a", "b"), min_silos=2)
+    a, b = h.connect("a", "b")
+    with h.round_thread() as driver:
+        round_id = _offered(h, a, b)
+        delta = delta_of(a.model(), 1.0)
+        a.report_and_upload(round_id, delta, chunks=0)
+        assert a.stream is not None and a.stream.upload is not None
+        held = _HeldAdd(monkeypatch, a.stream.upload)
+        reader = _chunk_thread(h.hub, a.stream, round_id, state_to_bytes(delta))
+        assert held.entered.wait(WAIT_S)
+        try:
+            assert h.hub.lock.acquire(timeout=1.0), "a chunk being copied holds the hub lock"
+            h.hub.lock.release()
+            h.ticks(3)  # the driver's tick is not queued behind the copy
+            b.report_and_upload(round_id, delta_of(b.model(), 3.0))
+            assert reader.is_alive() and h.phase() == "train"  # a's update is still arriving
+        finally:
+            held.release.set()
+        reader.join(WAIT_S)
+        assert not reader.is_alive()
+        driver.finish()
+    detail = h.hub.roundlog.round_detail(round_id)
+    assert detail.status.value == "completed", detail.abort_reason
+    assert detail.participants["finished"] == (a.silo_id, b.silo_id)
+
+
+def test_an_upload_ended_while_a_chunk_is_copied_is_not_handed_to_the_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a reconnects while its old stream's last chunk is being added: the replacement waits for
+    the copy (the stream's lock), ends the upload, and the completed blob is dropped."""
+    h = make_harness(tmp_path, ("a", "b"), min_silos=1)
+    a, b = h.connect("a", "b")
+    before = {k: v.clone() for k, v in h.hub.global_state.items()}
+    with h.round_thread() as driver:
+        round_id = _offered(h, a, b)
+        delta = delta_of(a.model(), 100.0)
+        a.report_and_upload(round_id, delta, chunks=0)
+        old = a.stream
+        assert old is not None and old.upload is not None
+        held = _HeldAdd(monkeypatch, old.upload)
+        reader = _chunk_thread(h.hub, old, round_id, state_to_bytes(delta))
+        assert held.entered.wait(WAIT_S)
+        replacing = threading.Thread(target=a.connect, daemon=True)
+        try:
+            replacing.start()
+            # Not `h.wait_until`: the replacement holds the hub lock while it waits for the copy.
+            deadline = time.monotonic() + WAIT_S
+            while not old.closed and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert old.closed and replacing.is_alive()  # ending the upload waits for the copy
+        finally:
+            held.release.set()
+        for thread in (replacing, reader):
+            thread.join(WAIT_S)
+            assert not thread.is_alive()
+        assert old.upload is None and old.upload_buffer is None
+        b.report_and_upload(round_id, delta_of(b.model(), 1.0))
+        driver.finish()
+    detail = h.hub.roundlog.round_detail(round_id)
+    assert [(d.silo_id, d.reason) for d in detail.dropouts] == [(a.silo_id, "DISCONNECTED")]
+    assert detail.participants["finished"] == (b.silo_id,)
+    for name, old_value in before.items():  # b's update alone: a's 100 never reached the round
+        _assert_close(h.hub.global_state[name], old_value + 1.0)
+
+
 # ---- streams -----------------------------------------------------------------------------------
 
 
@@ -411,6 +521,30 @@ def test_a_second_masked_upload_waits_for_the_slot_and_reuses_the_first_buffer(
     assert detail.participants["finished"] == tuple(sorted(s.silo_id for s in (a, b, c)))
     for name, old in before.items():  # uniform weighting: the mean of 1, 2, 3
         _assert_close(h.hub.global_state[name], old + 2.0, atol=1e-3)
+
+
+def test_the_unmask_runs_on_the_driver_thread_not_on_a_silo_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, (a, b, c) = _secure(tmp_path)
+    threads: list[str] = []
+    real = CoordinatorRound.finish
+
+    def finish(rnd: CoordinatorRound) -> list[tuple[SiloId, bytes]]:
+        threads.append(threading.current_thread().name)
+        return real(rnd)
+
+    monkeypatch.setattr(CoordinatorRound, "finish", finish)
+    with h.round_thread() as driver:
+        round_id = _until_masked(h, [a, b, c])
+        for silo, value in ((a, 1.0), (b, 2.0), (c, 3.0)):
+            silo.masked_upload(value)
+            silo.send_masked_header(round_id)
+            silo.send_masked_chunks(round_id)
+        _until_over(h, [a, b, c], driver)  # the silos answer on this (the test's) thread
+    detail = h.hub.roundlog.round_detail(round_id)
+    assert detail.status.value == "completed", detail.abort_reason
+    assert threads == [DRIVER_THREAD]
 
 
 def test_a_stalled_masked_upload_frees_its_slot_after_upload_progress_s(tmp_path: Path) -> None:

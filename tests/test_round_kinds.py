@@ -459,6 +459,8 @@ class Secure:
             for k, s in enumerate(fed.silos[:n])
         }
         self.now = T0
+        self.driver_ticks = True  # `route` plays the driver's tick after each step
+        self.ticked: list[Step] = []  # the ticks that did something
         self.first = kind.start(self.invited, T0)
 
     def send(self, silo: str, payload: bytes, round_id: int = RID) -> Step:
@@ -474,6 +476,13 @@ class Secure:
                 self.send(silo, reply)
             if self.auto_upload and self.sessions[silo].stage is SiloStage.KEYS_RECEIVED:
                 self.upload(silo)
+        # The driver ticks whenever the hub recorded a step (it wakes on each): the unmask
+        # runs at a tick, once the last share needed has arrived.
+        if self.driver_ticks:
+            tick = self.kind.tick(self.now)
+            if tick.sends or tick.events:
+                self.ticked.append(tick)
+                self.route(tick)
 
     def offer(self) -> Step:
         steps = [Step()]
@@ -726,6 +735,21 @@ def s_outcome_fedavg() -> None:
         assert r.sessions[silo].stage is SiloStage.COMPLETED
 
 
+def s_unmask_at_the_tick() -> None:
+    r = Secure()
+    r.driver_ticks = False  # the test is the driver
+    r.offer()
+    # Every share has arrived; no frame unmasked: the round waits for the driver's tick.
+    st = r.kind.status()
+    assert (st.phase, st.over) == ("unmask", False) and r.kind.outcome() is None
+    assert r.kind.driver.round.result is None
+    step = r.kind.tick(r.now)
+    assert step.events == (PhaseEnded("unmask", T0, T0, tuple(r.invited), "U5"),)
+    assert r.kind.status().over and r.kind.tick(r.now) == Step()
+    out = r.kind.outcome()
+    assert isinstance(out, Completed) and out.survivors == tuple(r.invited)
+
+
 def s_outcome_privacy() -> None:
     r = Secure(dp_noise_multiplier=0.5)
     r.offer()
@@ -778,6 +802,7 @@ SECURE_TABLE: list[Callable[[], None]] = [
     s_tick,
     s_cancel,
     s_outcome_fedavg,
+    s_unmask_at_the_tick,
     s_outcome_blame,
     s_outcome_out_of_bound,
 ]

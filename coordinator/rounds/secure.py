@@ -6,7 +6,9 @@ of time; it gets back the frames to send and, in the runtime's own terms
 (`coordinator.rounds.phases` events), what to record: each phase that ended with its
 participant set (U1..U5) and timings, and each silo that dropped out, with the phase and why.
 Each phase has its own deadline (`[deadlines]`): `offer_s` covers the model download and the key
-advertisement, `train_s` the local training and the masked upload.
+advertisement, `train_s` the local training and the masked upload. The unmask runs at the
+driver's `tick` once the protocol has the shares it needs (`CoordinatorRound.unmask_ready`),
+not while the last share is handled on a silo's stream.
 
 `SecureRound` is the protocol with its deadlines; `SecureKind` is that round behind
 `RoundKind` (what the hub drives): it keeps the metrics of the invited silos' reports and the
@@ -159,7 +161,13 @@ class SecureRound:
         return self._step(self.round.silo_lost(silo_id), now)
 
     def tick(self, now: float) -> Step:
-        if self.over or now < self.deadline:
+        if self.over:
+            return Step()
+        if self.round.unmask_ready:
+            # The unmask runs here, on the driver's thread, never on a silo's reader: the last
+            # share only makes the round ready. A wrong share may send it back to waiting.
+            return self._step(self.round.finish(), now)
+        if now < self.deadline:
             return Step()
         for silo_id in self.round.waiting_for():
             missed = f"missed the {self.phase_name} deadline"

@@ -214,7 +214,8 @@ def begin_round(hub: Hub, completed_before: int) -> StartedRound | None:
         hub.round = rnd
         for silo_id in invited:
             s = hub.sessions[silo_id]
-            s.round_bytes_in = s.round_bytes_out = 0
+            with s.upload_lock:  # chunks count their bytes without the hub lock
+                s.round_bytes_in = s.round_bytes_out = 0
             s.send(pb.CoordinatorMessage(round_offer=offer))
             s.send(Blob(round_id, pb.GLOBAL_MODEL, model_bytes, model_sha))
             s.send(Delivered(round_id))

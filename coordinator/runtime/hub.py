@@ -3,9 +3,13 @@
 Rule: `Hub` is the façade the servicer (transport/servicer.py) and the driver share: the
 connected silos' streams (stream.py), trust (trust.py) and the current round, one `RoundKind`
 (rounds/kind.py) whichever kind it is, all under ONE lock, and the clock everything reads
-(clock.py). The hub never asks which kind of round runs: it hands the round what arrived
-(`on_frame`, `on_upload`, `on_loss`) and carries out the `Step` it answers (`apply`: frames to
-send, messages it ignored to log, events to record). The work is in the modules beside it, each
+(clock.py). Heavy work is kept off the silos' reader threads under that lock: an upload's chunks
+are copied and hashed on their stream's reader thread without it (uploads.on_chunk, under the
+stream's own lock); a secure round unmasks at the driver's tick, and every round's outcome is
+built on the driver's thread outside the lock (driver.finish). The hub never asks which kind of
+round runs: it hands the round what arrived (`on_frame`, `on_upload`, `on_loss`) and carries
+out the `Step` it answers (`apply`: frames to send, messages it ignored to log, events to
+record). The work is in the modules beside it, each
 given the hub: uploads.py (slots, buffers, reassembly), recorder.py (the round log, results,
 blame exclusions), driver.py (the round-driver thread), final_evaluation.py, resume.py;
 serve.py is the process around it.
@@ -247,9 +251,15 @@ class Hub:
         if kind == "blob_header" and message.blob_header.kind == pb.MASKED_VECTOR:
             # Before the lock: holds only this stream.
             uploads.wait_for_upload_slot(self, session, message.blob_header)
+        elif kind == "blob_chunk":
+            # Copied and hashed without the lock (this stream's own lock only); the lock is
+            # taken when the upload is complete or broken. No final-evaluation answer is a chunk.
+            uploads.on_chunk(self, session, message.blob_chunk, size)
+            return
         with self.lock:
-            session.bytes_in += size
-            session.round_bytes_in += size
+            with session.upload_lock:  # the counters chunks update off the lock (on_chunk)
+                session.bytes_in += size
+                session.round_bytes_in += size
             if self.final is not None and self.final.take(session.silo_id, message):
                 return  # an answer to the final evaluation (run_final_evaluation)
             if kind == "hello":
@@ -258,8 +268,6 @@ class Hub:
                 uploads.on_report(self, session, message.train_report)
             elif kind == "blob_header":
                 uploads.on_blob_header(self, session, message.blob_header)
-            elif kind == "blob_chunk":
-                uploads.on_chunk(self, session, message.blob_chunk)
             elif kind == "secagg":
                 frame = message.secagg
                 self.on_frame(session.silo_id, SecAggPayload(frame.round_id, frame.payload))

@@ -1,13 +1,18 @@
 """One admitted silo's stream as the hub sees it: its outbound queue, counters and upload state.
 
-Rule: a `SiloStream` is mutated only under the hub's lock (its queue is thread-safe on its own);
-it frames what it sends lazily (protos/blobs.py), so a model offered to every silo is held once.
+Rule: a `SiloStream` is mutated only under the hub's lock (its queue is thread-safe on its own),
+except where its upload progresses: the stream's one reader thread copies and hashes each chunk
+(and counts its bytes) WITHOUT the hub's lock, holding only the stream's `upload_lock`; starting
+or ending an upload takes both. The hub's lock is never taken while `upload_lock` is held (the
+order is hub lock, then upload lock). It frames what it sends lazily (protos/blobs.py), so a
+model offered to every silo is held once.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -47,7 +52,8 @@ _overflow_log = PeerLog(log)
 
 @dataclass(eq=False)
 class SiloStream:
-    """One admitted silo stream. The hub mutates it only under its lock.
+    """One admitted silo stream. The hub mutates it only under its lock; its upload (and the
+    inbound byte counters) under `upload_lock` too: chunks arrive without the hub's lock.
 
     Its outbound queue is bounded in bytes (coordinator/runtime/outbound.py): past about one model
     the
@@ -67,6 +73,11 @@ class SiloStream:
     bytes_out: int = 0
     round_bytes_in: int = 0
     round_bytes_out: int = 0
+    # The reader adds a chunk under this lock only, without the hub's: the hub takes it too to
+    # end an upload (a stall seen at the driver's tick, a new round, a replaced stream), so the
+    # buffer is never freed while a chunk is copied into it. Which upload, buffer and slot the
+    # stream holds changes only under both locks.
+    upload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     upload: Reassembler | None = None
     # The upload the hub's progress watch last saw and when it last moved (a chunk arrived).
     upload_watched: Reassembler | None = None

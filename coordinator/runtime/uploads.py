@@ -7,7 +7,11 @@ Rule: what a silo may upload now is the round's answer alone (`RoundKind.status(
 slot; any other blob is reassembled in memory, up to the spec's `max_bytes`. A slot is freed
 when its upload completes, is refused, or stops moving (`[deadlines] upload_progress_s`, and a
 total bound at `UPLOAD_MIN_RATE`). The functions take the hub and run under its lock, except
-`wait_for_upload_slot` (a silo's reader thread, before it takes the lock).
+`wait_for_upload_slot` (a silo's reader thread, before it takes the lock) and `on_chunk`: a
+chunk is copied and hashed on its stream's reader thread under that stream's `upload_lock` only
+(stream.py), so one silo's large upload holds up neither the other streams nor the driver's
+tick; the hub's lock is taken once the upload is complete or broken. Ending an upload takes the
+stream's `upload_lock` too, so its buffer is never freed while a chunk is copied into it.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def on_report(hub: Hub, session: SiloStream, report: pb.TrainReport) -> None:
         Reported(report.round_id, report.num_examples, report.update_sha256, dict(report.metrics)),
     )
     if taken and session.upload_buffer is None:
-        session.upload = None  # a report announces the blob to come: one in progress is void
+        with session.upload_lock:
+            session.upload = None  # a report announces the blob to come: one in progress is void
 
 
 def wait_for_upload_slot(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> None:
@@ -92,20 +97,23 @@ def wait_for_upload_slot(hub: Hub, session: SiloStream, header: pb.BlobHeader) -
 
 
 def end_upload(hub: Hub, session: SiloStream) -> None:
-    """Give back the session's upload slot and buffer (the vector was added or refused)."""
-    session.upload_watched, session.protocol_header = None, None
-    if session.upload_buffer is not None:
-        hub.slots.free.append(session.upload_buffer)
-        session.upload_buffer = None
-    if session.upload_slot:
-        session.upload_slot = False
+    """End the session's upload, if any, and give back its slot and buffer (the vector was
+    added or refused, or the stream ended). Under the hub's lock; it waits for a chunk being
+    copied into the buffer (`on_chunk`), so the buffer is free once it is back in the pool."""
+    with session.upload_lock:
+        session.upload, session.upload_watched, session.protocol_header = None, None, None
+        buffer, session.upload_buffer = session.upload_buffer, None
+        slot, session.upload_slot = session.upload_slot, False
+    if buffer is not None:
+        hub.slots.free.append(buffer)
+    if slot:
         hub.slots.semaphore.release()
         with hub.lock:  # a reader may wait for the slot (`wait_for_upload_slot`)
             hub.changed.notify_all()
 
 
 def cancel_upload(hub: Hub, session: SiloStream) -> None:
-    session.upload = None
+    """Whatever the session was uploading is void (`end_upload`)."""
     end_upload(hub, session)
 
 
@@ -123,9 +131,12 @@ def on_blob_header(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> None
     else:
         try:
             meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
-            session.upload = Reassembler(meta, max_total_bytes=spec.max_bytes)
+            upload = Reassembler(meta, max_total_bytes=spec.max_bytes)
         except ChunkError as exc:
             hub.reject(session, f"bad update header: {exc}")
+        else:
+            with session.upload_lock:
+                session.upload = upload
 
 
 def _refuse(hub: Hub, session: SiloStream, header: pb.BlobHeader, why: str) -> None:
@@ -169,17 +180,19 @@ def _vector_header(
                     f"a masked vector has {exact} bytes, the header says {meta.total_bytes}"
                 )
             buffer = hub.slots.take_buffer(length, dtype)
-            session.upload_buffer = buffer
+            with session.upload_lock:
+                session.upload_buffer = buffer
             upload = Reassembler(meta, max_total_bytes=exact, into=buffer.data)
         except ChunkError as exc:
             why = f"bad masked vector header: {exc}"
         else:
-            session.upload = upload
-            # Opaque here: the round checks it (signature, session, length, digest).
-            session.protocol_header = bytes(header.protocol_header)
-            # The slot is held from here: the progress watch (`watch_streams`) frees it when
-            # chunks stop arriving.
-            session.upload_moved(upload, hub.clock.now())
+            with session.upload_lock:
+                session.upload = upload
+                # Opaque here: the round checks it (signature, session, length, digest).
+                session.protocol_header = bytes(header.protocol_header)
+                # The slot is held from here: the progress watch (`watch_streams`) frees it
+                # when chunks stop arriving.
+                session.upload_moved(upload, hub.clock.now())
             return
     cancel_upload(hub, session)
     hub.reject(session, why)
@@ -194,17 +207,23 @@ def watch_streams(hub: Hub, now: float) -> None:
         if s.overflow is not None:  # logged when it happened (SiloStream._overflowed)
             hub.on_disconnect(s, f"outbound queue overflow: {s.overflow}")
             continue
-        upload = s.upload
-        if upload is None:
+        # Its reader holds the lock while it adds a chunk (`on_chunk`): the upload moves right
+        # now, and the tick does not wait for the copy.
+        if not s.upload_lock.acquire(blocking=False):
             continue
-        if upload is not s.upload_watched:  # an update whose header just arrived
-            s.upload_moved(upload, now)
-            continue
-        idle = now - s.upload_moved_at
+        try:
+            upload = s.upload
+            if upload is None:
+                continue
+            if upload is not s.upload_watched:  # an update whose header just arrived
+                s.upload_moved(upload, now)
+                continue
+            idle, held = now - s.upload_moved_at, now - s.upload_started_at
+        finally:
+            s.upload_lock.release()
         # A slot is also bounded in total: a chunk every (limit - 1) s must not hold it for
         # the whole phase. Allowed: the progress limit plus the size at UPLOAD_MIN_RATE.
         allowed = limit + upload.meta.total_bytes / UPLOAD_MIN_RATE
-        held = now - s.upload_started_at
         if held >= allowed:
             cancel_upload(hub, s)
             hub.reject(
@@ -222,29 +241,57 @@ def watch_streams(hub: Hub, now: float) -> None:
             )
 
 
-def on_chunk(hub: Hub, session: SiloStream, chunk: pb.BlobChunk) -> None:
-    upload = session.upload
-    if upload is None:
-        return  # a blob we decided to ignore
-    vector, header = session.upload_buffer, session.protocol_header
-    try:
-        upload.add(chunk.index, chunk.data)
-        session.upload_moved(upload, hub.clock.now())  # it moves
-        if not upload.complete:
-            return
-        data = upload.finish_into() if vector is not None else upload.finish()
-    except ChunkError as exc:
+def on_chunk(hub: Hub, session: SiloStream, chunk: pb.BlobChunk, size: int) -> None:
+    """One chunk of `size` message bytes, on the stream's reader thread WITHOUT the hub's lock:
+    the copy into the reassembly buffer and the hashing hold only the stream's `upload_lock`
+    (the hub cannot end the upload and free its buffer meanwhile). The hub's lock is taken only
+    when the upload is complete, or broken (`_upload_ended`)."""
+    with session.upload_lock:
+        session.bytes_in += size
+        session.round_bytes_in += size
+        upload = session.upload
+        if upload is None:
+            return  # a blob we decided to ignore
+        error, data = "", None
+        try:
+            upload.add(chunk.index, chunk.data)
+            session.upload_moved(upload, hub.clock.now())  # it moves
+            if not upload.complete:
+                return
+            # The checks (size, SHA-256) and a plaintext blob's join: still off the hub's lock.
+            data = upload.finish() if session.upload_buffer is None else upload.finish_into()
+        except ChunkError as exc:
+            error = f"bad update chunk: {exc}"
+    with hub.lock:
+        _upload_ended(hub, session, upload, chunk.round_id, data, error)
+
+
+def _upload_ended(
+    hub: Hub,
+    session: SiloStream,
+    upload: Reassembler,
+    round_id: int,
+    data: bytes | memoryview | None,
+    error: str,
+) -> None:
+    """`upload` is complete (`data`) or broken (`error`): hand it to the round, or drop the
+    silo. Under the hub's lock; a no-op if the hub ended the upload since its last chunk."""
+    with session.upload_lock:
+        if session.upload is not upload:
+            return  # ended meanwhile (stalled, a new round, stream replaced): dealt with
+        vector, header = session.upload_buffer, session.protocol_header
+        session.upload = None
+    if error:
         cancel_upload(hub, session)
-        hub.reject(session, f"bad update chunk: {exc}")
+        hub.reject(session, error)
         return
-    session.upload = None
     if vector is None:
         assert isinstance(data, bytes)
-        hub.on_upload(session.silo_id, PlaintextUpdate(chunk.round_id, data, upload.sha256))
+        hub.on_upload(session.silo_id, PlaintextUpdate(round_id, data, upload.sha256))
         return
     try:
         # The transport hashed exactly these bytes as they arrived: no second pass.
-        masked = MaskedVector(chunk.round_id, header or b"", vector, upload.sha256)
+        masked = MaskedVector(round_id, header or b"", vector, upload.sha256)
         hub.on_upload(session.silo_id, masked)
     finally:
         end_upload(hub, session)  # added into the accumulator (or refused): reused

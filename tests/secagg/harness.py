@@ -2,7 +2,10 @@
 link. Also the reference of the message flow for the drivers' authors:
 
     coordinator.handle(M1) -> M2 to all U1 -> silo.handle(M2) -> M3 -> coordinator -> M4 ...
-    silo.submit_update() -> coordinator.add_masked_vector() -> M6 -> M7 -> M8 -> M9 -> result
+    silo.submit_update() -> coordinator.add_masked_vector() -> M6 -> M7 -> M8 -> M9
+    coordinator.unmask_ready -> coordinator.finish() (the driver's thread) -> result
+
+The harness calls `finish` as soon as the round is ready, before delivering anything else.
 
 `drop_at[silo_id] = phase` makes that silo go silent instead of sending its message of that
 phase ("advertise", "share_keys", "masked", "consistency", "unmask"); the harness then plays
@@ -120,6 +123,7 @@ class Round:
         self.dead: set[str] = set()
         self.newly_lost: list[str] = []
         self.deadline_calls = 0
+        self.finish_calls = 0  # the driver's `finish` calls (more than one: a retried unmask)
         self.pending: list[tuple[str, bytes]] = []
         self.uploads: dict[str, np.ndarray] = {}
         self.headers: dict[str, bytes] = {}  # the M5 header each silo sent
@@ -167,6 +171,10 @@ class Round:
                 return rnd
             while self.newly_lost:
                 queue.extend(rnd.silo_lost(self.newly_lost.pop()))
+            if rnd.unmask_ready:  # the driver unmasks as soon as the shares are in
+                self.finish_calls += 1
+                queue.extend(rnd.finish())
+                continue
             if not queue:
                 self.deadline_calls += 1
                 queue.extend(rnd.deadline_passed(NOW))

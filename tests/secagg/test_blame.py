@@ -645,11 +645,25 @@ def test_one_wrong_b_share_among_the_first_t_does_not_end_the_round() -> None:
                 out.append(raw)
             return super()._to_coord(sid, out)
 
+    class Finishing(CoordinatorRound):
+        """Records the state each driver `finish` leaves the round in."""
+
+        after: list[tuple[Phase, bool]]
+
+        def finish(self) -> list[tuple[SiloId, bytes]]:
+            sends = super().finish()
+            self.after = [*getattr(self, "after", []), (self.phase, self.unmask_ready)]
+            return sends
+
     inputs = exact_inputs(cfg, np.random.default_rng(0))
     r = WrongShare(fed, cfg, inputs, model_digests=dict.fromkeys(cfg.invited, TENSORS))
+    r.coordinator = Finishing(cfg, fed.trust, now=NOW, keep_ring_sum=True)
     rnd = r.run()
     assert cfg.threshold < N
     assert rnd.phase is Phase.DONE, rnd.abort_reason
+    # The first unmask met the wrong share and went back to waiting (UNMASK, not ready); the
+    # next silo's shares made it ready again, and the driver's second `finish` completed it.
+    assert isinstance(rnd, Finishing) and rnd.after == [(Phase.UNMASK, False), (Phase.DONE, False)]
     assert rnd.blamed == {}
     assert rnd.result is not None and rnd.result.ring_sum is not None
     expected = sum(np.rint(inputs[s] * cfg.scale).astype(np.int64) for s in cfg.invited)

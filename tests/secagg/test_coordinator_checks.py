@@ -113,5 +113,7 @@ def test_unmask_listing_a_silo_in_both_lists_is_ignored() -> None:
             m = dataclasses.replace(m, b_shares=(*m.b_shares, (5, m.s_shares[0][1])))
         rnd.handle(dest, encode_message(m), now=NOW)
     assert any("both" in x.why for x in rnd.rejected)
+    assert rnd.unmask_ready
+    rnd.finish()  # the driver's unmask
     assert rnd.phase is Phase.DONE  # the honest four were enough (t = 3)
     assert rnd.result is not None and len(rnd.result.survivors) == 4

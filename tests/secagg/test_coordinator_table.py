@@ -76,6 +76,24 @@ def test_a_deadline_moves_to_the_phase_the_table_names(phase: Phase) -> None:
     assert rnd.phase is Phase.DONE
 
 
+def test_the_last_needed_share_only_makes_the_round_ready_and_finish_unmasks() -> None:
+    r, rnd = _round_at(Phase.UNMASK)
+    queue = list(r.pending)
+    while queue and not rnd.unmask_ready:
+        sid, data = queue.pop(0)
+        queue.extend(r._deliver(sid, data))
+    assert rnd.unmask_ready and queue  # enough shares before every silo answered
+    assert (rnd.phase, rnd.result) == (Phase.UNMASK, None)  # no handler unmasked
+    assert rnd.deadline_passed(NOW) == [] and rnd.phase.value == "unmask"  # the shares are in
+    rejected = len(rnd.rejected)
+    for sid, data in queue:  # later shares are still taken, for `finish`
+        assert r._deliver(sid, data) == []
+    assert len(rnd.rejected) == rejected and rnd.unmask_ready
+    assert rnd.finish() == []
+    assert rnd.phase is Phase.DONE and rnd.result is not None and not rnd.unmask_ready
+    assert rnd.finish() == [] and rnd.phase is Phase.DONE  # not ready: a no-op
+
+
 def test_an_unmask_deadline_aborts_with_timeout() -> None:
     _, rnd = _round_at(Phase.UNMASK)
     sends = rnd.deadline_passed(NOW)

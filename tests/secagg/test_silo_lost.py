@@ -91,5 +91,7 @@ def test_a_silo_lost_after_its_unmask_shares_is_no_dropout() -> None:
         if first is None and sid in rnd.participants.get("U4", ()):
             first = sid
             queue.extend(rnd.silo_lost(first))
+        if rnd.unmask_ready:  # the driver's next tick
+            queue.extend(rnd.finish())
     assert first is not None and rnd.phase is Phase.DONE, rnd.abort_reason
     assert first not in rnd.dropouts
