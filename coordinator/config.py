@@ -191,6 +191,23 @@ class TlsConfig(TlsPaths):
 
 
 @dataclass(frozen=True, slots=True)
+class PkiConfig:
+    """`[pki]`: certificate renewal over the silos' connections and expiry warnings
+    (coordinator.pki.renewal; docs/pki.md).
+
+    `auto_renew`: sign a silo's same-key renewal at once with `issuing_cert`/`issuing_key`;
+    false (the default) queues it in `renewals_dir` for `silofed-coordinator pki approve`, run
+    wherever the CA key is kept."""
+
+    auto_renew: bool = False
+    issuing_cert: Path | None = None  # the federation CA certificate that signs renewals
+    issuing_key: Path | None = None  # its key (needed on this host only with auto_renew)
+    renew_valid_days: int = 365  # lifetime of a renewed silo certificate
+    renewals_dir: Path | None = None  # None: <state_dir>/renewals
+    expiry_warning_days: float = 30.0  # log, status and metrics warn this long before expiry
+
+
+@dataclass(frozen=True, slots=True)
 class RoundsConfig:
     count: int
     min_silos: int
@@ -252,6 +269,12 @@ class CoordinatorConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     # [server_optimizer]: the step from a round's FedAvg result to the next global model
     server_optimizer: ServerOptimizerSettings = field(default_factory=ServerOptimizerSettings)
+    pki: PkiConfig = field(default_factory=PkiConfig)  # [pki]: renewal and expiry warnings
+
+    @property
+    def renewals_dir(self) -> Path:
+        """Where renewal requests wait for approval, and approved certificates for pickup."""
+        return self.pki.renewals_dir or self.state_dir / "renewals"
 
     @property
     def host(self) -> str:
@@ -415,6 +438,26 @@ class _Metrics(StrictModel):
     listen: schema.HostPort
 
 
+class _Pki(StrictModel):
+    auto_renew: bool = False
+    issuing_cert: schema.ExistingFile | None = None
+    issuing_key: schema.ExistingFile | None = None
+    renew_valid_days: schema.PositiveInt = 365
+    renewals_dir: schema.ConfigPath | None = None
+    expiry_warning_days: schema.NonNegativeFloat = 30.0
+
+    @model_validator(mode="after")
+    def _auto_renew_needs_an_issuer(self) -> Self:
+        if self.auto_renew and (self.issuing_cert is None or self.issuing_key is None):
+            raise Problem(
+                "auto_renew",
+                "= true needs issuing_cert and issuing_key (the federation CA certificate and "
+                "key that sign renewals); or set auto_renew = false to queue renewals for "
+                "`silofed-coordinator pki approve`",
+            )
+        return self
+
+
 class _Debug(StrictModel):
     pause_after_phase: Annotated[str, schema.one_of(PAUSE_POINTS)] | None = None
 
@@ -431,6 +474,7 @@ class _CoordinatorFile(StrictModel):
     metrics: _Metrics | None = None
     debug: _Debug = Field(default_factory=_Debug)
     server_optimizer: _ServerOptimizer = Field(default_factory=_ServerOptimizer)
+    pki: _Pki = Field(default_factory=_Pki)
     train: Annotated[dict[str, Any], AfterValidator(_train_table)] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -487,4 +531,5 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
         metrics=None if f.metrics is None else MetricsConfig(listen=f.metrics.listen),
         debug=DebugConfig(pause_after_phase=f.debug.pause_after_phase),
         server_optimizer=f.server_optimizer.settings(),
+        pki=PkiConfig(**f.pki.model_dump()),
     )

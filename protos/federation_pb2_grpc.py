@@ -44,6 +44,11 @@ class FederationStub:
                 request_serializer=protos_dot_federation__pb2.StatusRequest.SerializeToString,
                 response_deserializer=protos_dot_federation__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/silofed.v1.Federation/Renew',
+                request_serializer=protos_dot_federation__pb2.RenewRequest.SerializeToString,
+                response_deserializer=protos_dot_federation__pb2.RenewReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -63,6 +68,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """A silo renews its own certificate over the same mutually authenticated channel it
+        streams on: the caller's TLS certificate is checked as on Connect (CA, validity, roster,
+        revocation) before the CSR is read (coordinator.pki.renewal).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=protos_dot_federation__pb2.StatusRequest.FromString,
                     response_serializer=protos_dot_federation__pb2.StatusReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=protos_dot_federation__pb2.RenewRequest.FromString,
+                    response_serializer=protos_dot_federation__pb2.RenewReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class Federation:
             '/silofed.v1.Federation/GetStatus',
             protos_dot_federation__pb2.StatusRequest.SerializeToString,
             protos_dot_federation__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/silofed.v1.Federation/Renew',
+            protos_dot_federation__pb2.RenewRequest.SerializeToString,
+            protos_dot_federation__pb2.RenewReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,10 +10,13 @@ certificate; `[silo] name`/`id` is only checked against it so a mix-up of files 
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
@@ -78,6 +81,19 @@ class SecAggPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class SiloPki:
+    """`[pki]`: renewing this silo's certificate over its connection (silo_agent.pki.renewal).
+
+    `renew_before_days`: ask for a renewal once the certificate expires within this many days;
+    None: within the last third of its lifetime. `renew_check_s`: how often a connected silo
+    looks again (and asks again while its request waits for the operator's approval)."""
+
+    auto_renew: bool = True
+    renew_before_days: float | None = None
+    renew_check_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class SiloConfig:
     source: Path
     name: str | None
@@ -93,6 +109,8 @@ class SiloConfig:
     pause_after_phase: str | None = None  # [debug]: for fault-injection tests only
     pause_in_round: int | None = None  # [debug]: only in this round (default: the first)
     keep_final_model: bool = False  # [silo]: write the federation's final model to state_dir
+    proxy: str | None = None  # [coordinator]: the HTTP CONNECT proxy to dial through, if any
+    pki: SiloPki = field(default_factory=SiloPki)  # [pki]: certificate renewal
 
 
 # ---- the file's schema: one strict model per table --------------------------------------------
@@ -108,6 +126,54 @@ def _real_port(value: str) -> str:
     if value.endswith(":0"):
         raise ValueError("needs the coordinator's real port, not 0")
     return value
+
+
+def _proxy_url(value: str) -> str:
+    """`http://host:port` of an HTTP CONNECT proxy, as gRPC's `grpc.http_proxy` takes it."""
+    shape = f"must be http://host:port (an HTTP CONNECT proxy), got {value!r}"
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError:  # a port that is no number, or above 65535
+        raise ValueError(shape) from None
+    if url.scheme == "https":
+        raise ValueError(f"{shape}: gRPC speaks plain HTTP to the proxy (TLS runs inside)")
+    if url.scheme != "http" or not url.hostname or port is None or port == 0:
+        raise ValueError(shape)
+    if url.username is not None or url.password is not None:
+        raise ValueError(
+            f"{shape}: credentials in the URL are not supported; have the proxy admit the "
+            "silo's address instead"
+        )
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ValueError(f"{shape}: nothing may follow the port")
+    return f"http://{url.netloc}"
+
+
+def no_proxy_bypass(address: str, environ: Mapping[str, str]) -> str | None:
+    """Which `no_grpc_proxy`/`no_proxy` entry of `environ` makes gRPC dial `address` (host:port)
+    directly although a proxy is configured, as gRPC reads them: no_grpc_proxy when set, else
+    no_proxy; an entry matches a host that ends with it, or an address inside it (a CIDR range).
+    None when none does."""
+    name = "no_grpc_proxy" if "no_grpc_proxy" in environ else "no_proxy"
+    listed = environ.get(name, "")
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    for entry in (e.strip() for e in listed.split(",")):
+        if not entry:
+            continue
+        within = False
+        if ip is not None and "/" in entry:
+            try:
+                within = ip in ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                within = False
+        if within or host.lower().endswith(entry.lower()):
+            return f"{name}={listed!r} lists {entry!r}"
+    return None
 
 
 def _train_limit(value: object) -> float:
@@ -132,6 +198,20 @@ class _Silo(StrictModel):
 class _Coordinator(StrictModel):
     address: Annotated[schema.HostPort, AfterValidator(_real_port)]
     server_name: str | None = None
+    proxy: Annotated[str, AfterValidator(_proxy_url)] | None = None
+
+    @model_validator(mode="after")
+    def _proxy_applies(self) -> Self:
+        # gRPC honours no_proxy even for a proxy set on the channel: the configured proxy
+        # would be skipped without a word, so say so now.
+        if self.proxy is not None and (why := no_proxy_bypass(self.address, os.environ)):
+            raise Problem(
+                "proxy",
+                f"would be bypassed: the agent's environment {why}, which matches "
+                f"{self.address}; remove that entry, or set no_grpc_proxy (gRPC reads it "
+                "before no_proxy) without it",
+            )
+        return self
 
 
 class _Tls(TlsFiles):
@@ -178,6 +258,12 @@ class _Debug(StrictModel):
     pause_in_round: schema.PositiveInt | None = None
 
 
+class _Pki(StrictModel):
+    auto_renew: bool = True
+    renew_before_days: schema.PositiveFloat | None = None
+    renew_check_s: schema.PositiveFloat = 3600.0
+
+
 class _SiloFile(StrictModel):
     silo: _Silo
     coordinator: _Coordinator
@@ -186,6 +272,7 @@ class _SiloFile(StrictModel):
     reconnect: _Reconnect = Field(default_factory=_Reconnect)
     secagg: _SecAgg = Field(default_factory=_SecAgg)
     debug: _Debug = Field(default_factory=_Debug)
+    pki: _Pki = Field(default_factory=_Pki)
     # [train_limits]: parameter name -> the largest value this silo trains with (numbers > 0);
     # the defaults (epochs = 100) apply unless the table names the key.
     train_limits: dict[str, Annotated[float, BeforeValidator(_train_limit)]] = Field(
@@ -209,6 +296,7 @@ def load_silo_config(path: Path) -> SiloConfig:
         state_dir=f.silo.state_dir,
         address=f.coordinator.address,
         server_name=f.coordinator.server_name,
+        proxy=f.coordinator.proxy,
         tls=SiloTls(**f.tls.model_dump()),
         task_spec=f.task.spec,
         task_options=dict(f.task.options),
@@ -217,4 +305,5 @@ def load_silo_config(path: Path) -> SiloConfig:
         pause_after_phase=f.debug.pause_after_phase,
         pause_in_round=f.debug.pause_in_round,
         keep_final_model=f.silo.keep_final_model,
+        pki=SiloPki(**f.pki.model_dump()),
     )

@@ -34,6 +34,7 @@ COORD_TABLES: dict[str, tuple[str, str, str]] = {
     "debug": ("pause_after_phase", "pause_after_phse", ""),
     "plaintext": ("clip_l2", "clip_l", ""),
     "server_optimizer": ("method", "metod", ""),
+    "pki": ("auto_renew", "auto_renw", ""),
 }
 COORD_FREE = {"train"}
 
@@ -44,6 +45,7 @@ SILO_TABLES: dict[str, tuple[str, str, str]] = {
     "task": ("options", "optons", ""),
     "reconnect": ("initial_s", "inital_s", ""),
     "secagg": ("allow_plaintext_insecure", "alow_plaintext_insecure", ""),
+    "pki": ("renew_before_days", "renew_before_day", ""),
     "debug": ("pause_in_round", "pause_in_rund", ""),
 }
 SILO_FREE = {"train_limits"}  # and [task.options], a sub-table of [task]

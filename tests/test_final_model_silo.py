@@ -123,7 +123,7 @@ def pump(runner: SiloRunner, messages: list[pb.CoordinatorMessage]) -> Recorder:
     pause = Pause(None, None, runner.config.state_dir, stop, lambda: True)
     backoff = Backoff(0.1, 1.0, random.random)
     stream: Iterator[pb.CoordinatorMessage] = iter(messages)
-    assert runner._pump(stream, link, backoff, _RoundState(), pause) is False  # type: ignore[arg-type]
+    assert runner._pump(stream, link, backoff, _RoundState(), pause, threading.Event()) is False  # type: ignore[arg-type]
     return link
 
 
@@ -239,7 +239,7 @@ def _stops(runner: SiloRunner, notice: pb.AbortNotice) -> bool:
     pause = Pause(None, None, runner.config.state_dir, threading.Event(), lambda: True)
     stream = iter([pb.CoordinatorMessage(abort=notice)])
     backoff = Backoff(0.1, 1.0, random.random)
-    return runner._pump(stream, Recorder(), backoff, _RoundState(), pause)  # type: ignore[arg-type]
+    return runner._pump(stream, Recorder(), backoff, _RoundState(), pause, threading.Event())  # type: ignore[arg-type]
 
 
 def test_the_silo_ends_on_the_coordinators_finished_code(fed: Any, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from protos import federation_pb2_grpc as pb_grpc
 from secagg.chunking import chunk_count_for
 from secagg.identity import Roster, silo_id_for
 from secagg.messages import MaskedHeader, SignedEnvelope, encode_message
+from silofed.wire import WIRE_VERSION
 from tests.federation_helpers import (
     Federation,
     InProcessCoordinator,
@@ -84,7 +85,9 @@ class RawMember:
         self.received = 0
         self.offers: queue.Queue[pb.RoundOffer] = queue.Queue()  # what the reader saw offered
         hello = pb.Hello(
-            silo_id=self.silo_id, roster_digest=Roster.from_json(fed.roster.read_text()).digest()
+            silo_id=self.silo_id,
+            roster_digest=Roster.from_json(fed.roster.read_text()).digest(),
+            wire_version=str(WIRE_VERSION),
         )
         stub = pb_grpc.FederationStub(self.channel)
         self.call = stub.Connect(self._requests(hello), timeout=900)

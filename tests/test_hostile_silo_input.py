@@ -51,6 +51,7 @@ from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.identity import Roster, silo_id_for
 from silofed.task import load_model_factory
+from silofed.wire import WIRE_VERSION
 from tests.federation_helpers import (
     Federation,
     RecordingTask,
@@ -305,7 +306,9 @@ class RawSilo:
         self.ended_detail = ""
         self.done = threading.Event()
         digest = Roster.from_json(live.fed.roster.read_text()).digest()
-        self._hello = pb.SiloMessage(hello=pb.Hello(silo_id=X, roster_digest=digest))
+        self._hello = pb.SiloMessage(
+            hello=pb.Hello(silo_id=X, roster_digest=digest, wire_version=str(WIRE_VERSION))
+        )
         stub = pb_grpc.FederationStub(self.channel)
         self._call = stub.Connect(self._requests(), timeout=300)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -614,7 +617,9 @@ def test_garbage_in_every_field_costs_only_x(
         assert {(d.silo_id, d.reason) for d in detail.dropouts} == {(X, "INVALID")}
         # Bytes that are no SiloMessage: as the first message, and after a valid hello (a
         # proto3 string that is not UTF-8). The server refuses them; nothing reaches the hub.
-        hello = pb.SiloMessage(hello=pb.Hello(silo_id=X)).SerializeToString()
+        hello = pb.SiloMessage(
+            hello=pb.Hello(silo_id=X, wire_version=str(WIRE_VERSION))
+        ).SerializeToString()
         not_utf8 = b"\x2a\x05\x1a\x03\x0a\x01\xff"  # train_report{metrics{key: b"\xff"}}
         handled = live.received[X]
         for stream in ([b"\xff\xff\xff\xff garbage"], [hello, not_utf8]):

@@ -69,6 +69,7 @@ from secagg.primitives import sha256_array
 from secagg.silo import MaskedUpload, SiloSession, SubmissionRecord
 from silo_agent.storage.silo_state import SiloStateStore
 from silofed.tensors import state_to_bytes
+from silofed.wire import WIRE_VERSION
 from tests.federation_helpers import (
     RECORDING_SPEC,
     RECORDING_TASK,
@@ -311,6 +312,7 @@ class RawSilo:
         hello = pb.Hello(
             silo_id=f"spiffe://{fed.federation_id}/silo/{name}",
             roster_digest=Roster.from_json(roster).digest(),
+            wire_version=str(WIRE_VERSION),
         )
         self.outbox.put(pb.SiloMessage(hello=hello))
         self.call = pb_grpc.FederationStub(self.channel).Connect(self._requests())

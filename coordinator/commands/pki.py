@@ -1,5 +1,6 @@
 """PKI commands for the coordinator operator: provision-dev, init-ca, issue-server-cert,
-issue-operator-cert, sign, sign-roster, revoke.
+issue-operator-cert, sign, sign-roster, revoke, and `pki list|approve` for certificate renewals
+waiting for approval (coordinator.pki.renewal).
 
 Every command prints what it made and where, never key material, and exits 1 with a sentence
 saying what to fix when it is refused.
@@ -16,6 +17,7 @@ from typing import Any
 from cryptography import x509
 
 from coordinator.pki import authority as pki
+from coordinator.pki import renewal
 from coordinator.pki.operator import DEFAULT_OPERATOR_NAME
 from secagg.identity import Roster, spki_sha256, uri_san
 
@@ -147,6 +149,55 @@ def run_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _renewals_dir(args: argparse.Namespace) -> Path:
+    if args.renewals:
+        return Path(args.renewals)
+    if args.config:
+        from coordinator.config import ConfigError, load_coordinator_config
+
+        try:
+            return load_coordinator_config(Path(args.config)).renewals_dir
+        except ConfigError as exc:
+            raise pki.PkiError(str(exc)) from exc
+    raise pki.PkiError(
+        "say where the renewal requests are: --config (the coordinator's TOML) or --renewals DIR"
+    )
+
+
+def run_renewals_list(args: argparse.Namespace) -> int:
+    directory = _renewals_dir(args)
+    federation_id = _federation_of(Path(args.dir))
+    waiting = renewal.list_pending(directory, federation_id)
+    if not waiting:
+        print(f"no renewal requests waiting in {directory}")
+        return 0
+    print(f"{len(waiting)} renewal request(s) waiting in {directory}:")
+    for r in waiting:
+        asked = dt.datetime.fromtimestamp(r.requested_at, dt.UTC)
+        print(f"  {r.name}  {r.silo_id}  requested {asked:%Y-%m-%d %H:%M} UTC")
+    print("  approve one with: silofed-coordinator pki approve --dir FED --silo NAME ...")
+    return 0
+
+
+def run_renewals_approve(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    federation_id = _federation_of(directory)
+    ca = pki.load_ca(directory, federation_id)
+    roster = pki.load_roster(directory / pki.ROSTER_FILE)
+    try:
+        out, cert = renewal.approve(
+            _renewals_dir(args), args.silo, ca=ca, roster=roster, now=_now(), valid_days=args.days
+        )
+    except renewal.RenewalRefused as exc:
+        raise pki.PkiError(f"not approved: {exc}") from exc
+    print(
+        f"approved the renewal of {uri_san(cert)}: serial {cert.serial_number:x}, valid until "
+        f"{cert.not_valid_after_utc:%Y-%m-%d} (same key: the roster is unchanged)"
+    )
+    print(f"  certificate: {out}; the silo picks it up with its next renewal request")
+    return 0
+
+
 def _guard(func: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -252,8 +303,34 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "(which must also raise its version).",
     )
 
+    _register_renewals(sub)
+
     p = _command(sub, "revoke", run_revoke, "revoke a silo certificate", _DIR)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--cert", help="the certificate to revoke (PEM)")
     group.add_argument("--serial", help="the serial number to revoke (hex)")
     p.add_argument("--reason", required=True, help="why (recorded in revoked.json)")
+
+
+def _register_renewals(sub: argparse._SubParsersAction[Any]) -> None:
+    """`pki list` and `pki approve`: the queue of same-key renewals ([pki] auto_renew = false)."""
+    group = sub.add_parser(
+        "pki",
+        help="certificate renewals waiting for approval (list, approve)",
+        description="Silos ask for a new certificate for their pinned key over their "
+        "connection; with [pki] auto_renew = false the coordinator queues each request. Run "
+        "these where the CA key is (the federation directory), on the renewals folder of the "
+        "coordinator (or a copy of it: copy the issued certificate back).",
+    )
+    actions = group.add_subparsers(dest="pki_command", required=True)
+    for name, run, summary in (
+        ("list", run_renewals_list, "show the renewal requests waiting for approval"),
+        ("approve", run_renewals_approve, "sign a silo's waiting renewal request with the CA"),
+    ):
+        p = _command(actions, name, run, summary, _DIR_WITH_CA)
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--config", help="the coordinator's TOML (its [pki] renewals_dir)")
+        where.add_argument("--renewals", help="the renewals folder (default <state_dir>/renewals)")
+        if name == "approve":
+            p.add_argument("--silo", required=True, help="the silo's name (as `list` shows it)")
+            p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")

@@ -32,6 +32,7 @@ from rich.table import Table
 
 from coordinator.config import ConfigError, load_coordinator_config
 from coordinator.pki.authority import CA_DIR, OPERATOR_CERT, OPERATOR_KEY, operator_dir
+from coordinator.pki.expiry import DEFAULT_WARNING_DAYS, expiry_warning
 from protos import federation_pb2 as pb
 
 if TYPE_CHECKING:
@@ -91,6 +92,13 @@ def _credentials_paths(
     return where / OPERATOR_CERT, where / OPERATOR_KEY
 
 
+def _warning_days(args: argparse.Namespace) -> float:
+    """[pki] expiry_warning_days of the coordinator's config when given, else the default."""
+    if args.config is None:
+        return DEFAULT_WARNING_DAYS
+    return load_coordinator_config(args.config).pki.expiry_warning_days
+
+
 def _target(args: argparse.Namespace) -> tuple[str, Credentials]:
     address: str | None = args.address
     ca = args.ca_cert
@@ -136,8 +144,15 @@ def _target(args: argparse.Namespace) -> tuple[str, Credentials]:
     return address, creds
 
 
-def status_doc(address: str, reply: pb.StatusReply, health: str, now: float) -> dict[str, Any]:
-    """The JSON form; times are unix seconds, durations seconds, expiry in days from `now`."""
+def status_doc(
+    address: str,
+    reply: pb.StatusReply,
+    health: str,
+    now: float,
+    warning_days: float = DEFAULT_WARNING_DAYS,
+) -> dict[str, Any]:
+    """The JSON form; times are unix seconds, durations seconds, expiry in days from `now`;
+    `cert_warning` is set for a certificate within `warning_days` of expiry (else null)."""
     return {
         "address": address,
         "federation_id": reply.federation_id,
@@ -153,6 +168,7 @@ def status_doc(address: str, reply: pb.StatusReply, health: str, now: float) -> 
                 "connected_since": s.connected_since_unix,
                 "cert_not_after": s.cert_not_after_unix,
                 "cert_days_left": (s.cert_not_after_unix - now) / 86400,
+                "cert_warning": expiry_warning(s.silo_id, s.cert_not_after_unix, now, warning_days),
                 "bytes_in": s.bytes_in,
                 "bytes_out": s.bytes_out,
             }
@@ -190,6 +206,9 @@ def _print(doc: dict[str, Any], out: TextIO) -> None:
             f"{s['bytes_out']:,}",
         )
     console.print(table)
+    for s in doc["silos"]:
+        if s["cert_warning"]:
+            console.print(f"warning: {s['cert_warning']}", markup=False)
     if doc["excluded"]:
         # Proven with its own signature: the fix is the operator's (revoke the certificate).
         excluded = Table(
@@ -221,7 +240,7 @@ def run(args: argparse.Namespace, clock: Callable[[], float] = time.time) -> int
     except (ConfigError, StatusUnavailable, _UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    doc = status_doc(address, reply, health, clock())
+    doc = status_doc(address, reply, health, clock(), _warning_days(args))
     if args.json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:

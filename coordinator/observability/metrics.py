@@ -10,7 +10,8 @@ a daemon thread and writes its bound port to `<state_dir>/metrics.port` (listen 
 Exported: silofed_round_duration_seconds (histogram over finished rounds),
 silofed_phase_duration_seconds{phase} (histogram), silofed_dropouts_total{phase},
 silofed_bytes_total{direction="in"|"out"} (as seen by the coordinator),
-silofed_connected_silos, silofed_cert_expiry_days{silo}, silofed_current_round,
+silofed_connected_silos, silofed_cert_expiry_days{silo}, silofed_cert_expiry_seconds{silo},
+silofed_current_round,
 silofed_rounds_completed.
 """
 
@@ -193,9 +194,17 @@ class FederationCollector(Collector):
             "Days until each connected silo's certificate expires.",
             labels=["silo"],
         )
+        # The same in seconds, for alert rules (docs/pki.md: renewal and expiry warnings).
+        expiry_s = GaugeMetricFamily(
+            "silofed_cert_expiry_seconds",
+            "Seconds until each connected silo's certificate expires (negative: expired).",
+            labels=["silo"],
+        )
         for s in sorted(reply.silos, key=lambda s: s.silo_id):
             expiry.add_metric([s.silo_id], (s.cert_not_after_unix - now) / 86400)
+            expiry_s.add_metric([s.silo_id], s.cert_not_after_unix - now)
         yield expiry
+        yield expiry_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,11 @@ refused peer holds nothing past that. An accepted identity holds one stream: a n
 its previous stream (coordinator.transport.admission). At most `[server] max_pending_streams`
 streams may
 wait for their hello, which must come within `hello_timeout_s`; beyond either bound the stream
-ends at once (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), never queued. So the streams are bounded by
-the roster plus that bound, whatever members do, and `stream_capacity` sizes the server's worker
-pool (server.py adds a reserve for status and health on top).
+ends at once (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED), never queued. The hello's wire version is
+checked before the hub sees the hello (silofed.wire.wire_refusal): a silo speaking an
+incompatible version, or none, is refused with FAILED_PRECONDITION naming both versions. So the
+streams are bounded by the roster plus that bound, whatever members do, and `stream_capacity`
+sizes the server's worker pool (server.py adds a reserve for status and health on top).
 
 Each admitted stream has a reader thread feeding the hub and a response generator draining the
 silo's outbound queue. Nothing here knows about rounds. Liveness is not checked here: the
@@ -33,10 +35,12 @@ import grpc
 
 from coordinator.config import ServerLimits
 from coordinator.observability.ratelimit import PeerLog, exception_line
-from coordinator.runtime.peer_input import DETAIL_MAX, clean_hello, clip_text
+from coordinator.pki.renewal import RenewalRefused, RenewalService, RenewalUnavailable
+from coordinator.runtime.peer_input import AGENT_VERSION_MAX, DETAIL_MAX, clean_hello, clip_text
 from coordinator.transport.admission import Busy, Stream, StreamTable
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
+from silofed import wire
 
 log = logging.getLogger("silofed.coordinator.servicer")
 
@@ -47,12 +51,14 @@ class RefusalCode(enum.Enum):
     UNAUTHENTICATED = "cannot tell who the peer is"
     PERMISSION_DENIED = "the peer is known but not allowed"
     INVALID_ARGUMENT = "the peer broke the protocol"
+    INCOMPATIBLE = "the peer speaks a wire version this coordinator does not admit"
 
 
 _STATUS = {
     RefusalCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     RefusalCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     RefusalCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    RefusalCode.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -145,6 +151,7 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
         self._streams: StreamTable[S] = StreamTable(
             max_pending=limits.max_pending_streams, capacity=max_silos + limits.max_pending_streams
         )
+        self._renewals = RenewalService()
 
     @property
     def stream_capacity(self) -> int:
@@ -160,6 +167,7 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
             identity = self._hub.check_peer(cert_pem)
         except Refused as refusal:
             self._refuse(context, refusal)
+        self._renewals.warn_expiry(self._hub, identity, cert_pem)
         try:
             stream, replaced = self._streams.open(identity)
         except Busy as exc:
@@ -251,6 +259,12 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
                 first.WhichOneof("kind"),
             )
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
+        # Before anything else in the hello: another major version may mean something else by it.
+        announced = clip_text(first.hello.wire_version, AGENT_VERSION_MAX)
+        agent = clip_text(first.hello.agent_version, AGENT_VERSION_MAX)
+        incompatible = wire.wire_refusal(announced, agent, silo=stream.identity)
+        if incompatible is not None:
+            self._refuse(context, Refused(RefusalCode.INCOMPATIBLE, incompatible))
         hello = clean_hello(first.hello)
         try:
             admitted = self._streams.admit(stream, lambda: self._hub.admit(cert_pem, hello))
@@ -259,6 +273,11 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
         if admitted is None:  # a newer stream of this silo opened while this one said hello
             _abort(context, grpc.StatusCode.ABORTED, REPLACED)
         session = admitted
+        if announced != str(wire.WIRE_VERSION):  # an upgrade in progress: say who lags
+            log.info(
+                "%s speaks wire version %s (agent %r), this coordinator %s: compatible, admitted",
+                session.silo_id, announced, agent, wire.WIRE_VERSION,
+            )  # fmt: skip
         session.attach_stream(context.cancel)  # lets the hub end a stream whose silo stops reading
         # Fires however the RPC ends (client cancel, broken connection, server stop): the
         # reader thread or the generator may be blocked and never notice on their own.
@@ -347,6 +366,35 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
             )
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return self._hub.status()
+
+    def Renew(  # noqa: N802 - gRPC method name
+        self, request: pb.RenewRequest, context: grpc.ServicerContext
+    ) -> pb.RenewReply:
+        """A silo renews its certificate over its own mutually authenticated channel
+        (coordinator.pki.renewal). The caller is checked exactly as a connecting silo is
+        (federation CA, validity, revocation, roster) before its CSR is read: a revoked or
+        unknown silo is refused here and nothing is signed or queued."""
+        cert_pem = _peer_cert(context)
+        try:
+            silo_id = self._hub.check_peer(cert_pem)
+        except Refused as refusal:
+            self._refuse(context, refusal)
+        assert cert_pem is not None  # check_peer refuses a peer without a certificate
+        self._renewals.warn_expiry(self._hub, silo_id, cert_pem)
+        try:
+            outcome = self._renewals.renew(self._hub, silo_id, cert_pem, request.csr_pem)
+        except RenewalUnavailable as exc:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except RenewalRefused as exc:
+            self._peer_log.warning(
+                "refused renewal", silo_id, "refused the renewal of %s: %s", silo_id, str(exc)
+            )
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        return pb.RenewReply(
+            outcome=pb.RenewReply.ISSUED if outcome.issued else pb.RenewReply.QUEUED,
+            cert_pem=outcome.cert_pem,
+            detail=outcome.detail,
+        )
 
 
 def abort_details(exc: Any) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 from secagg.identity import CertificateRejected, check_certificate, load_pem_certificate
 from silo_agent.config import ConfigError, SiloConfig, load_silo_config
 from silo_agent.pki.preflight import PinnedFiles
+from silo_agent.pki.renewal import renew_at
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -55,11 +56,23 @@ def check_certificate_validity(config: SiloConfig, now: dt.datetime) -> CheckRes
             "certificate", False, f"{config.tls.cert}: {exc}; re-enroll (silofed-silo enroll)"
         )
     days = (cert.not_valid_after_utc - now).total_seconds() / 86400
-    return CheckResult(
-        "certificate",
-        True,
-        f"{silo_id}, valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({days:.0f} days)",
+    detail = (
+        f"{silo_id}, valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({days:.0f} days)"
     )
+    # Still a pass (it works today), with the warning an operator must act on or expect.
+    if now.timestamp() >= renew_at(cert, config.pki.renew_before_days):
+        if config.pki.auto_renew:
+            detail += (
+                "; WARNING: renewal due: the running agent asks the coordinator for a renewed "
+                "certificate (same key) over its connection; if it is still due tomorrow, ask "
+                "the coordinator operator (`silofed-coordinator pki list`)"
+            )
+        else:
+            detail += (
+                "; WARNING: expires soon and [pki] auto_renew is off: have it renewed before "
+                "it expires"
+            )
+    return CheckResult("certificate", True, detail)
 
 
 def check_roster_pin(config: SiloConfig, now: dt.datetime) -> CheckResult:

@@ -10,7 +10,8 @@ coordinator says the federation finished.
 Per round it reports `eval_*` = its evaluation, on its local held-out data, of the global model
 it RECEIVED this round, and `train_*` from local training. The update is `trained - received`.
 Each upload is appended to `<state_dir>/ledger.jsonl` so the silo operator can check what left
-the site.
+the site. While connected it renews its certificate when due (silo_agent.pki.renewal) and, once a
+renewed one is installed, reconnects after the round in progress to present it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from secagg.silo import SiloPolicy, SiloSession
 from secagg.trust import SiloIdentity, Trust
 from silo_agent.config import SiloConfig
 from silo_agent.pki.preflight import secagg_credentials
+from silo_agent.pki.renewal import RenewalError, renew_if_due
 from silo_agent.pki.roster_update import on_roster_update
 from silo_agent.runtime.backoff import Backoff
 from silo_agent.runtime.final_model import FinalModel
@@ -54,6 +56,7 @@ EXIT_OK = 0
 EXIT_REFUSED = 3  # the coordinator or our own pre-flight check refused this identity
 EXIT_STOPPED = 130
 FLUSH_TIMEOUT_S = 30.0
+RENEW_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -89,6 +92,8 @@ class SiloRunner:
     _final: FinalModel | None = (
         None  # the final evaluation's rules (silo_agent/runtime/final_model.py)
     )
+    # Set when a renewed certificate was installed: reconnect after this round to present it.
+    _renewed: threading.Event = field(default_factory=threading.Event)
 
     def request_stop(self) -> None:
         """Stop from another thread (signal handler): closes the stream so reading returns."""
@@ -99,25 +104,31 @@ class SiloRunner:
 
     def run(self) -> int:
         backoff = Backoff(self.config.reconnect.initial_s, self.config.reconnect.max_s, self.rng)
-        tls = TlsMaterial(
-            ca_pem=self.config.tls.ca_cert.read_bytes(),
-            cert_pem=self.config.tls.cert.read_bytes(),
-            key_pem=self.config.tls.key.read_bytes(),
-        )
         ledger = SentLedger(self.config.state_dir / LEDGER_FILENAME, self.clock)
         self._sent_ledger = ledger
         while not self.stop.is_set():
+            # Read at every connection: a renewed certificate replaces the file
+            # (silo_agent.pki.renewal), and this connection presents it.
+            self._renewed.clear()
+            tls = TlsMaterial(
+                ca_pem=self.config.tls.ca_cert.read_bytes(),
+                cert_pem=self.config.tls.cert.read_bytes(),
+                key_pem=self.config.tls.key.read_bytes(),
+            )
             link = Link(
                 self.config.address,
                 tls,
                 server_name=self.config.server_name,
+                proxy=self.config.proxy,
                 on_sent=ledger.on_sent,  # each message is recorded once gRPC has taken it
             )
             with self._lock:
                 self._link = link
             try:
                 finished = self._session(link.open(self._hello()), link, backoff)
-                if not finished:
+                if not finished and self._renewed.is_set():
+                    log.info("reconnecting to present the renewed certificate")
+                elif not finished:
                     log.warning("coordinator closed the stream")
                 elif not self._wait_for_next_run():
                     return EXIT_OK
@@ -168,10 +179,34 @@ class SiloRunner:
             self.stop,
             lambda: link.flush(FLUSH_TIMEOUT_S),
         )
+        ended = threading.Event()  # ends this connection's renewal checks
         try:
-            return self._pump(messages, link, backoff, state, pause)
+            return self._pump(messages, link, backoff, state, pause, ended)
         finally:
+            ended.set()
             state.end_secure()  # the stream is gone: erase the round's secrets
+
+    def _renewals(self, link: Link, ended: threading.Event) -> None:
+        """While connected: renew the certificate when it is due (silo_agent.pki.renewal),
+        looking again every `[pki] renew_check_s` (a queued request is asked for again)."""
+
+        def call(request: pb.RenewRequest) -> pb.RenewReply:
+            # The unary Renew rides the stream's own channel: the same mutual TLS identity.
+            return link.renew(request, RENEW_TIMEOUT_S)
+
+        while not ended.is_set() and not self.stop.is_set():
+            try:
+                result = renew_if_due(self.config, call, now=self.clock())
+            except RenewalError as exc:
+                log.error("certificate renewal failed: %s", exc)
+            except LinkError as exc:  # refused or unreachable: say it, try again later
+                log.warning("certificate renewal was not granted: %s", exc)
+            else:
+                if result is not None and result.installed:
+                    self._credentials = None  # secure rounds sign with the new certificate
+                    self._renewed.set()
+                    return
+            ended.wait(self.config.pki.renew_check_s)
 
     def _pump(
         self,
@@ -180,6 +215,7 @@ class SiloRunner:
         backoff: Backoff,
         state: _RoundState,
         pause: Pause,
+        ended: threading.Event,
     ) -> bool:
         for message in messages:
             pause.wait_if_frozen()
@@ -191,6 +227,9 @@ class SiloRunner:
                     message.welcome.federation_id,
                     message.welcome.silo_id,
                 )
+                threading.Thread(
+                    target=self._renewals, args=(link, ended), name="renewal", daemon=True
+                ).start()
             elif kind == "round_offer":
                 state.end_secure()
                 state.offer, state.download = message.round_offer, None
@@ -218,6 +257,8 @@ class SiloRunner:
                 state.end_secure(message.round_result.round_id)
                 if self._on_result(message.round_result):
                     return True
+                if self._renewed.is_set():  # between rounds: present the renewed certificate
+                    return False
             elif kind == "roster_update":
                 if on_roster_update(self.config, message.roster_update, clock=self.clock):
                     self._credentials = None  # the next secure round reads the adopted roster

@@ -9,6 +9,15 @@ within `keepalive_timeout_s`; there is no application heartbeat. Every gRPC fail
 `LinkError` with the status code's name and the coordinator's detail, so the runner never sees
 grpc types.
 
+It dials through an HTTP CONNECT proxy only when `[coordinator] proxy` names one: gRPC then
+tunnels the TCP connection and mutual TLS runs end to end inside it (the proxy sees the
+coordinator's host:port, never the traffic). Without that key gRPC's proxy support is switched
+off (`grpc.enable_http_proxy` = 0), so `grpc_proxy`, `https_proxy` or `http_proxy` in the
+agent's environment never silently reroute the stream.
+
+The hello always carries this build's wire version (silofed.wire): `open` fills it in unless
+the caller set one.
+
 "Handed to gRPC", for `on_sent`: gRPC asks the request iterator for its next message only after
 the previous one's send operation completed (its bytes passed HTTP/2 flow control and were
 written to the socket) and never after the call failed. So the code after a `yield` runs only
@@ -33,6 +42,7 @@ from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from protos.blobs import blob_messages
 from secagg.chunking import describe
+from silofed import wire
 from silofed.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("silofed.silo")
@@ -44,10 +54,14 @@ KEEPALIVE_S = 20.0
 KEEPALIVE_TIMEOUT_S = 10.0
 
 
-def channel_options(keepalive_s: float, keepalive_timeout_s: float) -> list[tuple[str, str | int]]:
-    """The channel's options: small message limits (payloads travel in chunks) and keepalive
-    pings that also run while no data flows, so a silent coordinator is noticed when idle."""
+def channel_options(
+    keepalive_s: float, keepalive_timeout_s: float, proxy: str | None = None
+) -> list[tuple[str, str | int]]:
+    """The channel's options: small message limits (payloads travel in chunks), keepalive
+    pings that also run while no data flows, so a silent coordinator is noticed when idle, and
+    the HTTP CONNECT proxy `proxy` ("http://host:port") or none, whatever the environment says."""
     return [
+        *proxy_options(proxy),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_time_ms", round(keepalive_s * 1000)),
@@ -59,11 +73,22 @@ def channel_options(keepalive_s: float, keepalive_timeout_s: float) -> list[tupl
     ]
 
 
+def proxy_options(proxy: str | None) -> list[tuple[str, str | int]]:
+    """gRPC's proxy options: tunnel through `proxy`, or (None) no proxy at all. gRPC would
+    otherwise read grpc_proxy/https_proxy/http_proxy from the environment by itself."""
+    if proxy is None:
+        return [("grpc.enable_http_proxy", 0)]
+    return [("grpc.enable_http_proxy", 1), ("grpc.http_proxy", proxy)]
+
+
 # How often the request iterator, with nothing to send, looks whether the call ended.
 POLL_S = 1.0
 
-# Status codes after which trying again cannot help until an operator acts.
-FATAL_CODES = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_ARGUMENT"})
+# Status codes after which trying again cannot help until an operator acts (FAILED_PRECONDITION:
+# the coordinator does not speak this agent's wire version; one side must be upgraded).
+FATAL_CODES = frozenset(
+    {"PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_ARGUMENT", "FAILED_PRECONDITION"}
+)
 
 
 class LinkError(Exception):
@@ -104,11 +129,14 @@ class Link:
         tls: TlsMaterial,
         *,
         server_name: str | None = None,
+        proxy: str | None = None,
         keepalive_s: float = KEEPALIVE_S,
         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         on_sent: Callable[[pb.SiloMessage | OutBlob], None] | None = None,
     ) -> None:
-        options = channel_options(keepalive_s, keepalive_timeout_s)
+        """`proxy`: the HTTP CONNECT proxy to dial through ("http://host:port", checked by the
+        silo's config), or None to dial `address` directly."""
+        options = channel_options(keepalive_s, keepalive_timeout_s, proxy)
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         credentials = grpc.ssl_channel_credentials(
@@ -172,9 +200,27 @@ class Link:
         return not self._out.unfinished_tasks
 
     def open(self, hello: pb.Hello) -> Iterator[pb.CoordinatorMessage]:
-        """Start the stream; iterate the result for coordinator messages (raises LinkError)."""
+        """Start the stream; iterate the result for coordinator messages (raises LinkError).
+        A hello without a wire version is sent with this build's (silofed.wire.WIRE_VERSION)."""
+        if not hello.wire_version:
+            stamped = pb.Hello()
+            stamped.CopyFrom(hello)
+            stamped.wire_version = str(wire.WIRE_VERSION)  # read now: a test may set another
+            hello = stamped
         self._call = self._stub.Connect(self._requests(hello))
         return self._messages()
+
+    def renew(self, request: pb.RenewRequest, timeout_s: float) -> pb.RenewReply:
+        """Ask for a renewed certificate over this link's channel: the same mutually
+        authenticated identity as the stream (raises LinkError; UNIMPLEMENTED from a
+        coordinator that predates renewal)."""
+        try:
+            reply: pb.RenewReply = self._stub.Renew(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            raise LinkError(code.name if code is not None else "UNKNOWN", detail or "") from None
+        return reply
 
     def _messages(self) -> Iterator[pb.CoordinatorMessage]:
         assert self._call is not None
