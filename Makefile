@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-all coverage lint protos bench lock clean
+.PHONY: venv demo test test-all coverage lint protos bench lock clean wheel
 
 # The torch pin goes in first: it is the CPU build on this machine's disk, and an unpinned
 # torch (asked for by any later package) could pull a multi-GB CUDA build.
@@ -19,6 +19,13 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The wheel an operator installs (docs/deployment.md): the runtime packages only. Built without
+# isolation by the venv's setuptools, from a fresh build/ (setuptools reuses stale files there).
+wheel: $(STAMP)
+	rm -rf build
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	rm -rf build
 
 demo: $(STAMP)
 	$(PY) -m examples.digits.demo

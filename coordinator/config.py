@@ -19,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
+from coordinator.pki.certificates import SILO_VALID_DAYS
 from protos.names import PLAINTEXT_INSECURE, SECAGG
 from secagg.train_params import TrainParamsError, canonical_train_params, parse_train_params
 from silofed import config_schema as schema
@@ -200,9 +201,11 @@ class PkiConfig:
     wherever the CA key is kept."""
 
     auto_renew: bool = False
-    issuing_cert: Path | None = None  # the federation CA certificate that signs renewals
+    # The CA certificate that signs renewals: the root, or (docs/pki.md) the online intermediate,
+    # whose file then carries the intermediate only (silos receive leaf + intermediate).
+    issuing_cert: Path | None = None
     issuing_key: Path | None = None  # its key (needed on this host only with auto_renew)
-    renew_valid_days: int = 365  # lifetime of a renewed silo certificate
+    renew_valid_days: int = SILO_VALID_DAYS  # lifetime of a renewed silo certificate
     renewals_dir: Path | None = None  # None: <state_dir>/renewals
     expiry_warning_days: float = 30.0  # log, status and metrics warn this long before expiry
 
@@ -442,7 +445,7 @@ class _Pki(StrictModel):
     auto_renew: bool = False
     issuing_cert: schema.ExistingFile | None = None
     issuing_key: schema.ExistingFile | None = None
-    renew_valid_days: schema.PositiveInt = 365
+    renew_valid_days: schema.PositiveInt = SILO_VALID_DAYS
     renewals_dir: schema.ConfigPath | None = None
     expiry_warning_days: schema.NonNegativeFloat = 30.0
 

@@ -7,6 +7,11 @@ here reads files, clocks or sockets. The coordinator uses it to admit a TLS peer
 A silo's identity is the URI SAN of its certificate (e.g. ``spiffe://demo/silo/hospital-a``).
 The roster maps each silo id to the SHA-256 of its certificate's SubjectPublicKeyInfo; it is
 agreed by the consortium and pinned by every silo, so the coordinator cannot add members.
+
+A leaf is issued by the federation CA (the root) directly, or by one intermediate the root
+issued (the coordinator's online issuing CA), presented beside the leaf (TLS chain, certificate
+file, envelope chain). The intermediate must be a CA allowed to sign certificates, valid now,
+not revoked, and the root's path length must allow it; never more than one level.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class CertProblem(enum.Enum):
     ROSTER_KEY_MISMATCH = "key does not match the roster entry for this silo"
     REVOKED = "has been revoked"
     WRONG_SILO = "names a different silo than expected"
+    BAD_INTERMEDIATE = "is issued by an intermediate CA that cannot issue it"
 
 
 class CertificateRejected(Exception):
@@ -173,24 +179,23 @@ def check_certificate(
     roster: Roster | None = None,
     expected_silo_id: str | None = None,
     revoked_serials: Sequence[int] = (),
+    intermediates: Sequence[x509.Certificate] = (),
 ) -> SiloId:
     """Check a silo certificate and return its silo id.
 
-    Checks, in order: signed by `ca_cert`; ECDSA P-256 key; exactly one URI SAN; validity covers
+    Checks, in order: issued by `ca_cert` directly or through one of `intermediates`
+    (`check_issuer`); ECDSA P-256 key; exactly one URI SAN; validity covers
     `now`; not revoked; equals `expected_silo_id` when given; pinned by `roster` when given.
     Raises CertificateRejected naming the first failed check.
     """
     subject = _describe(cert)
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise CertificateRejected(CertProblem.NOT_FROM_FEDERATION_CA, subject) from exc
+    moment = _as_utc(now)
+    check_issuer(cert, ca_cert, intermediates, now=moment, revoked_serials=revoked_serials)
     if not is_p256(cert.public_key()):
         raise CertificateRejected(CertProblem.WRONG_KEY_TYPE, subject)
     silo_id = uri_san(cert)
     if silo_id is None:
         raise CertificateRejected(CertProblem.NO_URI_SAN, subject)
-    moment = _as_utc(now)
     if moment < cert.not_valid_before_utc:
         raise CertificateRejected(
             CertProblem.NOT_YET_VALID,
@@ -212,6 +217,91 @@ def check_certificate(
         if pin != spki_sha256(cert):
             raise CertificateRejected(CertProblem.ROSTER_KEY_MISMATCH, subject)
     return SiloId(silo_id)
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def intermediate_problem(
+    intermediate: x509.Certificate,
+    ca_cert: x509.Certificate,
+    *,
+    now: _dt.datetime,
+    revoked_serials: Sequence[int] = (),
+) -> str | None:
+    """Why `intermediate` may not issue silo certificates under `ca_cert`, or None when it may:
+    signed by the root, whose path length allows one CA below it; a CA (basicConstraints) whose
+    key usage includes certificate signing; valid at `now`; its serial not revoked."""
+    name = intermediate.subject.rfc4514_string() or f"serial {intermediate.serial_number:x}"
+    if not _signed_by(intermediate, ca_cert):
+        return f"intermediate {name} is not signed by the federation CA"
+    root = _constraints(ca_cert)
+    if root is None or not root.ca or root.path_length == 0:
+        return (
+            f"the federation CA's basic constraints (path length 0) allow no intermediate below "
+            f"it, so {name} cannot issue certificates; issue the certificate from the root, or "
+            "create a root with path length 1"
+        )
+    own = _constraints(intermediate)
+    if own is None or not own.ca:
+        return f"{name} is not a CA certificate (basicConstraints CA:FALSE)"
+    try:
+        usage = intermediate.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and not usage.key_cert_sign:
+        return f"{name}'s key usage does not allow signing certificates"
+    moment = _as_utc(now)
+    if not intermediate.not_valid_before_utc <= moment <= intermediate.not_valid_after_utc:
+        return (
+            f"intermediate {name} is valid only {intermediate.not_valid_before_utc:%Y-%m-%d} to "
+            f"{intermediate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        )
+    if intermediate.serial_number in set(revoked_serials):
+        return f"intermediate {name} (serial {intermediate.serial_number:x}) has been revoked"
+    return None
+
+
+def check_issuer(
+    cert: x509.Certificate,
+    ca_cert: x509.Certificate,
+    intermediates: Sequence[x509.Certificate] = (),
+    *,
+    now: _dt.datetime,
+    revoked_serials: Sequence[int] = (),
+) -> None:
+    """`cert` is issued by `ca_cert`, or by one of `intermediates` that `ca_cert` issued and
+    that passes `intermediate_problem`. Raises CertificateRejected (NOT_FROM_FEDERATION_CA, or
+    BAD_INTERMEDIATE naming the intermediate's failed check)."""
+    subject = _describe(cert)
+    if _signed_by(cert, ca_cert):
+        return
+    issuer = next(
+        (i for i in intermediates if i.subject == cert.issuer and _signed_by(cert, i)), None
+    )
+    if issuer is None:
+        raise CertificateRejected(CertProblem.NOT_FROM_FEDERATION_CA, subject)
+    problem = intermediate_problem(issuer, ca_cert, now=now, revoked_serials=revoked_serials)
+    if problem is not None:
+        raise CertificateRejected(CertProblem.BAD_INTERMEDIATE, subject, problem)
+
+
+def load_pem_chain(data: bytes) -> tuple[x509.Certificate, ...]:
+    """Every PEM certificate in `data`, leaf first (a certificate file may carry its issuing
+    intermediate after the leaf). Raises ValueError when there is none or one is malformed."""
+    return tuple(x509.load_pem_x509_certificates(data))
 
 
 def load_pem_certificate(data: bytes) -> x509.Certificate:

@@ -2,7 +2,8 @@
 the pinned roster.
 
 Rule: the signature is checked over the exact received payload bytes with the leaf key of a
-certificate that chains to the federation CA, names the expected silo, is valid at the injected
+certificate that chains to the federation CA (directly, or through the one intermediate the
+envelope's chain carries after the leaf), names the expected silo, is valid at the injected
 `now` and is pinned by the roster. Every failure is `DecryptionFailed` (opaque) to the caller.
 """
 
@@ -48,6 +49,9 @@ def verify_signer(
         raise DecryptionFailed()
     try:
         leaf = x509.load_der_x509_certificate(env.cert_chain[0])
+        # A leaf from the coordinator's issuing CA carries that intermediate next; one level is
+        # all a chain may have, so a longer list is never parsed.
+        intermediates = [x509.load_der_x509_certificate(d) for d in env.cert_chain[1:3]]
         check_certificate(
             leaf,
             trust.ca_cert,
@@ -55,6 +59,7 @@ def verify_signer(
             roster=trust.roster,
             expected_silo_id=expected_silo_id,
             revoked_serials=trust.revoked_serials,
+            intermediates=intermediates,
         )
     except (ValueError, CertificateRejected) as exc:
         raise DecryptionFailed() from exc

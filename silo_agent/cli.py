@@ -28,8 +28,18 @@ EXIT_CODES = (
     # Our own certificate cannot work (expired, foreign CA, not on the roster, wrong key): the
     # same code as the coordinator's refusal.
     ExitOn("run", 3, ("silo_agent.pki.preflight:PreflightError",), logged=True),
-    # Another agent runs with this state directory (the line names its pid).
-    ExitOn("run", 4, ("silo_agent.storage.state_lock:StateDirBusy",), logged=True),
+    # The state directory needs the operator: another agent runs with it (the line names its
+    # pid), or its secure-aggregation state is damaged (restore it: docs/runbooks.md). A restart
+    # would only repeat either.
+    ExitOn(
+        "run",
+        4,
+        (
+            "silo_agent.storage.state_lock:StateDirBusy",
+            "silo_agent.storage.silo_state:SiloStateError",
+        ),
+        logged=True,
+    ),
     # No ledger or export to read, an unreadable one, a command line not saying which silo.
     ExitOn(
         "ledger",

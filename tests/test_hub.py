@@ -985,3 +985,38 @@ def test_frames_for_a_wrong_round_are_ignored_in_a_few_lines(
     ]
     assert len(lines) == 1 and len(summaries) == 1
     assert int(str(summaries[0][1]).replace(",", "")) == n - 1
+
+
+# ---- connection churn ----------------------------------------------------------------------------
+
+
+def test_a_silo_reconnecting_in_a_loop_writes_a_few_lines_a_minute_and_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review item of the hostile-silo work: connect, replace and disconnect lines were written
+    per reconnect. 200 reconnects in 20 s (fake clock) write at most CHURN_LINES of each kind
+    for that silo, and the next line after the minute carries the count of the rest; another
+    silo's connect line is not held back by it."""
+    from coordinator.runtime.hub import CHURN_LINES
+
+    caplog.set_level(logging.INFO, logger="silofed")
+    h = make_harness(tmp_path, ("a", "b"))
+    a, b = h.silo("a"), h.silo("b")
+    for _ in range(200):
+        stream = a.connect()
+        h.hub.on_disconnect(stream, "stream ended")
+        h.clock.advance(0.1)
+    lines = [r.getMessage() for r in caplog.records]
+    for kind in ("silo connected: ", "silo disconnected: "):
+        mine = [m for m in lines if m.startswith(kind + a.silo_id)]
+        assert 1 <= len(mine) <= CHURN_LINES, mine
+    b.connect()
+    assert any(m.startswith(f"silo connected: {b.silo_id}") for m in
+               (r.getMessage() for r in caplog.records))  # fmt: skip
+    h.clock.advance(60.0)
+    a.connect()
+    lines = [r.getMessage() for r in caplog.records]
+    last = [m for m in lines if m.startswith(f"silo connected: {a.silo_id}")][-1]
+    assert re.search(r"\(and 19\d more like it in the last \d+ s\)$", last), last
+    # The disconnects' count has no later line to ride on: it is written on its own.
+    assert any(re.search(r"19\d more like it \(disconnected\)", m) for m in lines), lines[-3:]

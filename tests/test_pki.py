@@ -77,7 +77,7 @@ def test_the_ca_only_signs_certificates_and_every_leaf_only_signs_handshakes(
     fed = pki.provision_dev(tmp_path, "demo", ["a"], now=NOW)
     assert fed.operator is not None
     ca = x509.load_pem_x509_certificate(fed.ca_cert.read_bytes())
-    assert _usage(ca) == (True, 0, {"key_cert_sign", "crl_sign"})
+    assert _usage(ca) == (True, 1, {"key_cert_sign", "crl_sign"})  # one intermediate below it
     assert ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     for leaf_path in (fed.coordinator_cert, fed.operator.cert, fed.silos["a"].cert):
         leaf = x509.load_pem_x509_certificate(leaf_path.read_bytes())

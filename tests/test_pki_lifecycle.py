@@ -116,7 +116,7 @@ def test_check_warns_when_renewal_is_due(fed: Federation, tmp_path: Path) -> Non
     silo = fed.silos["a"]
     toml = write_silo_config(tmp_path / "a.toml", silo, port=1, task_spec=RECORDING_SPEC)
     config = load_silo_config(toml)
-    fresh = check_certificate_validity(config, NOW)  # provisioned: 365 days
+    fresh = check_certificate_validity(config, NOW)  # provisioned: 90 days
     assert fresh.ok and "WARNING" not in fresh.detail
     short = tmp_path / "short.pem"
     short.write_bytes(_cert(fed, "a", days_left=3).public_bytes(serialization.Encoding.PEM))

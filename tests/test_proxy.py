@@ -12,6 +12,7 @@ silo process holding its client socket (/proc).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import re
 import select
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from silo_agent.commands.check import CheckResult, run_checks
 from silo_agent.config import ConfigError, load_silo_config, no_proxy_bypass
 from silo_agent.transport.connection import channel_options, proxy_options
 from tests.federation_helpers import (
@@ -414,5 +416,25 @@ def test_a_round_completes_with_silos_dialing_through_a_connect_proxy(
         for name in PROXIED:
             coordinator.wait_for_log(rf"silo connected: spiffe://proxied/silo/{name}\b", 5)
         assert re.search(ROUND_WITH_ALL, silos[DIRECT].log())
+
+        # `check` reaches the coordinator the way the agent does: through the proxy (one more
+        # tunnel), and says so; a proxy that refuses the tunnel is named in a FAIL line.
+        toml = tmp_path / "a.toml"
+        reach = _coordinator_check(toml)
+        assert reach.ok and f"through proxy {proxy.url}" in reach.detail, reach
+        # (logged before the handshake could finish: the proxy relayed the hello first)
+        assert [t.target for t in proxy.tunnels[len(PROXIED) :]] == [coordinator_address]
+        closed = ConnectProxy(set())
+        proxy_for.append(closed)
+        toml.write_text(toml.read_text().replace(proxy.url, closed.url))
+        reach = _coordinator_check(toml)
+        assert not reach.ok and "did not open a tunnel (HTTP/1.1 403" in reach.detail, reach
+        assert closed.refused == [(coordinator_address, "403 Forbidden")], closed.refused
     finally:
         procs.stop_all()
+
+
+def _coordinator_check(toml: Path) -> CheckResult:
+    results = run_checks(toml, now=dt.datetime.now(dt.UTC), timeout_s=5)
+    (reach,) = [r for r in results if r.name == "coordinator"]
+    return reach

@@ -127,3 +127,22 @@ def test_exception_line_is_bounded() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="interval_s > 0"):
         PeerLog(logging.getLogger("x"), interval_s=0)
+
+
+def test_a_burst_writes_that_many_lines_per_interval_then_counts() -> None:
+    logger = logging.getLogger("test.ratelimit.burst")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    lines = Lines()
+    logger.addHandler(lines)
+    clock = Clock()
+    plog = PeerLog(logger, interval_s=60.0, clock=clock, burst=3)
+    written = [plog.info("connected", "a", "a connected %d", i) for i in range(10)]
+    assert written == [True] * 3 + [False] * 7
+    assert plog.info("connected", "b", "b connected")  # another peer has its own burst
+    clock.t += 60.0
+    assert plog.info("connected", "a", "a connected %d", 10)
+    assert lines.lines[-1][1] == "a connected 10 (and 7 more like it in the last 60 s)"
+    with pytest.raises(ValueError, match="burst >= 1"):
+        PeerLog(logger, burst=0)

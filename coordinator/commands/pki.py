@@ -1,5 +1,6 @@
 """PKI commands for the coordinator operator: provision-dev, init-ca, issue-server-cert,
-issue-operator-cert, sign, sign-roster, revoke, and `pki list|approve` for certificate renewals
+issue-operator-cert, sign, sign-roster, revoke, `pki intermediate-csr|issue-intermediate` for
+the online issuing CA below the offline root, and `pki list|approve` for certificate renewals
 waiting for approval (coordinator.pki.renewal).
 
 Every command prints what it made and where, never key material, and exits 1 with a sentence
@@ -87,6 +88,50 @@ def run_issue_operator_cert(args: argparse.Namespace) -> int:
     print(
         "  use: silofed-coordinator status --config coordinator.toml "
         f"--cert {op.cert} --key {op.key}"
+    )
+    return 0
+
+
+def run_intermediate_csr(args: argparse.Namespace) -> int:
+    out = Path(args.dir)
+    csr = pki.intermediate_csr(out, args.federation, force=args.force)
+    print(f"issuing CA key: {out / pki.ISSUING_KEY} (mode 0600; it stays on this host)")
+    print(f"request:        {csr}")
+    print(
+        "  take the request to the root: silofed-coordinator pki issue-intermediate --dir FED "
+        f"--csr {pki.ISSUING_CSR} --out DIR; bring back {pki.ISSUING_CERT}"
+    )
+    return 0
+
+
+def run_issue_intermediate(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    root = pki.load_ca(directory, _federation_of(directory))
+    out = Path(args.out)
+    if args.csr:
+        try:
+            csr_pem = Path(args.csr).read_bytes()
+        except OSError as exc:
+            raise pki.PkiError(f"cannot read CSR {args.csr}: {exc.strerror}") from exc
+        cert_path = out / pki.ISSUING_CERT
+        pki.write_public(
+            cert_path, pki.sign_intermediate(root, csr_pem, now=_now(), valid_days=args.days)
+        )
+        key_note = "its key stayed where the request was made"
+    else:
+        cert_path, key_path = pki.issue_intermediate(
+            root, out, now=_now(), valid_days=args.days, force=args.force
+        )
+        key_note = f"key {key_path} (mode 0600)"
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    print(
+        f"issuing CA {cert.subject.rfc4514_string()}: {cert_path}, serial {cert.serial_number:x}, "
+        f"valid until {cert.not_valid_after_utc:%Y-%m-%d}; {key_note}"
+    )
+    print(
+        "  on the coordinator: [pki] issuing_cert and issuing_key point at it (auto_renew = "
+        "true); the root key goes back offline. Revoke it with: silofed-coordinator revoke "
+        f"--dir FED --cert {cert_path} --reason ..."
     )
     return 0
 
@@ -289,7 +334,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = _command(sub, "sign", run_sign, "sign a silo's CSR and pin it in the roster", _DIR)
     p.add_argument("--csr", required=True, help="the silo's CSR (from `silofed-silo enroll`)")
     p.add_argument("--out", required=True, help="where to write the signed certificate")
-    p.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    p.add_argument(
+        "--days",
+        type=int,
+        default=pki.SILO_VALID_DAYS,
+        help=f"validity in days (default: {pki.SILO_VALID_DAYS})",
+    )
 
     _command(
         sub,
@@ -312,17 +362,55 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--reason", required=True, help="why (recorded in revoked.json)")
 
 
+def _register_intermediate(sub: argparse._SubParsersAction[Any]) -> None:
+    """`intermediate-csr` (where the issuing CA runs) and `issue-intermediate` (where the root
+    is): the online CA that signs renewals, so the root key can stay offline."""
+    p = _command(
+        sub,
+        "intermediate-csr",
+        run_intermediate_csr,
+        "on the coordinator host: make the issuing CA's key (0600) and a request for the root",
+        "directory for issuing.key and issuing.csr",
+    )
+    p.add_argument("--federation", required=True, help="federation id")
+    p.add_argument("--force", action="store_true", help="replace an existing issuing key")
+    p = _command(
+        sub,
+        "issue-intermediate",
+        run_issue_intermediate,
+        "with the root: issue the online issuing CA that signs silo renewals",
+        _DIR_WITH_CA,
+        description="The root signs an issuing CA certificate (CA:TRUE, path length 0, key "
+        "usage certificate and CRL signing only). With --csr it signs a request made by "
+        "`intermediate-csr` where the issuing CA runs; without, it also makes the key in "
+        "--out (one machine, e.g. a dev federation). Rosters stay signed by the root only.",
+    )
+    p.add_argument("--out", required=True, help="directory for issuing.pem (and issuing.key)")
+    p.add_argument("--csr", help="the issuing CA's request (from `intermediate-csr`)")
+    p.add_argument(
+        "--days",
+        type=int,
+        default=pki.INTERMEDIATE_VALID_DAYS,
+        help=f"validity in days (default: {pki.INTERMEDIATE_VALID_DAYS})",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing issuing key")
+
+
 def _register_renewals(sub: argparse._SubParsersAction[Any]) -> None:
     """`pki list` and `pki approve`: the queue of same-key renewals ([pki] auto_renew = false)."""
     group = sub.add_parser(
         "pki",
-        help="certificate renewals waiting for approval (list, approve)",
+        help="the online issuing CA (intermediate-csr, issue-intermediate) and certificate "
+        "renewals waiting for approval (list, approve)",
         description="Silos ask for a new certificate for their pinned key over their "
-        "connection; with [pki] auto_renew = false the coordinator queues each request. Run "
-        "these where the CA key is (the federation directory), on the renewals folder of the "
-        "coordinator (or a copy of it: copy the issued certificate back).",
+        "connection; with [pki] auto_renew = true the coordinator's issuing CA (an intermediate "
+        "below the offline root: intermediate-csr, issue-intermediate) signs it at once, with "
+        "false the coordinator queues each request. Run list/approve where the CA key is (the "
+        "federation directory), on the renewals folder of the coordinator (or a copy of it: "
+        "copy the issued certificate back).",
     )
     actions = group.add_subparsers(dest="pki_command", required=True)
+    _register_intermediate(actions)
     for name, run, summary in (
         ("list", run_renewals_list, "show the renewal requests waiting for approval"),
         ("approve", run_renewals_approve, "sign a silo's waiting renewal request with the CA"),
@@ -333,4 +421,9 @@ def _register_renewals(sub: argparse._SubParsersAction[Any]) -> None:
         where.add_argument("--renewals", help="the renewals folder (default <state_dir>/renewals)")
         if name == "approve":
             p.add_argument("--silo", required=True, help="the silo's name (as `list` shows it)")
-            p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+            p.add_argument(
+                "--days",
+                type=int,
+                default=pki.SILO_VALID_DAYS,
+                help=f"validity in days (default: {pki.SILO_VALID_DAYS})",
+            )

@@ -1,13 +1,13 @@
-"""Log lines about peers' errors, at most one per (cause, peer) per interval.
+"""Log lines about peers' errors, at most `burst` (one) per (cause, peer) per interval.
 
-Rule: a peer decides how often the coordinator has something to say about it; the log must not
-grow with that. The first occurrence of a (cause, peer) is logged at once; repeats within
-`interval_s` are only counted; the first one after the interval is logged with the count of
-those it stood for: `... (and 19,999 more like it in the last 10 s)`. A count that no later line
-carries is written by `flush()` as a line of its own once its interval is over (the hub calls
-it as messages arrive), so nothing is silently lost. Every string argument is clipped to
-`ARG_MAX` characters of one printable line: a peer's text can neither make a line huge nor
-forge another line.
+Rule: a peer decides how often the coordinator has something to say about it; the log must not grow
+with that. The first `burst` occurrences (default 1) of a (cause, peer) within `interval_s` are
+logged at once; further repeats within the interval are only counted; the first one after the
+interval is logged with the count of those it stood for: `... (and 19,999 more like it in the last
+10 s)`. A count that no later line carries is written by `flush()` as a line of its own once its
+interval is over (the hub calls it as messages arrive), so nothing is silently lost. Every string
+argument is clipped to `ARG_MAX` characters of one printable line: a peer's text can neither make a
+line huge nor forge another line.
 
 The table is bounded too: past `max_keys` live entries, new peers share one entry per cause.
 The clock is a parameter (tests inject one).
@@ -32,9 +32,10 @@ OTHER_PEERS = "(other peers)"
 
 @dataclass(slots=True)
 class _Window:
-    started: float  # when the last line for this key was written
+    started: float  # when the window's first line for this key was written
     level: int
     suppressed: int = 0
+    written: int = 1  # lines written in this window
 
 
 class PeerLog:
@@ -47,10 +48,15 @@ class PeerLog:
         interval_s: float = INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
         max_keys: int = MAX_KEYS,
+        burst: int = 1,
     ) -> None:
-        if interval_s <= 0 or max_keys < 1:
-            raise ValueError(f"need interval_s > 0 and max_keys >= 1, got {interval_s}, {max_keys}")
+        if interval_s <= 0 or max_keys < 1 or burst < 1:
+            raise ValueError(
+                "need interval_s > 0, max_keys >= 1 and burst >= 1, got "
+                f"{interval_s}, {max_keys}, {burst}"
+            )
         self.logger = logger
+        self.burst = burst
         self.interval_s = interval_s
         self.clock = clock
         self.max_keys = max_keys
@@ -65,8 +71,8 @@ class PeerLog:
         return self._log(logging.INFO, cause, peer, msg, args)
 
     def log(self, level: int, cause: str, peer: str, msg: str, *args: object) -> bool:
-        """Log `msg % args` unless (cause, peer) was logged less than `interval_s` ago.
-        Returns whether a line was written."""
+        """Log `msg % args` unless (cause, peer) has had its `burst` lines in the current
+        `interval_s` window. Returns whether a line was written."""
         return self._log(level, cause, peer, msg, args)
 
     def _log(self, level: int, cause: str, peer: str, msg: str, args: tuple[object, ...]) -> bool:
@@ -77,10 +83,15 @@ class PeerLog:
                 key = (cause, OTHER_PEERS)
             window = self._windows.get(key)
             if window is not None and now - window.started < self.interval_s:
-                window.suppressed += 1
-                window.level = max(window.level, level)
-                return False
-            self._windows[key] = _Window(now, level)
+                if window.written < self.burst:
+                    window.written += 1
+                    window = None  # written as it is: nothing suppressed to report yet
+                else:
+                    window.suppressed += 1
+                    window.level = max(window.level, level)
+                    return False
+            else:
+                self._windows[key] = _Window(now, level)
         if window is not None and window.suppressed:
             msg += " (and %s more like it in the last %.0f s)"
             args = (*args, f"{window.suppressed:,}", now - window.started)

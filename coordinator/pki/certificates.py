@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coordinator.pki.operator import DEFAULT_OPERATOR_NAME, operator_id_for, valid_name
+from secagg.identity import intermediate_problem
 from secagg.roster_sig import SIGNATURE_SUFFIX
 
 CA_DIR = "ca"
@@ -30,9 +31,18 @@ OPERATORS_DIR = "operators"
 OPERATOR_CERT = "operator.pem"
 OPERATOR_KEY = "operator.key"
 OPERATOR_VALID_DAYS = 90
+# A silo certificate's default lifetime: short, because renewal over the silo's own stream
+# (docs/pki.md) replaces it well before expiry without a roster change; renewal is due in the
+# last third (30 days), which leaves a month to approve a queued renewal by hand.
+SILO_VALID_DAYS = 90
 ROSTER_FILE = "roster.json"
 ROSTER_SIGNATURE_FILE = ROSTER_FILE + SIGNATURE_SUFFIX
 REVOKED_FILE = "revoked.json"
+# The online issuing CA (an intermediate below the root): its files and default lifetime.
+ISSUING_CERT = "issuing.pem"
+ISSUING_KEY = "issuing.key"
+ISSUING_CSR = "issuing.csr"
+INTERMEDIATE_VALID_DAYS = 90
 
 
 class PkiError(Exception):
@@ -123,10 +133,12 @@ def _builder(
     not_before: dt.datetime,
     not_after: dt.datetime,
     ca: bool,
+    path_length: int | None = None,
 ) -> x509.CertificateBuilder:
     """What every certificate here starts with: names, key, a random serial, validity, and the
-    key usage of its kind: a CA signs certificates and CRLs only (no intermediate below it), a
-    leaf signs its TLS handshakes only."""
+    key usage of its kind: a CA signs certificates and CRLs only (`path_length` CAs may follow
+    it: 1 for the root, which may issue one intermediate, 0 for that intermediate), a leaf signs
+    its TLS handshakes only."""
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -135,7 +147,9 @@ def _builder(
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(
+            x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True
+        )
         .add_extension(
             x509.KeyUsage(
                 digital_signature=not ca,
@@ -161,7 +175,11 @@ def create_ca(
     valid_days: int = 3650,
     force: bool = False,
 ) -> CA:
-    """Create the federation CA under `directory/ca/`. Refuses to replace one unless `force`."""
+    """Create the federation CA under `directory/ca/`. Refuses to replace one unless `force`.
+
+    Path length 1: the root may issue one online intermediate (`issue_intermediate`) besides
+    silo, coordinator and operator certificates; roots made before it (path length 0) still
+    issue those directly."""
     ca_dir = directory / CA_DIR
     if (ca_dir / "ca.pem").exists() and not force:
         raise PkiError(f"a CA already exists in {ca_dir}; use --force to replace it")
@@ -170,7 +188,9 @@ def create_ca(
     start = _utc(now) - dt.timedelta(minutes=5)
     end = start + dt.timedelta(days=valid_days)
     cert = (
-        _builder(name, name, key.public_key(), not_before=start, not_after=end, ca=True)
+        _builder(
+            name, name, key.public_key(), not_before=start, not_after=end, ca=True, path_length=1
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -186,6 +206,114 @@ def load_ca(directory: Path, federation_id: str) -> CA:
     except (OSError, ValueError) as exc:
         raise PkiError(f"no readable CA certificate at {ca_dir / 'ca.pem'}; run init-ca") from exc
     return CA(federation_id, cert, load_private_key(ca_dir / "ca.key"), directory)
+
+
+def is_root(cert: x509.Certificate) -> bool:
+    """Self-issued: the federation CA itself, never an intermediate."""
+    return cert.issuer == cert.subject
+
+
+def intermediate_csr(out_dir: Path, federation_id: str, *, force: bool = False) -> Path:
+    """Where the issuing CA runs (the coordinator host): its key (0600, `issuing.key`) and a CSR
+    for the root to sign (`issuing.csr`). Returns the CSR's path; the key never leaves here."""
+    key = _new_key()
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"silofed {federation_id} issuing CA")]
+    )
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    write_private_key(out_dir / ISSUING_KEY, key, force=force)
+    write_public(out_dir / ISSUING_CSR, csr.public_bytes(serialization.Encoding.PEM))
+    return out_dir / ISSUING_CSR
+
+
+def sign_intermediate(
+    root: CA, csr_pem: bytes, *, now: dt.datetime, valid_days: int = INTERMEDIATE_VALID_DAYS
+) -> bytes:
+    """The root signs an issuing CA's CSR: CA:TRUE with path length 0 (it issues leaves only),
+    key usage certificate + CRL signing only, `valid_days` long. Raises PkiError."""
+    if not is_root(root.cert):
+        raise PkiError("only the federation CA (the root) may issue an intermediate")
+    if valid_days < 1:
+        raise PkiError(f"--days must be at least 1, got {valid_days}")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PkiError("the intermediate's CSR is not a PEM certificate signing request") from exc
+    key = csr.public_key()
+    if not csr.is_signature_valid:
+        raise PkiError("the intermediate's CSR signature does not verify; make it again")
+    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise PkiError("the intermediate's key is not ECDSA P-256")
+    start = _utc(now) - dt.timedelta(minutes=5)
+    end = min(start + dt.timedelta(days=valid_days), root.cert.not_valid_after_utc)
+    cert = (
+        _builder(
+            csr.subject,
+            root.cert.subject,
+            key,
+            not_before=start,
+            not_after=end,
+            ca=True,
+            path_length=0,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root.key.public_key()),
+            critical=False,
+        )
+        .sign(root.key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def issue_intermediate(
+    root: CA,
+    out_dir: Path,
+    *,
+    now: dt.datetime,
+    valid_days: int = INTERMEDIATE_VALID_DAYS,
+    force: bool = False,
+) -> tuple[Path, Path]:
+    """Both steps on one machine (dev, or a root brought to the coordinator host): the issuing
+    CA's key and CSR in `out_dir`, signed by `root` into `issuing.pem`. Returns (cert, key)."""
+    csr_path = intermediate_csr(out_dir, root.federation_id, force=force)
+    cert_pem = sign_intermediate(root, csr_path.read_bytes(), now=now, valid_days=valid_days)
+    write_public(out_dir / ISSUING_CERT, cert_pem)
+    return out_dir / ISSUING_CERT, out_dir / ISSUING_KEY
+
+
+def load_issuer(
+    cert_path: Path,
+    key_path: Path,
+    root_cert: x509.Certificate,
+    federation_id: str,
+    now: dt.datetime,
+) -> CA:
+    """The CA that signs renewals online: the root itself, or an intermediate it issued that
+    may issue now (secagg.identity.intermediate_problem). Raises PkiError saying why not."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"issuing certificate {cert_path} is unreadable") from exc
+    key = load_private_key(key_path)
+    if key.public_key() != cert.public_key():
+        raise PkiError(f"{key_path} is not the key of {cert_path}")
+    if cert.public_key() != root_cert.public_key():
+        problem = intermediate_problem(cert, root_cert, now=now)
+        if problem is not None:
+            raise PkiError(
+                f"{cert_path} cannot sign silo certificates: {problem}; issue a new one "
+                "(silofed-coordinator issue-intermediate) or point at the federation CA"
+            )
+    return CA(federation_id, cert, key, cert_path.parent)
+
+
+def chain_pem(issuer: CA, leaf_pem: bytes) -> bytes:
+    """What a silo installs as its `[tls] cert`: the leaf, then the intermediate that issued
+    it (nothing more when the root issued it: every party already holds the root)."""
+    if is_root(issuer.cert):
+        return leaf_pem
+    return leaf_pem + issuer.cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _leaf(
@@ -304,7 +432,7 @@ def sign_csr(
     *,
     federation_id: str,
     now: dt.datetime,
-    valid_days: int = 365,
+    valid_days: int = SILO_VALID_DAYS,
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
 ) -> bytes:

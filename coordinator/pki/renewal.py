@@ -10,7 +10,9 @@ key rotation, which moves the pin: that needs a new roster version signed by the
 never this path.
 
 What happens to an accepted CSR is the coordinator operator's policy (`[pki] auto_renew`):
-signed at once with the configured issuing CA (`RenewalDesk`), or queued as
+signed at once with the configured issuing CA (`RenewalDesk`: the online intermediate the
+offline root issued, or the root itself; an intermediate's certificate follows the leaf in the
+reply, so the silo's certificate file carries its chain), or queued as
 `<renewals>/pending/<name>.csr` until someone holding the CA key runs `silofed-coordinator pki
 approve`, which writes `<renewals>/issued/<name>.pem`; the silo's next request picks it up
 (`issued_for`). coordinator.pki.authority stays the import for the CA itself.
@@ -31,9 +33,27 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.config import CoordinatorConfig
-from coordinator.pki.certificates import CA, PkiError, load_private_key, sign_csr, write_public
+from coordinator.pki.certificates import (
+    CA,
+    PkiError,
+    chain_pem,
+    is_root,
+    load_issuer,
+    sign_csr,
+    write_public,
+)
 from coordinator.pki.expiry import DailyOnce, expiry_warning
-from secagg.identity import Roster, SiloId, silo_id_for, spki_sha256, uri_san
+from secagg.identity import (
+    CertificateRejected,
+    Roster,
+    SiloId,
+    check_issuer,
+    intermediate_problem,
+    load_pem_chain,
+    silo_id_for,
+    spki_sha256,
+    uri_san,
+)
 from secagg.primitives import spki_der
 
 log = logging.getLogger("silofed.coordinator")
@@ -163,9 +183,10 @@ def issued_for(
     path = issued_path(directory, name)
     try:
         pem = path.read_bytes()
-        cert = x509.load_pem_x509_certificate(pem)
-        cert.verify_directly_issued_by(ca_cert)
-    except (OSError, ValueError, TypeError, InvalidSignature):
+        chain = load_pem_chain(pem)
+        cert = chain[0]
+        check_issuer(cert, ca_cert, chain[1:], now=now)
+    except (OSError, ValueError, CertificateRejected):
         return None
     if uri_san(cert) != silo_id or spki_sha256(cert) != pin:
         return None
@@ -220,27 +241,21 @@ class RenewalDesk:
         self.valid_days = valid_days
 
     @classmethod
-    def from_config(cls, config: CoordinatorConfig, ca_cert: x509.Certificate) -> RenewalDesk:
-        """The desk `[pki]` describes. Raises PkiError when the issuing CA is unusable."""
+    def from_config(
+        cls, config: CoordinatorConfig, ca_cert: x509.Certificate, *, now: dt.datetime
+    ) -> RenewalDesk:
+        """The desk `[pki]` describes. Raises PkiError when the issuing CA is unusable at `now`
+        (not the [tls] ca_cert root nor an intermediate it issued that may issue)."""
         pki = config.pki
         issuer: CA | None = None
         if pki.auto_renew:
             assert pki.issuing_cert is not None and pki.issuing_key is not None  # config checks
             try:
-                cert = x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes())
-            except (OSError, ValueError) as exc:
-                raise PkiError(f"[pki] issuing_cert {pki.issuing_cert} is unreadable") from exc
-            key = load_private_key(pki.issuing_key)
-            if key.public_key() != cert.public_key():
-                raise PkiError(
-                    f"[pki] issuing_key {pki.issuing_key} is not the key of issuing_cert"
+                issuer = load_issuer(
+                    pki.issuing_cert, pki.issuing_key, ca_cert, config.federation_id, now
                 )
-            if cert.public_key() != ca_cert.public_key():
-                raise PkiError(
-                    f"[pki] issuing_cert {pki.issuing_cert} is not the federation CA of [tls] "
-                    "ca_cert: silos and the coordinator accept certificates of that CA only"
-                )
-            issuer = CA(config.federation_id, cert, key, pki.issuing_cert.parent)
+            except PkiError as exc:
+                raise PkiError(f"[pki] issuing_cert/issuing_key: {exc}") from exc
         return cls(
             federation_id=config.federation_id,
             ca_cert=ca_cert,
@@ -250,22 +265,24 @@ class RenewalDesk:
         )
 
     def renew(
-        self, *, caller: x509.Certificate, silo_id: str, pin: bytes, csr_pem: bytes, now: float
+        self,
+        *,
+        caller: x509.Certificate,
+        silo_id: str,
+        pin: bytes,
+        csr_pem: bytes,
+        now: float,
+        revoked: frozenset[int] = frozenset(),
     ) -> RenewalOutcome:
         """Answer a renewal request of `silo_id` (already checked as a connection would be,
-        holding `caller`, pinned to `pin`). Raises RenewalRefused."""
+        holding `caller`, pinned to `pin`; `revoked`: the serials the coordinator refuses).
+        Raises RenewalRefused, or RenewalUnavailable when the issuing intermediate can no
+        longer issue (expired or revoked since the coordinator started)."""
         check_csr(csr_pem, silo_id=silo_id, pin=pin)
         moment = dt.datetime.fromtimestamp(now, dt.UTC)
         name = silo_name(silo_id, self.federation_id)
         if self.issuer is not None:
-            cert_pem = sign_csr(
-                self.issuer,
-                csr_pem,
-                federation_id=self.federation_id,
-                now=moment,
-                valid_days=self.valid_days,
-            )
-            return RenewalOutcome(True, cert_pem, "signed by the coordinator's issuing CA")
+            return self._sign(csr_pem, moment, revoked)
         ready = issued_for(
             self.directory,
             name,
@@ -283,6 +300,36 @@ class RenewalDesk:
             b"",
             f"queued for the coordinator operator's approval (`silofed-coordinator pki "
             f"approve --silo {name}`); ask again later",
+        )
+
+    def _sign(self, csr_pem: bytes, moment: dt.datetime, revoked: frozenset[int]) -> RenewalOutcome:
+        """Sign with the issuer; a leaf never outlives the intermediate that issued it."""
+        assert self.issuer is not None
+        end: dt.datetime | None = None
+        if not is_root(self.issuer.cert):
+            problem = intermediate_problem(
+                self.issuer.cert, self.ca_cert, now=moment, revoked_serials=tuple(revoked)
+            )
+            if problem is not None:
+                log.error("cannot renew certificates: %s", problem)
+                raise RenewalUnavailable(
+                    "the coordinator's issuing CA cannot issue now (its operator sees why in "
+                    "its log); ask again later"
+                )
+            start = moment - dt.timedelta(minutes=5)
+            end = min(
+                start + dt.timedelta(days=self.valid_days), self.issuer.cert.not_valid_after_utc
+            )
+        cert_pem = sign_csr(
+            self.issuer,
+            csr_pem,
+            federation_id=self.federation_id,
+            now=moment,
+            valid_days=self.valid_days,
+            not_after=end,
+        )
+        return RenewalOutcome(
+            True, chain_pem(self.issuer, cert_pem), "signed by the coordinator's issuing CA"
         )
 
 
@@ -330,7 +377,8 @@ class RenewalService:
                 if config is None or trust is None:
                     raise RenewalUnavailable("this coordinator does not renew certificates")
                 try:
-                    self._desk = RenewalDesk.from_config(config, trust.ca_cert)
+                    now = dt.datetime.fromtimestamp(float(hub.clock.now()), dt.UTC)
+                    self._desk = RenewalDesk.from_config(config, trust.ca_cert, now=now)
                 except PkiError as exc:
                     log.error("cannot renew certificates: %s", exc)
                     raise RenewalUnavailable(
@@ -348,8 +396,14 @@ class RenewalService:
         if pin is None:  # the roster changed since the check: refuse as a connection would be
             raise RenewalRefused(f"{silo_id} is not on the roster")
         caller = x509.load_pem_x509_certificate(cert_pem)
+        revoked: frozenset[int] = getattr(hub.trust, "revoked", frozenset())
         outcome = desk.renew(
-            caller=caller, silo_id=silo_id, pin=pin, csr_pem=csr_pem, now=float(hub.clock.now())
+            caller=caller,
+            silo_id=silo_id,
+            pin=pin,
+            csr_pem=csr_pem,
+            now=float(hub.clock.now()),
+            revoked=revoked,
         )
         if outcome.issued:
             cert = x509.load_pem_x509_certificate(outcome.cert_pem)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.pki.certificates import CA, PkiError, _utc, write_public
+from coordinator.pki.certificates import CA, PkiError, _utc, is_root, write_public
 from secagg.identity import Roster, SiloId, spki_sha256, uri_san
 from secagg.roster_sig import SIGNATURE_SUFFIX, roster_signature_valid, sign_roster
 
@@ -50,7 +51,7 @@ def write_roster(roster_path: Path, roster: Roster, ca: CA | None) -> bytes:
     data = roster_bytes(roster)
     sig_path = roster_signature_path(roster_path)
     if ca is not None:
-        write_public(sig_path, sign_roster(ca.key, data))
+        write_public(sig_path, sign_roster(_root_key(ca), data))
     else:
         sig_path.unlink(missing_ok=True)
     write_public(roster_path, data)
@@ -67,8 +68,19 @@ def sign_roster_file(roster_path: Path, ca: CA) -> Roster:
             f"roster {roster_path} is for federation {roster.federation_id!r}, the CA for "
             f"{ca.federation_id!r}; sign a roster of this federation"
         )
-    write_public(roster_signature_path(roster_path), sign_roster(ca.key, data))
+    write_public(roster_signature_path(roster_path), sign_roster(_root_key(ca), data))
     return roster
+
+
+def _root_key(ca: CA) -> ec.EllipticCurvePrivateKey:
+    """Only the root signs rosters: silos verify them with the root certificate they pin, so an
+    online intermediate's key (which signs renewals) can never change who is a member."""
+    if not is_root(ca.cert):
+        raise PkiError(
+            f"{ca.cert.subject.rfc4514_string()} is an intermediate; rosters are signed by the "
+            "federation CA (the root) only: run this where the root key is kept"
+        )
+    return ca.key
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,7 @@ from protos.names import abort_name
 from secagg.identity import Roster
 
 log = logging.getLogger("silofed.coordinator")
+CHURN_LINES = 5  # connect/disconnect lines per silo and minute before they are only counted
 
 
 class Hub:
@@ -106,6 +107,9 @@ class Hub:
         self.final: FinalEvaluationRun | None = None  # while the final evaluation runs
         # What silos do wrong is logged at most once per (cause, silo) per 10 s, with counts.
         self.peer_log = PeerLog(log, clock=clock.monotonic)
+        # Connects and disconnects are normal, but a silo reconnecting in a loop must not grow
+        # the log with it: a few lines per silo a minute, then a count.
+        self.churn_log = PeerLog(log, clock=clock.monotonic, interval_s=60.0, burst=CHURN_LINES)
         # Silos proven to have sent an out-of-range weight element, and the proofs (encoded
         # secagg Blame messages) for the model `blame_model` that go with each offer of it.
         self.excluded: dict[str, Exclusion] = {}
@@ -156,7 +160,9 @@ class Hub:
                 )
             old = self.sessions.get(silo_id)
             if old is not None:
-                log.info("%s reconnected; closing its previous stream", silo_id)
+                self.churn_log.info(
+                    "reconnected", silo_id, "%s reconnected; closing its previous stream", silo_id
+                )
                 self._replace(old)
             session = SiloStream(
                 silo_id=silo_id,
@@ -166,7 +172,10 @@ class Hub:
                 cert_serial=cert.serial_number,
             )
             self.sessions[silo_id] = session
-            log.info("silo connected: %s (%d connected)", silo_id, len(self.sessions))
+            self.churn_log.info(
+                "connected", silo_id, "silo connected: %s (%d connected)", silo_id,
+                len(self.sessions),
+            )  # fmt: skip
             if hello.roster_digest != self.roster.digest():
                 # Not a refusal (a silo may lag a roster version behind): send it the signed one.
                 self.trust.send_roster(session, hello.roster_digest)
@@ -182,7 +191,10 @@ class Hub:
             current = self.sessions.get(session.silo_id) is session
             if current:
                 del self.sessions[session.silo_id]
-                log.info("silo disconnected: %s (%s)", session.silo_id, why)
+                self.churn_log.info(
+                    "disconnected", session.silo_id, "silo disconnected: %s (%s)",
+                    session.silo_id, why,
+                )  # fmt: skip
             if not session.closed:
                 session.closed = True
                 session.send(None)

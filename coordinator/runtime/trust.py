@@ -3,6 +3,10 @@
 Rule: `TrustStore` owns the trust files' current contents and the signed roster silos are sent;
 the hub owns one and calls it under its lock. `check` is the certificate decision for a peer
 (CA, key, validity at the given time, revocation, roster) and raises `Refused` saying why.
+
+A silo certificate issued by the coordinator's online intermediate (`[pki] issuing_cert`, when
+it is not the root) is accepted through that intermediate, whose own checks include the
+revocation list: revoking the intermediate's serial refuses every leaf it issued.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from secagg.identity import (
     Roster,
     check_certificate,
     load_pem_certificate,
+    load_pem_chain,
     uri_san,
 )
 from secagg.roster_sig import describe_roster, short_digest
@@ -70,6 +75,7 @@ class TrustStore:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self.ca_cert = load_pem_certificate(config.tls.ca_cert.read_bytes())
+        self.intermediates = _issuing_intermediates(config, self.ca_cert)
         self._roster_watch = _FileWatch(config.tls.roster)
         self._revoked_watch = _FileWatch(config.tls.revoked)
         self.roster = Roster.from_json(config.tls.roster.read_text())
@@ -151,7 +157,7 @@ class TrustStore:
         try:
             silo_id = check_certificate(
                 cert, self.ca_cert, now=dt.datetime.fromtimestamp(now, dt.UTC), roster=roster,
-                revoked_serials=revoked,
+                revoked_serials=revoked, intermediates=self.intermediates,
             )  # fmt: skip
         except CertificateRejected as exc:
             uri = uri_san(cert)
@@ -169,6 +175,22 @@ class TrustStore:
                 code, f"{exc}; ask the coordinator operator to (re)enroll this silo"
             ) from exc
         return silo_id
+
+
+def _issuing_intermediates(
+    config: CoordinatorConfig, ca_cert: x509.Certificate
+) -> tuple[x509.Certificate, ...]:
+    """`[pki] issuing_cert` when it is an intermediate: the leaves it issues are accepted
+    through it (the TLS layer saw the silo's chain; the servicer hands over the leaf only)."""
+    path = config.pki.issuing_cert
+    if path is None:
+        return ()
+    try:
+        certs = load_pem_chain(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        log.error("[pki] issuing_cert %s is unreadable (%s): it issues no accepted leaf", path, exc)
+        return ()
+    return tuple(c for c in certs if c.public_key() != ca_cert.public_key())
 
 
 def peer_certificate(cert_pem: bytes | None) -> x509.Certificate:

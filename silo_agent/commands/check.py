@@ -3,8 +3,9 @@
 Rule: every check runs (a failure does not hide the next one, except where a check needs what
 failed before it), each prints OK with the fact it established or FAIL with what to fix, and the
 exit code is 0 only when all pass. Checks: config, certificate (federation CA, validity, days to
-expiry), roster pin, coordinator reachable (TCP + mutual TLS handshake, our certificate offered,
-theirs verified against the CA), task imports, data loads. Nothing is sent beyond the handshake.
+expiry), roster pin, coordinator reachable (TCP, through `[coordinator] proxy` when set, + mutual
+TLS handshake, our certificate offered, theirs verified against the CA), task imports, data
+loads. Nothing is sent beyond the handshake.
 """
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from secagg.identity import CertificateRejected, check_certificate, load_pem_certificate
+from secagg.identity import (
+    CertificateRejected,
+    check_certificate,
+    load_pem_certificate,
+    load_pem_chain,
+)
 from silo_agent.config import ConfigError, SiloConfig, load_silo_config
 from silo_agent.pki.preflight import PinnedFiles
 from silo_agent.pki.renewal import renew_at
@@ -47,10 +54,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def check_certificate_validity(config: SiloConfig, now: dt.datetime) -> CheckResult:
-    cert = load_pem_certificate(config.tls.cert.read_bytes())
+    # The certificate file may carry its issuing intermediate after the leaf (docs/pki.md).
+    chain = load_pem_chain(config.tls.cert.read_bytes())
+    cert = chain[0]
     ca = load_pem_certificate(config.tls.ca_cert.read_bytes())
     try:
-        silo_id = check_certificate(cert, ca, now=now)
+        silo_id = check_certificate(cert, ca, now=now, intermediates=chain[1:])
     except CertificateRejected as exc:
         return CheckResult(
             "certificate", False, f"{config.tls.cert}: {exc}; re-enroll (silofed-silo enroll)"
@@ -102,12 +111,20 @@ def check_reachable(config: SiloConfig, timeout_s: float) -> CheckResult:
     ctx.load_cert_chain(str(config.tls.cert), str(config.tls.key))
     ctx.set_alpn_protocols(["h2"])  # what a gRPC client offers
     server_name = config.server_name or host
+    via = f" through proxy {config.proxy}" if config.proxy else ""
     try:
         with (
-            socket.create_connection((host, int(port)), timeout=timeout_s) as raw,
+            _dial(host, int(port), config.proxy, timeout_s) as raw,
             ctx.wrap_socket(raw, server_hostname=server_name) as tls,
         ):
             version = tls.version()
+    except ProxyRefused as exc:
+        return CheckResult(
+            "coordinator",
+            False,
+            f"{config.address}: the proxy {config.proxy} did not open a tunnel ({exc}); ask "
+            "its operator to allow CONNECT to the coordinator's host and port",
+        )
     except ssl.SSLCertVerificationError as exc:
         return CheckResult(
             "coordinator",
@@ -127,10 +144,42 @@ def check_reachable(config: SiloConfig, timeout_s: float) -> CheckResult:
         return CheckResult(
             "coordinator",
             False,
-            f"{config.address}: cannot connect ({exc.strerror or exc}); is the coordinator "
-            "running, and is [coordinator] address right?",
+            f"{config.address}: cannot connect{via} ({exc.strerror or exc}); is the "
+            "coordinator running, and are [coordinator] address and proxy right?",
         )
-    return CheckResult("coordinator", True, f"{config.address} reachable, mutual TLS ({version})")
+    return CheckResult(
+        "coordinator", True, f"{config.address} reachable{via}, mutual TLS ({version})"
+    )
+
+
+class ProxyRefused(Exception):
+    """The HTTP CONNECT proxy answered, but not with a tunnel."""
+
+
+def _dial(host: str, port: int, proxy: str | None, timeout_s: float) -> socket.socket:
+    """A TCP connection to host:port, tunnelled through the HTTP CONNECT proxy `proxy`
+    (http://host:port, as the agent's gRPC channel dials it) when one is configured."""
+    if proxy is None:
+        return socket.create_connection((host, port), timeout=timeout_s)
+    url = urlsplit(proxy)
+    assert url.hostname is not None and url.port is not None  # checked by the config loader
+    sock = socket.create_connection((url.hostname, url.port), timeout=timeout_s)
+    try:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode("ascii"))
+        reply = b""
+        while b"\r\n\r\n" not in reply:  # the proxy's reply head, bounded
+            data = sock.recv(1)  # one byte at a time: nothing of the tunnel is read past it
+            if not data or len(reply) > 8192:
+                raise ProxyRefused("it closed the connection or sent no complete reply")
+            reply += data
+        status = reply.split(b"\r\n", 1)[0].decode("latin-1")
+        if status.split(" ")[1:2] != ["200"]:
+            raise ProxyRefused(status.strip()[:200])
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def check_task(config: SiloConfig) -> tuple[CheckResult, CheckResult]:

@@ -21,6 +21,7 @@ from secagg.identity import (
     SiloId,
     check_certificate,
     load_pem_certificate,
+    load_pem_chain,
     silo_id_for,
 )
 from secagg.trust import SiloIdentity, Trust
@@ -39,23 +40,25 @@ class PinnedFiles:
     ca: x509.Certificate
     roster: Roster
     expected_silo_id: str | None  # [silo] silo_id, else the one [silo] name gives, else None
+    intermediates: tuple[x509.Certificate, ...] = ()  # after the leaf in [tls] cert
 
     @classmethod
     def read(cls, config: SiloConfig) -> PinnedFiles:
-        cert = load_pem_certificate(config.tls.cert.read_bytes())
+        chain = load_pem_chain(config.tls.cert.read_bytes())
         ca = load_pem_certificate(config.tls.ca_cert.read_bytes())
         roster = Roster.from_json(config.tls.roster.read_text())
         expected = config.silo_id
         if expected is None and config.name is not None:
             expected = silo_id_for(roster.federation_id, config.name)
-        return cls(cert, ca, roster, expected)
+        return cls(chain[0], ca, roster, expected, chain[1:])
 
     def check(self, now: dt.datetime) -> str:
-        """Our silo id; raises CertificateRejected (expired, not from the CA, not on the
-        roster, another silo's)."""
+        """Our silo id; raises CertificateRejected (expired, not from the CA or its
+        intermediate, not on the roster, another silo's)."""
         return check_certificate(
-            self.cert, self.ca, now=now, roster=self.roster, expected_silo_id=self.expected_silo_id
-        )
+            self.cert, self.ca, now=now, roster=self.roster,
+            expected_silo_id=self.expected_silo_id, intermediates=self.intermediates,
+        )  # fmt: skip
 
 
 def preflight(config: SiloConfig, *, now: dt.datetime) -> str:
@@ -104,7 +107,10 @@ def secagg_credentials(config: SiloConfig, silo_id: str) -> tuple[SiloIdentity, 
     key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):  # preflight checked the cert
         raise PreflightError(f"{tls.key}: not an ECDSA P-256 key; re-enroll the silo")
-    der = load_pem_certificate(tls.cert.read_bytes()).public_bytes(serialization.Encoding.DER)
-    identity = SiloIdentity(SiloId(silo_id), key, (der,))
+    # Leaf first, then the intermediate that issued it (if any): other silos check our
+    # envelopes through it, as the coordinator's TLS layer did.
+    chain = load_pem_chain(tls.cert.read_bytes())
+    ders = tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
+    identity = SiloIdentity(SiloId(silo_id), key, ders)
     ca = load_pem_certificate(tls.ca_cert.read_bytes())
     return identity, Trust(ca, Roster.from_json(tls.roster.read_text()))

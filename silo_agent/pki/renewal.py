@@ -5,8 +5,10 @@ public key) stays as it is and no other silo sees a roster change. When the cert
 within `[pki] renew_before_days` (default: its last third of lifetime), the silo sends a CSR made
 with its current key and naming its current silo id over the mutually authenticated channel it
 streams on (rpc Renew); the coordinator checks the caller as it checks a connection. A returned
-certificate is installed only when it is for the same id and key, issued by the pinned CA and
-lasts longer than the current one; it replaces `[tls] cert` atomically (temporary file, fsync,
+certificate is installed only when it is for the same id and key, issued by the pinned CA
+(directly, or by the coordinator's intermediate, whose certificate follows the leaf in the reply
+and stays after it in the installed file: TLS presents it, envelopes carry it) and lasts longer
+than the current one; it replaces `[tls] cert` atomically (temporary file, fsync,
 rename) and the key file is never touched. The agent uses it from its next connection
 (silo_agent.runtime.runner reconnects after the round in progress). This module never imports
 grpc: the runner hands it the call.
@@ -17,18 +19,23 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from protos import federation_pb2 as pb
-from secagg.identity import load_pem_certificate, uri_san
+from secagg.identity import (
+    CertificateRejected,
+    check_issuer,
+    load_pem_certificate,
+    load_pem_chain,
+    uri_san,
+)
 from secagg.primitives import signed_csr_pem
 from silo_agent.config import SiloConfig
 
@@ -73,14 +80,21 @@ def renewal_csr(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> byte
 
 
 def check_renewed(
-    new: x509.Certificate, current: x509.Certificate, ca: x509.Certificate, now: dt.datetime
+    new: x509.Certificate,
+    current: x509.Certificate,
+    ca: x509.Certificate,
+    now: dt.datetime,
+    intermediates: Sequence[x509.Certificate] = (),
 ) -> None:
-    """The new certificate may replace `current`: issued by the pinned CA, the same silo id and
-    key, valid now and lasting longer. Raises RenewalError saying which check failed."""
+    """The new certificate may replace `current`: issued by the pinned CA (directly or through
+    one of `intermediates`), the same silo id and key, valid now and lasting longer. Raises
+    RenewalError saying which check failed."""
     try:
-        new.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        raise RenewalError("the renewed certificate is not issued by the pinned CA") from None
+        check_issuer(new, ca, intermediates, now=now)
+    except CertificateRejected as exc:
+        raise RenewalError(
+            f"the renewed certificate is not issued by the pinned CA: {exc}"
+        ) from None
     if uri_san(new) != uri_san(current):
         raise RenewalError(
             f"the renewed certificate names {uri_san(new)}, this silo is {uri_san(current)}"
@@ -143,11 +157,14 @@ def renew_if_due(config: SiloConfig, call: RenewCall, *, now: float) -> RenewRes
     if reply.outcome != pb.RenewReply.ISSUED:
         raise RenewalError(f"the coordinator answered the renewal with {reply.outcome}")
     try:
-        new = load_pem_certificate(reply.cert_pem)
+        chain = load_pem_chain(reply.cert_pem)
     except ValueError:
         raise RenewalError("the coordinator's renewed certificate is not PEM") from None
+    if len(chain) > 2:
+        raise RenewalError("the renewed certificate file holds more than a leaf and its issuer")
+    new = chain[0]
     ca = load_pem_certificate(tls.ca_cert.read_bytes())
-    check_renewed(new, cert, ca, dt.datetime.fromtimestamp(now, dt.UTC))
+    check_renewed(new, cert, ca, dt.datetime.fromtimestamp(now, dt.UTC), chain[1:])
     write_certificate(tls.cert, reply.cert_pem)
     log.info(
         "installed the renewed certificate in %s: serial %x, valid until %s UTC (%s); the "
