@@ -44,12 +44,16 @@ from secagg.identity import Roster, silo_id_for, spki_sha256
 from tests import launcher
 
 if TYPE_CHECKING:
+    import grpc
     import pytest
 
     from coordinator.config import SecAggSettings
+    from coordinator.pki.authority import CA
     from coordinator.runtime.hub import Hub
     from coordinator.storage.roundlog import RoundDetail
     from protos import federation_pb2 as pb
+    from silo_agent.pki.renewal import RenewResult
+    from silo_agent.transport.connection import Link, TlsMaterial
 
 REPO = Path(__file__).resolve().parents[1]
 UTC = dt.UTC
@@ -214,6 +218,34 @@ def revoke(fed: Federation, silo: SiloFiles) -> None:
     fed.revoked.write_text(json.dumps(data))
 
 
+def reissue_expiring(
+    fed: Federation,
+    name: str,
+    *,
+    days: float = 2.0,
+    issuer: CA | None = None,
+    chain: bool = False,
+) -> x509.Certificate:
+    """Re-certify silo `name`'s enrolled key (its CSR from provisioning) by the federation CA, or
+    `issuer`: issued 28 days ago, expiring in `days` (a renewal is due). The silo's certificate
+    file gets it, followed by `issuer`'s certificate when `chain`. Returns the new leaf."""
+    from coordinator.pki import authority as pki
+
+    ca = issuer or pki.load_ca(fed.root, fed.federation_id)
+    silo = fed.silos[name]
+    now = dt.datetime.now(UTC)
+    leaf = pki.sign_csr(
+        ca,
+        (silo.dir / "silo.csr").read_bytes(),
+        federation_id=fed.federation_id,
+        now=now,
+        not_before=now - dt.timedelta(days=28),
+        not_after=now + dt.timedelta(days=days),
+    )
+    silo.cert.write_bytes(pki.chain_pem(ca, leaf) if chain else leaf)
+    return x509.load_pem_x509_certificate(leaf)
+
+
 # ---- configs ----------------------------------------------------------------------------------
 
 
@@ -354,6 +386,36 @@ def write_recording_silo_config(
     )
 
 
+def with_table(path: Path, table: str) -> Path:
+    """The config at `path` with `table` (TOML text) appended; returns `path`."""
+    path.write_text(path.read_text() + "\n" + table)
+    return path
+
+
+def auto_renew_table(issuing_cert: Path, issuing_key: Path) -> str:
+    """A coordinator's `[pki]`: renewals signed at once by this issuing CA, for 30 days."""
+    return (
+        f'[pki]\nauto_renew = true\nissuing_cert = "{issuing_cert}"\n'
+        f'issuing_key = "{issuing_key}"\nrenew_valid_days = 30\n'
+    )
+
+
+# A silo's `[pki]`: it asks for a renewal when its certificate expires within ten days.
+RENEW_BEFORE_10_DAYS = "[pki]\nrenew_before_days = 10\n"
+
+# Secure aggregation of four silos weighted by their example counts: t = 3 with one assumed
+# colluder (a round completes without one of them), clip_l2 far above RecordingTask's updates.
+# The silos opt in to that weighting with WEIGHTED_SILO (write_silo_config arguments).
+WEIGHTED_SECAGG: dict[str, Any] = {
+    "clip_l2": 100.0,
+    "threshold": 3,
+    "n_colluders": 1,
+    "weight_max": 40,
+    "weighting": "examples",
+}
+WEIGHTED_SILO: dict[str, Any] = {"allow_plaintext_insecure": False, "allow_example_weighting": True}
+
+
 # ---- processes --------------------------------------------------------------------------------
 
 
@@ -483,6 +545,50 @@ def processes(log_dir: Path) -> Iterator[Processes]:
         procs.stop_all()
 
 
+ROUND_COMPLETED = r"round \d+ completed"
+
+
+def completed_rounds(proc: Proc) -> int:
+    """How many completed rounds `proc` (a coordinator or a silo) has logged so far."""
+    return len(re.findall(ROUND_COMPLETED, proc.log()))
+
+
+def rounds_go_on(
+    coordinator: Proc,
+    procs: Processes,
+    *,
+    more: int = 2,
+    timeout_s: float = 60.0,
+    counted_by: Proc | None = None,
+) -> None:
+    """Waits until `more` further rounds have completed, counted in the log of `counted_by`
+    (the coordinator's by default): the federation still works. AssertionError (with the logs)
+    when the coordinator exits or the rounds do not come within `timeout_s`."""
+    watched = counted_by or coordinator
+    before = completed_rounds(watched)
+    deadline = time.monotonic() + timeout_s
+    while completed_rounds(watched) < before + more:
+        assert coordinator.popen.poll() is None, coordinator.log()[-3000:]
+        assert time.monotonic() < deadline, "rounds stopped completing:\n" + procs.logs()
+        time.sleep(0.2)
+
+
+def completed_round_details(state_dir: Path, count: int) -> list[RoundDetail]:
+    """Every round in the coordinator's round log (`state_dir`/rounds.sqlite, read only),
+    oldest first, once checked to be `count` rounds that all completed."""
+    from coordinator.storage.roundlog import RoundLog
+
+    log = RoundLog.open_readonly(state_dir / "rounds.sqlite")
+    try:
+        rounds = [log.round_detail(r.round_id) for r in log.rounds()]
+    finally:
+        log.close()
+    assert [r.status.value for r in rounds] == ["completed"] * count, [
+        (r.round_id, r.status.value, r.abort_reason) for r in rounds
+    ]
+    return rounds
+
+
 def run_module(
     module: str, *args: str, timeout_s: float = 120.0
 ) -> subprocess.CompletedProcess[str]:
@@ -589,6 +695,94 @@ def wait_for_port(state_dir: Path, coordinator: Proc, timeout_s: float = 60.0) -
     raise AssertionError("coordinator did not write its port:\n" + coordinator.log()[-4000:])
 
 
+# ---- speaking to a coordinator as a silo, over mTLS on loopback --------------------------------
+
+
+def silo_tls(silo: SiloFiles) -> TlsMaterial:
+    """Silo `silo`'s files as they are now, as the agent's Link presents them."""
+    from silo_agent.transport.connection import TlsMaterial
+
+    return TlsMaterial(silo.ca_cert.read_bytes(), silo.cert.read_bytes(), silo.key.read_bytes())
+
+
+def mtls_channel(port: int, ca_cert: Path, cert: Path, key: Path) -> grpc.Channel:
+    """A gRPC channel to 127.0.0.1:`port` presenting `cert` (a leaf, or leaf and chain) with
+    `key`, trusting `ca_cert` for the coordinator's certificate (issued to localhost)."""
+    import grpc
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca_cert.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+    return grpc.secure_channel(
+        f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", "localhost")]
+    )
+
+
+def silo_channel(silo: SiloFiles, port: int) -> grpc.Channel:
+    """`mtls_channel` with silo `silo`'s files as they are now."""
+    return mtls_channel(port, silo.ca_cert, silo.cert, silo.key)
+
+
+def first_reply(
+    link: Link,
+    hello: pb.Hello,
+    *,
+    until: Callable[[pb.CoordinatorMessage], bool] = lambda _: True,
+    timeout_s: float = 15.0,
+) -> pb.CoordinatorMessage | BaseException:
+    """Open `link` with `hello` (from a thread, closed after at most `timeout_s`): the first
+    message `until` accepts, or what the stream ended with (a refused one: LinkError).
+    AssertionError when neither came."""
+    outcome: list[pb.CoordinatorMessage | BaseException] = []
+
+    def run() -> None:
+        try:
+            for message in link.open(hello):
+                if until(message):
+                    outcome.append(message)
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    link.close()
+    assert outcome, f"the hello was neither answered nor refused within {timeout_s} s"
+    return outcome[0]
+
+
+def welcomed_as(silo: SiloFiles, port: int) -> str:
+    """The silo id the Welcome names when silo `silo`'s files as they are now (and its pinned
+    roster) open a stream to 127.0.0.1:`port`; LinkError when refused."""
+    from protos import federation_pb2 as pb
+    from silo_agent.transport.connection import Link
+
+    link = Link(f"127.0.0.1:{port}", silo_tls(silo), server_name="localhost")
+    try:
+        roster = Roster.from_json(silo.roster.read_text())
+        for message in link.open(pb.Hello(silo_id="", roster_digest=roster.digest())):
+            if message.WhichOneof("kind") == "welcome":
+                return str(message.welcome.silo_id)
+        raise AssertionError("the stream ended without a welcome")
+    finally:
+        link.close()
+
+
+def renew_as_agent(silo: SiloFiles, silo_toml: Path, port: int, now: float) -> RenewResult | None:
+    """The agent's own renewal step (`renew_if_due` on the config `silo_toml`), once, over a
+    channel with silo `silo`'s files as they are now."""
+    from protos import federation_pb2_grpc as pb_grpc
+    from silo_agent.config import load_silo_config
+    from silo_agent.pki.renewal import renew_if_due
+
+    with silo_channel(silo, port) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        return renew_if_due(load_silo_config(silo_toml), stub.Renew, now=now)
+
+
 # ---- one test's federation (the `federation` fixture) ----------------------------------------
 
 
@@ -686,6 +880,26 @@ class FederationRun:
         assert port == self.port, (port, self.port)
         return port
 
+    def endless_config(self, *, min_silos: int, sleep_s: float = 0.2) -> Path:
+        """`coordinator_config` for plaintext rounds that never run out (100,000), each
+        training `sleep_s` long: a steady federation for a module's tests to probe."""
+        return self.coordinator_config(
+            rounds=100_000, min_silos=min_silos, train={"sleep_s": sleep_s}
+        )
+
+    def weighted_secure_config(self, *, rounds: int, min_silos: int, **config: Any) -> Path:
+        """`coordinator_config` for secure rounds of WEIGHTED_SECAGG, 30 s to offer and to
+        train; `config` are further `write_coordinator_config` arguments."""
+        return self.coordinator_config(
+            rounds=rounds,
+            min_silos=min_silos,
+            aggregation="secagg",
+            secagg=WEIGHTED_SECAGG,
+            offer_s=30.0,
+            train_s=30.0,
+            **config,
+        )
+
     def start_silo(self, name: str, *extra: str, **config: Any) -> Proc:
         """Silo `name` on a config of its own (`write_silo_config` arguments in `config`;
         RECORDING_SPEC unless `task_spec` is given), `extra` on its command line."""
@@ -710,17 +924,33 @@ class FederationRun:
         started = {}
         for name, count in examples.items():
             label = name if run is None else f"{name}-{run}"
-            toml = write_recording_silo_config(
-                self.root / f"silo-{label}.toml",
-                self.fed,
-                name,
-                port=self.port,
-                num_examples=count,
-                record_root=record_root or self.root / "sent",
-                **config,
+            toml = self.recording_silo_config(
+                name, count, label=label, record_root=record_root, **config
             )
             started[name] = self.procs.silo(label, toml, *extra)
         return started
+
+    def recording_silo_config(
+        self,
+        name: str,
+        num_examples: int,
+        *,
+        label: str | None = None,
+        record_root: Path | None = None,
+        **config: Any,
+    ) -> Path:
+        """`root/silo-<label>.toml` (label: the name by default), the config of a RECORDING_TASK
+        silo `name` dialing `port` and recording under `<record_root>/<name>` (`root/sent` by
+        default); `config` are further `write_silo_config` arguments."""
+        return write_recording_silo_config(
+            self.root / f"silo-{label or name}.toml",
+            self.fed,
+            name,
+            port=self.port,
+            num_examples=num_examples,
+            record_root=record_root or self.root / "sent",
+            **config,
+        )
 
     def logs(self) -> str:
         return self.procs.logs()
@@ -728,6 +958,14 @@ class FederationRun:
 
 # What the `federation` fixture (tests/conftest.py) gives a test: `federation(id, names)`.
 NewFederation = Callable[[str, Sequence[str]], FederationRun]
+
+
+@contextmanager
+def federation_run(root: Path, federation_id: str, names: Sequence[str]) -> Iterator[FederationRun]:
+    """A federation provisioned under `root` whose processes are stopped when the block ends:
+    the `federation` fixture for a module-scoped fixture."""
+    with processes(root / "logs") as procs:
+        yield FederationRun.provision(root, procs, federation_id, names)
 
 
 # ---- a task that records what it sent (for exactness over the real transport) -----------------

@@ -10,7 +10,6 @@ The coordinator's open file descriptors are read from /proc/<pid>/fd.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import threading
 import time
@@ -27,19 +26,20 @@ from coordinator.transport.status_client import Credentials, fetch_status
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.identity import silo_id_for
-from silo_agent.transport.connection import Link, TlsMaterial
+from silo_agent.transport.connection import Link
 from tests.federation_helpers import (
-    RECORDING_SPEC,
+    ROUND_COMPLETED,
     Federation,
+    FederationRun,
     Proc,
     Processes,
-    provision,
+    federation_run,
+    mtls_channel,
     revoke,
+    rounds_go_on,
     run_module,
+    silo_tls,
     to_toml,
-    wait_for_port,
-    write_coordinator_config,
-    write_silo_config,
 )
 
 pytestmark = pytest.mark.e2e
@@ -51,18 +51,26 @@ IDLE_S = 3.0  # [server] idle_connection_s
 MAX_PENDING = 3  # [server] max_pending_streams
 HONEST = ("a", "b")
 NAMES = (*HONEST, "c", "mallory", "p1", "p2", "p3", "revokee")
-ROUND_DONE = r"round \d+ completed"
 
 
 @dataclass
 class World:
-    tmp: Path
-    fed: Federation
+    run: FederationRun
     config: Path
-    port: int
     coordinator: Proc
-    procs: Processes
     silos: dict[str, Proc]
+
+    @property
+    def fed(self) -> Federation:
+        return self.run.fed
+
+    @property
+    def port(self) -> int:
+        return self.run.port
+
+    @property
+    def procs(self) -> Processes:
+        return self.run.procs
 
     @property
     def address(self) -> str:
@@ -71,42 +79,21 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("admission")
-    fed = provision(tmp / "fed", FED, list(NAMES))
-    state = tmp / "coord"
-    config = write_coordinator_config(
-        tmp / "c.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=100_000,
-        min_silos=2, train={"sleep_s": 0.2},
-    )  # fmt: skip
-    tables = tomllib.loads(config.read_text())
-    tables["server"].update(
-        hello_timeout_s=HELLO_S,
-        handshake_timeout_s=HANDSHAKE_S,
-        idle_connection_s=IDLE_S,
-        max_pending_streams=MAX_PENDING,
-    )
-    config.write_text(to_toml(tables))
-    procs = Processes(tmp / "logs")
-    try:
-        coordinator = procs.coordinator(config)
-        port = wait_for_port(state, coordinator)
-        world = World(tmp, fed, config, port, coordinator, procs, {})
-        for name in HONEST:
-            world.silos[name] = _start_silo(world, name)
-        coordinator.wait_for_log(ROUND_DONE, 120)
-        yield world
-    finally:
-        procs.stop_all()
-
-
-def _start_silo(world: World, name: str) -> Proc:
-    toml = write_silo_config(
-        world.tmp / f"{name}.toml", world.fed.silos[name], port=world.port,
-        task_spec=RECORDING_SPEC,
-        options={"silo_index": NAMES.index(name), "num_examples": 5,
-                 "record_dir": str(world.tmp / "sent" / name)},
-    )  # fmt: skip
-    return world.procs.silo(name, toml)
+    with federation_run(tmp_path_factory.mktemp("admission"), FED, NAMES) as run:
+        config = run.endless_config(min_silos=2)
+        tables = tomllib.loads(config.read_text())
+        tables["server"].update(
+            hello_timeout_s=HELLO_S,
+            handshake_timeout_s=HANDSHAKE_S,
+            idle_connection_s=IDLE_S,
+            max_pending_streams=MAX_PENDING,
+        )
+        config.write_text(to_toml(tables))
+        coordinator = run.start_coordinator(config)
+        run.listening(coordinator)
+        silos = run.start_recording_silos(dict.fromkeys(HONEST, 5))
+        coordinator.wait_for_log(ROUND_COMPLETED, 120)
+        yield World(run, config, coordinator, silos)
 
 
 def _fds(pid: int) -> int:
@@ -147,17 +134,8 @@ class FdSampler:
         self._thread.join(5)
 
 
-def _completed(world: World) -> int:
-    return len(re.findall(ROUND_DONE, world.coordinator.log()))
-
-
-def _rounds_go_on(world: World, more: int = 2, timeout_s: float = 60.0) -> None:
-    before = _completed(world)
-    deadline = time.monotonic() + timeout_s
-    while _completed(world) < before + more:
-        assert world.coordinator.popen.poll() is None, world.coordinator.log()[-3000:]
-        assert time.monotonic() < deadline, "rounds stopped completing:\n" + world.procs.logs()
-        time.sleep(0.2)
+def _rounds_go_on(world: World, more: int = 2) -> None:
+    rounds_go_on(world.coordinator, world.procs, more=more)
 
 
 def _files(world: World, who: str) -> tuple[Path, Path]:
@@ -171,12 +149,7 @@ def _files(world: World, who: str) -> tuple[Path, Path]:
 
 def _channel(world: World, who: str) -> grpc.Channel:
     cert, key = _files(world, who)
-    creds = grpc.ssl_channel_credentials(
-        world.fed.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes()
-    )
-    return grpc.secure_channel(
-        world.address, creds, options=[("grpc.ssl_target_name_override", "localhost")]
-    )
+    return mtls_channel(world.port, world.fed.ca_cert, cert, key)
 
 
 def _silent(stop: threading.Event) -> Iterator[pb.SiloMessage]:
@@ -239,8 +212,7 @@ def _open_silent(world: World, who: str, streams: int, per_channel: int = 8) -> 
 
 def _timed_welcome(world: World, name: str) -> float:
     """Seconds from dialing as silo `name` (the agent's own connection code) to its Welcome."""
-    files = world.fed.silos[name]
-    tls = TlsMaterial(files.ca_cert.read_bytes(), files.cert.read_bytes(), files.key.read_bytes())
+    tls = silo_tls(world.fed.silos[name])
     start = time.monotonic()
     link = Link(world.address, tls, server_name="localhost")
     try:
@@ -312,7 +284,9 @@ def test_slot_exhaustion_leaves_room_for_silos_and_the_operator(world: World) ->
 
         # A real honest agent restarting mid-attack gets back in and trains.
         world.procs.stop(world.silos["a"])
-        world.silos["a"] = restarted = _start_silo(world, "a")
+        # (its own log: the first run's already says it connected)
+        (restarted,) = world.run.start_recording_silos({"a": 5}, run=1).values()
+        world.silos["a"] = restarted
         restarted.wait_for_log("connected to federation admission as", 60)
 
         # One identity holds one stream: each newer stream replaced the previous one at once,
@@ -445,9 +419,7 @@ def test_health_check_answers_and_watch_is_not_served(world: World) -> None:
 def test_a_new_stream_replaces_an_admitted_one(world: World) -> None:
     """A silo's admitted stream ends as soon as a newer stream of its certificate opens (before
     that one's hello): one identity, one stream."""
-    files = world.fed.silos["c"]
-    tls = TlsMaterial(files.ca_cert.read_bytes(), files.cert.read_bytes(), files.key.read_bytes())
-    link = Link(world.address, tls, server_name="localhost")
+    link = Link(world.address, silo_tls(world.fed.silos["c"]), server_name="localhost")
     kinds: list[str] = []
     ended = threading.Event()
 

@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from coordinator.cli import main as coordinator_cli
 from coordinator.pki import authority as pki
+from coordinator.pki.certificates import certificate_builder
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.errors import DecryptionFailed
@@ -39,13 +40,19 @@ from secagg.roster_sig import RosterUpdateRefused, check_update, sign_roster
 from secagg.trust import verify_signer
 from silo_agent.config import load_silo_config
 from silo_agent.pki.preflight import preflight, secagg_credentials
-from silo_agent.pki.renewal import renew_if_due
-from silo_agent.transport.connection import Link, LinkError, TlsMaterial
+from silo_agent.transport.connection import LinkError
 from tests.federation_helpers import (
     RECORDING_SPEC,
+    RENEW_BEFORE_10_DAYS,
     Federation,
+    auto_renew_table,
     coordinator_in_process,
     provision,
+    reissue_expiring,
+    renew_as_agent,
+    silo_channel,
+    welcomed_as,
+    with_table,
     write_coordinator_config,
     write_silo_config,
 )
@@ -78,40 +85,24 @@ def _hand_made_ca(
     issuer: x509.Name | None,
     *,
     cn: str,
-    ca: bool = True,
     path_length: int | None = 0,
     cert_sign: bool = True,
 ) -> x509.Certificate:
-    """A CA certificate built by hand (self-signed when `issuer` is None), for the shapes the
-    PKI code refuses to make."""
+    """A CA certificate from the PKI's own builder (self-signed when `issuer` is None), in the
+    shapes the PKI code never issues: a root that allows no intermediate, a CA below such a root
+    or below an intermediate, a CA whose key usage forbids signing certificates."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name if issuer is None else issuer)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=30))
-        .add_extension(
-            x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True
-        )
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=not cert_sign,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=cert_sign,
-                crl_sign=cert_sign,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(signer, hashes.SHA256())
+    builder = certificate_builder(
+        name,
+        name if issuer is None else issuer,
+        key.public_key(),
+        not_before=NOW - dt.timedelta(days=1),
+        not_after=NOW + dt.timedelta(days=30),
+        ca=True,
+        path_length=path_length,
+        signs_certificates=cert_sign,
     )
+    return builder.sign(signer, hashes.SHA256())
 
 
 @pytest.fixture
@@ -306,12 +297,7 @@ def _coordinator_toml(tmp: Path, fed: Federation, issuing: tuple[Path, Path]) ->
         tmp / "c.toml", fed, state_dir=tmp / "coord", task_spec=RECORDING_SPEC, rounds=1,
         min_silos=2,
     )  # fmt: skip
-    path.write_text(
-        path.read_text()
-        + f'\n[pki]\nauto_renew = true\nissuing_cert = "{issuing[0]}"\n'
-        + f'issuing_key = "{issuing[1]}"\nrenew_valid_days = 30\n'
-    )
-    return path
+    return with_table(path, auto_renew_table(*issuing))
 
 
 @pytest.fixture
@@ -323,8 +309,7 @@ def online(tmp_path: Path) -> Iterator[Online]:
         silo_toml = write_silo_config(
             tmp_path / "silo-a.toml", fed.silos["a"], port=running.port, task_spec=RECORDING_SPEC
         )
-        silo_toml.write_text(silo_toml.read_text() + "\n[pki]\nrenew_before_days = 10\n")
-        yield Online(fed, running.port, issuing[0], silo_toml)
+        yield Online(fed, running.port, issuing[0], with_table(silo_toml, RENEW_BEFORE_10_DAYS))
 
 
 def _reissue(o: Online, *, chain: bool, days: float = 2.0) -> x509.Certificate:
@@ -333,41 +318,17 @@ def _reissue(o: Online, *, chain: bool, days: float = 2.0) -> x509.Certificate:
     root = pki.load_ca(o.fed.root, FED)
     issuer = pki.load_issuer(o.issuing_cert, o.issuing_cert.with_name(pki.ISSUING_KEY),
                              root.cert, FED, dt.datetime.now(UTC))  # fmt: skip
-    silo = o.fed.silos["a"]
-    now = dt.datetime.now(UTC)
-    leaf = pki.sign_csr(
-        issuer, (silo.dir / "silo.csr").read_bytes(), federation_id=FED, now=now,
-        not_before=now - dt.timedelta(days=28), not_after=now + dt.timedelta(days=days),
-    )  # fmt: skip
-    silo.cert.write_bytes(pki.chain_pem(issuer, leaf) if chain else leaf)
-    return x509.load_pem_x509_certificate(leaf)
+    return reissue_expiring(o.fed, "a", days=days, issuer=issuer, chain=chain)
 
 
 def _welcomed(o: Online) -> str:
     """Open a stream with silo a's files as they are now; the silo id the Welcome names."""
-    silo = o.fed.silos["a"]
-    tls = TlsMaterial(silo.ca_cert.read_bytes(), silo.cert.read_bytes(), silo.key.read_bytes())
-    link = Link(f"127.0.0.1:{o.port}", tls, server_name="localhost")
-    try:
-        roster = Roster.from_json(silo.roster.read_text())
-        for message in link.open(pb.Hello(silo_id="", roster_digest=roster.digest())):
-            if message.WhichOneof("kind") == "welcome":
-                return str(message.welcome.silo_id)
-        raise AssertionError("the stream ended without a welcome")
-    finally:
-        link.close()
+    return welcomed_as(o.fed.silos["a"], o.port)
 
 
 def _status_code(o: Online) -> grpc.StatusCode:
     """What the coordinator answers a Renew call over silo a's files (an empty CSR)."""
-    silo = o.fed.silos["a"]
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=silo.ca_cert.read_bytes(),
-        private_key=silo.key.read_bytes(),
-        certificate_chain=silo.cert.read_bytes(),
-    )
-    options = [("grpc.ssl_target_name_override", "localhost")]
-    with grpc.secure_channel(f"127.0.0.1:{o.port}", creds, options=options) as channel:
+    with silo_channel(o.fed.silos["a"], o.port) as channel:
         try:
             pb_grpc.FederationStub(channel).Renew(pb.RenewRequest(csr_pem=b"x"), timeout=10)
         except grpc.RpcError as exc:
@@ -406,15 +367,7 @@ def test_renewal_through_the_intermediate_installs_leaf_and_chain(online: Online
     roster_before = fed.roster.read_bytes()
     key_before = silo.key.read_bytes()
     now = dt.datetime.now(UTC).timestamp()
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=silo.ca_cert.read_bytes(),
-        private_key=silo.key.read_bytes(),
-        certificate_chain=silo.cert.read_bytes(),
-    )
-    options = [("grpc.ssl_target_name_override", "localhost")]
-    with grpc.secure_channel(f"127.0.0.1:{online.port}", creds, options=options) as channel:
-        stub = pb_grpc.FederationStub(channel)
-        result = renew_if_due(load_silo_config(online.silo_toml), stub.Renew, now=now)
+    result = renew_as_agent(silo, online.silo_toml, online.port, now)
     assert result is not None and result.installed, result
 
     chain = load_pem_chain(silo.cert.read_bytes())

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +31,12 @@ from tests.federation_helpers import (
     Processes,
     SiloFiles,
     add_to_roster,
+    first_reply,
     issue_silo_cert,
     make_ca,
     provision,
     revoke,
+    rounds_go_on,
     wait_for_port,
     write_coordinator_config,
     write_silo_config,
@@ -93,22 +93,16 @@ def _silo_toml(tmp: Path, silo: SiloFiles, port: int) -> Path:
     )
 
 
-def _completed(proc: Proc) -> int:
-    return len(re.findall(r"round \d+ completed", proc.log()))
-
-
 def _legit_keeps_going(world: World) -> None:
     """The legitimate silo completes at least one more round after the refusal."""
-    before = _completed(world.good)
-    deadline = time.monotonic() + 30
-    while _completed(world.good) <= before:
-        assert time.monotonic() < deadline, "the legitimate silo stopped completing rounds"
-        assert world.coordinator.popen.poll() is None, world.coordinator.log()[-3000:]
-        time.sleep(0.1)
+    rounds_go_on(world.coordinator, world.procs, more=1, timeout_s=30, counted_by=world.good)
 
 
-def _attempt(world: World, files: SiloFiles, claimed_id: str | None = None) -> LinkError:
-    """Open a stream with `files`' key and certificate; return the error it ends with."""
+def _dial(
+    world: World, files: SiloFiles, claimed_id: str | None = None
+) -> pb.CoordinatorMessage | BaseException:
+    """Open a stream with `files`' key and certificate: its welcome, or the error it ends with
+    (a stream claiming another silo's id is read past its welcome)."""
     tls = TlsMaterial(
         ca_pem=world.fed.ca_cert.read_bytes(),
         cert_pem=files.cert.read_bytes(),
@@ -116,23 +110,14 @@ def _attempt(world: World, files: SiloFiles, claimed_id: str | None = None) -> L
     )
     link = Link(f"127.0.0.1:{world.port}", tls, server_name="localhost")
     hello = pb.Hello(silo_id=claimed_id or silo_id_for(FED, files.name))
-    outcome: list[BaseException | str] = []
+    return first_reply(
+        link, hello, until=lambda m: m.WhichOneof("kind") == "welcome" and claimed_id is None
+    )
 
-    def run() -> None:
-        try:
-            for message in link.open(hello):
-                if message.WhichOneof("kind") == "welcome" and claimed_id is None:
-                    outcome.append("welcomed")
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            outcome.append(exc)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(15)
-    link.close()
-    assert outcome, "the connection attempt neither failed nor succeeded within 15 s"
-    error = outcome[0]
+def _attempt(world: World, files: SiloFiles, claimed_id: str | None = None) -> LinkError:
+    """The error a stream with `files`' key and certificate ends with."""
+    error = _dial(world, files, claimed_id)
     assert isinstance(error, LinkError), f"expected a refusal, got {error!r}"
     return error
 
@@ -227,13 +212,11 @@ def test_revoked_certificate_takes_effect_without_restart(world: World) -> None:
 
 
 def _attempt_welcomed(world: World, files: SiloFiles) -> str:
-    try:
-        _attempt(world, files)
-    except AssertionError as exc:
-        if "'welcomed'" in str(exc):
-            return "welcomed"
-        raise
-    return "refused"
+    outcome = _dial(world, files)
+    if isinstance(outcome, LinkError):
+        return "refused"
+    assert isinstance(outcome, pb.CoordinatorMessage), f"neither welcomed nor refused: {outcome!r}"
+    return "welcomed"
 
 
 def test_plain_connection(world: World) -> None:

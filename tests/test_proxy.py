@@ -27,15 +27,7 @@ import pytest
 from silo_agent.commands.check import CheckResult, run_checks
 from silo_agent.config import ConfigError, load_silo_config, no_proxy_bypass
 from silo_agent.transport.connection import channel_options, proxy_options
-from tests.federation_helpers import (
-    RECORDING_SPEC,
-    Proc,
-    Processes,
-    provision,
-    wait_for_port,
-    write_coordinator_config,
-    write_silo_config,
-)
+from tests.federation_helpers import NewFederation, Proc, write_recording_silo_config
 
 # ---- the key ----------------------------------------------------------------------------------
 
@@ -361,77 +353,72 @@ ROUND_WITH_ALL = r"round (\d+) completed with 3 silos \(included us\)"
 
 @pytest.mark.e2e
 def test_a_round_completes_with_silos_dialing_through_a_connect_proxy(
-    tmp_path: Path, proxy_for: list[ConnectProxy]
+    tmp_path: Path, proxy_for: list[ConnectProxy], federation: NewFederation
 ) -> None:
-    fed = provision(tmp_path / "fed", "proxied", [*PROXIED, DIRECT])
-    state = tmp_path / "coord"
-    config = write_coordinator_config(
-        tmp_path / "c.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=100_000,
-        min_silos=3, train={"sleep_s": 0.1},
-    )  # fmt: skip
-    procs = Processes(tmp_path / "logs")
-    try:
-        coordinator = procs.coordinator(config)
-        port = wait_for_port(state, coordinator)
-        coordinator_address = f"127.0.0.1:{port}"
-        proxy = ConnectProxy({coordinator_address})
-        proxy_for.append(proxy)
-        # Nothing in the environment may bypass the proxy, or apply it where it is not set.
-        quiet = {"no_proxy": "", "no_grpc_proxy": ""}
-        loud = {"grpc_proxy": proxy.url, "https_proxy": proxy.url, "http_proxy": proxy.url}
-        silos: dict[str, Proc] = {}
-        for i, name in enumerate((*PROXIED, DIRECT)):
-            toml = write_silo_config(
-                tmp_path / f"{name}.toml", fed.silos[name], port=port, task_spec=RECORDING_SPEC,
-                options={"silo_index": i, "num_examples": 5,
-                         "record_dir": str(tmp_path / "sent" / name)},
-            )  # fmt: skip
-            if name in PROXIED:
-                key = f'[coordinator]\nproxy = "{proxy.url}"\n'
-                toml.write_text(toml.read_text().replace("[coordinator]\n", key))
-            silos[name] = procs.start(
-                f"silo-{name}",
-                ["-m", "silo_agent", "run", "--config", str(toml)],
-                env=quiet if name in PROXIED else {**quiet, **loud},
-            )
-        for silo in silos.values():
-            silo.wait_for_log(ROUND_WITH_ALL, 180)
-            assert silo.popen.poll() is None, silo.log()[-3000:]
+    run = federation("proxied", [*PROXIED, DIRECT])  # its processes stopped after the test
+    config = run.endless_config(min_silos=3, sleep_s=0.1)
+    coordinator = run.start_coordinator(config)
+    port = run.listening(coordinator)
+    coordinator_address = f"127.0.0.1:{port}"
+    proxy = ConnectProxy({coordinator_address})
+    proxy_for.append(proxy)
+    # Nothing in the environment may bypass the proxy, or apply it where it is not set.
+    quiet = {"no_proxy": "", "no_grpc_proxy": ""}
+    loud = {"grpc_proxy": proxy.url, "https_proxy": proxy.url, "http_proxy": proxy.url}
+    silos: dict[str, Proc] = {}
+    for name in (*PROXIED, DIRECT):
+        toml = write_recording_silo_config(
+            tmp_path / f"{name}.toml",
+            run.fed,
+            name,
+            port=port,
+            num_examples=5,
+            record_root=tmp_path / "sent",
+        )
+        if name in PROXIED:
+            key = f'[coordinator]\nproxy = "{proxy.url}"\n'
+            toml.write_text(toml.read_text().replace("[coordinator]\n", key))
+        silos[name] = run.procs.start(
+            f"silo-{name}",
+            ["-m", "silo_agent", "run", "--config", str(toml)],
+            env=quiet if name in PROXIED else {**quiet, **loud},
+        )
+    for silo in silos.values():
+        silo.wait_for_log(ROUND_WITH_ALL, 180)
+        assert silo.popen.poll() is None, silo.log()[-3000:]
 
-        # One tunnel per proxied silo, to the coordinator, carrying TLS (a handshake record
-        # first: the proxy relays bytes it cannot read, the silo's certificate inside them).
-        tunnels = list(proxy.tunnels)
-        assert proxy.refused == [], proxy.refused
-        assert [t.target for t in tunnels] == [coordinator_address] * len(PROXIED), tunnels
-        assert all(t.first_bytes[:2] == b"\x16\x03" for t in tunnels), tunnels
-        owners = []
-        for tunnel in tunnels:
-            inode = _socket_inode(tunnel.client[1])
-            assert inode is not None, f"the tunnel from {tunnel.client} is gone"
-            owners += _owners(inode, silos)
-        assert sorted(owners) == sorted(PROXIED), (owners, tunnels)
-        # The silo without the key ignored the proxy variables and dialed the coordinator.
-        assert _connected_to(silos[DIRECT].pid, port), "silo c has no direct connection"
-        # The coordinator saw each proxied silo by its certificate, through the tunnel.
-        for name in PROXIED:
-            coordinator.wait_for_log(rf"silo connected: spiffe://proxied/silo/{name}\b", 5)
-        assert re.search(ROUND_WITH_ALL, silos[DIRECT].log())
+    # One tunnel per proxied silo, to the coordinator, carrying TLS (a handshake record
+    # first: the proxy relays bytes it cannot read, the silo's certificate inside them).
+    tunnels = list(proxy.tunnels)
+    assert proxy.refused == [], proxy.refused
+    assert [t.target for t in tunnels] == [coordinator_address] * len(PROXIED), tunnels
+    assert all(t.first_bytes[:2] == b"\x16\x03" for t in tunnels), tunnels
+    owners = []
+    for tunnel in tunnels:
+        inode = _socket_inode(tunnel.client[1])
+        assert inode is not None, f"the tunnel from {tunnel.client} is gone"
+        owners += _owners(inode, silos)
+    assert sorted(owners) == sorted(PROXIED), (owners, tunnels)
+    # The silo without the key ignored the proxy variables and dialed the coordinator.
+    assert _connected_to(silos[DIRECT].pid, port), "silo c has no direct connection"
+    # The coordinator saw each proxied silo by its certificate, through the tunnel.
+    for name in PROXIED:
+        coordinator.wait_for_log(rf"silo connected: spiffe://proxied/silo/{name}\b", 5)
+    assert re.search(ROUND_WITH_ALL, silos[DIRECT].log())
 
-        # `check` reaches the coordinator the way the agent does: through the proxy (one more
-        # tunnel), and says so; a proxy that refuses the tunnel is named in a FAIL line.
-        toml = tmp_path / "a.toml"
-        reach = _coordinator_check(toml)
-        assert reach.ok and f"through proxy {proxy.url}" in reach.detail, reach
-        # (logged before the handshake could finish: the proxy relayed the hello first)
-        assert [t.target for t in proxy.tunnels[len(PROXIED) :]] == [coordinator_address]
-        closed = ConnectProxy(set())
-        proxy_for.append(closed)
-        toml.write_text(toml.read_text().replace(proxy.url, closed.url))
-        reach = _coordinator_check(toml)
-        assert not reach.ok and "did not open a tunnel (HTTP/1.1 403" in reach.detail, reach
-        assert closed.refused == [(coordinator_address, "403 Forbidden")], closed.refused
-    finally:
-        procs.stop_all()
+    # `check` reaches the coordinator the way the agent does: through the proxy (one more
+    # tunnel), and says so; a proxy that refuses the tunnel is named in a FAIL line.
+    toml = tmp_path / "a.toml"
+    reach = _coordinator_check(toml)
+    assert reach.ok and f"through proxy {proxy.url}" in reach.detail, reach
+    # (logged before the handshake could finish: the proxy relayed the hello first)
+    assert [t.target for t in proxy.tunnels[len(PROXIED) :]] == [coordinator_address]
+    closed = ConnectProxy(set())
+    proxy_for.append(closed)
+    toml.write_text(toml.read_text().replace(proxy.url, closed.url))
+    reach = _coordinator_check(toml)
+    assert not reach.ok and "did not open a tunnel (HTTP/1.1 403" in reach.detail, reach
+    assert closed.refused == [(coordinator_address, "403 Forbidden")], closed.refused
 
 
 def _coordinator_check(toml: Path) -> CheckResult:

@@ -28,8 +28,8 @@ class Lines(logging.Handler):
         self.lines.append((record.levelno, record.getMessage()))
 
 
-@pytest.fixture()
-def setup() -> tuple[PeerLog, Clock, Lines]:
+def recorded(interval_s: float = 10.0, burst: int = 1) -> tuple[PeerLog, Clock, Lines]:
+    """A PeerLog on a fresh logger whose lines are kept, and its clock."""
     logger = logging.getLogger("test.ratelimit")
     logger.handlers.clear()
     logger.propagate = False
@@ -37,7 +37,12 @@ def setup() -> tuple[PeerLog, Clock, Lines]:
     lines = Lines()
     logger.addHandler(lines)
     clock = Clock()
-    return PeerLog(logger, interval_s=10.0, clock=clock), clock, lines
+    return PeerLog(logger, interval_s=interval_s, clock=clock, burst=burst), clock, lines
+
+
+@pytest.fixture()
+def setup() -> tuple[PeerLog, Clock, Lines]:
+    return recorded()
 
 
 def test_twenty_thousand_repeats_make_two_lines_with_the_count(
@@ -130,14 +135,7 @@ def test_bad_settings_are_refused() -> None:
 
 
 def test_a_burst_writes_that_many_lines_per_interval_then_counts() -> None:
-    logger = logging.getLogger("test.ratelimit.burst")
-    logger.handlers.clear()
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG)
-    lines = Lines()
-    logger.addHandler(lines)
-    clock = Clock()
-    plog = PeerLog(logger, interval_s=60.0, clock=clock, burst=3)
+    plog, clock, lines = recorded(interval_s=60.0, burst=3)
     written = [plog.info("connected", "a", "a connected %d", i) for i in range(10)]
     assert written == [True] * 3 + [False] * 7
     assert plog.info("connected", "b", "b connected")  # another peer has its own burst
@@ -145,4 +143,4 @@ def test_a_burst_writes_that_many_lines_per_interval_then_counts() -> None:
     assert plog.info("connected", "a", "a connected %d", 10)
     assert lines.lines[-1][1] == "a connected 10 (and 7 more like it in the last 60 s)"
     with pytest.raises(ValueError, match="burst >= 1"):
-        PeerLog(logger, burst=0)
+        PeerLog(plog.logger, burst=0)

@@ -29,23 +29,29 @@ from coordinator.pki import authority as pki
 from coordinator.pki.renewal import ISSUED_DIR, PENDING_DIR
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
-from secagg.identity import Roster, spki_sha256
+from secagg.identity import spki_sha256
 from silo_agent.config import load_silo_config
 from silo_agent.pki.renewal import RenewResult, renew_if_due, renewal_csr
-from silo_agent.transport.connection import Link, TlsMaterial
 from tests.federation_helpers import (
     RECORDING_SPEC,
+    RENEW_BEFORE_10_DAYS,
     Federation,
+    auto_renew_table,
     coordinator_in_process,
+    mtls_channel,
     provision,
+    reissue_expiring,
+    renew_as_agent,
     revoke,
+    silo_channel,
+    welcomed_as,
+    with_table,
     write_coordinator_config,
     write_silo_config,
 )
 
 FED = "renew"
 UTC = dt.UTC
-SHORT = dt.timedelta(days=2)  # the test's "about to expire" certificate
 
 
 @dataclass
@@ -54,23 +60,6 @@ class Setup:
     port: int
     state: Path
     silo_toml: Path  # silo a's config, [pki] renew_before_days = 10
-
-
-def _short_cert(fed: Federation, name: str) -> x509.Certificate:
-    """Re-issue silo `name`'s certificate for its enrolled key, expiring in two days."""
-    ca = pki.load_ca(fed.root, FED)
-    silo = fed.silos[name]
-    now = dt.datetime.now(UTC)
-    pem = pki.sign_csr(
-        ca,
-        (silo.dir / "silo.csr").read_bytes(),
-        federation_id=FED,
-        now=now,
-        not_before=now - dt.timedelta(days=28),
-        not_after=now + SHORT,
-    )
-    silo.cert.write_bytes(pem)
-    return x509.load_pem_x509_certificate(pem)
 
 
 def _coordinator(tmp: Path, fed: Federation, pki_table: str) -> Path:
@@ -82,39 +71,18 @@ def _coordinator(tmp: Path, fed: Federation, pki_table: str) -> Path:
         rounds=1,
         min_silos=2,
     )
-    path.write_text(path.read_text() + "\n" + pki_table)
-    return path
-
-
-def _auto(fed: Federation) -> str:
-    return (
-        f'[pki]\nauto_renew = true\nissuing_cert = "{fed.ca_cert}"\n'
-        f'issuing_key = "{fed.ca_key}"\nrenew_valid_days = 30\n'
-    )
+    return with_table(path, pki_table)
 
 
 def _silo_toml(tmp: Path, fed: Federation, port: int, name: str = "a") -> Path:
     path = write_silo_config(
         tmp / f"silo-{name}.toml", fed.silos[name], port=port, task_spec=RECORDING_SPEC
     )
-    path.write_text(path.read_text() + "\n[pki]\nrenew_before_days = 10\n")
-    return path
-
-
-def _channel(fed: Federation, name: str, port: int) -> grpc.Channel:
-    silo = fed.silos[name]
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=silo.ca_cert.read_bytes(),
-        private_key=silo.key.read_bytes(),
-        certificate_chain=silo.cert.read_bytes(),
-    )
-    return grpc.secure_channel(
-        f"127.0.0.1:{port}", creds, options=[("grpc.ssl_target_name_override", "localhost")]
-    )
+    return with_table(path, RENEW_BEFORE_10_DAYS)
 
 
 def _renew(fed: Federation, name: str, port: int, csr_pem: bytes) -> pb.RenewReply:
-    with _channel(fed, name, port) as channel:
+    with silo_channel(fed.silos[name], port) as channel:
         reply: pb.RenewReply = pb_grpc.FederationStub(channel).Renew(
             pb.RenewRequest(csr_pem=csr_pem), timeout=10
         )
@@ -133,32 +101,17 @@ def _key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _welcomed(fed: Federation, name: str, port: int) -> str:
-    """Open a stream with silo `name`'s files as they are now; the silo id the Welcome names."""
-    silo = fed.silos[name]
-    tls = TlsMaterial(silo.ca_cert.read_bytes(), silo.cert.read_bytes(), silo.key.read_bytes())
-    link = Link(f"127.0.0.1:{port}", tls, server_name="localhost")
-    try:
-        roster = Roster.from_json(silo.roster.read_text())
-        for message in link.open(pb.Hello(silo_id="", roster_digest=roster.digest())):
-            if message.WhichOneof("kind") == "welcome":
-                return message.welcome.silo_id
-        raise AssertionError("the stream ended without a welcome")
-    finally:
-        link.close()
-
-
 def _agent_renews(setup: Setup, now: float) -> RenewResult | None:
     """Silo a's agent code, once, over a channel with silo a's files as they are now."""
-    with _channel(setup.fed, "a", setup.port) as channel:
-        stub = pb_grpc.FederationStub(channel)
-        return renew_if_due(load_silo_config(setup.silo_toml), stub.Renew, now=now)
+    return renew_as_agent(setup.fed.silos["a"], setup.silo_toml, setup.port, now)
 
 
 @pytest.fixture
 def auto(tmp_path: Path) -> Iterator[Setup]:
     fed = provision(tmp_path / "fed", FED, ["a", "b"])
-    with coordinator_in_process(_coordinator(tmp_path, fed, _auto(fed))) as running:
+    with coordinator_in_process(
+        _coordinator(tmp_path, fed, auto_renew_table(fed.ca_cert, fed.ca_key))
+    ) as running:
         yield Setup(fed, running.port, tmp_path / "coord", _silo_toml(tmp_path, fed, running.port))
 
 
@@ -171,7 +124,7 @@ def queued(tmp_path: Path) -> Iterator[Setup]:
 
 def test_same_key_renewal_is_installed_and_the_roster_does_not_change(auto: Setup) -> None:
     fed, silo = auto.fed, auto.fed.silos["a"]
-    old = _short_cert(fed, "a")
+    old = reissue_expiring(fed, "a")
     roster_before = fed.roster.read_bytes()
     key_before, key_mode = silo.key.read_bytes(), stat.S_IMODE(os.stat(silo.key).st_mode)
     now = dt.datetime.now(UTC).timestamp()
@@ -189,7 +142,7 @@ def test_same_key_renewal_is_installed_and_the_roster_does_not_change(auto: Setu
     assert not list(silo.cert.parent.glob("*.renewing"))  # no temporary file left behind
     assert fed.roster.read_bytes() == roster_before  # no new roster version for anyone
     # The renewed certificate is accepted on the next connection.
-    assert _welcomed(fed, "a", auto.port) == f"spiffe://{FED}/silo/a"
+    assert welcomed_as(fed.silos["a"], auto.port) == f"spiffe://{FED}/silo/a"
     # Not due any more: the next check asks nothing.
     assert renew_if_due(load_silo_config(auto.silo_toml), _unexpected_call, now=now) is None
 
@@ -200,7 +153,7 @@ def _unexpected_call(request: pb.RenewRequest) -> pb.RenewReply:
 
 def test_a_revoked_silo_cannot_renew(auto: Setup) -> None:
     fed = auto.fed
-    _short_cert(fed, "a")
+    reissue_expiring(fed, "a")
     csr = renewal_csr(x509.load_pem_x509_certificate(fed.silos["a"].cert.read_bytes()),
                       _key(fed.silos["a"].key))  # fmt: skip
     revoke(fed, fed.silos["a"])
@@ -231,14 +184,10 @@ def test_a_csr_for_another_key_is_refused(auto: Setup) -> None:
 def test_an_operator_certificate_cannot_renew(auto: Setup) -> None:
     fed = auto.fed
     op = pki.operator_dir(fed.root)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=fed.ca_cert.read_bytes(),
-        private_key=(op / pki.OPERATOR_KEY).read_bytes(),
-        certificate_chain=(op / pki.OPERATOR_CERT).read_bytes(),
-    )
-    options = [("grpc.ssl_target_name_override", "localhost")]
     with (
-        grpc.secure_channel(f"127.0.0.1:{auto.port}", creds, options=options) as channel,
+        mtls_channel(
+            auto.port, fed.ca_cert, op / pki.OPERATOR_CERT, op / pki.OPERATOR_KEY
+        ) as channel,
         pytest.raises(grpc.RpcError) as caught,
     ):
         pb_grpc.FederationStub(channel).Renew(pb.RenewRequest(csr_pem=b"x"), timeout=10)
@@ -249,7 +198,7 @@ def test_queued_renewal_is_approved_by_the_operator_and_picked_up(
     queued: Setup, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fed, silo = queued.fed, queued.fed.silos["a"]
-    old = _short_cert(fed, "a")
+    old = reissue_expiring(fed, "a")
     renewals = queued.state / "renewals"
     now = dt.datetime.now(UTC).timestamp()
 
@@ -274,7 +223,7 @@ def test_queued_renewal_is_approved_by_the_operator_and_picked_up(
     assert second is not None and second.installed, second
     new = x509.load_pem_x509_certificate(silo.cert.read_bytes())
     assert new.serial_number != old.serial_number and spki_sha256(new) == spki_sha256(old)
-    assert _welcomed(fed, "a", queued.port) == f"spiffe://{FED}/silo/a"
+    assert welcomed_as(fed.silos["a"], queued.port) == f"spiffe://{FED}/silo/a"
 
 
 def test_a_renewal_for_a_key_that_is_not_pinned_cannot_be_approved(

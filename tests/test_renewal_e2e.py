@@ -15,29 +15,26 @@ The roster file, its version and the silos' pinned copies do not change.
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
 from cryptography import x509
 
 from coordinator.cli import main as coordinator_cli
-from coordinator.pki import authority as pki
-from coordinator.storage.roundlog import RoundLog
 from secagg.identity import spki_sha256
-from tests.federation_helpers import NewFederation, write_recording_silo_config
+from tests.federation_helpers import (
+    RENEW_BEFORE_10_DAYS,
+    WEIGHTED_SILO,
+    NewFederation,
+    auto_renew_table,
+    completed_round_details,
+    reissue_expiring,
+    with_table,
+)
 
 pytestmark = pytest.mark.e2e
 
 FED = "renewe2e"
 NAMES = ("a", "b", "c", "d")
 EXAMPLES = {"a": 11, "b": 7, "c": 19, "d": 30}
-SECAGG = {
-    "clip_l2": 100.0,
-    "threshold": 3,
-    "n_colluders": 1,
-    "weight_max": 40,
-    "weighting": "examples",
-}
 ROUNDS = 4
 
 
@@ -49,56 +46,20 @@ def test_a_silo_renews_over_its_connection_and_keeps_taking_part(
     federation: NewFederation,
 ) -> None:
     run = federation(FED, NAMES)
-    fed, state = run.fed, run.state
+    fed = run.fed
     a = fed.silos["a"]
-    now = dt.datetime.now(dt.UTC)
-    # a's certificate, for its enrolled key, about to expire (issued by the test).
-    ca = pki.load_ca(fed.root, FED)
-    a.cert.write_bytes(
-        pki.sign_csr(
-            ca,
-            (a.dir / "silo.csr").read_bytes(),
-            federation_id=FED,
-            now=now,
-            not_before=now - dt.timedelta(days=28),
-            not_after=now + dt.timedelta(days=2),
-        )
-    )
-    old = x509.load_pem_x509_certificate(a.cert.read_bytes())
+    old = reissue_expiring(fed, "a")  # a's certificate, for its enrolled key, about to expire
     roster_before = fed.roster.read_bytes()
     pinned_before = {n: fed.silos[n].roster.read_bytes() for n in NAMES}
     key_before = a.key.read_bytes()
 
-    cfg = run.coordinator_config(
-        rounds=ROUNDS,
-        min_silos=3,
-        start_silos=4,
-        aggregation="secagg",
-        secagg=SECAGG,
-        offer_s=30.0,
-        train_s=30.0,
-        start_timeout_s=60.0,
-    )
-    cfg.write_text(
-        cfg.read_text()
-        + f'\n[pki]\nauto_renew = true\nissuing_cert = "{fed.ca_cert}"\n'
-        + f'issuing_key = "{fed.ca_key}"\nrenew_valid_days = 30\n'
-    )
-    coordinator = run.start_coordinator(cfg)
+    cfg = run.weighted_secure_config(rounds=ROUNDS, min_silos=3, start_silos=4)
+    coordinator = run.start_coordinator(with_table(cfg, auto_renew_table(fed.ca_cert, fed.ca_key)))
     silos = {}
     for name in NAMES:
-        toml = write_recording_silo_config(
-            run.root / f"silo-{name}.toml",
-            fed,
-            name,
-            port=run.port,
-            num_examples=EXAMPLES[name],
-            record_root=run.root / "sent",
-            allow_plaintext_insecure=False,
-            allow_example_weighting=True,
-        )
+        toml = run.recording_silo_config(name, EXAMPLES[name], **WEIGHTED_SILO)
         if name == "a":
-            toml.write_text(toml.read_text() + "\n[pki]\nrenew_before_days = 10\n")
+            with_table(toml, RENEW_BEFORE_10_DAYS)
         silos[name] = run.procs.silo(name, toml)
 
     silos["a"].wait_for_log(r"installed the renewed certificate", 90)
@@ -113,14 +74,7 @@ def test_a_silo_renews_over_its_connection_and_keeps_taking_part(
 
     # Every round completed; a took part in the first (old certificate) and, after its
     # reconnection with the renewed one, in the last.
-    log = RoundLog.open_readonly(state / "rounds.sqlite")
-    try:
-        rounds = [log.round_detail(r.round_id) for r in log.rounds()]
-    finally:
-        log.close()
-    assert [r.status.value for r in rounds] == ["completed"] * ROUNDS, [
-        (r.round_id, r.status.value, r.abort_reason) for r in rounds
-    ]
+    rounds = completed_round_details(run.state, ROUNDS)
     assert sorted(rounds[0].participants["finished"]) == [_id(n) for n in NAMES]
     assert sorted(rounds[-1].participants["finished"]) == [_id(n) for n in NAMES]
     assert "reconnecting to present the renewed certificate" in a_log

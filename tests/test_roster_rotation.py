@@ -18,31 +18,30 @@ import pytest
 from coordinator.cli import main as coordinator_cli
 from coordinator.pki import authority as pki
 from coordinator.rounds.secure_config import SecAggSettings, WeightingMode
-from coordinator.storage.roundlog import RoundLog
 from secagg.identity import Roster
 from silo_agent.pki.enrollment import generate_key_and_csr
 from silo_agent.pki.roster_update import backup_path
 from silo_agent.storage.ledger import LEDGER_FILENAME
 from silo_agent.storage.ledger_verify import read_ledger
-from tests.federation_helpers import Federation, NewFederation, Proc, check_fedavg
+from tests.federation_helpers import (
+    WEIGHTED_SECAGG,
+    WEIGHTED_SILO,
+    Federation,
+    NewFederation,
+    Proc,
+    check_fedavg,
+    completed_round_details,
+)
 
 pytestmark = pytest.mark.e2e
 
 FED = "rot"
 NAMES = ("a", "b", "c", "d")
 EXAMPLES = {"a": 31, "b": 7, "c": 19, "d": 40}
-# Example weighting: the silos opt in (start), the check uses each silo's count.
-SECAGG = {
-    "clip_l2": 100.0,
-    "threshold": 3,
-    "n_colluders": 1,
-    "weight_max": 40,
-    "weighting": "examples",
-}
-# SECAGG as the coordinator reads it (to rebuild each round's configuration and its bound).
-SETTINGS = SecAggSettings(
-    clip_l2=100.0, threshold=3, n_colluders=1, weight_max=40, weighting=WeightingMode.EXAMPLES
-)
+# Example weighting (WEIGHTED_SECAGG): the silos opt in (start), the check uses each silo's
+# count. SETTINGS is that [secagg] as the coordinator reads it (to rebuild each round's
+# configuration and its bound).
+SETTINGS = SecAggSettings(**{**WEIGHTED_SECAGG, "weighting": WeightingMode.EXAMPLES})
 ROUNDS = 3
 
 
@@ -71,28 +70,14 @@ def test_a_reenrolled_silo_comes_back_and_the_others_adopt_the_signed_roster(
     run = federation(FED, NAMES)
     tmp_path, fed, state = run.root, run.fed, run.state
     assert Roster.from_json(fed.roster.read_text()).version == 4
-    cfg = run.coordinator_config(
-        rounds=ROUNDS,
-        min_silos=4,  # every round waits for all four: the last ones need c's new identity
-        aggregation="secagg",
-        secagg=SECAGG,
-        offer_s=30.0,
-        train_s=30.0,
-        start_timeout_s=60.0,
-    )
+    # Every round waits for all four: the last ones need c's new identity.
+    cfg = run.weighted_secure_config(rounds=ROUNDS, min_silos=4)
     procs = run.procs
     coordinator = run.start_coordinator(cfg)
 
     def start(name: str, number: int, *extra: str) -> Proc:
         examples = {name: EXAMPLES[name]}  # recorded under tmp_path / "sent"
-        started = run.start_recording_silos(
-            examples,
-            *extra,
-            run=number,
-            allow_plaintext_insecure=False,
-            allow_example_weighting=True,
-        )
-        return started[name]
+        return run.start_recording_silos(examples, *extra, run=number, **WEIGHTED_SILO)[name]
 
     silos = {name: start(name, 0, *(("--rounds", "1") if name == "c" else ())) for name in NAMES}
     assert silos["c"].wait(90) == 0, procs.logs()  # c took part in round 1 and left
@@ -105,14 +90,7 @@ def test_a_reenrolled_silo_comes_back_and_the_others_adopt_the_signed_roster(
     logs = {name: proc.log() for name, proc in silos.items()}
 
     # The coordinator's round log: every round completed, none refused for the roster.
-    log = RoundLog.open_readonly(state / "rounds.sqlite")
-    try:
-        rounds = [log.round_detail(r.round_id) for r in log.rounds()]
-    finally:
-        log.close()
-    assert [r.status.value for r in rounds] == ["completed"] * ROUNDS, [
-        (r.round_id, r.status.value, r.abort_reason) for r in rounds
-    ]
+    rounds = completed_round_details(state, ROUNDS)
     assert sorted(rounds[-1].participants["finished"]) == [_id(n) for n in NAMES]
     for detail in rounds:
         check_fedavg(

@@ -13,11 +13,9 @@ silo's certificate announce another major, no version at all, or a newer minor.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,17 +23,17 @@ import pytest
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.identity import silo_id_for
-from silo_agent.transport.connection import Link, LinkError, TlsMaterial
+from silo_agent.transport.connection import Link, LinkError
 from silofed.wire import OLDEST_WIRE_MINOR, WIRE_VERSION, WireVersion, wire_refusal
 from tests.federation_helpers import (
-    RECORDING_SPEC,
-    Federation,
+    ROUND_COMPLETED,
+    FederationRun,
     Proc,
-    Processes,
-    provision,
-    wait_for_port,
-    write_coordinator_config,
-    write_silo_config,
+    federation_run,
+    first_reply,
+    rounds_go_on,
+    silo_channel,
+    silo_tls,
 )
 
 # ---- the rule ---------------------------------------------------------------------------------
@@ -87,7 +85,6 @@ OLDEST = WIRE_VERSION.minor + 1  # the oldest minor it admits
 OLDER = WireVersion(MAJOR, OLDEST)  # silos a and b: older than the coordinator, still admitted
 NAMES = ("a", "b", "c", "d")
 COMPATIBLE = ("a", "b")  # announce 1.1
-ROUND_DONE = r"round \d+ completed"
 
 # Runs `python -m <module>` as a build whose wire constants are these (argv passed through).
 AS_BUILD = """
@@ -111,97 +108,44 @@ def _as_build(module: str, version: WireVersion, oldest: int) -> list[str]:
 
 @dataclass
 class World:
-    fed: Federation
-    port: int
+    run: FederationRun
     coordinator: Proc
     silos: dict[str, Proc]
-    procs: Processes
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
 
-def _silo_config(tmp: Path, fed: Federation, name: str, port: int) -> Path:
-    return write_silo_config(
-        tmp / f"{name}.toml", fed.silos[name], port=port, task_spec=RECORDING_SPEC,
-        options={"silo_index": NAMES.index(name), "num_examples": 5,
-                 "record_dir": str(tmp / "sent" / name)},
-    )  # fmt: skip
+def _silo_argv(run: FederationRun, name: str, version: WireVersion) -> list[str]:
+    """`silo_agent run` for RECORDING_TASK silo `name`, as a build speaking `version`."""
+    config = run.recording_silo_config(name, 5)
+    return [*_as_build("silo_agent", version, OLDEST), "run", "--config", str(config)]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("skew")
-    fed = provision(tmp / "fed", FED, list(NAMES))
-    state = tmp / "coord"
-    config = write_coordinator_config(
-        tmp / "c.toml", fed, state_dir=state, task_spec=RECORDING_SPEC, rounds=100_000,
-        min_silos=2, train={"sleep_s": 0.2},
-    )  # fmt: skip
-    procs = Processes(tmp / "logs")
-    try:
-        coordinator = procs.start(
-            "coordinator",
-            [*_as_build("coordinator", LATER, OLDEST), "serve", "--config", str(config)],
-        )
-        port = wait_for_port(state, coordinator)
+    with federation_run(tmp_path_factory.mktemp("skew"), FED, NAMES) as run:
+        config = run.endless_config(min_silos=2)
+        argv = [*_as_build("coordinator", LATER, OLDEST), "serve", "--config", str(config)]
+        coordinator = run.procs.start("coordinator", argv)
+        run.listening(coordinator)
         silos = {
-            name: procs.start(
-                f"silo-{name}",
-                [
-                    *_as_build("silo_agent", OLDER, OLDEST),
-                    "run",
-                    "--config",
-                    str(_silo_config(tmp, fed, name, port)),
-                ],
-            )
+            name: run.procs.start(f"silo-{name}", _silo_argv(run, name, OLDER))
             for name in COMPATIBLE
         }
-        coordinator.wait_for_log(ROUND_DONE, 180)
-        yield World(fed, port, coordinator, silos, procs)
-    finally:
-        procs.stop_all()
+        coordinator.wait_for_log(ROUND_COMPLETED, 180)
+        yield World(run, coordinator, silos)
 
 
-def _completed(world: World) -> int:
-    return len(re.findall(ROUND_DONE, world.coordinator.log()))
+def _rounds_go_on(world: World, more: int = 2) -> None:
+    rounds_go_on(world.coordinator, world.run.procs, more=more)
 
 
-def _rounds_go_on(world: World, more: int = 2, timeout_s: float = 60.0) -> None:
-    before = _completed(world)
-    deadline = time.monotonic() + timeout_s
-    while _completed(world) < before + more:
-        assert world.coordinator.popen.poll() is None, world.coordinator.log()[-3000:]
-        assert time.monotonic() < deadline, "rounds stopped completing:\n" + world.procs.logs()
-        time.sleep(0.2)
-
-
-def _tls(world: World, name: str) -> TlsMaterial:
-    files = world.fed.silos[name]
-    return TlsMaterial(files.ca_cert.read_bytes(), files.cert.read_bytes(), files.key.read_bytes())
-
-
-def _dial(world: World, name: str, wire_version: str) -> pb.CoordinatorMessage | LinkError:
+def _dial(world: World, name: str, wire_version: str) -> pb.CoordinatorMessage | BaseException:
     """Say hello as silo `name` announcing `wire_version`: the first message, or the refusal."""
-    link = Link(world.address, _tls(world, name), server_name="localhost")
+    files = world.run.fed.silos[name]
+    link = Link(f"127.0.0.1:{world.run.port}", silo_tls(files), server_name="localhost")
     hello = pb.Hello(
         silo_id=silo_id_for(FED, name), agent_version="skew-test", wire_version=wire_version
     )
-    outcome: list[pb.CoordinatorMessage | LinkError] = []
-
-    def run() -> None:
-        try:
-            outcome.append(next(link.open(hello)))
-        except LinkError as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(15)
-    link.close()
-    assert outcome, "the hello was neither answered nor refused within 15 s"
-    return outcome[0]
+    return first_reply(link, hello)
 
 
 @E2E
@@ -253,13 +197,8 @@ def test_another_major_is_refused_with_both_versions(world: World) -> None:
 @E2E
 def test_a_hello_without_a_wire_version_is_refused(world: World) -> None:
     """A raw stub (Link would fill the version in): a hello as agents before this change sent."""
-    files = world.fed.silos["d"]
-    creds = grpc.ssl_channel_credentials(
-        files.ca_cert.read_bytes(), files.key.read_bytes(), files.cert.read_bytes()
-    )
-    options = [("grpc.ssl_target_name_override", "localhost")]
     hello = pb.Hello(silo_id=silo_id_for(FED, "d"), agent_version="silofed-silo/0.0")
-    with grpc.secure_channel(world.address, creds, options=options) as channel:
+    with silo_channel(world.run.fed.silos["d"], world.run.port) as channel:
         stub = pb_grpc.FederationStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Connect(iter([pb.SiloMessage(hello=hello)]), timeout=15))
@@ -275,8 +214,7 @@ def test_a_hello_without_a_wire_version_is_refused(world: World) -> None:
 def test_an_agent_below_the_oldest_minor_is_refused_and_exits(world: World) -> None:
     """This build's own agent against a coordinator that admits only later minors: it logs the
     coordinator's refusal with both versions and exits 3 (retrying cannot help)."""
-    config = _silo_config(world.fed.root.parent, world.fed, "c", world.port)
-    silo = world.procs.silo("c", config)
+    silo = world.run.procs.silo("c", world.run.recording_silo_config("c", 5))
     assert silo.wait(60) == 3, silo.log()[-3000:]
     silo.wait_for_log(
         rf"coordinator refused this silo \(FAILED_PRECONDITION\): spiffe://{FED}/silo/c speaks "

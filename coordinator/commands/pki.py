@@ -31,6 +31,18 @@ def _federation_of(directory: Path) -> str:
     return pki.load_roster(directory / pki.ROSTER_FILE).federation_id
 
 
+def _load_ca(directory: Path) -> pki.CA:
+    """The CA of the federation in `directory` (its id read from the roster there)."""
+    return pki.load_ca(directory, _federation_of(directory))
+
+
+def _read_csr(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise pki.PkiError(f"cannot read CSR {path}: {exc.strerror}") from exc
+
+
 def run_provision_dev(args: argparse.Namespace) -> int:
     names = (
         [n.strip() for n in args.silo_names.split(",") if n.strip()]
@@ -62,7 +74,7 @@ def run_init_ca(args: argparse.Namespace) -> int:
 
 def run_issue_server_cert(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
-    ca = pki.load_ca(directory, _federation_of(directory))
+    ca = _load_ca(directory)
     cert, _key = pki.issue_coordinator_cert(
         ca,
         directory / pki.COORDINATOR_DIR,
@@ -75,7 +87,7 @@ def run_issue_server_cert(args: argparse.Namespace) -> int:
 
 def run_issue_operator_cert(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
-    ca = pki.load_ca(directory, _federation_of(directory))
+    ca = _load_ca(directory)
     out = Path(args.out) if args.out else pki.operator_dir(directory, args.name)
     op = pki.issue_operator_cert(
         ca, out, name=args.name, now=_now(), valid_days=args.days, force=args.force
@@ -105,14 +117,10 @@ def run_intermediate_csr(args: argparse.Namespace) -> int:
 
 
 def run_issue_intermediate(args: argparse.Namespace) -> int:
-    directory = Path(args.dir)
-    root = pki.load_ca(directory, _federation_of(directory))
+    root = _load_ca(Path(args.dir))
     out = Path(args.out)
     if args.csr:
-        try:
-            csr_pem = Path(args.csr).read_bytes()
-        except OSError as exc:
-            raise pki.PkiError(f"cannot read CSR {args.csr}: {exc.strerror}") from exc
+        csr_pem = _read_csr(args.csr)
         cert_path = out / pki.ISSUING_CERT
         pki.write_public(
             cert_path, pki.sign_intermediate(root, csr_pem, now=_now(), valid_days=args.days)
@@ -138,14 +146,9 @@ def run_issue_intermediate(args: argparse.Namespace) -> int:
 
 def run_sign(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
-    federation_id = _federation_of(directory)
-    ca = pki.load_ca(directory, federation_id)
-    try:
-        csr_pem = Path(args.csr).read_bytes()
-    except OSError as exc:
-        raise pki.PkiError(f"cannot read CSR {args.csr}: {exc.strerror}") from exc
+    ca = _load_ca(directory)
     cert_pem = pki.sign_csr(
-        ca, csr_pem, federation_id=federation_id, now=_now(), valid_days=args.days
+        ca, _read_csr(args.csr), federation_id=ca.federation_id, now=_now(), valid_days=args.days
     )
     pki.write_public(Path(args.out), cert_pem)
     roster_path = directory / pki.ROSTER_FILE
@@ -166,8 +169,7 @@ def run_sign(args: argparse.Namespace) -> int:
 def run_sign_roster(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     roster_path = directory / pki.ROSTER_FILE
-    ca = pki.load_ca(directory, _federation_of(directory))
-    roster = pki.sign_roster_file(roster_path, ca)
+    roster = pki.sign_roster_file(roster_path, _load_ca(directory))
     print(f"signed roster version {roster.version} ({len(roster.entries)} silos)")
     print(f"  digest    {roster.digest().hex()}")
     print(f"  signature {pki.roster_signature_path(roster_path)}")
@@ -226,8 +228,7 @@ def run_renewals_list(args: argparse.Namespace) -> int:
 
 def run_renewals_approve(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
-    federation_id = _federation_of(directory)
-    ca = pki.load_ca(directory, federation_id)
+    ca = _load_ca(directory)
     roster = pki.load_roster(directory / pki.ROSTER_FILE)
     try:
         out, cert = renewal.approve(
@@ -274,6 +275,13 @@ def _command(
     p.add_argument("--dir", required=True, help=dir_help)
     p.set_defaults(func=_guard(run))
     return p
+
+
+def _days_option(p: argparse.ArgumentParser, default: int) -> None:
+    """`--days`: the validity of what the command signs."""
+    p.add_argument(
+        "--days", type=int, default=default, help=f"validity in days (default: {default})"
+    )
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -323,23 +331,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--out",
         help="directory for operator.key, operator.pem, ca.pem (default: DIR/operators/NAME)",
     )
-    p.add_argument(
-        "--days",
-        type=int,
-        default=pki.OPERATOR_VALID_DAYS,
-        help=f"validity in days (default: {pki.OPERATOR_VALID_DAYS})",
-    )
+    _days_option(p, pki.OPERATOR_VALID_DAYS)
     p.add_argument("--force", action="store_true", help="replace an existing operator key")
 
     p = _command(sub, "sign", run_sign, "sign a silo's CSR and pin it in the roster", _DIR)
     p.add_argument("--csr", required=True, help="the silo's CSR (from `silofed-silo enroll`)")
     p.add_argument("--out", required=True, help="where to write the signed certificate")
-    p.add_argument(
-        "--days",
-        type=int,
-        default=pki.SILO_VALID_DAYS,
-        help=f"validity in days (default: {pki.SILO_VALID_DAYS})",
-    )
+    _days_option(p, pki.SILO_VALID_DAYS)
 
     _command(
         sub,
@@ -387,12 +385,7 @@ def _register_intermediate(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("--out", required=True, help="directory for issuing.pem (and issuing.key)")
     p.add_argument("--csr", help="the issuing CA's request (from `intermediate-csr`)")
-    p.add_argument(
-        "--days",
-        type=int,
-        default=pki.INTERMEDIATE_VALID_DAYS,
-        help=f"validity in days (default: {pki.INTERMEDIATE_VALID_DAYS})",
-    )
+    _days_option(p, pki.INTERMEDIATE_VALID_DAYS)
     p.add_argument("--force", action="store_true", help="replace an existing issuing key")
 
 
@@ -421,9 +414,4 @@ def _register_renewals(sub: argparse._SubParsersAction[Any]) -> None:
         where.add_argument("--renewals", help="the renewals folder (default <state_dir>/renewals)")
         if name == "approve":
             p.add_argument("--silo", required=True, help="the silo's name (as `list` shows it)")
-            p.add_argument(
-                "--days",
-                type=int,
-                default=pki.SILO_VALID_DAYS,
-                help=f"validity in days (default: {pki.SILO_VALID_DAYS})",
-            )
+            _days_option(p, pki.SILO_VALID_DAYS)

@@ -125,7 +125,7 @@ def _utc(now: dt.datetime) -> dt.datetime:
     return now.astimezone(dt.UTC)
 
 
-def _builder(
+def certificate_builder(
     subject: x509.Name,
     issuer: x509.Name,
     subject_key: ec.EllipticCurvePublicKey,
@@ -134,11 +134,14 @@ def _builder(
     not_after: dt.datetime,
     ca: bool,
     path_length: int | None = None,
+    signs_certificates: bool | None = None,
 ) -> x509.CertificateBuilder:
     """What every certificate here starts with: names, key, a random serial, validity, and the
     key usage of its kind: a CA signs certificates and CRLs only (`path_length` CAs may follow
     it: 1 for the root, which may issue one intermediate, 0 for that intermediate), a leaf signs
-    its TLS handshakes only."""
+    its TLS handshakes only. `signs_certificates` other than `ca` is never issued here: tests
+    build the CA whose key usage forbids signing (what `check_certificate` must refuse)."""
+    signs = ca if signs_certificates is None else signs_certificates
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -152,19 +155,46 @@ def _builder(
         )
         .add_extension(
             x509.KeyUsage(
-                digital_signature=not ca,
+                digital_signature=not signs,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=ca,
-                crl_sign=ca,
+                key_cert_sign=signs,
+                crl_sign=signs,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
     )
+
+
+def load_csr(
+    csr_pem: bytes, *, whose: str, redo: str
+) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
+    """The CSR `whose` names ("the CSR") and its key, once checked: PEM, signed with that key,
+    and the key ECDSA P-256 (the only kind certified here). Raises PkiError saying which it is
+    not; `redo` tells what to do when the signature does not verify."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PkiError(f"{whose} is not a PEM certificate signing request") from exc
+    if not csr.is_signature_valid:
+        raise PkiError(f"the signature of {whose} does not verify; {redo}")
+    key = csr.public_key()
+    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise PkiError(f"the key of {whose} is not ECDSA P-256; silofed accepts only P-256 keys")
+    return csr, key
+
+
+def csr_uris(csr: x509.CertificateSigningRequest) -> list[str]:
+    """The URI SANs (silo ids) the CSR asks for; none without a SAN extension."""
+    try:
+        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 def create_ca(
@@ -188,7 +218,7 @@ def create_ca(
     start = _utc(now) - dt.timedelta(minutes=5)
     end = start + dt.timedelta(days=valid_days)
     cert = (
-        _builder(
+        certificate_builder(
             name, name, key.public_key(), not_before=start, not_after=end, ca=True, path_length=1
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -235,19 +265,11 @@ def sign_intermediate(
         raise PkiError("only the federation CA (the root) may issue an intermediate")
     if valid_days < 1:
         raise PkiError(f"--days must be at least 1, got {valid_days}")
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
-        raise PkiError("the intermediate's CSR is not a PEM certificate signing request") from exc
-    key = csr.public_key()
-    if not csr.is_signature_valid:
-        raise PkiError("the intermediate's CSR signature does not verify; make it again")
-    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
-        raise PkiError("the intermediate's key is not ECDSA P-256")
+    csr, key = load_csr(csr_pem, whose="the intermediate's CSR", redo="make it again")
     start = _utc(now) - dt.timedelta(minutes=5)
     end = min(start + dt.timedelta(days=valid_days), root.cert.not_valid_after_utc)
     cert = (
-        _builder(
+        certificate_builder(
             csr.subject,
             root.cert.subject,
             key,
@@ -328,7 +350,7 @@ def _leaf(
 ) -> x509.Certificate:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     return (
-        _builder(
+        certificate_builder(
             subject,
             ca.cert.subject,
             subject_key,
@@ -437,20 +459,8 @@ def sign_csr(
     not_after: dt.datetime | None = None,
 ) -> bytes:
     """Check a silo's CSR and return its signed certificate (PEM). Raises PkiError."""
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError as exc:
-        raise PkiError("the CSR is not a PEM certificate signing request") from exc
-    if not csr.is_signature_valid:
-        raise PkiError("the CSR's signature does not verify; ask the silo to enroll again")
-    key = csr.public_key()
-    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
-        raise PkiError("the CSR's key is not ECDSA P-256; silofed accepts only P-256 keys")
-    try:
-        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
+    csr, key = load_csr(csr_pem, whose="the CSR", redo="ask the silo to enroll again")
+    uris = csr_uris(csr)
     prefix = f"spiffe://{federation_id}/silo/"
     if len(uris) != 1 or not uris[0].startswith(prefix) or len(uris[0]) == len(prefix):
         raise PkiError(

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from coordinator.config import CoordinatorConfig
@@ -37,7 +36,9 @@ from coordinator.pki.certificates import (
     CA,
     PkiError,
     chain_pem,
+    csr_uris,
     is_root,
+    load_csr,
     load_issuer,
     sign_csr,
     write_public,
@@ -110,21 +111,10 @@ def check_csr(csr_pem: bytes, *, silo_id: str, pin: bytes) -> x509.CertificateSi
     if len(csr_pem) > MAX_CSR_BYTES:
         raise RenewalRefused(f"the CSR is {len(csr_pem)} bytes; a silo CSR is under 1 KiB")
     try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-        if not csr.is_signature_valid:
-            raise InvalidSignature
-    except (ValueError, InvalidSignature):
-        raise RenewalRefused(
-            "the CSR is not a PEM certificate signing request signed by its own key"
-        ) from None
-    key = csr.public_key()
-    if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
-        raise RenewalRefused("the CSR's key is not ECDSA P-256")
-    try:
-        ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
+        csr, key = load_csr(csr_pem, whose="the CSR", redo="make it again with the silo's key")
+    except PkiError as exc:
+        raise RenewalRefused(str(exc)) from None
+    uris = csr_uris(csr)
     if uris != [silo_id]:
         raise RenewalRefused(
             f"the CSR names {uris or 'no silo id'}, but the caller is {silo_id}: a silo may "
