@@ -21,6 +21,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from coordinator.pki.certificates import SILO_VALID_DAYS
 from protos.names import PLAINTEXT_INSECURE, SECAGG
+from secagg.graph_params import DEFAULT_DROPOUT_RATE, least_degree
 from secagg.train_params import TrainParamsError, canonical_train_params, parse_train_params
 from silofed import config_schema as schema
 from silofed.config_schema import Problem, StrictModel, TaskTable, TlsFiles, TlsPaths, load_model
@@ -36,6 +37,14 @@ class WeightingMode(enum.Enum):
     UNIFORM = "uniform"
 
 
+class GraphMode(enum.Enum):
+    """`[secagg] graph`: whom each silo masks with and shares its secrets among
+    (docs/secagg-protocol.md §4.6)."""
+
+    COMPLETE = "complete"  # every other silo of the round
+    HARARY = "harary"  # its ring neighbours only (secagg.graph_params picks the degree)
+
+
 @dataclass(frozen=True, slots=True)
 class SecAggSettings:
     """Coordinator `[secagg]` settings (validated by the config loader)."""
@@ -48,6 +57,9 @@ class SecAggSettings:
     weight_max: int = 100_000
     dp_noise_multiplier: float | None = None  # None: DP off
     dp_noise_divisor: int = 1
+    graph: GraphMode = GraphMode.COMPLETE
+    graph_degree: int | None = None  # None: secagg.graph_params.choose_sparse_graph's rule
+    dropout_rate: float = DEFAULT_DROPOUT_RATE  # δ of that rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +315,21 @@ def _ring_bits(value: int) -> int:
     return value
 
 
+def _graph_degree(value: int) -> int:
+    if value < 2 or value % 2:
+        raise ValueError(
+            "must be an even number >= 2 (each silo has graph_degree/2 neighbours on either "
+            f"side of the ring), got {value}"
+        )
+    return value
+
+
+def _dropout_rate(value: float) -> float:
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1) (the share of silos lost in a round), got {value}")
+    return value
+
+
 def _train_table(train: dict[str, Any]) -> dict[str, Any]:
     """[train]: flat scalars only, sent to every silo inside the signed round configuration.
     `seed` and `round` are the silo's own (its training randomness is never the coordinator's)."""
@@ -389,6 +416,32 @@ class _SecAgg(StrictModel):
     noise_multiplier: schema.PositiveFloat | None = None
     noise_divisor: schema.PositiveInt = 1
     max_concurrent_uploads: schema.PositiveInt = 2
+    graph: Annotated[str, schema.one_of([m.value for m in GraphMode])] = GraphMode.COMPLETE.value
+    graph_degree: Annotated[int, AfterValidator(_graph_degree)] | None = None
+    dropout_rate: Annotated[float, AfterValidator(_dropout_rate)] | None = None
+
+    @model_validator(mode="after")
+    def _sparse_graph_keys(self) -> Self:
+        # graph_degree and dropout_rate shape the Harary graph only; the degree's floor that
+        # needs the roster (n_colluders unset) is checked when a round is built.
+        for key in ("graph_degree", "dropout_rate"):
+            if getattr(self, key) is not None and self.graph != GraphMode.HARARY.value:
+                raise Problem(
+                    key, 'is used only with graph = "harary"; set that, or delete the line'
+                )
+        if self.graph_degree is not None and self.dropout_rate is not None:
+            raise Problem(
+                "dropout_rate",
+                "is not used when graph_degree is set (it only chooses the degree); delete one",
+            )
+        k, n_c = self.graph_degree, self.n_colluders
+        if k is not None and n_c is not None and k < least_degree(n_c):
+            raise Problem(
+                "graph_degree",
+                f"must be at least {least_degree(n_c)} (an even number above n_colluders = "
+                f"{n_c}: below it a silo's neighbours may all be colluders), got {k}",
+            )
+        return self
 
 
 class _Plaintext(StrictModel):
@@ -510,6 +563,9 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
             weight_max=s.weight_max,
             dp_noise_multiplier=s.noise_multiplier,
             dp_noise_divisor=s.noise_divisor,
+            graph=GraphMode(s.graph),
+            graph_degree=s.graph_degree,
+            dropout_rate=DEFAULT_DROPOUT_RATE if s.dropout_rate is None else s.dropout_rate,
         )
     # Where a table's keys are its dataclass's fields, the table is passed whole.
     return CoordinatorConfig(

@@ -53,6 +53,7 @@ from secagg.errors import (
     SecAggError,
 )
 from secagg.graph import neighbours
+from secagg.graph_params import sparse_graph_problem, stays_connected
 from secagg.messages import (
     SIG_ADVERTISE,
     SIG_CONSISTENCY,
@@ -638,27 +639,32 @@ class SiloSession:
         return tuple(out)
 
     def _check_sparse_graph(self, cfg: RoundConfig, n: int) -> None:
-        """The Harary graph's k and t_k for `n` silos. A neighbourhood of k + 1 silos may hold
-        every colluder, so t_k meets the complete graph's floors for n = k + 1; t_k = 1 would
-        make each Shamir share the secret itself."""
-        k, t_k = cfg.graph_k, cfg.graph_t_k
-        if k % 2 or not 2 <= k <= n - 1:
-            raise _abort(
-                AbortReason.CONFIG_REJECTED,
-                f"sparse graph_k {k} must be even and in [2, {n - 1}] for {n} silos",
-            )
-        t_min = minimum_threshold(k + 1, cfg.n_colluders, self.policy.t_floor)
-        if not t_min <= t_k <= k + 1:
+        """The Harary graph's k and t_k for `n` silos (secagg.graph_params). A neighbourhood of
+        k + 1 silos may hold every colluder, so t_k meets the complete graph's floors for
+        n = k + 1; t_k = 1 would make each Shamir share the secret itself."""
+        problem = sparse_graph_problem(
+            n, cfg.graph_k, cfg.graph_t_k, cfg.n_colluders, self.policy.t_floor
+        )
+        if problem is not None:
+            raise _abort(problem.reason, problem.detail)
+
+    def _check_connected(self, members: Sequence[int], which: str) -> None:
+        """With a sparse graph, fewer than k silos of U1 may be missing from `members` (U2 or
+        U3) counting every colluder: the graph is k-connected, so the honest survivors stay
+        one connected part and the coordinator learns only their total (docs/secagg-protocol.md
+        §4.6). Checked before the input leaves (3.1) and before U3 is signed (4.1)."""
+        cfg = self.config
+        assert cfg is not None
+        n = len(self.u1)
+        if cfg.graph is not GraphKind.HARARY or cfg.graph_k >= n - 1:
+            return
+        missing = n - len(members)
+        if not stays_connected(cfg.graph_k, missing, cfg.n_colluders):
             raise _abort(
                 AbortReason.THRESHOLD_VIOLATION,
-                f"sparse graph_t_k {t_k} is outside [{t_min}, {k + 1}] for neighbourhoods of "
-                f"{k + 1} silos and n_colluders {cfg.n_colluders} (this silo's [secagg] t_floor "
-                f"is {self.policy.t_floor})",
-            )
-        if k <= cfg.n_colluders:  # else every neighbour of a victim may be a colluder
-            raise _abort(
-                AbortReason.THRESHOLD_VIOLATION,
-                f"sparse graph_k {k} must exceed n_colluders {cfg.n_colluders}",
+                f"{missing} silos of U1 missing from {which} and n_colluders "
+                f"{cfg.n_colluders} reach sparse graph_k {cfg.graph_k}: the honest survivors' "
+                "graph could be cut, and the coordinator learn the sum of a part of them",
             )
 
     def _overflow_ok(self, cfg: RoundConfig, n: int) -> bool:
@@ -762,6 +768,7 @@ class SiloSession:
             raise _abort(AbortReason.THRESHOLD_VIOLATION, f"|U2|={len(u2)} below t")
         if len(set(u2) & (self._nbrs[me] | {me})) < self._share_threshold():
             raise _abort(AbortReason.THRESHOLD_VIOLATION, "too few neighbours in U2")
+        self._check_connected(u2, "U2")
         # A retry's members must also all reach key sharing: with the complete graph every
         # member of U2 is vouched for by a ciphertext only it could have made in THIS session,
         # i.e. after it passed its own membership check (docs/secagg-protocol.md §8).
@@ -865,6 +872,7 @@ class SiloSession:
         for v in self.u2:
             if len(set(u3) & (self._nbrs[v] | {v})) < t_share:
                 raise _abort(AbortReason.THRESHOLD_VIOLATION, "a neighbourhood lacks survivors")
+        self._check_connected(u3, "U3")
         digest = consistency_digest(
             self.session_id, self.config_digest, cfg.model_sha256, self.u2, u3
         )

@@ -250,6 +250,60 @@ def test_secagg_errors_name_file_and_key(tmp_path: Path, old: str, new: str, mes
     assert str(info.value).startswith(str(path))
 
 
+def test_the_sparse_graph_keys_are_read(tmp_path: Path) -> None:
+    from coordinator.config import GraphMode
+
+    _files(tmp_path)
+    path = tmp_path / "c.toml"
+    path.write_text(SECURE)
+    s = load_coordinator_config(path).secagg
+    assert s is not None and s.graph is GraphMode.COMPLETE and s.graph_degree is None
+    path.write_text(SECURE + 'graph = "harary"\n')
+    s = load_coordinator_config(path).secagg
+    assert s is not None and s.graph is GraphMode.HARARY
+    assert (s.graph_degree, s.dropout_rate) == (None, 0.05)  # the rule's degree, δ = 0.05
+    path.write_text(SECURE + 'graph = "harary"\ndropout_rate = 0.1\n')
+    s = load_coordinator_config(path).secagg
+    assert s is not None and (s.graph_degree, s.dropout_rate) == (None, 0.1)
+    path.write_text(SECURE + 'graph = "harary"\ngraph_degree = 6\nn_colluders = 5\n')
+    s = load_coordinator_config(path).secagg
+    assert s is not None and s.graph_degree == 6
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('graph = "ring"', r"\[secagg\] graph must be one of \['complete', 'harary'\]"),
+        ('graph = "harary"\ngraph_degree = 5', r"\[secagg\] graph_degree must be an even number"),
+        ('graph = "harary"\ngraph_degree = 0', r"\[secagg\] graph_degree must be an even number"),
+        ("graph_degree = 6", r'\[secagg\] graph_degree is used only with graph = "harary"'),
+        ("dropout_rate = 0.1", r'\[secagg\] dropout_rate is used only with graph = "harary"'),
+        ('graph = "harary"\ndropout_rate = 1.0', r"\[secagg\] dropout_rate must be in \[0, 1\)"),
+        ('graph = "harary"\ndropout_rate = -0.1', r"\[secagg\] dropout_rate must be in \[0, 1\)"),
+        (
+            'graph = "harary"\ngraph_degree = 6\ndropout_rate = 0.1',
+            r"\[secagg\] dropout_rate is not used when graph_degree is set",
+        ),
+        (
+            'graph = "harary"\ngraph_degree = 4\nn_colluders = 4',
+            r"\[secagg\] graph_degree must be at least 6 \(an even number above n_colluders = 4",
+        ),
+        ('graph = "harary"\ngraph_degree = 4\nn_colluders = 3', None),  # 4 > 3: accepted
+    ],
+)
+def test_sparse_graph_key_errors_name_the_key(
+    tmp_path: Path, extra: str, message: str | None
+) -> None:
+    _files(tmp_path)
+    path = tmp_path / "c.toml"
+    path.write_text(SECURE + extra + "\n")
+    if message is None:
+        assert load_coordinator_config(path).secagg is not None
+        return
+    with pytest.raises(CoordinatorConfigError, match=message):
+        load_coordinator_config(path)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

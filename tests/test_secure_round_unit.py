@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from coordinator.config import GraphMode
 from coordinator.rounds.secure_config import (
     SecAggSettings,
     SecureRoundError,
@@ -20,7 +21,8 @@ from coordinator.rounds.secure_config import (
     layout_of,
     quantisation_bound,
 )
-from secagg.config import RoundConfig, Weighting
+from secagg.config import GraphKind, RoundConfig, Weighting
+from secagg.silo import SiloPolicy
 from tests.secagg.harness import MODEL_SHA, Round
 from tests.secagg.pki import federation
 
@@ -120,3 +122,67 @@ def test_the_default_colluder_bound_follows_the_roster_not_the_round() -> None:
     with pytest.raises(SecureRoundError, match="threshold"):
         _config(3, roster_size=10)
     assert _config(10, roster_size=10).n_colluders == 3
+
+
+# ---- [secagg] graph = "harary" ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "k", "t_k"), [(9, 4, 4), (10, 6, 6), (20, 8, 8)])
+def test_a_harary_round_takes_the_rule_s_degree_for_the_invited_silos(
+    n: int, k: int, t_k: int
+) -> None:
+    cfg = _config(n, roster_size=n, graph=GraphMode.HARARY)
+    assert (cfg.graph, cfg.graph_k, cfg.graph_t_k) == (GraphKind.HARARY, k, t_k)
+    assert cfg.n_colluders == (n - 1) // 3 and k < n - 1  # sparse, above the colluders
+
+
+def test_a_harary_round_is_complete_when_the_degree_reaches_n_minus_1() -> None:
+    cfg = _config(5, graph=GraphMode.HARARY)  # n_C = 1, D = 1: k = 4 = n − 1
+    assert (cfg.graph, cfg.graph_k, cfg.graph_t_k) == (GraphKind.COMPLETE, 0, 0)
+    cfg = _config(10, roster_size=10, graph=GraphMode.HARARY, dropout_rate=0.3)  # D = 3: k = 10
+    assert cfg.graph is GraphKind.COMPLETE
+    assert _config(10, roster_size=10).graph is GraphKind.COMPLETE  # the default
+
+
+def test_a_given_degree_is_used_or_refused_naming_the_key_and_the_minimum() -> None:
+    cfg = _config(20, roster_size=20, graph=GraphMode.HARARY, graph_degree=12)
+    assert (cfg.graph_k, cfg.graph_t_k) == (12, 10)  # n_C = 6: ⌊(13 + 6)/2⌋ + 1
+    # the roster's size sets n_C when [secagg] n_colluders is unset: known only per round
+    with pytest.raises(SecureRoundError, match=r"graph_degree 6 must be even and at least the "):
+        _config(20, roster_size=20, graph=GraphMode.HARARY, graph_degree=6)
+    with pytest.raises(SecureRoundError, match=r"minimum 8 for n_colluders = 6"):
+        _config(20, roster_size=20, graph=GraphMode.HARARY, graph_degree=6)
+
+
+@pytest.mark.parametrize("drop", [None, "masked", "consistency"])
+def test_a_harary_round_equals_fedavg_over_its_survivors(drop: str | None) -> None:
+    """Nine silos, k = 4: each masks with and shares among four ring neighbours; one silo
+    lost before or after its upload costs nothing."""
+    fed = federation()
+    cfg = _config(9, roster_size=9, graph=GraphMode.HARARY)
+    assert cfg.graph_k == 4
+    old = _model_state()
+    rng = np.random.default_rng(5)
+    updates = {sid: (rng.standard_normal(cfg.d) * 0.05).astype(np.float32) for sid in cfg.invited}
+    dropped = cfg.invited[2]
+    sparse_ok = SiloPolicy(0, allow_sparse_graph=True)
+    r = Round(
+        fed,
+        cfg,
+        dict(updates),
+        drop_at={dropped: drop} if drop else {},
+        default_policy=sparse_ok,
+    )
+    rnd = r.run()
+    assert rnd.result is not None, (rnd.abort_reason, r.aborts)
+    assert all(len(nb) == 4 for nb in r.sessions[cfg.invited[0]]._nbrs.values())
+    survivors = sorted(rnd.result.survivors)
+    gone = {dropped} if drop == "masked" else set()
+    assert survivors == sorted(set(cfg.invited) - gone)
+    new = apply_aggregate(old, rnd.result.aggregate, cfg.layout)
+    mean = np.mean([updates[s].astype(np.float64) for s in survivors], axis=0)
+    flat_new = np.concatenate([new[k].numpy().ravel().astype(np.float64) for k in old])
+    flat_old = np.concatenate([old[k].numpy().ravel().astype(np.float64) for k in old])
+    ulp = float(np.max(np.abs(flat_new))) * 2.0**-23
+    err = np.max(np.abs(flat_new - (flat_old + mean)))
+    assert err <= quantisation_bound(cfg, [1] * len(survivors)) + ulp

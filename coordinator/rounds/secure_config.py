@@ -5,7 +5,9 @@ a `secagg.RoundConfig`, and the decoded aggregate update ḡ back into the next 
 pure functions (no I/O, no clock, no gRPC). The layout is the model's state dict in its own
 order; the scale is `secagg.encoding.recommended_scale` for the configured clip C; the threshold
 and colluder bound default to the least values the silos accept (docs/secagg-protocol.md §4.5:
-n_C = ⌊(n-1)/3⌋, t = max(3, ⌊(n+n_C)/2⌋+1)).
+n_C = ⌊(n-1)/3⌋, t = max(3, ⌊(n+n_C)/2⌋+1)). With `[secagg] graph = "harary"` the degree and
+neighbourhood threshold follow `secagg.graph_params.choose_sparse_graph` for the invited silos
+(the complete graph when its degree reaches n - 1).
 The adapter never holds or returns one silo's vector: only ḡ, the decoded sum.
 
 Nothing is applied that clipped inputs cannot produce: `check_aggregate` refuses an aggregate
@@ -22,9 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from coordinator.config import SecAggSettings, WeightingMode
+from coordinator.config import GraphMode, SecAggSettings, WeightingMode
 from secagg.config import (
     DdgNoise,
+    GraphKind,
     RoundConfig,
     TensorSpec,
     Weighting,
@@ -32,6 +35,7 @@ from secagg.config import (
     minimum_threshold,
 )
 from secagg.encoding import recommended_scale
+from secagg.graph_params import SparseGraph, choose_sparse_graph, least_degree
 from secagg.layout import LayoutError, layout_from
 
 SECAGG = "secagg"
@@ -101,6 +105,7 @@ def build_round_config(
             f"[secagg] threshold {t} is outside [{t_min}, {n}] for {n} invited silos and "
             f"n_colluders = {n_c} (docs/secagg-protocol.md §4.5)"
         )
+    graph = sparse_graph(settings, n, n_c)
     dp = None
     if settings.dp_noise_multiplier is not None:
         dp = DdgNoise(settings.dp_noise_multiplier, settings.dp_noise_divisor)
@@ -133,10 +138,29 @@ def build_round_config(
         ring_bits=settings.ring_bits,
         weighting=Weighting.UNIFORM if uniform else Weighting.EXAMPLES,
         weight_max=1 if uniform else settings.weight_max,
+        graph=GraphKind.COMPLETE if graph is None else GraphKind.HARARY,
+        graph_k=0 if graph is None else graph.k,
+        graph_t_k=0 if graph is None else graph.t_k,
         dp=dp,
         deadlines_s=deadlines_s,
         train_params=train_params,
     )
+
+
+def sparse_graph(settings: SecAggSettings, n: int, n_colluders: int) -> SparseGraph | None:
+    """The Harary graph of a round of `n` invited silos assuming `n_colluders`, or None for the
+    complete graph (`graph = "complete"`, or the degree reaches n - 1). A `graph_degree` below
+    the silos' floor for `n_colluders` is a SecureRoundError naming the key and the minimum."""
+    if settings.graph is GraphMode.COMPLETE:
+        return None
+    k = settings.graph_degree
+    if k is not None and (k % 2 or k < least_degree(n_colluders)):
+        raise SecureRoundError(
+            f"[secagg] graph_degree {k} must be even and at least the minimum "
+            f"{least_degree(n_colluders)} for n_colluders = {n_colluders} (the silos refuse a "
+            "degree that does not exceed it; docs/secagg-protocol.md §4.6)"
+        )
+    return choose_sparse_graph(n, n_colluders, dropout_rate=settings.dropout_rate, degree=k)
 
 
 def quantisation_bound(
