@@ -6,6 +6,12 @@ use), lets the coordinator run `rounds` completed rounds of `examples.noop.task:
 parameters, and returns the round log's per-round timings and the coordinator's peak resident
 memory. Every process it starts is stopped (by PID) before it returns, also on failure.
 
+With `farm_processes` the silos are hosted in that many farm processes (bench/farm: each silo
+still its own agent with its own certificate, connection, secure-aggregation state and ledger),
+so a 2-core machine can run n = 100; each farm logs its silos' own CPU seconds
+(bench/farm/cpu_log.py). With `kill`, some silos are ended mid-round in the first measured round
+(`Kill`): SIGKILLed, or their streams cut by their farm.
+
 Peak memory is VmHWM ("high water mark" of the resident set) from /proc/<pid>/status of the
 coordinator process, sampled every 0.1 s while it runs: the kernel keeps the maximum, so sampling
 only risks missing a peak reached in the last 0.1 s before exit — after the last round's work.
@@ -22,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.farm.cpu_log import CpuSample, read_cpu_log, span_cpu  # noqa: E402
 from coordinator.storage.roundlog import RoundDetail, RoundLog  # noqa: E402
 from examples.noop.task import PARAMS_ENV  # noqa: E402
 from tests.federation_helpers import (  # noqa: E402
     Proc,
+    Processes,
+    SiloFiles,
     processes,
     provision,
     wait_for_port,
@@ -46,6 +55,22 @@ NOOP_SPEC = "examples.noop.task:TASK"
 SECURE = "secagg"
 PLAINTEXT = "plaintext-insecure"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SIGKILL, CUT = "sigkill", "cut"
+POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Kill:
+    """`count` silos (the last ones) end mid-round in the first measured round. Each freezes at
+    the protocol point `after` (the real agent's `[debug] pause_after_phase`: it sends that
+    point's message, then does nothing more), so all of them drop at the same step; once all of
+    them are there they are SIGKILLed (`how` = "sigkill": their processes, or with farms the one
+    farm process that hosts only them) or their streams are cut (`how` = "cut", farms only: each
+    one's farm closes its stream and channel)."""
+
+    count: int
+    after: str = "share_keys"
+    how: str = SIGKILL
 
 
 class FederationFailed(RuntimeError):
@@ -65,6 +90,10 @@ class RunResult:
     cpu_trace: tuple[tuple[float, float, float], ...]  # (time, coordinator CPU s, silos CPU s)
     log_dir: Path
     warmup: int = 0  # completed rounds left out of `round_s`
+    silos: int = 0
+    farm_cpu: tuple[tuple[CpuSample, ...], ...] = ()  # each farm's CPU log (farms only)
+    kill_round: int | None = None  # the round in which `killed` were ended
+    killed: tuple[str, ...] = ()
 
     @property
     def completed(self) -> list[RoundDetail]:
@@ -109,6 +138,31 @@ class RunResult:
         after = [c for c in self.cpu_trace if c[0] >= end] or [self.cpu_trace[-1]]
         a, b = before[-1], after[0]
         return (b[1] - a[1]) / len(rounds), (b[2] - a[2]) / len(rounds)
+
+    def per_silo_cpu_s(self) -> float:
+        """Mean CPU seconds of one silo per measured round. Farms: each silo's own threads
+        (bench/farm), over the silos that ran to the end (`killed` left out). Processes: all
+        silo processes' CPU seconds divided by the number of silos."""
+        rounds = self.measured
+        if not rounds or rounds[-1].ended_at is None:
+            return float("nan")
+        if not self.farm_cpu:
+            return self.cpu_per_round_s()[1] / self.silos if self.silos else float("nan")
+        span = span_cpu(self.farm_cpu, rounds[0].started_at, rounds[-1].ended_at)
+        own = [s for name, s in span.silos.items() if name not in self.killed]
+        return statistics.fmean(own) / len(rounds) if own else float("nan")
+
+    def farm_shared_cpu_s(self) -> float:
+        """Farms only: CPU seconds per measured round that no silo's threads account for (gRPC
+        core's own threads, the farms' samplers), divided by the number of silos."""
+        rounds = self.measured
+        if not self.farm_cpu or not rounds or rounds[-1].ended_at is None or not self.silos:
+            return float("nan")
+        span = span_cpu(self.farm_cpu, rounds[0].started_at, rounds[-1].ended_at)
+        return span.shared_s / len(rounds) / self.silos
+
+    def kill_round_detail(self) -> RoundDetail | None:
+        return next((r for r in self.rounds if r.round_id == self.kill_round), None)
 
     def peak_rss_at(self) -> tuple[float, str]:
         """The highest sampled VmRSS and where it was: "round R phase P", "round R (after its
@@ -204,17 +258,25 @@ def run_federation(
     secagg: Mapping[str, Any] | None = None,
     phase_deadline_s: float = 600.0,
     timeout_s: float = 1800.0,
+    farm_processes: int | None = None,
+    kill: Kill | None = None,
 ) -> RunResult:
-    """Run `warmup` + `rounds` completed rounds with `silos` silo processes; the first `warmup`
-    completed ones (fresh processes warming up) are not in `RunResult.round_s`. Raises
-    FederationFailed.
+    """Run `warmup` + `rounds` completed rounds with `silos` silos, each its own process or
+    (`farm_processes`) hosted in that many farm processes; the first `warmup` completed ones
+    (fresh processes warming up) are not in `RunResult.round_s`. `kill` ends some silos mid-round
+    in round `warmup` + 1; later rounds run with the survivors. Raises FederationFailed.
 
-    `workdir` (created, left in place) receives the PKI, configs, state, `logs/` and
-    `coordinator_rss.tsv` (the VmRSS samples). Deadlines are all `phase_deadline_s`: generous,
-    since a benchmark measures rounds, not dropouts.
+    `workdir` (created, left in place) receives the PKI, configs, state, `logs/`, the farms' CPU
+    logs and `coordinator_rss.tsv` (the VmRSS samples). Deadlines are all `phase_deadline_s`:
+    generous, since a benchmark measures rounds, not dropouts (a killed silo's stream ends, so
+    the coordinator does not wait for it).
     """
     os.environ[PARAMS_ENV] = str(params)  # inherited by every child: all build the same model
     names = [f"s{i:02d}" for i in range(silos)]
+    victims = names[silos - kill.count :] if kill is not None and kill.count > 0 else []
+    if victims and kill is not None and kill.how == CUT and farm_processes is None:
+        raise ValueError("cutting a silo's stream needs farms (farm_processes)")
+    kill_round = warmup + 1 if victims else None
     workdir.mkdir(parents=True, exist_ok=True)
     fed = provision(workdir / "fed", "bench", names)
     state = workdir / "coord"
@@ -224,7 +286,8 @@ def run_federation(
         state_dir=state,
         task_spec=NOOP_SPEC,
         rounds=warmup + rounds,
-        min_silos=silos,
+        min_silos=silos - len(victims),  # the rounds after a kill run with the survivors
+        start_silos=silos,
         offer_s=phase_deadline_s,
         train_s=phase_deadline_s,
         start_timeout_s=phase_deadline_s,
@@ -236,23 +299,57 @@ def run_federation(
             "unmask_s": phase_deadline_s,
         },
     )
+    sparse = (secagg or {}).get("graph", "complete") != "complete"
     log_dir = workdir / "logs"
+    control = workdir / "control"  # farms: cut-<name> files
+    cpu_logs: list[Path] = []
     with processes(log_dir) as procs:
         coordinator = procs.coordinator(cfg)
         with Sampler(coordinator) as sampler:
             port = wait_for_port(state, coordinator, timeout_s=phase_deadline_s)
-            for i, name in enumerate(names):
-                toml = write_silo_config(
+            tomls = {
+                name: _silo_config(
                     workdir / f"{name}.toml",
                     fed.silos[name],
+                    index=i,
                     port=port,
-                    task_spec=NOOP_SPEC,
-                    options={"silo_index": i},
-                    allow_plaintext_insecure=aggregation == PLAINTEXT,
+                    aggregation=aggregation,
+                    sparse=sparse,
+                    pause=(kill.after, kill_round) if kill and name in victims else None,
                 )
-                sampler.silos.append(procs.silo(name, toml))
+                for i, name in enumerate(names)
+            }
+            victim_procs: list[Proc] = []
+            if farm_processes is None:
+                for name in names:
+                    proc = procs.silo(name, tomls[name])
+                    sampler.silos.append(proc)
+                    if name in victims:
+                        victim_procs.append(proc)
+            else:
+                control.mkdir(exist_ok=True)
+                own_farm = victims if kill is not None and kill.how == SIGKILL else []
+                for label, members in farm_groups(names, own_farm, farm_processes):
+                    cpu_log = workdir / f"{label}.cpu.jsonl"
+                    cpu_logs.append(cpu_log)
+                    args = ["--cpu-log", str(cpu_log), "--control-dir", str(control)]
+                    args += ["--max-s", str(timeout_s), *(str(tomls[n]) for n in members)]
+                    proc = procs.start(label, ["-m", "bench.farm", *args])
+                    sampler.silos.append(proc)
+                    if members == own_farm:
+                        victim_procs.append(proc)
+            deadline = time.monotonic() + timeout_s
+            if kill is not None and victims:
+                markers = [fed.silos[n].dir / "state" / f"paused-{kill.after}" for n in victims]
+                _end_when_paused(markers, coordinator, deadline, procs)
+                if kill.how == SIGKILL:
+                    for proc in victim_procs:
+                        proc.popen.kill()
+                else:
+                    for name in victims:
+                        (control / f"cut-{name}").touch()
             try:
-                code = coordinator.wait(timeout_s)
+                code = coordinator.wait(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired as exc:
                 raise FederationFailed(
                     f"{aggregation}: the coordinator did not finish {warmup + rounds} rounds "
@@ -263,6 +360,9 @@ def run_federation(
             raise FederationFailed(
                 f"{aggregation}: the coordinator exited with code {code}", procs.logs()
             )
+        for proc in sampler.silos:  # the farms write their last CPU sample as they exit
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
     log = RoundLog.open_readonly(state / "rounds.sqlite")
     try:
         details = tuple(log.round_detail(r.round_id) for r in log.rounds())
@@ -279,4 +379,63 @@ def run_federation(
         tuple(sampler.cpu),
         log_dir,
         warmup,
+        silos=silos,
+        farm_cpu=tuple(tuple(read_cpu_log(p)) for p in cpu_logs if p.exists()),
+        kill_round=kill_round,
+        killed=tuple(victims),
     )
+
+
+def farm_groups(
+    names: Sequence[str], own_farm: Sequence[str], farms: int
+) -> list[tuple[str, list[str]]]:
+    """(label, silo names) of each farm process: the silos not in `own_farm` dealt round-robin
+    to `farms` farms, then one more farm holding `own_farm` alone (if any), which can then be
+    SIGKILLed without touching the others."""
+    others = [n for n in names if n not in own_farm]
+    groups = [(f"farm-{i}", others[i::farms]) for i in range(farms)]
+    if own_farm:
+        groups.append(("farm-victims", list(own_farm)))
+    return [(label, members) for label, members in groups if members]
+
+
+def _silo_config(
+    path: Path,
+    silo: SiloFiles,
+    *,
+    index: int,
+    port: int,
+    aggregation: str,
+    sparse: bool,
+    pause: tuple[str, int | None] | None,
+) -> Path:
+    """The silo's config (`write_silo_config`); `sparse` opts in to Harary-graph rounds,
+    `pause` is (`[debug] pause_after_phase`, `pause_in_round`)."""
+    write_silo_config(
+        path,
+        silo,
+        port=port,
+        task_spec=NOOP_SPEC,
+        options={"silo_index": index},
+        allow_plaintext_insecure=aggregation == PLAINTEXT,
+        pause_after_phase=pause[0] if pause else None,
+        pause_in_round=pause[1] if pause else None,
+    )
+    if sparse:  # write_silo_config has no argument for it: one key into its [secagg] table
+        text = path.read_text()
+        assert text.count("[secagg]\n") == 1, text
+        path.write_text(text.replace("[secagg]\n", "[secagg]\nallow_sparse_graph = true\n"))
+    return path
+
+
+def _end_when_paused(
+    markers: Sequence[Path], coordinator: Proc, deadline: float, procs: Processes
+) -> None:
+    """Wait (bounded by `deadline` and the coordinator's life) until every marker exists."""
+    while not all(m.exists() for m in markers):
+        if coordinator.popen.poll() is not None or time.monotonic() > deadline:
+            missing = [str(m) for m in markers if not m.exists()]
+            raise FederationFailed(
+                f"the silos to end never reached their pause point: {missing}", procs.logs()
+            )
+        time.sleep(POLL_S)
