@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -29,6 +30,34 @@ def write_atomically(path: Path, data: bytes, *, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path)
+
+
+def fill_atomically(path: Path, fill: Callable[[Path], object], *, mode: int) -> None:
+    """`write_atomically` for a writer that writes a file by name itself (`fill(temporary)`,
+    e.g. a library streaming a model to disk without holding its bytes): the same temporary
+    file, mode, fsync and rename. Raises OSError, or whatever `fill` raises."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        fill(Path(tmp))  # the file exists: it keeps its mode
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _sync_folder(path)
+
+
+def _sync_folder(path: Path) -> None:
+    """The rename is durable once the folder's entry is."""
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

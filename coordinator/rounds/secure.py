@@ -345,12 +345,16 @@ class SecureKind:
             # decodes. Applied only if clipped inputs can produce it and the new model is
             # finite; else the round is aborted, the model kept.
             check_aggregate(cfg, result.aggregate, result.weight_sum, len(survivors))
-            new_state = apply_aggregate(self._global_state, result.aggregate, cfg.layout)
+            # Into ḡ's memory (the accumulator's): ḡ is not needed after.
+            new_state = apply_aggregate(
+                self._global_state, result.aggregate, cfg.layout, in_place=True
+            )
             check_finite(new_state)
         except SecureRoundError as exc:
             return Aborted(str(exc), metrics, refusals=refusals)
         finally:
-            # Free the accumulator (ḡ lives in it) before the model is serialised.
+            # The round keeps no reference to the accumulator (ḡ, now the new state, lives in
+            # it): it is freed with the new state once that is saved and mapped from its file.
             d.round.result = dataclasses.replace(result, aggregate=np.empty(0, np.float32))
         report = result.dp_report
         privacy = None

@@ -188,9 +188,15 @@ def quantisation_bound(
 
 
 def apply_aggregate(
-    old: Mapping[str, torch.Tensor], aggregate: np.ndarray, layout: tuple[TensorSpec, ...]
+    old: Mapping[str, torch.Tensor],
+    aggregate: np.ndarray,
+    layout: tuple[TensorSpec, ...],
+    *,
+    in_place: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The next global state: old + ḡ reshaped per layout, in each tensor's own dtype."""
+    """The next global state: old + ḡ reshaped per layout, in each tensor's own dtype. With
+    `in_place`, a tensor of ḡ's own dtype is computed into ḡ's memory (ḡ is destroyed; the
+    new state holds it): no second model-sized array."""
     d = sum(s.size for s in layout)
     if aggregate.ndim != 1 or aggregate.shape[0] != d:
         raise SecureRoundError(f"aggregate has shape {aggregate.shape}, layout needs ({d},)")
@@ -203,7 +209,9 @@ def apply_aggregate(
         start += spec.size
         base = old[spec.name]
         delta = torch.from_numpy(np.ascontiguousarray(part)).reshape(spec.shape)
-        if base.dtype in (torch.float32, torch.float64):
+        if in_place and base.dtype == delta.dtype:
+            new[spec.name] = delta.add_(base)  # the same sum: IEEE addition commutes
+        elif base.dtype in (torch.float32, torch.float64):
             # One rounding in the model's own precision, and no float64 copies of big tensors.
             new[spec.name] = base + delta.to(base.dtype)
         else:  # half precision: add in float32, round once

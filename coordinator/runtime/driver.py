@@ -30,7 +30,6 @@ from coordinator.storage.rollback import take_pending
 from protos import federation_pb2 as pb
 from protos.names import aggregation_value
 from secagg.trust import Trust
-from silofed.tensors import state_to_bytes
 
 if TYPE_CHECKING:
     from coordinator.runtime.hub import Hub
@@ -156,9 +155,10 @@ def begin_round(hub: Hub, completed_before: int) -> StartedRound | None:
     then recorded as started and aborted, and `hub.verdict` says what next."""
     cfg = hub.config.rounds
     round_id = RoundId(hub.roundlog.last_round_id() + 1)
-    model_bytes = hub.next_offer or state_to_bytes(hub.global_state)
+    offered = hub.next_offer or hub.checkpoints.offer_of(hub.global_state)
     hub.next_offer = None
-    model_sha = hashlib.sha256(model_bytes).digest()
+    model_bytes, model_sha = offered.data, offered.sha256  # hashed once, when it was saved
+    del offered
     with hub.lock:
         hub.refresh_trust()
         invited = hub.eligible()[: cfg.silos_per_round or None]
@@ -235,6 +235,8 @@ def finish(hub: Hub, started: StartedRound) -> Verdict:
         rnd = hub.round
         if rnd is not None:
             hub.apply(rnd.cancel("the coordinator is stopping", hub.clock.now()))
+    with hub.lock:  # the upload buffers wait for the next masked phase outside the peak
+        uploads.release_buffers(hub)
     outcome = None if rnd is None else rnd.outcome()
     if not isinstance(outcome, Completed):
         aborted = outcome if isinstance(outcome, Aborted) else Aborted("aborted", {})
@@ -263,12 +265,14 @@ def finish(hub: Hub, started: StartedRound) -> Verdict:
             hub.round = None
         recorder.finish_aborted(hub, round_id, invited, str(exc), metrics=outcome.metrics)
         return hub.verdict
-    data = state_to_bytes(new_state)
-    ckpt = hub.checkpoints.save_bytes(round_id, data)
+    # Streamed from the tensors to the file, and hashed once (the file read back): the model
+    # is never serialised into memory. The next offer and the next global state are mappings
+    # of that file: the round's memory holding the new model (the accumulator) goes with it.
+    ckpt = hub.checkpoints.save(round_id, new_state)
     hub.checkpoints.save_server_state(round_id, opt_state.to_saved(), model_sha256=ckpt.sha256)
     hub.pause.at("checkpoint")
-    hub.next_offer = data
-    del data
+    hub.next_offer = hub.checkpoints.offer(ckpt)
+    new_state = hub.checkpoints.mapped(ckpt).in_order(new_state)
     with hub.lock:
         if outcome.privacy is not None:
             p = outcome.privacy

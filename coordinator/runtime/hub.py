@@ -52,7 +52,7 @@ from coordinator.runtime.recorder import Exclusion
 from coordinator.runtime.serve import Outcome
 from coordinator.runtime.stream import SiloStream
 from coordinator.runtime.trust import TrustStore, peer_certificate
-from coordinator.storage.checkpoints import CheckpointStore
+from coordinator.storage.checkpoints import CheckpointStore, ModelBytes
 from coordinator.storage.roundlog import RoundLog
 from coordinator.transport.servicer import RefusalCode, Refused
 from protos import federation_pb2 as pb
@@ -95,7 +95,7 @@ class Hub:
         )
         self.round: RoundKind | None = None  # the round in progress, of whichever kind
         self.slots = uploads.Slots(config.max_concurrent_uploads)  # buffered uploads
-        self.next_offer: bytes | None = None  # the last checkpoint's bytes = the next offer
+        self.next_offer: ModelBytes | None = None  # the last checkpoint's = the next offer
         self.stopping = threading.Event()
         self.ran_any = False
         rc = config.rounds

@@ -29,7 +29,6 @@ from coordinator.runtime.peer_input import finite_mean
 from coordinator.storage.checkpoints import Checkpoint
 from protos import federation_pb2 as pb
 from protos.names import abort_code_in, abort_value
-from silofed.tensors import state_to_bytes
 
 if TYPE_CHECKING:
     from coordinator.runtime.hub import Hub
@@ -230,13 +229,13 @@ def record_missing_silos(hub: Hub, need: int) -> None:
         connected = hub.eligible()
         missing = sorted(set(hub.roster.entries) - set(connected) - set(hub.excluded))
         round_id = RoundId(hub.roundlog.last_round_id() + 1)
-        model = hub.next_offer or state_to_bytes(hub.global_state)
+        model = hub.next_offer or hub.checkpoints.offer_of(hub.global_state)
         hub.roundlog.start_round(
             round_id,
             started_at=hub.clock.now(),
             aggregation=cfg.aggregation,
             config_digest=hashlib.sha256(b"").hexdigest(),
-            model_in_sha256=hashlib.sha256(model).hexdigest(),
+            model_in_sha256=model.sha256.hex(),
             invited=connected,
         )
     reason = (

@@ -44,13 +44,13 @@ def resume_global_state(
         checkpoints.save_server_state(0, fresh.to_saved(), model_sha256=ckpt.sha256)
         roundlog.record_checkpoint(0, ckpt.path, ckpt.sha256)
         log.info("initial model saved as round 0 checkpoint %s", ckpt.sha256[:12])
-        return state, fresh
+        return checkpoints.mapped(ckpt).in_order(state), fresh  # held as its file's mapping
     state = checkpoints.load(Path(latest.path), latest.sha256)
     # A checkpoint stores its tensors sorted by name, but a secure round's layout is in the
     # model's own state-dict order (each silo checks it against its model): restore it.
     order = list(model_factory().state_dict())
     if sorted(order) == list(state):
-        state = {name: state[name] for name in order}
+        state = state.in_order(order)
     log.info("resuming from the checkpoint of round %d (%s)", latest.round_id, latest.sha256[:12])
     saved = checkpoints.load_server_state(latest.round_id, latest.sha256)
     if saved is None:

@@ -11,6 +11,7 @@ model offered to every silo is held once.
 from __future__ import annotations
 
 import logging
+import mmap
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +23,7 @@ from coordinator.observability.ratelimit import PeerLog
 from coordinator.runtime.outbound import OutboundQueue, Overflow
 from protos import federation_pb2 as pb
 from protos.blobs import blob_messages
-from secagg.chunking import Reassembler, describe
+from secagg.chunking import MAX_CHUNK_BYTES, Reassembler, describe
 
 log = logging.getLogger("silofed.coordinator")
 
@@ -33,7 +34,7 @@ class Blob:
 
     round_id: int
     kind: pb.BlobKind.ValueType
-    data: bytes
+    data: bytes | mmap.mmap  # a checkpoint's mapped file is sent as it is
     sha256: bytes  # hashed once per round, not once per silo
 
 
@@ -152,17 +153,22 @@ class SiloStream:
             self.on_delivered(self, item.round_id)
             return ()
         if isinstance(item, Blob):
-            return self._counted(_blob_messages(item))
+            return self._counted(_blob_messages(item), len(item.data))
         self._count_out(item.ByteSize())
         return (item,)
 
     def _counted(
-        self, messages: Iterator[pb.CoordinatorMessage]
+        self, messages: Iterator[pb.CoordinatorMessage], blob_bytes: int
     ) -> Iterator[pb.CoordinatorMessage]:
+        left = blob_bytes
         for message in messages:
             self._count_out(message.ByteSize())
             if message.HasField("blob_chunk"):
-                self.queue.taken(len(message.blob_chunk.data))
+                # The chunk's size from the blob's (every chunk but the last is full): reading
+                # `blob_chunk.data` would copy it.
+                taken = min(left, MAX_CHUNK_BYTES)
+                left -= taken
+                self.queue.taken(taken)
             yield message
 
     def _count_out(self, n: int) -> None:
@@ -171,7 +177,8 @@ class SiloStream:
 
 
 def _blob_messages(blob: Blob) -> Iterator[pb.CoordinatorMessage]:
-    meta = describe(blob.data, blob.sha256)
+    data = memoryview(blob.data)  # bytes, or a mapped checkpoint: read in place, chunk by chunk
+    meta = describe(data, blob.sha256)
     return blob_messages(
-        pb.CoordinatorMessage, round_id=blob.round_id, kind=blob.kind, data=blob.data, meta=meta
+        pb.CoordinatorMessage, round_id=blob.round_id, kind=blob.kind, data=data, meta=meta
     )

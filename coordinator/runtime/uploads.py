@@ -3,15 +3,16 @@
 Rule: what a silo may upload now is the round's answer alone (`RoundKind.status().uploads`, an
 `UploadSpec`); any other blob is refused at its header and its chunks are ignored. A vector
 (`UploadSpec.buffered`: the masked vector of a secure round) is copied into one of at most
-`[server] max_concurrent_uploads` buffers, reused round after round, while it holds an upload
-slot; any other blob is reassembled in memory, up to the spec's `max_bytes`. A slot is freed
-when its upload completes, is refused, or stops moving (`[deadlines] upload_progress_s`, and a
-total bound at `UPLOAD_MIN_RATE`). The functions take the hub and run under its lock, except
-`wait_for_upload_slot` (a silo's reader thread, before it takes the lock) and `on_chunk`: a
-chunk is copied and hashed on its stream's reader thread under that stream's `upload_lock` only
-(stream.py), so one silo's large upload holds up neither the other streams nor the driver's
-tick; the hub's lock is taken once the upload is complete or broken. Ending an upload takes the
-stream's `upload_lock` too, so its buffer is never freed while a chunk is copied into it.
+`[secagg] max_concurrent_uploads` buffers, reused within a round and freed at its end
+(`release_buffers`), while it holds an upload slot; any other blob is reassembled in memory, up
+to the spec's `max_bytes`. A slot is freed when its upload completes, is refused, or stops
+moving (`[deadlines] upload_progress_s`, and a total bound at `UPLOAD_MIN_RATE`). The functions
+take the hub and run under its lock, except `wait_for_upload_slot` (a silo's reader thread,
+before it takes the lock) and `on_chunk`: a chunk is copied and hashed on its stream's reader
+thread under that stream's `upload_lock` only (stream.py), so one silo's large upload holds up
+neither the other streams nor the driver's tick; the hub's lock is taken once the upload is
+complete or broken. Ending an upload takes the stream's `upload_lock` too, so its buffer is
+never freed while a chunk is copied into it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Slots:
 
     def __init__(self, count: int) -> None:
         self.semaphore = threading.BoundedSemaphore(count)
-        self.free: list[np.ndarray] = []  # reused round after round (at most P)
+        self.free: list[np.ndarray] = []  # reused within a round (at most P)
 
     def take_buffer(self, length: int, dtype: np.dtype[Any]) -> np.ndarray:
         while self.free:
@@ -52,6 +53,13 @@ class Slots:
             if buffer.shape == (length,) and buffer.dtype == dtype:
                 return buffer
         return np.empty(length, dtype=dtype)
+
+
+def release_buffers(hub: Hub) -> None:
+    """Free the pooled vector buffers (under the hub's lock): once a round's uploads are over,
+    they would hold P model-sized arrays through the aggregation, the checkpoint and the next
+    offer; the next masked phase allocates them again."""
+    hub.slots.free.clear()
 
 
 def upload_spec(hub: Hub, session: SiloStream) -> tuple[UploadSpec | None, str]:

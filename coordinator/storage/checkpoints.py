@@ -3,7 +3,13 @@
 Rule: the bytes are canonical (silofed.tensors: the one serialisation of a model state, whose
 SHA-256 is the `model_sha256` everywhere). A checkpoint is written atomically (silofed.files:
 temp file, fsync, rename, fsync of the directory) so a crash leaves either the old file or the
-new one, never half of one; `load` checks the hash before it parses anything.
+new one, never half of one; `save` streams the tensors into the file (the model's bytes are never
+whole in memory) and hashes the file once. `load` checks the hash before it parses anything, and
+then maps the file rather than copying it: the coordinator holds its global model as a private
+mapping of its checkpoint (`MappedState`), which takes memory only where it is read, and offers
+the file's bytes from a read-only mapping (`offer`). silofed never rewrites a checkpoint in place
+(a new file is renamed over it), so a mapping keeps the bytes that were verified; a write to a
+mapped tensor copies the page, never touching the file.
 
 Beside a checkpoint the server optimizer's state is saved (`round-000007.server-opt.safetensors`
 next to `round-000007.safetensors`): found by the round's number, never recorded in the round
@@ -17,15 +23,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import mmap
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as _st_save
+from safetensors.torch import save_file as _st_save_file
 
-from silofed.files import write_atomically
-from silofed.tensors import StateDecodeError, sha256_hex, state_from_bytes, state_to_bytes
+from silofed.files import fill_atomically, write_atomically
+from silofed.tensors import (
+    StateDecodeError,
+    canonical_tensors,
+    sha256_hex,
+    state_from_bytes,
+    state_to_bytes,
+    state_views,
+)
 
 SERVER_STATE_SUFFIX = ".server-opt.safetensors"
 # The server state file's metadata keys (safetensors `__metadata__`, strings only).
@@ -33,6 +49,7 @@ _FORMAT_KEY, _FORMAT = "silofed.format", "server-optimizer-state/1"
 _HEADER_KEY = "silofed.header"
 _MODEL_KEY = "silofed.model_sha256"
 _DIGEST_KEY = "silofed.content_sha256"
+_READ_CHUNK = 1 << 20  # bytes read at a time to hash a checkpoint file
 
 
 class CheckpointCorrupt(Exception):
@@ -62,6 +79,35 @@ class Checkpoint:
     sha256: str
 
 
+@dataclass(frozen=True, slots=True)
+class ModelBytes:
+    """A model's canonical bytes (silofed.tensors) and their SHA-256, hashed once: the coordinator
+    keeps the last checkpoint's (a mapping of its file, `CheckpointStore.offer`) as the next
+    round's offer."""
+
+    data: bytes | mmap.mmap
+    sha256: bytes
+
+    @staticmethod
+    def of(state: Mapping[str, torch.Tensor]) -> ModelBytes:
+        data = state_to_bytes(state)
+        return ModelBytes(data, hashlib.sha256(data).digest())
+
+
+class MappedState(dict[str, torch.Tensor]):
+    """A model state whose tensors view a private mapping of `checkpoint`'s file (`load`,
+    `mapped`): it knows its checkpoint, so offering it sends the file's bytes, not a copy."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], checkpoint: Checkpoint) -> None:
+        super().__init__(tensors)
+        self.checkpoint = checkpoint
+
+    def in_order(self, names: Iterable[str]) -> MappedState:
+        """The same tensors in the order of `names` (a model's own state-dict order: a file
+        keeps them sorted by name)."""
+        return MappedState({name: self[name] for name in names}, self.checkpoint)
+
+
 def checkpoint_name(round_id: int) -> str:
     """File name of the checkpoint taken after `round_id` (round 0 = the initial model)."""
     if round_id < 0:
@@ -81,8 +127,17 @@ class CheckpointStore:
         self.directory = Path(directory)
 
     def save(self, round_id: int, state: Mapping[str, torch.Tensor]) -> Checkpoint:
-        """Write the checkpoint of `round_id` atomically and return its path and SHA-256."""
-        return self.save_bytes(round_id, state_to_bytes(state))
+        """Write the checkpoint of `round_id` atomically and return its path and SHA-256. The
+        bytes go from the tensors to the file (safetensors' `save_file`), never whole in
+        memory; the SHA-256 is that of the file written, read back through a small buffer."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / checkpoint_name(round_id)
+        tensors = canonical_tensors(state)
+        fill_atomically(final, lambda tmp: _st_save_file(tensors, str(tmp)), mode=0o600)
+        try:
+            return Checkpoint(path=final, sha256=_file_sha256(final))
+        except OSError as exc:
+            raise CheckpointCorrupt(f"cannot read checkpoint {final}: {exc}") from exc
 
     def save_bytes(self, round_id: int, data: bytes) -> Checkpoint:
         """Write already-serialised canonical bytes (from `state_to_bytes`) as `round_id`."""
@@ -91,36 +146,71 @@ class CheckpointStore:
         write_atomically(final, data, mode=0o600)
         return Checkpoint(path=final, sha256=sha256_hex(data))
 
-    def load(self, path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
-        """Read a checkpoint, verify its SHA-256, then parse it.
+    def load(self, path: Path, expected_sha256: str) -> MappedState:
+        """Verify a checkpoint's SHA-256 (read through a small buffer), then parse it: the
+        tensors view a private mapping of the file (`MappedState`), so the model takes memory
+        only where it is read, and a write to a tensor copies that page, never the file.
 
         Raises CheckpointCorrupt (naming the file) if it is missing, unreadable or altered.
         """
-        data = self.load_bytes(path, expected_sha256)
+        path = self._find(path)
         try:
-            return state_from_bytes(data)
+            actual = _file_sha256(path)
+        except OSError as exc:
+            raise CheckpointCorrupt(f"cannot read checkpoint {path}: {exc}") from exc
+        _check_sha256(path, actual, expected_sha256)
+        return self.mapped(Checkpoint(path, actual))
+
+    def mapped(self, ckpt: Checkpoint) -> MappedState:
+        """The tensors of a checkpoint this store just wrote or verified (`save`, `load`), as
+        views of a private mapping of its file. Its bytes are not hashed again: silofed never
+        rewrites a checkpoint in place (a new one replaces the file: a mapping keeps the bytes
+        it had). Raises CheckpointCorrupt if the file cannot be mapped or parsed."""
+        try:
+            with ckpt.path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+            return MappedState(state_views(data), ckpt)
+        except OSError as exc:
+            raise CheckpointCorrupt(f"cannot read checkpoint {ckpt.path}: {exc}") from exc
         except StateDecodeError as exc:  # the recorded hash matched: it was written so
-            raise CheckpointCorrupt(f"checkpoint {path}: {exc}") from exc
+            raise CheckpointCorrupt(f"checkpoint {ckpt.path}: {exc}") from exc
+
+    def offer(self, ckpt: Checkpoint) -> ModelBytes:
+        """A checkpoint's bytes to send, as a read-only mapping of its file: they take memory
+        while streams read them, and none once the last stream is done with them."""
+        try:
+            with ckpt.path.open("rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except OSError as exc:
+            raise CheckpointCorrupt(f"cannot read checkpoint {ckpt.path}: {exc}") from exc
+        return ModelBytes(data, bytes.fromhex(ckpt.sha256))
+
+    def offer_of(self, state: Mapping[str, torch.Tensor]) -> ModelBytes:
+        """What to offer for `state`: its checkpoint's mapped bytes when it was mapped from one
+        (hashed when it was), else its serialisation (hashed now)."""
+        if isinstance(state, MappedState):
+            return self.offer(state.checkpoint)
+        return ModelBytes.of(state)
 
     def load_bytes(self, path: Path, expected_sha256: str) -> bytes:
         """Read and verify a checkpoint's bytes without parsing them."""
-        path = Path(path)
-        if not path.exists() and (self.directory / path.name).exists():
-            # The log may hold a path from before the state directory was moved or restored
-            # elsewhere; the file name is the round's, and the hash check below still applies.
-            path = self.directory / path.name
+        path = self._find(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise CheckpointCorrupt(f"cannot read checkpoint {path}: {exc}") from exc
-        actual = sha256_hex(data)
-        if actual != expected_sha256.lower():
-            raise CheckpointCorrupt(
-                f"checkpoint {path} has SHA-256 {actual}, but the round log records "
-                f"{expected_sha256}; the file was altered or replaced — restore it or remove the "
-                "round's checkpoint record to resume from an earlier one"
-            )
+        _check_sha256(path, sha256_hex(data), expected_sha256)
         return data
+
+    def _find(self, path: Path) -> Path:
+        path = Path(path)
+        if not path.exists() and (self.directory / path.name).exists():
+            # The log may hold a path from before the state directory was moved or restored
+            # elsewhere; the file name is the round's, and the hash check still applies.
+            path = self.directory / path.name
+        return path
 
     def save_server_state(
         self, round_id: int, state: ServerState, *, model_sha256: str
@@ -183,6 +273,27 @@ class CheckpointStore:
                 f"or damaged; {fix}"
             )
         return ServerState(header=header, tensors=tensors, source=str(path))
+
+
+def _check_sha256(path: Path, actual: str, expected: str) -> None:
+    if actual != expected.lower():
+        raise CheckpointCorrupt(
+            f"checkpoint {path} has SHA-256 {actual}, but the round log records "
+            f"{expected}; the file was altered or replaced — restore it or remove the "
+            "round's checkpoint record to resume from an earlier one"
+        )
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file, read through one small buffer (page cache, not this process's
+    memory). Raises OSError."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_READ_CHUNK)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        while n := fh.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def _metadata(data: bytes) -> dict[str, str] | None:

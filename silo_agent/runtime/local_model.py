@@ -1,23 +1,33 @@
-"""The silo's view of model tensors: its own model's layout, the digest of a received model, and
-metric naming (the bytes codec both roles share is silofed.tensors).
+"""The silo's view of its model and its training: its own model's layout, the digest of a
+received model, metric naming (the bytes codec both roles share is silofed.tensors), and
+`LocalTraining`, the one place both aggregation paths call the task's `train` through.
 
 Rule: shared by both aggregation paths; nothing here does I/O beyond reading the OS's
-randomness for a training seed."""
+randomness for a training seed and, for training on several workers, clearing what an earlier
+agent left under ``<state_dir>/training`` (the workers themselves are
+silo_agent.runtime.distributed's)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from secagg.config import TensorSpec, layout_sha256
 from secagg.layout import layout_from
-from silofed.task import Task
+from silo_agent.config import SiloConfig
+from silo_agent.runtime.distributed import DistributedTraining
+from silofed.task import Task, TaskLoadError, TrainResult, trains_distributed
 from silofed.tensors import state_to_bytes
+
+DIGEST_CHUNK = 1 << 18  # elements `model_digest` normalises and hashes at a time
+TRAINING_DIR = "training"  # under the state directory: the workers' private job directories
 
 
 def prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
@@ -35,13 +45,21 @@ def model_digest(state: Mapping[str, torch.Tensor]) -> bytes:
     cannot make a new digest either."""
     h = hashlib.sha256(b"silofed/model-digest/v1\x00")
     for name in sorted(state):
-        t = state[name].detach().to("cpu")
-        if t.is_floating_point():
-            t = torch.where(t == 0, torch.zeros_like(t), t)  # −0.0 → +0.0
-        t = t.contiguous()
+        t = state[name].detach().to("cpu").contiguous()
         meta = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode()
         h.update(len(meta).to_bytes(4, "big") + meta)
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        flat = t.reshape(-1)
+        if not t.is_floating_point():
+            h.update(flat.view(torch.uint8).numpy().data)  # read in place
+            continue
+        # A chunk at a time through one small buffer: no model-sized temporaries (their page
+        # faults cost more than the hashing).
+        buf = torch.empty(min(DIGEST_CHUNK, flat.numel()), dtype=t.dtype)
+        for start in range(0, flat.numel(), DIGEST_CHUNK):
+            part = buf[: min(DIGEST_CHUNK, flat.numel() - start)]
+            part.copy_(flat[start : start + part.numel()])
+            part.masked_fill_(part == 0, 0.0)  # −0.0 → +0.0
+            h.update(part.view(torch.uint8).numpy().data)
     return h.digest()
 
 
@@ -83,3 +101,66 @@ class LocalModel:
         )
         limit = max_model_bytes or 2 * len(state_to_bytes(state)) + (1 << 20)
         return LocalModel(layout, layout_sha256(layout), limit)
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTraining:
+    """How this silo runs the task's `train`: in the agent's own process, or (`workers` set,
+    from ``[train] workers`` > 1) on that many local workers under torchrun. Either way `train`
+    leaves the trained weights in `model` and returns the task's TrainResult, so the round
+    goes on from there the same."""
+
+    task: Task
+    data: Any
+    workers: DistributedTraining | None = None
+
+    @staticmethod
+    def of(config: SiloConfig, task: Task, data: Any) -> LocalTraining:
+        """This silo's training from its config. Raises TaskLoadError (at the agent's start)
+        when ``[train] workers`` > 1 is asked of a task that does not declare
+        ``distributed = True``, or its ``[task.options]`` cannot be handed to the workers."""
+        workers = config.train.workers
+        if workers == 1:
+            return LocalTraining(task, data)
+        if not trains_distributed(task):
+            raise TaskLoadError(
+                f"task {config.task_spec} does not declare `distributed = True` (training on "
+                f"several workers with silofed.distributed), but [train] workers = {workers} "
+                f"in {config.source}; set workers = 1 or use a task written for it"
+            )
+        try:
+            options = json.loads(json.dumps(dict(config.task_options)))
+        except (TypeError, ValueError) as exc:
+            raise TaskLoadError(
+                f"[task.options] in {config.source} cannot be handed to the training workers "
+                f"(they travel as JSON; dates and times cannot): {exc}"
+            ) from exc
+        root = config.state_dir / TRAINING_DIR
+        # Only one agent runs on a state directory (its lock): what is here was left by an agent
+        # that died while training, and may hold a trained update. Nothing of it is reused.
+        shutil.rmtree(root, ignore_errors=True)
+        return LocalTraining(
+            task,
+            data,
+            DistributedTraining(config.task_spec, options, workers, root, config.train.timeout_s),
+        )
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        params: Mapping[str, Any],
+        *,
+        cancelled: Callable[[], bool] = _never,
+        deadline_s: float | None = None,
+    ) -> TrainResult:
+        """The task's `train(model, data, params)`. On workers, `cancelled()` (polled) stops
+        them with TrainingCancelled, and `deadline_s` bounds them (with ``[train]
+        timeout_s``); in the agent's process training stops only through
+        ``params["progress"]``, as it always did."""
+        if self.workers is None:
+            return self.task.train(model, self.data, params)
+        return self.workers.train(model, params, cancelled=cancelled, deadline_s=deadline_s)

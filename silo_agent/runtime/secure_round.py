@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from secagg.messages import masked_header_of
 from secagg.silo import TERMINAL, SiloStage
 from silo_agent.observability.progress import training_progress
 from silo_agent.runtime.local_model import (
+    LocalTraining,
     fresh_seed,
     layout_differences,
     model_digest,
@@ -44,7 +44,7 @@ from silo_agent.runtime.secure_session import SecureSession, flatten_update
 from silo_agent.storage.ledger import SentLedger
 from silo_agent.transport.connection import OutBlob
 from silofed.task import Task, TrainingCancelled
-from silofed.tensors import state_from_bytes
+from silofed.tensors import state_views
 
 log = logging.getLogger("silofed.silo")
 
@@ -110,6 +110,7 @@ class TrainJob:
     ledger: SentLedger | None  # records what leaves; told the round's index -> silo id map
     clock: Callable[[], float]
     layout: tuple[TensorSpec, ...]  # this silo's own model: the received one must match it
+    training: LocalTraining | None = None  # None: `task.train` in this process
 
 
 def _now() -> dt.datetime:
@@ -164,10 +165,14 @@ class SiloSecureRound:
         self.pause.at("offer", self.round_id)
         if not self._offer_ids_agree():
             return
-        model_sha = hashlib.sha256(self._model_bytes).digest()
+        # The download checked these bytes against the offer's SHA-256 (the runner takes a model
+        # blob only under the offer's digest, and the reassembly hashes every byte it got): the
+        # digest the signed configuration is checked against is theirs, not hashed again.
+        model_sha = self.offer.model_sha256
         try:
             # Keyed on the tensors, not the file: a re-serialised model is the same model.
-            self._received = state_from_bytes(self._model_bytes)
+            # Views into the received bytes, not a copy: the round only reads them.
+            self._received = state_views(self._model_bytes)
         except Exception as exc:  # undecodable model bytes from the coordinator
             self._refuse(pb.ABORT_REASON_MODEL_HASH_MISMATCH, f"the model does not decode: {exc}")
             return
@@ -327,7 +332,15 @@ class SiloSecureRound:
             # is the silo's own: the round, fresh randomness, and a progress hook that stops
             # training once the round is over.
             own = {"round": cfg.round_id, "seed": fresh_seed(), "progress": self._progress(tick)}
-            result = job.task.train(model, job.data, {**self.session.train_params, **own})
+            training = job.training or LocalTraining(job.task, job.data)
+            # Workers (if any) stop when the round is over, and by the time the coordinator
+            # closes the training phase (offer, share_keys and train deadlines from now).
+            result = training.train(
+                model,
+                {**self.session.train_params, **own},
+                cancelled=self._over.is_set,
+                deadline_s=float(sum(cfg.deadlines_s[:3])),
+            )
         with torch.no_grad():
             delta = flatten_update(model.state_dict(), received, cfg.layout)
         metrics = {**evaluated, **prefixed(result.metrics, "train_")}
