@@ -94,6 +94,18 @@ class SiloPki:
 
 
 @dataclass(frozen=True, slots=True)
+class SiloTraining:
+    """`[train]`: how this silo runs the task's training (what it trains with is the
+    coordinator's [train] table). `workers` > 1: under torchrun, that many gloo workers on this
+    machine, for a task declaring ``distributed = True`` (silo_agent.runtime.distributed);
+    `timeout_s`: the longest such a training may run (a secure round's deadlines may cut it
+    shorter)."""
+
+    workers: int = 1
+    timeout_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
 class SiloConfig:
     source: Path
     name: str | None
@@ -111,6 +123,7 @@ class SiloConfig:
     keep_final_model: bool = False  # [silo]: write the federation's final model to state_dir
     proxy: str | None = None  # [coordinator]: the HTTP CONNECT proxy to dial through, if any
     pki: SiloPki = field(default_factory=SiloPki)  # [pki]: certificate renewal
+    train: SiloTraining = field(default_factory=SiloTraining)  # [train]: local workers
 
 
 # ---- the file's schema: one strict model per table --------------------------------------------
@@ -264,6 +277,11 @@ class _Pki(StrictModel):
     renew_check_s: schema.PositiveFloat = 3600.0
 
 
+class _Train(StrictModel):
+    workers: schema.PositiveInt = 1
+    timeout_s: schema.PositiveFloat = 3600.0
+
+
 class _SiloFile(StrictModel):
     silo: _Silo
     coordinator: _Coordinator
@@ -273,6 +291,7 @@ class _SiloFile(StrictModel):
     secagg: _SecAgg = Field(default_factory=_SecAgg)
     debug: _Debug = Field(default_factory=_Debug)
     pki: _Pki = Field(default_factory=_Pki)
+    train: _Train = Field(default_factory=_Train)
     # [train_limits]: parameter name -> the largest value this silo trains with (numbers > 0);
     # the defaults (epochs = 100) apply unless the table names the key.
     train_limits: dict[str, Annotated[float, BeforeValidator(_train_limit)]] = Field(
@@ -306,4 +325,5 @@ def load_silo_config(path: Path) -> SiloConfig:
         pause_in_round=f.debug.pause_in_round,
         keep_final_model=f.silo.keep_final_model,
         pki=SiloPki(**f.pki.model_dump()),
+        train=SiloTraining(**f.train.model_dump()),
     )

@@ -6,7 +6,9 @@ config schema base (silofed.config_schema), logging setup (silofed.logs), atomic
 (silofed.files), wire constants (silofed.wire) and the console scripts' shape (silofed.cli).
 Nothing here imports `coordinator`, `silo_agent`, grpc or `protos`; it may use secagg's pure
 pieces. Importing `silofed` itself loads neither torch nor any submodule but the task API;
-`ProximalTerm` (FedProx, silofed.proximal, which needs torch) is loaded on first use.
+`ProximalTerm` (FedProx, silofed.proximal, which needs torch) is loaded on first use, and so is
+silofed.distributed (`from silofed import distributed`: the helpers a task's `train` uses to
+run on several workers).
 """
 
 from typing import TYPE_CHECKING, Any

@@ -28,6 +28,13 @@ silo agent sets itself (the coordinator may not send them):
   an abandoned round stops training at the next step instead of running to the end. It must not
   be stored beyond the call to `train`. Check ``callable(params.get("progress"))`` first: a task
   run outside the agent (tests, baselines) gets no such key.
+
+Training on several workers: a task whose `train` is written with silofed.distributed's helpers
+declares it with a class attribute ``distributed = True`` (`trains_distributed`). It is a flag,
+not a settings object, because the task has nothing else to choose: how many workers a silo
+uses is its operator's (``[train] workers`` in the silo's TOML) and the backend is gloo. A task
+without the flag is refused at the agent's start when ``workers`` is above 1; one with it trains
+in the agent's own process when ``workers`` is 1 (the helpers are then the identity).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ if TYPE_CHECKING:
     import torch
 
 REQUIRED_METHODS = ("build_model", "load_data", "train", "evaluate")
+# The optional class attribute declaring that `train` may run on several workers.
+DISTRIBUTED_FLAG = "distributed"
 
 
 class TaskLoadError(Exception):
@@ -135,8 +144,20 @@ def load_task(spec: str) -> Task:
             f"task spec {spec!r}: {type(obj).__name__} object is not a task; "
             f"it lacks {', '.join(missing)}"
         )
+    flag = getattr(obj, DISTRIBUTED_FLAG, False)
+    if not isinstance(flag, bool):
+        raise TaskLoadError(
+            f"task spec {spec!r}: `{DISTRIBUTED_FLAG}` must be True or False, "
+            f"got {type(flag).__name__} {flag!r}"
+        )
     assert isinstance(obj, Task)  # guaranteed by the checks above; narrows the type for mypy
     return obj
+
+
+def trains_distributed(task: object) -> bool:
+    """Whether `task` declares ``distributed = True``: its `train` uses silofed.distributed and
+    may run on several workers (module docstring)."""
+    return getattr(task, DISTRIBUTED_FLAG, False) is True
 
 
 def load_model_factory(spec: str) -> Callable[[], torch.nn.Module]:

@@ -156,8 +156,8 @@ def test_coordinator_errors_name_file_and_key(
         ('roster = "roster.json"', 'roster = ""', r"\[tls\] roster is empty"),
         (
             "silo_index = 1",
-            "silo_index = 1\n[extra]",
-            r"\[extra\] is not a known table \(known: \[coordinator\], \[debug\]",
+            "silo_index = 1\n[surplus]",
+            r"\[surplus\] is not a known table \(known: \[coordinator\], \[debug\]",
         ),
     ],
 )

@@ -47,6 +47,7 @@ SILO_TABLES: dict[str, tuple[str, str, str]] = {
     "secagg": ("allow_plaintext_insecure", "alow_plaintext_insecure", ""),
     "pki": ("renew_before_days", "renew_before_day", ""),
     "debug": ("pause_in_round", "pause_in_rund", ""),
+    "train": ("workers", "worker", ""),
 }
 SILO_FREE = {"train_limits"}  # and [task.options], a sub-table of [task]
 

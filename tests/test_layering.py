@@ -37,6 +37,7 @@ EXAMPLE_TASKS = (
     "examples.hospital.task:TASK",
     "examples.digits.task:TASK",
     "examples.noop.task:TASK",
+    "examples.linear.task:TASK",
 )
 # secagg must also stay free of I/O: no sockets, files, clocks or global randomness.
 SECAGG_NO_IO = {

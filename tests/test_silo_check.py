@@ -79,13 +79,16 @@ def test_check_against_a_running_coordinator(tmp_path: Path) -> None:
         no_task = write_silo_config(
             tmp_path / "nt.toml", fed.silos["a"], port=port, task_spec="no_such_module:TASK"
         )
-        # Three independent silos' checks against the same running coordinator, side by side.
+        workers = tmp_path / "workers.toml"  # the recording task trains in one process only
+        workers.write_text(good.read_text() + "\n[train]\nworkers = 2\n")
+        # Four independent silos' checks against the same running coordinator, side by side.
         ran = checks(
             procs,
             {
                 "check-good": ["--config", str(good)],
                 "check-expired": ["--config", str(old), "--json"],
                 "check-no-task": ["--config", str(no_task), "--json"],
+                "check-workers": ["--config", str(workers), "--json"],
             },
         )
         done = ran["check-good"]
@@ -108,6 +111,12 @@ def test_check_against_a_running_coordinator(tmp_path: Path) -> None:
         assert got["coordinator"][0] and got["certificate"][0]
         assert not got["task"][0] and "[task] spec" in got["task"][1]
         assert not got["data"][0]
+
+        bad = ran["check-workers"]
+        assert bad.returncode == 1
+        got = verdicts(bad)
+        assert not got["task"][0] and "[train] workers = 2" in got["task"][1], got["task"]
+        assert "distributed = True" in got["task"][1]
 
         procs.stop(coordinator)
         down = checks(procs, {"check-down": ["--config", str(good), "--timeout", "2"]})[

@@ -183,13 +183,23 @@ def _dial(host: str, port: int, proxy: str | None, timeout_s: float) -> socket.s
 
 
 def check_task(config: SiloConfig) -> tuple[CheckResult, CheckResult]:
-    from silofed.task import TaskLoadError, load_task
+    from silofed.task import TaskLoadError, load_task, trains_distributed
 
     try:
         task = load_task(config.task_spec)
     except TaskLoadError as exc:
         failed = CheckResult("task", False, f"{exc}; fix [task] spec in {config.source}")
         return failed, CheckResult("data", False, "not tried: the task did not load")
+    workers = config.train.workers
+    if workers > 1 and not trains_distributed(task):  # what `run` refuses at its start
+        failed = CheckResult(
+            "task",
+            False,
+            f"{config.task_spec} does not declare `distributed = True`, but [train] workers = "
+            f"{workers} in {config.source}; set workers = 1 or use a task written for several "
+            "workers (docs/task-api.md)",
+        )
+        return failed, CheckResult("data", False, "not tried: the task cannot train here")
     ok = CheckResult("task", True, f"{config.task_spec} imports")
     try:
         data = task.load_data(config.task_options)

@@ -19,7 +19,7 @@ from typing import Any
 from protos import federation_pb2 as pb
 from secagg.train_params import TrainParamsError, parse_train_params
 from silo_agent.observability.progress import training_progress
-from silo_agent.runtime.local_model import fresh_seed, prefixed
+from silo_agent.runtime.local_model import LocalTraining, fresh_seed, prefixed
 from silo_agent.transport.connection import OutBlob
 from silofed.task import Task
 from silofed.tensors import state_from_bytes, state_to_bytes
@@ -37,6 +37,7 @@ class PlaintextRound:
     data: Any
     train_limits: Mapping[str, float]  # [secagg] train_limits
     send: Callable[[pb.SiloMessage | OutBlob], None]
+    training: LocalTraining | None = None  # None: `task.train` in this process
 
     def take_part(self, offer: pb.RoundOffer, model_bytes: bytes) -> None:
         try:
@@ -70,7 +71,8 @@ class PlaintextRound:
         evaluated = prefixed(self.task.evaluate(model, self.data), "eval_")
         with training_progress(round_id) as tick:  # a bar on a terminal; else a no-op
             own = {"round": round_id, "seed": fresh_seed(), "progress": tick}
-            result = self.task.train(model, self.data, {**params, **own})
+            training = self.training or LocalTraining(self.task, self.data)
+            result = training.train(model, {**params, **own})
         trained = model.state_dict()
         delta = {k: trained[k].detach() - received[k] for k in received}
         update = state_to_bytes(delta)

@@ -39,7 +39,7 @@ from silo_agent.pki.renewal import RenewalError, renew_if_due
 from silo_agent.pki.roster_update import on_roster_update
 from silo_agent.runtime.backoff import Backoff
 from silo_agent.runtime.final_model import FinalModel
-from silo_agent.runtime.local_model import LocalModel
+from silo_agent.runtime.local_model import LocalModel, LocalTraining
 from silo_agent.runtime.plaintext_round import PlaintextRound
 from silo_agent.runtime.secure_round import Pause, SiloSecureRound, TrainJob
 from silo_agent.runtime.secure_session import SecureSession
@@ -88,6 +88,7 @@ class SiloRunner:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _credentials: tuple[SiloIdentity, Trust] | None = None  # read once, for secure rounds
     _model_profile: LocalModel | None = None  # built once, at the first offer
+    _training: LocalTraining | None = None  # [train] workers: built once, at the start
     _sent_ledger: SentLedger | None = None  # what left the site; made by run()
     _final: FinalModel | None = (
         None  # the final evaluation's rules (silo_agent/runtime/final_model.py)
@@ -103,6 +104,7 @@ class SiloRunner:
                 self._link.close()
 
     def run(self) -> int:
+        self._local_training()  # a [train] the task cannot use is refused before dialling
         backoff = Backoff(self.config.reconnect.initial_s, self.config.reconnect.max_s, self.rng)
         ledger = SentLedger(self.config.state_dir / LEDGER_FILENAME, self.clock)
         self._sent_ledger = ledger
@@ -294,7 +296,11 @@ class SiloRunner:
             and self.config.secagg.allow_plaintext_insecure
         ):
             PlaintextRound(
-                self.task, self.data, self.config.secagg.train_limits, link.send
+                self.task,
+                self.data,
+                self.config.secagg.train_limits,
+                link.send,
+                self._local_training(),
             ).take_part(offer, model_bytes)
         else:
             # Never send the update in the clear unless this silo's operator said so.
@@ -342,7 +348,12 @@ class SiloRunner:
             journal=store.journal,
         )
         job = TrainJob(
-            self.task, self.data, self._sent_ledger, self.clock, self._local_model().layout
+            self.task,
+            self.data,
+            self._sent_ledger,
+            self.clock,
+            self._local_model().layout,
+            self._local_training(),
         )
         return SiloSecureRound(offer, model_bytes, SecureSession(session), job, link.send, pause)
 
@@ -352,6 +363,13 @@ class SiloRunner:
         if self._model_profile is None:
             self._model_profile = LocalModel.of(self.task, self.config.secagg.max_model_bytes)
         return self._model_profile
+
+    def _local_training(self) -> LocalTraining:
+        """How this silo runs `train` ([train] workers), built once (TaskLoadError if the task
+        cannot train on the workers asked for)."""
+        if self._training is None:
+            self._training = LocalTraining.of(self.config, self.task, self.data)
+        return self._training
 
     def _secagg_credentials(self) -> tuple[SiloIdentity, Trust]:
         """This silo's signing identity and its pinned CA + roster (the same files as its TLS)."""

@@ -1,0 +1,1 @@
+"""A tiny linear regression whose training runs in one process or on several workers."""
