@@ -300,6 +300,8 @@ def run_federation(
         },
     )
     sparse = (secagg or {}).get("graph", "complete") != "complete"
+    # A collusion bound the coordinator assumes must be one the silos accept as their floor.
+    colluders = (secagg or {}).get("n_colluders")
     log_dir = workdir / "logs"
     control = workdir / "control"  # farms: cut-<name> files
     cpu_logs: list[Path] = []
@@ -315,6 +317,7 @@ def run_federation(
                     port=port,
                     aggregation=aggregation,
                     sparse=sparse,
+                    colluders=colluders,
                     pause=(kill.after, kill_round) if kill and name in victims else None,
                 )
                 for i, name in enumerate(names)
@@ -408,8 +411,10 @@ def _silo_config(
     aggregation: str,
     sparse: bool,
     pause: tuple[str, int | None] | None,
+    colluders: int | None = None,
 ) -> Path:
     """The silo's config (`write_silo_config`); `sparse` opts in to Harary-graph rounds,
+    `colluders` sets its collusion floor `n_colluders_min` (default: a third of the roster),
     `pause` is (`[debug] pause_after_phase`, `pause_in_round`)."""
     write_silo_config(
         path,
@@ -421,10 +426,13 @@ def _silo_config(
         pause_after_phase=pause[0] if pause else None,
         pause_in_round=pause[1] if pause else None,
     )
-    if sparse:  # write_silo_config has no argument for it: one key into its [secagg] table
+    keys = "allow_sparse_graph = true\n" if sparse else ""
+    if colluders is not None:
+        keys += f"n_colluders_min = {colluders}\n"
+    if keys:  # write_silo_config has no argument for them: keys into its [secagg] table
         text = path.read_text()
         assert text.count("[secagg]\n") == 1, text
-        path.write_text(text.replace("[secagg]\n", "[secagg]\nallow_sparse_graph = true\n"))
+        path.write_text(text.replace("[secagg]\n", "[secagg]\n" + keys))
     return path
 
 

@@ -75,6 +75,8 @@ def _secagg_table(args: argparse.Namespace) -> dict[str, object]:
         table["graph"] = args.graph
     if args.graph_degree is not None:
         table["graph_degree"] = args.graph_degree
+    if args.n_colluders is not None:
+        table["n_colluders"] = args.n_colluders
     return table
 
 
@@ -149,6 +151,12 @@ def main() -> int:
     )
     parser.add_argument("--graph-degree", type=int, help="the coordinator's [secagg] graph_degree")
     parser.add_argument(
+        "--n-colluders",
+        type=int,
+        help="the collusion bound: the coordinator's [secagg] n_colluders and every silo's "
+        "n_colluders_min (default: a third of the roster, which sets the Harary degree)",
+    )
+    parser.add_argument(
         "--kill-fraction",
         type=float,
         default=0.0,
@@ -220,6 +228,8 @@ def main() -> int:
         print(f"graph: {args.graph}")
     if args.graph_degree is not None:
         print(f"graph_degree: {args.graph_degree}")
+    if args.n_colluders is not None:
+        print(f"n_colluders: {args.n_colluders}")
     secure, plaintext = results.get("secure"), results.get("plaintext")
     if secure is not None:
         print(f"secure_round_s: {secure.median_round_s:.3f}")
