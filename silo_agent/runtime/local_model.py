@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,21 @@ def prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
     return {(k if k.startswith(prefix) else prefix + k): float(v) for k, v in metrics.items()}
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch's intra-op pool at one thread for a loop of small elementwise steps: each step on a
+    chunk would otherwise be a parallel region whose threads meet at a barrier, and on a machine
+    whose cores are busy (other silos, other processes) those barriers cost more than the work
+    (bench/round.py, 10 silos on 2 cores, d = 10^7: a secure round 6.5 s with the pools, 2.7 s
+    without)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def model_digest(state: Mapping[str, torch.Tensor]) -> bytes:
     """SHA-256 of a model's tensors — names (sorted), dtypes, shapes and values — not of a file.
 
@@ -43,6 +59,11 @@ def model_digest(state: Mapping[str, torch.Tensor]) -> bytes:
     model by re-encoding it. −0.0 is hashed as +0.0 (the same value to training), and the
     driver refuses tensors whose dtype is not its own model's before hashing, so a dtype change
     cannot make a new digest either."""
+    with one_torch_thread():
+        return _model_digest(state)
+
+
+def _model_digest(state: Mapping[str, torch.Tensor]) -> bytes:
     h = hashlib.sha256(b"silofed/model-digest/v1\x00")
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()

@@ -20,6 +20,7 @@ import torch
 from secagg.config import TensorSpec
 from secagg.silo import MaskedUpload, SiloSession, SiloStage
 from secagg.train_params import TrainValue
+from silo_agent.runtime.local_model import one_torch_thread
 
 FLATTEN_CHUNK = 1 << 16  # elements `flatten_update` subtracts at a time
 
@@ -36,6 +37,15 @@ def flatten_update(
     """trained - received as one float32 vector in layout order: each difference is taken in
     float64 and rounded once, a chunk at a time through two small reused buffers (model-sized
     float64 temporaries cost more in page faults than the arithmetic)."""
+    with one_torch_thread():
+        return _flatten_update(trained, received, layout)
+
+
+def _flatten_update(
+    trained: Mapping[str, torch.Tensor],
+    received: Mapping[str, torch.Tensor],
+    layout: tuple[TensorSpec, ...],
+) -> np.ndarray:
     out = np.empty(sum(s.size for s in layout), dtype=np.float32)
     into = torch.from_numpy(out)
     a = torch.empty(FLATTEN_CHUNK, dtype=torch.float64)
