@@ -260,6 +260,8 @@ class ServerLimits:
     handshake_timeout_s: float = 10.0  # TCP + TLS + HTTP/2 setup; a slower connection is closed
     idle_connection_s: float = 60.0  # a connection with no open stream is closed after this
     max_pending_streams: int = 32  # streams past the certificate check still waiting for hello
+    # Streams sending the model at once; the others wait, holding nothing (runtime/downloads.py).
+    max_concurrent_downloads: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +359,7 @@ class _Server(StrictModel):
     handshake_timeout_s: schema.PositiveFloat = 10.0
     idle_connection_s: schema.PositiveFloat = 60.0
     max_pending_streams: schema.PositiveInt = 32
+    max_concurrent_downloads: schema.PositiveInt = 8
 
 
 class _Tls(TlsFiles):
@@ -586,6 +589,7 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
             handshake_timeout_s=f.server.handshake_timeout_s,
             idle_connection_s=f.server.idle_connection_s,
             max_pending_streams=f.server.max_pending_streams,
+            max_concurrent_downloads=f.server.max_concurrent_downloads,
         ),
         metrics=None if f.metrics is None else MetricsConfig(listen=f.metrics.listen),
         debug=DebugConfig(pause_after_phase=f.debug.pause_after_phase),

@@ -41,6 +41,7 @@ from coordinator.runtime import driver
 from coordinator.runtime.hub import Hub
 from coordinator.runtime.stream import SiloStream
 from protos import federation_pb2 as pb
+from protos.blobs import Serialized
 from secagg.chunking import describe, split
 from secagg.identity import Roster, SiloId, load_pem_certificate, silo_id_for
 from secagg.silo import MaskedUpload, SiloPolicy, SiloSession, SiloStage
@@ -117,7 +118,12 @@ class FakeSilo:
             batch = self.stream.next_messages(0)
             if batch is None:  # the end marker: the hub closed this stream
                 break
-            for message in batch:
+            for sent in batch:  # a model's chunks come pre-serialised
+                message = (
+                    pb.CoordinatorMessage.FromString(sent.take())
+                    if isinstance(sent, Serialized)
+                    else sent
+                )
                 new.append(message)
                 self._take(message)
         else:

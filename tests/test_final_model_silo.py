@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from coordinator.runtime.stream import Blob, _blob_messages
+from coordinator.runtime.stream import Blob, SiloStream
 from protos import federation_pb2 as pb
+from protos.blobs import Serialized
 from silo_agent.config import load_silo_config
 from silo_agent.runtime.backoff import Backoff
 from silo_agent.runtime.final_model import DIGEST_FILENAME, MODEL_FILENAME
@@ -82,6 +83,18 @@ def result(round_id: int, data: bytes) -> pb.CoordinatorMessage:
         round_id=round_id, status=pb.ROUND_STATUS_COMPLETED, new_model_sha256=sha, survivors=[ME]
     )
     return pb.CoordinatorMessage(round_result=done)
+
+
+def _blob_messages(blob: Blob) -> list[pb.CoordinatorMessage]:
+    """`blob` as the coordinator's stream sends it (its chunks pre-serialised), parsed."""
+    stream = SiloStream("s", 0.0, 0.0, on_delivered=lambda s, r: None)
+    stream.send(blob)
+    frames = stream.next_messages(0)
+    assert frames is not None
+    return [
+        pb.CoordinatorMessage.FromString(f.take()) if isinstance(f, Serialized) else f
+        for f in frames
+    ]
 
 
 def evaluate_offer(round_id: int, data: bytes) -> list[pb.CoordinatorMessage]:

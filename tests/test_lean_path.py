@@ -19,6 +19,7 @@ from coordinator.rounds.secure_config import apply_aggregate
 from coordinator.runtime.stream import Blob, SiloStream
 from coordinator.storage.checkpoints import CheckpointStore, MappedState, ModelBytes
 from protos import federation_pb2 as pb
+from protos.blobs import Serialized
 from secagg.chunking import MAX_CHUNK_BYTES
 from secagg.layout import layout_from
 from silo_agent.runtime.local_model import DIGEST_CHUNK, model_digest
@@ -230,7 +231,10 @@ def test_a_mapped_blob_streams_in_chunks_and_counts_down_to_nothing(tmp_path: Pa
     messages = stream.next_messages(1.0)
     assert messages is not None
     received, header = b"", None
-    for message in messages:
+    for sent in messages:  # the chunks come pre-serialised
+        message = (
+            pb.CoordinatorMessage.FromString(sent.take()) if isinstance(sent, Serialized) else sent
+        )
         if message.HasField("blob_header"):
             header = message.blob_header
         else:

@@ -46,6 +46,7 @@ from coordinator.rounds.stall import Proceed, StallWatch, Verdict
 from coordinator.runtime import driver, final_evaluation, recorder, resume, status, uploads
 from coordinator.runtime.clock import SYSTEM_CLOCK, Clock
 from coordinator.runtime.debug_pause import DebugPause
+from coordinator.runtime.downloads import DownloadSlots
 from coordinator.runtime.final_evaluation import FinalEvaluationRun
 from coordinator.runtime.peer_input import clean_abort, clean_report
 from coordinator.runtime.recorder import Exclusion
@@ -95,6 +96,11 @@ class Hub:
         )
         self.round: RoundKind | None = None  # the round in progress, of whichever kind
         self.slots = uploads.Slots(config.max_concurrent_uploads)  # buffered uploads
+        self.downloads = DownloadSlots(  # streams sending the model at once (downloads.py)
+            config.server.max_concurrent_downloads,
+            clock=clock,
+            progress_s=config.deadlines.upload_progress_s,
+        )
         self.next_offer: ModelBytes | None = None  # the last checkpoint's = the next offer
         self.stopping = threading.Event()
         self.ran_any = False
@@ -170,6 +176,7 @@ class Hub:
                 cert_not_after=cert.not_valid_after_utc.timestamp(),
                 on_delivered=self._delivered,
                 cert_serial=cert.serial_number,
+                downloads=self.downloads,
             )
             self.sessions[silo_id] = session
             self.churn_log.info(
@@ -199,6 +206,7 @@ class Hub:
                 session.closed = True
                 session.send(None)
             uploads.end_upload(self, session)
+            self.downloads.release(session)
             # A replaced stream must not drop the silo's new stream from the round.
             if current:
                 self.on_loss(session.silo_id, Loss(DropReason.DISCONNECTED, why))
@@ -210,6 +218,7 @@ class Hub:
         if session.cancel_stream is not None:  # it may be stuck sending to a silo gone silent
             session.cancel_stream()
         uploads.end_upload(self, session)
+        self.downloads.release(session)
         self.on_loss(session.silo_id, Loss(DropReason.DISCONNECTED, "replaced by a new stream"))
 
     def _delivered(self, session: SiloStream, round_id: int) -> None:

@@ -5,7 +5,8 @@ except where its upload progresses: the stream's one reader thread copies and ha
 (and counts its bytes) WITHOUT the hub's lock, holding only the stream's `upload_lock`; starting
 or ending an upload takes both. The hub's lock is never taken while `upload_lock` is held (the
 order is hub lock, then upload lock). It frames what it sends lazily (protos/blobs.py), so a
-model offered to every silo is held once.
+model offered to every silo is held once; with the hub's download slots (downloads.py) it sends
+a model only while it holds one, from its own writer thread, without the hub's lock.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coordinator.observability.ratelimit import PeerLog
+from coordinator.runtime.downloads import DownloadSlots
 from coordinator.runtime.outbound import OutboundQueue, Overflow
 from protos import federation_pb2 as pb
-from protos.blobs import blob_messages
+from protos.blobs import Serialized, blob_header, serialized_chunks
 from secagg.chunking import MAX_CHUNK_BYTES, Reassembler, describe
 
 log = logging.getLogger("silofed.coordinator")
@@ -46,9 +48,14 @@ class Delivered:
 
 
 Item = pb.CoordinatorMessage | Blob | Delivered | None
+# What the stream sends: a message, or one already serialised (a blob's chunk).
+Outgoing = pb.CoordinatorMessage | Serialized
 # A silo that reconnects only to stop reading again overflows once per round at most; still,
 # one line per silo per interval.
 _overflow_log = PeerLog(log)
+_stalled_log = PeerLog(log)
+# How long a writer waits for a download slot before it looks whether its stream ended.
+SLOT_WAIT_S = 1.0
 
 
 @dataclass(eq=False)
@@ -59,7 +66,9 @@ class SiloStream:
     Its outbound queue is bounded in bytes (coordinator/runtime/outbound.py): past about one model
     the
     session closes itself (`overflow` says why), drops what it queued and cancels its stream when
-    the servicer attached one; the hub then drops the silo like a disconnected one."""
+    the servicer attached one; the hub then drops the silo like a disconnected one. A model is
+    sent only while the stream holds one of `downloads`' slots (None: no bound); a stream that
+    stops taking it loses the slot and ends the same way (`stalled` says why)."""
 
     silo_id: str
     connected_since: float
@@ -70,6 +79,8 @@ class SiloStream:
     closed: bool = False
     overflow: Overflow | None = None  # set once the outbound queue passed its bound
     cancel_stream: Callable[[], object] | None = None  # ends the RPC even while a send blocks
+    downloads: DownloadSlots | None = None  # the hub's download slots; None: not bounded
+    stalled: str | None = None  # set (by any thread) once it lost its download slot
     bytes_in: int = 0
     bytes_out: int = 0
     round_bytes_in: int = 0
@@ -136,13 +147,29 @@ class SiloStream:
         if self.cancel_stream is not None:
             self.cancel_stream()
 
-    def next_messages(self, timeout_s: float) -> Iterable[pb.CoordinatorMessage] | None:
+    def download_stalled(self, why: str) -> None:
+        """Its download slot was taken back (downloads.py; any thread): end the stream as an
+        overflow does. The hub drops the silo when the stream's end reaches it, or at its next
+        tick (`uploads.watch_streams`)."""
+        self.stalled = why
+        _stalled_log.warning(
+            "download stalled", self.silo_id, "%s: %s; disconnected", self.silo_id, why
+        )
+        self.queue.put_last(None)
+        if self.cancel_stream is not None:
+            self.cancel_stream()
+
+    def next_messages(self, timeout_s: float) -> Iterable[Outgoing] | None:
         """The next message(s) to send; empty when idle for `timeout_s`; None once closed.
 
         A blob is expanded lazily, chunk by chunk, as the stream sends it: the model's bytes
         are shared by every silo's queue and never copied whole per silo; they count against
-        this queue's bound until the stream has taken them.
+        this queue's bound until the stream has taken them. Its chunks come pre-serialised
+        (protos/blobs.py:serialized_chunks), so a chunk waiting in gRPC's send is held once by
+        Python, not as a chunk, a message and its serialisation, and not after its send.
         """
+        if self.stalled is not None:
+            return None
         try:
             item = self.queue.get(timeout_s)
         except queue.Empty:
@@ -153,32 +180,50 @@ class SiloStream:
             self.on_delivered(self, item.round_id)
             return ()
         if isinstance(item, Blob):
-            return self._counted(_blob_messages(item), len(item.data))
+            return self._blob(item)
         self._count_out(item.ByteSize())
         return (item,)
 
-    def _counted(
-        self, messages: Iterator[pb.CoordinatorMessage], blob_bytes: int
-    ) -> Iterator[pb.CoordinatorMessage]:
-        left = blob_bytes
-        for message in messages:
+    def _blob(self, blob: Blob) -> Iterator[Outgoing]:
+        """The blob's header, then its chunks, each counted as the stream takes it; with
+        download slots, only while it holds one (taken before the header, given back once the
+        last chunk's send completed: the writer asks for the next message only then)."""
+        slots = self.downloads
+        try:
+            if slots is not None and not self._wait_for_slot(slots, len(blob.data)):
+                return
+            data = memoryview(blob.data)  # bytes, or a mapped checkpoint: read in place
+            meta = describe(data, blob.sha256)
+            header = blob_header(round_id=blob.round_id, kind=blob.kind, meta=meta)
+            message = pb.CoordinatorMessage(blob_header=header)
             self._count_out(message.ByteSize())
-            if message.HasField("blob_chunk"):
-                # The chunk's size from the blob's (every chunk but the last is full): reading
-                # `blob_chunk.data` would copy it.
-                taken = min(left, MAX_CHUNK_BYTES)
+            yield message
+            left = len(data)
+            for frame in serialized_chunks(
+                pb.CoordinatorMessage, round_id=blob.round_id, kind=blob.kind, data=data
+            ):
+                if slots is not None:  # the previous message's send completed
+                    slots.moved(self)
+                    if not slots.holds(self):  # taken back: the stream is being ended
+                        return
+                self._count_out(len(frame))
+                taken = min(left, MAX_CHUNK_BYTES)  # every chunk but the last is full
                 left -= taken
                 self.queue.taken(taken)
-            yield message
+                yield Serialized(frame)
+                del frame
+        finally:  # sent, or the stream ended (its writer stopped, or the generator was closed)
+            if slots is not None:
+                slots.release(self)
+
+    def _wait_for_slot(self, slots: DownloadSlots, total_bytes: int) -> bool:
+        """Wait for a download slot; False when the stream ended first. Bounded: every holder
+        gives its slot back in a bounded time (downloads.py), first come first served."""
+        while not slots.acquire(self, total_bytes, SLOT_WAIT_S):
+            if self.closed or self.stalled is not None or self.overflow is not None:
+                return False
+        return True
 
     def _count_out(self, n: int) -> None:
         self.bytes_out += n
         self.round_bytes_out += n
-
-
-def _blob_messages(blob: Blob) -> Iterator[pb.CoordinatorMessage]:
-    data = memoryview(blob.data)  # bytes, or a mapped checkpoint: read in place, chunk by chunk
-    meta = describe(data, blob.sha256)
-    return blob_messages(
-        pb.CoordinatorMessage, round_id=blob.round_id, kind=blob.kind, data=data, meta=meta
-    )

@@ -207,13 +207,19 @@ def _vector_header(
 
 
 def watch_streams(hub: Hub, now: float) -> None:
-    """Every tick: drop the silos whose outbound queue overflowed (they do not read) like
-    disconnected ones, and the uploads that received no chunk for [deadlines]
-    upload_progress_s (the silo drops out of the round; its slot and buffer are freed)."""
+    """Every tick: take the download slots back from streams that stopped taking the model
+    (downloads.py), drop the silos whose outbound queue overflowed or whose download stalled
+    (they do not read) like disconnected ones, and the uploads that received no chunk for
+    [deadlines] upload_progress_s (the silo drops out of the round; its slot and buffer are
+    freed)."""
     limit = hub.config.deadlines.upload_progress_s
+    hub.downloads.evict_stalled()
     for s in list(hub.sessions.values()):
         if s.overflow is not None:  # logged when it happened (SiloStream._overflowed)
             hub.on_disconnect(s, f"outbound queue overflow: {s.overflow}")
+            continue
+        if s.stalled is not None:  # logged when it happened (SiloStream.download_stalled)
+            hub.on_disconnect(s, s.stalled)
             continue
         # Its reader holds the lock while it adds a chunk (`on_chunk`): the upload moves right
         # now, and the tick does not wait for the copy.

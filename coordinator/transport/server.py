@@ -12,21 +12,30 @@ one worker thread for its life, so the pool has one per stream the servicer may 
 `OPERATOR_RESERVE` that streams never take: status and health always have a worker. gRPC's own
 `maximum_concurrent_rpcs` is not used: it counts every RPC alike, so idle streams could fill it
 and make status fail with RESOURCE_EXHAUSTED.
+
+The Federation service is registered as the generated `add_FederationServicer_to_server` does it
+(from the same descriptor), with one difference: a response that is already serialised (a model
+chunk framed by protos/blobs.py:serialized_chunks, as a `Serialized`) is sent as it is, without a
+message object.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.config import ServerLimits
 from coordinator.transport.servicer import FederationServicer
-from protos import federation_pb2_grpc as pb_grpc
+from protos import federation_pb2 as pb
+from protos.blobs import Serialized
 from silofed.wire import MAX_MESSAGE_BYTES
 
 SERVER_OPTIONS = (
@@ -69,6 +78,39 @@ def connection_options(limits: ServerLimits) -> tuple[tuple[str, int], ...]:
         # a silo's connection always has its stream open.
         ("grpc.max_connection_idle_ms", round(limits.idle_connection_s * 1000)),
     )
+
+
+# grpc's handler constructors by (request streaming, response streaming).
+_HANDLERS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def federation_handlers(servicer: object) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
+    """The Federation service's name and its method handlers on `servicer`: what the generated
+    registration builds, but each response serializer passes a `Serialized` through."""
+    service = pb.DESCRIPTOR.services_by_name["Federation"]
+    handlers = {}
+    for method in service.methods:
+        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        request = message_factory.GetMessageClass(method.input_type)
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=serialize_response,
+        )
+    return service.full_name, handlers
+
+
+def serialize_response(response: Message | Serialized) -> bytes:
+    """A response message serialised, or a pre-serialised one's bytes as they are: the stream
+    sends a model's chunks framed once, with no message object (protos/blobs.py)."""
+    if isinstance(response, Serialized):
+        return response.take()
+    return response.SerializeToString()
 
 
 class _CheckOnlyHealth(health.HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
@@ -120,7 +162,9 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=SERVER_OPTIONS + connection_options(limits or ServerLimits()),
     )
-    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    name, handlers = federation_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
     # The standard health service, so an orchestrator can probe the coordinator (over mTLS).
     health_servicer = _CheckOnlyHealth()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -40,6 +40,7 @@ from coordinator.runtime.peer_input import AGENT_VERSION_MAX, DETAIL_MAX, clean_
 from coordinator.transport.admission import Busy, Stream, StreamTable
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
+from protos.blobs import Serialized
 from silofed import wire
 
 log = logging.getLogger("silofed.coordinator.servicer")
@@ -70,12 +71,17 @@ class Refused(Exception):
         self.code = code
 
 
+# What a stream sends: a message, or one already serialised (a model's chunk, framed once:
+# protos/blobs.py:serialized_chunks; server.py's serializer passes its bytes through).
+Outgoing = pb.CoordinatorMessage | Serialized
+
+
 class Outbound(Protocol):
     """A silo's outbound side as the servicer sees it."""
 
     silo_id: str
 
-    def next_messages(self, timeout_s: float) -> Iterable[pb.CoordinatorMessage] | None: ...
+    def next_messages(self, timeout_s: float) -> Iterable[Outgoing] | None: ...
 
     def attach_stream(self, cancel: Callable[[], object]) -> None: ...
 
@@ -158,9 +164,11 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
         """Streams open at once at most (each holds a server worker while it lasts)."""
         return self._streams.capacity
 
-    def Connect(  # noqa: N802 - gRPC method name
+    # The generated stub types it as messages only; server.py registers it to send serialised
+    # chunks too.
+    def Connect(  # type: ignore[override]  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[pb.SiloMessage], context: grpc.ServicerContext
-    ) -> Iterator[pb.CoordinatorMessage]:
+    ) -> Iterator[Outgoing]:
         peer = context.peer()
         cert_pem = _peer_cert(context)
         try:  # before any message is read: a peer the hub refuses holds nothing
@@ -244,7 +252,7 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
         cert_pem: bytes | None,
         request_iterator: Iterator[pb.SiloMessage],
         context: grpc.ServicerContext,
-    ) -> Iterator[pb.CoordinatorMessage]:
+    ) -> Iterator[Outgoing]:
         """Hello, admission, then the stream's life: welcome, and the silo's queue out."""
         peer = context.peer()
         first = self._await_hello(stream, request_iterator, context)
