@@ -192,9 +192,10 @@ class Chaos:
         """SIGKILL `proc` once `[debug] pause_after_phase` froze it at `point`."""
         proc.wait_for_log(rf"pause_after_phase = {point}: paused", RUN_S)
         marker = state_dir / f"paused-{point}"
-        assert marker.exists(), marker
-        proc.popen.kill()
+        paused = marker.exists()
+        proc.popen.kill()  # first: a coordinator left running would hold the next one's port
         proc.popen.wait(timeout=30)
+        assert paused, marker
         marker.unlink()
 
     def roundlog(self) -> RoundLog:

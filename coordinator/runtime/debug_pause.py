@@ -62,11 +62,13 @@ class DebugPause:
         if point != self.point or self._reached.is_set():
             return
         self._reached.set()  # once: after a signal the coordinator goes on and stops
+        # The marker before the line: whoever sees the line finds the marker (tests wait for
+        # the line, then check the marker).
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / f"paused-{point}").write_text(f"{time.time()}\n")
         log.warning(
             "[debug] pause_after_phase = %s: paused; the coordinator does nothing more", point
         )
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / f"paused-{point}").write_text(f"{time.time()}\n")
         self.stop.wait()
 
     def after_phases(self, events: Sequence[Event]) -> None:

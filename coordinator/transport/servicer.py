@@ -329,6 +329,10 @@ class FederationServicer(pb_grpc.FederationServicer, Generic[S]):
                 if self._on_receive is not None:
                     self._on_receive(session.silo_id, message)
                 self._hub.on_message(session, message)
+                # Not kept while the next one is awaited, which can be a whole phase: the last
+                # chunk of each silo's upload (up to 1 MiB, in protobuf's native memory) would
+                # stay alive, n of them at once.
+                del message
         except grpc.RpcError as exc:
             why = f"stream broke: {exc.code() if hasattr(exc, 'code') else exc}"
         except Refused as refusal:
