@@ -318,6 +318,7 @@ class CoordinatorMessage(_message.Message):
     ROUND_RESULT_FIELD_NUMBER: _builtins.int
     ABORT_FIELD_NUMBER: _builtins.int
     ROSTER_UPDATE_FIELD_NUMBER: _builtins.int
+    UPLOAD_GRANT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -334,6 +335,8 @@ class CoordinatorMessage(_message.Message):
     def abort(self) -> Global___AbortNotice: ...
     @_builtins.property
     def roster_update(self) -> Global___RosterUpdate: ...
+    @_builtins.property
+    def upload_grant(self) -> Global___UploadGrant: ...
     def __init__(
         self,
         *,
@@ -345,12 +348,13 @@ class CoordinatorMessage(_message.Message):
         round_result: Global___RoundResult | None = ...,
         abort: Global___AbortNotice | None = ...,
         roster_update: Global___RosterUpdate | None = ...,
+        upload_grant: Global___UploadGrant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "blob_chunk", b"blob_chunk", "blob_header", b"blob_header", "kind", b"kind", "roster_update", b"roster_update", "round_offer", b"round_offer", "round_result", b"round_result", "secagg", b"secagg", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "blob_header", "blob_chunk", "round_offer", "secagg", "round_result", "abort", "roster_update"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "blob_header", "blob_chunk", "round_offer", "secagg", "round_result", "abort", "roster_update", "upload_grant"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -396,18 +400,24 @@ class Welcome(_message.Message):
 
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     SILO_ID_FIELD_NUMBER: _builtins.int
+    UPLOAD_GRANTS_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     silo_id: _builtins.str
     """the identity the coordinator read from the certificate"""
+    upload_grants: _builtins.bool
+    """Wire 1.1: this coordinator grants uploads. A silo that announced 1.1 or later then sends a
+    masked vector's header and waits for an UploadGrant of its round before sending its chunks.
+    """
     def __init__(
         self,
         *,
         federation_id: _builtins.str = ...,
         silo_id: _builtins.str = ...,
+        upload_grants: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation_id", b"federation_id", "silo_id", b"silo_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation_id", b"federation_id", "silo_id", b"silo_id", "upload_grants", b"upload_grants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -479,6 +489,33 @@ class BlobHeader(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BlobHeader: _TypeAlias = BlobHeader  # noqa: Y015
+
+@_typing.final
+class UploadGrant(_message.Message):
+    """Wire 1.1: the silo may send the chunks of the masked vector whose header it sent for this
+    round (the coordinator holds one of its few upload buffers for it now). A silo that waits for
+    a grant gives up its upload when its round ends or a later round begins instead.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    round_id: _builtins.int
+    kind: Global___BlobKind.ValueType
+    def __init__(
+        self,
+        *,
+        round_id: _builtins.int = ...,
+        kind: Global___BlobKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "round_id", b"round_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadGrant: _TypeAlias = UploadGrant  # noqa: Y015
 
 @_typing.final
 class BlobChunk(_message.Message):

@@ -48,10 +48,21 @@ class WireVersion:
 # What this build speaks: silos announce it, and the coordinator compares it with theirs. Raise
 # the minor for an addition an older peer can ignore, the major (minor back to 0) for a change it
 # would misread; docs/operations.md "Upgrading" says what each means for operators.
-WIRE_VERSION = WireVersion(1, 0)
+WIRE_VERSION = WireVersion(1, 1)
 # The oldest minor of WIRE_VERSION.major a coordinator of this build still admits: raise it when
 # the coordinator comes to need something a minor added.
 OLDEST_WIRE_MINOR = 0
+# 1.1 added upload grants (Welcome.upload_grants, UploadGrant): a silo of 1.1 or later waits for
+# one before sending a masked vector's chunks; the coordinator grants only to such silos.
+UPLOAD_GRANTS = WireVersion(1, 1)
+
+
+def speaks_upload_grants(announced: str) -> bool:
+    """Whether a silo that announced `announced` (already admitted) waits for upload grants."""
+    try:
+        return WireVersion.parse(announced) >= UPLOAD_GRANTS
+    except ValueError:
+        return False
 
 
 def wire_refusal(

@@ -98,14 +98,19 @@ class FakeSilo:
     _blob: tuple[pb.BlobHeader, list[bytes]] | None = None
     blobs: list[tuple[pb.BlobHeader, bytes]] = field(default_factory=list)
     _update: bytes = b""  # the plaintext update being uploaded
+    # The hello's wire version: "" as before 1.1 (no upload grants: a masked header blocks
+    # until a slot frees), "1.1" for a silo that waits for grants.
+    wire_version: str = ""
 
     def connect(self, *, roster_digest: bytes | None = None) -> SiloStream:
         """Open a stream (a reconnect replaces the previous one): `Hub.admit` with a hello."""
         digest = self.hub.roster.digest() if roster_digest is None else roster_digest
-        self.stream = self.hub.admit(
-            self.cert_pem, pb.Hello(silo_id=self.silo_id, roster_digest=digest)
-        )
+        hello = pb.Hello(silo_id=self.silo_id, roster_digest=digest, wire_version=self.wire_version)
+        self.stream = self.hub.admit(self.cert_pem, hello)
         return self.stream
+
+    def grants(self) -> list[pb.UploadGrant]:
+        return [m.upload_grant for m in self.received if m.HasField("upload_grant")]
 
     def drain(self, limit: int = 10_000) -> list[pb.CoordinatorMessage]:
         """Everything queued for this silo now, as the stream's writer would send it (the

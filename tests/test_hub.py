@@ -523,6 +523,81 @@ def test_a_second_masked_upload_waits_for_the_slot_and_reuses_the_first_buffer(
         _assert_close(h.hub.global_state[name], old + 2.0, atol=1e-3)
 
 
+def _granting(tmp_path: Path) -> tuple[HubHarness, list[SecureSilo]]:
+    """`_secure` (one upload slot) with silos of wire 1.1, which wait for upload grants."""
+    h, silos = _secure(tmp_path)
+    for silo in silos:
+        silo.wire_version = "1.1"
+        silo.connect()
+    return h, silos
+
+
+def test_a_silo_of_wire_1_1_waits_at_home_for_its_grant_and_is_granted_when_the_slot_frees(
+    tmp_path: Path,
+) -> None:
+    h, (a, b, c) = _granting(tmp_path)
+    assert a.stream is not None and a.stream.upload_grants
+    before = {k: v.clone() for k, v in h.hub.global_state.items()}
+    with h.round_thread() as driver:
+        round_id = _until_masked(h, [a, b, c])
+        for silo, value in ((a, 1.0), (b, 2.0), (c, 3.0)):
+            silo.masked_upload(value)
+        a.send_masked_header(round_id)
+        a.drain()
+        assert [(g.round_id, g.kind) for g in a.grants()] == [(round_id, pb.MASKED_VECTOR)]
+        buffer = a.stream.upload_buffer
+        b.send_masked_header(round_id)  # returns at once: nothing blocks b's reader
+        assert b.stream is not None and not b.stream.upload_slot
+        assert b.stream.awaiting_grant is not None and list(h.hub.slots.waiting) == [b.stream]
+        b.drain()
+        assert b.grants() == []  # no grant while a holds the only slot
+        a.send_masked_chunks(round_id)  # a's vector is added: its slot goes to b
+        b.drain()
+        assert [g.round_id for g in b.grants()] == [round_id]
+        assert b.stream.upload_slot and b.stream.upload_buffer is buffer  # the same array
+        assert b.stream.awaiting_grant is None and not h.hub.slots.waiting
+        b.send_masked_chunks(round_id)
+        c.send_masked_header(round_id)
+        c.drain()
+        assert [g.round_id for g in c.grants()] == [round_id]
+        c.send_masked_chunks(round_id)
+        _until_over(h, [a, b, c], driver)
+    detail = h.hub.roundlog.round_detail(round_id)
+    assert detail.status.value == "completed", detail.abort_reason
+    assert detail.participants["finished"] == tuple(sorted(s.silo_id for s in (a, b, c)))
+    for name, old in before.items():  # uniform weighting: the mean of 1, 2, 3
+        _assert_close(h.hub.global_state[name], old + 2.0, atol=1e-3)
+
+
+def test_a_waiting_silo_that_disconnects_leaves_the_line_and_chunks_before_a_grant_are_ignored(
+    tmp_path: Path,
+) -> None:
+    h, (a, b, c) = _granting(tmp_path)
+    with h.round_thread() as driver:
+        round_id = _until_masked(h, [a, b, c])
+        for silo, value in ((a, 1.0), (b, 2.0), (c, 3.0)):
+            silo.masked_upload(value)
+        a.send_masked_header(round_id)
+        b.send_masked_header(round_id)
+        c.send_masked_header(round_id)
+        assert b.stream is not None and c.stream is not None
+        assert list(h.hub.slots.waiting) == [b.stream, c.stream]
+        h.hub.on_disconnect(b.stream, "test: b is gone")
+        assert list(h.hub.slots.waiting) == [c.stream] and b.stream.awaiting_grant is None
+        c.send_masked_chunks(round_id)  # not granted: ignored, nothing buffered for c
+        assert c.stream.upload is None and c.stream.upload_buffer is None
+        a.send_masked_chunks(round_id)
+        c.drain()
+        assert [g.round_id for g in c.grants()] == [round_id]  # its turn, after b left
+        assert c.stream.upload is not None and c.stream.upload.next_index == 0  # from chunk 0
+        c.send_masked_chunks(round_id)  # sent as a silo sends them: after the grant
+        assert c.stream.upload is None and not c.stream.upload_slot  # whole, and added
+        c.drain()
+        assert c.aborts() == []  # not refused
+        assert not h.hub.slots.waiting
+        assert driver.is_alive()  # b's loss leaves 2 of 3: the round cannot finish; stopped
+
+
 def test_the_unmask_runs_on_the_driver_thread_not_on_a_silo_reader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

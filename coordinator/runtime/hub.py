@@ -59,6 +59,7 @@ from coordinator.transport.servicer import RefusalCode, Refused
 from protos import federation_pb2 as pb
 from protos.names import abort_name
 from secagg.identity import Roster
+from silofed import wire
 
 log = logging.getLogger("silofed.coordinator")
 CHURN_LINES = 5  # connect/disconnect lines per silo and minute before they are only counted
@@ -177,6 +178,7 @@ class Hub:
                 on_delivered=self._delivered,
                 cert_serial=cert.serial_number,
                 downloads=self.downloads,
+                upload_grants=wire.speaks_upload_grants(hello.wire_version),
             )
             self.sessions[silo_id] = session
             self.churn_log.info(
@@ -190,7 +192,9 @@ class Hub:
             return session
 
     def welcome(self, session: SiloStream) -> pb.Welcome:
-        return pb.Welcome(federation_id=self.config.federation_id, silo_id=session.silo_id)
+        return pb.Welcome(
+            federation_id=self.config.federation_id, silo_id=session.silo_id, upload_grants=True
+        )
 
     def on_disconnect(self, session: SiloStream, why: str) -> None:
         # Called up to three times per stream (reader, generator, RPC callback): idempotent.

@@ -155,6 +155,7 @@ def clean_hello(hello: pb.Hello) -> pb.Hello:
     return pb.Hello(
         silo_id=clip_text(hello.silo_id, SILO_ID_MAX),
         agent_version=clip_text(hello.agent_version, AGENT_VERSION_MAX),
+        wire_version=clip_text(hello.wire_version, AGENT_VERSION_MAX),
         roster_digest=hello.roster_digest if len(hello.roster_digest) == DIGEST_BYTES else b"",
     )
 

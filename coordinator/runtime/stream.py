@@ -81,6 +81,10 @@ class SiloStream:
     cancel_stream: Callable[[], object] | None = None  # ends the RPC even while a send blocks
     downloads: DownloadSlots | None = None  # the hub's download slots; None: not bounded
     stalled: str | None = None  # set (by any thread) once it lost its download slot
+    # Wire 1.1: its silo sends a masked vector's chunks only after an UploadGrant (uploads.py);
+    # `awaiting_grant` is the header of the vector waiting for one (under the hub's lock).
+    upload_grants: bool = False
+    awaiting_grant: pb.BlobHeader | None = None
     bytes_in: int = 0
     bytes_out: int = 0
     round_bytes_in: int = 0

@@ -17,6 +17,7 @@ never freed while a chunk is copied into it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -41,11 +42,15 @@ UPLOAD_SLOT_POLL_S = 0.2
 
 class Slots:
     """At most P vectors are buffered at once (docs/secagg-protocol.md §5 step 3.8): memory
-    stays (P+1)·L words for any number of silos; other uploads wait, held by flow control."""
+    stays (P+1)·L words for any number of silos. Other uploads wait: a silo of wire 1.1 or later
+    at home, its header in `waiting` until a slot frees and it is sent an UploadGrant (first
+    come, first served); an older silo's reader blocks (`wait_for_upload_slot`), its chunks held
+    by flow control, which still lets gRPC take in up to one chunk (1 MiB) per waiting silo."""
 
     def __init__(self, count: int) -> None:
         self.semaphore = threading.BoundedSemaphore(count)
         self.free: list[np.ndarray] = []  # reused within a round (at most P)
+        self.waiting: collections.deque[SiloStream] = collections.deque()  # for a grant
 
     def take_buffer(self, length: int, dtype: np.dtype[Any]) -> np.ndarray:
         while self.free:
@@ -60,6 +65,15 @@ def release_buffers(hub: Hub) -> None:
     they would hold P model-sized arrays through the aggregation, the checkpoint and the next
     offer; the next masked phase allocates them again."""
     hub.slots.free.clear()
+    forget_waiters(hub)
+
+
+def forget_waiters(hub: Hub) -> None:
+    """The round's uploads are over: no waiting header will be granted (under the hub's lock).
+    Its silos give up on their own when the round ends (protos: UploadGrant)."""
+    for session in hub.slots.waiting:
+        session.awaiting_grant = None
+    hub.slots.waiting.clear()
 
 
 def upload_spec(hub: Hub, session: SiloStream) -> tuple[UploadSpec | None, str]:
@@ -90,8 +104,8 @@ def wait_for_upload_slot(hub: Hub, session: SiloStream, header: pb.BlobHeader) -
     waits for from this silo only: anything else (or a header without its protocol header)
     returns at once, without a slot, and `on_blob_header` refuses it. The wait ends with the
     phase (its deadline)."""
-    if header.kind != pb.MASKED_VECTOR or not header.protocol_header:
-        return
+    if header.kind != pb.MASKED_VECTOR or not header.protocol_header or session.upload_grants:
+        return  # a silo that waits for a grant never blocks its reader (`_take_slot`)
     with hub.lock:
         while not session.upload_slot:
             spec, _ = upload_spec(hub, session)
@@ -112,12 +126,50 @@ def end_upload(hub: Hub, session: SiloStream) -> None:
         session.upload, session.upload_watched, session.protocol_header = None, None, None
         buffer, session.upload_buffer = session.upload_buffer, None
         slot, session.upload_slot = session.upload_slot, False
+    if session.awaiting_grant is not None:
+        session.awaiting_grant = None
+        hub.slots.waiting.remove(session)
     if buffer is not None:
         hub.slots.free.append(buffer)
     if slot:
         hub.slots.semaphore.release()
         with hub.lock:  # a reader may wait for the slot (`wait_for_upload_slot`)
             hub.changed.notify_all()
+            _grant_next(hub)
+
+
+def _grant_next(hub: Hub) -> None:
+    """Slots are free: grant them to the silos waiting for one, first come first served
+    (under the hub's lock). A header the round no longer waits for is dropped unanswered: its
+    round is over or the silo is out of it, and the silo gives up on its own."""
+    while hub.slots.waiting and hub.round is not None:
+        session = hub.slots.waiting[0]
+        header = session.awaiting_grant
+        spec, _ = upload_spec(hub, session)
+        if header is None or spec is None or header.round_id != hub.round.round_id:
+            hub.slots.waiting.popleft()
+            session.awaiting_grant = None
+            continue
+        if not hub.slots.semaphore.acquire(blocking=False):
+            return
+        hub.slots.waiting.popleft()
+        session.awaiting_grant = None
+        session.upload_slot = True
+        on_blob_header(hub, session, header)  # sets the upload up and grants it, or refuses it
+
+
+def _take_slot(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> bool:
+    """A slot for a silo that waits for grants (under the hub's lock): True when it has one
+    now; else its header waits in line (`_grant_next`). Without grants the reader already
+    waited for it (`wait_for_upload_slot`): False means the stream or the coordinator stops."""
+    if not session.upload_grants:
+        return False
+    if hub.slots.semaphore.acquire(blocking=False):
+        session.upload_slot = True
+        return True
+    session.awaiting_grant = header
+    hub.slots.waiting.append(session)
+    return False
 
 
 def cancel_upload(hub: Hub, session: SiloStream) -> None:
@@ -174,12 +226,12 @@ def _vector_header(
     assert exact is not None and length is not None and dtype is not None  # spec.buffered
     if not header.protocol_header:
         why = "masked vector header without its protocol_header"
-    elif session.upload is not None:
+    elif session.upload is not None or session.awaiting_grant is not None:
         why = "a second masked vector began before the first was complete"
     elif header.round_id != round_id:
         why = f"masked vector for round {header.round_id} during round {round_id}"
-    elif not session.upload_slot:  # the stream or the coordinator is stopping
-        return
+    elif not session.upload_slot and not _take_slot(hub, session, header):
+        return  # waits for a grant; or the stream or the coordinator is stopping
     else:
         try:
             meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
@@ -201,6 +253,9 @@ def _vector_header(
                 # The slot is held from here: the progress watch (`watch_streams`) frees it
                 # when chunks stop arriving.
                 session.upload_moved(upload, hub.clock.now())
+            if session.upload_grants:
+                grant = pb.UploadGrant(round_id=round_id, kind=header.kind)
+                session.send(pb.CoordinatorMessage(upload_grant=grant))
             return
     cancel_upload(hub, session)
     hub.reject(session, why)

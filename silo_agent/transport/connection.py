@@ -18,6 +18,13 @@ agent's environment never silently reroute the stream.
 The hello always carries this build's wire version (silofed.wire): `open` fills it in unless
 the caller set one.
 
+Upload grants (wire 1.1): when the coordinator's Welcome says it grants uploads, a masked
+vector's header is sent and its chunks wait here, at home, until an UploadGrant of its round
+arrives, so that a coordinator with few upload buffers never holds the chunks of the silos
+waiting for one. The wait ends without the chunks (the blob is not reported to `on_sent`) when
+the round ends (its AbortNotice or RoundResult), a later round is offered, or the stream ends.
+UploadGrant messages are taken here and never reach the runner.
+
 "Handed to gRPC", for `on_sent`: gRPC asks the request iterator for its next message only after
 the previous one's send operation completed (its bytes passed HTTP/2 flow control and were
 written to the socket) and never after the call failed. So the code after a `yield` runs only
@@ -32,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -151,6 +159,10 @@ class Link:
         self._call: grpc.Future | None = None
         self.bytes_out = 0
         self.bytes_in = 0
+        self.upload_grants = False  # the coordinator's Welcome says it grants uploads
+        self._grant = threading.Condition()
+        self._granted_round = -1  # the latest round an UploadGrant came for
+        self._ended_round = -1  # every round up to this one is over (no grant will come)
 
     def _requests(self, hello: pb.Hello) -> Iterator[pb.SiloMessage]:
         # Each `self._sent(...)` follows the `yield` of what it reports: see the module docstring.
@@ -168,7 +180,7 @@ class Link:
                 return
             if isinstance(item, OutBlob):
                 meta = describe(item.data, item.sha256)
-                yield from blob_messages(
+                messages = blob_messages(
                     pb.SiloMessage,
                     round_id=item.round_id,
                     kind=item.kind,
@@ -176,6 +188,15 @@ class Link:
                     meta=meta,
                     protocol_header=item.protocol_header,
                 )
+                yield next(messages)  # the header
+                if item.kind == pb.MASKED_VECTOR and self.upload_grants:
+                    granted = self._await_grant(item.round_id)
+                    if granted is None:
+                        return  # the stream ended
+                    if not granted:
+                        self._out.task_done()
+                        continue
+                yield from messages
                 self.bytes_out += len(item.data)
                 self._sent(dataclasses.replace(item, sha256=meta.sha256))  # the digest it carried
             else:
@@ -183,6 +204,43 @@ class Link:
                 yield item
                 self._sent(item)
             self._out.task_done()  # gRPC took everything of this item (and it was reported)
+
+    def _await_grant(self, round_id: int) -> bool | None:
+        """Wait for round `round_id`'s UploadGrant: True once it came, False when the round
+        ended first, None when the stream ended."""
+        with self._grant:
+            while True:
+                if self._granted_round >= round_id:
+                    return True
+                if self._ended_round >= round_id:
+                    log.info("round %d ended before its upload was granted", round_id)
+                    return False
+                if self._call is not None and self._call.done():
+                    return None
+                self._grant.wait(POLL_S)
+
+    def _note(self, message: pb.CoordinatorMessage) -> bool:
+        """Take what concerns upload grants from `message`; False for an UploadGrant (this
+        module's own: not for the runner)."""
+        kind = message.WhichOneof("kind")
+        if kind == "welcome":
+            self.upload_grants = message.welcome.upload_grants
+            return True
+        granted, ended = -1, -1
+        if kind == "upload_grant":
+            granted = message.upload_grant.round_id
+        elif kind == "abort":
+            ended = message.abort.round_id
+        elif kind == "round_result":
+            ended = message.round_result.round_id
+        elif kind == "round_offer":
+            ended = message.round_offer.round_id - 1
+        if granted >= 0 or ended >= 0:
+            with self._grant:
+                self._granted_round = max(self._granted_round, granted)
+                self._ended_round = max(self._ended_round, ended)
+                self._grant.notify_all()
+        return kind != "upload_grant"
 
     def _sent(self, item: pb.SiloMessage | OutBlob) -> None:
         if self._on_sent is None:
@@ -227,7 +285,8 @@ class Link:
         try:
             for message in self._call:
                 self.bytes_in += message.ByteSize()
-                yield message
+                if self._note(message):
+                    yield message
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             detail = exc.details() if hasattr(exc, "details") else str(exc)
