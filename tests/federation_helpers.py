@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from coordinator.pki.authority import CA
     from coordinator.runtime.hub import Hub
     from coordinator.storage.roundlog import RoundDetail
+    from coordinator.transport.server import RunningServer
     from protos import federation_pb2 as pb
     from silo_agent.pki.renewal import RenewResult
     from silo_agent.transport.connection import Link, TlsMaterial
@@ -190,6 +191,27 @@ def provision(root: Path, federation_id: str, names: Sequence[str]) -> Federatio
             n: SiloFiles(n, p.dir, p.key, p.cert, p.ca_cert, p.roster) for n, p in dev.silos.items()
         },
     )
+
+
+def serve_scripted(
+    servicer: object, fed: Federation, silo: str
+) -> tuple[RunningServer, TlsMaterial]:
+    """Serve `servicer` (a scripted coordinator: a FederationServicer with `stream_capacity`)
+    over real mTLS on loopback with the federation's coordinator certificate; also returns the
+    TLS material `silo`'s Link dials it with."""
+    from coordinator.transport.server import start_server
+    from silo_agent.transport.connection import TlsMaterial
+
+    running = start_server(
+        servicer,  # type: ignore[arg-type]
+        listen="127.0.0.1:0",
+        ca_cert=fed.ca_cert,
+        cert=fed.coordinator_cert,
+        key=fed.coordinator_key,
+    )
+    files = fed.silos[silo]
+    tls = TlsMaterial(fed.ca_cert.read_bytes(), files.cert.read_bytes(), files.key.read_bytes())
+    return running, tls
 
 
 def add_to_roster(fed: Federation, silo: SiloFiles) -> None:

@@ -489,15 +489,37 @@ def _header_in_thread(silo: SecureSilo, round_id: int) -> threading.Thread:
     return thread
 
 
+def _masked_inputs_1_2_3(h: HubHarness, silos: list[SecureSilo]) -> int:
+    """Run the round to its masked phase and have the three silos mask inputs 1, 2 and 3
+    (not sent yet); returns the round's id."""
+    round_id = _until_masked(h, silos)
+    for silo, value in zip(silos, (1.0, 2.0, 3.0), strict=True):
+        silo.masked_upload(value)
+    return round_id
+
+
+def _assert_completed_with_the_mean_of_1_2_3(
+    h: HubHarness,
+    round_id: int,
+    silos: list[SecureSilo],
+    before: dict[str, torch.Tensor],
+) -> None:
+    """The round completed with every silo, and the model moved by the mean of their inputs
+    1, 2 and 3 (uniform weighting)."""
+    detail = h.hub.roundlog.round_detail(round_id)
+    assert detail.status.value == "completed", detail.abort_reason
+    assert detail.participants["finished"] == tuple(sorted(s.silo_id for s in silos))
+    for name, old in before.items():
+        _assert_close(h.hub.global_state[name], old + 2.0, atol=1e-3)
+
+
 def test_a_second_masked_upload_waits_for_the_slot_and_reuses_the_first_buffer(
     tmp_path: Path,
 ) -> None:
     h, (a, b, c) = _secure(tmp_path)
     before = {k: v.clone() for k, v in h.hub.global_state.items()}
     with h.round_thread() as driver:
-        round_id = _until_masked(h, [a, b, c])
-        for silo, value in ((a, 1.0), (b, 2.0), (c, 3.0)):
-            silo.masked_upload(value)
+        round_id = _masked_inputs_1_2_3(h, [a, b, c])
         a.send_masked_header(round_id)
         assert a.stream is not None and b.stream is not None
         assert a.stream.upload_slot
@@ -516,11 +538,7 @@ def test_a_second_masked_upload_waits_for_the_slot_and_reuses_the_first_buffer(
         assert c.stream is not None and c.stream.upload_buffer is buffer
         c.send_masked_chunks(round_id)
         _until_over(h, [a, b, c], driver)
-    detail = h.hub.roundlog.round_detail(round_id)
-    assert detail.status.value == "completed", detail.abort_reason
-    assert detail.participants["finished"] == tuple(sorted(s.silo_id for s in (a, b, c)))
-    for name, old in before.items():  # uniform weighting: the mean of 1, 2, 3
-        _assert_close(h.hub.global_state[name], old + 2.0, atol=1e-3)
+    _assert_completed_with_the_mean_of_1_2_3(h, round_id, [a, b, c], before)
 
 
 def _granting(tmp_path: Path) -> tuple[HubHarness, list[SecureSilo]]:
@@ -539,9 +557,7 @@ def test_a_silo_of_wire_1_1_waits_at_home_for_its_grant_and_is_granted_when_the_
     assert a.stream is not None and a.stream.upload_grants
     before = {k: v.clone() for k, v in h.hub.global_state.items()}
     with h.round_thread() as driver:
-        round_id = _until_masked(h, [a, b, c])
-        for silo, value in ((a, 1.0), (b, 2.0), (c, 3.0)):
-            silo.masked_upload(value)
+        round_id = _masked_inputs_1_2_3(h, [a, b, c])
         a.send_masked_header(round_id)
         a.drain()
         assert [(g.round_id, g.kind) for g in a.grants()] == [(round_id, pb.MASKED_VECTOR)]
@@ -562,11 +578,7 @@ def test_a_silo_of_wire_1_1_waits_at_home_for_its_grant_and_is_granted_when_the_
         assert [g.round_id for g in c.grants()] == [round_id]
         c.send_masked_chunks(round_id)
         _until_over(h, [a, b, c], driver)
-    detail = h.hub.roundlog.round_detail(round_id)
-    assert detail.status.value == "completed", detail.abort_reason
-    assert detail.participants["finished"] == tuple(sorted(s.silo_id for s in (a, b, c)))
-    for name, old in before.items():  # uniform weighting: the mean of 1, 2, 3
-        _assert_close(h.hub.global_state[name], old + 2.0, atol=1e-3)
+    _assert_completed_with_the_mean_of_1_2_3(h, round_id, [a, b, c], before)
 
 
 def test_a_waiting_silo_that_disconnects_leaves_the_line_and_chunks_before_a_grant_are_ignored(
@@ -574,9 +586,7 @@ def test_a_waiting_silo_that_disconnects_leaves_the_line_and_chunks_before_a_gra
 ) -> None:
     h, (a, b, c) = _granting(tmp_path)
     with h.round_thread() as driver:
-        round_id = _until_masked(h, [a, b, c])
-        for silo, value in ((a, 1.0), (b, 2.0), (c, 3.0)):
-            silo.masked_upload(value)
+        round_id = _masked_inputs_1_2_3(h, [a, b, c])
         a.send_masked_header(round_id)
         b.send_masked_header(round_id)
         c.send_masked_header(round_id)
@@ -611,9 +621,8 @@ def test_the_unmask_runs_on_the_driver_thread_not_on_a_silo_reader(
 
     monkeypatch.setattr(CoordinatorRound, "finish", finish)
     with h.round_thread() as driver:
-        round_id = _until_masked(h, [a, b, c])
-        for silo, value in ((a, 1.0), (b, 2.0), (c, 3.0)):
-            silo.masked_upload(value)
+        round_id = _masked_inputs_1_2_3(h, [a, b, c])
+        for silo in (a, b, c):
             silo.send_masked_header(round_id)
             silo.send_masked_chunks(round_id)
         _until_over(h, [a, b, c], driver)  # the silos answer on this (the test's) thread

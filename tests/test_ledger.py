@@ -25,7 +25,6 @@ import grpc
 import numpy as np
 import pytest
 
-from coordinator.transport.server import start_server
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from protos.names import aggregation_name
@@ -34,12 +33,13 @@ from secagg.messages import AbortNotice, MaskedHeader, encode_message
 from silo_agent.config import load_silo_config
 from silo_agent.storage.ledger import FINAL_EVALUATION, SentLedger, record_roster_adopted
 from silo_agent.storage.ledger_verify import LedgerEntry, LedgerError, by_round, read_ledger, verify
-from silo_agent.transport.connection import Link, OutBlob, TlsMaterial
+from silo_agent.transport.connection import Link, OutBlob
 from tests.federation_helpers import (
     RECORDING_SPEC,
     processes,
     provision,
     run_module,
+    serve_scripted,
     wait_for_port,
     write_coordinator_config,
     write_recording_silo_config,
@@ -422,15 +422,7 @@ def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
 def test_a_message_that_cannot_leave_is_not_recorded(tmp_path: Path) -> None:
     fed = provision(tmp_path / "fed", "hold", ["a"])
     servicer = _HoldingServicer()
-    running = start_server(
-        servicer,  # type: ignore[arg-type]
-        listen="127.0.0.1:0",
-        ca_cert=fed.ca_cert,
-        cert=fed.coordinator_cert,
-        key=fed.coordinator_key,
-    )
-    files = fed.silos["a"]
-    tls = TlsMaterial(fed.ca_cert.read_bytes(), files.cert.read_bytes(), files.key.read_bytes())
+    running, tls = serve_scripted(servicer, fed, "a")
     path = tmp_path / "ledger.jsonl"
     ledger = SentLedger(path, FakeClock())
     seen: list[str] = []

@@ -15,11 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
-from coordinator.transport.server import start_server
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
-from silo_agent.transport.connection import Link, OutBlob, TlsMaterial
-from tests.federation_helpers import provision
+from silo_agent.transport.connection import Link, OutBlob
+from tests.federation_helpers import provision, serve_scripted
 
 WAIT_S = 10.0
 QUIET_S = 1.5  # long enough for 3 MiB on loopback many times over
@@ -75,15 +74,7 @@ class _Setup:
     def __init__(self, tmp_path: Path, *, grants: bool) -> None:
         fed = provision(tmp_path / "fed", "grants", ["a"])
         self.coordinator = _ScriptedCoordinator(grants=grants)
-        self.running = start_server(
-            self.coordinator,  # type: ignore[arg-type]
-            listen="127.0.0.1:0",
-            ca_cert=fed.ca_cert,
-            cert=fed.coordinator_cert,
-            key=fed.coordinator_key,
-        )
-        files = fed.silos["a"]
-        tls = TlsMaterial(fed.ca_cert.read_bytes(), files.cert.read_bytes(), files.key.read_bytes())
+        self.running, tls = serve_scripted(self.coordinator, fed, "a")
         self.sent: list[str] = []
         self.link = Link(
             f"127.0.0.1:{self.running.port}",
