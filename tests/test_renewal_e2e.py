@@ -35,7 +35,7 @@ pytestmark = pytest.mark.e2e
 FED = "renewe2e"
 NAMES = ("a", "b", "c", "d")
 EXAMPLES = {"a": 11, "b": 7, "c": 19, "d": 30}
-ROUNDS = 4
+ROUNDS = 6  # the renewal happens in the first rounds; the last ones show a back
 
 
 def _id(name: str) -> str:
@@ -73,10 +73,16 @@ def test_a_silo_renews_over_its_connection_and_keeps_taking_part(
     a_log, c_log = silos["a"].log(), coordinator.log()
 
     # Every round completed; a took part in the first (old certificate) and, after its
-    # reconnection with the renewed one, in the last.
+    # reconnection with the renewed one, in the last. It reconnects right after a round's
+    # result, and the coordinator may begin the next round before it is back: a may miss that
+    # one round (on a loaded machine the renewal comes a round or two later), never more.
     rounds = completed_round_details(run.state, ROUNDS)
     assert sorted(rounds[0].participants["finished"]) == [_id(n) for n in NAMES]
     assert sorted(rounds[-1].participants["finished"]) == [_id(n) for n in NAMES]
+    missed = [r.round_id for r in rounds if _id("a") not in r.participants["finished"]]
+    assert len(missed) <= 1, missed
+    for r in rounds:  # the others never left
+        assert {_id(n) for n in NAMES if n != "a"} <= set(r.participants["finished"]), r
     assert "reconnecting to present the renewed certificate" in a_log
     assert c_log.count(f"silo connected: {_id('a')}") >= 2, c_log
     assert f"renewed the certificate of {_id('a')} (same key, roster unchanged)" in c_log
