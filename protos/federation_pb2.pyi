@@ -405,8 +405,9 @@ class Welcome(_message.Message):
     silo_id: _builtins.str
     """the identity the coordinator read from the certificate"""
     upload_grants: _builtins.bool
-    """Wire 1.1: this coordinator grants uploads. A silo that announced 1.1 or later then sends a
-    masked vector's header and waits for an UploadGrant of its round before sending its chunks.
+    """Wire 1.1: this coordinator grants this silo's uploads (set only for a silo that announced
+    1.1 or later): it sends a masked vector's header, then waits for an UploadGrant of its
+    round before sending the chunks.
     """
     def __init__(
         self,

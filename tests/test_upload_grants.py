@@ -97,6 +97,11 @@ class _Setup:
             return
 
     def masked_vector(self, round_id: int) -> bytes:
+        """The round is offered, then the silo sends its masked vector and an abort after it."""
+        self.coordinator.outbox.put(
+            pb.CoordinatorMessage(round_offer=pb.RoundOffer(round_id=round_id))
+        )
+        assert _wait(lambda: "round_offer" in self.replies), self.replies
         data = np.random.default_rng(round_id).bytes(3 << 20)  # 3 chunks
         self.link.send(OutBlob(round_id, pb.MASKED_VECTOR, data, protocol_header=b"signed"))
         self.link.send(pb.SiloMessage(abort=pb.AbortNotice(round_id=round_id, detail="next")))
@@ -132,7 +137,8 @@ def test_the_chunks_stay_home_until_the_grant_of_their_round(granting: _Setup) -
     assert _wait(lambda: c.kinds() == expected), c.kinds()
     assert b"".join(m.blob_chunk.data for m in c.received[2:5]) == data
     assert _wait(lambda: granting.sent == ["hello", "blob", "abort"]), granting.sent
-    assert granting.replies == ["welcome"]  # grants are the link's own: the runner sees none
+    # Grants are the link's own: the runner sees none.
+    assert granting.replies == ["welcome", "round_offer"]
 
 
 @pytest.mark.parametrize(
@@ -156,7 +162,23 @@ def test_a_round_that_ends_before_the_grant_costs_the_header_only(
     time.sleep(QUIET_S)
     assert "blob_chunk" not in c.kinds()
     assert granting.sent == ["hello", "abort"]  # the vector never left: not reported
-    assert granting.replies == ["welcome", str(ending.WhichOneof("kind"))]
+    assert granting.replies == ["welcome", "round_offer", str(ending.WhichOneof("kind"))]
+
+
+def test_a_round_the_silo_gives_up_on_its_own_releases_what_waits_behind_its_upload(
+    granting: _Setup,
+) -> None:
+    """The silo's own deadline ended the round (SiloSecureRound calls `give_up`): its abort,
+    queued behind the ungranted vector, goes out without the vector."""
+    c = granting.coordinator
+    granting.masked_vector(4)
+    assert _wait(lambda: "blob_header" in c.kinds()), c.kinds()
+    granting.link.give_up(3)  # an earlier round: the vector still waits
+    time.sleep(QUIET_S)
+    assert c.kinds() == ["hello", "blob_header"]
+    granting.link.give_up(4)
+    assert _wait(lambda: c.kinds() == ["hello", "blob_header", "abort"]), c.kinds()
+    assert granting.sent == ["hello", "abort"]
 
 
 def test_a_coordinator_that_does_not_grant_gets_the_chunks_at_once(tmp_path: Path) -> None:

@@ -193,7 +193,9 @@ class Hub:
 
     def welcome(self, session: SiloStream) -> pb.Welcome:
         return pb.Welcome(
-            federation_id=self.config.federation_id, silo_id=session.silo_id, upload_grants=True
+            federation_id=self.config.federation_id,
+            silo_id=session.silo_id,
+            upload_grants=session.upload_grants,  # only to a silo that announced 1.1 or later
         )
 
     def on_disconnect(self, session: SiloStream, why: str) -> None:

@@ -146,7 +146,12 @@ def _grant_next(hub: Hub) -> None:
         session = hub.slots.waiting[0]
         header = session.awaiting_grant
         spec, _ = upload_spec(hub, session)
-        if header is None or spec is None or header.round_id != hub.round.round_id:
+        if (
+            header is None
+            or spec is None
+            or not spec.buffered
+            or header.round_id != hub.round.round_id
+        ):
             hub.slots.waiting.popleft()
             session.awaiting_grant = None
             continue
@@ -178,6 +183,12 @@ def cancel_upload(hub: Hub, session: SiloStream) -> None:
 
 
 def on_blob_header(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> None:
+    if session.upload is not None or session.awaiting_grant is not None:
+        # Never honest, and a slot given back this way would let its silo queue again and
+        # hold a slot once more per turn: the silo is out of the round.
+        cancel_upload(hub, session)
+        hub.reject(session, "a blob header arrived before its upload was complete")
+        return
     spec, why = upload_spec(hub, session)
     vector = header.kind == pb.MASKED_VECTOR
     if hub.round is None or spec is None or spec.buffered != vector:
@@ -224,21 +235,17 @@ def _vector_header(
 ) -> None:
     exact, length, dtype = spec.exact_bytes, spec.length, spec.dtype
     assert exact is not None and length is not None and dtype is not None  # spec.buffered
+    meta, bad_meta = _vector_meta(header, exact)
     if not header.protocol_header:
         why = "masked vector header without its protocol_header"
-    elif session.upload is not None or session.awaiting_grant is not None:
-        why = "a second masked vector began before the first was complete"
     elif header.round_id != round_id:
         why = f"masked vector for round {header.round_id} during round {round_id}"
+    elif meta is None:  # checked before it waits in line: a grant is never refused
+        why = f"bad masked vector header: {bad_meta}"
     elif not session.upload_slot and not _take_slot(hub, session, header):
         return  # waits for a grant; or the stream or the coordinator is stopping
     else:
         try:
-            meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
-            if meta.total_bytes != exact:
-                raise ChunkError(
-                    f"a masked vector has {exact} bytes, the header says {meta.total_bytes}"
-                )
             buffer = hub.slots.take_buffer(length, dtype)
             with session.upload_lock:
                 session.upload_buffer = buffer
@@ -259,6 +266,17 @@ def _vector_header(
             return
     cancel_upload(hub, session)
     hub.reject(session, why)
+
+
+def _vector_meta(header: pb.BlobHeader, exact: int) -> tuple[BlobMeta | None, str]:
+    """The header's blob description if it is a masked vector of `exact` bytes; else why not."""
+    try:
+        meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+    except ChunkError as exc:
+        return None, str(exc)
+    if meta.total_bytes != exact:
+        return None, f"a masked vector has {exact} bytes, the header says {meta.total_bytes}"
+    return meta, ""
 
 
 def watch_streams(hub: Hub, now: float) -> None:

@@ -355,7 +355,9 @@ class SiloRunner:
             self._local_model().layout,
             self._local_training(),
         )
-        return SiloSecureRound(offer, model_bytes, SecureSession(session), job, link.send, pause)
+        return SiloSecureRound(
+            offer, model_bytes, SecureSession(session), job, link.send, pause, link.give_up
+        )
 
     def _local_model(self) -> LocalModel:
         """This silo's own model, built once: the layout a round must have and the largest

@@ -144,7 +144,11 @@ class SiloSecureRound:
         job: TrainJob,
         send: Send,
         pause: Pause,
+        give_up: Callable[[int], None] | None = None,
     ) -> None:
+        """`give_up(round_id)`: the round is over for this silo; the link drops an upload of it
+        still waiting for its grant (connection.Link.give_up)."""
+        self._give_up = give_up
         self.offer = offer
         self.round_id = offer.round_id
         self.session = session
@@ -239,6 +243,8 @@ class SiloSecureRound:
     def round_over(self) -> None:
         """The coordinator ended the round (result or abort): stop waiting, erase secrets."""
         self._over.set()
+        if self._give_up is not None:
+            self._give_up(self.round_id)
         # The session erases its secrets; there is nothing to tell a round that is over.
         with contextlib.suppress(ProtocolAbort):
             self.session.deadline_passed(round_over=True)
@@ -301,6 +307,8 @@ class SiloSecureRound:
             exc.reason.name,
             exc,
         )
+        if self._give_up is not None:  # else the notice would wait behind an ungranted upload
+            self._give_up(self.round_id)
         notice = self.session.session.abort_notice
         if notice is not None:
             self._frame(notice)

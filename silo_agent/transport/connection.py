@@ -159,10 +159,12 @@ class Link:
         self._call: grpc.Future | None = None
         self.bytes_out = 0
         self.bytes_in = 0
-        self.upload_grants = False  # the coordinator's Welcome says it grants uploads
+        self.upload_grants = False  # we announced 1.1+ and the Welcome says it grants
+        self._announced_grants = False  # our hello's wire version waits for grants
         self._grant = threading.Condition()
         self._granted_round = -1  # the latest round an UploadGrant came for
         self._ended_round = -1  # every round up to this one is over (no grant will come)
+        self._offered_round = -1  # the latest round offered: no other round can end
 
     def _requests(self, hello: pb.Hello) -> Iterator[pb.SiloMessage]:
         # Each `self._sent(...)` follows the `yield` of what it reports: see the module docstring.
@@ -224,23 +226,36 @@ class Link:
         module's own: not for the runner)."""
         kind = message.WhichOneof("kind")
         if kind == "welcome":
-            self.upload_grants = message.welcome.upload_grants
+            # Both sides must agree: a coordinator that promises grants to a silo that did not
+            # announce them (or an older one that grants nothing) must not hold its chunks.
+            self.upload_grants = self._announced_grants and message.welcome.upload_grants
             return True
-        granted, ended = -1, -1
         if kind == "upload_grant":
-            granted = message.upload_grant.round_id
-        elif kind == "abort":
-            ended = message.abort.round_id
-        elif kind == "round_result":
-            ended = message.round_result.round_id
-        elif kind == "round_offer":
-            ended = message.round_offer.round_id - 1
-        if granted >= 0 or ended >= 0:
+            self._advance(granted=message.upload_grant.round_id)
+            return False
+        if kind == "round_offer":
+            round_id = message.round_offer.round_id
             with self._grant:
-                self._granted_round = max(self._granted_round, granted)
-                self._ended_round = max(self._ended_round, ended)
-                self._grant.notify_all()
-        return kind != "upload_grant"
+                self._offered_round = max(self._offered_round, round_id)
+            self._advance(ended=round_id - 1)
+        elif kind in ("abort", "round_result"):
+            # Only a round that was offered can end: an abort naming round 2^64 - 1 must not
+            # make every later upload give up.
+            ended = getattr(message, kind).round_id
+            self._advance(ended=min(ended, self._offered_round))
+        return True
+
+    def give_up(self, round_id: int) -> None:
+        """The runner is done with round `round_id` (its own deadline passed, or it aborted):
+        an upload of it still waiting for its grant is given up, and what was queued behind it
+        (the silo's own AbortNotice) goes out."""
+        self._advance(ended=round_id)
+
+    def _advance(self, *, granted: int = -1, ended: int = -1) -> None:
+        with self._grant:
+            self._granted_round = max(self._granted_round, granted)
+            self._ended_round = max(self._ended_round, ended)
+            self._grant.notify_all()
 
     def _sent(self, item: pb.SiloMessage | OutBlob) -> None:
         if self._on_sent is None:
@@ -265,6 +280,7 @@ class Link:
             stamped.CopyFrom(hello)
             stamped.wire_version = str(wire.WIRE_VERSION)  # read now: a test may set another
             hello = stamped
+        self._announced_grants = wire.speaks_upload_grants(hello.wire_version)
         self._call = self._stub.Connect(self._requests(hello))
         return self._messages()
 
