@@ -6,7 +6,8 @@ costs it its own upload only: the honest silos behind it are granted in order, n
 the hub's lock paths, and the line is empty when the round is over.
 
 A broken or dishonest coordinator (a scripted mTLS server) against the real silo `Link`: grants
-for other rounds, floods of them, and an abort naming a round that was never offered.
+for other rounds, floods of them, an abort naming a round that was never offered, and a Welcome
+sent again and again (the real runner).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from silo_agent.transport.connection import Link, OutBlob
 from tests.federation_helpers import provision, serve_scripted
 from tests.hub_harness import HubHarness, SecureSilo, make_harness
 from tests.test_hub import _until_masked, _until_over
+from tests.test_roster_delivery import runner
 from tests.test_upload_grants import QUIET_S, _ScriptedCoordinator, _wait
 
 UINT64_MAX = (1 << 64) - 1
@@ -352,3 +354,33 @@ def test_the_coordinator_promises_grants_only_to_silos_it_grants(tmp_path: Path)
     for silo in (old, new):
         stream = silo.connect()
         assert h.hub.welcome(stream).upload_grants == stream.upload_grants, silo.wire_version
+
+
+class _WelcomingAgain(_ScriptedCoordinator):
+    """Sends Welcome `times` times on the stream, then idles."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__(grants=True)
+        for _ in range(times - 1):
+            self.outbox.put(pb.CoordinatorMessage(welcome=pb.Welcome(upload_grants=True)))
+
+
+def test_a_coordinator_that_repeats_welcome_does_not_make_the_silo_start_a_thread_each_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fed = provision(tmp_path / "fed", "grants", ["a"])
+    coordinator = _WelcomingAgain(times=50)
+    running, _ = serve_scripted(coordinator, fed, "a")
+    try:
+        before = {t.ident for t in threading.enumerate()}
+        with runner(tmp_path, fed.silos["a"], running.port):
+            assert _wait(lambda: caplog.text.count("sent Welcome again") == 49), caplog.text.count(
+                "sent Welcome again"
+            )
+            renewals = [
+                t for t in threading.enumerate() if t.name == "renewal" and t.ident not in before
+            ]
+            assert len(renewals) == 1
+    finally:
+        coordinator.outbox.put(None)
+        running.stop()

@@ -219,10 +219,14 @@ class SiloRunner:
         pause: Pause,
         ended: threading.Event,
     ) -> bool:
+        welcomed = False
         for message in messages:
             pause.wait_if_frozen()
             kind = message.WhichOneof("kind")
-            if kind == "welcome":
+            if kind == "welcome" and welcomed:  # once per stream: each would start a thread
+                log.warning("the coordinator sent Welcome again on this stream; ignored")
+            elif kind == "welcome":
+                welcomed = True
                 backoff.reset()
                 log.info(
                     "connected to federation %s as %s",
