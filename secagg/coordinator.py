@@ -484,6 +484,9 @@ class CoordinatorRound:
 
     def _close_consistency(self) -> list[Send]:
         u4 = sorted(self._u4)
+        # A silo of U3 lost before the phase began (after its upload, while others still
+        # uploaded) owed this phase its answer: it drops here (`silo_lost`).
+        self._mark_dropped(set(self._u3) - set(u4))
         self.participants["U4"] = tuple(self._silos[i].silo_id for i in u4)
         if len(u4) < self.config.threshold:
             return self._abort(AbortReason.THRESHOLD_VIOLATION, {i: self._silos[i] for i in u4})

@@ -77,6 +77,30 @@ def test_a_silo_lost_after_answering_an_open_phase_drops_in_the_next_one() -> No
     assert rnd.dropouts == {early: Phase.SHARE_KEYS}
 
 
+def test_a_silo_lost_after_its_masked_upload_while_others_upload_drops_in_consistency() -> None:
+    """Its vector is in U3, so it did not drop in the masked phase; it never answers the
+    consistency check, so the round log must say it dropped there (a silo killed right after
+    its upload, while others wait for theirs, had no dropout at all)."""
+    fed = federation()
+    cfg = make_config(fed, 5, 50, threshold=3, n_colluders=0)
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(8)), default_policy=NO_COLLUDERS)
+    rnd = r.run(stop_at=Phase.MASKED)
+    early: str | None = None
+    queue = list(r.pending)
+    while queue and rnd.phase in (Phase.MASKED, Phase.CONSISTENCY):
+        sid, data = queue.pop(0)
+        queue.extend(r._deliver(sid, data))
+        if early is None and sid in r.uploads:  # the first vector in; the others still owed
+            early = sid
+            assert rnd.phase is Phase.MASKED
+            queue.extend(rnd.silo_lost(early))
+            r.dead.add(early)
+            assert rnd.dropouts == {}
+    assert early is not None and rnd.phase is Phase.UNMASK, rnd.abort_reason
+    assert early in rnd.participants["U3"] and early not in rnd.participants["U4"]
+    assert rnd.dropouts == {early: Phase.CONSISTENCY}
+
+
 def test_a_silo_lost_after_its_unmask_shares_is_no_dropout() -> None:
     fed = federation()
     cfg = make_config(fed, 5, 50, threshold=4, n_colluders=0)
