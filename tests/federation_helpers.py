@@ -193,6 +193,17 @@ def provision(root: Path, federation_id: str, names: Sequence[str]) -> Federatio
     )
 
 
+def holds_within(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Whether `condition()` holds within `timeout_s` (polled every 50 ms; looked at once more
+    at the end)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
 def serve_scripted(
     servicer: object, fed: Federation, silo: str
 ) -> tuple[RunningServer, TlsMaterial]:

@@ -15,8 +15,7 @@ import hashlib
 import json
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from silo_agent.storage.ledger_verify import LedgerEntry, LedgerError, by_round,
 from silo_agent.transport.connection import Link, OutBlob
 from tests.federation_helpers import (
     RECORDING_SPEC,
+    holds_within,
     processes,
     provision,
     run_module,
@@ -410,15 +410,6 @@ class _HoldingServicer(pb_grpc.FederationServicer):
         self.hang_up.wait(30)
 
 
-def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def test_a_message_that_cannot_leave_is_not_recorded(tmp_path: Path) -> None:
     fed = provision(tmp_path / "fed", "hold", ["a"])
     servicer = _HoldingServicer()
@@ -435,17 +426,17 @@ def test_a_message_that_cannot_leave_is_not_recorded(tmp_path: Path) -> None:
     try:
         replies = link.open(pb.Hello(silo_id="spiffe://hold/silo/a"))
         assert next(replies).WhichOneof("kind") == "welcome"
-        assert _wait(lambda: seen == ["hello"], 10), seen
+        assert holds_within(lambda: seen == ["hello"], 10), seen
         # 16 MiB cannot pass a stream whose reader stopped (HTTP/2 flow control holds it).
         update = np.random.default_rng(0).bytes(16 << 20)
         link.send(OutBlob(1, pb.PLAINTEXT_UPDATE, update))
         link.send(pb.SiloMessage(train_report=pb.TrainReport(round_id=1, num_examples=3)))
-        assert not _wait(lambda: len(seen) > 1, 2.0), seen
+        assert not holds_within(lambda: len(seen) > 1, 2.0), seen
         assert not path.exists()  # Hello is never written; nothing else has left
         # The reader resumes: both leave, and are recorded, in the order they left.
         servicer.release.set()
         assert servicer.done.wait(20)
-        assert _wait(lambda: seen == ["hello", "blob", "train_report"], 10), seen
+        assert holds_within(lambda: seen == ["hello", "blob", "train_report"], 10), seen
     finally:
         servicer.release.set()
         servicer.hang_up.set()

@@ -18,7 +18,7 @@ import pytest
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from silo_agent.transport.connection import Link, OutBlob
-from tests.federation_helpers import provision, serve_scripted
+from tests.federation_helpers import holds_within, provision, serve_scripted
 
 WAIT_S = 10.0
 QUIET_S = 1.5  # long enough for 3 MiB on loopback many times over
@@ -62,12 +62,7 @@ class _ScriptedCoordinator(pb_grpc.FederationServicer):
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
+    return holds_within(condition, timeout_s)
 
 
 class _Setup:
