@@ -15,18 +15,31 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from secagg.errors import DecryptionFailed
-from secagg.identity import CertificateRejected, Roster, SiloId, check_certificate
+from secagg.identity import (
+    CertificateRejected,
+    Roster,
+    SignatureMemo,
+    SiloId,
+    check_certificate,
+)
 from secagg.messages import SignedEnvelope
 from secagg.primitives import SigningKey, sign, verify, verifying_key
 
 
 @dataclass(frozen=True, slots=True)
 class Trust:
-    """The out-of-band anchors: federation CA certificate and the pinned roster."""
+    """The out-of-band anchors: federation CA certificate and the pinned roster.
+
+    `signatures` remembers the certificate signatures already verified (the same members'
+    certificates arrive in several messages of every round); a holder that builds a Trust per
+    round passes its own long-lived one."""
 
     ca_cert: x509.Certificate
     roster: Roster
     revoked_serials: tuple[int, ...] = field(default=())
+    signatures: SignatureMemo = field(
+        default_factory=SignatureMemo, compare=False, hash=False, repr=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,7 @@ def verify_signer(
             expected_silo_id=expected_silo_id,
             revoked_serials=trust.revoked_serials,
             intermediates=intermediates,
+            signed_by=trust.signatures,
         )
     except (ValueError, CertificateRejected) as exc:
         raise DecryptionFailed() from exc
