@@ -1,4 +1,4 @@
-"""Blob framing: one payload on the wire as a BlobHeader then its ≤1 MiB BlobChunks.
+"""Blob framing: one payload on the wire as a BlobHeader then its BlobChunks (≤ 1 MiB each).
 
 Rule: the one place both sides frame a blob (the coordinator's model offers, the silo's
 updates and masked vectors); the caller names its stream's message type (CoordinatorMessage or
@@ -37,13 +37,13 @@ def blob_messages(
     protocol_header: bytes = b"",
 ) -> Iterator[M]:
     """`data` (described by `meta`) as one `message(blob_header=...)` then one
-    `message(blob_chunk=...)` per chunk, lazily: nothing is copied whole."""
+    `message(blob_chunk=...)` per chunk of `meta.chunk_bytes`, lazily: nothing is copied whole."""
     yield message(
         blob_header=blob_header(
             round_id=round_id, kind=kind, meta=meta, protocol_header=protocol_header
         )
     )
-    for index, chunk in enumerate(split(data)):
+    for index, chunk in enumerate(split(data, meta.chunk_bytes)):
         yield message(
             blob_chunk=pb.BlobChunk(round_id=round_id, kind=kind, index=index, data=chunk)
         )

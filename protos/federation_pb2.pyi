@@ -401,6 +401,7 @@ class Welcome(_message.Message):
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     SILO_ID_FIELD_NUMBER: _builtins.int
     UPLOAD_GRANTS_FIELD_NUMBER: _builtins.int
+    UPLOAD_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     federation_id: _builtins.str
     silo_id: _builtins.str
     """the identity the coordinator read from the certificate"""
@@ -409,16 +410,23 @@ class Welcome(_message.Message):
     1.1 or later): it sends a masked vector's header, then waits for an UploadGrant of its
     round before sending the chunks.
     """
+    upload_chunk_bytes: _builtins.int
+    """Wire 1.2: the size of every chunk but the last of this silo's uploads (masked vectors and
+    plaintext updates), set only for a silo that announced 1.2 or later; 0 from an older
+    coordinator: 1 MiB. Smaller chunks keep the coordinator's read buffers small: gRPC keeps a
+    buffer the size of the largest message it read on each connection.
+    """
     def __init__(
         self,
         *,
         federation_id: _builtins.str = ...,
         silo_id: _builtins.str = ...,
         upload_grants: _builtins.bool = ...,
+        upload_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation_id", b"federation_id", "silo_id", b"silo_id", "upload_grants", b"upload_grants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation_id", b"federation_id", "silo_id", b"silo_id", "upload_chunk_bytes", b"upload_chunk_bytes", "upload_grants", b"upload_grants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

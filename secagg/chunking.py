@@ -1,5 +1,8 @@
 """Large payloads as a header plus ordered chunks of at most 1 MiB, checked by SHA-256.
 
+A blob's chunks all have its chunk size (`BlobMeta.chunk_bytes`, between `MIN_CHUNK_BYTES` and
+`MAX_CHUNK_BYTES`; agreed between the two ends beforehand, not sent), the last one excepted.
+
 Rule: pure bytes in, bytes out. Nothing here knows about gRPC, files or the protocol that
 carries the blob; both roles use it to cut a payload for the stream and to reassemble one.
 A reassembled blob is only handed out after its size and SHA-256 match the header, so nothing
@@ -13,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 MAX_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_BYTES = 1 << 16  # a peer cannot make the other cut a blob into tiny messages
 
 
 class ChunkError(ValueError):
@@ -21,21 +25,28 @@ class ChunkError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class BlobMeta:
-    """What a BlobHeader announces: total size, SHA-256 over all bytes, number of chunks."""
+    """What a BlobHeader announces (total size, SHA-256 over all bytes, number of chunks), and
+    the chunk size the two ends agreed on."""
 
     total_bytes: int
     sha256: bytes
     chunk_count: int
+    chunk_bytes: int = MAX_CHUNK_BYTES
 
     def __post_init__(self) -> None:
         if self.total_bytes < 0:
             raise ChunkError("blob total_bytes is negative")
         if len(self.sha256) != 32:
             raise ChunkError("blob sha256 must be 32 bytes")
-        if self.chunk_count != chunk_count_for(self.total_bytes):
+        if not MIN_CHUNK_BYTES <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ChunkError(
-                f"blob of {self.total_bytes} bytes needs {chunk_count_for(self.total_bytes)} "
-                f"chunks of at most {MAX_CHUNK_BYTES} bytes, header says {self.chunk_count}"
+                f"chunk size {self.chunk_bytes} is outside {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}"
+            )
+        needed = chunk_count_for(self.total_bytes, self.chunk_bytes)
+        if self.chunk_count != needed:
+            raise ChunkError(
+                f"blob of {self.total_bytes} bytes needs {needed} chunks of "
+                f"{self.chunk_bytes} bytes, header says {self.chunk_count}"
             )
 
 
@@ -44,10 +55,13 @@ def chunk_count_for(total_bytes: int, chunk_bytes: int = MAX_CHUNK_BYTES) -> int
     return max(1, -(-total_bytes // chunk_bytes))
 
 
-def describe(data: bytes | memoryview, sha256: bytes | None = None) -> BlobMeta:
-    """The header fields for `data` (`sha256`: its digest, when the caller already has it)."""
+def describe(
+    data: bytes | memoryview, sha256: bytes | None = None, chunk_bytes: int = MAX_CHUNK_BYTES
+) -> BlobMeta:
+    """The header fields for `data` cut into `chunk_bytes` chunks (`sha256`: its digest, when
+    the caller already has it)."""
     digest = hashlib.sha256(data).digest() if sha256 is None else sha256
-    return BlobMeta(len(data), digest, chunk_count_for(len(data)))
+    return BlobMeta(len(data), digest, chunk_count_for(len(data), chunk_bytes), chunk_bytes)
 
 
 def split(data: bytes | memoryview, chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[bytes]:
@@ -104,8 +118,10 @@ class Reassembler:
             raise ChunkError(f"chunk {index} arrived after the blob was complete")
         if index != self.next_index:
             raise ChunkError(f"chunk {index} arrived out of order; expected {self.next_index}")
-        if len(data) > MAX_CHUNK_BYTES:
-            raise ChunkError(f"chunk {index} has {len(data)} bytes, more than {MAX_CHUNK_BYTES}")
+        if len(data) > self.meta.chunk_bytes:
+            raise ChunkError(
+                f"chunk {index} has {len(data)} bytes, more than {self.meta.chunk_bytes}"
+            )
         if self._received + len(data) > self.meta.total_bytes:
             raise ChunkError(f"chunk {index} overruns the announced {self.meta.total_bytes} bytes")
         if self._into is not None:

@@ -48,7 +48,7 @@ class WireVersion:
 # What this build speaks: silos announce it, and the coordinator compares it with theirs. Raise
 # the minor for an addition an older peer can ignore, the major (minor back to 0) for a change it
 # would misread; docs/operations.md "Upgrading" says what each means for operators.
-WIRE_VERSION = WireVersion(1, 1)
+WIRE_VERSION = WireVersion(1, 2)
 # The oldest minor of WIRE_VERSION.major a coordinator of this build still admits: raise it when
 # the coordinator comes to need something a minor added.
 OLDEST_WIRE_MINOR = 0
@@ -57,12 +57,32 @@ OLDEST_WIRE_MINOR = 0
 UPLOAD_GRANTS = WireVersion(1, 1)
 
 
-def speaks_upload_grants(announced: str) -> bool:
-    """Whether a silo that announced `announced` (already admitted) waits for upload grants."""
+# 1.2 added Welcome.upload_chunk_bytes: a silo of 1.2 or later cuts its uploads into chunks of
+# the size the coordinator names (UPLOAD_CHUNK_BYTES from a coordinator of this build), an older
+# one into chunks of secagg.chunking.MAX_CHUNK_BYTES. gRPC keeps, on each connection, a read
+# buffer the size of the largest message it received there: with 1 MiB chunks that was about
+# 1.2 MiB of the coordinator's memory per silo (docs/benchmarks.md).
+UPLOAD_CHUNKS = WireVersion(1, 2)
+UPLOAD_CHUNK_BYTES = 128 * 1024
+
+
+def speaks(announced: str, feature: WireVersion) -> bool:
+    """Whether a peer that announced `announced` has `feature` (the version that added it)."""
     try:
-        return WireVersion.parse(announced) >= UPLOAD_GRANTS
+        return WireVersion.parse(announced) >= feature
     except ValueError:
         return False
+
+
+def speaks_upload_grants(announced: str) -> bool:
+    """Whether a silo that announced `announced` (already admitted) waits for upload grants."""
+    return speaks(announced, UPLOAD_GRANTS)
+
+
+def upload_chunk_bytes(announced: str) -> int | None:
+    """The upload chunk size a coordinator of this build names to a silo that announced
+    `announced`; None for a silo before 1.2, which is told none and cuts MAX_CHUNK_BYTES."""
+    return UPLOAD_CHUNK_BYTES if speaks(announced, UPLOAD_CHUNKS) else None
 
 
 def wire_refusal(

@@ -42,10 +42,11 @@ from coordinator.runtime.hub import Hub
 from coordinator.runtime.stream import SiloStream
 from protos import federation_pb2 as pb
 from protos.blobs import Serialized
-from secagg.chunking import describe, split
+from secagg.chunking import MAX_CHUNK_BYTES, describe, split
 from secagg.identity import Roster, SiloId, load_pem_certificate, silo_id_for
 from secagg.silo import MaskedUpload, SiloPolicy, SiloSession, SiloStage
 from secagg.trust import SiloIdentity, Trust
+from silofed import wire
 from silofed.tensors import state_from_bytes, state_to_bytes
 from tests.fakes import FakeClock
 from tests.federation_helpers import (
@@ -101,6 +102,15 @@ class FakeSilo:
     # The hello's wire version: "" as before 1.1 (no upload grants: a masked header blocks
     # until a slot frees), "1.1" for a silo that waits for grants.
     wire_version: str = ""
+    # The size its uploads are cut into; None: what an honest silo of `wire_version` is told
+    # (silofed.wire.upload_chunk_bytes).
+    chunk_bytes: int | None = None
+
+    @property
+    def upload_chunk_bytes(self) -> int:
+        if self.chunk_bytes is not None:
+            return self.chunk_bytes
+        return wire.upload_chunk_bytes(self.wire_version) or MAX_CHUNK_BYTES
 
     def connect(self, *, roster_digest: bytes | None = None) -> SiloStream:
         """Open a stream (a reconnect replaces the previous one): `Hub.admit` with a hello."""
@@ -192,7 +202,7 @@ class FakeSilo:
                 update_sha256=sha,
             )
         )
-        meta = describe(data, sha)
+        meta = describe(data, sha, self.upload_chunk_bytes)
         header = pb.BlobHeader(
             round_id=round_id,
             kind=pb.PLAINTEXT_UPDATE,
@@ -207,7 +217,7 @@ class FakeSilo:
 
     def send_chunks(self, round_id: int, start: int, stop: int) -> None:
         """Chunks [start, stop) of the update `report_and_upload` began."""
-        for index, piece in enumerate(split(self._update)):
+        for index, piece in enumerate(split(self._update, self.upload_chunk_bytes)):
             if start <= index < stop:
                 chunk = pb.BlobChunk(
                     round_id=round_id, kind=pb.PLAINTEXT_UPDATE, index=index, data=piece
@@ -284,7 +294,7 @@ class SecureSilo(FakeSilo):
         """The blob header of the masked vector (secagg's signed header inside)."""
         assert self.upload is not None
         data = self.upload.vector.tobytes()
-        meta = describe(data, hashlib.sha256(data).digest())
+        meta = describe(data, hashlib.sha256(data).digest(), self.upload_chunk_bytes)
         header = pb.BlobHeader(
             round_id=round_id,
             kind=pb.MASKED_VECTOR,
@@ -298,7 +308,8 @@ class SecureSilo(FakeSilo):
 
     def send_masked_chunks(self, round_id: int) -> None:
         assert self.upload is not None
-        for index, piece in enumerate(split(self.upload.vector.tobytes())):
+        vector = self.upload.vector.tobytes()
+        for index, piece in enumerate(split(vector, self.upload_chunk_bytes)):
             chunk = pb.BlobChunk(round_id=round_id, kind=pb.MASKED_VECTOR, index=index, data=piece)
             self.send(blob_chunk=chunk)
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from secagg.chunking import (
     MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
     BlobMeta,
     ChunkError,
     Reassembler,
@@ -148,3 +149,36 @@ def test_reassembly_into_checks_its_buffer_and_the_hash() -> None:
     r.add(0, data)
     with pytest.raises(ChunkError, match="SHA-256"):
         r.finish_into()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(0, 3 * MAX_CHUNK_BYTES),
+    chunk_bytes=st.integers(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES),
+)
+def test_a_blob_cut_into_agreed_chunks_is_counted_and_reassembled_by_that_size(
+    size: int, chunk_bytes: int
+) -> None:
+    data = bytes(size)
+    meta = describe(data, chunk_bytes=chunk_bytes)
+    assert meta.chunk_bytes == chunk_bytes
+    assert meta.chunk_count == max(1, -(-size // chunk_bytes))
+    r = Reassembler(meta, max_total_bytes=size)
+    for i, c in enumerate(split(data, chunk_bytes)):
+        r.add(i, c)
+    assert r.finish() == data
+
+
+def test_the_agreed_chunk_size_bounds_every_chunk_and_the_count() -> None:
+    small = MIN_CHUNK_BYTES * 2
+    meta = BlobMeta(3 * small, b"\0" * 32, 3, small)
+    with pytest.raises(ChunkError, match=f"more than {small}"):
+        Reassembler(meta, max_total_bytes=3 * small).add(0, b"y" * (small + 1))
+    with pytest.raises(ChunkError, match=f"needs 3 chunks of {small} bytes, header says 1"):
+        BlobMeta(3 * small, b"\0" * 32, 1, small)  # counted by 1 MiB
+
+
+@pytest.mark.parametrize("chunk_bytes", [0, 1, MIN_CHUNK_BYTES - 1, MAX_CHUNK_BYTES + 1])
+def test_a_chunk_size_outside_the_range_is_refused(chunk_bytes: int) -> None:
+    with pytest.raises(ChunkError, match="outside"):
+        BlobMeta(10, b"\0" * 32, 1, chunk_bytes)

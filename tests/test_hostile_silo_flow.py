@@ -31,10 +31,10 @@ from coordinator.runtime.serve import Outcome
 from coordinator.storage.roundlog import RoundDetail, RoundLog
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
-from secagg.chunking import chunk_count_for
+from secagg.chunking import MAX_CHUNK_BYTES, chunk_count_for
 from secagg.identity import Roster, silo_id_for
 from secagg.messages import MaskedHeader, SignedEnvelope, encode_message
-from silofed.wire import WIRE_VERSION
+from silofed.wire import WIRE_VERSION, upload_chunk_bytes
 from tests.federation_helpers import (
     Federation,
     InProcessCoordinator,
@@ -52,6 +52,8 @@ pytestmark = pytest.mark.e2e
 HONEST = ("a", "b", "c")
 SECAGG = {"clip_l2": 100.0, "weighting": "uniform"}
 MIB = 1 << 20
+# The chunk size the coordinator names to a member announcing this build's wire version.
+UPLOAD_CHUNK = upload_chunk_bytes(str(WIRE_VERSION)) or MAX_CHUNK_BYTES
 
 
 # ---- a member speaking the protocol by hand ---------------------------------------------------
@@ -353,7 +355,7 @@ def _masked_announcement(round_id: int, length: int) -> list[pb.SiloMessage]:
                 kind=pb.MASKED_VECTOR,
                 total_bytes=total,
                 sha256=b"\0" * 32,
-                chunk_count=chunk_count_for(total),
+                chunk_count=chunk_count_for(total, UPLOAD_CHUNK),
                 protocol_header=encode_message(signed),
             )
         ),
@@ -541,7 +543,7 @@ def test_a_plaintext_update_that_stops_is_dropped_after_the_progress_deadline(
                         kind=pb.PLAINTEXT_UPDATE,
                         total_bytes=total,
                         sha256=digest,
-                        chunk_count=chunk_count_for(total),
+                        chunk_count=chunk_count_for(total, UPLOAD_CHUNK),
                     )
                 )
             )

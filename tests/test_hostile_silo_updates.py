@@ -61,6 +61,7 @@ from coordinator.storage.roundlog import RoundLog
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from secagg.blame import verify_blame
+from secagg.chunking import MAX_CHUNK_BYTES
 from secagg.config import RoundConfig
 from secagg.coordinator import CoordinatorRound, Phase
 from secagg.errors import AbortReason
@@ -69,7 +70,7 @@ from secagg.primitives import sha256_array
 from secagg.silo import MaskedUpload, SiloSession, SubmissionRecord
 from silo_agent.storage.silo_state import SiloStateStore
 from silofed.tensors import state_to_bytes
-from silofed.wire import WIRE_VERSION
+from silofed.wire import WIRE_VERSION, upload_chunk_bytes
 from tests.federation_helpers import (
     RECORDING_SPEC,
     RECORDING_TASK,
@@ -89,7 +90,8 @@ from tests.secagg.pki import NOW, federation
 pytestmark = pytest.mark.e2e
 
 MAX_MESSAGE = 4 * 1024 * 1024
-CHUNK = 1 << 20
+# The chunk size the coordinator names to a member announcing this build's wire version.
+CHUNK = upload_chunk_bytes(str(WIRE_VERSION)) or MAX_CHUNK_BYTES
 
 # ---- secure aggregation at the protocol level ----------------------------------------------
 

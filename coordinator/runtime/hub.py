@@ -179,6 +179,7 @@ class Hub:
                 cert_serial=cert.serial_number,
                 downloads=self.downloads,
                 upload_grants=wire.speaks_upload_grants(hello.wire_version),
+                upload_chunk_bytes=wire.upload_chunk_bytes(hello.wire_version),
             )
             self.sessions[silo_id] = session
             self.churn_log.info(
@@ -196,6 +197,8 @@ class Hub:
             federation_id=self.config.federation_id,
             silo_id=session.silo_id,
             upload_grants=session.upload_grants,  # only to a silo that announced 1.1 or later
+            # the size a silo of 1.2 or later cuts its uploads into (an older one ignores it)
+            upload_chunk_bytes=session.upload_chunk_bytes or 0,
         )
 
     def on_disconnect(self, session: SiloStream, why: str) -> None:

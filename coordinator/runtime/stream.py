@@ -85,6 +85,9 @@ class SiloStream:
     # `awaiting_grant` is the header of the vector waiting for one (under the hub's lock).
     upload_grants: bool = False
     awaiting_grant: pb.BlobHeader | None = None
+    # Wire 1.2: its silo cuts uploads into chunks of the size its Welcome named; None: a silo
+    # before 1.2, told none, cuts 1 MiB chunks. An upload's header counts its chunks by it.
+    upload_chunk_bytes: int | None = None
     bytes_in: int = 0
     bytes_out: int = 0
     round_bytes_in: int = 0

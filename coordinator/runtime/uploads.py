@@ -27,7 +27,7 @@ import numpy as np
 from coordinator.rounds.kind import MaskedVector, PlaintextUpdate, Reported, UploadSpec
 from coordinator.runtime.stream import SiloStream
 from protos import federation_pb2 as pb
-from secagg.chunking import BlobMeta, ChunkError, Reassembler
+from secagg.chunking import MAX_CHUNK_BYTES, BlobMeta, ChunkError, Reassembler
 
 if TYPE_CHECKING:
     from coordinator.runtime.hub import Hub
@@ -201,7 +201,7 @@ def on_blob_header(hub: Hub, session: SiloStream, header: pb.BlobHeader) -> None
         hub.reject(session, "update blob does not match its train report")
     else:
         try:
-            meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+            meta = _blob_meta(session, header)
             upload = Reassembler(meta, max_total_bytes=spec.max_bytes)
         except ChunkError as exc:
             hub.reject(session, f"bad update header: {exc}")
@@ -235,7 +235,7 @@ def _vector_header(
 ) -> None:
     exact, length, dtype = spec.exact_bytes, spec.length, spec.dtype
     assert exact is not None and length is not None and dtype is not None  # spec.buffered
-    meta, bad_meta = _vector_meta(header, exact)
+    meta, bad_meta = _vector_meta(session, header, exact)
     if not header.protocol_header:
         why = "masked vector header without its protocol_header"
     elif header.round_id != round_id:
@@ -268,10 +268,19 @@ def _vector_header(
     hub.reject(session, why)
 
 
-def _vector_meta(header: pb.BlobHeader, exact: int) -> tuple[BlobMeta | None, str]:
+def _blob_meta(session: SiloStream, header: pb.BlobHeader) -> BlobMeta:
+    """What `header` announces, its chunks of the size `session`'s silo cuts uploads into.
+    Raises ChunkError when the header does not add up."""
+    chunk_bytes = session.upload_chunk_bytes or MAX_CHUNK_BYTES
+    return BlobMeta(header.total_bytes, header.sha256, header.chunk_count, chunk_bytes)
+
+
+def _vector_meta(
+    session: SiloStream, header: pb.BlobHeader, exact: int
+) -> tuple[BlobMeta | None, str]:
     """The header's blob description if it is a masked vector of `exact` bytes; else why not."""
     try:
-        meta = BlobMeta(header.total_bytes, header.sha256, header.chunk_count)
+        meta = _blob_meta(session, header)
     except ChunkError as exc:
         return None, str(exc)
     if meta.total_bytes != exact:

@@ -196,7 +196,8 @@ def _describe(item: pb.SiloMessage | OutBlob, rounds: Mapping[int, _Round]) -> _
         # The Link fills in the digest it put in the blob header; hashing is the fallback.
         digest = item.sha256 if item.sha256 is not None else hashlib.sha256(item.data).digest()
         name = f"Blob({_blob_kind(item.kind)})"
-        details: dict[str, Any] = {"chunks": chunk_count_for(size)}
+        chunks = item.chunk_count if item.chunk_count is not None else chunk_count_for(size)
+        details: dict[str, Any] = {"chunks": chunks}
         if item.protocol_header:  # a masked vector: what its signed header states, and its digest
             r = rounds.get(item.round_id)
             header_name, header_details = _secagg(

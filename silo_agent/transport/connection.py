@@ -1,8 +1,8 @@
 """The silo's one outbound gRPC stream to the coordinator, over mTLS.
 
 Rule: the only silo module that imports grpc. It dials out (never listens), sends what the
-runner queues (blobs expanded into header + chunks of at most 1 MiB only as they are sent, a
-masked vector's protocol header inside its blob header) and yields what the coordinator sends.
+runner queues (blobs expanded into header + chunks only as they are sent, a masked vector's
+protocol header inside its blob header) and yields what the coordinator sends.
 Liveness is gRPC keepalive's: the channel pings the coordinator every `keepalive_s` and fails
 the stream (UNAVAILABLE, a LinkError the runner reconnects after) when a ping is not answered
 within `keepalive_timeout_s`; there is no application heartbeat. Every gRPC failure becomes a
@@ -24,6 +24,12 @@ arrives, so that a coordinator with few upload buffers never holds the chunks of
 waiting for one. The wait ends without the chunks (the blob is not reported to `on_sent`) when
 the round ends (its AbortNotice or RoundResult), a later round is offered, or the stream ends.
 UploadGrant messages are taken here and never reach the runner.
+
+Upload chunks (wire 1.2): uploads are cut into chunks of the size the coordinator's Welcome
+names (`upload_chunk_bytes`) when this silo announced 1.2 or later and the size is one this
+agent cuts (`MIN_CHUNK_BYTES`..`MAX_CHUNK_BYTES`); otherwise, and from an older coordinator, into
+1 MiB chunks. A size outside that range is logged and not followed: a coordinator cannot make
+the silo cut a vector into millions of messages.
 
 "Handed to gRPC", for `on_sent`: gRPC asks the request iterator for its next message only after
 the previous one's send operation completed (its bytes passed HTTP/2 flow control and were
@@ -49,7 +55,7 @@ import grpc
 from protos import federation_pb2 as pb
 from protos import federation_pb2_grpc as pb_grpc
 from protos.blobs import blob_messages
-from secagg.chunking import describe
+from secagg.chunking import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, describe
 from silofed import wire
 from silofed.wire import MAX_MESSAGE_BYTES
 
@@ -119,6 +125,7 @@ class OutBlob:
     data: bytes | memoryview  # a byte view of a numpy vector is sent without a copy
     sha256: bytes | None = None  # when the sender already hashed `data` (not hashed again)
     protocol_header: bytes = b""  # MASKED_VECTOR: secagg's signed header, sent in BlobHeader
+    chunk_count: int | None = None  # set by the Link once sent: the chunks it went in
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +168,8 @@ class Link:
         self.bytes_in = 0
         self.upload_grants = False  # we announced 1.1+ and the Welcome says it grants
         self._announced_grants = False  # our hello's wire version waits for grants
+        self._announced_chunks = False  # our hello's wire version takes the Welcome's chunk size
+        self.upload_chunk_bytes = MAX_CHUNK_BYTES  # what uploads are cut into (the Welcome's)
         self._grant = threading.Condition()
         self._granted_round = -1  # the latest round an UploadGrant came for
         self._ended_round = -1  # every round up to this one is over (no grant will come)
@@ -181,7 +190,7 @@ class Link:
             if item is None:
                 return
             if isinstance(item, OutBlob):
-                meta = describe(item.data, item.sha256)
+                meta = describe(item.data, item.sha256, self.upload_chunk_bytes)
                 messages = blob_messages(
                     pb.SiloMessage,
                     round_id=item.round_id,
@@ -200,12 +209,31 @@ class Link:
                         continue
                 yield from messages
                 self.bytes_out += len(item.data)
-                self._sent(dataclasses.replace(item, sha256=meta.sha256))  # the digest it carried
+                # the digest and chunk count its header carried
+                self._sent(
+                    dataclasses.replace(item, sha256=meta.sha256, chunk_count=meta.chunk_count)
+                )
             else:
                 self.bytes_out += item.ByteSize()
                 yield item
                 self._sent(item)
             self._out.task_done()  # gRPC took everything of this item (and it was reported)
+
+    def _chunk_size(self, asked: int) -> int:
+        """The chunk size to cut uploads into, given the Welcome's `upload_chunk_bytes`."""
+        if not self._announced_chunks or asked == 0:  # an older silo or coordinator: 1 MiB
+            return MAX_CHUNK_BYTES
+        if MIN_CHUNK_BYTES <= asked <= MAX_CHUNK_BYTES:
+            return asked
+        log.warning(
+            "the coordinator asked for upload chunks of %d bytes; this agent cuts chunks of "
+            "%d to %d bytes, so it sends chunks of %d bytes (the coordinator may refuse them)",
+            asked,
+            MIN_CHUNK_BYTES,
+            MAX_CHUNK_BYTES,
+            MAX_CHUNK_BYTES,
+        )
+        return MAX_CHUNK_BYTES
 
     def _await_grant(self, round_id: int) -> bool | None:
         """Wait for round `round_id`'s UploadGrant: True once it came, False when the round
@@ -229,6 +257,7 @@ class Link:
             # Both sides must agree: a coordinator that promises grants to a silo that did not
             # announce them (or an older one that grants nothing) must not hold its chunks.
             self.upload_grants = self._announced_grants and message.welcome.upload_grants
+            self.upload_chunk_bytes = self._chunk_size(message.welcome.upload_chunk_bytes)
             return True
         if kind == "upload_grant":
             self._advance(granted=message.upload_grant.round_id)
@@ -281,6 +310,7 @@ class Link:
             stamped.wire_version = str(wire.WIRE_VERSION)  # read now: a test may set another
             hello = stamped
         self._announced_grants = wire.speaks_upload_grants(hello.wire_version)
+        self._announced_chunks = wire.speaks(hello.wire_version, wire.UPLOAD_CHUNKS)
         self._call = self._stub.Connect(self._requests(hello))
         return self._messages()
 
