@@ -23,16 +23,18 @@ from secagg.identity import (
     check_certificate,
 )
 from secagg.messages import SignedEnvelope
-from secagg.primitives import SigningKey, sign, verify, verifying_key
+from secagg.primitives import SigningKey, VerifyingKey, sign, verify, verifying_key
 
 
 @dataclass(frozen=True, slots=True)
 class Trust:
     """The out-of-band anchors: federation CA certificate and the pinned roster.
 
-    `signatures` remembers the certificate signatures already verified (the same members'
-    certificates arrive in several messages of every round); a holder that builds a Trust per
-    round passes its own long-lived one."""
+    The same members' certificate chains arrive in several messages of every round, so a Trust
+    remembers what it checked: `chains`, the chains `verify_signer` accepted under this Trust's
+    CA, roster and revocations (its own: never shared); `signatures`, the certificate
+    signatures verified (which no anchor changes: a holder that builds a Trust per round passes
+    its own long-lived one)."""
 
     ca_cert: x509.Certificate
     roster: Roster
@@ -40,6 +42,63 @@ class Trust:
     signatures: SignatureMemo = field(
         default_factory=SignatureMemo, compare=False, hash=False, repr=False
     )
+    chains: CheckedChains = field(
+        default_factory=lambda: CheckedChains(), compare=False, hash=False, repr=False
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    key: VerifyingKey
+    valid_from: dt.datetime  # the latest start of the chain's certificates' validity
+    valid_until: dt.datetime  # the earliest end
+
+
+class CheckedChains:
+    """The certificate chains a Trust accepted for a silo: what `verify_signer` need not parse
+    and check again (the message's own signature it always verifies).
+
+    Why the answer stays right: a chain's check depends on its bytes, the Trust's CA, roster and
+    revoked serials (fixed for one Trust, which alone holds this), the silo id expected (part of
+    the key), and the time only through the validity of certificates of the chain. An accepted
+    chain is remembered only when the moment of its check lay inside every one of its
+    certificates' validity, and is taken from here only at a moment inside all of them: there
+    each time check of the full check passes again. Bounded: past `capacity` chains it starts
+    afresh. Safe to share between threads: each step is one dict operation.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._accepted: dict[tuple[tuple[bytes, ...], str], _Accepted] = {}
+
+    def key_for(
+        self, chain: tuple[bytes, ...], silo_id: str, now: dt.datetime
+    ) -> VerifyingKey | None:
+        """The signing key of `chain`, accepted for `silo_id` and valid at `now`; else None."""
+        accepted = self._accepted.get((chain, silo_id))
+        if accepted is None or now.tzinfo is None:  # a naive time: the full check refuses it
+            return None
+        if not accepted.valid_from <= now <= accepted.valid_until:
+            return None
+        return accepted.key
+
+    def accept(
+        self,
+        chain: tuple[bytes, ...],
+        silo_id: str,
+        key: VerifyingKey,
+        certificates: list[x509.Certificate],
+        now: dt.datetime,
+    ) -> None:
+        """Remember that `chain` (parsed: `certificates`) passed its check for `silo_id` at
+        `now`, when `now` lies inside every certificate's validity."""
+        valid_from = max(c.not_valid_before_utc for c in certificates)
+        valid_until = min(c.not_valid_after_utc for c in certificates)
+        if not valid_from <= now <= valid_until:
+            return
+        if len(self._accepted) >= self._capacity:
+            self._accepted.clear()
+        self._accepted[(chain, silo_id)] = _Accepted(key, valid_from, valid_until)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +119,23 @@ def verify_signer(
     """Raise DecryptionFailed unless `env` is validly signed by `expected_silo_id`'s pinned key."""
     if not env.cert_chain:
         raise DecryptionFailed()
+    # A leaf from the coordinator's issuing CA carries that intermediate next; one level is all
+    # a chain may have, so a longer list is never parsed.
+    chain = env.cert_chain[:3]
+    key = trust.chains.key_for(chain, expected_silo_id, now)
+    if key is None:
+        key = _check_chain(chain, expected_silo_id, trust, now)
+    verify(key, env.signature, kind, env.payload)
+
+
+def _check_chain(
+    chain: tuple[bytes, ...], expected_silo_id: str, trust: Trust, now: dt.datetime
+) -> VerifyingKey:
+    """The leaf's key, once the chain passed `check_certificate` (remembered in `trust.chains`).
+    Raises DecryptionFailed."""
     try:
-        leaf = x509.load_der_x509_certificate(env.cert_chain[0])
-        # A leaf from the coordinator's issuing CA carries that intermediate next; one level is
-        # all a chain may have, so a longer list is never parsed.
-        intermediates = [x509.load_der_x509_certificate(d) for d in env.cert_chain[1:3]]
+        leaf = x509.load_der_x509_certificate(chain[0])
+        intermediates = [x509.load_der_x509_certificate(d) for d in chain[1:]]
         check_certificate(
             leaf,
             trust.ca_cert,
@@ -80,4 +151,5 @@ def verify_signer(
     key = verifying_key(leaf.public_key())
     if key is None:
         raise DecryptionFailed()
-    verify(key, env.signature, kind, env.payload)
+    trust.chains.accept(chain, expected_silo_id, key, [leaf, *intermediates], now)
+    return key

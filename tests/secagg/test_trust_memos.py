@@ -1,0 +1,234 @@
+"""What a Trust remembers of the certificates it checked, and what it never skips.
+
+`SignatureMemo` stands in for `verify_directly_issued_by` only: a certificate that expires, is
+revoked, leaves the roster or names another silo after its signature was remembered is still
+refused; a signature that did not verify is never remembered; a certificate another CA signed
+with the same names is a different pair and is refused.
+
+`CheckedChains` stands in for the whole certificate check of a chain `verify_signer` accepted
+under one Trust, for the same expected silo and only while every certificate of the chain is
+valid: the message's own signature is verified every time, another silo expected, a time past a
+certificate's validity, a chain that failed, or one accepted at a moment outside some of its
+certificates' validity (an expired certificate the check did not use) go through the full check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import secagg.identity as identity
+import secagg.trust as trust_module
+from secagg.errors import DecryptionFailed
+from secagg.identity import (
+    CertificateRejected,
+    CertProblem,
+    Roster,
+    SignatureMemo,
+    check_certificate,
+)
+from secagg.messages import SignedEnvelope
+from secagg.trust import Trust, verify_signer
+from tests.secagg.pki import NOW, _cert, federation
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the real signature checks (`_signed_by` still verifies)."""
+    calls: list[int] = []
+    real = identity._signed_by
+
+    def counted(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        calls.append(1)
+        return real(cert, issuer)
+
+    monkeypatch.setattr(identity, "_signed_by", counted)
+    return calls
+
+
+def _leaf(der: bytes) -> x509.Certificate:
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_signature_is_verified_once_per_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    fed = federation()
+    calls = _counting(monkeypatch)
+    memo = SignatureMemo()
+    for _ in range(3):
+        for silo in fed.silos[:5]:  # parsed again each time, as from each message
+            assert memo(_leaf(silo.cert_chain_der[0]), fed.ca_cert)
+    assert len(calls) == 5
+
+
+def test_a_bad_signature_is_never_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    fed = federation()
+    calls = _counting(monkeypatch)
+    memo = SignatureMemo()
+    # the first silo's names, signed by another key under the federation CA's name
+    impostor = ec.generate_private_key(ec.SECP256R1())
+    foreign = _cert(impostor, impostor, fed.ca_cert.subject, "s00", fed.silos[0].silo_id, ca=False)
+    assert foreign.subject == _leaf(fed.silos[0].cert_chain_der[0]).subject
+    assert memo(_leaf(fed.silos[0].cert_chain_der[0]), fed.ca_cert)
+    for _ in range(3):
+        assert not memo(foreign, fed.ca_cert)
+    assert len(calls) == 4
+
+
+def test_the_memo_starts_afresh_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    fed = federation()
+    calls = _counting(monkeypatch)
+    memo = SignatureMemo(capacity=2)
+    leaves = [_leaf(s.cert_chain_der[0]) for s in fed.silos[:3]]
+    for leaf in leaves:
+        assert memo(leaf, fed.ca_cert)
+    assert memo(leaves[2], fed.ca_cert) and len(calls) == 3  # the newest is kept
+    assert memo(leaves[0], fed.ca_cert) and len(calls) == 4  # the older ones went
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ("expired", CertProblem.EXPIRED),
+        ("revoked", CertProblem.REVOKED),
+        ("off the roster", CertProblem.NOT_ON_ROSTER),
+        ("another silo expected", CertProblem.WRONG_SILO),
+    ],
+)
+def test_what_the_memo_does_not_cover_is_checked_on_every_call(
+    change: str, problem: CertProblem
+) -> None:
+    fed = federation()
+    memo = SignatureMemo()
+    leaf = _leaf(fed.silos[0].cert_chain_der[0])
+    sid = fed.silos[0].silo_id
+    ok = dict(now=NOW, roster=fed.roster, expected_silo_id=sid, signed_by=memo)
+    assert check_certificate(leaf, fed.ca_cert, **ok) == sid  # remembered from here on
+    changed: dict[str, object] = {
+        "expired": {"now": NOW + dt.timedelta(days=365)},
+        "revoked": {"revoked_serials": (leaf.serial_number,)},
+        "off the roster": {"roster": Roster(fed.roster.federation_id, 2, {})},
+        "another silo expected": {"expected_silo_id": fed.silos[1].silo_id},
+    }[change]
+    with pytest.raises(CertificateRejected) as refused:
+        check_certificate(leaf, fed.ca_cert, **{**ok, **changed})  # type: ignore[arg-type]
+    assert refused.value.problem is problem
+
+
+def test_a_trust_remembers_signatures_across_messages_and_still_refuses_a_revoked_signer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fed = federation()
+    calls = _counting(monkeypatch)
+    silo = fed.silos[0]
+    trust = Trust(fed.ca_cert, fed.roster)
+    for n in range(3):
+        env = silo.seal(b"kind", b"payload %d" % n)
+        verify_signer(env, silo.silo_id, b"kind", trust, NOW)
+    assert len(calls) == 1
+    revoked = Trust(
+        fed.ca_cert,
+        fed.roster,
+        (_leaf(silo.cert_chain_der[0]).serial_number,),
+        signatures=trust.signatures,
+    )
+    with pytest.raises(DecryptionFailed):
+        verify_signer(silo.seal(b"kind", b"late"), silo.silo_id, b"kind", revoked, NOW)
+    env = silo.seal(b"kind", b"payload")
+    forged = dataclasses.replace(env, payload=b"another payload")
+    with pytest.raises(DecryptionFailed):  # the message's own signature is always verified
+        verify_signer(forged, silo.silo_id, b"kind", trust, NOW)
+
+
+def _counting_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the full certificate checks `verify_signer` makes (each still runs)."""
+    calls: list[int] = []
+    real = trust_module.check_certificate
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trust_module, "check_certificate", counted)
+    return calls
+
+
+def test_a_chain_is_checked_once_per_trust_and_every_message_signature_always(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fed = federation()
+    checks = _counting_checks(monkeypatch)
+    trust = Trust(fed.ca_cert, fed.roster)
+    for silo in fed.silos[:3]:
+        for n in range(4):
+            verify_signer(silo.seal(b"kind", b"m%d" % n), silo.silo_id, b"kind", trust, NOW)
+    assert len(checks) == 3
+    silo = fed.silos[0]
+    env = silo.seal(b"kind", b"payload")
+    with pytest.raises(DecryptionFailed):  # a remembered chain, a payload it did not sign
+        verify_signer(
+            dataclasses.replace(env, payload=b"forged"), silo.silo_id, b"kind", trust, NOW
+        )
+    with pytest.raises(DecryptionFailed):  # signed for another kind of message
+        verify_signer(env, silo.silo_id, b"other kind", trust, NOW)
+    fresh = Trust(fed.ca_cert, fed.roster)  # another Trust: its own memory
+    verify_signer(env, silo.silo_id, b"kind", fresh, NOW)
+    assert len(checks) == 4
+
+
+def test_a_remembered_chain_is_refused_for_another_silo_or_past_its_validity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fed = federation()
+    checks = _counting_checks(monkeypatch)
+    trust = Trust(fed.ca_cert, fed.roster)
+    silo, other = fed.silos[0], fed.silos[1]
+    verify_signer(silo.seal(b"kind", b"m"), silo.silo_id, b"kind", trust, NOW)
+    with pytest.raises(DecryptionFailed):
+        verify_signer(silo.seal(b"kind", b"m"), other.silo_id, b"kind", trust, NOW)
+    for late in (NOW + dt.timedelta(days=365), NOW - dt.timedelta(days=365)):
+        with pytest.raises(DecryptionFailed):
+            verify_signer(silo.seal(b"kind", b"m"), silo.silo_id, b"kind", trust, late)
+    assert len(checks) == 4  # each refusal went through the full check
+
+
+def test_a_chain_that_failed_is_checked_again_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    fed = federation()
+    checks = _counting_checks(monkeypatch)
+    silo = fed.silos[0]
+    revoked = Trust(fed.ca_cert, fed.roster, (_leaf(silo.cert_chain_der[0]).serial_number,))
+    for _ in range(3):
+        with pytest.raises(DecryptionFailed):
+            verify_signer(silo.seal(b"kind", b"m"), silo.silo_id, b"kind", revoked, NOW)
+    assert len(checks) == 3
+
+
+def test_a_chain_accepted_with_an_unused_expired_certificate_is_not_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leaf is the CA's own, so the check never looks at the certificate after it, which
+    expired: the chain is accepted, but remembering it would tie it to a validity the check
+    did not examine. It is checked in full each time."""
+    fed = federation()
+    checks = _counting_checks(monkeypatch)
+    silo = fed.silos[0]
+    key = ec.generate_private_key(ec.SECP256R1())
+    expired = (
+        x509.CertificateBuilder()
+        .subject_name(fed.ca_cert.subject)
+        .issuer_name(fed.ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=60))
+        .not_valid_after(NOW - dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    chain = (silo.cert_chain_der[0], expired.public_bytes(serialization.Encoding.DER))
+    trust = Trust(fed.ca_cert, fed.roster)
+    for n in range(3):
+        env = SignedEnvelope(b"m%d" % n, silo.seal(b"kind", b"m%d" % n).signature, chain)
+        verify_signer(env, silo.silo_id, b"kind", trust, NOW)
+    assert len(checks) == 3
