@@ -27,7 +27,7 @@ from secagg.chunking import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, describe
 from silo_agent.transport.connection import Link, OutBlob
 from silofed.wire import UPLOAD_CHUNK_BYTES
 from tests.federation_helpers import provision, serve_scripted
-from tests.hub_harness import HubHarness, SecureSilo, make_harness
+from tests.hub_harness import HubHarness, RoundThread, SecureSilo, make_harness
 from tests.test_hub import (
     _assert_completed_with_the_mean_of_1_2_3,
     _masked_inputs_1_2_3,
@@ -83,6 +83,18 @@ def _upload(silo: SecureSilo, round_id: int) -> None:
     silo.send_masked_chunks(round_id)
 
 
+def _the_others_finish(
+    h: HubHarness, round_id: int, others: list[SecureSilo], driver: RoundThread
+) -> None:
+    """`others` upload in turn; the round completes with them alone."""
+    for silo in others:
+        _upload(silo, round_id)
+    _until_over(h, others, driver)
+    detail = h.hub.roundlog.round_detail(round_id)
+    assert detail.status.value == "completed", detail.abort_reason
+    assert detail.participants["finished"] == tuple(s.silo_id for s in others)
+
+
 def test_the_welcome_names_the_chunk_size_to_silos_of_wire_1_2_only(tmp_path: Path) -> None:
     h, (a, b, c) = _federation(tmp_path, ("1.0", "1.1", "1.2"))
     told = {s.name: h.hub.welcome(s.stream).upload_chunk_bytes for s in (a, b, c) if s.stream}
@@ -121,12 +133,7 @@ def test_a_member_that_cuts_its_vector_otherwise_than_agreed_is_refused_and_the_
         d.send_masked_header(round_id)  # refused at its header: never granted
         d.send_masked_chunks(round_id)  # ignored
         assert not _granted(d, round_id)
-        for silo in (a, b, c):
-            _upload(silo, round_id)
-        _until_over(h, [a, b, c], driver)
-    detail = h.hub.roundlog.round_detail(round_id)
-    assert detail.status.value == "completed", detail.abort_reason
-    assert detail.participants["finished"] == tuple(s.silo_id for s in (a, b, c))
+        _the_others_finish(h, round_id, [a, b, c], driver)
     assert why in caplog.text
 
 
@@ -142,12 +149,7 @@ def test_a_chunk_larger_than_agreed_is_refused(
         assert _wait(lambda: _granted(d, round_id))
         d.chunk_bytes = MAX_CHUNK_BYTES
         d.send_masked_chunks(round_id)
-        for silo in (a, b, c):
-            _upload(silo, round_id)
-        _until_over(h, [a, b, c], driver)
-    detail = h.hub.roundlog.round_detail(round_id)
-    assert detail.status.value == "completed", detail.abort_reason
-    assert detail.participants["finished"] == tuple(s.silo_id for s in (a, b, c))
+        _the_others_finish(h, round_id, [a, b, c], driver)
     assert f"more than {UPLOAD_CHUNK_BYTES}" in caplog.text
 
 
