@@ -16,8 +16,9 @@ float32 parameters whose "training" adds a constant), runs `--rounds` secure rou
 (`plaintext_round_s` with `--aggregation plaintext`.) The coordinator's peak includes everything
 the process holds (Python, torch and gRPC take about 300 MiB before any model). In the masked
 phase it holds the accumulator and the `[secagg] max_concurrent_uploads` vectors being received
-(the global model is a mapping of its checkpoint file, not read then): `--max-concurrent-uploads
-1` keeps it under 3 models. Where the peak was reached (a round phase) goes to stderr. The model
+(the global model is a mapping of its checkpoint file, not read then): one, by default, for a
+vector of 256 MiB or more, which keeps it under 3 models (`--max-concurrent-uploads 2`: 3.6).
+Where the peak was reached (a round phase) goes to stderr. The model
 (400 MB at 10^8 parameters) travels as <=1 MiB chunks, so gRPC's message limits (4 MiB, set
 explicitly) are never raised. Needs a few GB of memory (each silo holds the model a few times).
 Run: `.venv/bin/python bench/round_large_model.py`.

@@ -278,9 +278,9 @@ class CoordinatorConfig:
     secagg: SecAggSettings | None = None  # None only with the insecure plaintext baseline
     # [plaintext]: what one update of the insecure baseline may be (norm, example count)
     plaintext: PlaintextLimits = field(default_factory=PlaintextLimits)
-    max_concurrent_uploads: int = (
-        2  # masked vectors buffered at once (docs/secagg-protocol.md §5 step 3.8: P)
-    )
+    # Masked vectors buffered at once (docs/secagg-protocol.md §5 step 3.8: P); None: chosen
+    # from the vector's size (coordinator.runtime.uploads.upload_slots).
+    max_concurrent_uploads: int | None = None
     server: ServerLimits = field(default_factory=ServerLimits)
     metrics: MetricsConfig | None = None
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -418,7 +418,7 @@ class _SecAgg(StrictModel):
     weight_max: schema.PositiveInt = 100_000
     noise_multiplier: schema.PositiveFloat | None = None
     noise_divisor: schema.PositiveInt = 1
-    max_concurrent_uploads: schema.PositiveInt = 2
+    max_concurrent_uploads: schema.PositiveInt | None = None
     graph: Annotated[str, schema.one_of([m.value for m in GraphMode])] = GraphMode.COMPLETE.value
     graph_degree: Annotated[int, AfterValidator(_graph_degree)] | None = None
     dropout_rate: Annotated[float, AfterValidator(_dropout_rate)] | None = None

@@ -96,7 +96,7 @@ class Hub:
             now=clock.now(),
         )
         self.round: RoundKind | None = None  # the round in progress, of whichever kind
-        self.slots = uploads.Slots(config.max_concurrent_uploads)  # buffered uploads
+        self.slots = uploads.Slots(self._upload_slots())  # buffered uploads
         self.downloads = DownloadSlots(  # streams sending the model at once (downloads.py)
             config.server.max_concurrent_downloads,
             clock=clock,
@@ -191,6 +191,23 @@ class Hub:
                 self.trust.send_roster(session, hello.roster_digest)
             self.changed.notify_all()
             return session
+
+    def _upload_slots(self) -> int:
+        """P: `[secagg] max_concurrent_uploads`, or chosen from the masked vector's size."""
+        secagg, configured = self.config.secagg, self.config.max_concurrent_uploads
+        if secagg is None:  # the plaintext baseline buffers no vector
+            return configured or 2
+        elements = 1 + sum(t.numel() for t in self.global_state.values())  # weight + model
+        vector_bytes = elements * secagg.ring_bits // 8
+        slots = uploads.upload_slots(configured, vector_bytes)
+        if configured is None:
+            log.info(
+                "upload buffers: %d (a masked vector has %.1f MiB; [secagg] "
+                "max_concurrent_uploads sets another number)",
+                slots,
+                vector_bytes / (1 << 20),
+            )
+        return slots
 
     def welcome(self, session: SiloStream) -> pb.Welcome:
         return pb.Welcome(

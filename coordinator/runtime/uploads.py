@@ -40,6 +40,21 @@ UPLOAD_MIN_RATE = 1 << 20  # bytes per second
 UPLOAD_SLOT_POLL_S = 0.2
 
 
+# A masked vector this large (or larger) gets one upload buffer by default, not two: the
+# coordinator then holds the model, the accumulator and one vector (d = 10^8: 2.6 times the
+# model's size instead of 3.6; docs/benchmarks.md), and a vector this size takes long enough to
+# receive that a second buffer buys no time.
+LARGE_VECTOR_BYTES = 256 << 20
+
+
+def upload_slots(configured: int | None, vector_bytes: int) -> int:
+    """P, the masked vectors buffered at once: `[secagg] max_concurrent_uploads` when set,
+    else 2, or 1 for a vector of `LARGE_VECTOR_BYTES` or more."""
+    if configured is not None:
+        return configured
+    return 1 if vector_bytes >= LARGE_VECTOR_BYTES else 2
+
+
 class Slots:
     """At most P vectors are buffered at once (docs/secagg-protocol.md §5 step 3.8): memory
     stays (P+1)·L words for any number of silos. Other uploads wait: a silo of wire 1.1 or later
@@ -48,6 +63,7 @@ class Slots:
     by flow control, which still lets gRPC take in up to one chunk (1 MiB) per waiting silo."""
 
     def __init__(self, count: int) -> None:
+        self.count = count  # P
         self.semaphore = threading.BoundedSemaphore(count)
         self.free: list[np.ndarray] = []  # reused within a round (at most P)
         self.waiting: collections.deque[SiloStream] = collections.deque()  # for a grant
