@@ -23,7 +23,7 @@ from secagg.identity import (
     check_certificate,
 )
 from secagg.messages import SignedEnvelope
-from secagg.primitives import SigningKey, VerifyingKey, sign, verify, verifying_key
+from secagg.primitives import SigningKey, VerifyingKey, lp, sha256, sign, verify, verifying_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +63,22 @@ class CheckedChains:
     the key), and the time only through the validity of certificates of the chain. An accepted
     chain is remembered only when the moment of its check lay inside every one of its
     certificates' validity, and is taken from here only at a moment inside all of them: there
-    each time check of the full check passes again. Bounded: past `capacity` chains it starts
-    afresh. Safe to share between threads: each step is one dict operation.
+    each time check of the full check passes again. A chain is remembered by a digest (with the
+    silo id), never by its bytes: the envelope's signature does not cover its chain, so whoever
+    relays it may append certificates the check does not use, each a new chain to remember; a
+    digest keeps an entry about 150 bytes whatever the chain. Bounded: past `capacity` chains it
+    starts afresh. Safe to share between threads: each step is one dict operation.
     """
 
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
-        self._accepted: dict[tuple[tuple[bytes, ...], str], _Accepted] = {}
+        self._accepted: dict[bytes, _Accepted] = {}
 
     def key_for(
         self, chain: tuple[bytes, ...], silo_id: str, now: dt.datetime
     ) -> VerifyingKey | None:
         """The signing key of `chain`, accepted for `silo_id` and valid at `now`; else None."""
-        accepted = self._accepted.get((chain, silo_id))
+        accepted = self._accepted.get(_chain_key(chain, silo_id))
         if accepted is None or now.tzinfo is None:  # a naive time: the full check refuses it
             return None
         if not accepted.valid_from <= now <= accepted.valid_until:
@@ -98,7 +101,12 @@ class CheckedChains:
             return
         if len(self._accepted) >= self._capacity:
             self._accepted.clear()
-        self._accepted[(chain, silo_id)] = _Accepted(key, valid_from, valid_until)
+        self._accepted[_chain_key(chain, silo_id)] = _Accepted(key, valid_from, valid_until)
+
+
+def _chain_key(chain: tuple[bytes, ...], silo_id: str) -> bytes:
+    """SHA-256 over the chain's certificates and the silo id, each length-prefixed."""
+    return sha256(b"".join(lp(part) for part in (*chain, silo_id.encode())))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 import secagg.identity as identity
 import secagg.trust as trust_module
@@ -232,3 +233,54 @@ def test_a_chain_accepted_with_an_unused_expired_certificate_is_not_remembered(
         env = SignedEnvelope(b"m%d" % n, silo.seal(b"kind", b"m%d" % n).signature, chain)
         verify_signer(env, silo.silo_id, b"kind", trust, NOW)
     assert len(checks) == 3
+
+
+def _junk_certificate(index: int, size: int) -> bytes:
+    """A self-signed certificate, valid now, carrying `size` bytes in an unknown extension."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"junk{index}")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=3650))
+        .add_extension(
+            x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\0" * size),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_remembered_chains_hold_no_bytes_a_relay_appends() -> None:
+    """The envelope's signature does not cover its chain, and the check ignores certificates it
+    does not use: a relay (the coordinator) or a member may append a different large, valid
+    certificate to each envelope. Each is accepted, as by the full check, and remembered; the
+    memory must not hold their bytes (found by an adversarial review: 24 such chains of 1 MiB
+    pinned 24 MiB of a silo agent's memory for its life)."""
+    fed = federation()
+    silo = fed.silos[0]
+    trust = Trust(fed.ca_cert, fed.roster)
+    honest = silo.seal(b"kind", b"advertise")
+    junk = [_junk_certificate(i, 1 << 20) for i in range(8)]
+    for extra in junk:
+        env = SignedEnvelope(honest.payload, honest.signature, (honest.cert_chain[0], extra))
+        verify_signer(env, silo.silo_id, b"kind", trust, NOW)
+    assert len(trust.chains._accepted) == len(junk)  # each was accepted and remembered
+    held = sum(_bytes_in(k) + _bytes_in(v) for k, v in trust.chains._accepted.items())
+    assert held < 1024 * len(junk), f"{len(junk)} chains hold {held} bytes"
+
+
+def _bytes_in(obj: object) -> int:
+    """The bytes and text `obj` holds, through tuples and dataclass fields."""
+    if isinstance(obj, bytes | str):
+        return len(obj)
+    if isinstance(obj, tuple):
+        return sum(_bytes_in(o) for o in obj)
+    if dataclasses.is_dataclass(obj):
+        return sum(_bytes_in(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
