@@ -121,15 +121,23 @@ class SiloIdentity:
         return SignedEnvelope(payload, sign(self.signing_key, kind, payload), self.cert_chain_der)
 
 
+# The largest chain a signer may present: its leaf and the intermediate that issued it (one more
+# is tolerated, never used), each of a certificate's size. The envelope's signature does not
+# cover its chain: without a bound, a member's Advertise, relayed to every silo in the KeyList,
+# could carry megabytes nobody checks (docs/secagg-protocol.md §3, VerifySigner).
+MAX_CHAIN_CERTIFICATES = 3
+MAX_CERTIFICATE_BYTES = 16 * 1024
+
+
 def verify_signer(
     env: SignedEnvelope, expected_silo_id: str, kind: bytes, trust: Trust, now: dt.datetime
 ) -> None:
     """Raise DecryptionFailed unless `env` is validly signed by `expected_silo_id`'s pinned key."""
-    if not env.cert_chain:
+    chain = env.cert_chain
+    if not 0 < len(chain) <= MAX_CHAIN_CERTIFICATES:
         raise DecryptionFailed()
-    # A leaf from the coordinator's issuing CA carries that intermediate next; one level is all
-    # a chain may have, so a longer list is never parsed.
-    chain = env.cert_chain[:3]
+    if any(len(certificate) > MAX_CERTIFICATE_BYTES for certificate in chain):
+        raise DecryptionFailed()
     key = trust.chains.key_for(chain, expected_silo_id, now)
     if key is None:
         key = _check_chain(chain, expected_silo_id, trust, now)

@@ -77,3 +77,25 @@ def federation() -> Federation:
         s.silo_id: spki_sha256(x509.load_der_x509_certificate(s.cert_chain_der[0])) for s in silos
     }
     return Federation(ca_key, ca_cert, Roster(FED, 1, pins), silos, fed.issue("outsider"))
+
+
+def junk_certificate(index: int, size: int) -> bytes:
+    """A self-signed certificate (DER), valid at NOW, carrying `size` bytes in an extension
+    nobody reads: what a relay could append to an envelope's chain."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"junk{index}")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=3650))
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\0" * size),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)

@@ -18,6 +18,7 @@ from secagg.messages import (
     masked_header_of,
 )
 from secagg.silo import SiloPolicy
+from secagg.trust import MAX_CERTIFICATE_BYTES
 from tests.secagg.harness import Round, exact_inputs, make_config
 from tests.secagg.pki import NOW, federation
 
@@ -41,6 +42,32 @@ def test_advertise_from_another_peer_or_twice_is_excluded() -> None:
         rnd.handle(fed.silos[k].silo_id, _advertise(cfg.digest(), cfg.round_id, k), now=NOW)
     assert fed.silos[0].silo_id not in rnd.participants["U1"]
     assert len(rnd.participants["U1"]) == 3
+
+
+def test_an_advertise_carrying_an_oversized_chain_is_excluded_and_the_round_goes_on() -> None:
+    """The envelope's signature does not cover its chain: a member that appends a large
+    certificate to its Advertise would have the coordinator relay it to every silo in the
+    KeyList (and one large enough would push the KeyList past gRPC's message limit)."""
+    fed = federation()
+    cfg = make_config(fed, 4, 8)
+    rnd = CoordinatorRound(cfg, fed.trust, now=NOW)
+    hostile = fed.silos[0]
+    ad = Advertise(cfg.digest(), cfg.round_id, hostile.silo_id, os.urandom(32), os.urandom(32))
+    env = hostile.seal(b"advertise", encode_message(ad))
+    padded = dataclasses.replace(
+        env, cert_chain=(*env.cert_chain, bytes(MAX_CERTIFICATE_BYTES + 1))
+    )
+    assert rnd.handle(hostile.silo_id, encode_message(padded), now=NOW) == []
+    assert rnd.rejected[-1].silo_id == hostile.silo_id
+    sends = []
+    for k in (1, 2, 3):
+        sends += rnd.handle(
+            fed.silos[k].silo_id, _advertise(cfg.digest(), cfg.round_id, k), now=NOW
+        )
+    sends += rnd.deadline_passed(NOW)  # the hostile silo never answered validly
+    assert rnd.phase is Phase.SHARE_KEYS
+    assert rnd.participants["U1"] == tuple(s.silo_id for s in fed.silos[1:4])
+    assert {to for to, _ in sends} == {s.silo_id for s in fed.silos[1:4]}  # the KeyList went out
 
 
 def test_shared_keys_exclude_both_silos() -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Callable
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 import secagg.identity as identity
 import secagg.trust as trust_module
@@ -34,8 +34,8 @@ from secagg.identity import (
     check_certificate,
 )
 from secagg.messages import SignedEnvelope
-from secagg.trust import Trust, verify_signer
-from tests.secagg.pki import NOW, _cert, federation
+from secagg.trust import MAX_CERTIFICATE_BYTES, MAX_CHAIN_CERTIFICATES, Trust, verify_signer
+from tests.secagg.pki import NOW, _cert, federation, junk_certificate
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -235,27 +235,6 @@ def test_a_chain_accepted_with_an_unused_expired_certificate_is_not_remembered(
     assert len(checks) == 3
 
 
-def _junk_certificate(index: int, size: int) -> bytes:
-    """A self-signed certificate, valid now, carrying `size` bytes in an unknown extension."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"junk{index}")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=3650))
-        .add_extension(
-            x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\0" * size),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
 def test_remembered_chains_hold_no_bytes_a_relay_appends() -> None:
     """The envelope's signature does not cover its chain, and the check ignores certificates it
     does not use: a relay (the coordinator) or a member may append a different large, valid
@@ -266,7 +245,7 @@ def test_remembered_chains_hold_no_bytes_a_relay_appends() -> None:
     silo = fed.silos[0]
     trust = Trust(fed.ca_cert, fed.roster)
     honest = silo.seal(b"kind", b"advertise")
-    junk = [_junk_certificate(i, 1 << 20) for i in range(8)]
+    junk = [junk_certificate(i, 12 * 1024) for i in range(8)]  # under the certificate bound
     for extra in junk:
         env = SignedEnvelope(honest.payload, honest.signature, (honest.cert_chain[0], extra))
         verify_signer(env, silo.silo_id, b"kind", trust, NOW)
@@ -284,3 +263,29 @@ def _bytes_in(obj: object) -> int:
     if dataclasses.is_dataclass(obj):
         return sum(_bytes_in(getattr(obj, f.name)) for f in dataclasses.fields(obj))
     return 0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(lambda: [junk_certificate(0, MAX_CERTIFICATE_BYTES)], id="a huge certificate"),
+        pytest.param(
+            lambda: [junk_certificate(i, 100) for i in range(MAX_CHAIN_CERTIFICATES)],
+            id="too many certificates",
+        ),
+    ],
+)
+def test_a_chain_over_the_bound_is_refused_before_it_is_parsed(
+    monkeypatch: pytest.MonkeyPatch, extra: Callable[[], list[bytes]]
+) -> None:
+    """The signature does not cover the chain: the bound keeps a member's relayed Advertise from
+    carrying megabytes (docs/secagg-protocol.md §3)."""
+    fed = federation()
+    checks = _counting_checks(monkeypatch)
+    silo = fed.silos[0]
+    honest = silo.seal(b"kind", b"advertise")
+    env = SignedEnvelope(honest.payload, honest.signature, (honest.cert_chain[0], *extra()))
+    with pytest.raises(DecryptionFailed):
+        verify_signer(env, silo.silo_id, b"kind", Trust(fed.ca_cert, fed.roster), NOW)
+    assert checks == []
+    verify_signer(honest, silo.silo_id, b"kind", Trust(fed.ca_cert, fed.roster), NOW)
