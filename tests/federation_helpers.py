@@ -42,6 +42,7 @@ from cryptography.x509.oid import NameOID
 
 from secagg.identity import Roster, silo_id_for, spki_sha256
 from tests import launcher
+from tests.secagg.pki import self_signed
 
 if TYPE_CHECKING:
     import grpc
@@ -108,19 +109,8 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def make_ca(directory: Path, federation_id: str, now: dt.datetime) -> tuple[Path, Path]:
     """A self-signed P-256 CA in `directory` (ca.pem, ca.key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{federation_id} test CA")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = self_signed(name, now - dt.timedelta(days=1), now + dt.timedelta(days=30), ca=True)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(directory / "ca.key", key)

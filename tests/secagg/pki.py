@@ -79,23 +79,43 @@ def federation() -> Federation:
     return Federation(ca_key, ca_cert, Roster(FED, 1, pins), silos, fed.issue("outsider"))
 
 
-def junk_certificate(index: int, size: int) -> bytes:
-    """A self-signed certificate (DER), valid at NOW, carrying `size` bytes in an extension
-    nobody reads: what a relay could append to an envelope's chain."""
+def self_signed(
+    name: x509.Name,
+    valid_from: dt.datetime,
+    valid_until: dt.datetime,
+    *,
+    ca: bool = False,
+    padding: int = 0,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh P-256 key and a certificate it signed for itself; `ca` adds basicConstraints
+    CA:TRUE, `padding` bytes ride in an extension nobody reads."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"junk{index}")])
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=3650))
-        .add_extension(
-            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.55555.1"), b"\0" * size),
-            critical=False,
+        .not_valid_before(valid_from)
+        .not_valid_after(valid_until)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=True, path_length=None), critical=True
         )
-        .sign(key, hashes.SHA256())
+    if padding:
+        oid = x509.ObjectIdentifier("1.3.6.1.4.1.55555.1")
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(oid, b"\0" * padding), critical=False
+        )
+    return key, builder.sign(key, hashes.SHA256())
+
+
+def junk_certificate(index: int, size: int) -> bytes:
+    """A self-signed certificate (DER), valid at NOW, carrying `size` bytes in an extension
+    nobody reads: what a relay could append to an envelope's chain."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"junk{index}")])
+    _, cert = self_signed(
+        name, NOW - dt.timedelta(days=1), NOW + dt.timedelta(days=3650), padding=size
     )
     return cert.public_bytes(serialization.Encoding.DER)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import secagg.identity as identity
@@ -35,7 +35,7 @@ from secagg.identity import (
 )
 from secagg.messages import SignedEnvelope
 from secagg.trust import MAX_CERTIFICATE_BYTES, MAX_CHAIN_CERTIFICATES, Trust, verify_signer
-from tests.secagg.pki import NOW, _cert, federation, junk_certificate
+from tests.secagg.pki import NOW, _cert, federation, junk_certificate, self_signed
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -216,16 +216,8 @@ def test_a_chain_accepted_with_an_unused_expired_certificate_is_not_remembered(
     fed = federation()
     checks = _counting_checks(monkeypatch)
     silo = fed.silos[0]
-    key = ec.generate_private_key(ec.SECP256R1())
-    expired = (
-        x509.CertificateBuilder()
-        .subject_name(fed.ca_cert.subject)
-        .issuer_name(fed.ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=60))
-        .not_valid_after(NOW - dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
+    _, expired = self_signed(
+        fed.ca_cert.subject, NOW - dt.timedelta(days=60), NOW - dt.timedelta(days=1)
     )
     chain = (silo.cert_chain_der[0], expired.public_bytes(serialization.Encoding.DER))
     trust = Trust(fed.ca_cert, fed.roster)
