@@ -21,7 +21,7 @@ import enum
 import hashlib
 import json
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NewType
 
@@ -29,11 +29,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
-from secagg.primitives import SigningKey, cert_fingerprint, is_p256, signed_csr_pem, spki_der
+from secagg.primitives import SigningKey, is_p256, signed_csr_pem, spki_der
 
 SiloId = NewType("SiloId", str)
-# Whether the second certificate's key signed the first (`_signed_by`, or a `SignatureMemo`).
-SignedBy = Callable[[x509.Certificate, x509.Certificate], bool]
 
 PID = b"secagg/v1"
 SILO_PATH_SEGMENT = "/silo/"
@@ -182,56 +180,42 @@ def check_certificate(
     expected_silo_id: str | None = None,
     revoked_serials: Sequence[int] = (),
     intermediates: Sequence[x509.Certificate] = (),
-    signed_by: SignedBy | None = None,
 ) -> SiloId:
     """Check a silo certificate and return its silo id.
 
     Checks, in order: issued by `ca_cert` directly or through one of `intermediates`
     (`check_issuer`); ECDSA P-256 key; exactly one URI SAN; validity covers
     `now`; not revoked; equals `expected_silo_id` when given; pinned by `roster` when given.
-    Raises CertificateRejected naming the first failed check. `signed_by` checks a signature
-    (default: verify it; a `SignatureMemo` verifies each one once).
+    Raises CertificateRejected naming the first failed check.
     """
+    subject = _describe(cert)
     moment = _as_utc(now)
-    check_issuer(
-        cert,
-        ca_cert,
-        intermediates,
-        now=moment,
-        revoked_serials=revoked_serials,
-        signed_by=signed_by,
-    )
+    check_issuer(cert, ca_cert, intermediates, now=moment, revoked_serials=revoked_serials)
     if not is_p256(cert.public_key()):
-        raise CertificateRejected(CertProblem.WRONG_KEY_TYPE, _describe(cert))
+        raise CertificateRejected(CertProblem.WRONG_KEY_TYPE, subject)
     silo_id = uri_san(cert)
     if silo_id is None:
-        raise CertificateRejected(CertProblem.NO_URI_SAN, _describe(cert))
+        raise CertificateRejected(CertProblem.NO_URI_SAN, subject)
     if moment < cert.not_valid_before_utc:
         raise CertificateRejected(
             CertProblem.NOT_YET_VALID,
-            _describe(cert),
+            subject,
             f"valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
         )
     if moment > cert.not_valid_after_utc:
         raise CertificateRejected(
-            CertProblem.EXPIRED,
-            _describe(cert),
-            f"expired {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
+            CertProblem.EXPIRED, subject, f"expired {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
         )
     if cert.serial_number in set(revoked_serials):
-        raise CertificateRejected(
-            CertProblem.REVOKED, _describe(cert), f"serial {cert.serial_number:x}"
-        )
+        raise CertificateRejected(CertProblem.REVOKED, subject, f"serial {cert.serial_number:x}")
     if expected_silo_id is not None and silo_id != expected_silo_id:
-        raise CertificateRejected(
-            CertProblem.WRONG_SILO, _describe(cert), f"expected {expected_silo_id}"
-        )
+        raise CertificateRejected(CertProblem.WRONG_SILO, subject, f"expected {expected_silo_id}")
     if roster is not None:
         pin = roster.entries.get(SiloId(silo_id))
         if pin is None:
-            raise CertificateRejected(CertProblem.NOT_ON_ROSTER, _describe(cert))
+            raise CertificateRejected(CertProblem.NOT_ON_ROSTER, subject)
         if pin != spki_sha256(cert):
-            raise CertificateRejected(CertProblem.ROSTER_KEY_MISMATCH, _describe(cert))
+            raise CertificateRejected(CertProblem.ROSTER_KEY_MISMATCH, subject)
     return SiloId(silo_id)
 
 
@@ -241,36 +225,6 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
-
-
-class SignatureMemo:
-    """`memo(cert, issuer)`: whether `issuer` signed `cert`, verifying each pair once.
-
-    Why: a silo checks every member's certificate in two messages of every round (n = 100:
-    about 200 certificate signatures a round, as many ECDSA verifications as the messages'
-    own signatures), always the same few certificates. Why it is safe: that `issuer`'s key
-    signed `cert` depends on the two certificates' bytes alone, never on the time or on
-    revocation, which `check_certificate` still checks on every call. A pair is keyed by both
-    certificates' SHA-256 fingerprints, and only a signature that verified is remembered: a bad
-    one is verified (and refused) again every time. Bounded: once `capacity` pairs are held it
-    starts afresh (a federation has far fewer). Safe to share between threads: each step is one
-    set operation.
-    """
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self._capacity = capacity
-        self._verified: set[tuple[bytes, bytes]] = set()
-
-    def __call__(self, cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-        pair = (cert_fingerprint(cert), cert_fingerprint(issuer))
-        if pair in self._verified:
-            return True
-        if not _signed_by(cert, issuer):
-            return False
-        if len(self._verified) >= self._capacity:
-            self._verified.clear()
-        self._verified.add(pair)
-        return True
 
 
 def _constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
@@ -286,13 +240,12 @@ def intermediate_problem(
     *,
     now: _dt.datetime,
     revoked_serials: Sequence[int] = (),
-    signed_by: SignedBy | None = None,
 ) -> str | None:
     """Why `intermediate` may not issue silo certificates under `ca_cert`, or None when it may:
     signed by the root, whose path length allows one CA below it; a CA (basicConstraints) whose
     key usage includes certificate signing; valid at `now`; its serial not revoked."""
     name = intermediate.subject.rfc4514_string() or f"serial {intermediate.serial_number:x}"
-    if not (signed_by or _signed_by)(intermediate, ca_cert):
+    if not _signed_by(intermediate, ca_cert):
         return f"intermediate {name} is not signed by the federation CA"
     root = _constraints(ca_cert)
     if root is None or not root.ca or root.path_length == 0:
@@ -328,22 +281,21 @@ def check_issuer(
     *,
     now: _dt.datetime,
     revoked_serials: Sequence[int] = (),
-    signed_by: SignedBy | None = None,
 ) -> None:
     """`cert` is issued by `ca_cert`, or by one of `intermediates` that `ca_cert` issued and
     that passes `intermediate_problem`. Raises CertificateRejected (NOT_FROM_FEDERATION_CA, or
     BAD_INTERMEDIATE naming the intermediate's failed check)."""
-    signed = signed_by or _signed_by
-    if signed(cert, ca_cert):
+    subject = _describe(cert)
+    if _signed_by(cert, ca_cert):
         return
-    issuer = next((i for i in intermediates if i.subject == cert.issuer and signed(cert, i)), None)
-    if issuer is None:
-        raise CertificateRejected(CertProblem.NOT_FROM_FEDERATION_CA, _describe(cert))
-    problem = intermediate_problem(
-        issuer, ca_cert, now=now, revoked_serials=revoked_serials, signed_by=signed
+    issuer = next(
+        (i for i in intermediates if i.subject == cert.issuer and _signed_by(cert, i)), None
     )
+    if issuer is None:
+        raise CertificateRejected(CertProblem.NOT_FROM_FEDERATION_CA, subject)
+    problem = intermediate_problem(issuer, ca_cert, now=now, revoked_serials=revoked_serials)
     if problem is not None:
-        raise CertificateRejected(CertProblem.BAD_INTERMEDIATE, _describe(cert), problem)
+        raise CertificateRejected(CertProblem.BAD_INTERMEDIATE, subject, problem)
 
 
 def load_pem_chain(data: bytes) -> tuple[x509.Certificate, ...]:

@@ -187,11 +187,6 @@ def is_p256(key: CertificatePublicKeyTypes) -> bool:
     return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
 
 
-def cert_fingerprint(cert: x509.Certificate) -> bytes:
-    """SHA-256 over the certificate's DER encoding."""
-    return cert.fingerprint(hashes.SHA256())
-
-
 def spki_der(key: CertificatePublicKeyTypes) -> bytes:
     """The DER SubjectPublicKeyInfo of a public key (what the roster pins, hashed)."""
     return key.public_bytes(

@@ -15,36 +15,9 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from secagg.errors import DecryptionFailed
-from secagg.identity import (
-    CertificateRejected,
-    Roster,
-    SignatureMemo,
-    SiloId,
-    check_certificate,
-)
+from secagg.identity import CertificateRejected, Roster, SiloId, check_certificate
 from secagg.messages import SignedEnvelope
 from secagg.primitives import SigningKey, VerifyingKey, lp, sha256, sign, verify, verifying_key
-
-
-@dataclass(frozen=True, slots=True)
-class Trust:
-    """The out-of-band anchors: federation CA certificate and the pinned roster.
-
-    The same members' certificate chains arrive in several messages of every round, so a Trust
-    remembers what it checked: `chains`, the chains `verify_signer` accepted under this Trust's
-    CA, roster and revocations (its own: never shared); `signatures`, the certificate
-    signatures verified (which no anchor changes: a holder that builds a Trust per round passes
-    its own long-lived one)."""
-
-    ca_cert: x509.Certificate
-    roster: Roster
-    revoked_serials: tuple[int, ...] = field(default=())
-    signatures: SignatureMemo = field(
-        default_factory=SignatureMemo, compare=False, hash=False, repr=False
-    )
-    chains: CheckedChains = field(
-        default_factory=lambda: CheckedChains(), compare=False, hash=False, repr=False
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +83,22 @@ def _chain_key(chain: tuple[bytes, ...], silo_id: str) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class Trust:
+    """The out-of-band anchors: federation CA certificate and the pinned roster.
+
+    The same members' certificate chains arrive in several messages of every round, so a Trust
+    remembers in `chains` the ones `verify_signer` accepted under its CA, roster and
+    revocations (its own: never shared)."""
+
+    ca_cert: x509.Certificate
+    roster: Roster
+    revoked_serials: tuple[int, ...] = field(default=())
+    chains: CheckedChains = field(
+        default_factory=CheckedChains, compare=False, hash=False, repr=False
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class SiloIdentity:
     """A silo's long-term identity: its id (URI SAN), P-256 signing key, DER chain (leaf first)."""
 
@@ -122,7 +111,7 @@ class SiloIdentity:
 
 
 # The largest chain a signer may present: its leaf and the intermediate that issued it (one more
-# is tolerated, never used), each of a certificate's size. The envelope's signature does not
+# is tolerated), each of a certificate's size. The envelope's signature does not
 # cover its chain: without a bound, a member's Advertise, relayed to every silo in the KeyList,
 # could carry megabytes nobody checks (docs/secagg-protocol.md §3, VerifySigner).
 MAX_CHAIN_CERTIFICATES = 3
@@ -160,7 +149,6 @@ def _check_chain(
             expected_silo_id=expected_silo_id,
             revoked_serials=trust.revoked_serials,
             intermediates=intermediates,
-            signed_by=trust.signatures,
         )
     except (ValueError, CertificateRejected) as exc:
         raise DecryptionFailed() from exc

@@ -165,9 +165,7 @@ def begin_round(hub: Hub, completed_before: int) -> StartedRound | None:
         now = hub.clock.now()
         for s in hub.sessions.values():  # a stalled upload of an earlier round holds no slot
             uploads.cancel_upload(hub, s)
-        trust = Trust(
-            hub.trust.ca_cert, hub.roster, tuple(hub.revoked), signatures=hub.trust.signatures
-        )
+        trust = Trust(hub.trust.ca_cert, hub.roster, tuple(hub.revoked))
         rnd = build_round(
             hub.config,
             trust,

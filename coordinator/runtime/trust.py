@@ -33,7 +33,6 @@ from secagg.identity import (
     CertificateRejected,
     CertProblem,
     Roster,
-    SignatureMemo,
     check_certificate,
     load_pem_certificate,
     load_pem_chain,
@@ -80,8 +79,6 @@ class TrustStore:
         self._roster_watch = _FileWatch(config.tls.roster)
         self._revoked_watch = _FileWatch(config.tls.revoked)
         self.roster = Roster.from_json(config.tls.roster.read_text())
-        # The certificate signatures verified so far, kept across rounds (secagg.trust.Trust).
-        self.signatures = SignatureMemo()
         self.revoked: frozenset[int] = frozenset()
         # Roster delivery: the signed roster silos are sent when they pin another one.
         self._roster_sig_watch = _FileWatch(roster_signature_path(config.tls.roster))

@@ -1,15 +1,11 @@
-"""What a Trust remembers of the certificates it checked, and what it never skips.
-
-`SignatureMemo` stands in for `verify_directly_issued_by` only: a certificate that expires, is
-revoked, leaves the roster or names another silo after its signature was remembered is still
-refused; a signature that did not verify is never remembered; a certificate another CA signed
-with the same names is a different pair and is refused.
+"""What a Trust remembers of the certificate chains it checked, and what it never skips.
 
 `CheckedChains` stands in for the whole certificate check of a chain `verify_signer` accepted
 under one Trust, for the same expected silo and only while every certificate of the chain is
-valid: the message's own signature is verified every time, another silo expected, a time past a
-certificate's validity, a chain that failed, or one accepted at a moment outside some of its
-certificates' validity (an expired certificate the check did not use) go through the full check.
+valid: the message's own signature is verified every time; another silo expected, a time past a
+certificate's validity, another Trust (revocations, roster), an impostor's chain under the same
+names, a chain that failed, or one accepted at a moment outside some of its certificates'
+validity (an expired certificate the check did not use) go through the full check.
 """
 
 from __future__ import annotations
@@ -23,125 +19,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import secagg.identity as identity
 import secagg.trust as trust_module
 from secagg.errors import DecryptionFailed
-from secagg.identity import (
-    CertificateRejected,
-    CertProblem,
-    Roster,
-    SignatureMemo,
-    check_certificate,
-)
+from secagg.identity import Roster
 from secagg.messages import SignedEnvelope
-from secagg.trust import MAX_CERTIFICATE_BYTES, MAX_CHAIN_CERTIFICATES, Trust, verify_signer
+from secagg.primitives import sign
+from secagg.trust import (
+    MAX_CERTIFICATE_BYTES,
+    MAX_CHAIN_CERTIFICATES,
+    CheckedChains,
+    Trust,
+    verify_signer,
+)
 from tests.secagg.pki import NOW, _cert, federation, junk_certificate, self_signed
-
-
-def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the real signature checks (`_signed_by` still verifies)."""
-    calls: list[int] = []
-    real = identity._signed_by
-
-    def counted(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-        calls.append(1)
-        return real(cert, issuer)
-
-    monkeypatch.setattr(identity, "_signed_by", counted)
-    return calls
 
 
 def _leaf(der: bytes) -> x509.Certificate:
     return x509.load_der_x509_certificate(der)
-
-
-def test_a_signature_is_verified_once_per_pair(monkeypatch: pytest.MonkeyPatch) -> None:
-    fed = federation()
-    calls = _counting(monkeypatch)
-    memo = SignatureMemo()
-    for _ in range(3):
-        for silo in fed.silos[:5]:  # parsed again each time, as from each message
-            assert memo(_leaf(silo.cert_chain_der[0]), fed.ca_cert)
-    assert len(calls) == 5
-
-
-def test_a_bad_signature_is_never_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
-    fed = federation()
-    calls = _counting(monkeypatch)
-    memo = SignatureMemo()
-    # the first silo's names, signed by another key under the federation CA's name
-    impostor = ec.generate_private_key(ec.SECP256R1())
-    foreign = _cert(impostor, impostor, fed.ca_cert.subject, "s00", fed.silos[0].silo_id, ca=False)
-    assert foreign.subject == _leaf(fed.silos[0].cert_chain_der[0]).subject
-    assert memo(_leaf(fed.silos[0].cert_chain_der[0]), fed.ca_cert)
-    for _ in range(3):
-        assert not memo(foreign, fed.ca_cert)
-    assert len(calls) == 4
-
-
-def test_the_memo_starts_afresh_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    fed = federation()
-    calls = _counting(monkeypatch)
-    memo = SignatureMemo(capacity=2)
-    leaves = [_leaf(s.cert_chain_der[0]) for s in fed.silos[:3]]
-    for leaf in leaves:
-        assert memo(leaf, fed.ca_cert)
-    assert memo(leaves[2], fed.ca_cert) and len(calls) == 3  # the newest is kept
-    assert memo(leaves[0], fed.ca_cert) and len(calls) == 4  # the older ones went
-
-
-@pytest.mark.parametrize(
-    ("change", "problem"),
-    [
-        ("expired", CertProblem.EXPIRED),
-        ("revoked", CertProblem.REVOKED),
-        ("off the roster", CertProblem.NOT_ON_ROSTER),
-        ("another silo expected", CertProblem.WRONG_SILO),
-    ],
-)
-def test_what_the_memo_does_not_cover_is_checked_on_every_call(
-    change: str, problem: CertProblem
-) -> None:
-    fed = federation()
-    memo = SignatureMemo()
-    leaf = _leaf(fed.silos[0].cert_chain_der[0])
-    sid = fed.silos[0].silo_id
-    ok = dict(now=NOW, roster=fed.roster, expected_silo_id=sid, signed_by=memo)
-    assert check_certificate(leaf, fed.ca_cert, **ok) == sid  # remembered from here on
-    changed: dict[str, object] = {
-        "expired": {"now": NOW + dt.timedelta(days=365)},
-        "revoked": {"revoked_serials": (leaf.serial_number,)},
-        "off the roster": {"roster": Roster(fed.roster.federation_id, 2, {})},
-        "another silo expected": {"expected_silo_id": fed.silos[1].silo_id},
-    }[change]
-    with pytest.raises(CertificateRejected) as refused:
-        check_certificate(leaf, fed.ca_cert, **{**ok, **changed})  # type: ignore[arg-type]
-    assert refused.value.problem is problem
-
-
-def test_a_trust_remembers_signatures_across_messages_and_still_refuses_a_revoked_signer(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    fed = federation()
-    calls = _counting(monkeypatch)
-    silo = fed.silos[0]
-    trust = Trust(fed.ca_cert, fed.roster)
-    for n in range(3):
-        env = silo.seal(b"kind", b"payload %d" % n)
-        verify_signer(env, silo.silo_id, b"kind", trust, NOW)
-    assert len(calls) == 1
-    revoked = Trust(
-        fed.ca_cert,
-        fed.roster,
-        (_leaf(silo.cert_chain_der[0]).serial_number,),
-        signatures=trust.signatures,
-    )
-    with pytest.raises(DecryptionFailed):
-        verify_signer(silo.seal(b"kind", b"late"), silo.silo_id, b"kind", revoked, NOW)
-    env = silo.seal(b"kind", b"payload")
-    forged = dataclasses.replace(env, payload=b"another payload")
-    with pytest.raises(DecryptionFailed):  # the message's own signature is always verified
-        verify_signer(forged, silo.silo_id, b"kind", trust, NOW)
 
 
 def _counting_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -281,3 +175,53 @@ def test_a_chain_over_the_bound_is_refused_before_it_is_parsed(
         verify_signer(env, silo.silo_id, b"kind", Trust(fed.ca_cert, fed.roster), NOW)
     assert checks == []
     verify_signer(honest, silo.silo_id, b"kind", Trust(fed.ca_cert, fed.roster), NOW)
+
+
+def test_a_chain_remembered_under_one_trust_is_refused_by_a_trust_that_revoked_or_unpinned_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fed = federation()
+    checks = _counting_checks(monkeypatch)
+    silo = fed.silos[0]
+    verify_signer(
+        silo.seal(b"kind", b"m"), silo.silo_id, b"kind", Trust(fed.ca_cert, fed.roster), NOW
+    )
+    serial = _leaf(silo.cert_chain_der[0]).serial_number
+    unpinned = Roster(fed.roster.federation_id, 2, {})
+    for other in (Trust(fed.ca_cert, fed.roster, (serial,)), Trust(fed.ca_cert, unpinned)):
+        with pytest.raises(DecryptionFailed):
+            verify_signer(silo.seal(b"kind", b"m"), silo.silo_id, b"kind", other, NOW)
+    assert len(checks) == 3
+
+
+def test_an_impostors_chain_under_the_same_names_is_refused_after_the_genuine_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first silo's names and silo id, a key of the impostor's own, signed by a key under
+    the federation CA's name: another chain, checked in full, and refused."""
+    fed = federation()
+    checks = _counting_checks(monkeypatch)
+    silo = fed.silos[0]
+    trust = Trust(fed.ca_cert, fed.roster)
+    verify_signer(silo.seal(b"kind", b"m"), silo.silo_id, b"kind", trust, NOW)
+    impostor = ec.generate_private_key(ec.SECP256R1())
+    foreign = _cert(impostor, impostor, fed.ca_cert.subject, "s00", silo.silo_id, ca=False)
+    assert foreign.subject == _leaf(silo.cert_chain_der[0]).subject
+    chain = (foreign.public_bytes(serialization.Encoding.DER),)
+    forged = SignedEnvelope(b"m", sign(impostor, b"kind", b"m"), chain)  # its own signature
+    for _ in range(2):
+        with pytest.raises(DecryptionFailed):
+            verify_signer(forged, silo.silo_id, b"kind", trust, NOW)
+    assert len(checks) == 3
+
+
+def test_the_memory_starts_afresh_when_full() -> None:
+    fed = federation()
+    chains = CheckedChains(capacity=2)
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    for silo in fed.silos[:3]:
+        chains.accept(silo.cert_chain_der, silo.silo_id, key, [_leaf(silo.cert_chain_der[0])], NOW)
+    last = fed.silos[2]
+    assert chains.key_for(last.cert_chain_der, last.silo_id, NOW) is key  # the newest is kept
+    first = fed.silos[0]
+    assert chains.key_for(first.cert_chain_der, first.silo_id, NOW) is None  # the older went
