@@ -915,6 +915,11 @@ class SiloSession:
         self._check_session(msg.session_id)
         signers: set[int] = set()
         for raw in msg.sigs:
+            # t signatures on this silo's D are the whole argument (two views of U3 cannot both
+            # gather t > (n + n_C)/2); the rest prove nothing more and would each cost a
+            # signature check: about 95 instead of 67 at n = 100 (docs/secagg-protocol.md 5.1).
+            if len(signers) >= self.config.threshold:
+                break
             env = _envelope(raw)
             c = _parse_payload(env.payload, Consistency)
             if c.index not in self.u3 or c.index in signers:

@@ -659,6 +659,30 @@ def test_5_1_too_few_signatures() -> None:
     _expect(ConsistencySet, edit, AbortReason.THRESHOLD_VIOLATION)
 
 
+def test_5_1_envelopes_after_t_signers_are_not_read() -> None:
+    # t valid signatures on the silo's own D settle 5.1; what follows them is never parsed or
+    # verified, so junk there changes nothing (and costs no signature check).
+    t = make_config(federation(), N, D).threshold
+
+    def edit(m: Message) -> Message:
+        assert isinstance(m, ConsistencySet) and len(m.sigs) > t
+        return dataclasses.replace(m, sigs=(*m.sigs[:t], b"not an envelope", *m.sigs[t + 1 :]))
+
+    r, target = _run_tampered(ConsistencySet, edit)
+    assert target not in r.aborts
+    assert r.sessions[target].stage is SiloStage.COMPLETED
+
+
+def test_5_1_junk_before_the_t_th_signer_aborts() -> None:
+    t = make_config(federation(), N, D).threshold
+
+    def edit(m: Message) -> Message:
+        assert isinstance(m, ConsistencySet)
+        return dataclasses.replace(m, sigs=(*m.sigs[: t - 1], b"not an envelope", *m.sigs[t:]))
+
+    _expect(ConsistencySet, edit, AbortReason.SIGNATURE_INVALID)
+
+
 def test_5_1_repeated_signer() -> None:
     def edit(m: Message) -> Message:
         assert isinstance(m, ConsistencySet)
