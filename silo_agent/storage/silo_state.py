@@ -84,7 +84,9 @@ class SiloSecAggState:
             for r in recs
         ]
         obj = {"format": _FORMAT, "last_round_id": self.last_round_id, "submissions": records}
-        return json.dumps(obj, sort_keys=True, indent=1)
+        # No indent: json's C encoder serves only unindented output, and the file is rewritten
+        # at every journal entry with every record's member lists (2.5x faster at n = 100).
+        return json.dumps(obj, sort_keys=True)
 
     @staticmethod
     def from_json(text: str, *, source: str) -> SiloSecAggState:
