@@ -293,6 +293,9 @@ def proxy_for() -> Iterator[list[ConnectProxy]]:
 LOOPBACK = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it (tcp6: the v4-mapped form ends so)
 
 
+ESTABLISHED = "01"  # the state column of /proc/net/tcp
+
+
 def _tcp_sockets() -> list[tuple[str, str, str, str]]:
     """(local, remote, state, inode) of every TCP socket, IPv4 and IPv6 (gRPC's sockets are
     dual-stack IPv6 ones, a v4 address mapped into them)."""
@@ -310,8 +313,14 @@ def _on_loopback(address: str, port: int) -> bool:
 
 
 def _socket_inode(local_port: int) -> str | None:
-    """The inode of the TCP socket bound to 127.0.0.1:`local_port`."""
-    found = [inode for local, _, _, inode in _tcp_sockets() if _on_loopback(local, local_port)]
+    """The inode of the established TCP socket bound to 127.0.0.1:`local_port`. Only an
+    established one: an earlier connection from the same ephemeral port may linger in
+    TIME_WAIT, listed with inode 0, which no process holds."""
+    found = [
+        inode
+        for local, _, state, inode in _tcp_sockets()
+        if state == ESTABLISHED and inode != "0" and _on_loopback(local, local_port)
+    ]
     return found[0] if found else None
 
 
@@ -334,11 +343,10 @@ def _owners(inode: str, procs: dict[str, Proc]) -> list[str]:
 
 def _connected_to(pid: int, port: int) -> bool:
     """Whether process `pid` holds an established TCP socket to 127.0.0.1:`port`."""
-    established = "01"
     inodes = {
         inode
         for _, remote, state, inode in _tcp_sockets()
-        if state == established and _on_loopback(remote, port)
+        if state == ESTABLISHED and _on_loopback(remote, port)
     }
     links = _socket_links(pid)
     return any(f"socket:[{inode}]" in links for inode in inodes)
