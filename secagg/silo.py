@@ -193,6 +193,8 @@ class SiloPolicy:
     * `max_round_step`: how far ahead of `last_round_id` a round id may be.
     * `max_masked_inputs_per_model`: masked inputs this silo sends for one model digest (the
       retry rule of `SiloSession._on_survivors` applies to every one after the first).
+    * `retired_models`: model digests whose records the silo's bounded submission log dropped;
+      it sends no further masked input for them (their retry rule can no longer be checked).
     * `allow_example_weighting` (off by default): take part in example-weighted rounds, where
       the coordinator
       learns this silo's quantised, capped example count min(n, W_max)/W_max once it unmasks.
@@ -205,6 +207,7 @@ class SiloPolicy:
     min_noise_multiplier: float = 0.0
     max_masked_inputs_per_model: int = 3
     submission_log: Mapping[bytes, tuple[SubmissionRecord, ...]] = field(default_factory=dict)
+    retired_models: frozenset[bytes] = frozenset()
     n_colluders_min: int | None = None
     expected_layout_sha256: bytes | None = None
     train_limits: Mapping[str, float] = field(default_factory=dict)
@@ -547,6 +550,14 @@ class SiloSession:
         # at M6 (`_on_survivors`).
         key = model_digest if model_digest is not None else cfg.model_sha256
         self._model_key = key
+        # A retired model's records are gone: its retry rule cannot be checked any more.
+        if key in pol.retired_models or cfg.model_sha256 in pol.retired_models:
+            raise _abort(
+                AbortReason.REPLAY,
+                f"this silo no longer keeps its records of this model (digest {key.hex()[:12]}): "
+                f"they were retired once newer models filled [secagg] remembered_models, so it "
+                f"sends no further masked input for it; start from a newer model",
+            )
         # Evidence first: the retry rule (here and at M2, M4, M6) reads the exclusions.
         self._apply_blame(blame, cfg.model_sha256, now)
         earlier = self._earlier_records(cfg.model_sha256)

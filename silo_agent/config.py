@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
+from silo_agent.storage.silo_state import DEFAULT_REMEMBERED_MODELS
 from silofed import config_schema as schema
 from silofed.config_schema import Problem, StrictModel, TaskTable, TlsFiles, TlsPaths, load_model
 
@@ -67,6 +68,8 @@ class SecAggPolicy:
 
     allow_plaintext_insecure: bool = False  # send the update IN THE CLEAR when asked to
     max_masked_inputs_per_model: int = 3  # same-model retries, each only with the same U3
+    # Models whose records the state keeps; older ones are retired (no further masked input).
+    remembered_models: int = DEFAULT_REMEMBERED_MODELS
     t_floor: int = 3
     n_colluders_max: int | None = None
     n_colluders_min: int | None = None  # None: ⌊(n−1)/3⌋ for n invited silos
@@ -249,6 +252,7 @@ class _Reconnect(StrictModel):
 class _SecAgg(StrictModel):
     allow_plaintext_insecure: bool = False
     max_masked_inputs_per_model: schema.PositiveInt = 3
+    remembered_models: schema.PositiveInt = DEFAULT_REMEMBERED_MODELS
     t_floor: Annotated[int, schema.at_least(3, "the protocol's floor")] = 3
     n_colluders_max: schema.NonNegativeInt | None = None
     n_colluders_min: schema.NonNegativeInt | None = None

@@ -311,6 +311,7 @@ def test_sparse_graph_key_errors_name_the_key(
         ('[debug]\npause_after_phase = "train"', r"\[debug\] pause_after_phase must be one of"),
         ("[secagg]\nt_floor = 2", r"\[secagg\] t_floor must be >= 3"),
         ('[secagg]\nallow_plaintext_insecure = "yes"', r"allow_plaintext_insecure must be bool"),
+        ("[secagg]\nremembered_models = 0", r"\[secagg\] remembered_models must be"),
     ],
 )
 def test_silo_secagg_and_debug_errors(tmp_path: Path, extra: str, message: str) -> None:
@@ -340,3 +341,12 @@ def test_silo_takes_example_weighted_rounds_unless_refused(tmp_path: Path) -> No
     path.write_text(SILO + '\n[secagg]\nallow_example_weighting = "no"\n')
     with pytest.raises(SiloConfigError, match=r"\[secagg\] allow_example_weighting must be bool"):
         load_silo_config(path)
+
+
+def test_silo_remembers_64_models_unless_told(tmp_path: Path) -> None:
+    _files(tmp_path)
+    path = tmp_path / "s.toml"
+    path.write_text(SILO)
+    assert load_silo_config(path).secagg.remembered_models == 64
+    path.write_text(SILO + "\n[secagg]\nremembered_models = 500\n")
+    assert load_silo_config(path).secagg.remembered_models == 500

@@ -19,8 +19,14 @@ from secagg.silo import (
     SiloPolicy,
     SiloSession,
     SubmissionRecord,
+    SurvivorsRecorded,
 )
-from silo_agent.storage.silo_state import STATE_FILENAME, SiloStateError, SiloStateStore
+from silo_agent.storage.silo_state import (
+    STATE_FILENAME,
+    SiloSecAggState,
+    SiloStateError,
+    SiloStateStore,
+)
 from tests.secagg.harness import MODEL_SHA, Round, exact_inputs, make_config, round_floor
 from tests.secagg.pki import NOW, federation
 
@@ -104,12 +110,17 @@ def test_malformed_state_names_the_file(tmp_path: Path) -> None:
     (tmp_path / STATE_FILENAME).write_text('{"format": 2, "last_round_id": -3}')
     with pytest.raises(SiloStateError, match=rf"{STATE_FILENAME}.*last_round_id must be"):
         SiloStateStore(tmp_path)
-    (tmp_path / STATE_FILENAME).write_text('{"format": 3, "last_round_id": 1, "submissions": []}')
-    with pytest.raises(SiloStateError, match=r"format must be one of \(1, 2\), got 3"):
+    (tmp_path / STATE_FILENAME).write_text('{"format": 4, "last_round_id": 1, "submissions": []}')
+    with pytest.raises(SiloStateError, match=r"format must be one of \(1, 2, 3\), got 4"):
+        SiloStateStore(tmp_path)
+    (tmp_path / STATE_FILENAME).write_text(
+        '{"format": 3, "last_round_id": 1, "submissions": [], "retired_models": ["abcd"]}'
+    )
+    with pytest.raises(SiloStateError, match=r"retired_models must hold 32-byte digests"):
         SiloStateStore(tmp_path)
 
 
-def test_records_are_keyed_by_the_tensor_digest_in_format_2(tmp_path: Path) -> None:
+def test_records_are_keyed_by_the_tensor_digest_in_format_3(tmp_path: Path) -> None:
     fed = federation()
     cfg = make_config(fed, 5, 64)
     tensors = b"T" * 32
@@ -125,7 +136,7 @@ def test_records_are_keyed_by_the_tensor_digest_in_format_2(tmp_path: Path) -> N
     r.run()
     assert not r.aborts
     obj = json.loads((tmp_path / STATE_FILENAME).read_text())
-    assert obj["format"] == 2
+    assert obj["format"] == 3 and obj["retired_models"] == []
     assert [x["model_digest"] for x in obj["submissions"]] == [tensors.hex()]
     (rec,) = SiloStateStore(tmp_path).state.submission_log[tensors]
     assert rec.survivors == frozenset(cfg.invited)
@@ -163,9 +174,9 @@ def test_format_1_file_is_read_and_its_file_hashes_still_count(tmp_path: Path) -
     with pytest.raises(ProtocolAbort) as e:
         s.handle_offer(cfg.encode(), MODEL_SHA, now=NOW, model_digest=b"T" * 32)
     assert e.value.reason is AbortReason.REPLAY
-    # the rewrite (RoundAccepted was journalled) is format 2 and keeps the old key
+    # the rewrite (RoundAccepted was journalled) is format 3 and keeps the old key
     obj = json.loads((tmp_path / STATE_FILENAME).read_text())
-    assert obj["format"] == 2 and obj["last_round_id"] == 9
+    assert obj["format"] == 3 and obj["last_round_id"] == 9
     assert [x["model_digest"] for x in obj["submissions"]] == [MODEL_SHA.hex()]
 
 
@@ -187,7 +198,7 @@ def test_an_exclusion_is_journalled_and_read_back(tmp_path: Path) -> None:
     assert back.excluded == frozenset({"c"})
     assert back.retry_members() == frozenset({"a", "b"})
     obj = json.loads((tmp_path / STATE_FILENAME).read_text())
-    assert obj["format"] == 2 and obj["submissions"][0]["excluded"] == ["c"]
+    assert obj["format"] == 3 and obj["submissions"][0]["excluded"] == ["c"]
 
 
 def test_a_format_2_file_without_exclusions_is_read(tmp_path: Path) -> None:
@@ -212,3 +223,64 @@ def test_a_format_2_file_without_exclusions_is_read(tmp_path: Path) -> None:
     (tmp_path / STATE_FILENAME).write_text(json.dumps(old))
     with pytest.raises(SiloStateError, match="excluded must be a list"):
         SiloStateStore(tmp_path)
+
+
+# ---- the bounded log: remembered_models ---------------------------------------------------
+
+
+def _record(model: bytes, round_id: int) -> SubmissionRecord:
+    return SubmissionRecord(model * 32, round_id, bytes([round_id]) * 32, frozenset({"a", "b"}))
+
+
+def test_the_log_keeps_the_most_recently_used_models_and_retires_the_rest(
+    tmp_path: Path,
+) -> None:
+    store = SiloStateStore(tmp_path, remembered_models=2)
+    store.journal(MaskedInputRecorded(_record(b"A", 1)))
+    store.journal(MaskedInputRecorded(_record(b"B", 2)))
+    store.journal(MaskedInputRecorded(_record(b"A", 3)))  # a retry for A: A used last
+    store.journal(MaskedInputRecorded(_record(b"C", 4)))  # B is now the least recently used
+    state = SiloStateStore(tmp_path).state  # as read back after a restart
+    assert set(state.submission_log) == {b"A" * 32, b"C" * 32}
+    assert [r.round_id for r in state.submission_log[b"A" * 32]] == [1, 3]
+    assert state.retired_models == frozenset({b"B" * 32})
+    obj = json.loads((tmp_path / STATE_FILENAME).read_text())
+    assert obj["retired_models"] == [(b"B" * 32).hex()]
+    # A later entry for a retired model does not bring its records back.
+    late = dataclasses.replace(_record(b"B", 2), survivors=frozenset({"a"}))
+    store.journal(SurvivorsRecorded(late))
+    store.journal(MaskedInputRecorded(_record(b"B", 5)))
+    assert SiloStateStore(tmp_path).state == state
+
+
+def test_the_state_file_stays_bounded_over_many_rounds(tmp_path: Path) -> None:
+    members = frozenset(f"spiffe://fed/silo/site-{i:03d}" for i in range(100))
+    store = SiloStateStore(tmp_path, remembered_models=8)
+    sizes = []
+    for round_id in range(1, 201):
+        rec = SubmissionRecord(round_id.to_bytes(32, "big"), round_id, b"s" * 32, members)
+        store.journal(MaskedInputRecorded(rec))
+        store.journal(SurvivorsRecorded(dataclasses.replace(rec, survivors=members)))
+        sizes.append((tmp_path / STATE_FILENAME).stat().st_size)
+    state = SiloStateStore(tmp_path).state
+    assert len(state.submission_log) == 8 and len(state.retired_models) == 192
+    # 8 records of 100 members, and 70 bytes per retired digest: not 200 records.
+    assert sizes[-1] < 8 * 9_500 + 192 * 70 < sizes[7] * 200 / 8
+
+
+def test_a_silo_refuses_an_offer_for_a_retired_model() -> None:
+    fed = federation()
+    cfg = make_config(fed, 5, 64)
+    target = cfg.invited[0]
+    retired = round_floor(SiloPolicy(0, retired_models=frozenset({MODEL_SHA})), 5)
+    r = Round(fed, cfg, exact_inputs(cfg, np.random.default_rng(0)), policies={target: retired})
+    r.run()
+    abort = r.aborts[target]
+    assert abort.reason is AbortReason.REPLAY
+    assert "remembered_models" in str(abort) and not r.sent[target][1:]
+    assert all(sid not in r.aborts for sid in cfg.invited[1:])  # only the retired model's silo
+
+
+def test_remembered_models_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="remembered_models"):
+        SiloSecAggState().apply(MaskedInputRecorded(_record(b"A", 1)), remembered_models=0)

@@ -328,7 +328,7 @@ class SiloRunner:
         self, link: Link, offer: pb.RoundOffer, model_bytes: bytes, pause: Pause
     ) -> SiloSecureRound:
         policy = self.config.secagg
-        store = SiloStateStore(self.config.state_dir)
+        store = SiloStateStore(self.config.state_dir, policy.remembered_models)
         base = SiloPolicy(
             last_round_id=0,
             t_floor=policy.t_floor,

@@ -12,6 +12,15 @@ computes); format 1 files are still read, their `model_sha256` (a hash of the mo
 the record's key, so inputs already sent stay counted. A record's `excluded` (silos proven to
 have sent an out-of-range weight in that session) is optional: files written before it existed
 read as excluding no one, and an older agent that ignores it only refuses more retries.
+
+Format 3 bounds the log: it keeps the records of the `remembered_models` models used most
+recently (by the highest round id of their records) and only the digest of older ones, in
+`retired_models`. A retired model's records are gone, so the silo sends no further masked input
+for it (`SiloSession` refuses the offer): forgetting never re-opens a retry. A record holds the
+ids of its round's members and survivors (about 90 bytes per member) and the file is rewritten
+whole at each journal entry, so without the bound both its size and the cost of each write grew
+with every round; a retired model costs its 32-byte digest. Formats 1 and 2 read as retiring
+nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +43,12 @@ from secagg.silo import (
 from silofed.files import write_atomically
 
 STATE_FILENAME = "secagg-state.json"
-_FORMAT = 2
-_READABLE_FORMATS = (1, 2)
-_DIGEST_KEY = {1: "model_sha256", 2: "model_digest"}
+_FORMAT = 3
+_READABLE_FORMATS = (1, 2, 3)
+_DIGEST_KEY = {1: "model_sha256", 2: "model_digest", 3: "model_digest"}
+# `[secagg] remembered_models` unset: how many models' records the log keeps (a rollback
+# deeper than this many models is refused by the silo).
+DEFAULT_REMEMBERED_MODELS = 64
 
 
 class SiloStateError(ValueError):
@@ -49,25 +61,48 @@ class SiloSecAggState:
 
     last_round_id: int = 0
     submission_log: Mapping[bytes, tuple[SubmissionRecord, ...]] = field(default_factory=dict)
+    retired_models: frozenset[bytes] = frozenset()
 
-    def apply(self, entry: JournalEntry) -> SiloSecAggState:
-        """The state after one journal entry (pure)."""
+    def apply(
+        self, entry: JournalEntry, remembered_models: int = DEFAULT_REMEMBERED_MODELS
+    ) -> SiloSecAggState:
+        """The state after one journal entry (pure), the log cut to `remembered_models` models
+        (module docstring). A model is never both in the log and retired: an entry for a
+        retired model leaves it retired and its record out."""
+        if remembered_models < 1:
+            raise ValueError("remembered_models must be >= 1")
         if isinstance(entry, RoundAccepted):
             return replace(self, last_round_id=max(self.last_round_id, entry.round_id))
-        log = {k: tuple(v) for k, v in self.submission_log.items()}
         rec = entry.record
+        if rec.model_digest in self.retired_models:
+            return self
+        log = {k: tuple(v) for k, v in self.submission_log.items()}
         if isinstance(entry, MaskedInputRecorded):
             log[rec.model_digest] = (*log.get(rec.model_digest, ()), rec)
         elif isinstance(entry, SurvivorsRecorded | ExclusionRecorded):
             old = log.get(rec.model_digest, ())
             kept = tuple(r for r in old if r.session_id != rec.session_id)
             log[rec.model_digest] = (*kept, rec)
-        return replace(self, submission_log=log)
+        retired = set(self.retired_models)
+        if len(log) > remembered_models:
+            # Least recently used first (highest round id of a model's records); the model
+            # of this entry, the newest, always stays.
+            by_age = sorted(
+                (k for k in log if k != rec.model_digest),
+                key=lambda k: (max(r.round_id for r in log[k]), k),
+            )
+            for digest in by_age[: len(log) - remembered_models]:
+                del log[digest]
+                retired.add(digest)
+        return replace(self, submission_log=log, retired_models=frozenset(retired))
 
     def policy(self, base: SiloPolicy) -> SiloPolicy:
         """`base` (the configured policy) with this persisted state filled in."""
         return replace(
-            base, last_round_id=self.last_round_id, submission_log=dict(self.submission_log)
+            base,
+            last_round_id=self.last_round_id,
+            submission_log=dict(self.submission_log),
+            retired_models=self.retired_models,
         )
 
     def to_json(self) -> str:
@@ -83,7 +118,12 @@ class SiloSecAggState:
             for recs in self.submission_log.values()
             for r in recs
         ]
-        obj = {"format": _FORMAT, "last_round_id": self.last_round_id, "submissions": records}
+        obj = {
+            "format": _FORMAT,
+            "last_round_id": self.last_round_id,
+            "submissions": records,
+            "retired_models": sorted(d.hex() for d in self.retired_models),
+        }
         # No indent: json's C encoder serves only unindented output, and the file is rewritten
         # at every journal entry with every record's member lists (2.5x faster at n = 100).
         return json.dumps(obj, sort_keys=True)
@@ -114,19 +154,30 @@ class SiloSecAggState:
                     frozenset(str(s) for s in excluded),
                 )
                 log[rec.model_digest] = (*log.get(rec.model_digest, ()), rec)
+            retired_hex = obj.get("retired_models", [])
+            if not isinstance(retired_hex, list):
+                raise ValueError(
+                    f"retired_models must be a list of hex digests, got {retired_hex!r}"
+                )
+            retired = frozenset(bytes.fromhex(d) for d in retired_hex)
+            if any(len(d) != 32 for d in retired):
+                raise ValueError("retired_models must hold 32-byte digests")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SiloStateError(
                 f"{source}: malformed secure-aggregation state ({e}); restore it from a backup "
                 "(deleting it lets this silo re-submit for models it already answered)"
             ) from None
-        return SiloSecAggState(last, log)
+        # A model both logged and retired stays retired (the direction that refuses retries).
+        log = {k: v for k, v in log.items() if k not in retired}
+        return SiloSecAggState(last, log, retired)
 
 
 class SiloStateStore:
     """The state file in `state_dir`; `journal` is the callback a SiloSession takes."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, remembered_models: int = DEFAULT_REMEMBERED_MODELS) -> None:
         self.path = state_dir / STATE_FILENAME
+        self.remembered_models = remembered_models
         self.state = self._load()
 
     def _load(self) -> SiloSecAggState:
@@ -138,7 +189,7 @@ class SiloStateStore:
 
     def journal(self, entry: JournalEntry) -> None:
         """Apply `entry` and make it durable before returning (the session then proceeds)."""
-        new = self.state.apply(entry)
+        new = self.state.apply(entry, self.remembered_models)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, new.to_json().encode("utf-8"), mode=0o600)
         self.state = new
