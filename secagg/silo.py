@@ -551,12 +551,15 @@ class SiloSession:
         key = model_digest if model_digest is not None else cfg.model_sha256
         self._model_key = key
         # A retired model's records are gone: its retry rule cannot be checked any more.
-        if key in pol.retired_models or cfg.model_sha256 in pol.retired_models:
+        retired = [k for k in dict.fromkeys((key, cfg.model_sha256)) if k in pol.retired_models]
+        if retired:
+            under = "digest" if retired[0] == key else "file hash, from an older agent,"
             raise _abort(
                 AbortReason.REPLAY,
-                f"this silo no longer keeps its records of this model (digest {key.hex()[:12]}): "
-                f"they were retired once newer models filled [secagg] remembered_models, so it "
-                f"sends no further masked input for it; start from a newer model",
+                f"this silo no longer keeps its records of this model (under its {under} "
+                f"{retired[0].hex()[:12]}): they were retired to keep [secagg] "
+                f"remembered_models models, so its retry rule cannot be checked and it sends no "
+                f"further masked input for it; start from a newer model",
             )
         # Evidence first: the retry rule (here and at M2, M4, M6) reads the exclusions.
         self._apply_blame(blame, cfg.model_sha256, now)

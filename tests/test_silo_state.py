@@ -113,10 +113,22 @@ def test_malformed_state_names_the_file(tmp_path: Path) -> None:
     (tmp_path / STATE_FILENAME).write_text('{"format": 4, "last_round_id": 1, "submissions": []}')
     with pytest.raises(SiloStateError, match=r"format must be one of \(1, 2, 3\), got 4"):
         SiloStateStore(tmp_path)
-    (tmp_path / STATE_FILENAME).write_text(
-        '{"format": 3, "last_round_id": 1, "submissions": [], "retired_models": ["abcd"]}'
-    )
-    with pytest.raises(SiloStateError, match=r"retired_models must hold 32-byte digests"):
+    digest = "ab" * 32
+    for retired in (
+        '["abcd"]',
+        f'["{" ".join("ab" * 32)}"]',
+        f'["{digest.upper()}"]',
+        '"x"',
+        "[1]",
+    ):
+        (tmp_path / STATE_FILENAME).write_text(
+            f'{{"format": 3, "last_round_id": 1, "submissions": [], "retired_models": {retired}}}'
+        )
+        with pytest.raises(SiloStateError, match=r"retired_models must be a list of 64-digit"):
+            SiloStateStore(tmp_path)
+    # Format 3 without the key would re-open every retired model: refused, not read as none.
+    (tmp_path / STATE_FILENAME).write_text('{"format": 3, "last_round_id": 1, "submissions": []}')
+    with pytest.raises(SiloStateError, match=r"retired_models"):
         SiloStateStore(tmp_path)
 
 
@@ -279,6 +291,25 @@ def test_a_silo_refuses_an_offer_for_a_retired_model() -> None:
     assert abort.reason is AbortReason.REPLAY
     assert "remembered_models" in str(abort) and not r.sent[target][1:]
     assert all(sid not in r.aborts for sid in cfg.invited[1:])  # only the retired model's silo
+
+
+def test_a_model_retired_under_its_old_file_hash_is_refused_and_named_so() -> None:
+    # Records an older agent keyed by the model file's SHA-256 belong to the same model as its
+    # tensor digest: once that key is retired the model's retry rule cannot be checked.
+    fed = federation()
+    cfg = make_config(fed, 5, 64)
+    target = cfg.invited[0]
+    retired = round_floor(SiloPolicy(0, retired_models=frozenset({MODEL_SHA})), 5)
+    r = Round(
+        fed,
+        cfg,
+        exact_inputs(cfg, np.random.default_rng(0)),
+        policies={target: retired},
+        model_digests={sid: b"T" * 32 for sid in cfg.invited},
+    )
+    r.run()
+    assert r.aborts[target].reason is AbortReason.REPLAY
+    assert f"file hash, from an older agent, {MODEL_SHA.hex()[:12]}" in str(r.aborts[target])
 
 
 def test_remembered_models_must_be_positive() -> None:

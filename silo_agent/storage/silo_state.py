@@ -26,6 +26,7 @@ nothing.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +50,7 @@ _DIGEST_KEY = {1: "model_sha256", 2: "model_digest", 3: "model_digest"}
 # `[secagg] remembered_models` unset: how many models' records the log keeps (a rollback
 # deeper than this many models is refused by the silo).
 DEFAULT_REMEMBERED_MODELS = 64
+_DIGEST_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class SiloStateError(ValueError):
@@ -154,14 +156,17 @@ class SiloSecAggState:
                     frozenset(str(s) for s in excluded),
                 )
                 log[rec.model_digest] = (*log.get(rec.model_digest, ()), rec)
-            retired_hex = obj.get("retired_models", [])
-            if not isinstance(retired_hex, list):
+            # Format 3 must list its retired models, even none: a file that lost the key
+            # would otherwise re-open every retired model's retries.
+            retired_hex = obj["retired_models"] if fmt >= 3 else []
+            if not isinstance(retired_hex, list) or not all(
+                isinstance(d, str) and _DIGEST_HEX.fullmatch(d) for d in retired_hex
+            ):
                 raise ValueError(
-                    f"retired_models must be a list of hex digests, got {retired_hex!r}"
+                    "retired_models must be a list of 64-digit lowercase hex digests, got "
+                    f"{retired_hex!r:.80}"
                 )
             retired = frozenset(bytes.fromhex(d) for d in retired_hex)
-            if any(len(d) != 32 for d in retired):
-                raise ValueError("retired_models must hold 32-byte digests")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SiloStateError(
                 f"{source}: malformed secure-aggregation state ({e}); restore it from a backup "
