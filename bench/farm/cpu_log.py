@@ -3,9 +3,12 @@
 Rule: each line is one sample, `{"t": wall-clock time, "process_cpu_s": the farm process's user
 + system CPU seconds, "silos": {silo name: that silo's threads' CPU seconds}}`, all cumulative
 since the farm started. A farm that was SIGKILLed may leave a partial last line; readers skip
-it. Per-round figures come from the two samples bracketing a time span (the last at or before
-its start, the first at or after its end): a silo without a sample after the end (its farm was
-killed, or it was cut) has no figure for that span.
+it. Per-round figures read the cumulative seconds at a span's start and end, each interpolated
+linearly between the two samples around it (samples are about 0.2 s apart: taking the samples
+outside the span instead counted up to 0.4 s of work before and after it, about 8 % too much
+over three rounds of 10 silos, next to nothing over the longer rounds of 100). A silo without a
+sample after the end (its farm was killed, or it was cut) has no figure for that span; a span
+starting before a farm's first sample starts at that sample.
 
 Pure: no I/O but the file given.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -56,14 +59,30 @@ def read_cpu_log(path: Path) -> list[CpuSample]:
     return sorted(samples, key=lambda s: s.t)
 
 
-def _bracket(
-    samples: Sequence[CpuSample], start: float, end: float
-) -> tuple[CpuSample, CpuSample] | None:
-    before = [s for s in samples if s.t <= start] or list(samples[:1])
-    after = [s for s in samples if s.t >= end]
-    if not before or not after:
+def _at(
+    samples: Sequence[CpuSample], t: float, read: Callable[[CpuSample], float | None]
+) -> float | None:
+    """`read` at time `t`, linear between the samples around `t`; the first sample's value
+    before it, None after the last sample or where `read` has no value."""
+    if not samples or t > samples[-1].t:
         return None
-    return before[-1], after[0]
+    if t <= samples[0].t:
+        return read(samples[0])
+    for a, b in zip(samples, samples[1:], strict=False):
+        if a.t <= t <= b.t:
+            va, vb = read(a), read(b)
+            if va is None or vb is None:
+                return None
+            return va if b.t == a.t else va + (vb - va) * (t - a.t) / (b.t - a.t)
+    return None
+
+
+def _process_seconds(sample: CpuSample) -> float | None:
+    return sample.process_cpu_s
+
+
+def _silo_seconds(name: str) -> Callable[[CpuSample], float | None]:
+    return lambda sample: sample.silos.get(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +100,14 @@ def span_cpu(logs: Iterable[Sequence[CpuSample]], start: float, end: float) -> S
     silos: dict[str, float] = {}
     shared = 0.0
     for samples in logs:
-        pair = _bracket(samples, start, end)
-        if pair is None:
+        process = [_at(samples, t, _process_seconds) for t in (start, end)]
+        if process[0] is None or process[1] is None:
             continue
-        a, b = pair
-        spent = {n: b.silos[n] - a.silos.get(n, 0.0) for n in b.silos if n in a.silos}
+        spent = {}
+        for name in samples[-1].silos:
+            a, b = (_at(samples, t, _silo_seconds(name)) for t in (start, end))
+            if a is not None and b is not None:
+                spent[name] = b - a
         silos.update(spent)
-        shared += (b.process_cpu_s - a.process_cpu_s) - sum(spent.values())
+        shared += (process[1] - process[0]) - sum(spent.values())
     return SpanCpu(silos, shared)
