@@ -270,14 +270,15 @@ def test_the_state_file_stays_bounded_over_many_rounds(tmp_path: Path) -> None:
     store = SiloStateStore(tmp_path, remembered_models=8)
     sizes = []
     for round_id in range(1, 201):
-        rec = SubmissionRecord(round_id.to_bytes(32, "big"), round_id, b"s" * 32, members)
+        rec = SubmissionRecord(round_id.to_bytes(32, "big"), round_id, b"s" * 32, None, members)
         store.journal(MaskedInputRecorded(rec))
         store.journal(SurvivorsRecorded(dataclasses.replace(rec, survivors=members)))
         sizes.append((tmp_path / STATE_FILENAME).stat().st_size)
     state = SiloStateStore(tmp_path).state
     assert len(state.submission_log) == 8 and len(state.retired_models) == 192
-    # 8 records of 100 members, and 70 bytes per retired digest: not 200 records.
-    assert sizes[-1] < 8 * 9_500 + 192 * 70 < sizes[7] * 200 / 8
+    # 8 records of 100 members and 100 survivors, and 70 bytes per retired digest: not 200
+    # records.
+    assert sizes[-1] < 8 * 2 * 100 * 35 + 192 * 70 < sizes[7] * 200 / 8
 
 
 def test_a_silo_refuses_an_offer_for_a_retired_model() -> None:
