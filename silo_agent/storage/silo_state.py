@@ -127,7 +127,8 @@ class SiloSecAggState:
             "retired_models": sorted(d.hex() for d in self.retired_models),
         }
         # No indent: json's C encoder serves only unindented output, and the file is rewritten
-        # at every journal entry with every record's member lists (2.5x faster at n = 100).
+        # at every journal entry with every record's member lists (four records of 100 members:
+        # 0.16 -> 0.06 ms).
         return json.dumps(obj, sort_keys=True)
 
     @staticmethod
